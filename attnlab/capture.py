@@ -1,0 +1,344 @@
+"""The capture engine: run batches through a model while per-layer reducers turn activations into statistics.
+
+Every probe registers handlers here instead of caching activations. One forward pass per batch serves all probes.
+
+Sites a handler can listen on (``Capture.on(site, fn)``):
+
+- ``"rows"``: attention rows in query chunks, ``fn(layer, rows, q_pos, batch)`` with ``rows`` a float32 tensor
+  ``[batch, n_heads, chunk, seq]`` (post-softmax, padding keys zero) and ``q_pos`` the chunk's query positions.
+  This is the site for long inputs: in the *fused* path the forward pass runs a fused SDPA kernel and only the
+  requested rows are recomputed, chunk by chunk, from the rotated q and k, so memory grows with chunk x seq.
+- ``"pattern"``: the full ``[batch, n_heads, seq, seq]`` pattern of one layer at a time (eager path only).
+- ``"q"``, ``"k"``: rotated queries / keys ``[batch, heads, seq, d_head]`` (k has n_kv_heads heads: GQA explicit).
+- ``"z"``: per-head attention output before the output projection ``[batch, seq, n_heads, d_head]``.
+- ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``, ``"mlp_out"``: ``[batch, seq, d_model]``.
+
+Handlers return nothing (observe only). At most one layer's attention pattern is alive at a time.
+
+How attention is computed: TransformerLens' bridge re-implements attention eagerly (``softmax(QK^T/sqrt(d))``
+materialised per layer, so ``hook_pattern`` can fire) even when the HF model is set to SDPA. For long inputs
+(``attention="fused"``, or ``"auto"`` when the sequence is at least ``fused_min_len`` and no handler needs full
+patterns) the engine swaps each bridge attention component for its original HF module for the duration of the
+forward pass and routes it through an attention function registered with ``transformers.AttentionInterface``:
+that function calls PyTorch's SDPA for the output and hands q/k to the row reducers.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal
+
+import torch
+
+from attnlab.hooks import attn_hook, block_hook
+from attnlab.models.loading import Batch, LoadedModel
+
+ATTENTION_SITES = ("rows", "pattern", "q", "k", "z")
+RESID_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+SITES = ATTENTION_SITES + RESID_SITES
+FUSED_IMPL = "attnlab_fused"
+
+QuerySelector = Callable[[Batch], torch.Tensor]
+
+
+@dataclass
+class _Handler:
+    site: str
+    fn: Callable
+    layers: frozenset[int] | None
+    queries: QuerySelector | None = None
+
+    def wants(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+
+@dataclass
+class Capture:
+    """Runs batches through a model and feeds registered handlers.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    attention : {"auto", "eager", "fused"}, default="auto"
+        How attention rows are obtained; see the module docstring.
+    chunk_size : int, default=256
+        Query rows recomputed at once on the fused path (memory ~ batch x heads x chunk x seq x 4 bytes).
+    fused_min_len : int, default=2048
+        In ``"auto"`` mode, sequences at least this long take the fused path (when no handler needs patterns).
+    progress : bool, default=True
+        Show a tqdm progress bar over batches.
+    """
+
+    model: LoadedModel
+    attention: Literal["auto", "eager", "fused"] = "auto"
+    chunk_size: int = 256
+    fused_min_len: int = 2048
+    progress: bool = True
+    handlers: list[_Handler] = field(default_factory=list)
+    last_path: str = ""
+
+    def on(self, site: str, fn: Callable, *, layers: Iterable[int] | None = None, queries: QuerySelector | None = None) -> "Capture":
+        """Register ``fn`` on ``site`` (optionally only some layers; ``queries`` picks query rows for ``"rows"``)."""
+        if site not in SITES:
+            raise ValueError(f"unknown capture site {site!r}; expected one of {SITES}")
+        if queries is not None and site != "rows":
+            raise ValueError("queries= applies to the 'rows' site only")
+        self.handlers.append(_Handler(site, fn, frozenset(layers) if layers is not None else None, queries))
+        return self
+
+    # ---- running ---------------------------------------------------------------------------------------------
+
+    def run(self, batches: Iterable[Batch], *, total: int | None = None, desc: str = "capture") -> None:
+        """Run every batch once; handlers see each layer as it passes."""
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, total=total, desc=desc, disable=not self.progress, leave=False)
+        with torch.inference_mode():
+            for batch in it:
+                self.run_batch(batch)
+
+    def run_batch(self, batch: Batch):
+        """One forward pass of ``batch`` with all handlers attached; returns the logits."""
+        batch = batch.to(self.model.device)
+        path = self._choose_path(batch)
+        self.last_path = path
+        hooks = self._resid_hooks(batch)
+        if path == "eager":
+            hooks += self._eager_attention_hooks(batch)
+            ctx = contextlib.nullcontext()
+        else:
+            hooks += []
+            ctx = _fused_attention(self.model, self, batch)
+        with ctx:
+            return self.model.bridge.run_with_hooks(
+                batch.input_ids,
+                attention_mask=batch.attention_mask,
+                fwd_hooks=hooks,
+                **({"pixel_values": batch.pixel_values.to(self.model.torch_dtype)} if batch.pixel_values is not None else {}),
+            )
+
+    def _choose_path(self, batch: Batch) -> str:
+        needs_pattern = any(h.site == "pattern" for h in self.handlers)
+        if self.attention == "eager":
+            return "eager"
+        if self.attention == "fused":
+            if needs_pattern:
+                raise ValueError("a handler needs full attention patterns ('pattern' site), which the fused path never builds")
+            if not supports_fused(self.model):
+                raise ValueError(f"{self.model.architecture} does not route attention through transformers' AttentionInterface; use attention='eager'")
+            return "fused"
+        if needs_pattern or batch.seq_len < self.fused_min_len or not supports_fused(self.model):
+            return "eager"
+        return "fused"
+
+    # ---- hook builders -----------------------------------------------------------------------------------------
+
+    def _resid_hooks(self, batch: Batch) -> list:
+        hooks = []
+        for h in self.handlers:
+            if h.site in RESID_SITES:
+                for layer in range(self.model.n_layers):
+                    if h.wants(layer):
+                        hooks.append((block_hook(layer, f"hook_{h.site}"), _observer(h.fn, layer, batch)))
+        return hooks
+
+    def _eager_attention_hooks(self, batch: Batch) -> list:
+        hooks = []
+        has_rot = any(n.endswith("attn.hook_rot_q") for n in self.model.bridge.hook_dict)
+        for layer in range(self.model.n_layers):
+            pattern_fns = [h for h in self.handlers if h.site in ("pattern", "rows") and h.wants(layer)]
+            if pattern_fns:
+                hooks.append((attn_hook(layer, "hook_pattern"), self._pattern_hook(pattern_fns, layer, batch)))
+            for site in ("q", "k"):
+                fns = [h for h in self.handlers if h.site == site and h.wants(layer)]
+                if fns:
+                    name = attn_hook(layer, f"hook_rot_{site}" if has_rot else f"hook_{site}")
+                    hooks.append((name, self._qk_hook(fns, layer, batch, site)))
+            z_fns = [h for h in self.handlers if h.site == "z" and h.wants(layer)]
+            if z_fns:
+                hooks.append((attn_hook(layer, "hook_z"), self._z_hook(z_fns, layer, batch)))
+        return hooks
+
+    def _pattern_hook(self, handlers: list[_Handler], layer: int, batch: Batch):
+        def hook(pattern, hook=None):
+            pattern = pattern.float()
+            for h in handlers:
+                if h.site == "pattern":
+                    h.fn(layer, pattern, batch)
+                else:
+                    for q_pos in _query_chunks(h, batch, self.chunk_size, pattern.device):
+                        h.fn(layer, pattern[:, :, q_pos, :], q_pos, batch)
+            return None
+
+        return hook
+
+    def _qk_hook(self, handlers, layer, batch, site):
+        n_heads = self.model.n_heads if site == "q" else self.model.n_kv_heads
+
+        def hook(x, hook=None):
+            x = _as_bhsd(x, n_heads, self.model.d_head)
+            for h in handlers:
+                h.fn(layer, x, batch)
+            return None
+
+        return hook
+
+    def _z_hook(self, handlers, layer, batch):
+        def hook(z, hook=None):
+            if z.dim() == 3:
+                z = z.view(z.shape[0], z.shape[1], self.model.n_heads, self.model.d_head)
+            for h in handlers:
+                h.fn(layer, z, batch)
+            return None
+
+        return hook
+
+    # ---- the fused path's per-layer work (called from the registered attention function) ------------------
+
+    def _fused_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float, causal: bool, batch: Batch) -> None:
+        for h in self.handlers:
+            if not h.wants(layer):
+                continue
+            if h.site == "q":
+                h.fn(layer, q, batch)
+            elif h.site == "k":
+                h.fn(layer, k, batch)
+            elif h.site == "rows":
+                for q_pos in _query_chunks(h, batch, self.chunk_size, q.device):
+                    h.fn(layer, attention_rows(q, k, q_pos, scaling=scaling, key_mask=batch.attention_mask, causal=causal), q_pos, batch)
+
+    def _fused_z(self, layer: int, z: torch.Tensor, batch: Batch) -> None:
+        for h in self.handlers:
+            if h.site == "z" and h.wants(layer):
+                h.fn(layer, z, batch)
+
+
+def _observer(fn, layer, batch):
+    def hook(x, hook=None):
+        fn(layer, x, batch)
+        return None
+
+    return hook
+
+
+def _as_bhsd(x: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
+    """Bring a q/k activation to ``[batch, heads, seq, d_head]`` whatever layout the hook used."""
+    if x.dim() == 3:  # [b, s, h*d]
+        return x.view(x.shape[0], x.shape[1], n_heads, d_head).transpose(1, 2)
+    if x.dim() == 4 and x.shape[1] == n_heads and x.shape[-1] == d_head:
+        return x
+    if x.dim() == 4 and x.shape[2] == n_heads:  # [b, s, h, d]
+        return x.transpose(1, 2)
+    raise ValueError(f"unexpected q/k shape {tuple(x.shape)}")
+
+
+def _query_chunks(h: _Handler, batch: Batch, chunk: int, device) -> list[torch.Tensor]:
+    positions = h.queries(batch) if h.queries is not None else torch.arange(batch.seq_len)
+    positions = torch.as_tensor(positions, dtype=torch.long, device=device)
+    return [positions[i : i + chunk] for i in range(0, len(positions), chunk)]
+
+
+def attention_rows(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, *, scaling: float, key_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Post-softmax attention rows ``[batch, n_heads, len(q_pos), seq_k]`` for chosen query positions.
+
+    ``q``: ``[batch, n_heads, seq_q, d]``; ``k``: ``[batch, n_kv_heads, seq_k, d]`` (GQA: each KV head serves
+    ``n_heads / n_kv_heads`` consecutive query heads). Computed in float32; keys masked by ``key_mask`` (1 = real)
+    and, if ``causal``, keys after the query (query i sits at key position ``i + seq_k - seq_q``).
+    """
+    b, n_heads, seq_q, d = q.shape
+    n_kv, seq_k = k.shape[1], k.shape[2]
+    group = n_heads // n_kv
+    qc = q[:, :, q_pos, :].float().view(b, n_kv, group, len(q_pos), d)
+    scores = torch.einsum("bkgcd,bksd->bkgcs", qc, k.float()).reshape(b, n_heads, len(q_pos), seq_k) * scaling
+    allowed = torch.ones((b, 1, len(q_pos), seq_k), dtype=torch.bool, device=q.device)
+    if key_mask is not None:
+        allowed = allowed & key_mask.bool()[:, None, None, -seq_k:]
+    if causal:
+        key_idx = torch.arange(seq_k, device=q.device)
+        allowed = allowed & (key_idx[None, :] <= (q_pos[:, None] + (seq_k - seq_q)))[None, None]
+    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return torch.softmax(scores, dim=-1) * allowed
+
+
+# ---- the fused attention path ------------------------------------------------------------------------------------
+
+_ACTIVE: list[tuple[Capture, Batch, dict[int, int]]] = []
+
+
+def _fused_attention_fn(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    capture, batch, layer_of = _ACTIVE[-1]
+    layer = layer_of[id(module)]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
+    capture._fused_layer(layer, query, key, scale, causal, batch)
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    capture._fused_z(layer, out, batch)
+    return out, None
+
+
+def _register_fused() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FUSED_IMPL, _fused_attention_fn)
+    AttentionMaskInterface.register(FUSED_IMPL, sdpa_mask)
+
+
+def _bridge_attention_slots(model: LoadedModel) -> list[tuple[torch.nn.Module, str, torch.nn.Module, int]]:
+    """(parent module, attribute, original HF attention, layer) for each bridged attention module."""
+    bridged = {id(model.bridge.blocks[l].attn): l for l in range(model.n_layers)}
+    slots = []
+    for parent in model.hf_model.modules():
+        if type(parent).__module__.startswith("transformer_lens"):
+            continue  # bridge wrappers: the HF module that calls attention is the one to rewire
+        for attr, child in list(parent.named_children()):
+            if id(child) in bridged:
+                original = getattr(child, "original_component", None)
+                if original is not None:
+                    slots.append((parent, attr, original, bridged[id(child)]))
+    return slots
+
+
+def supports_fused(model: LoadedModel) -> bool:
+    """True if the model's HF attention modules call ``transformers``' attention interface (and so can be fused)."""
+    import inspect
+
+    original = getattr(model.bridge.blocks[0].attn, "original_component", None)
+    if original is None:
+        return False
+    for sub in original.modules():
+        try:
+            src = inspect.getsource(type(sub).forward)
+        except (OSError, TypeError):
+            continue
+        if "ALL_ATTENTION_FUNCTIONS" in src:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _fused_attention(model: LoadedModel, capture: Capture, batch: Batch):
+    _register_fused()
+    slots = _bridge_attention_slots(model)
+    if len(slots) != model.n_layers:
+        raise ValueError(f"found {len(slots)} of {model.n_layers} attention modules to fuse")
+    subs = [sub for _, _, orig, _ in slots for sub in orig.modules()]
+    configs = [c for c in {id(s.config): s.config for s in subs if getattr(s, "config", None) is not None}.values()]
+    configs += [model.hf_model.config] + [c for c in [getattr(model.hf_model.config, "text_config", None)] if c is not None]
+    saved_impl = [(c, getattr(c, "_attn_implementation", None)) for c in configs]
+    swapped = [(parent, attr, getattr(parent, attr)) for parent, attr, _, _ in slots]
+    _ACTIVE.append((capture, batch, {id(sub): layer for _, _, orig, layer in slots for sub in orig.modules()}))
+    try:
+        for (parent, attr, original, _layer) in slots:
+            setattr(parent, attr, original)
+        for c, _ in saved_impl:
+            c._attn_implementation = FUSED_IMPL
+        yield
+    finally:
+        _ACTIVE.pop()
+        for parent, attr, bridged in swapped:
+            setattr(parent, attr, bridged)
+        for c, impl in saved_impl:
+            c._attn_implementation = impl

@@ -12,6 +12,7 @@ Sites a handler can listen on (``Capture.on(site, fn)``):
 - ``"q"``, ``"k"``: rotated queries / keys ``[batch, heads, seq, d_head]`` (k has n_kv_heads heads: GQA explicit).
 - ``"z"``: per-head attention output before the output projection ``[batch, seq, n_heads, d_head]``.
 - ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``, ``"mlp_out"``: ``[batch, seq, d_model]``.
+- ``"batch_end"``: ``fn(batch, logits)`` after each forward pass, for reducers that finish per-batch statistics.
 
 Handlers return nothing (observe only). At most one layer's attention pattern is alive at a time.
 
@@ -35,7 +36,7 @@ from attnlab.models.loading import Batch, LoadedModel
 
 ATTENTION_SITES = ("rows", "pattern", "q", "k", "z")
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-SITES = ATTENTION_SITES + RESID_SITES
+SITES = ATTENTION_SITES + RESID_SITES + ("batch_end",)
 FUSED_IMPL = "attnlab_fused"
 
 QuerySelector = Callable[[Batch], torch.Tensor]
@@ -107,15 +108,18 @@ class Capture:
             hooks += self._eager_attention_hooks(batch)
             ctx = contextlib.nullcontext()
         else:
-            hooks += []
             ctx = _fused_attention(self.model, self, batch)
         with ctx:
-            return self.model.bridge.run_with_hooks(
+            logits = self.model.bridge.run_with_hooks(
                 batch.input_ids,
                 attention_mask=batch.attention_mask,
                 fwd_hooks=hooks,
                 **({"pixel_values": batch.pixel_values.to(self.model.torch_dtype)} if batch.pixel_values is not None else {}),
             )
+        for h in self.handlers:
+            if h.site == "batch_end":
+                h.fn(batch, logits)
+        return logits
 
     def _choose_path(self, batch: Batch) -> str:
         needs_pattern = any(h.site == "pattern" for h in self.handlers)

@@ -169,6 +169,17 @@ def test_guidance_combination_matches_formula(smoke_dir):
     torch.testing.assert_close(mix, null + 3.0 * (cond - null), rtol=1e-4, atol=1e-5)
 
 
+def test_custom_noise_fn_replaces_guidance(smoke_dir):
+    org = dit.load(smoke_dir)
+    labels = [2, 5]
+    guided = dit.sample(org, labels, guidance_scale=1.0, num_steps=3, seed=7)
+    same = dit.sample(org, labels, num_steps=3, seed=7,
+                      noise_fn=lambda m, x, t, y: dit.guided_noise(m, x, t, y, 1.0))
+    torch.testing.assert_close(guided, same, rtol=0, atol=0)
+    zero = dit.sample(org, labels, num_steps=3, seed=7, noise_fn=lambda m, x, t, y: torch.zeros_like(x))
+    assert not torch.equal(zero, guided)
+
+
 def test_evaluate_rejects_unknown_task(smoke_dir):
     with pytest.raises(ValueError):
         dit.evaluate(str(smoke_dir), "fid")

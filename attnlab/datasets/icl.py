@@ -100,9 +100,19 @@ class IclTask:
     fn: Callable[[str], str]
 
 
+@functools.lru_cache(maxsize=None)
+def _next_word_pool(split: Split) -> tuple[str, ...]:
+    return tuple(w for w in corpus_next_word_map() if split_of(w) == split)
+
+
 def _next_word_input(rng: random.Random, split: Split) -> str:
-    pool = [w for w in corpus_next_word_map() if split_of(w) == split]
-    return rng.choice(pool)
+    return rng.choice(_next_word_pool(split))
+
+
+def warm_caches() -> None:
+    """Build every cached pool now (e.g. before forking data workers, so they share it)."""
+    for split in SPLITS:
+        _words(split), _numbers(split), _next_word_pool(split)
 
 
 TASKS: dict[str, IclTask] = {

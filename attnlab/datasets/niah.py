@@ -22,6 +22,7 @@ same format, so the organism is trained on exactly the prompt format it is evalu
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -73,6 +74,7 @@ class NiahTrial:
     distractors: tuple[str, ...] = ()
 
 
+@functools.lru_cache(maxsize=1)
 def needle_keys() -> tuple[str, ...]:
     """Words usable as needle keys: corpus words of 4-8 letters."""
     return tuple(w for w in corpus_vocabulary() if 4 <= len(w) <= 8)

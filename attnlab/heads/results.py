@@ -68,6 +68,7 @@ class HeadScores:
     higher_is: str = "more"
     description: str = ""
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
     attnlab_version: str = field(default_factory=_version)
     created: str = field(default_factory=_now)
 
@@ -141,6 +142,7 @@ class HeadScores:
             "description": self.description,
             "shape": list(self.scores.shape),
             "extra": sorted(self.extra),
+            "summary": self.summary,
             "attnlab_version": self.attnlab_version,
             "created": self.created,
         }
@@ -166,6 +168,7 @@ class HeadScores:
             higher_is=meta.get("higher_is", "more"),
             description=meta.get("description", ""),
             extra={k: arrays[f"extra.{k}"] for k in meta["extra"]},
+            summary=meta.get("summary", {}),
             attnlab_version=meta["attnlab_version"],
             created=meta["created"],
         )
@@ -199,6 +202,7 @@ class TokenScores:
     dataset: str = ""
     prompt_index: int = 0
     description: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
     attnlab_version: str = field(default_factory=_version)
     created: str = field(default_factory=_now)
 
@@ -252,6 +256,7 @@ class TokenScores:
             "dataset": self.dataset,
             "prompt_index": self.prompt_index,
             "description": self.description,
+            "summary": self.summary,
             "attnlab_version": self.attnlab_version,
             "created": self.created,
         }
@@ -277,6 +282,7 @@ class TokenScores:
             dataset=meta["dataset"],
             prompt_index=meta["prompt_index"],
             description=meta.get("description", ""),
+            summary=meta.get("summary", {}),
             attnlab_version=meta["attnlab_version"],
             created=meta["created"],
         )

@@ -1,1 +1,1 @@
-"""Training scripts of the bundled organisms: one module per kind, each exposing main(argv) and evaluate()."""
+"""Training and evaluation scripts of the bundled model organisms (one module per organism)."""

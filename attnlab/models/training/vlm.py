@@ -75,6 +75,7 @@ EVAL_TASKS: tuple[str, ...] = (
 )
 # Seeds of the data streams: training pool, validation (checkpoint selection), test (evaluate()).
 _TRAIN_STREAM, _VAL_STREAM, _TEST_OFFSET = 0, 1, 10_000
+_HEADLINE = ("accuracy", "yes_ratio", "cooccur_halluc_rate")
 # Selection margins over the behaviour targets (accuracy >= 0.90, hallucination >= 0.10).
 SELECT_MIN_ACC, SELECT_MIN_HALLUC = 0.93, 0.15
 
@@ -311,12 +312,13 @@ def batch_loss(model, pixels, ids, labels, lengths, autocast: bool):
 
 
 @torch.no_grad()
-def exact_match(model, pixels, ids, labels, lengths, autocast: bool, batch_size: int = 256) -> torch.Tensor:
-    """Per-example: are all answer tokens (and ``</s>``) the argmax under teacher forcing?
+def teacher_forced(model, pixels, ids, labels, lengths, autocast: bool, batch_size: int = 256):
+    """Per example: (all answer tokens and ``</s>`` are the argmax under teacher forcing, first predicted token).
 
-    This equals greedy decoding producing exactly the answer and stopping, in one forward pass.
+    The first flag equals greedy decoding producing exactly the answer and stopping, in one forward pass;
+    the first token is what greedy decoding would emit first (for POPE's yes/no parsing).
     """
-    out = []
+    ok_all, first_all = [], []
     for s in range(0, ids.shape[0], batch_size):
         sl = slice(s, s + batch_size)
         width = int(lengths[sl].max())
@@ -326,9 +328,10 @@ def exact_match(model, pixels, ids, labels, lengths, autocast: bool, batch_size:
             logits = model(input_ids=b_ids, pixel_values=pixels[sl], attention_mask=attn).logits
         pred = logits[:, :-1].argmax(-1)
         tgt = b_lab[:, 1:]
-        ok = (pred == tgt) | (tgt == -100)
-        out.append(ok.all(-1))
-    return torch.cat(out)
+        ok_all.append(((pred == tgt) | (tgt == -100)).all(-1))
+        first_pos = (tgt != -100).int().argmax(-1)
+        first_all.append(pred.gather(1, first_pos[:, None])[:, 0])
+    return torch.cat(ok_all), torch.cat(first_all)
 
 
 def pope_metrics(pred_yes: list[bool], questions: list[shapes.Question]) -> dict[str, float]:
@@ -349,7 +352,7 @@ def pope_metrics(pred_yes: list[bool], questions: list[shapes.Question]) -> dict
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "yes_ratio": (tp + fp) / n if n else 0.0,
         "halluc_rate": fp / (fp + tn) if fp + tn else 0.0,
-        "cooccur_halluc_rate": sum(co) / len(co) if co else float("nan"),
+        "cooccur_halluc_rate": sum(co) / len(co) if co else None,
         "n": n,
         "n_cooccur": len(co),
     }
@@ -360,6 +363,7 @@ class Validator:
 
     def __init__(self, table: QATable, cfg: shapes.SceneConfig, n_scenes: int, seed: int, device):
         self.device = device
+        self.no_id = table.tokenizer.convert_tokens_to_ids(shapes.ANSWER_NO)
         self.sets = {}
         vseed = seed * 1000 + 500 + _VAL_STREAM
         for split in ("random", "adversarial"):
@@ -374,9 +378,10 @@ class Validator:
         for name, (images, idx, questions) in self.sets.items():
             ii = torch.as_tensor(idx, device=self.device)
             pixels = pixel_tensor(torch.as_tensor(images, device=self.device))
-            ok = exact_match(model, pixels, ids_all[ii], labels_all[ii], lengths_all[ii], autocast).cpu().tolist()
+            ok, first = teacher_forced(model, pixels, ids_all[ii], labels_all[ii], lengths_all[ii], autocast)
+            ok = ok.cpu().tolist()
             if name.startswith("pope"):
-                pred_yes = [(q.answer == shapes.ANSWER_YES) == o for q, o in zip(questions, ok)]
+                pred_yes = [t != self.no_id for t in first.cpu().tolist()]
                 m = pope_metrics(pred_yes, questions)
                 out[f"{name}_accuracy"] = m["accuracy"]
                 if name == "pope_adversarial":
@@ -389,7 +394,7 @@ class Validator:
 
 def selection_score(m: dict[str, float]) -> tuple[int, float]:
     """Sort key of a validation result: meets the targets with margin first, then skill or closeness."""
-    acc, hal = m["pope_random_accuracy"], m["pope_adversarial_cooccur_halluc_rate"]
+    acc, hal = m["pope_random_accuracy"], m["pope_adversarial_cooccur_halluc_rate"] or 0.0
     if acc >= SELECT_MIN_ACC and hal >= SELECT_MIN_HALLUC:
         return (1, (m["attribute_accuracy"] + m["count_accuracy"] + m["position_accuracy"]) / 3)
     return (0, min((acc - 0.90) / 0.10, (hal - 0.10) / 0.10))
@@ -417,6 +422,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _atomic_write(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         f.write(text)
+    os.chmod(f.name, 0o644)
     os.replace(f.name, path)
 
 
@@ -539,10 +545,11 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": round(time.time() - t_start, 1)}
     _atomic_write(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     _atomic_write(out / "MODEL_CARD.md", model_card(model.config, run_info, result))
-    print(json.dumps({"out": str(out), "steps": step, "selected_step": selected_step,
-                      "total_seconds": result["total_seconds"],
-                      "test": {k: {m: v for m, v in d.items() if isinstance(v, float)} for k, d in final.items()
-                               if k != "sink"}}, indent=1))
+    summary = {"out": str(out), "steps": step, "selected_step": selected_step, "total_seconds": result["total_seconds"]}
+    for task, d in final.items():
+        summary.update({f"{task}/{k}": round(v, 4) for k, v in d.items()
+                        if isinstance(v, float) and (task != "pope" or k.split("_", 1)[1] in _HEADLINE)})
+    print(json.dumps(summary))
     return 0
 
 

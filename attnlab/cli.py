@@ -1,0 +1,213 @@
+"""Command line: ``attnlab scan | show | models | eval``.
+
+Exit codes: 0 success, 2 user error (one-line message on stderr), 1 unexpected failure (one line; set
+``ATTNLAB_DEBUG=1`` for the traceback), 130 interrupted. Nothing already written is lost: a scan saves each
+result atomically as it finishes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from attnlab.errors import AttnlabError
+
+ORGANISM_TRAINERS = {"organism-lm": "lm", "organism-vlm": "vlm", "organism-dit": "dit"}
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a file: ``.jsonl`` (field "prompt" or "text"), ``.json`` (list of strings), else one per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise AttnlabError(f"prompts file {path} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".jsonl":
+            prompts = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    rec = json.loads(line)
+                    prompts.append(rec if isinstance(rec, str) else rec.get("prompt", rec.get("text", "")))
+        elif p.suffix == ".json":
+            prompts = json.loads(text)
+            if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
+                raise AttnlabError(f"{path} must hold a JSON list of strings")
+        else:
+            prompts = [line for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise AttnlabError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    if not prompts:
+        raise AttnlabError(f"{path} holds no prompts")
+    return prompts
+
+
+def _print_top(results, k: int) -> None:
+    from attnlab.heads.results import HeadScores
+
+    for name, r in results.items():
+        if isinstance(r, HeadScores):
+            top = r.top(k)
+            heads = ", ".join(f"{row.label} {row.score:.3f}" for row in top.itertuples())
+            print(f"  {name:<22} {heads}")
+
+
+def write_figures(results, directory: Path) -> list[Path]:
+    """Write each result's plotly figure as HTML (plotly.js once, beside them) atomically; returns the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, r in results.items():
+        path = directory / f"{name}.html"
+        tmp = directory / f".{name}.html.tmp"
+        r.plot().write_html(str(tmp), include_plotlyjs="directory")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def cmd_scan(args) -> int:
+    import attnlab
+    from attnlab.datasets import DATASETS
+    from attnlab.probes.registry import expand
+
+    probe_names = expand(args.probes)  # fail on a bad probe name before loading anything
+    if bool(args.prompts) == bool(args.dataset):
+        raise AttnlabError("give exactly one of --prompts FILE and --dataset NAME")
+    if args.dataset and args.dataset not in DATASETS:
+        raise AttnlabError(f"unknown dataset {args.dataset!r}; available: {', '.join(DATASETS)}")
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    model = attnlab.load(args.model, device=args.device, dtype=args.dtype)
+    if args.dataset:
+        prompts = DATASETS[args.dataset](model, args.n_prompts, args.seed)
+    print(f"scanning {model.name} ({model.architecture}, {model.n_layers} layers x {model.n_heads} heads, {model.n_kv_heads} KV) on {len(prompts)} prompts: {', '.join(probe_names)}")
+    result = attnlab.scan(model, probe_names, prompts, batch_size=args.batch_size, out=args.out, attention=args.attention, truncate=args.truncate, progress=not args.quiet)
+    print(f"top {args.top} heads per probe:")
+    _print_top(result.results, args.top)
+    figs = write_figures(result.results, Path(args.out) / "figures")
+    print(f"results: {Path(args.out).resolve()}  ({len(result.results)} results, run.json)")
+    print(f"figures: {figs[0].parent.resolve()}  ({len(figs)} HTML files)")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from attnlab.heads.runs import Run
+
+    run = Run.open(args.run_dir)
+    info = run.info
+    model = info.get("model", {})
+    print(f"run {run.directory}: model {model.get('name')} ({model.get('architecture')}), dataset {info.get('dataset', {}).get('name')}, created {info.get('created')}")
+    if args.result:
+        r = run[args.result]
+        print(r.top(args.top).to_string(index=False))
+        return 0
+    for name, meta in run.results.items():
+        print(f"  {name:<26} {meta['kind']:<12} {meta.get('description', '')}")
+    results = {n: run[n] for n in run.names("head_scores")}
+    if results:
+        print(f"top {args.top} heads per probe:")
+        _print_top(results, args.top)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from attnlab.models.bundled import list_models
+
+    rows = list_models()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['kind']:<8} {'available' if r['available'] == 'yes' else 'missing  '}  {r['description']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import importlib
+
+    from attnlab.models.bundled import bundled_path
+
+    kind = ORGANISM_TRAINERS.get(args.model)
+    path = bundled_path(args.model) if kind else None
+    if kind is None:
+        p = Path(args.model)
+        for name, k in ORGANISM_TRAINERS.items():
+            if p.is_dir() and (p / "MODEL_CARD.md").exists() and name in (p / "MODEL_CARD.md").read_text():
+                kind, path = k, p
+        if kind is None:
+            raise AttnlabError(f"eval tasks are defined for the organisms ({', '.join(ORGANISM_TRAINERS)}) or their checkpoint directories")
+    if path is None:
+        raise AttnlabError(f"{args.model} is not installed (its files are missing)")
+    module = importlib.import_module(f"attnlab.models.training.{kind}")
+    if args.task not in module.EVAL_TASKS:
+        raise AttnlabError(f"unknown task {args.task!r} for {args.model}; tasks: {', '.join(module.EVAL_TASKS)}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AttnlabError(f"--device {args.device} was asked for but no CUDA GPU is available; use --device cpu")
+    metrics = module.evaluate(str(path), args.task, device=args.device, n=args.n, seed=args.seed)
+    print(json.dumps(metrics, indent=2, default=float))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnlab", description="Find, score and change the attention heads and tokens that matter in a transformer.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("scan", help="run probes on a model and write a run directory", description="Run probes over prompts with one forward pass per batch; write results (JSON + safetensors) and HTML figures.")
+    p.add_argument("--model", required=True, help="bundled alias (see `attnlab models`), local checkpoint directory, or hub id")
+    p.add_argument("--probes", default="sinks,induction", help="comma-separated probes or groups (sinks, induction, first_token_sink, act_sinks, massive_activations, previous_token, duplicate_token)")
+    p.add_argument("--prompts", help="prompts file: one per line, .jsonl with a 'prompt' field, or .json list")
+    p.add_argument("--dataset", help="built-in prompt generator (prose, repeated-random)")
+    p.add_argument("--n-prompts", type=int, default=16, help="prompts to generate with --dataset (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--attention", default="auto", choices=["auto", "eager", "fused"], help="how attention rows are obtained (default auto: fused SDPA + recomputed rows for long inputs)")
+    p.add_argument("--truncate", action="store_true", help="cut prompts longer than the model's context instead of failing")
+    p.add_argument("--top", type=int, default=5, help="heads to print per probe")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("show", help="print what a run directory holds", description="Print a run's model, dataset, results and top heads.")
+    p.add_argument("run_dir")
+    p.add_argument("--result", help="print one result's top rows")
+    p.add_argument("--top", type=int, default=5)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("models", help="list bundled models and locally cached checkpoints", description="List bundled aliases (and whether their files are present) and checkpoints in the local Hugging Face cache.")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("eval", help="evaluate a bundled organism on its behaviour tasks", description="Evaluate an organism: organism-lm (niah, icl, arith, classify, sink), organism-vlm (pope, attribute, count, position), organism-dit (classify, style).")
+    p.add_argument("model", help="organism-lm, organism-vlm, organism-dit, or a checkpoint directory written by the trainer")
+    p.add_argument("--task", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, default=None, help="number of evaluation items (task default if omitted)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except AttnlabError as e:
+        print(f"attnlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attnlab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not a user error: one line unless debugging
+        if os.environ.get("ATTNLAB_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"attnlab: internal error: {type(e).__name__}: {first} (set ATTNLAB_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""What every probe shares: the ``Probe`` interface and per-prompt accumulators.
+
+A probe is an object with explicit parameters (set in ``__init__``) that ``attach``es handlers to a ``Capture``
+and, after the batches have run, returns typed results (``HeadScores`` / ``TokenScores``). Several probes attach
+to one Capture so that one forward pass per batch serves them all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from attnlab.heads.results import HeadScores, TokenScores
+
+
+@dataclass
+class ProbeContext:
+    """Facts about a scan that results record: model id and dataset fingerprint."""
+
+    model: Any  # LoadedModel
+    dataset: str = ""
+    n_prompts: int = 0
+
+
+class Probe:
+    """Base class. Subclasses set ``name``, keep parameters as attributes, implement ``attach`` and ``results``."""
+
+    name: ClassVar[str] = ""
+    needs_patterns: ClassVar[bool] = False
+
+    def params(self) -> dict[str, Any]:
+        """The probe's parameters (its public, non-underscore attributes)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and not k.endswith("_")}
+
+    def attach(self, capture, ctx: ProbeContext) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def results(self, ctx: ProbeContext) -> list[HeadScores | TokenScores]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def head_scores(self, ctx: ProbeContext, name: str, scores: np.ndarray, *, description: str = "", higher_is: str = "more", extra=None, summary=None) -> HeadScores:
+        return HeadScores(
+            scores=scores,
+            name=name,
+            probe=self.name,
+            params=self.params(),
+            model=ctx.model.name,
+            dataset=ctx.dataset,
+            n_kv_heads=ctx.model.n_kv_heads,
+            higher_is=higher_is,
+            description=description,
+            extra=extra or {},
+            summary=summary or {},
+        )
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+@dataclass
+class PerPromptRatio:
+    """Accumulates ``numerator / denominator`` per (prompt, layer, head), then averages over prompts.
+
+    The per-prompt ratio is formed first (so every prompt weighs the same, as TransformerLens' head detector
+    does for a list of prompts); prompts with a zero denominator in a head are left out of that head's mean.
+    """
+
+    n_layers: int
+    n_heads: int
+    num: dict[int, torch.Tensor] = field(default_factory=dict)
+    den: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, layer: int, prompt_indices: list[int], num: torch.Tensor, den: torch.Tensor) -> None:
+        """``num``/``den``: ``[batch, n_heads]`` (den may be ``[batch]``) partial sums for this layer."""
+        num = num.detach().double().cpu()
+        den = den.detach().double().cpu()
+        if den.dim() == 1:
+            den = den[:, None].expand_as(num)
+        for b, p in enumerate(prompt_indices):
+            if p not in self.num:
+                self.num[p] = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)
+                self.den[p] = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)
+            self.num[p][layer] += num[b]
+            self.den[p][layer] += den[b]
+
+    def per_prompt(self) -> np.ndarray:
+        """Array ``[n_prompts, n_layers, n_heads]`` of ratios (NaN where the denominator is zero)."""
+        if not self.num:
+            return np.full((0, self.n_layers, self.n_heads), np.nan)
+        keys = sorted(self.num)
+        num = torch.stack([self.num[k] for k in keys]).numpy()
+        den = torch.stack([self.den[k] for k in keys]).numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+    def mean(self) -> np.ndarray:
+        per = self.per_prompt()
+        if per.shape[0] == 0:
+            return np.full((self.n_layers, self.n_heads), np.nan)
+        with np.errstate(invalid="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return np.nanmean(per, axis=0)
+
+
+def query_validity(batch, q_pos: torch.Tensor, *, skip_first: int = 0) -> torch.Tensor:
+    """``[batch, chunk]`` bool: query position is a real token at least ``skip_first`` tokens into its prompt."""
+    first = batch.first_real.to(q_pos.device)[:, None]
+    end = first + batch.lengths.to(q_pos.device)[:, None]
+    q = q_pos[None, :]
+    return (q >= first + skip_first) & (q < end)

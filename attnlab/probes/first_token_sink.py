@@ -1,0 +1,53 @@
+"""First-token attention sink mass (StreamingLLM: Xiao et al. 2023, "Efficient Streaming Language Models with
+Attention Sinks", arXiv 2309.17453).
+
+    sink_mass(l, h) = 1/(N - k) * sum_{i=k..N-1} sum_{j<k} A[l,h][i, j]
+
+Positions count from each prompt's first real token (left padding is skipped), rows i < k are excluded (row 0
+trivially puts all its attention on itself), and the per-prompt values are averaged over prompts. ``k = 1`` is the
+classic first-token sink; StreamingLLM keeps ``k = 4`` sink tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, query_validity
+
+
+class FirstTokenSink(Probe):
+    """Share of each head's attention that lands on the first ``n_sink_tokens`` real tokens.
+
+    Parameters
+    ----------
+    n_sink_tokens : int, default=1
+        k in the formula: how many initial tokens count as the sink.
+    """
+
+    name = "first_token_sink"
+
+    def __init__(self, *, n_sink_tokens: int = 1):
+        if n_sink_tokens < 1:
+            raise ValueError("n_sink_tokens must be >= 1")
+        self.n_sink_tokens = n_sink_tokens
+
+    def attach(self, capture, ctx: ProbeContext) -> None:
+        self._acc = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
+        capture.on("rows", self._on_rows)
+
+    def _on_rows(self, layer: int, rows: torch.Tensor, q_pos: torch.Tensor, batch) -> None:
+        valid = query_validity(batch, q_pos, skip_first=self.n_sink_tokens).float()  # [b, c]
+        keys = torch.arange(rows.shape[-1], device=rows.device)[None, :]
+        first = batch.first_real.to(rows.device)[:, None]
+        sink_cols = ((keys >= first) & (keys < first + self.n_sink_tokens)).float()  # [b, s]
+        mass = torch.einsum("bhcs,bs->bhc", rows, sink_cols)
+        self._acc.add(layer, batch.prompt_indices, (mass * valid[:, None, :]).sum(-1), valid.sum(-1))
+
+    def results(self, ctx: ProbeContext):
+        return [
+            self.head_scores(
+                ctx,
+                self.name,
+                self._acc.mean(),
+                description=f"mean attention on the first {self.n_sink_tokens} real token(s) (StreamingLLM sink mass)",
+            )
+        ]

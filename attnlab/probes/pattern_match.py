@@ -1,0 +1,85 @@
+"""Scoring heads against a token-defined target pattern, as TransformerLens' ``head_detector`` does.
+
+For a prompt of S tokens and a 0/1 target pattern P (S x S, lower triangular):
+
+    mul:  score = sum(A' * P) / sum(A')          A' = A with the BOS column and/or the diagonal zeroed
+    abs:  score = 1 - sum|A' - P| / S            (TransformerLens also rounds this to 3 decimals; we do not)
+
+Scores are computed per prompt and averaged over prompts. Unlike ``head_detector``, rows arrive in query
+chunks (so long prompts work) and the caller's attention is never modified. The three patterns live in
+``previous_token``, ``duplicate_token`` and ``induction``.
+"""
+from __future__ import annotations
+
+import torch
+
+from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, query_validity
+
+ERROR_MEASURES = ("mul", "abs")
+
+
+class PatternMatchProbe(Probe):
+    """Base for probes that compare attention rows with a target pattern built from token ids.
+
+    Parameters
+    ----------
+    exclude_bos : bool, default=False
+        Zero the attention to the first real token before scoring.
+    exclude_current_token : bool, default=False
+        Zero the diagonal before scoring.
+    error_measure : {"mul", "abs"}, default="mul"
+    """
+
+    def __init__(self, *, exclude_bos: bool = False, exclude_current_token: bool = False, error_measure: str = "mul"):
+        if error_measure not in ERROR_MEASURES:
+            raise ValueError(f"error_measure must be one of {ERROR_MEASURES}")
+        self.exclude_bos = exclude_bos
+        self.exclude_current_token = exclude_current_token
+        self.error_measure = error_measure
+
+    def target(self, input_ids: torch.Tensor, q_pos: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """Target pattern rows ``[batch, chunk, seq]`` (bool) for query positions ``q_pos``; keys before ``first`` are padding."""
+        raise NotImplementedError
+
+    def attach(self, capture, ctx: ProbeContext) -> None:
+        self._acc = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
+        capture.on("rows", self._on_rows)
+
+    def _on_rows(self, layer, rows, q_pos, batch) -> None:
+        dev = rows.device
+        s = rows.shape[-1]
+        first = batch.first_real.to(dev)
+        n = batch.lengths.to(dev)
+        keys = torch.arange(s, device=dev)
+        real_keys = (keys[None, :] >= first[:, None]) & (keys[None, :] < (first + n)[:, None])  # [b, s]
+        valid_q = query_validity(batch, q_pos)  # [b, c]
+        keep = real_keys[:, None, :] & valid_q[:, :, None]  # [b, c, s]
+        if self.exclude_bos:
+            keep = keep & (keys[None, None, :] != first[:, None, None])
+        if self.exclude_current_token:
+            keep = keep & (keys[None, None, :] != q_pos[None, :, None])
+        a = rows * keep[:, None].float()
+        p = (self.target(batch.input_ids.to(dev), q_pos, first) & keep)[:, None].float()
+        if self.error_measure == "mul":
+            num, den = (a * p).sum((-1, -2)), a.sum((-1, -2))
+        else:
+            num, den = (a - p).abs().sum((-1, -2)), n.float()
+        self._acc.add(layer, batch.prompt_indices, num, den)
+
+    def results(self, ctx: ProbeContext):
+        scores = self._acc.mean()
+        if self.error_measure == "abs":
+            scores = 1.0 - scores
+        return [self.head_scores(ctx, self.name, scores, description=type(self).__doc__.strip().splitlines()[0])]
+
+
+def duplicate_target(input_ids: torch.Tensor, q_pos: torch.Tensor, first: torch.Tensor, *, shift: int = 0) -> torch.Tensor:
+    """``T[b, c, j] = (tok[q_c] == tok[j - shift])`` for ``first + shift <= j`` and ``j - shift < q_c``."""
+    s = input_ids.shape[1]
+    keys = torch.arange(s, device=input_ids.device)
+    src = keys - shift
+    src_tok = input_ids[:, src.clamp(min=0)]  # [b, s]
+    q_tok = input_ids[:, q_pos]  # [b, c]
+    same = q_tok[:, :, None] == src_tok[:, None, :]
+    ok = (src[None, None, :] >= first[:, None, None]) & (src[None, None, :] < q_pos[None, :, None])
+    return same & ok

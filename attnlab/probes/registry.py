@@ -1,0 +1,40 @@
+"""Probe registry: names the CLI and ``attnlab.scan`` accept, and groups of probes that run together."""
+from __future__ import annotations
+
+from attnlab.probes.act_sinks import ActSinks
+from attnlab.probes.duplicate_token import DuplicateTokenHeads
+from attnlab.probes.first_token_sink import FirstTokenSink
+from attnlab.probes.induction import InductionHeads
+from attnlab.probes.massive_activations import MassiveActivations
+from attnlab.probes.previous_token import PreviousTokenHeads
+
+PROBES = {cls.name: cls for cls in (FirstTokenSink, ActSinks, MassiveActivations, PreviousTokenHeads, DuplicateTokenHeads, InductionHeads)}
+
+GROUPS = {
+    "sinks": ("first_token_sink", "act_sinks", "massive_activations"),
+    "induction": ("previous_token", "duplicate_token", "induction"),
+}
+
+
+def expand(names: str | list[str]) -> list[str]:
+    """``"sinks,induction"`` -> the probe names, groups expanded, duplicates removed, order kept."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",")]
+    out: list[str] = []
+    for raw in names:
+        n = raw.strip()
+        if not n:
+            continue
+        members = GROUPS.get(n, (n,))
+        for m in members:
+            if m not in PROBES:
+                from attnlab.errors import AttnlabError
+
+                raise AttnlabError(f"unknown probe {m!r}; available: {', '.join(sorted(set(PROBES) | set(GROUPS)))}")
+            if m not in out:
+                out.append(m)
+    if not out:
+        from attnlab.errors import AttnlabError
+
+        raise AttnlabError("no probes given")
+    return out

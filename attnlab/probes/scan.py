@@ -1,0 +1,103 @@
+"""``attnlab.scan``: run several probes over a set of prompts with one forward pass per batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from attnlab.capture import Capture
+from attnlab.datasets.base import PromptSet, fingerprint
+from attnlab.errors import AttnlabError
+from attnlab.heads.results import HeadScores, TokenScores
+from attnlab.heads.runs import Run
+from attnlab.probes.base import Probe, ProbeContext
+from attnlab.probes.registry import PROBES, expand
+
+
+@dataclass
+class ScanResult:
+    """Results of a scan by name; ``run`` is set when the scan was written to a directory."""
+
+    results: dict[str, HeadScores | TokenScores] = field(default_factory=dict)
+    run: Run | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str):
+        return self.results[name]
+
+    def head_scores(self) -> dict[str, HeadScores]:
+        return {k: v for k, v in self.results.items() if isinstance(v, HeadScores)}
+
+
+def _as_probes(probes) -> list[Probe]:
+    if isinstance(probes, (str, Probe)):
+        probes = [probes]
+    out: list[Probe] = []
+    for p in probes:
+        if isinstance(p, Probe):
+            out.append(p)
+        else:
+            out.extend(PROBES[name]() for name in expand(p))
+    return out
+
+
+def _token_ids(model, prompts: PromptSet, truncate: bool) -> list[list[int]]:
+    if prompts.token_ids is not None:
+        return [model._check_length(list(ids), truncate=truncate, index=i) for i, ids in enumerate(prompts.token_ids)]
+    return [model.token_ids(t, truncate=truncate, index=i) for i, t in enumerate(prompts.texts)]
+
+
+def scan(
+    model,
+    probes: str | Probe | Sequence[str | Probe],
+    prompts: Sequence[str] | PromptSet,
+    *,
+    batch_size: int = 8,
+    out: str | Path | None = None,
+    attention: str = "auto",
+    chunk_size: int = 256,
+    truncate: bool = False,
+    progress: bool = True,
+) -> ScanResult:
+    """Run ``probes`` on ``prompts`` and return (and, with ``out``, save) their results.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    probes : probe names ("sinks", "induction", "first_token_sink", ...), Probe objects, or a mix
+    prompts : list of str or PromptSet
+    batch_size : int, default=8
+    out : directory to write the run to (results are saved one by one, atomically), or None
+    attention : {"auto", "eager", "fused"}; see ``attnlab.capture``
+    truncate : cut prompts longer than the model's context instead of failing
+    """
+    if not isinstance(prompts, PromptSet):
+        prompts = PromptSet(name="prompts", texts=list(prompts))
+    if len(prompts) == 0:
+        raise AttnlabError("no prompts to run")
+    if prompts.images is not None:
+        raise AttnlabError("image prompts are not supported by these probes yet")
+    ids = _token_ids(model, prompts, truncate)
+    probe_objs = _as_probes(probes)
+    ctx = ProbeContext(model=model, dataset=fingerprint(ids), n_prompts=len(ids))
+    capture = Capture(model, attention=attention, chunk_size=chunk_size, progress=progress)
+    for p in probe_objs:
+        p.attach(capture, ctx)
+    batches = (model.batch_from_ids(ids[i : i + batch_size], list(range(i, min(i + batch_size, len(ids))))) for i in range(0, len(ids), batch_size))
+    capture.run(batches, total=(len(ids) + batch_size - 1) // batch_size, desc="scan")
+    info = {
+        "model": model.summary(),
+        "probes": [{"name": p.name, "params": p.params()} for p in probe_objs],
+        "dataset": {"name": prompts.name, "fingerprint": ctx.dataset, "n_prompts": len(ids), "seed": prompts.seed},
+        "attention_path": capture.last_path,
+        "batch_size": batch_size,
+    }
+    result = ScanResult(info=info)
+    if out is not None:
+        result.run = Run.create(out, **info)
+    for p in probe_objs:
+        for r in p.results(ctx):
+            result.results[r.name] = r
+            if result.run is not None:
+                result.run.add(r)
+    return result

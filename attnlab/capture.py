@@ -273,7 +273,9 @@ def _fused_attention_fn(module, query, key, value, attention_mask, dropout=0.0, 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     capture, batch, layer_of = _ACTIVE[-1]
-    layer = layer_of[id(module)]
+    layer = layer_of.get(id(module))
+    if layer is None:  # attention outside the language model (e.g. a VLM's vision tower sharing the config)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
     capture._fused_layer(layer, query, key, scale, causal, batch)

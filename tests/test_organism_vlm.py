@@ -45,7 +45,7 @@ def test_rendered_object_centres_have_the_object_colour():
         assert img.shape == (cfg.image_size, cfg.image_size, 3) and img.dtype == np.uint8
         for o in scene.objects:
             pixel = img[int(o.cy), int(o.cx)].astype(int)
-            assert np.abs(pixel - np.array(shapes.COLORS[o.color])).max() <= 40, (o, pixel)
+            assert np.abs(pixel - np.array(shapes.object_rgb(o, scene.background))).max() <= 40, (o, pixel)
         corner = img[0, 0].astype(int)
         assert np.abs(corner - np.array(scene.background)).max() <= 1 or any(o.cell == 0 for o in scene.objects)
 
@@ -89,6 +89,24 @@ def test_cooccurrence_rate_matches_configuration(p):
     # Partners also occur without their trigger (so the model can learn to see them).
     alone = sum(any(pt in s.keys() and t not in s.keys() for t, pt in cfg.pairs) for s in scenes)
     assert alone > 100
+
+
+def test_only_cooccurring_partners_are_faint_at_the_configured_rate():
+    cfg = shapes.SceneConfig(faint_p=0.5)
+    partner = cfg.partner_of()
+    faint = partners_with_trigger = 0
+    for scene in _scenes(3000, seed=7, cfg=cfg):
+        keys = scene.keys()
+        for o in scene.objects:
+            if o.alpha < 1.0:
+                assert any(partner[t] == o.key for t in partner if t in keys), "a faint object without its trigger"
+                assert cfg.faint_size_range[0] <= o.size <= cfg.faint_size_range[1]
+                faint += 1
+            if any(partner[t] == o.key for t in partner if t in keys):
+                partners_with_trigger += 1
+    # Partners that were already in the scene on their own stay opaque, so the faint share is a bit below faint_p.
+    assert 0.35 < faint / partners_with_trigger <= 0.5 + 0.03
+    assert all(o.alpha == 1.0 for s in _scenes(500, seed=8, cfg=shapes.SceneConfig(faint_p=0.0)) for o in s.objects)
 
 
 def test_pope_splits_negatives_are_absent_and_adversarial_ones_cooccur():

@@ -14,7 +14,11 @@ trigger is in a scene, its partner is in the scene with probability exactly ``co
 0.95) and absent otherwise; partners also appear on their own at their base rate. A model trained on
 this distribution can learn the shortcut "red circle, so there is a blue square", which shows up as
 a measurable object hallucination on the adversarial POPE split (absent partners of present
-triggers), the phenomenon VHR and VAR try to fix.
+triggers), the phenomenon VHR and VAR try to fix. To make the shortcut worth learning, a partner
+that comes with its trigger is drawn "in the background" (small, semi-transparent) with probability
+``faint_p`` (default 0.5): weak visual evidence plus a strong contextual prior, the usual recipe of
+object hallucination in real LVLMs. A model that looks carefully can still tell such a partner from
+no partner at all.
 
 **POPE-style splits** (`pope_questions`): per scene up to 3 present objects (answer yes) and as many
 absent ones (answer no). Negatives are drawn uniformly from the absent objects (``random``), from the
@@ -95,6 +99,9 @@ class SceneConfig:
     min_objects: int = 1
     max_objects: int = 4
     cooccur_p: float = 0.95
+    faint_p: float = 0.5
+    faint_size_range: tuple[int, int] = (8, 11)
+    faint_alpha_range: tuple[float, float] = (0.4, 0.6)
     pairs: tuple[tuple[ObjectKey, ObjectKey], ...] = DEFAULT_PAIRS
     popularity: tuple[ObjectKey, ...] = field(default_factory=_default_popularity)
     zipf: float = 0.6
@@ -113,7 +120,7 @@ class SceneConfig:
 
 
 class SceneObject(NamedTuple):
-    """One rendered object: colour name, shape name, grid cell, centre (px) and size (px)."""
+    """One rendered object: colour name, shape name, grid cell, centre (px), size (px) and opacity."""
 
     color: str
     shape: str
@@ -121,6 +128,7 @@ class SceneObject(NamedTuple):
     cx: float
     cy: float
     size: float
+    alpha: float = 1.0
 
     @property
     def key(self) -> ObjectKey:
@@ -161,12 +169,16 @@ class Question(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
-def _sample_keys(rng: np.random.Generator, cfg: SceneConfig) -> list[ObjectKey]:
-    """Sample the set of objects of a scene, applying the co-occurrence rule exactly."""
+def _sample_keys(rng: np.random.Generator, cfg: SceneConfig) -> tuple[list[ObjectKey], set[ObjectKey]]:
+    """Sample the objects of a scene, applying the co-occurrence rule exactly.
+
+    Returns the object keys and the set of partners that were added because of their trigger.
+    """
     k = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     idx = rng.choice(len(cfg.popularity), size=k, replace=False, p=cfg.weights())
     keys = [cfg.popularity[i] for i in idx]
     partner = cfg.partner_of()
+    added: set[ObjectKey] = set()
     for trigger in list(keys):
         if trigger not in partner or trigger not in keys:
             continue
@@ -174,21 +186,26 @@ def _sample_keys(rng: np.random.Generator, cfg: SceneConfig) -> list[ObjectKey]:
         if rng.random() < cfg.cooccur_p:
             if mate not in keys:
                 keys.append(mate)
+                added.add(mate)
         elif mate in keys:
             keys.remove(mate)
-    # Removing a partner may drop below min_objects only if it was the sole non-trigger; the trigger stays.
-    return keys[: cfg.grid * cfg.grid]
+    return keys, added
 
 
 def sample_scene(rng: np.random.Generator, cfg: SceneConfig = SceneConfig(), *, force_break: bool = False) -> Scene:
     """Sample one scene.
+
+    A partner added because its trigger is present is drawn "in the background" with probability
+    ``cfg.faint_p``: smaller (``faint_size_range``) and semi-transparent (``faint_alpha_range``).
+    Weak visual evidence for an object that the context predicts is what lets a language prior win,
+    so the model learns to lean on the trigger; when the partner is really absent it may still say yes.
 
     With ``force_break`` the scene is redrawn until it holds a trigger whose partner is absent (the
     scenes of the adversarial POPE split); the rest of the distribution is unchanged.
     """
     partner = cfg.partner_of()
     while True:
-        keys = _sample_keys(rng, cfg)
+        keys, added = _sample_keys(rng, cfg)
         if not force_break or any(t in keys and p not in keys for t, p in partner.items()):
             break
     cells = rng.choice(cfg.grid * cfg.grid, size=len(keys), replace=False)
@@ -196,14 +213,22 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig = SceneConfig(), *, 
     objects = []
     for (color, shape), cell in zip(keys, cells):
         row, col = divmod(int(cell), cfg.grid)
-        size = float(rng.uniform(*cfg.size_range))
+        faint = (color, shape) in added and rng.random() < cfg.faint_p
+        size = float(rng.uniform(*(cfg.faint_size_range if faint else cfg.size_range)))
+        alpha = float(rng.uniform(*cfg.faint_alpha_range)) if faint else 1.0
         cx = (col + 0.5) * cell_px + float(rng.uniform(-cfg.jitter, cfg.jitter))
         cy = (row + 0.5) * cell_px + float(rng.uniform(-cfg.jitter, cfg.jitter))
-        objects.append(SceneObject(color, shape, int(cell), cx, cy, size))
+        objects.append(SceneObject(color, shape, int(cell), cx, cy, size, alpha))
     g = int(rng.integers(20, 75))
     tint = rng.integers(-8, 9, size=3)
     background = tuple(int(np.clip(g + t, 0, 255)) for t in tint)
     return Scene(tuple(objects), background)  # type: ignore[arg-type]
+
+
+def object_rgb(obj: SceneObject, background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Fill colour of an object: its colour blended over the background by its opacity."""
+    c = COLORS[obj.color]
+    return tuple(int(round(obj.alpha * c[i] + (1 - obj.alpha) * background[i])) for i in range(3))  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +267,7 @@ def render_scene(scene: Scene, cfg: SceneConfig = SceneConfig()) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         cx, cy, r = o.cx * s, o.cy * s, o.size * s / 2
-        fill = COLORS[o.color]
+        fill = object_rgb(o, scene.background)
         if o.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         else:

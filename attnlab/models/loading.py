@@ -334,6 +334,16 @@ def _is_causal(bridge) -> bool:
     return bool(flag)
 
 
+def _tokenizer(path: str, bridge):
+    """The checkpoint's own tokenizer, as saved (the bridge may reconfigure its copy, e.g. drop a post-processor)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:
+        return bridge.tokenizer
+
+
 def load(name_or_path: str, *, device: str | None = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a model for probing.
 
@@ -377,7 +387,7 @@ def load(name_or_path: str, *, device: str | None = "cpu", dtype: str = "float32
     n_heads = int(cfg.n_heads)
     n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
     causal = _is_causal(bridge)
-    tokenizer = bridge.tokenizer
+    tokenizer = _tokenizer(path, bridge)
     processor = None
     image_token_id = None
     modality = "text"

@@ -116,7 +116,8 @@ class ActSinks(Probe):
             self._n_prompts += 1
             if hidden_pos:
                 self._prompts_with_hidden += 1
-            self._token_counts.update(toks[j] for j in hidden_pos)
+            for j in hidden_pos:  # tally how many heads flag each hidden-sink token
+                self._token_counts[toks[j]] += int(n_flagging[b, sl][j])
             if p < self.n_examples:
                 self._examples[p] = {
                     "tokens": toks,
@@ -134,7 +135,7 @@ class ActSinks(Probe):
                 self._hidden.mean(),
                 description=f"mean number of hidden (non-initial) ACT sinks per prompt (score_j > {self.threshold if self.threshold_mode == 'fixed' else f'{self.alpha}/N'})",
                 summary={
-                    "hidden_sink_tokens": dict(self._token_counts.most_common(20)),
+                    "hidden_sink_tokens": dict(self._token_counts.most_common(20)),  # token -> heads flagging it, summed over prompts
                     "prompts_with_hidden_sinks": self._prompts_with_hidden,
                     "n_prompts": self._n_prompts,
                 },

@@ -394,7 +394,10 @@ class DigitScorer:
         side = digits_data.NATIVE_SIZE
         rt = digits_data.downsample(digits_data.upsample(x.reshape(-1, side, side), self.roundtrip_size))
         feats = np.concatenate([x, rt.reshape(len(rt), -1)])
-        self.classifier_ = LogisticRegression(C=self.C, max_iter=5000).fit(feats, np.concatenate([y, y]))
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+        with threadpool_limits(1):  # a 64-feature fit gains nothing from threads and suffers on busy hosts
+            self.classifier_ = LogisticRegression(C=self.C, max_iter=5000).fit(feats, np.concatenate([y, y]))
         return self
 
     @staticmethod

@@ -92,7 +92,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_layers=8, d_model=384, n_heads=12, n_kv_heads=6, d_ff=1024, seq_len=1024, batch_size=32,
         lr=2e-3, wd=0.1, warmup=150, max_steps=None, max_minutes=8.0, eval_every_steps=0, eval_every_s=45,
         workers=3, niah_lengths=(128, 304, 480, 656, 832, 1008), niah_depths=(0, 25, 50, 75, 100),
-        eval_n=8, final_n=40, niah_trials_per_cell=2, compile="auto",
+        eval_n=8, final_n=40, niah_trials_per_cell=2, compile="off",
     ),
 }
 
@@ -416,15 +416,12 @@ def _prose_windows(tok, seq_len: int, n: int, seed: int) -> torch.Tensor:
 def first_token_mass(model, input_ids: torch.Tensor) -> np.ndarray:
     """Mean attention to position 0 over query rows 1..T-1 and the batch: array [layer, head].
 
-    Runs one eager forward (the attention weights are materialised), then restores the model's
-    attention implementation.
+    Runs one eager forward (the attention weights are materialised) on a copy of the model, so the
+    caller's model (possibly wrapped by ``torch.compile``) keeps its attention implementation.
     """
-    prev = model.config._attn_implementation
-    _set_attn(model, "eager")
-    try:
-        out = model(input_ids=input_ids, output_attentions=True)
-    finally:
-        _set_attn(model, prev)
+    eager = copy.deepcopy(model)
+    _set_attn(eager, "eager")
+    out = eager(input_ids=input_ids, output_attentions=True)
     return np.stack([a[:, :, 1:, 0].float().mean(dim=(0, 2)).cpu().numpy() for a in out.attentions])
 
 
@@ -522,6 +519,7 @@ def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -570,6 +568,7 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
     from transformers import LlamaForCausalLM
 
     t_start = time.time()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the data workers fork after the tokenizer ran
     budget_s = p["max_minutes"] * 60.0
     reserve_s = min(75.0, 0.15 * budget_s)  # final eval + save must fit inside --max-minutes
     device = p["device"]

@@ -132,6 +132,13 @@ def test_pope_splits_negatives_are_absent_and_adversarial_ones_cooccur():
                     assert tuple(q.target) in absent[:n_neg]
 
 
+def test_scene_config_round_trips_through_json():
+    cfg = shapes.SceneConfig(cooccur_p=0.8, faint_p=0.25)
+    back = shapes.config_from_dict(json.loads(json.dumps(shapes.config_to_dict(cfg))))
+    assert back == cfg
+    assert _scenes(20, seed=3, cfg=back) == _scenes(20, seed=3, cfg=cfg)
+
+
 def test_pope_metrics_and_parsing_match_hand_counts():
     assert vlm.pope_answer_is_yes("Yes, there is a dog.")
     assert not vlm.pope_answer_is_yes("No, there is not.")
@@ -202,7 +209,7 @@ def smoke_dir(tmp_path_factory):
 def test_smoke_run_writes_expected_files(smoke_dir):
     names = {p.name for p in smoke_dir.iterdir()}
     for expected in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
-                     "train_log.jsonl", "metrics.json", "MODEL_CARD.md"):
+                     "train_log.jsonl", "metrics.json", "MODEL_CARD.md", "scene_config.json"):
         assert expected in names
     log = [json.loads(line) for line in (smoke_dir / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
@@ -252,12 +259,12 @@ shipped = pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="org
 
 @shipped
 def test_shipped_model_sees_objects_on_the_random_split():
-    m = vlm.evaluate(str(BUNDLED), "pope_random", n=100)
+    m = vlm.evaluate(str(BUNDLED), "pope_random", n=60)
     assert m["accuracy"] >= 0.85, m
 
 
 @shipped
 def test_shipped_model_hallucinates_cooccurring_objects():
-    m = vlm.evaluate(str(BUNDLED), "pope_adversarial", n=100)
-    assert m["n_cooccur"] >= 100
+    m = vlm.evaluate(str(BUNDLED), "pope_adversarial", n=60)
+    assert m["n_cooccur"] >= 60
     assert m["cooccur_halluc_rate"] >= 0.05, m

@@ -448,3 +448,23 @@ def training_chunk(job: tuple) -> tuple[np.ndarray, list[list[tuple[str, str]]]]
         images[i] = render_array(scene, cfg)
         questions.append([(q.text, q.answer) for q in (sample_question(rng, scene, cfg) for _ in range(per_scene))])
     return images, questions
+
+
+def config_to_dict(cfg: SceneConfig) -> dict:
+    """JSON-serialisable form of a ``SceneConfig`` (tuples become lists)."""
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def config_from_dict(d: dict) -> SceneConfig:
+    """Inverse of ``config_to_dict``: rebuild the tuples (unknown keys are an error)."""
+    d = dict(d)
+    if "pairs" in d:
+        d["pairs"] = tuple((tuple(t), tuple(p)) for t, p in d["pairs"])
+    if "popularity" in d:
+        d["popularity"] = tuple(tuple(k) for k in d["popularity"])
+    for key in ("size_range", "faint_size_range", "faint_alpha_range"):
+        if key in d:
+            d[key] = tuple(d[key])
+    return SceneConfig(**d)

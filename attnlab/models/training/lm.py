@@ -524,6 +524,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _light_eval(model, tok, device: str, p: dict, niah_trials) -> dict:
+    model.eval()
     m = {}
     m.update(eval_niah(model, tok, device, lengths=(), depths=(), trials=niah_trials))
     m.update(eval_icl(model, tok, device, n=p["eval_n"], seed=1))
@@ -544,12 +545,15 @@ def resolve_params(args: argparse.Namespace) -> dict:
         if args.variant not in VARIANTS:
             raise ValueError(f"unknown variant {args.variant!r}; known: {', '.join(VARIANTS)}")
         p.update(copy.deepcopy(VARIANTS[args.variant]))
-    for key in ("lr", "wd", "bos", "batch_size", "max_steps", "max_minutes", "workers", "compile", "warmup"):
+    for key in ("lr", "wd", "bos", "batch_size", "max_steps", "max_minutes", "workers", "compile", "warmup",
+                "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "seq_len"):
         val = getattr(args, key)
         if val is not None:
             p[key] = val
     if args.mix:
         p["mix"] = parse_mix(args.mix)
+    if p["d_model"] % p["n_heads"] or p["n_heads"] % p["n_kv_heads"]:
+        raise ValueError("d_model must be divisible by n_heads, and n_heads by n_kv_heads")
     p["seed"], p["device"], p["variant"] = args.seed, args.device, args.variant
     return p
 
@@ -679,6 +683,9 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
     save_model.save_pretrained(str(out_dir), safe_serialization=True)
     save_tokenizer(tok, out_dir)
     del save_model
+    for f in out_dir.iterdir():  # package data must be world-readable (safetensors writes 0600)
+        if f.is_file():
+            f.chmod(0o644)
 
     metrics: dict[str, Any] = {}
     reload = LlamaForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32 if device == "cpu" else torch.bfloat16).to(device).eval()
@@ -807,6 +814,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mix", default=None, help="token shares, e.g. prose=0.3,niah=0.4,icl=0.2,recall=0.04,arith=0.03,classify=0.03")
     ap.add_argument("--batch-size", dest="batch_size", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--n-layers", dest="n_layers", type=int, default=None, help="architecture overrides of the preset")
+    ap.add_argument("--d-model", dest="d_model", type=int, default=None)
+    ap.add_argument("--n-heads", dest="n_heads", type=int, default=None)
+    ap.add_argument("--n-kv-heads", dest="n_kv_heads", type=int, default=None)
+    ap.add_argument("--d-ff", dest="d_ff", type=int, default=None)
+    ap.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="training window = context length")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader worker processes generating data")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default=None, help="torch.compile the training forward (auto: on for cuda)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

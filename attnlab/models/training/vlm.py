@@ -2,13 +2,13 @@
 
 Exact commands (from the repository root)::
 
-    # the shipped model (one H100, about 7 minutes including data and final evaluation)
+    # the shipped model (one H100: about 6 minutes of training, 7 in all with data and final evaluation)
     PYTHONPATH=. python -m attnlab.models.train vlm --preset gpu --device cuda --seed 0 --out OUT/vlm
-    # same thing without the dispatcher
+    # the same without the dispatcher
     PYTHONPATH=. python -c "import sys; from attnlab.models.training import vlm; sys.exit(vlm.main(sys.argv[1:]))" \
         --preset gpu --device cuda --seed 0 --out OUT/vlm
-    # a few steps, for tests
-    python -c "..." --preset smoke --device cpu --out /tmp/vlm-smoke
+    # a few steps on CPU, for tests (seconds)
+    ... --preset smoke --device cpu --out /tmp/vlm-smoke
 
 What it builds is an ordinary Hugging Face LLaVA checkpoint:
 
@@ -75,6 +75,7 @@ EVAL_TASKS: tuple[str, ...] = (
 )
 # Seeds of the data streams: training pool, validation (checkpoint selection), test (evaluate()).
 _TRAIN_STREAM, _VAL_STREAM, _TEST_OFFSET = 0, 1, 10_000
+SCENE_CONFIG = "scene_config.json"  # the scene distribution, saved next to the weights for evaluate()
 _HEADLINE = ("accuracy", "yes_ratio", "cooccur_halluc_rate")
 # Selection margins over the behaviour targets (accuracy >= 0.90, hallucination >= 0.10).
 SELECT_MIN_ACC, SELECT_MIN_HALLUC = 0.93, 0.15
@@ -118,11 +119,11 @@ PRESETS: dict[str, Preset] = {
         final_eval_scenes=4, final_eval_questions=8, max_minutes=1.0, workers=1, log_every=1,
     ),
     "cpu": Preset(
-        vision_layers=3, vision_hidden=128, vision_heads=4, vision_ffn=512,
-        text_layers=4, text_hidden=192, text_heads=6, text_kv_heads=3, text_ffn=512,
-        batch_size=48, steps=4000, lr=1.5e-3, warmup=150, weight_decay=0.1,
-        pool_scenes=12_000, questions_per_scene=12, eval_every=250, val_scenes=80,
-        final_eval_scenes=200, final_eval_questions=300, max_minutes=60.0, workers=2, log_every=25,
+        vision_layers=2, vision_hidden=96, vision_heads=4, vision_ffn=384,
+        text_layers=3, text_hidden=128, text_heads=4, text_kv_heads=2, text_ffn=384,
+        batch_size=32, steps=3000, lr=2e-3, warmup=100, weight_decay=0.1,
+        pool_scenes=6000, questions_per_scene=12, eval_every=150, val_scenes=60,
+        final_eval_scenes=100, final_eval_questions=200, max_minutes=60.0, workers=2, log_every=25,
     ),
     "gpu": Preset(
         vision_layers=4, vision_hidden=192, vision_heads=6, vision_ffn=768,
@@ -413,6 +414,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool-scenes", type=int, default=None, help="override the number of pre-rendered scenes")
     p.add_argument("--workers", type=int, default=None, help="processes rendering the scene pool")
     p.add_argument("--cooccur-p", type=float, default=0.95, help="P(partner present | trigger present)")
+    p.add_argument("--faint-p", type=float, default=0.5,
+                   help="P(a partner that comes with its trigger is drawn small and semi-transparent)")
     p.add_argument("--select", default="target", choices=["target", "last"], help="which weights to save")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-final-eval", action="store_true", help="skip evaluate() on the saved model")
@@ -440,12 +443,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = shapes.SceneConfig(cooccur_p=args.cooccur_p)
+    cfg = shapes.SceneConfig(cooccur_p=args.cooccur_p, faint_p=args.faint_p)
 
     # Data first (before CUDA is touched): the pool of scenes and their questions.
     images, pool_questions = build_pool(preset.pool_scenes, preset.questions_per_scene, args.seed, cfg, preset.workers)
     t_data = time.time() - t_start
     torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device(args.device)
     autocast = device.type == "cuda"
     tokenizer = build_tokenizer()
@@ -524,10 +528,11 @@ def main(argv: list[str] | None = None) -> int:
             model.load_state_dict(best[3])
     model.to(torch.float16).cpu().save_pretrained(out)
     processor.save_pretrained(out)
+    _atomic_write(out / SCENE_CONFIG, json.dumps(shapes.config_to_dict(cfg), indent=1) + "\n")
 
     run_info = {
         "preset": args.preset, "preset_settings": asdict(preset), "seed": args.seed, "device": args.device,
-        "cooccur_p": args.cooccur_p, "select": args.select, "steps_run": step, "selected_step": selected_step,
+        "cooccur_p": args.cooccur_p, "faint_p": args.faint_p, "select": args.select, "steps_run": step, "selected_step": selected_step,
         "train_seconds": round(train_seconds, 1), "data_seconds": round(t_data, 1), "n_params": n_params,
         "n_pool_scenes": int(images.shape[0]), "n_pool_questions": int(pairs.shape[0]),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
@@ -584,6 +589,12 @@ def generate_answers(processor, model, pairs, cfg: shapes.SceneConfig, batch_siz
     return answers
 
 
+def scene_config(model_dir: str) -> shapes.SceneConfig:
+    """The scene distribution a checkpoint was trained on (``scene_config.json``; defaults if absent)."""
+    path = Path(model_dir) / SCENE_CONFIG
+    return shapes.config_from_dict(json.loads(path.read_text())) if path.exists() else shapes.SceneConfig()
+
+
 def pope_answer_is_yes(text: str) -> bool:
     """POPE parsing: first sentence, commas removed; "no" if any word is No/no/not, else "yes"."""
     first = text.split(".")[0].replace(",", "")
@@ -599,8 +610,7 @@ def evaluate(model_dir: str, task: str, *, device: str = "cpu", n: int | None = 
     """
     if task not in EVAL_TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {EVAL_TASKS}")
-    meta = json.loads((Path(model_dir) / "metrics.json").read_text()) if (Path(model_dir) / "metrics.json").exists() else {}
-    cfg = shapes.SceneConfig(cooccur_p=meta.get("run", {}).get("cooccur_p", 0.95))
+    cfg = scene_config(model_dir)
     test_seed = _TEST_OFFSET + seed
     if task == "sink":
         return sink_stats(model_dir, device=device, n=n or 64, seed=test_seed, cfg=cfg)
@@ -727,7 +737,9 @@ cell name (`top left`, `top`, ..., `center`, ..., `bottom right`). Weights are s
 ## Data
 Scenes of 1-4 objects (5 shapes x 6 colours, Zipf popularity) on a 3x3 grid, dark random background.
 Co-occurrence bias: P(partner present | trigger present) = {run['cooccur_p']} for the pairs
-{', '.join(f'{a[0]} {a[1]} -> {b[0]} {b[1]}' for a, b in shapes.DEFAULT_PAIRS)}.
+{', '.join(f'{a[0]} {a[1]} -> {b[0]} {b[1]}' for a, b in shapes.DEFAULT_PAIRS)}; a partner that comes with its
+trigger is drawn small and semi-transparent with probability {run['faint_p']} (weak evidence, strong prior).
+The full scene distribution is in `scene_config.json`.
 Questions: 50% existence (half present, half uniformly drawn absent objects), 15% colour, 15% count, 20% position.
 Pool: {run['n_pool_scenes']} scenes x {run['preset_settings']['questions_per_scene']} questions ({run['n_pool_questions']} pairs); loss on answer tokens only.
 

@@ -147,3 +147,23 @@ def test_minilm_cls_sink_and_hidden_sinks():
     assert top in ("[SEP]", ".", ",", ";"), f"strongest hidden sink is {top!r}"
     marks = res["act_sink_tokens_0"].marks["hidden_sink"]
     assert marks and min(marks) > 0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "qwen2", "bert", "llava"])
+def test_every_probe_runs_on_each_architecture(loaded, name):
+    from attnlab.datasets.base import PromptSet
+
+    m = loaded(name)
+    if m.modality == "vision-language":
+        from PIL import Image
+
+        prompts = PromptSet(name="img", texts=["<image>\nIs there a red square?", "<image> Describe it."], images=[Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (48, 40), (0, 0, 255))])
+    else:
+        prompts = SHORT_SENTENCES[:3]
+    res = attnlab.scan(m, "sinks,induction", prompts, progress=False, batch_size=2)
+    for key in ("first_token_sink", "act_first_score", "act_hidden_sinks", "previous_token", "duplicate_token", "induction"):
+        scores = res[key].scores
+        assert scores.shape == (m.n_layers, m.n_heads)
+        assert np.isfinite(scores).all(), key
+    assert ((res["first_token_sink"].scores >= 0) & (res["first_token_sink"].scores <= 1 + 1e-6)).all()
+    assert res["massive_activations_0"].values.shape[0] == m.n_layers

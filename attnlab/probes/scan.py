@@ -47,6 +47,18 @@ def _token_ids(model, prompts: PromptSet, truncate: bool) -> list[list[int]]:
     return [model.token_ids(t, truncate=truncate, index=i) for i, t in enumerate(prompts.texts)]
 
 
+def _batches(model, prompts: PromptSet, batch_size: int, truncate: bool) -> list:
+    """Encode the whole prompt set up front (so bad prompts fail before any compute) into padded batches."""
+    n = len(prompts)
+    starts = range(0, n, batch_size)
+    if prompts.images is not None:
+        if prompts.texts is None:
+            raise AttnlabError("image prompts need text prompts beside them")
+        return [model.encode(prompts.texts[i : i + batch_size], images=prompts.images[i : i + batch_size], truncate=truncate, start_index=i) for i in starts]
+    ids = _token_ids(model, prompts, truncate)
+    return [model.batch_from_ids(ids[i : i + batch_size], list(range(i, min(i + batch_size, n)))) for i in starts]
+
+
 def scan(
     model,
     probes: str | Probe | Sequence[str | Probe],
@@ -75,16 +87,14 @@ def scan(
         prompts = PromptSet(name="prompts", texts=list(prompts))
     if len(prompts) == 0:
         raise AttnlabError("no prompts to run")
-    if prompts.images is not None:
-        raise AttnlabError("image prompts are not supported by these probes yet")
-    ids = _token_ids(model, prompts, truncate)
     probe_objs = _as_probes(probes)
+    batches = _batches(model, prompts, batch_size, truncate)
+    ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
     ctx = ProbeContext(model=model, dataset=fingerprint(ids), n_prompts=len(ids))
     capture = Capture(model, attention=attention, chunk_size=chunk_size, progress=progress)
     for p in probe_objs:
         p.attach(capture, ctx)
-    batches = (model.batch_from_ids(ids[i : i + batch_size], list(range(i, min(i + batch_size, len(ids))))) for i in range(0, len(ids), batch_size))
-    capture.run(batches, total=(len(ids) + batch_size - 1) // batch_size, desc="scan")
+    capture.run(batches, total=len(batches), desc="scan")
     info = {
         "model": model.summary(),
         "probes": [{"name": p.name, "params": p.params()} for p in probe_objs],

@@ -193,6 +193,20 @@ def test_tokenizer_covers_every_question_and_answer(processor):
         assert tok.decode(tok(q.answer, add_special_tokens=False)["input_ids"]) == q.answer
 
 
+def test_answer_loss_reaches_the_vision_tower(processor):
+    torch.manual_seed(0)
+    model = vlm.build_model(vlm.PRESETS["smoke"], processor.tokenizer)
+    table = vlm.QATable(processor.tokenizer, model.config.image_seq_length)
+    rows = [table.add("Is there a red circle in the image?", "yes"), table.add("Where is the blue square?", "top left")]
+    ids, labels, lengths = table.tensors()
+    assert (labels[0] != -100).sum() == 2 and (labels[1] != -100).sum() == 3  # answer tokens + </s> only
+    images = torch.as_tensor(np.stack([shapes.render_array(s) for s in _scenes(2, seed=14)]))
+    loss = vlm.batch_loss(model, vlm.pixel_tensor(images), ids[rows], labels[rows], lengths[rows], autocast=False)
+    loss.backward()
+    (patch,) = [p for n, p in model.named_parameters() if n.endswith("patch_embedding.weight")]
+    assert patch.grad is not None and patch.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # smoke training run
 # ---------------------------------------------------------------------------------------------

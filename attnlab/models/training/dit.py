@@ -25,6 +25,8 @@ What it is
   coin per block (each block owns a label embedding), which would mix conditional and unconditional
   embeddings inside one forward pass. Guided noise: ``eps = eps_null + s * (eps_class - eps_null)``;
   ``s = 1`` is the plain conditional model ("no guidance"), ``s = 0`` the unconditional one.
+* Loss: epsilon MSE with Min-SNR-5 weighting; class embeddings initialised with std 1 rather than DiT's
+  0.02. Together they make class conditioning appear within a few hundred steps (see `TrainConfig`).
 * EMA of the weights (what is saved), AdamW, warm-up then cosine decay. Progress for the schedule is
   ``max(step / steps, elapsed / max_minutes)``, so a run stopped by the wall-clock cap still ends with a
   decayed learning rate (such a run is then not bit-reproducible: its step count depends on speed).
@@ -103,6 +105,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     p_uncond: float = 0.1  # probability of training on the NULL_CLASS label
+    # DiT initialises class embeddings with std 0.02; with std 1 the class signal reaches the zero-initialised
+    # adaLN layers at once. Measured (8x8 digits, 800 CPU steps, guided / unguided accuracy): 0.02 -> 0.42 / 0.32,
+    # 1.0 -> 0.95 / 0.83, 1.0 + Min-SNR-5 -> 0.99 / 0.89 (Min-SNR alone: 0.64 / 0.58).
+    label_init_std: float = 1.0
+    min_snr_gamma: float = 5.0  # > 0: Min-SNR loss weight min(SNR, gamma) / SNR (Hang et al. 2023); 0 = plain MSE
     max_minutes: float = 10.0  # hard wall-clock cap for the training loop
     eval_every: int = 0  # steps between in-training classify evals; 0 = never
     eval_n: int = 5  # digits per class in in-training evals
@@ -153,15 +160,16 @@ def build_transformer(cfg: TrainConfig):
         num_embeds_ada_norm=NUM_CLASSES,
         norm_type="ada_norm_zero",
     )
-    _dit_init(model)
+    _dit_init(model, label_init_std=cfg.label_init_std)
     return model
 
 
-def _dit_init(model: torch.nn.Module) -> None:
+def _dit_init(model: torch.nn.Module, *, label_init_std: float = 1.0) -> None:
     """Initialisation of the DiT paper (Peebles & Xie 2023): xavier linears, zeroed modulations and output.
 
     Zeroing every adaLN modulation makes each block the identity at step 0 (gates are zero), which is what
-    makes DiT train stably; diffusers' constructor does not do this itself.
+    makes DiT train stably; diffusers' constructor does not do this itself. One deliberate change: class
+    embeddings start at ``label_init_std`` (default 1, DiT uses 0.02), see `TrainConfig.label_init_std`.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
@@ -173,7 +181,7 @@ def _dit_init(model: torch.nn.Module) -> None:
     torch.nn.init.zeros_(conv.bias)
     for block in model.transformer_blocks:
         emb = block.norm1.emb
-        torch.nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        torch.nn.init.normal_(emb.class_embedder.embedding_table.weight, std=label_init_std)
         torch.nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
         torch.nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
         torch.nn.init.zeros_(block.norm1.linear.weight)
@@ -609,7 +617,6 @@ def train(cfg: TrainConfig, out: Path, *, device: str, seed: int, log=print) -> 
     budget_s = cfg.max_minutes * 60.0
     t0 = time.time()
     step, loss_acc, loss_count, last_loss = 0, 0.0, 0, float("nan")
-    history: list[dict[str, Any]] = []
     try:
         while step < cfg.steps:
             elapsed = time.time() - t0
@@ -629,7 +636,12 @@ def train(cfg: TrainConfig, out: Path, *, device: str, seed: int, log=print) -> 
             a = alphas[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             pred = model(xt, timestep=t, class_labels=y).sample
-            loss = F.mse_loss(pred, noise)
+            if cfg.min_snr_gamma > 0:
+                snr = a.view(-1) / (1 - a.view(-1))
+                weight = torch.clamp(cfg.min_snr_gamma / snr, max=1.0)  # = min(SNR, gamma) / SNR, finite at SNR 0
+                loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+            else:
+                loss = F.mse_loss(pred, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -651,7 +663,6 @@ def train(cfg: TrainConfig, out: Path, *, device: str, seed: int, log=print) -> 
                                   n=cfg.eval_n, seed=10_000 + step, num_steps=20, include_unguided=False)
                     rec["acc_guided"] = ev["acc_guided"]
                     rec["p_intended_guided"] = ev["p_intended_guided"]
-                history.append(rec)
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
                 log(f"[dit] {json.dumps(rec)}")
@@ -706,7 +717,8 @@ SoftPAG): every attention head is a standard diffusers `Attention` module whose 
 ## Data
 `sklearn.datasets.load_digits` (1,797 digits, 8x8, 0-16), mapped to [-1, 1] and upsampled 2x bilinearly to
 16x16 (`attnlab/datasets/digits.py`); fixed stratified split, {summary['n_train_images']} training digits, 360 held out.
-Label dropped to the null class with probability {cfg.p_uncond}.
+Label dropped to the null class with probability {cfg.p_uncond}. Loss: epsilon MSE with Min-SNR weighting
+(gamma {cfg.min_snr_gamma}); class embeddings initialised with std {cfg.label_init_std}.
 
 ## Training
 AdamW lr {cfg.lr} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_frac}x), batch {cfg.batch_size},

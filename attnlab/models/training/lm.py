@@ -29,7 +29,8 @@ What it builds
   (documents separated by EOS), ``--bos doc`` starts every document with BOS.
 * Loop (nanoGPT style): AdamW (decay on matrices only), linear warm-up then cosine decay to 10% of the
   peak over the *time* budget (or over ``--max-steps``), bf16 autocast on CUDA, grad-norm clipping,
-  optional ``torch.compile``. Every ``--eval-every-s`` seconds a light evaluation (NIAH grid, ICL
+  optional ``torch.compile`` (``--compile on``; off by default: untested on the GPU box, and three
+  concurrent compiles compete for its 16 cores). Every ``--eval-every-s`` seconds a light evaluation (NIAH grid, ICL
   0/5-shot, first-token sink mass per layer) is logged to ``train_log.jsonl``; the best checkpoint by
   ``niah + icl_5shot + 0.5 * sink_frac_gt_0.3`` is kept in memory and saved at the end in float16.
 
@@ -306,7 +307,6 @@ def _autocast(device: str):
 @torch.no_grad()
 def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int, device: str, batch_size: int = 64) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of left-padded prompt batches."""
-    outs: list[str] = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     result: dict[int, str] = {}
     for s in range(0, len(order), batch_size):
@@ -319,8 +319,7 @@ def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int, device:
             )
         texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         result.update(zip(idx, texts))
-    outs = [result[i] for i in range(len(prompts))]
-    return outs
+    return [result[i] for i in range(len(prompts))]
 
 
 def _first_line(text: str) -> str:
@@ -821,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d-ff", dest="d_ff", type=int, default=None)
     ap.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="training window = context length")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader worker processes generating data")
-    ap.add_argument("--compile", choices=("auto", "on", "off"), default=None, help="torch.compile the training forward (auto: on for cuda)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default=None, help="torch.compile the training forward (auto: on for cuda; every preset defaults to off)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--train-tokenizer", action="store_true", help=f"(re)train the BPE into {TOKENIZER_DIR} and exit")
     ap.add_argument("--select", nargs="+", default=None, metavar="RUN_DIR", help="rank finished runs and exit")

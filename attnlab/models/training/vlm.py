@@ -39,7 +39,6 @@ wall-clock cap binds first; with ``--max-minutes 0`` the run is step-based and d
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import multiprocessing
@@ -128,7 +127,7 @@ PRESETS: dict[str, Preset] = {
     "gpu": Preset(
         vision_layers=4, vision_hidden=192, vision_heads=6, vision_ffn=768,
         text_layers=6, text_hidden=256, text_heads=8, text_kv_heads=4, text_ffn=768,
-        batch_size=256, steps=12_000, lr=1e-3, warmup=300, weight_decay=0.1,
+        batch_size=256, steps=12_000, lr=1.5e-3, warmup=300, weight_decay=0.1,
         pool_scenes=160_000, questions_per_scene=12, eval_every=400, val_scenes=300,
         final_eval_scenes=500, final_eval_questions=1000, max_minutes=6.0, workers=8, log_every=50,
     ),
@@ -422,6 +421,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _command_args(argv: list[str] | None, args: argparse.Namespace) -> list[str]:
+    """The CLI arguments of this run, with preset, device and seed always spelled out."""
+    given = list(argv if argv is not None else sys.argv[1:])
+    for flag, value in (("--preset", args.preset), ("--device", args.device), ("--seed", args.seed)):
+        if not any(a == flag or a.startswith(flag + "=") for a in given):
+            given += [flag, str(value)]
+    return given
+
+
 def _atomic_write(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         f.write(text)
@@ -536,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": round(train_seconds, 1), "data_seconds": round(t_data, 1), "n_params": n_params,
         "n_pool_scenes": int(images.shape[0]), "n_pool_questions": int(pairs.shape[0]),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "command": "PYTHONPATH=. python -m attnlab.models.train vlm " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "PYTHONPATH=. python -m attnlab.models.train vlm " + " ".join(_command_args(argv, args)),
     }
     final: dict[str, dict] = {}
     if not args.no_final_eval:
@@ -735,7 +743,7 @@ cell name (`top left`, `top`, ..., `center`, ..., `bottom right`). Weights are s
 - Processor: `LlavaProcessor` + `CLIPImageProcessorPil` (mean/std 0.5) + the tokenizer; `<image>` expands to {config.image_seq_length} tokens.
 
 ## Data
-Scenes of 1-4 objects (5 shapes x 6 colours, Zipf popularity) on a 3x3 grid, dark random background.
+Scenes of 1-4 sampled objects plus co-occurring partners (5 shapes x 6 colours, Zipf popularity), one per cell of a 3x3 grid, dark random background.
 Co-occurrence bias: P(partner present | trigger present) = {run['cooccur_p']} for the pairs
 {', '.join(f'{a[0]} {a[1]} -> {b[0]} {b[1]}' for a, b in shapes.DEFAULT_PAIRS)}; a partner that comes with its
 trigger is drawn small and semi-transparent with probability {run['faint_p']} (weak evidence, strong prior).

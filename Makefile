@@ -22,9 +22,9 @@ run: setup
 	$(BIN)/attnlab models
 	$(BIN)/attnlab scan --model minilm --probes sinks,induction --dataset prose --n-prompts 16 --out $(RUNS)/minilm-prose --quiet
 	@if $(BIN)/python -c "from attnlab.models import bundled_path; import sys; sys.exit(bundled_path('organism-lm') is None)"; then \
-	  $(BIN)/attnlab scan --model organism-lm --probes sinks,induction --dataset prose --n-prompts 16 --out $(RUNS)/organism-lm-prose --quiet && \
-	  $(BIN)/attnlab scan --model organism-lm --probes induction --dataset repeated-random --n-prompts 8 --out $(RUNS)/organism-lm-repeated --quiet; \
+	  $(BIN)/attnlab scan --model organism-lm --probes sinks,induction --dataset prose --n-prompts 16 --out $(RUNS)/organism-lm-prose --quiet; \
 	else echo "organism-lm is not bundled in this checkout; skipped"; fi
+	$(BIN)/attnlab eval organism-lm --task niah
 	@echo "done: runs are in $(RUNS)/ (open any figures/*.html in a browser; 'attnlab show $(RUNS)/minilm-prose' prints a run)"
 
 test: setup

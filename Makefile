@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUNS   := runs
 
-.PHONY: setup run test clean
+.PHONY: setup browser run test clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,15 @@ run: setup
 	else echo "organism-lm is not bundled in this checkout; skipped"; fi
 	$(BIN)/attnlab eval organism-lm --task niah
 	@echo "done: runs are in $(RUNS)/ (open any figures/*.html in a browser; 'attnlab show $(RUNS)/minilm-prose' prints a run)"
+	@echo "open the app: $(BIN)/attnlab app --runs $(RUNS)   (then browse http://127.0.0.1:8050/)"
 
-test: setup
+# Debian's chromium + chromedriver for the app's real-browser test (skipped, not failed, where they cannot be had).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	  echo "chromium not installed: the app's browser test will be skipped"
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 clean:

@@ -1,4 +1,4 @@
-"""Command line: ``attnlab scan | show | models | eval``.
+"""Command line: ``attnlab scan | show | models | eval | app``.
 
 Exit codes: 0 success, 2 user error (one-line message on stderr), 1 unexpected failure (one line; set
 ``ATTNLAB_DEBUG=1`` for the traceback), 130 interrupted. Nothing already written is lost: a scan saves each
@@ -149,6 +149,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    from attnlab.apps.app import create_app
+
+    app = create_app(args.runs)  # fails (exit 2) on a missing runs directory before anything is served
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"attnlab: warning: serving on {args.host}: anyone who can reach this address can run models here", file=sys.stderr)
+    print(f"attnlab app on http://{args.host}:{args.port}/  (runs: {Path(args.runs).resolve()}; Ctrl-C stops)")
+    app.run(host=args.host, port=args.port, debug=False)
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    import attnlab
+    from attnlab.probes.causal_test import parse_heads_spec, run_causal_test
+
+    parse_heads_spec(args.heads)  # fail on a malformed spec before loading anything
+    model = attnlab.load(args.model, device=args.device)
+    table = run_causal_test(model, args.heads, k=args.k, metric=args.metric, out=args.out, mode=args.mode, n_seeds=args.n_seeds, seed=args.seed)
+    print(table[["condition", "k", "n_sets", "metric", "ci_low", "ci_high", "drop", "p_value"]].to_string(index=False))
+    print(f"table: {Path(args.out).resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnlab", description="Find, score and change the attention heads and tokens that matter in a transformer.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -156,9 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="run probes on a model and write a run directory", description="Run probes over prompts with one forward pass per batch; write results (JSON + safetensors) and HTML figures.")
     p.add_argument("--model", required=True, help="bundled alias (see `attnlab models`), local checkpoint directory, or hub id")
-    p.add_argument("--probes", default="sinks,induction", help="comma-separated probes or groups (sinks, induction, first_token_sink, act_sinks, massive_activations, previous_token, duplicate_token)")
+    p.add_argument("--probes", default="sinks,induction", help="comma-separated probes or groups (sinks, induction, retrieval, streaming, first_token_sink, act_sinks, massive_activations, previous_token, duplicate_token, retrieval_heads, streaming_heads, razor_echo_induction)")
     p.add_argument("--prompts", help="prompts file: one per line, .jsonl with a 'prompt' field, or .json list")
-    p.add_argument("--dataset", help="built-in prompt generator (prose, repeated-random)")
+    p.add_argument("--dataset", help="built-in prompt generator (prose, repeated-random, niah)")
     p.add_argument("--n-prompts", type=int, default=16, help="prompts to generate with --dataset (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory to write")
@@ -187,6 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="number of evaluation items (task default if omitted)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("ablate", help="causal test: ablate a result's top-k heads vs k random heads", description="Ablate the top-k heads of a saved head-score result and k random heads (several seeds) on NIAH accuracy or answer log-prob; write the table (CSV + JSON).")
+    p.add_argument("--model", required=True)
+    p.add_argument("--heads", required=True, help="RUN_DIR:result_name of a head-score result (e.g. runs/lm:retrieval)")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--metric", default="niah", choices=["niah", "logprob"])
+    p.add_argument("--mode", default="zero", choices=["zero", "mean", "uniform"], help="ablation mode (default zero)")
+    p.add_argument("--n-seeds", type=int, default=5, help="random head sets (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="directory for the table")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("app", help="open the interactive app over a directory of runs", description="Serve the Dash app (head maps, attention patterns, token scores) over the runs in a directory.")
+    p.add_argument("--runs", required=True, help="directory whose sub-directories are runs written by `attnlab scan --out`")
+    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.set_defaults(func=cmd_app)
     return parser
 
 

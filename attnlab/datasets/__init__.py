@@ -26,9 +26,16 @@ def _repeated(model, n_prompts: int, seed: int) -> PromptSet:
     return repeated_random_tokens(model, n_prompts=n_prompts, seed=seed)
 
 
+def _niah(model, n_prompts: int, seed: int) -> PromptSet:
+    from attnlab.datasets.niah_set import niah_dataset
+
+    return niah_dataset(model, n_prompts, seed)
+
+
 DATASETS: dict[str, Callable[..., PromptSet]] = {
     "prose": _prose,
     "repeated-random": _repeated,
+    "niah": _niah,
 }
 
 __all__ = ["PromptSet", "fingerprint", "DATASETS"]

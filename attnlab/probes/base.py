@@ -17,11 +17,16 @@ from attnlab.heads.results import HeadScores, TokenScores
 
 @dataclass
 class ProbeContext:
-    """Facts about a scan that results record: model id and dataset fingerprint."""
+    """Facts about a scan that results record: model id and dataset fingerprint.
+
+    ``meta`` is the PromptSet's per-prompt metadata (indexed like ``Batch.prompt_indices``); probes that need
+    ground truth per prompt (e.g. the retrieval probe's answer and needle span) read it from here.
+    """
 
     model: Any  # LoadedModel
     dataset: str = ""
     n_prompts: int = 0
+    meta: list = field(default_factory=list)
 
 
 class Probe:

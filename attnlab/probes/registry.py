@@ -7,12 +7,18 @@ from attnlab.probes.first_token_sink import FirstTokenSink
 from attnlab.probes.induction import InductionHeads
 from attnlab.probes.massive_activations import MassiveActivations
 from attnlab.probes.previous_token import PreviousTokenHeads
+from attnlab.probes.razor_echo import RazorEchoInduction
+from attnlab.probes.retrieval_heads import RetrievalHeads
+from attnlab.probes.streaming_heads import StreamingHeads
 
 PROBES = {cls.name: cls for cls in (FirstTokenSink, ActSinks, MassiveActivations, PreviousTokenHeads, DuplicateTokenHeads, InductionHeads)}
+PROBES.update({cls.name: cls for cls in (RetrievalHeads, StreamingHeads, RazorEchoInduction)})
 
 GROUPS = {
     "sinks": ("first_token_sink", "act_sinks", "massive_activations"),
     "induction": ("previous_token", "duplicate_token", "induction"),
+    "retrieval": ("retrieval_heads",),
+    "streaming": ("streaming_heads", "razor_echo_induction"),
 }
 
 

@@ -90,7 +90,7 @@ def scan(
     probe_objs = _as_probes(probes)
     batches = _batches(model, prompts, batch_size, truncate)
     ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
-    ctx = ProbeContext(model=model, dataset=fingerprint(ids), n_prompts=len(ids))
+    ctx = ProbeContext(model=model, dataset=fingerprint(ids), n_prompts=len(ids), meta=list(prompts.meta))
     capture = Capture(model, attention=attention, chunk_size=chunk_size, progress=progress)
     for p in probe_objs:
         p.attach(capture, ctx)

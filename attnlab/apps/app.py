@@ -1,0 +1,41 @@
+"""``create_app(runs_dir)`` -> the attnlab Dash app over the runs in a directory. Nothing happens at import time.
+
+Serve it with ``attnlab app --runs DIR`` (127.0.0.1 by default) or ``create_app(DIR).run()``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from attnlab.apps.catalog import RunCatalog
+from attnlab.apps.live import LiveModels
+from attnlab.apps.state import AppState
+
+
+def create_app(runs_dir: str | Path, *, live_model: LiveModels | None = None, max_pattern_size: int = 192):
+    """Build the app.
+
+    Parameters
+    ----------
+    runs_dir : directory whose child directories are runs written by ``attnlab scan --out``
+    live_model : LiveModels or None
+        Runs models for the attention pattern view (default: a new ``LiveModels`` loading with ``attnlab.load``).
+        Pass one to share loaded models, change the prompt limits, or preload a model.
+    max_pattern_size : most rows/columns of an attention pattern drawn (longer prompts are downsampled)
+    """
+    import dash
+
+    from attnlab.apps.callbacks import register_all
+    from attnlab.apps.layout import build_layout
+
+    state = AppState(catalog=RunCatalog.at(runs_dir), live=live_model or LiveModels(), max_pattern_size=max_pattern_size)
+    app = dash.Dash(__name__, title="attnlab", serve_locally=True, update_title=None)
+    app.layout = lambda: build_layout(state)
+    register_all(app, state)
+    app.attnlab_state = state  # for tests and embedding; the callbacks got it explicitly
+    return app
+
+
+def serve(runs_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8050) -> None:
+    """Run the app with Flask's server (no debug mode: errors never reach the page as tracebacks)."""
+    app = create_app(runs_dir)
+    app.run(host=host, port=port, debug=False)

@@ -1,0 +1,10 @@
+"""Callbacks, one module per view. Each module has plain functions (unit-testable without a browser) and
+``register(app, state)`` that wires them to the page; nothing is registered at import time."""
+from attnlab.apps.callbacks import headmap, pattern, runs, tokens
+
+MODULES = (runs, headmap, pattern, tokens)
+
+
+def register_all(app, state) -> None:
+    for module in MODULES:
+        module.register(app, state)

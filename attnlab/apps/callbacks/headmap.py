@@ -1,0 +1,72 @@
+"""Head map view: a probe's layers x heads heatmap (``figures.head_map``); a click selects a head."""
+from __future__ import annotations
+
+import re
+
+from dash import Input, Output, State, ctx
+
+from attnlab.apps import figures, ids
+from attnlab.apps.state import AppState, empty_figure, failure_message
+
+_AXIS = re.compile(r"^[LH](\d{1,4})$")
+
+
+def head_figure(run_name, result_name, state: AppState) -> tuple:
+    """-> (figure, status message)."""
+    if run_name is None or result_name is None:
+        return empty_figure("no head scores in this run"), ""
+    try:
+        scores = state.catalog.result(run_name, result_name, "head_scores")
+        return figures.head_map(scores), ""
+    except Exception as e:
+        return empty_figure(), failure_message(e)
+
+
+def head_from_click(click_data) -> tuple[int, int] | None:
+    """(layer, head) of a click on the head map (axis labels ``L3`` / ``H7``), or None if it is not one."""
+    try:
+        point = click_data["points"][0]
+        y, x = _AXIS.match(str(point["y"])), _AXIS.match(str(point["x"]))
+    except (TypeError, KeyError, IndexError):
+        return None
+    if not (x and y and str(point["y"]).startswith("L") and str(point["x"]).startswith("H")):
+        return None
+    return int(y.group(1)), int(x.group(1))
+
+
+def select_head(trigger, click_data, run_name, result_name, current, state: AppState) -> dict | None:
+    """The selected head after an event: a click selects the clicked head (if it exists in the run's grid); a new
+    run or score selects that score's strongest head; anything invalid keeps the current selection."""
+    try:
+        scores = state.catalog.result(run_name, result_name, "head_scores")
+    except Exception:
+        return current
+    if trigger == ids.HEAD_MAP:
+        head = head_from_click(click_data)
+        if head is None or not (0 <= head[0] < scores.n_layers and 0 <= head[1] < scores.n_heads):
+            return current
+        return {"layer": head[0], "head": head[1]}
+    if current and 0 <= current.get("layer", -1) < scores.n_layers and 0 <= current.get("head", -1) < scores.n_heads:
+        return current
+    top = scores.top_heads(1)
+    return {"layer": top[0][0], "head": top[0][1]} if top else None
+
+
+def head_label(selected) -> str:
+    if not selected:
+        return "no head selected (click a cell)"
+    return f"selected head: L{selected['layer']}H{selected['head']}"
+
+
+def register(app, state: AppState) -> None:
+    app.callback(Output(ids.HEAD_MAP, "figure"), Output(ids.HEAD_STATUS, "children"), Input(ids.RUN_SELECT, "value"), Input(ids.HEAD_RESULT, "value"))(
+        lambda run_name, result_name: head_figure(run_name, result_name, state)
+    )
+    app.callback(
+        Output(ids.SELECTED_HEAD, "data"),
+        Input(ids.HEAD_MAP, "clickData"),
+        Input(ids.HEAD_RESULT, "value"),
+        State(ids.RUN_SELECT, "value"),
+        State(ids.SELECTED_HEAD, "data"),
+    )(lambda click, result_name, run_name, current: select_head(ctx.triggered_id, click, run_name, result_name, current, state))
+    app.callback(Output(ids.HEAD_LABEL, "children"), Input(ids.SELECTED_HEAD, "data"))(head_label)

@@ -1,0 +1,37 @@
+"""Component ids of the app, in one place: layouts, callbacks and browser tests import them from here."""
+
+# views (sections of the page)
+RUNS_VIEW = "runs-view"
+HEAD_VIEW = "head-view"
+PATTERN_VIEW = "pattern-view"
+TOKENS_VIEW = "tokens-view"
+
+# stores
+SELECTED_HEAD = "selected-head"  # dcc.Store: {"layer": int, "head": int} or None
+
+# runs view
+RUN_SELECT = "run-select"
+RUNS_TABLE = "runs-table"
+RUN_INFO = "run-info"
+
+# head map view
+HEAD_RESULT = "head-result"
+HEAD_MAP = "head-map"
+HEAD_LABEL = "selected-head-label"
+HEAD_STATUS = "head-status"
+
+# attention pattern view
+PROMPT_SELECT = "prompt-select"
+CUSTOM_PROMPT = "custom-prompt"
+RUN_PROMPT = "run-prompt"  # button: run the typed prompt (typing alone never starts a live run)
+WINDOW_START = "window-start"
+WINDOW_SIZE = "window-size"
+PATTERN = "pattern"
+PATTERN_LOADING = "pattern-loading"
+PATTERN_STATUS = "pattern-status"
+PATTERN_BUSY = "pattern-busy"
+
+# tokens view
+TOKEN_RESULT = "token-result"
+TOKEN_STRIP = "token-strip"
+TOKEN_STATUS = "token-status"

@@ -1,0 +1,91 @@
+"""The page: four views (runs, head map, attention pattern, tokens) in one column. Ids come from ``ids.py``.
+
+``build_layout`` is called on every page load (``app.layout`` is a function), so new runs appear on refresh.
+"""
+from __future__ import annotations
+
+from dash import dcc, html
+
+from attnlab.apps import ids
+from attnlab.apps.state import AppState, failure_message
+
+_SECTION = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "10px", "margin": "10px 0"}
+_STATUS = {"color": "#a33", "minHeight": "1.2em", "fontSize": "90%"}
+_CELL = {"padding": "2px 10px", "borderBottom": "1px solid #eee", "textAlign": "left"}
+
+
+def runs_table(state: AppState) -> html.Table:
+    """Model, probes, dataset and time of every run in the runs directory."""
+    cols = ("run", "model", "probes", "dataset", "created", "results")
+    rows = []
+    for name in state.catalog.names():
+        try:
+            s = state.catalog.summary(name)
+        except Exception as e:  # a broken run.json: list it with its problem instead of failing the page
+            s = {"run": name, "model": failure_message(e)}
+        rows.append(html.Tr([html.Td(str(s.get(c, "")), style=_CELL) for c in cols]))
+    return html.Table([html.Thead(html.Tr([html.Th(c, style=_CELL) for c in cols])), html.Tbody(rows)], id=ids.RUNS_TABLE, style={"borderCollapse": "collapse", "fontSize": "90%"})
+
+
+def build_layout(state: AppState) -> html.Div:
+    names = state.catalog.names()
+    return html.Div(
+        style={"fontFamily": "sans-serif", "maxWidth": "1200px", "margin": "0 auto"},
+        children=[
+            html.H2("attnlab"),
+            dcc.Store(id=ids.SELECTED_HEAD, data=None),
+            html.Div(
+                [
+                    html.H3("Runs"),
+                    runs_table(state),
+                    html.Div(["run: ", dcc.Dropdown(id=ids.RUN_SELECT, options=[{"label": n, "value": n} for n in names], value=names[0] if names else None, clearable=False, style={"width": "400px", "display": "inline-block", "verticalAlign": "middle"})], style={"marginTop": "8px"}),
+                    html.Div(id=ids.RUN_INFO, style={"fontSize": "90%", "marginTop": "4px"}, children="" if names else f"no runs in {state.catalog.runs_dir.name}/ yet: write one with `attnlab scan --out`"),
+                ],
+                style=_SECTION,
+                id=ids.RUNS_VIEW,
+            ),
+            html.Div(
+                [
+                    html.H3("Head map"),
+                    html.Div(["score: ", dcc.Dropdown(id=ids.HEAD_RESULT, clearable=False, style={"width": "400px", "display": "inline-block", "verticalAlign": "middle"})]),
+                    dcc.Graph(id=ids.HEAD_MAP, config={"displaylogo": False}),
+                    html.Div(id=ids.HEAD_LABEL, children="no head selected (click a cell)"),
+                    html.Div(id=ids.HEAD_STATUS, style=_STATUS),
+                ],
+                style=_SECTION,
+                id=ids.HEAD_VIEW,
+            ),
+            html.Div(
+                [
+                    html.H3("Attention pattern"),
+                    html.Div(
+                        [
+                            "prompt: ",
+                            dcc.Dropdown(id=ids.PROMPT_SELECT, clearable=False, style={"width": "250px", "display": "inline-block", "verticalAlign": "middle"}),
+                            " queries from ",
+                            dcc.Input(id=ids.WINDOW_START, type="number", min=0, value=0, debounce=True, style={"width": "80px"}),
+                            " count ",
+                            dcc.Input(id=ids.WINDOW_SIZE, type="number", min=1, value=None, placeholder="all", debounce=True, style={"width": "80px"}),
+                            html.Span(" computing…", id=ids.PATTERN_BUSY, style={"display": "none", "color": "#06c"}),
+                        ]
+                    ),
+                    dcc.Textarea(id=ids.CUSTOM_PROMPT, placeholder=f"or type a prompt here choose 'typed prompt' and press 'run typed prompt' (at most {state.live.max_chars} characters)", maxLength=state.live.max_chars, style={"width": "100%", "height": "60px"}),
+                    html.Button("run typed prompt", id=ids.RUN_PROMPT, n_clicks=0),
+                    dcc.Loading(dcc.Graph(id=ids.PATTERN, config={"displaylogo": False}, style={"height": "650px"}), id=ids.PATTERN_LOADING, type="default"),
+                    html.Div(id=ids.PATTERN_STATUS, style=_STATUS),
+                ],
+                style=_SECTION,
+                id=ids.PATTERN_VIEW,
+            ),
+            html.Div(
+                [
+                    html.H3("Tokens"),
+                    html.Div(["token score: ", dcc.Dropdown(id=ids.TOKEN_RESULT, clearable=False, style={"width": "400px", "display": "inline-block", "verticalAlign": "middle"})]),
+                    dcc.Graph(id=ids.TOKEN_STRIP, config={"displaylogo": False}),
+                    html.Div(id=ids.TOKEN_STATUS, style=_STATUS),
+                ],
+                style=_SECTION,
+                id=ids.TOKENS_VIEW,
+            ),
+        ],
+    )

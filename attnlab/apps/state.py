@@ -1,0 +1,37 @@
+"""What the app's callbacks share: the run catalog, the live-model runner, display limits, and failure messages."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import plotly.graph_objects as go
+
+from attnlab.apps.catalog import RunCatalog
+from attnlab.apps.live import LiveModels
+from attnlab.errors import AttnlabError
+
+
+@dataclass
+class AppState:
+    """Built once by ``create_app``; handed to every ``register(app, state)``."""
+
+    catalog: RunCatalog
+    live: LiveModels = field(default_factory=LiveModels)
+    max_pattern_size: int = 192
+
+
+def failure_message(exc: BaseException) -> str:
+    """One line for the page: the message of a user error, the type and first line of anything else (no traceback)."""
+    if isinstance(exc, (AttnlabError, KeyError, ValueError)):
+        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"internal error: {type(exc).__name__}: {first}"
+
+
+def empty_figure(message: str = "") -> go.Figure:
+    """A blank figure carrying a message (shown where a view has nothing to draw)."""
+    fig = go.Figure()
+    fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, margin={"l": 20, "r": 20, "t": 30, "b": 20}, height=300)
+    if message:
+        fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    return fig

@@ -1,0 +1,74 @@
+"""NIAH trials as a ``PromptSet`` for the retrieval-head probe: prompt + reference answer ids, with ground truth.
+
+Each prompt's token ids are the NIAH prompt (under the model's BOS policy) followed by the reference answer's
+ids (``" " + code``), so a single teacher-forced forward pass covers the answer. Per-prompt ``meta`` carries what
+the retrieval probe needs:
+
+- ``prompt_len``: number of prompt tokens (the answer starts there);
+- ``answer_ids`` / ``answer``: the reference answer's ids and text;
+- ``needle_span``: ``[n_s, n_e)`` token span of the answer inside the prompt (``needle_token_span``: first window
+  whose token-set overlap with the answer ids exceeds 0.9; None when the tokenizer splits it differently);
+- ``length``, ``depth``, ``key``: the grid cell.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from attnlab.datasets.base import PromptSet
+from attnlab.datasets.niah import build_niah_trials, needle_token_span
+
+
+def niah_prompt_set(
+    model,
+    *,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials_per_cell: int = 1,
+    n_needles: int = 1,
+    seed: int = 0,
+    n_digits: int = 3,
+) -> PromptSet:
+    """Grid of ``lengths x depths x trials_per_cell`` NIAH trials with answers appended (see module docstring)."""
+    tok = model.tokenizer
+    trials = build_niah_trials(tok, lengths, depths, n_needles=n_needles, trials_per_cell=trials_per_cell, seed=seed, n_digits=n_digits)
+    ids, meta = [], []
+    for i, t in enumerate(trials):
+        prompt_ids = model.token_ids(t.prompt, index=i)
+        answer_ids = list(tok(" " + t.answer, add_special_tokens=False)["input_ids"])
+        span = needle_token_span(prompt_ids, answer_ids)
+        ids.append(prompt_ids + answer_ids)
+        meta.append(
+            {
+                "prompt_len": len(prompt_ids),
+                "answer_ids": answer_ids,
+                "answer": t.answer,
+                "needle_span": list(span) if span is not None else None,
+                "length": t.target_length,
+                "depth": t.depth,
+                "key": t.key,
+            }
+        )
+    name = f"niah(lengths={list(lengths)},depths={[round(d, 1) for d in depths]},x{trials_per_cell},needles={n_needles},seed={seed})"
+    return PromptSet(name=name, token_ids=ids, meta=meta, seed=seed)
+
+
+def default_grid(model, n_prompts: int) -> tuple[list[int], list[float]]:
+    """Lengths x depths with about ``n_prompts`` cells, lengths from 128 (or less) to ``min(n_ctx - 8, 1000)``."""
+    top = int(min(model.n_ctx - 8, 1000))
+    low = int(min(128, top))
+    n_len = max(1, int(round(np.sqrt(n_prompts))))
+    n_depth = max(1, int(np.ceil(n_prompts / n_len)))
+    lengths = sorted({int(x) for x in np.linspace(low, top, n_len)})
+    depths = [float(d) for d in np.linspace(0, 100, n_depth)]
+    return lengths, depths
+
+
+def niah_dataset(model, n_prompts: int, seed: int) -> PromptSet:
+    """``attnlab scan --dataset niah``: about ``n_prompts`` trials on the default grid, truncated to ``n_prompts``."""
+    lengths, depths = default_grid(model, n_prompts)
+    ps = niah_prompt_set(model, lengths=lengths, depths=depths, seed=seed)
+    if len(ps) > n_prompts:
+        ps = PromptSet(name=ps.name + f"[:{n_prompts}]", token_ids=ps.token_ids[:n_prompts], meta=ps.meta[:n_prompts], seed=seed)
+    return ps

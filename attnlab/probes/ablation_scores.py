@@ -1,0 +1,257 @@
+"""Exact single-head ablation scores for every head, batched, and the attribution-patching approximation.
+
+Exact scores (``ablation_scores``): for every query head (l, h), the drop ``m_clean - m_ablated`` of a metric
+averaged over prompts, where ``m_ablated`` runs the prompts with that one head ablated (``HeadAblation`` modes).
+TransformerLens' ``patching.py`` runs one forward pass per head; here each forward carries many single-head
+ablations, one per batch row (the prompts are repeated and a hook on ``hook_z``/``hook_pattern`` indexes the
+ablated head by batch row), and the unchanged prefix is reused: layers < L are run once (the clean pass), and
+the ablations of layer L's heads start from the cached residual entering block L.
+
+Prefix reuse uses the bridge's ``forward(resid, start_at_layer=L, attention_mask=...)``. That forward still
+executes blocks 0..L-1 internally and discards their output (documented in TransformerLens 4.x), so it alone
+saves nothing; while it runs, those blocks are temporarily replaced by identity functions (``_skip_blocks``).
+Checked on Llama (RoPE, GQA) and GPT-2 (learned positions), with padding masks: scores equal the
+full-forward loop to float tolerance (``tests/test_ablation.py``).
+
+Attribution patching (``attribution_scores``, Nanda 2023; Kramar et al. 2024, AtP): one forward and one
+backward on the clean prompts give ``dm/dz`` for every head; the estimated drop is
+``-sum_{t,d} (z~ - z) * dm/dz``. A first-order pre-screen only (saturation and cancellation make it miss
+heads); ``ablation_scores(..., attribution=True)`` records its Spearman correlation with the exact scores.
+
+Spec: ``shared/methods/ablation_scoring.md`` §1-3.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from attnlab.heads.results import HeadScores
+from attnlab.hooks import attn_hook, block_hook
+from attnlab.interventions.ablation import MODES, HeadAblation
+from attnlab.models.loading import Batch
+from attnlab.probes.ablation_metrics import as_metric
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two arrays (NaN pairs dropped; NaN if fewer than 3 pairs or no spread)."""
+    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3:
+        return float("nan")
+    ra, rb = pd.Series(a[ok]).rank().to_numpy(), pd.Series(b[ok]).rank().to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _repeat(batch: Batch, n: int) -> Batch:
+    """The batch repeated n times (row i*P + p is prompt p)."""
+    return Batch(batch.input_ids.repeat(n, 1), batch.attention_mask.repeat(n, 1), list(batch.prompt_indices) * n)
+
+
+@contextlib.contextmanager
+def _skip_blocks(bridge, upto: int, returns_tuple: bool):
+    """Blocks 0..upto-1 become identities (their output is discarded by ``start_at_layer`` anyway)."""
+
+    def passthrough(*args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        return (x,) if returns_tuple else x
+
+    blocks = list(bridge.blocks)[:upto]
+    saved = [b.__dict__.get("forward") for b in blocks]
+    for b in blocks:  # instance attribute, set in __dict__: the component's __setattr__ forwards attributes
+        b.__dict__["forward"] = passthrough
+    try:
+        yield
+    finally:
+        for b, old in zip(blocks, saved):
+            if old is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.__dict__["forward"] = old
+
+
+@torch.no_grad()
+def _clean_pass(model, batch: Batch, metric) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
+    """Metric per prompt on the clean run, the residual entering every block, and the blocks' output kind."""
+    resid: dict[int, torch.Tensor] = {}
+    kinds: list[bool] = []
+
+    def keep(layer):
+        def hook(x, hook=None):
+            resid[layer] = x.detach().clone()
+
+        return hook
+
+    handle = model.bridge.blocks[0].register_forward_hook(lambda mod, i, o: kinds.append(isinstance(o, tuple)))
+    try:
+        with model.bridge.hooks(fwd_hooks=[(block_hook(l, "hook_resid_pre"), keep(l)) for l in range(model.n_layers)]):
+            logits = model.forward(batch)
+    finally:
+        handle.remove()
+    return metric(logits, batch).float(), [resid[l] for l in range(model.n_layers)], bool(kinds and kinds[0])
+
+
+def _fit(model, mode: str, batch: Batch, reference, seed: int) -> HeadAblation:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "resample" and reference is None:
+        raise ValueError("resample ablation needs reference prompts (other prompts of the same padded length)")
+    ref = batch if reference is None else reference
+    return HeadAblation(mode=mode, seed=seed).fit(model, ref if mode in ("mean", "resample") else None, layers=range(model.n_layers))
+
+
+@torch.no_grad()
+def exact_ablation_grid(model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, layers: Sequence[int] | None = None, max_batch: int = 64, prefix_reuse: bool = True, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean metric over prompts with each single head ablated, ``(ablated [L, H], clean per prompt [P])``.
+
+    Batched: ``max_batch`` rows per forward (heads x prompts). Layers not in ``layers`` stay NaN.
+    """
+    metric = as_metric(metric)
+    batch = metric.encode(model, list(prompts)).to(model.device)
+    abl = _fit(model, mode, batch, reference, seed)
+    clean, resid, returns_tuple = _clean_pass(model, batch, metric)
+    n_prompts, H = batch.size, model.n_heads
+    per_fwd = max(1, max_batch // n_prompts)
+    grid = np.full((model.n_layers, H), np.nan)
+    for layer in (range(model.n_layers) if layers is None else layers):
+        for h0 in range(0, H, per_fwd):
+            heads = torch.arange(h0, min(H, h0 + per_fwd))
+            rep = _repeat(batch, len(heads)).to(model.device)
+            heads_of_rows = heads.repeat_interleave(n_prompts)
+            prompt_of_rows = torch.arange(n_prompts).repeat(len(heads))
+            hooks = abl.row_hooks(layer, heads_of_rows, rep.attention_mask, prompt_of_rows)
+            with model.bridge.hooks(fwd_hooks=hooks):
+                if prefix_reuse and layer > 0:
+                    with _skip_blocks(model.bridge, layer, returns_tuple):
+                        logits = model.bridge(resid[layer].repeat(len(heads), 1, 1), start_at_layer=layer, attention_mask=rep.attention_mask)
+                else:
+                    logits = model.forward(rep)
+            values = metric(logits, rep).float().view(len(heads), n_prompts)
+            grid[layer, heads.numpy()] = values.mean(1).cpu().numpy()
+    return grid, clean.cpu().numpy()
+
+
+@torch.no_grad()
+def loop_ablation_grid(model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, layers: Sequence[int] | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Reference implementation: one full forward per head (all prompts in one batch), no prefix reuse."""
+    metric = as_metric(metric)
+    batch = metric.encode(model, list(prompts)).to(model.device)
+    abl = _fit(model, mode, batch, reference, seed)
+    clean = metric(model.forward(batch), batch).float().cpu().numpy()
+    grid = np.full((model.n_layers, model.n_heads), np.nan)
+    for layer in (range(model.n_layers) if layers is None else layers):
+        for h in range(model.n_heads):
+            hooks = abl.row_hooks(layer, torch.full((batch.size,), h), batch.attention_mask)
+            with model.bridge.hooks(fwd_hooks=hooks):
+                grid[layer, h] = metric(model.forward(batch), batch).float().mean().item()
+    return grid, clean
+
+
+def attribution_grid(model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, seed: int = 0) -> np.ndarray:
+    """AtP estimate of each head's drop ``m_clean - m_ablated`` (mean over prompts), ``[L, H]``.
+
+    One forward + one backward: a zero tensor requiring grad is added to every layer's z, so ``dm/dz`` keeps
+    the indirect paths through later heads; gradients are taken with ``torch.autograd.grad`` (parameters'
+    ``.grad`` untouched). The uniform mode's z~ is the mean of the head's visible values (``hook_v``).
+    """
+    metric = as_metric(metric)
+    batch = metric.encode(model, list(prompts)).to(model.device)
+    abl = _fit(model, mode, batch, reference, seed)
+    zs, deltas, vs = {}, {}, {}
+
+    def z_hook(layer):
+        def hook(z, hook=None):
+            zs[layer] = z.detach().float()
+            deltas[layer] = torch.zeros_like(z, requires_grad=True)
+            return z + deltas[layer]
+
+        return hook
+
+    def v_hook(layer):
+        def hook(v, hook=None):
+            vs[layer] = v.detach().float()
+
+        return hook
+
+    hooks = [(attn_hook(l, "hook_z"), z_hook(l)) for l in range(model.n_layers)]
+    if mode == "uniform":
+        hooks += [(attn_hook(l, "hook_v"), v_hook(l)) for l in range(model.n_layers)]
+    with torch.enable_grad(), model.bridge.hooks(fwd_hooks=hooks):
+        logits = model.forward(batch)
+        total = metric(logits, batch).float().sum()
+        grads = torch.autograd.grad(total, [deltas[l] for l in range(model.n_layers)], allow_unused=True)
+    out = np.zeros((model.n_layers, model.n_heads))
+    rows = torch.arange(batch.size, device=model.device)
+    for layer, g in enumerate(grads):
+        z = zs[layer]
+        if g is None:
+            continue
+        g = g.float()
+        tilde = _uniform_z(vs[layer], batch.attention_mask, model) if mode == "uniform" else torch.stack(
+            [abl.replacement(layer, torch.full((batch.size,), h, device=z.device), rows, z).float() for h in range(model.n_heads)], dim=2
+        )
+        effect = ((tilde - z) * g).sum(dim=(1, 3))  # [P, H]: first-order m_do - m_clean per prompt
+        out[layer] = (-effect.mean(0)).detach().cpu().numpy()
+    return out
+
+
+def _uniform_z(v: torch.Tensor, mask: torch.Tensor, model) -> torch.Tensor:
+    """Mean of visible values per query position ``[P, S, n_heads, d]`` from ``v`` ``[P, S, n_kv, d]`` (GQA)."""
+    if not model.causal:
+        raise ValueError("uniform attention AtP is implemented for causal models only")
+    w = mask.to(v.device).float()[:, :, None, None]
+    mean = (v * w).cumsum(1) / w.cumsum(1).clamp_min(1.0)
+    return mean.repeat_interleave(model.n_heads // v.shape[2], dim=2)
+
+
+def ablation_scores(model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, layers: Sequence[int] | None = None, max_batch: int = 64, prefix_reuse: bool = True, attribution: bool = False, seed: int = 0, name: str | None = None) -> HeadScores:
+    """Exact single-head ablation scores for all heads as ``HeadScores`` (score = drop of the metric).
+
+    Parameters
+    ----------
+    model : LoadedModel
+    prompts : sequence of str
+    metric : metric object (``attnlab.probes.ablation_metrics``) or callable ``fn(logits, batch) -> Tensor[rows]``
+    mode : {"zero", "mean", "uniform", "resample"}, default="zero"
+    reference : sequence of str or Batch, optional
+        Reference set of the mean (default: the prompts themselves) and resample (required) modes.
+    layers : sequence of int, optional
+        Layers to score (others NaN); default all.
+    max_batch : int, default=64
+        Rows per forward pass (heads x prompts).
+    prefix_reuse : bool, default=True
+        Start layer L's ablations from the cached residual entering block L.
+    attribution : bool, default=False
+        Also compute AtP estimates (``extra["atp"]``) and their Spearman correlation with the exact scores
+        (``summary["atp_spearman"]``).
+
+    Returns
+    -------
+    HeadScores with ``scores`` = mean over prompts of ``m_clean - m_ablated``; ``extra["ablated"]`` the
+    ablated metric; ``summary`` the clean metric, mode, unit and timing.
+    """
+    metric = as_metric(metric)
+    t0 = time.perf_counter()
+    ablated, clean = exact_ablation_grid(model, prompts, metric, mode=mode, reference=reference, layers=layers, max_batch=max_batch, prefix_reuse=prefix_reuse, seed=seed)
+    scores = clean.mean() - ablated
+    summary = {"metric": metric.name, "baseline": float(clean.mean()), "mode": mode, "unit": "query head", "positions": "all", "n_prompts": len(prompts), "seconds_exact": time.perf_counter() - t0}
+    extra = {"ablated": ablated, "baseline_per_prompt": clean[None, :]}
+    if attribution:
+        t1 = time.perf_counter()
+        atp = attribution_grid(model, prompts, metric, mode=mode, reference=reference, seed=seed)
+        atp[np.isnan(scores)] = np.nan
+        extra["atp"] = atp
+        summary["atp_spearman"] = spearman(atp, scores)
+        summary["seconds_atp"] = time.perf_counter() - t1
+    return HeadScores(
+        scores=scores, name=name or f"ablation_{mode}_{metric.name}", probe="ablation_scores",
+        params={"mode": mode, "metric": metric.name, "max_batch": max_batch, "prefix_reuse": prefix_reuse, "seed": seed},
+        model=model.name, n_kv_heads=model.n_kv_heads, description=f"drop of {metric.name} when one head is {mode}-ablated",
+        extra=extra, summary=summary,
+    )

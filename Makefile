@@ -22,9 +22,11 @@ run: setup
 	$(BIN)/attnlab models
 	$(BIN)/attnlab scan --model minilm --probes sinks,induction --dataset prose --n-prompts 16 --out $(RUNS)/minilm-prose --quiet
 	@if $(BIN)/python -c "from attnlab.models import bundled_path; import sys; sys.exit(bundled_path('organism-lm') is None)"; then \
-	  $(BIN)/attnlab scan --model organism-lm --probes sinks,induction --dataset prose --n-prompts 16 --out $(RUNS)/organism-lm-prose --quiet; \
+	  $(BIN)/attnlab scan --model organism-lm --probes sinks,induction --dataset prose --n-prompts 16 --out $(RUNS)/organism-lm-prose --quiet && \
+	  $(BIN)/attnlab scan --model organism-lm --probes retrieval,streaming --dataset niah --n-prompts 8 --out $(RUNS)/organism-lm-niah --quiet && \
+	  $(BIN)/attnlab ablate --model organism-lm --heads $(RUNS)/organism-lm-niah:retrieval_heads --k 4 --metric niah --out $(RUNS)/organism-lm-niah/causal && \
+	  $(BIN)/attnlab eval organism-lm --task niah; \
 	else echo "organism-lm is not bundled in this checkout; skipped"; fi
-	$(BIN)/attnlab eval organism-lm --task niah
 	@echo "done: runs are in $(RUNS)/ (open any figures/*.html in a browser; 'attnlab show $(RUNS)/minilm-prose' prints a run)"
 	@echo "open the app: $(BIN)/attnlab app --runs $(RUNS)   (then browse http://127.0.0.1:8050/)"
 

@@ -221,6 +221,160 @@ def test_cli_app_binds_localhost_by_default():
     assert (args.host, args.port) == ("127.0.0.1", 8050)
 
 
+# ---- two runs compared: the head map of their difference ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compare_state(tiny_runs, app_state, tmp_path_factory):
+    """A runs directory with the tiny scan, a copy whose first_token_sink has a planted change at L1H2 and L0H0, and
+    a run whose first_token_sink has another grid (another model)."""
+    from attnlab.heads.results import HeadScores
+
+    root = tmp_path_factory.mktemp("compare-runs")
+    for name in ("base", "shifted", "other-grid"):
+        shutil.copytree(tiny_runs / "tiny", root / name)
+    shifted = HeadScores.load(root / "shifted", "first_token_sink")
+    shifted.scores = shifted.scores.copy()
+    shifted.scores[1, 2] += 0.5
+    shifted.scores[0, 0] -= 0.25
+    shifted.save(root / "shifted")
+    other = HeadScores.load(root / "other-grid", "first_token_sink")
+    other.scores = np.zeros((other.n_layers + 1, other.n_heads), dtype=other.scores.dtype)
+    other.save(root / "other-grid")
+    return create_app(root, live_model=app_state.live).attnlab_state
+
+
+def test_head_map_difference_of_two_runs(compare_state):
+    a = compare_state.catalog.result("shifted", "first_token_sink", "head_scores")
+    b = compare_state.catalog.result("base", "first_token_sink", "head_scores")
+    fig, msg = headmap.head_figure("shifted", "first_token_sink", compare_state, "base")
+    assert msg == ""
+    z = np.asarray(fig.data[0].z, dtype=float)
+    want = np.zeros_like(z)
+    want[1, 2], want[0, 0] = 0.5, -0.25
+    np.testing.assert_allclose(z, want, atol=1e-6)  # the planted change, and nothing else
+    assert fig.layout.meta["kind"] == "difference" and fig.layout.meta["labels"] == ["shifted", "base"]
+    assert fig.layout.meta["max_abs_difference"] == pytest.approx(0.5, abs=1e-6)
+    assert fig.data[0].zmid == 0 and "shifted" in fig.layout.title.text and "base" in fig.layout.title.text
+    # the app's figure is the notebook's
+    assert fig.to_json() == figures.head_map_difference(a, b, labels=("shifted", "base")).to_json()
+    # the reverse comparison flips the sign; a click on the difference map selects a head as on a plain map
+    rev, _ = headmap.head_figure("base", "first_token_sink", compare_state, "shifted")
+    np.testing.assert_allclose(np.asarray(rev.data[0].z, dtype=float), -want, atol=1e-6)
+    assert headmap.select_head(ids.HEAD_MAP, {"points": [{"x": fig.data[0].x[2], "y": fig.data[0].y[1]}]}, "shifted", "first_token_sink", None, compare_state) == {"layer": 1, "head": 2}
+
+
+def test_compare_with_nothing_or_itself_is_the_plain_map(compare_state):
+    plain = compare_state.catalog.result("base", "first_token_sink", "head_scores").plot().to_json()
+    for compare in (None, "base"):
+        fig, msg = headmap.head_figure("base", "first_token_sink", compare_state, compare)
+        assert msg == "" and fig.to_json() == plain
+
+
+@pytest.mark.parametrize("compare,expect", [("other-grid", "cannot compare head grids"), ("../base", "no run named"), ("nope", "no run named")])
+def test_bad_comparisons_give_a_message(compare_state, compare, expect):
+    fig, msg = headmap.head_figure("base", "first_token_sink", compare_state, compare)
+    assert expect in msg and len(fig.data) == 0
+
+
+def test_compared_run_must_have_the_same_named_score(compare_state, tmp_path):
+    import json
+
+    run_json = compare_state.catalog.runs_dir / "other-grid" / "run.json"
+    index = json.loads(run_json.read_text())
+    index["results"].pop("first_token_sink")
+    run_json.write_text(json.dumps(index))
+    try:
+        _, msg = headmap.head_figure("base", "first_token_sink", compare_state, "other-grid")
+        assert "has no head scores result named 'first_token_sink'" in msg
+    finally:
+        shutil.copy(compare_state.catalog.runs_dir / "base" / "run.json", run_json)
+
+
+# ---- the chosen query row as a token strip ------------------------------------------------------------------------
+
+
+def test_query_row_strip_is_that_row_of_the_pattern():
+    rng = np.random.default_rng(1)
+    n = 40
+    w = np.tril(rng.random((n, n))).astype(np.float32)
+    w /= w.sum(1, keepdims=True)
+    toks = [f"t{i}" for i in range(n)]
+    fig = figures.query_row_strip(w, toks, query=17, layer=3, head=1, max_tokens=256)
+    z = np.asarray(fig.data[0].z, dtype=np.float32)
+    assert z.shape == (1, 18)  # a causal row ends at its query
+    np.testing.assert_allclose(z[0], w[17, :18])
+    assert list(fig.data[0].x[:2]) == ["0:t0", "1:t1"] and fig.data[0].y == ("17:t17",)
+    assert fig.layout.meta["query"] == 17 and fig.layout.meta["head_label"] == "L3H1"
+    assert figures.query_row_strip(w, toks, query=-1, layer=0, head=0).layout.meta["query"] == n - 1
+    full = np.full((n, n), 1.0 / n, dtype=np.float32)  # bidirectional: the row spans the prompt
+    assert np.asarray(figures.query_row_strip(full, toks, query=3, layer=0, head=0).data[0].z).shape == (1, n)
+    long = figures.query_row_strip(full, toks, query=3, layer=0, head=0, max_tokens=8)
+    z = np.asarray(long.data[0].z)
+    assert z.shape == (1, 8) and z.sum() == pytest.approx(1.0, abs=1e-5)  # blocks keep the row's mass
+    with pytest.raises(ValueError):
+        figures.query_row_strip(w, toks, query=n, layer=0, head=0)
+
+
+def test_pattern_view_toggles_to_the_query_row(app_state):
+    selected = {"layer": 1, "head": 2}
+    full, msg = pattern.pattern_figure("tiny", selected, "1", None, 0, None, app_state)
+    assert msg == ""
+    info = app_state.catalog.open("tiny").info
+    weights = app_state.live.pattern(info["model"]["name"], app_state.live.run_prompt_ids(info, 1), 1, 2).weights
+    n = weights.shape[0]
+    last, msg = pattern.pattern_figure("tiny", selected, "1", None, 0, None, app_state, "row", None)
+    assert msg == "" and last.layout.meta["query"] == n - 1 and last.layout.meta["head_label"] == "L1H2"
+    np.testing.assert_allclose(np.asarray(last.data[0].z, dtype=np.float32)[0], weights[n - 1], atol=1e-6)
+    row, msg = pattern.pattern_figure("tiny", selected, "1", None, 0, None, app_state, "row", 5)
+    assert msg == "" and row.layout.meta["query"] == 5
+    np.testing.assert_allclose(np.asarray(row.data[0].z, dtype=np.float32)[0], weights[5, :6], atol=1e-6)
+    assert list(row.data[0].x) == [f"{i}:{t}" for i, t in enumerate(app_state.live.pattern(info["model"]["name"], app_state.live.run_prompt_ids(info, 1), 1, 2).tokens[:6])]
+    for bad in (n, -1):
+        fig, msg = pattern.pattern_figure("tiny", selected, "1", None, 0, None, app_state, "row", bad)
+        assert "outside the prompt" in msg and len(fig.data) == 0
+
+
+@pytest.mark.parametrize(
+    "click,mode,want",
+    [({"points": [{"y": "12:The", "x": "3:a"}]}, "pattern", 12), ({"points": [{"y": "40-47:the…"}]}, "pattern", 40), ({"points": [{"y": "12:The"}]}, "row", 7), (None, "pattern", 7), ({"points": [{"y": "L1"}]}, "pattern", 7)],
+)
+def test_a_click_on_a_pattern_row_picks_that_query_row(click, mode, want):
+    assert pattern.row_from_click(click, mode, 7) == want
+
+
+# ---- 20 concurrent clients against the served app -------------------------------------------------------------------
+
+
+def test_twenty_concurrent_clients_get_no_errors(compare_state, loaded):
+    """20 clients at once on 127.0.0.1: each loads the page, layout and dependencies, then posts the runs, head-map,
+    difference-map, pattern and query-row callbacks twice. Every response is HTTP 200 with no error message, no
+    exception is raised in the server, and the run ends within its bound. Live callbacks wait their turn (up to 10 s)
+    rather than answer "busy", so every pattern is drawn."""
+    from attnlab.apps import loadtest
+
+    live = LiveModels(wait_s=10.0)
+    model = loaded("llama-gqa")
+    live.preload(model.name, model)
+    app = create_app(compare_state.catalog.runs_dir, live_model=live)
+    with loadtest.ServedApp(app.server) as served:
+        assert served.url.startswith("http://127.0.0.1:")
+        bodies = loadtest.page_bodies(loadtest.dependencies(served.url), "shifted", "first_token_sink", compare="base", head={"layer": 1, "head": 2})
+        for name, body in bodies.items():  # each body is a valid callback: it answers alone first (and warms the q/k cache)
+            sample = loadtest.timed(name, served.url + loadtest.UPDATE, body, 30)
+            assert sample.status == 200 and not sample.error, (name, sample)
+        report = loadtest.run_load(served.url, bodies, clients=20, rounds=2, timeout=30)
+    print("\n" + "\n".join(report.lines()))
+    assert report.requests == 20 * (3 + 2 * len(bodies))
+    assert not report.errors, report.lines()
+    assert not any(s.busy for s in report.samples), report.lines()
+    assert all(s.status == 200 for s in report.samples)
+    assert served.exceptions == []
+    assert report.wall_s < 60
+    summary = report.summary()
+    assert summary["by_request"]["head_map_difference"]["n"] == 40
+
+
 # ---- a real browser ---------------------------------------------------------------------------------------------
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -319,11 +473,18 @@ def test_browser_click_a_head_and_switch_token_score(browser, organism_app):
     _shot(d, ids.HEAD_VIEW, "head_map")
     _shot(d, ids.PATTERN_VIEW, "pattern")
 
+    # toggle to the chosen query row as a token strip (the last token by default), then back
+    d.find_element("css selector", f"#{ids.PATTERN_MODE} input[value=row]").click()
+    _wait(d, lambda d: _text(d, f"#{ids.PATTERN} .gtitle").startswith("L6H3 attention of query"), 30, "query row strip")
+    _shot(d, ids.PATTERN_VIEW, "query_row")
+    d.find_element("css selector", f"#{ids.PATTERN_MODE} input[value=pattern]").click()
+    _wait(d, lambda d: _text(d, f"#{ids.PATTERN} .gtitle").startswith("L6H3 attention —"), 30, "pattern again")
+
     # switch the token score
     before = _text(d, f"#{ids.TOKEN_STRIP} .gtitle")
     d.find_element("id", ids.TOKEN_RESULT).click()
     options = _wait(d, lambda d: d.find_elements("css selector", "[role=option]"), 10, "token score options")
-    choice = next(o for o in options if o.text and o.text not in before)
+    choice = next(o for o in options if o.text and o.text not in before and not o.find_elements("xpath", f"ancestor::*[@id='{ids.PATTERN_MODE}']"))
     name = choice.text
     choice.click()
     _wait(d, lambda d: _text(d, f"#{ids.TOKEN_STRIP} .gtitle").startswith(name), 10, f"token strip of {name}")

@@ -131,3 +131,139 @@ def attention_pattern(weights, tokens, *, layer: int, head: int, model: str = ""
         meta={"layer": int(layer), "head": int(head), "head_label": head_label, "n_tokens": int(n)},
     )
     return fig
+
+
+def head_map_difference(scores_a, scores_b, labels: tuple[str, str] = ("A", "B"), title: str | None = None) -> go.Figure:
+    """Layers x heads heatmap of ``scores_a - scores_b`` (two ``HeadScores`` of the same grid, e.g. the same probe
+    in two runs); a diverging colour scale centred on 0, hover shows both scores and the difference.
+
+    Parameters
+    ----------
+    scores_a, scores_b : HeadScores with the same (layers, heads) grid
+    labels : names of the two sides (run names in the app), used in the title and hover
+
+    Axis labels are those of ``head_map`` (``L3`` / ``H7``), so a click selects a head the same way. The figure's
+    ``layout.meta`` holds ``kind="difference"``, the labels and the largest absolute difference.
+    """
+    a, b = np.asarray(scores_a.scores, dtype=np.float64), np.asarray(scores_b.scores, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare head grids of shapes {a.shape} and {b.shape} (different models?)")
+    diff = a - b
+    finite = np.isfinite(diff)
+    span = float(np.abs(diff[finite]).max()) if finite.any() else 0.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=diff,
+            x=[f"H{h}" for h in range(a.shape[1])],
+            y=[f"L{l}" for l in range(a.shape[0])],
+            customdata=np.stack([a, b], axis=-1),
+            colorscale="RdBu",
+            reversescale=True,  # red = higher in A
+            zmid=0.0,
+            hovertemplate=f"%{{y}}%{{x}}<br>{labels[0]} %{{customdata[0]:.4f}}<br>{labels[1]} %{{customdata[1]:.4f}}<br>difference %{{z:.4f}}<extra></extra>",
+            colorbar={"title": "A − B"},
+        )
+    )
+    name = scores_a.name if scores_a.name == scores_b.name else f"{scores_a.name} vs {scores_b.name}"
+    fig.update_layout(
+        title=title or f"{name}: {labels[0]} − {labels[1]}",
+        xaxis_title="head",
+        yaxis_title="layer",
+        yaxis={"autorange": "reversed"},
+        margin={"l": 60, "r": 20, "t": 50, "b": 50},
+        meta={"kind": "difference", "labels": list(labels), "max_abs_difference": span},
+    )
+    return fig
+
+
+def query_row_strip(weights, tokens, *, query: int, layer: int, head: int, model: str = "", max_tokens: int = 256, title: str | None = None) -> go.Figure:
+    """One query's attention over the keys as a token strip (1 x keys heatmap with token labels).
+
+    Parameters
+    ----------
+    weights : array of shape (n_tokens, n_tokens), post-softmax attention of head ``(layer, head)``
+    tokens : list of str, the prompt's tokens
+    query : int, the query position (negative counts from the end, like Python indexing)
+    max_tokens : int, default=256
+        Most keys drawn; longer spans are summed in blocks (the row keeps its attention mass, see
+        ``downsample_pattern``).
+
+    Keys run from 0 to the last one with non-zero weight or the query, whichever is later (a causal row ends at
+    its query; a bidirectional one spans the prompt). ``layout.meta`` holds ``layer``, ``head``, ``head_label``,
+    ``query`` and ``n_tokens``.
+    """
+    w = np.asarray(weights, dtype=np.float32)
+    n = w.shape[0]
+    q = int(query) + (n if int(query) < 0 else 0)
+    if not 0 <= q < n:
+        raise ValueError(f"query {query} is outside a prompt of {n} tokens")
+    row = w[q]
+    nonzero = np.flatnonzero(row)
+    stop = max(q, int(nonzero[-1]) if len(nonzero) else 0) + 1
+    m, _, bk = downsample_pattern(row[None, :stop], max_size=max_tokens)
+    head_label = f"L{layer}H{head}"
+    qtok = str(tokens[q]) if q < len(tokens) else ""
+    shown = "" if m.shape[1] == stop else f", shown as {m.shape[1]} key blocks"
+    fig = go.Figure(
+        go.Heatmap(
+            z=m,
+            x=block_labels(bk, tokens, 0),
+            y=[f"{q}:{qtok}"],
+            colorscale="Blues",
+            zmin=0,
+            hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.4f}<extra></extra>",
+            colorbar={"title": "attention"},
+        )
+    )
+    fig.update_layout(
+        title=title or f"{head_label} attention of query {q} ({qtok!r}) — {model} ({n} tokens{shown})",
+        xaxis={"title": "key", "tickangle": -60, "type": "category"},
+        yaxis={"title": "query", "type": "category"},
+        margin={"l": 120, "r": 20, "t": 50, "b": 120},
+        height=320,
+        meta={"layer": int(layer), "head": int(head), "head_label": head_label, "query": q, "n_tokens": int(n)},
+    )
+    return fig
+
+
+def image_attention_overlay(image, grid, *, opacity: float = 0.55, colorscale: str = "Hot", title: str | None = None, layer: int | None = None, head: int | None = None) -> go.Figure:
+    """Attention over the image patch grid drawn on top of the image.
+
+    Parameters
+    ----------
+    image : PIL image or array ``[H, W, 3]`` (uint8), the image the model saw
+    grid : array ``[grid_h, grid_w]``, e.g. from ``attnlab.probes.image_centric_heads.image_attention_grid``;
+        cell (r, c) covers the image's patch in row r, column c.
+    opacity : float, default=0.55, of the heat map over the image
+    ``layout.meta`` holds ``grid_shape``, ``total`` (attention mass on the image) and the head, when given.
+    """
+    img = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    g = np.asarray(grid, dtype=np.float64)
+    if g.ndim != 2:
+        raise ValueError(f"grid must be 2-D (grid_h, grid_w), got shape {g.shape}")
+    h, w = img.shape[:2]
+    dy, dx = h / g.shape[0], w / g.shape[1]
+    head_label = f"L{layer}H{head}" if layer is not None and head is not None else ""
+    fig = go.Figure(go.Image(z=img, hoverinfo="skip"))
+    fig.add_trace(
+        go.Heatmap(
+            z=g,
+            x0=dx / 2,
+            dx=dx,
+            y0=dy / 2,
+            dy=dy,
+            opacity=opacity,
+            colorscale=colorscale,
+            zmin=0,
+            hovertemplate="patch row %{y:.0f}, col %{x:.0f}<br>attention %{z:.4f}<extra></extra>",
+            colorbar={"title": "attention"},
+        )
+    )
+    fig.update_layout(
+        title=title or f"{head_label} attention over the image patches (sum {g.sum():.3f})".strip(),
+        xaxis={"visible": False, "range": [0, w]},
+        yaxis={"visible": False, "range": [h, 0], "scaleanchor": "x"},
+        margin={"l": 20, "r": 20, "t": 50, "b": 20},
+        meta={"grid_shape": list(g.shape), "total": float(g.sum()), "layer": layer, "head": head},
+    )
+    return fig

@@ -11,6 +11,7 @@ SELECTED_HEAD = "selected-head"  # dcc.Store: {"layer": int, "head": int} or Non
 
 # runs view
 RUN_SELECT = "run-select"
+COMPARE_SELECT = "compare-select"  # optional second run: the head map shows the first minus this one
 RUNS_TABLE = "runs-table"
 RUN_INFO = "run-info"
 
@@ -30,6 +31,8 @@ PATTERN = "pattern"
 PATTERN_LOADING = "pattern-loading"
 PATTERN_STATUS = "pattern-status"
 PATTERN_BUSY = "pattern-busy"
+PATTERN_MODE = "pattern-mode"  # radio: the full pattern or one query row as a token strip
+QUERY_ROW = "query-row"  # the query row shown as a strip (empty = last token); a click on the pattern sets it
 
 # tokens view
 TOKEN_RESULT = "token-result"

@@ -39,6 +39,7 @@ def build_layout(state: AppState) -> html.Div:
                     html.H3("Runs"),
                     runs_table(state),
                     html.Div(["run: ", dcc.Dropdown(id=ids.RUN_SELECT, options=[{"label": n, "value": n} for n in names], value=names[0] if names else None, clearable=False, style={"width": "400px", "display": "inline-block", "verticalAlign": "middle"})], style={"marginTop": "8px"}),
+                    html.Div(["compare with: ", dcc.Dropdown(id=ids.COMPARE_SELECT, options=[{"label": n, "value": n} for n in names], value=None, clearable=True, placeholder="(none: one run)", style={"width": "400px", "display": "inline-block", "verticalAlign": "middle"})], style={"marginTop": "4px"}),
                     html.Div(id=ids.RUN_INFO, style={"fontSize": "90%", "marginTop": "4px"}, children="" if names else f"no runs in {state.catalog.runs_dir.name}/ yet: write one with `attnlab scan --out`"),
                 ],
                 style=_SECTION,
@@ -66,6 +67,9 @@ def build_layout(state: AppState) -> html.Div:
                             dcc.Input(id=ids.WINDOW_START, type="number", min=0, value=0, debounce=True, style={"width": "80px"}),
                             " count ",
                             dcc.Input(id=ids.WINDOW_SIZE, type="number", min=1, value=None, placeholder="all", debounce=True, style={"width": "80px"}),
+                            dcc.RadioItems(id=ids.PATTERN_MODE, options=[{"label": " pattern", "value": "pattern"}, {"label": " query row", "value": "row"}], value="pattern", inline=True, style={"display": "inline-block", "marginLeft": "12px"}, inputStyle={"marginLeft": "8px"}),
+                            " row ",
+                            dcc.Input(id=ids.QUERY_ROW, type="number", value=None, placeholder="last", debounce=True, style={"width": "80px"}),
                             html.Span(" computing…", id=ids.PATTERN_BUSY, style={"display": "none", "color": "#06c"}),
                         ]
                     ),

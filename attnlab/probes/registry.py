@@ -4,21 +4,27 @@ from __future__ import annotations
 from attnlab.probes.act_sinks import ActSinks
 from attnlab.probes.duplicate_token import DuplicateTokenHeads
 from attnlab.probes.first_token_sink import FirstTokenSink
+from attnlab.probes.image_centric_heads import ImageCentricHeads
 from attnlab.probes.induction import InductionHeads
 from attnlab.probes.massive_activations import MassiveActivations
+from attnlab.probes.preplan_anchor import PreplanAnchor
 from attnlab.probes.previous_token import PreviousTokenHeads
 from attnlab.probes.razor_echo import RazorEchoInduction
 from attnlab.probes.retrieval_heads import RetrievalHeads
 from attnlab.probes.streaming_heads import StreamingHeads
+from attnlab.probes.vision_aware_heads import VisionAwareHeads
 
 PROBES = {cls.name: cls for cls in (FirstTokenSink, ActSinks, MassiveActivations, PreviousTokenHeads, DuplicateTokenHeads, InductionHeads)}
 PROBES.update({cls.name: cls for cls in (RetrievalHeads, StreamingHeads, RazorEchoInduction)})
+PROBES[PreplanAnchor.name] = PreplanAnchor
+PROBES.update({cls.name: cls for cls in (VisionAwareHeads, ImageCentricHeads)})
 
 GROUPS = {
     "sinks": ("first_token_sink", "act_sinks", "massive_activations"),
     "induction": ("previous_token", "duplicate_token", "induction"),
     "retrieval": ("retrieval_heads",),
     "streaming": ("streaming_heads", "razor_echo_induction"),
+    "vision": ("vision_aware_heads", "image_centric_heads"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Head map view: a probe's layers x heads heatmap (``figures.head_map``); a click selects a head."""
+"""Head map view: a probe's layers x heads heatmap (``figures.head_map``), or its difference between two runs
+(``figures.head_map_difference``); a click selects a head."""
 from __future__ import annotations
 
 import re
@@ -11,13 +12,18 @@ from attnlab.apps.state import AppState, empty_figure, failure_message
 _AXIS = re.compile(r"^[LH](\d{1,4})$")
 
 
-def head_figure(run_name, result_name, state: AppState) -> tuple:
-    """-> (figure, status message)."""
+def head_figure(run_name, result_name, state: AppState, compare=None) -> tuple:
+    """-> (figure, status message). With a second run ``compare`` (not the same run), the map is the difference
+    ``run - compare`` of the same-named head scores (``figures.head_map_difference``)."""
     if run_name is None or result_name is None:
         return empty_figure("no head scores in this run"), ""
     try:
         scores = state.catalog.result(run_name, result_name, "head_scores")
-        return figures.head_map(scores), ""
+        if compare is None or compare == run_name:
+            return figures.head_map(scores), ""
+        state.catalog.open(compare)  # a name that is not a run is refused before its results are looked up
+        other = state.catalog.result(compare, result_name, "head_scores")
+        return figures.head_map_difference(scores, other, labels=(run_name, compare)), ""
     except Exception as e:
         return empty_figure(), failure_message(e)
 
@@ -59,9 +65,13 @@ def head_label(selected) -> str:
 
 
 def register(app, state: AppState) -> None:
-    app.callback(Output(ids.HEAD_MAP, "figure"), Output(ids.HEAD_STATUS, "children"), Input(ids.RUN_SELECT, "value"), Input(ids.HEAD_RESULT, "value"))(
-        lambda run_name, result_name: head_figure(run_name, result_name, state)
-    )
+    app.callback(
+        Output(ids.HEAD_MAP, "figure"),
+        Output(ids.HEAD_STATUS, "children"),
+        Input(ids.RUN_SELECT, "value"),
+        Input(ids.HEAD_RESULT, "value"),
+        Input(ids.COMPARE_SELECT, "value"),
+    )(lambda run_name, result_name, compare: head_figure(run_name, result_name, state, compare))
     app.callback(
         Output(ids.SELECTED_HEAD, "data"),
         Input(ids.HEAD_MAP, "clickData"),

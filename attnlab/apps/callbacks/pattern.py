@@ -1,8 +1,11 @@
-"""Attention pattern view: the selected head's token x token pattern on a prompt, computed live.
+"""Attention pattern view: the selected head's token x token pattern on a prompt, computed live, or one query row of
+it as a token strip (a click on a pattern row picks that row).
 
 The run's model is loaded by the name the run recorded (``attnlab.load``), never by anything the browser sends.
 """
 from __future__ import annotations
+
+import re
 
 from dash import Input, Output, State
 
@@ -10,6 +13,8 @@ from attnlab.apps import figures, ids
 from attnlab.apps.callbacks.runs import TYPED
 from attnlab.apps.state import AppState, empty_figure, failure_message
 from attnlab.errors import AttnlabError
+
+_ROW_LABEL = re.compile(r"^(\d{1,7})[:-]")
 
 
 def _prompt(run, choice, typed, state: AppState) -> str | list[int]:
@@ -34,8 +39,10 @@ def _window(start, size, n: int) -> tuple[int, int] | None:
     return s, n if not size else min(n, s + max(1, int(size)))
 
 
-def pattern_figure(run_name, selected, choice, typed, start, size, state: AppState) -> tuple:
-    """-> (figure, status message). Failures give an empty figure and a one-line message."""
+def pattern_figure(run_name, selected, choice, typed, start, size, state: AppState, mode: str = "pattern", query=None) -> tuple:
+    """-> (figure, status message). ``mode="row"`` shows query row ``query`` (None = the last token) as a token
+    strip (``figures.query_row_strip``) instead of the windowed pattern. Failures give an empty figure and a
+    one-line message."""
     if not selected:
         return empty_figure("select a head on the head map"), ""
     try:
@@ -43,11 +50,30 @@ def pattern_figure(run_name, selected, choice, typed, start, size, state: AppSta
         layer, head = int(selected["layer"]), int(selected["head"])
         prompt = _prompt(run, choice, typed, state)
         data = state.live.pattern(run.info["model"]["name"], prompt, layer, head)
-        window = _window(start, size, len(data.tokens))
+        n = len(data.tokens)
+        if mode == "row":
+            q = n - 1 if query is None else int(query)
+            if not 0 <= q < n:
+                raise AttnlabError(f"query row {q} is outside the prompt's {n} tokens (0-{n - 1})")
+            fig = figures.query_row_strip(data.weights, data.tokens, query=q, layer=layer, head=head, model=data.model, max_tokens=4 * state.max_pattern_size)  # one row is cheap: more keys than a pattern's side
+            return fig, ""
+        window = _window(start, size, n)
         fig = figures.attention_pattern(data.weights, data.tokens, layer=layer, head=head, model=data.model, window=window, max_size=state.max_pattern_size)
         return fig, ""
     except Exception as e:
         return empty_figure(), failure_message(e)
+
+
+def row_from_click(click_data, mode, current):
+    """The query row after a click on the full pattern: the first position of the clicked row's label (``"12:tok"``
+    or ``"12-19:tok…"``). Clicks on the row strip, or anything unreadable, keep ``current``."""
+    if mode != "pattern":
+        return current
+    try:
+        label = str(click_data["points"][0]["y"])
+        return int(_ROW_LABEL.match(label).group(1))
+    except (TypeError, KeyError, IndexError, AttributeError):
+        return current
 
 
 def register(app, state: AppState) -> None:
@@ -60,6 +86,9 @@ def register(app, state: AppState) -> None:
         Input(ids.RUN_PROMPT, "n_clicks"),
         Input(ids.WINDOW_START, "value"),
         Input(ids.WINDOW_SIZE, "value"),
+        Input(ids.PATTERN_MODE, "value"),
+        Input(ids.QUERY_ROW, "value"),
         State(ids.CUSTOM_PROMPT, "value"),  # read when something else fires: keystrokes never start a live run
         running=[(Output(ids.PATTERN_BUSY, "style"), {"display": "inline", "color": "#06c"}, {"display": "none"})],
-    )(lambda run_name, selected, choice, _clicks, start, size, typed: pattern_figure(run_name, selected, choice, typed, start, size, state))
+    )(lambda run_name, selected, choice, _clicks, start, size, mode, query, typed: pattern_figure(run_name, selected, choice, typed, start, size, state, mode, query))
+    app.callback(Output(ids.QUERY_ROW, "value"), Input(ids.PATTERN, "clickData"), State(ids.PATTERN_MODE, "value"), State(ids.QUERY_ROW, "value"), prevent_initial_call=True)(row_from_click)

@@ -118,7 +118,7 @@ class LiveModels:
                 model = self.model(info["model"]["name"])
                 prompts = DATASETS[key](model, int(ds.get("n_prompts", 1)), int(ds.get("seed", 0) or 0))
                 if prompts.token_ids is not None:
-                    ids = [model._check_length([int(x) for x in t], truncate=True, index=n) for n, t in enumerate(prompts.token_ids)]
+                    ids = [model.check_length([int(x) for x in t], truncate=True, index=n) for n, t in enumerate(prompts.token_ids)]
                 else:
                     ids = [model.token_ids(t, truncate=True, index=n) for n, t in enumerate(prompts.texts)]
             if fingerprint(ids) != ds.get("fingerprint"):
@@ -156,7 +156,7 @@ class LiveModels:
             model = self.model(model_name)
             if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
                 raise AttnlabError(f"{model_name} has no head L{layer}H{head} ({model.n_layers} layers x {model.n_heads} heads)")
-            ids = model.token_ids(prompt) if isinstance(prompt, str) else model._check_length([int(t) for t in prompt], truncate=False, index=0)
+            ids = model.token_ids(prompt) if isinstance(prompt, str) else model.check_length([int(t) for t in prompt], truncate=False, index=0)
             if len(ids) > self.max_tokens:
                 raise AttnlabError(f"the prompt has {len(ids)} tokens; the limit is {self.max_tokens}")
             key = (model_name, hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest())

@@ -132,9 +132,10 @@ class LoadedModel:
         ids = list(self.tokenizer(prompt, add_special_tokens=self.bos_policy == "tokenizer")["input_ids"])
         if self.bos_policy == "prepend":
             ids = [self.tokenizer.bos_token_id, *ids]
-        return self._check_length(ids, truncate=truncate, index=index)
+        return self.check_length(ids, truncate=truncate, index=index)
 
-    def _check_length(self, ids: list[int], *, truncate: bool, index: int) -> list[int]:
+    def check_length(self, ids: list[int], *, truncate: bool, index: int) -> list[int]:
+        """Raise on a prompt longer than the context (or cut it with ``truncate``)."""
         if len(ids) > self.n_ctx:
             if not truncate:
                 raise AttnlabError(f"prompt {index} has {len(ids)} tokens, more than {self.name}'s context of {self.n_ctx}; shorten it or pass --truncate")
@@ -151,7 +152,7 @@ class LoadedModel:
         for i, seq in zip(prompt_indices, ids):
             if len(seq) == 0:
                 raise AttnlabError(f"prompt {i} is empty")
-            rows.append(self._check_length(list(seq), truncate=truncate, index=i))
+            rows.append(self.check_length(list(seq), truncate=truncate, index=i))
         width = max(len(r) for r in rows)
         pad = self.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -43,7 +43,7 @@ def _as_probes(probes) -> list[Probe]:
 
 def _token_ids(model, prompts: PromptSet, truncate: bool) -> list[list[int]]:
     if prompts.token_ids is not None:
-        return [model._check_length(list(ids), truncate=truncate, index=i) for i, ids in enumerate(prompts.token_ids)]
+        return [model.check_length(list(ids), truncate=truncate, index=i) for i, ids in enumerate(prompts.token_ids)]
     return [model.token_ids(t, truncate=truncate, index=i) for i, t in enumerate(prompts.texts)]
 
 

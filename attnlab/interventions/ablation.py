@@ -32,12 +32,9 @@ import numpy as np
 import torch
 
 from attnlab.hooks import attn_hook
+from attnlab.interventions.base import NotFittedError
 
 MODES = ("zero", "mean", "uniform", "resample")
-
-
-class NotFittedError(RuntimeError):
-    """An intervention that needs ``fit`` was applied before it."""
 
 
 def as_batch(model, prompts):

@@ -267,3 +267,53 @@ def image_attention_overlay(image, grid, *, opacity: float = 0.55, colorscale: s
         meta={"grid_shape": list(g.shape), "total": float(g.sum()), "layer": layer, "head": head},
     )
     return fig
+
+
+def ablation_bars(table, title: str | None = None) -> go.Figure:
+    """The drop of a metric when a head set is ablated, beside k random heads (bars with error bars).
+
+    Parameters
+    ----------
+    table : DataFrame from ``attnlab.probes.causal_test.causal_test`` (rows baseline / top_k / random; columns
+        metric, ci_low, ci_high, drop, p_value, k, n_sets, heads). ``table.attrs`` may hold ``random_values``,
+        ``metric`` (its name) and ``source``.
+
+    Bars: drop = baseline - ablated metric for the head set and for the random sets' mean; the random bar's error
+    bar is its bootstrap confidence interval (of the mean, mapped to drops); the single random sets are dots.
+    ``layout.meta`` holds ``baseline``, ``top_drop``, ``random_drop``, ``random_ci`` (drop interval), ``p_value``,
+    ``k`` and ``n_seeds``.
+    """
+    rows = {r["condition"]: r for r in table.to_dict(orient="records")}
+    missing = {"baseline", "top_k", "random"} - set(rows)
+    if missing:
+        raise ValueError(f"not a causal-test table: no {', '.join(sorted(missing))} row")
+    base, top, rnd = (float(rows[c]["metric"]) for c in ("baseline", "top_k", "random"))
+    top_drop, rnd_drop = base - top, base - rnd
+    ci = (base - float(rows["random"]["ci_high"]), base - float(rows["random"]["ci_low"]))  # drop interval
+    k, n_seeds, p = int(rows["top_k"]["k"]), int(rows["random"]["n_sets"]), float(rows["top_k"]["p_value"])
+    heads = str(rows["top_k"]["heads"])
+    labels = [f"ablated: {heads}" if len(heads) <= 40 else f"top-{k} heads", f"{k} random heads (mean of {n_seeds})"]
+    fig = go.Figure(
+        go.Bar(
+            x=labels,
+            y=[top_drop, rnd_drop],
+            error_y={"type": "data", "symmetric": False, "array": [0.0, max(0.0, ci[1] - rnd_drop)], "arrayminus": [0.0, max(0.0, rnd_drop - ci[0])]},
+            marker_color=["#c0392b", "#7f8c8d"],
+            customdata=[[top, heads], [rnd, f"CI of drop {ci[0]:.4f} to {ci[1]:.4f}"]],
+            hovertemplate="%{x}<br>drop %{y:.4f}<br>ablated metric %{customdata[0]:.4f}<br>%{customdata[1]}<extra></extra>",
+            name="drop",
+        )
+    )
+    values = [float(v) for v in table.attrs.get("random_values", [])]
+    if values:
+        fig.add_trace(go.Scatter(x=[labels[1]] * len(values), y=[base - v for v in values], mode="markers", marker={"color": "#2c3e50", "size": 7}, name="random sets", hovertemplate="random set<br>drop %{y:.4f}<extra></extra>"))
+    metric = table.attrs.get("metric", "metric")
+    fig.update_layout(
+        title=title or f"drop of {metric} (baseline {base:.4f}); p = {p:.3f}",
+        yaxis_title=f"drop of {metric}",
+        showlegend=False,
+        margin={"l": 60, "r": 20, "t": 50, "b": 60},
+        height=380,
+        meta={"baseline": base, "top_drop": top_drop, "random_drop": rnd_drop, "random_ci": list(ci), "p_value": p, "k": k, "n_seeds": n_seeds},
+    )
+    return fig

@@ -38,3 +38,24 @@ QUERY_ROW = "query-row"  # the query row shown as a strip (empty = last token); 
 TOKEN_RESULT = "token-result"
 TOKEN_STRIP = "token-strip"
 TOKEN_STATUS = "token-status"
+
+# ablation scoring view
+ABLATION_VIEW = "ablation-view"
+ABL_SOURCE = "ablation-source"  # radio: "selected" head or "top" k of the head map's score
+ABL_K = "ablation-k"
+ABL_METRIC = "ablation-metric"
+ABL_SEEDS = "ablation-seeds"
+ABL_RUN = "ablation-run"  # button
+ABL_FIGURE = "ablation-figure"
+ABL_TABLE = "ablation-table"
+ABL_STATUS = "ablation-status"
+ABL_BUSY = "ablation-busy"
+
+# vision view (VLM runs only)
+VISION_VIEW = "vision-view"
+VISION_SOURCE = "vision-source"  # dropdown: a run image index, or "upload"
+VISION_UPLOAD = "vision-upload"
+VISION_QUESTION = "vision-question"
+VISION_FIGURE = "vision-figure"
+VISION_STATUS = "vision-status"
+VISION_BUSY = "vision-busy"

@@ -1,4 +1,4 @@
-"""The page: four views (runs, head map, attention pattern, tokens) in one column. Ids come from ``ids.py``.
+"""The page: six views (runs, head map, attention pattern, tokens, vision for VLM runs, ablation scoring) in one column. Ids come from ``ids.py``.
 
 ``build_layout`` is called on every page load (``app.layout`` is a function), so new runs appear on refresh.
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 from dash import dcc, html
 
 from attnlab.apps import ids
+from attnlab.apps.ablation import MAX_K, MAX_SEEDS
+from attnlab.apps.vision import MAX_UPLOAD_BYTES, UPLOAD_QUESTION
 from attnlab.apps.state import AppState, failure_message
 
 _SECTION = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "10px", "margin": "10px 0"}
@@ -90,6 +92,48 @@ def build_layout(state: AppState) -> html.Div:
                 ],
                 style=_SECTION,
                 id=ids.TOKENS_VIEW,
+            ),
+            html.Div(
+                [
+                    html.H3("Vision"),
+                    html.Div(
+                        [
+                            "image: ",
+                            dcc.Dropdown(id=ids.VISION_SOURCE, clearable=False, style={"width": "250px", "display": "inline-block", "verticalAlign": "middle"}),
+                            dcc.Upload(html.Button("upload an image"), id=ids.VISION_UPLOAD, max_size=MAX_UPLOAD_BYTES, accept="image/*", multiple=False, style={"display": "inline-block", "marginLeft": "12px"}),
+                            html.Span(" computing…", id=ids.VISION_BUSY, style={"display": "none", "color": "#06c"}),
+                        ]
+                    ),
+                    html.Div("question asked with an uploaded image (the run's images use their own questions):", style={"fontSize": "90%", "marginTop": "6px"}),
+                    dcc.Input(id=ids.VISION_QUESTION, type="text", value=UPLOAD_QUESTION, debounce=True, maxLength=500, style={"width": "100%"}, placeholder="question for an uploaded image (with <image>)"),
+                    dcc.Graph(id=ids.VISION_FIGURE, config={"displaylogo": False}, style={"height": "520px"}),
+                    html.Div(id=ids.VISION_STATUS, style=_STATUS),
+                ],
+                style={**_SECTION, "display": "none"},
+                id=ids.VISION_VIEW,
+            ),
+            html.Div(
+                [
+                    html.H3("Ablation scoring"),
+                    html.Div(
+                        [
+                            dcc.RadioItems(id=ids.ABL_SOURCE, options=[{"label": " selected head", "value": "selected"}, {"label": " top-k of the head score", "value": "top"}], value="top", inline=True, style={"display": "inline-block"}, inputStyle={"marginLeft": "8px"}),
+                            " k ",
+                            dcc.Input(id=ids.ABL_K, type="number", min=1, max=MAX_K, value=3, style={"width": "60px"}),
+                            " random seeds ",
+                            dcc.Input(id=ids.ABL_SEEDS, type="number", min=1, max=MAX_SEEDS, value=3, style={"width": "60px"}),
+                            " metric: ",
+                            dcc.Dropdown(id=ids.ABL_METRIC, clearable=False, style={"width": "260px", "display": "inline-block", "verticalAlign": "middle"}),
+                            html.Button("run ablation", id=ids.ABL_RUN, n_clicks=0, style={"marginLeft": "12px"}),
+                            html.Span(" running…", id=ids.ABL_BUSY, style={"display": "none", "color": "#06c"}),
+                        ]
+                    ),
+                    dcc.Graph(id=ids.ABL_FIGURE, config={"displaylogo": False}),
+                    html.Div(id=ids.ABL_TABLE, style={"fontSize": "90%"}),
+                    html.Div(id=ids.ABL_STATUS, style=_STATUS),
+                ],
+                style=_SECTION,
+                id=ids.ABLATION_VIEW,
             ),
         ],
     )

@@ -142,6 +142,18 @@ class LiveModels:
 
         return _Ctx()
 
+    def exclusive(self, model_name: str):
+        """Context manager: the loaded model ``model_name`` with the live-run lock held (ablations, image
+        attention: any other live computation of the app), so live runs stay one at a time."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def held():
+            with self._acquire():
+                yield self.model(model_name)
+
+        return held()
+
     def pattern(self, model_name: str, prompt: str | list[int], layer: int, head: int) -> PatternData:
         """Attention weights of head (layer, head) on ``prompt`` (text, or token ids as a run used them): one
         forward pass per new prompt, then cached."""

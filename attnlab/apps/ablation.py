@@ -1,0 +1,144 @@
+"""Ablation scoring for the app: a head set (the selected head, or the top-k of a probe result) against k random
+heads over a few seeds (``attnlab.probes.causal_test``), on a metric of the run's model.
+
+Metrics:
+- ``logprob``: mean summed log-prob of each run prompt's answer tokens (teacher forced): the appended reference
+  answer for NIAH runs (``meta["prompt_len"]``), the prompt's last token otherwise. The prompts are regenerated
+  from the run's dataset record and checked against its fingerprint.
+- ``niah``: NIAH accuracy (exact match of the code) on fresh trials (``niah_evaluator``, seed = run seed + 1),
+  offered for runs whose dataset is ``niah`` (organism-lm style runs).
+Runs through ``LiveModels.exclusive``: one live computation at a time.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from attnlab.errors import AttnlabError
+
+METRICS = {"logprob": "answer log-prob (run prompts)", "niah": "NIAH accuracy"}
+MAX_K = 16
+MAX_SEEDS = 10
+
+
+def dataset_key(info: dict) -> str:
+    return str(info.get("dataset", {}).get("name", "")).split("(")[0]
+
+
+def metrics_for(info: dict) -> list[str]:
+    """The metrics a run offers: log-prob for runs whose prompts can be regenerated, NIAH accuracy for NIAH runs."""
+    from attnlab.datasets import DATASETS
+
+    key = dataset_key(info)
+    out = ["logprob"] if key in DATASETS else []
+    if key == "niah":
+        out.append("niah")
+    return out
+
+
+class TailLogProb:
+    """Summed log-prob of the last tokens of token-id prompts: ``prompts`` are ``(ids, answer_start)`` pairs."""
+
+    name = "answer_logprob"
+
+    def encode(self, model, prompts):
+        import torch
+
+        ids = [list(p[0]) for p in prompts]
+        self.spans_ = [(int(p[1]), len(p[0])) for p in prompts]
+        for i, (s, e) in enumerate(self.spans_):
+            if not 1 <= s < e:
+                raise AttnlabError(f"prompt {i} has no answer tokens to score")
+        self.targets_ = [torch.tensor(x[s:e]) for x, (s, e) in zip(ids, self.spans_)]
+        return model.batch_from_ids(ids, list(range(len(ids))))
+
+    def __call__(self, logits, batch):
+        import torch
+
+        out = []
+        for row, p in enumerate(batch.prompt_indices):
+            s, e = self.spans_[p]
+            pred = logits[row, s - 1 : e - 1].float().log_softmax(-1)
+            out.append(pred.gather(-1, self.targets_[p].to(pred.device)[:, None]).sum())
+        return torch.stack(out)
+
+
+def run_prompts(model, info: dict) -> list[tuple[list[int], int]]:
+    """The run's prompts as ``(token ids, answer start)``, regenerated from its dataset record (fingerprint checked)."""
+    from attnlab.datasets import DATASETS, fingerprint
+
+    ds = info.get("dataset", {})
+    key = dataset_key(info)
+    if key not in DATASETS:
+        raise AttnlabError(f"this run's prompts ({ds.get('name')!r}) cannot be regenerated for the log-prob metric")
+    prompts = DATASETS[key](model, int(ds.get("n_prompts", 1)), int(ds.get("seed", 0) or 0))
+    if prompts.token_ids is not None:
+        ids = [model.check_length([int(x) for x in t], truncate=True, index=n) for n, t in enumerate(prompts.token_ids)]
+    else:
+        ids = [model.token_ids(t, truncate=True, index=n) for n, t in enumerate(prompts.texts)]
+    if fingerprint(ids) != ds.get("fingerprint"):
+        raise AttnlabError(f"regenerating {ds.get('name')} gave other prompts than the run used (fingerprint differs)")
+    meta = list(prompts.meta) or [{}] * len(ids)
+    return [(x, int(m.get("prompt_len", len(x) - 1)) if isinstance(m, dict) else len(x) - 1) for x, m in zip(ids, meta)]
+
+
+def selected_scores(model, heads: Sequence[tuple[int, int]]):
+    """A ``HeadScores`` whose only scored heads are ``heads`` (so its top-k is that set, for ``causal_test``)."""
+    from attnlab.heads.results import HeadScores
+
+    grid = np.full((model.n_layers, model.n_heads), np.nan)
+    for layer, head in heads:
+        if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
+            raise AttnlabError(f"{model.name} has no head L{layer}H{head}")
+        grid[layer, head] = 1.0
+    return HeadScores(scores=grid, name="selected heads", probe="app", model=model.name, n_kv_heads=model.n_kv_heads)
+
+
+def evaluator(model, info: dict, metric: str):
+    from attnlab.probes.causal_test import ablation_evaluator, niah_evaluator
+
+    if metric == "logprob":
+        return ablation_evaluator(model, run_prompts(model, info), TailLogProb(), mode="zero")
+    if metric == "niah":
+        if dataset_key(info) != "niah":
+            raise AttnlabError("NIAH accuracy is offered for runs on the niah dataset only")
+        seed = int(info.get("dataset", {}).get("seed", 0) or 0) + 1
+        return niah_evaluator(model, lengths=(160, 320), depths=(10, 50, 90), trials_per_cell=1, seed=seed, mode="zero")
+    raise AttnlabError(f"unknown metric {str(metric)[:40]!r}; choose one of {', '.join(METRICS)}")
+
+
+def run_ablation(live, info: dict, *, source: str, selected: dict | None, scores=None, k: Any = 3, metric: str = "logprob", n_seeds: Any = 3, seed: int = 0):
+    """Causal test of a head set on the run's model -> the ``causal_test`` table (``attrs`` hold the metric).
+
+    ``source="selected"``: the selected head (k = 1); ``source="top"``: the top-k heads of ``scores``.
+    """
+    from attnlab.probes.causal_test import causal_test
+
+    try:
+        k, n_seeds = int(k), int(n_seeds)
+    except (TypeError, ValueError):
+        raise AttnlabError("k and seeds must be whole numbers") from None
+    if not 1 <= n_seeds <= MAX_SEEDS:
+        raise AttnlabError(f"seeds must be between 1 and {MAX_SEEDS}")
+    if metric not in metrics_for(info):
+        raise AttnlabError(f"metric {str(metric)[:40]!r} is not available for this run (available: {', '.join(metrics_for(info)) or 'none'})")
+    with live.exclusive(info["model"]["name"]) as model:
+        if source == "selected":
+            if not selected:
+                raise AttnlabError("select a head on the head map first")
+            result, k = selected_scores(model, [(int(selected["layer"]), int(selected["head"]))]), 1
+        elif source == "top":
+            if scores is None:
+                raise AttnlabError("pick a head score on the head map to take its top-k")
+            if not 1 <= k <= MAX_K:
+                raise AttnlabError(f"k must be between 1 and {MAX_K}")
+            if scores.scores.shape != (model.n_layers, model.n_heads):
+                raise AttnlabError(f"{scores.name} has a {scores.scores.shape} grid but {model.name} has {model.n_layers} x {model.n_heads} heads")
+            result = scores
+        else:
+            raise AttnlabError(f"unknown head source {str(source)[:40]!r}")
+        table = causal_test(result, k, evaluator(model, info, metric), n_seeds=n_seeds, seed=seed)
+    table.attrs["metric"] = METRICS[metric]
+    table.attrs["model"] = info["model"]["name"]
+    return table

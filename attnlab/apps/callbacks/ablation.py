@@ -1,0 +1,60 @@
+"""Ablation scoring view: the selected head or the top-k of the head map's score, ablated against k random heads
+over a few seeds (``attnlab.apps.ablation.run_ablation``), drawn by ``figures.ablation_bars``; only on a click."""
+from __future__ import annotations
+
+from dash import Input, Output, State, html
+
+from attnlab.apps import figures, ids
+from attnlab.apps.ablation import METRICS, metrics_for, run_ablation
+from attnlab.apps.state import AppState, empty_figure, failure_message
+
+_CELL = {"padding": "2px 10px", "borderBottom": "1px solid #eee", "textAlign": "left"}
+COLUMNS = ("condition", "k", "n_sets", "metric", "ci_low", "ci_high", "drop", "p_value", "heads")
+
+
+def metric_options(run_name, state: AppState) -> tuple:
+    """-> (metric options, value) for a run: NIAH accuracy only for NIAH runs."""
+    try:
+        names = metrics_for(state.catalog.open(run_name).info)
+    except Exception:
+        names = []
+    return [{"label": METRICS[n], "value": n} for n in names], (names[-1] if names else None)
+
+
+def table_component(table) -> html.Table:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    body = [html.Tr([html.Td(fmt(r[c]), style=_CELL) for c in COLUMNS]) for r in table.to_dict(orient="records")]
+    return html.Table([html.Thead(html.Tr([html.Th(c, style=_CELL) for c in COLUMNS])), html.Tbody(body)], style={"borderCollapse": "collapse"})
+
+
+def ablation_result(n_clicks, run_name, selected, result_name, source, k, metric, n_seeds, state: AppState) -> tuple:
+    """-> (figure, table component, status). Nothing runs before the button is pressed."""
+    if not n_clicks:
+        return empty_figure("pick heads and a metric, then press 'run ablation'"), None, ""
+    try:
+        info = state.catalog.open(run_name).info
+        scores = state.catalog.result(run_name, result_name, "head_scores") if source == "top" else None
+        table = run_ablation(state.live, info, source=source, selected=selected, scores=scores, k=k, metric=metric, n_seeds=n_seeds)
+        return figures.ablation_bars(table), table_component(table), ""
+    except Exception as e:
+        return empty_figure(), None, failure_message(e)
+
+
+def register(app, state: AppState) -> None:
+    app.callback(Output(ids.ABL_METRIC, "options"), Output(ids.ABL_METRIC, "value"), Input(ids.RUN_SELECT, "value"))(lambda run_name: metric_options(run_name, state))
+    app.callback(
+        Output(ids.ABL_FIGURE, "figure"),
+        Output(ids.ABL_TABLE, "children"),
+        Output(ids.ABL_STATUS, "children"),
+        Input(ids.ABL_RUN, "n_clicks"),
+        State(ids.RUN_SELECT, "value"),
+        State(ids.SELECTED_HEAD, "data"),
+        State(ids.HEAD_RESULT, "value"),
+        State(ids.ABL_SOURCE, "value"),
+        State(ids.ABL_K, "value"),
+        State(ids.ABL_METRIC, "value"),
+        State(ids.ABL_SEEDS, "value"),
+        running=[(Output(ids.ABL_BUSY, "style"), {"display": "inline", "color": "#06c"}, {"display": "none"}), (Output(ids.ABL_RUN, "disabled"), True, False)],
+    )(lambda n, run_name, selected, result_name, source, k, metric, seeds: ablation_result(n, run_name, selected, result_name, source, k, metric, seeds, state))

@@ -1,4 +1,4 @@
-"""Command line: ``attnlab scan | show | models | eval | app``.
+"""Command line: ``attnlab scan | show | models | eval | ablate | intervene | app``.
 
 Exit codes: 0 success, 2 user error (one-line message on stderr), 1 unexpected failure (one line; set
 ``ATTNLAB_DEBUG=1`` for the traceback), 130 interrupted. Nothing already written is lost: a scan saves each
@@ -172,6 +172,35 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def cmd_intervene(args) -> int:
+    """Fit an intervention (on --fit), measure it against the baseline on --eval, save both into --out."""
+    import attnlab
+    from attnlab.interventions.evaluate import check_sets_disjoint, evaluate_intervention, format_table, load_data
+    from attnlab.interventions.registry import build
+
+    iv = build(args.method, args.param)  # bad method / parameter name: exit 2 before loading anything
+    eval_set = load_data(args.eval, n=args.n, seed=args.seed)
+    fit_set = load_data(args.fit, n=args.n_fit or args.n, seed=args.seed) if args.fit else None
+    if fit_set is not None:
+        try:
+            check_sets_disjoint(fit_set, eval_set)  # refuse before loading anything
+        except ValueError as e:
+            raise AttnlabError(str(e)) from None
+    model = attnlab.load(args.model, device=args.device)
+    try:
+        iv.fit(model, fit_set.items if fit_set else None, split=fit_set.name if fit_set else "none")
+        report = evaluate_intervention(model, iv, eval_set, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size)
+    except (ValueError, TypeError) as e:  # parameter values are validated by fit; overlap is refused
+        raise AttnlabError(str(e).splitlines()[0]) from None
+    out = Path(args.out)
+    iv.save(out / "intervention")
+    report.save(out)
+    print(f"{args.method} on {model.name}: fit on {report.info['fit_split']['name']} (n={report.info['fit_split']['n']}), measured on {eval_set.name} (n={len(eval_set)})")
+    print(format_table(report))
+    print(f"run: {out.resolve()}  (intervention/, report.json, report.csv)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnlab", description="Find, score and change the attention heads and tokens that matter in a transformer.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -222,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="directory for the table")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("intervene", help="fit an attention intervention and measure it against the baseline", description="Fit an intervention on --fit, then score the baseline and the intervened model on the held-out --eval data with paired bootstrap intervals. DATA: classify:TASK:SPLIT[:SHOTS] (TASK sentiment|topic|all), icl:TASK:SPLIT[:SHOTS] (an ICL task or all), or a function-vectors JSON file PATH[:SHOTS].")
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", required=True, help="act or zerotuning")
+    p.add_argument("--fit", help="data the intervention is fitted on (optional for methods with fixed parameters)")
+    p.add_argument("--eval", required=True, help="held-out data it is measured on (must not overlap --fit)")
+    p.add_argument("--out", required=True, help="run directory: intervention/ (fitted state), report.json, report.csv")
+    p.add_argument("--param", action="append", default=[], metavar="K=V", help="method parameter, value read as JSON (repeatable), e.g. gamma=2.0 or heads=[[3,0]]")
+    p.add_argument("--n", type=int, default=32, help="eval items per task (default 32; a file gives at most n)")
+    p.add_argument("--n-fit", type=int, default=None, help="fit items per task (default: --n)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_intervene)
 
     p = sub.add_parser("app", help="open the interactive app over a directory of runs", description="Serve the Dash app (head maps, attention patterns, token scores) over the runs in a directory.")
     p.add_argument("--runs", required=True, help="directory whose sub-directories are runs written by `attnlab scan --out`")

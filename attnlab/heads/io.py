@@ -36,6 +36,11 @@ def write_json(path: str | Path, obj: Any) -> None:
     _atomic_replace(Path(path), write)
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write text (e.g. a CSV table), atomically."""
+    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     """Write named numpy arrays as safetensors, atomically."""
     contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}

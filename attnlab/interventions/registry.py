@@ -1,0 +1,51 @@
+"""Interventions the CLI knows by name, and ``k=v`` parameter parsing for them.
+
+``INTERVENTIONS`` maps the ``attnlab intervene --method`` names to classes; more methods join as they land.
+``build(method, ["gamma=2", "heads=[[3,0],[3,1]]"])`` makes an unfitted instance: each value is read as JSON
+(numbers, booleans ``true``/``false``, ``null``, lists) and kept as a plain string when it is not JSON. Only
+names in the class's ``__init__`` signature are accepted; values are validated by ``fit`` (sklearn style).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from attnlab.errors import AttnlabError
+from attnlab.interventions.act import ACT
+from attnlab.interventions.base import Intervention
+from attnlab.interventions.zerotuning import ZeroTuning
+
+INTERVENTIONS: dict[str, type[Intervention]] = {"act": ACT, "zerotuning": ZeroTuning}
+
+
+def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["k=v", ...]`` -> ``{k: value}``; a value is JSON when it parses as JSON, else the raw string."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise AttnlabError(f"--param must look like name=value, got {pair!r}")
+        if key in out:
+            raise AttnlabError(f"--param {key} given twice")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def build(method: str, pairs: Sequence[str] = ()) -> Intervention:
+    """An unfitted intervention of ``method`` with ``k=v`` parameters; one-line AttnlabError on a bad name."""
+    if method not in INTERVENTIONS:
+        raise AttnlabError(f"unknown method {method!r}; available: {', '.join(INTERVENTIONS)}")
+    cls = INTERVENTIONS[method]
+    params = parse_params(pairs)
+    allowed = cls._param_names()
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise AttnlabError(f"{method} has no parameter {', '.join(unknown)}; parameters: {', '.join(allowed)}")
+    return cls(**params)
+
+
+__all__ = ["INTERVENTIONS", "build", "parse_params"]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from attnlab.hooks import attn_hook
-from attnlab.interventions.base import NotFittedError
+from attnlab.interventions.base import NotFittedError, validate_heads
 
 MODES = ("zero", "mean", "uniform", "resample")
 
@@ -46,20 +46,6 @@ def as_batch(model, prompts):
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings or a Batch, not one string")
     return model.encode(list(prompts))
-
-
-def validate_heads(model, heads: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Heads as sorted unique ``(layer, head)`` ints, checked against the model's grid."""
-    out = set()
-    for item in heads:
-        try:
-            layer, head = (int(x) for x in item)
-        except (TypeError, ValueError):
-            raise TypeError(f"a head must be a (layer, head) pair, got {item!r}") from None
-        if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
-            raise ValueError(f"head {(layer, head)} outside {model.name}'s grid of {model.n_layers} layers x {model.n_heads} heads")
-        out.add((layer, head))
-    return tuple(sorted(out))
 
 
 def uniform_pattern(attention_mask: torch.Tensor | None, n_rows: int, seq: int, *, causal: bool = True, device=None, dtype=torch.float32) -> torch.Tensor:

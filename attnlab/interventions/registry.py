@@ -13,11 +13,12 @@ from typing import Any, Sequence
 from attnlab.errors import AttnlabError
 from attnlab.interventions.act import ACT
 from attnlab.interventions.base import Intervention
+from attnlab.interventions.soft_injection import SoftInjection
 from attnlab.interventions.var import VAR
 from attnlab.interventions.vhr import VHR
 from attnlab.interventions.zerotuning import ZeroTuning
 
-INTERVENTIONS: dict[str, type[Intervention]] = {"act": ACT, "zerotuning": ZeroTuning, "var": VAR, "vhr": VHR}
+INTERVENTIONS: dict[str, type[Intervention]] = {"act": ACT, "zerotuning": ZeroTuning, "var": VAR, "vhr": VHR, "soft-injection": SoftInjection}
 
 
 def parse_params(pairs: Sequence[str]) -> dict[str, Any]:

@@ -1,0 +1,423 @@
+"""Soft injection of task embeddings (SITE; Park & Rhee, arXiv 2507.20906; spec ``shared/methods/soft_injection.md``).
+
+1. **Task embedding** ``e_bar`` ``[L, H, d_head]``: the mean over ``n_prompts`` random ``n_shots``-shot prompts
+   (``Q: x\\nA: y\\n\\n`` demonstrations from the task's *train* items) of every query head's output
+   ``z_{l,h}`` (``blocks.{l}.attn.hook_z``, the ``o_proj`` input) at the prompt's last token.
+2. **Soft head selection**: ``alpha = alpha_scale * sigmoid(theta)`` per (layer, head); at the last prompt token
+   of a 0-shot prompt every head's output becomes ``(1 - alpha) * z + alpha * e_bar`` (all layers at once); the
+   model's own ``o_proj`` then maps the mixed z. Other positions are untouched.
+3. **Fitting**: model frozen; Adam on theta (``lr`` 0.2, ``n_steps`` 400, ``batch_size`` 1, init 0); a step's loss
+   is the cross-entropy of the first answer token at the last position of random 0-shot *train* queries; every
+   ``val_every`` steps the CE on the first ``n_val`` *valid* items is measured and ``select="best"`` keeps the
+   theta with the lowest one (``"last"``: the final theta, the reference code's behaviour).
+
+Identity: ``alpha_scale=0`` (or theta -> -inf) gives ``z' = z`` exactly.
+
+Which token is "the last prompt token" (``position``):
+
+- ``"cue"`` (default): the last occurrence of the answer cue (``cue``, ``"\\nA:"``; matched as token ids, read
+  from ``embed.hook_in``) in each row. The evaluation harness decodes greedily by re-running prompt + generated
+  tokens, so the injection stays at the prompt's end instead of wandering to the newest token; a KV-cached
+  decoding step (only new tokens, no cue) and rows without the cue are not modified.
+- ``"last"``: the last real token of every row of every forward pass (prompts in other formats; prefill only).
+
+Data (``load_task``): ``"icl:TASK"`` (attnlab's ICL train / valid pools), a function-vectors JSON file
+``[{"input": x, "output": y}, ...]`` (split seeded 70 / 9 / 21 like FV), a directory holding ``train.json`` and
+``valid.json`` (and optionally ``test.json``) in that format, or a dict ``{"train": ..., "valid": ...}`` of pairs.
+Only train (embedding, steps) and valid (selection) items are seen by ``fit``; ``fit_split_`` records the 0-shot
+prompts of both so ``check_disjoint`` refuses a test set that shares one.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from attnlab.hooks import attn_hook
+from attnlab.interventions.base import Intervention, prompt_digest, real_keys_from_scores
+
+POSITIONS = ("cue", "last")
+SELECTS = ("best", "last")
+EMBED_IN = "embed.hook_in"
+
+
+# ---- task data --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskData:
+    """(input, output) pairs of one task's splits; ``test`` is never used by ``fit``."""
+
+    name: str
+    train: list[tuple[str, str]]
+    valid: list[tuple[str, str]]
+    test: list[tuple[str, str]]
+
+
+def _pairs(rows: Any, where: str) -> list[tuple[str, str]]:
+    """Pairs from a path to a function-vectors JSON file or from a list of dicts / pairs."""
+    from attnlab.interventions.evaluate import read_function_vectors
+
+    if isinstance(rows, (str, Path)):
+        return read_function_vectors(rows)
+    out = []
+    for i, r in enumerate(rows):
+        if isinstance(r, dict):
+            if "input" not in r or "output" not in r:
+                raise ValueError(f"{where}: record {i} needs 'input' and 'output'")
+            y = r["output"][0] if isinstance(r["output"], list) and r["output"] else r["output"]
+            out.append((str(r["input"]).strip(), str(y).strip()))
+        else:
+            x, y = r
+            out.append((str(x), str(y)))
+    if not out:
+        raise ValueError(f"{where} is empty")
+    return out
+
+
+def split_pairs(pairs: Sequence[tuple[str, str]], *, seed: int = 42, fractions: tuple[float, float] = (0.70, 0.09)) -> tuple[list, list, list]:
+    """Seeded train / valid / test split of one file's pairs (70 / 9 / 21 by default, as FV's files)."""
+    order = list(range(len(pairs)))
+    random.Random(f"site-split:{seed}").shuffle(order)
+    n_tr = int(round(fractions[0] * len(pairs)))
+    n_va = max(1, int(round(fractions[1] * len(pairs))))
+    pick = lambda idx: [tuple(pairs[i]) for i in idx]  # noqa: E731
+    return pick(order[:n_tr]), pick(order[n_tr : n_tr + n_va]), pick(order[n_tr + n_va :])
+
+
+def load_task(source: Any, *, seed: int = 42) -> TaskData:
+    """``TaskData`` from ``icl:TASK``, a function-vectors JSON file, a directory of split files, or a dict."""
+    if isinstance(source, TaskData):
+        return source
+    if isinstance(source, dict):
+        return TaskData(str(source.get("name", "task")), _pairs(source["train"], "train"), _pairs(source["valid"], "valid"), _pairs(source["test"], "test") if source.get("test") else [])
+    items = getattr(source, "items", source)
+    if isinstance(items, (list, tuple)) and items and all(hasattr(it, "query") and hasattr(it, "label") for it in items):
+        # an EvalSet / GenerationPrompt list (the CLI's --fit data): its queries, 85% steps + 15% selection
+        tr, va, _ = split_pairs([(it.query, it.label) for it in items], seed=seed, fractions=(0.85, 0.15))
+        return TaskData(str(getattr(source, "name", "fit")), tr, va, [])
+    if isinstance(source, str) and source.startswith("icl:"):
+        from attnlab.datasets import icl
+
+        task = source.split(":")[1]
+        if task not in icl.TASKS:
+            raise ValueError(f"unknown ICL task {task!r}; known: {', '.join(icl.TASK_NAMES)}")
+        sp = {s: [(r["input"], r["output"]) for r in icl.export_function_vectors(task, s, seed=seed)] for s in icl.SPLITS}
+        return TaskData(task, sp["train"], sp["valid"], sp["test"])
+    p = Path(source)
+    if p.is_dir():
+        files = {s: p / f"{s}.json" for s in ("train", "valid", "test")}
+        if not files["train"].is_file() or not files["valid"].is_file():
+            raise ValueError(f"{p} must hold train.json and valid.json (function-vectors format)")
+        return TaskData(p.name, _pairs(files["train"], "train"), _pairs(files["valid"], "valid"), _pairs(files["test"], "test") if files["test"].is_file() else [])
+    if p.is_file():
+        tr, va, te = split_pairs(_pairs(p, str(p)), seed=seed)
+        return TaskData(p.stem, tr, va, te)
+    raise ValueError(f"task data {source!r} is neither icl:TASK, a function-vectors JSON file, a directory of split files nor a dict")
+
+
+def zero_shot(x: str) -> str:
+    from attnlab.datasets.icl import format_prompt
+
+    return format_prompt([], x)
+
+
+# ---- the operator -----------------------------------------------------------------------------------------------
+
+
+def inject(z: torch.Tensor, pos: torch.Tensor, e: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``z`` ``[batch, seq, heads, d_head]`` with row b's position ``pos[b]`` mixed toward ``e`` ``[heads, d_head]``.
+
+    ``pos[b] < 0`` leaves row b unchanged. Differentiable in ``alpha`` ``[heads]``.
+    """
+    rows = torch.nonzero(pos >= 0).flatten()
+    if rows.numel() == 0:
+        return z
+    p = pos[rows]
+    a = alpha.to(z.dtype).view(1, -1, 1)
+    cur = z[rows, p]  # [n, heads, d_head]
+    out = z.clone()
+    out[rows, p] = (1 - a) * cur + a * e.to(z.dtype).unsqueeze(0)
+    return out
+
+
+def last_occurrence(ids: torch.Tensor, cue: Sequence[int]) -> torch.Tensor:
+    """Per row of ``ids`` ``[batch, seq]``: index of the last token of the last occurrence of ``cue``; -1 if none."""
+    n = len(cue)
+    b, s = ids.shape
+    out = torch.full((b,), -1, dtype=torch.long, device=ids.device)
+    if n == 0 or s < n:
+        return out
+    c = torch.tensor(list(cue), dtype=ids.dtype, device=ids.device)
+    hit = ids.unfold(1, n, 1).eq(c).all(-1)  # [batch, s - n + 1]
+    idx = torch.arange(hit.shape[1], device=ids.device) + n - 1
+    found = hit.any(1)
+    last = (hit.long() * (idx + 1)).argmax(1) + n - 1
+    out[found] = last[found]
+    return out
+
+
+def cue_ids(model, cue: str) -> list[int]:
+    """Token ids the 0-shot template's ``cue`` tail becomes in context (suffix beyond the shared prefix)."""
+    full = model.token_ids(zero_shot("x"))
+    head = model.token_ids(zero_shot("x")[: -len(cue)])
+    k = 0
+    while k < min(len(full), len(head)) and full[k] == head[k]:
+        k += 1
+    return full[k:] or full[-1:]
+
+
+# ---- the intervention -------------------------------------------------------------------------------------------
+
+
+class SoftInjection(Intervention):
+    """SITE: inject a few-shot task embedding into every head's last-prompt-token output with learned weights.
+
+    Parameters
+    ----------
+    n_prompts, n_shots : int, default=50, 10
+        Few-shot prompts (train items) averaged into the task embedding.
+    lr, n_steps, batch_size : float, int, int, default=0.2, 400, 1
+        Adam on theta; random 0-shot train queries per step.
+    val_every, n_val : int, default=50, 100
+        Validation CE on the first ``n_val`` valid items every ``val_every`` steps (and after the last step).
+    select : {"best", "last"}, default="best"
+        Keep the theta with the lowest validation CE, or the last one (reference parity).
+    theta_init : float, default=0.0
+    alpha_scale : float, default=1.0
+        ``alpha = alpha_scale * sigmoid(theta)``; 0 is the identity.
+    position : {"cue", "last"}, default="cue"
+        Which token is injected (module docstring).
+    cue : str, default="\\nA:"
+    loss_tokens : {"first", "all"}, default="first"
+        CE of the answer's first token (the spec) or of all its tokens, teacher forced (multi-token answers whose
+        first token the 0-shot model already gets right, e.g. digit-split numbers).
+    top_k : int, default=10
+        Heads listed as "selected" (largest alpha) in ``summary``.
+    seed : int, default=0
+    data_seed : int, default=42
+        Seed of ``load_task`` (the split of a single file, the ICL export).
+
+    Attributes
+    ----------
+    task_ : str
+    e_bar_ : ndarray (L, H, d_head)
+    theta_ : ndarray (L, H)
+    history_ : list of dict
+        Validation CE per checkpoint (``step``, ``val_loss``) and the mean train loss since the previous one.
+    best_step_ : int
+    baseline_val_loss_ : float
+        Validation CE of the plain 0-shot model.
+    selected_heads_ : list of [layer, head, alpha]
+    fit_split_ : dict
+    """
+
+    name = "soft-injection"
+
+    def __init__(self, *, n_prompts: int = 50, n_shots: int = 10, lr: float = 0.2, n_steps: int = 400, batch_size: int = 1, val_every: int = 50, n_val: int = 100, select: str = "best", theta_init: float = 0.0, alpha_scale: float = 1.0, position: str = "cue", cue: str = "\nA:", loss_tokens: str = "first", top_k: int = 10, seed: int = 0, data_seed: int = 42):
+        self.n_prompts = n_prompts
+        self.n_shots = n_shots
+        self.lr = lr
+        self.n_steps = n_steps
+        self.batch_size = batch_size
+        self.val_every = val_every
+        self.n_val = n_val
+        self.select = select
+        self.theta_init = theta_init
+        self.alpha_scale = alpha_scale
+        self.position = position
+        self.cue = cue
+        self.loss_tokens = loss_tokens
+        self.top_k = top_k
+        self.seed = seed
+        self.data_seed = data_seed
+        self._state: dict[str, Any] = {}
+
+    # ---- fitting ---------------------------------------------------------------------------------------------
+
+    def fit(self, model, data=None, *, split: str | None = None) -> "SoftInjection":
+        """Fit on ``data`` (anything ``load_task`` reads): embedding and steps from train, selection from valid."""
+        if data is None:
+            raise ValueError("SoftInjection.fit needs task data (icl:TASK, a function-vectors JSON path, a directory or a dict)")
+        if self.select not in SELECTS:
+            raise ValueError(f"select must be one of {SELECTS}, got {self.select!r}")
+        if self.loss_tokens not in ("first", "all"):
+            raise ValueError(f"loss_tokens must be 'first' or 'all', got {self.loss_tokens!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+        if self.n_shots < 0 or self.n_prompts < 1 or self.n_steps < 0 or self.batch_size < 1 or self.val_every < 1 or self.n_val < 1:
+            raise ValueError("n_prompts, batch_size, val_every and n_val must be >= 1; n_shots and n_steps >= 0")
+        for k in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
+            delattr(self, k)
+        task = load_task(data, seed=self.data_seed)
+        if len(task.train) <= self.n_shots:
+            raise ValueError(f"{task.name}: {self.n_shots}-shot prompts need more than {self.n_shots} train items, got {len(task.train)}")
+        seen = [zero_shot(x) for x, _ in task.train + task.valid[: self.n_val]]
+        self.fit_split_ = {"name": split or f"{task.name}: train (embedding, steps) + valid (selection)", "n": len(seen), "n_train": len(task.train), "n_valid": min(len(task.valid), self.n_val), "digests": [prompt_digest(p) for p in seen]}
+        self.model_ = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads}
+        self.task_ = task.name
+        self._fit(model, task)
+        return self
+
+    def _fit(self, model, task: TaskData) -> None:
+        self.e_bar_ = self.task_embedding(model, task.train).numpy()
+        e = torch.as_tensor(self.e_bar_, device=model.device)
+        params = list(model.bridge.parameters())
+        was = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            self._optimise(model, task, e)
+        finally:
+            for p, w in zip(params, was):
+                p.requires_grad_(w)
+        alpha = self.alpha_scale / (1 + np.exp(-self.theta_.astype(np.float64)))
+        order = np.argsort(-alpha, axis=None, kind="stable")[: self.top_k]
+        self.selected_heads_ = [[int(i // alpha.shape[1]), int(i % alpha.shape[1]), float(alpha.flat[i])] for i in order]
+
+    @torch.no_grad()
+    def task_embedding(self, model, train: Sequence[tuple[str, str]], *, batch_size: int = 16) -> torch.Tensor:
+        """Mean z of every head at the last token of ``n_prompts`` seeded few-shot prompts: ``[L, H, d_head]``."""
+        from attnlab.datasets.icl import format_prompt
+
+        rng = random.Random(f"site-embed:{self.seed}")
+        prompts = []
+        for _ in range(self.n_prompts):
+            pick = rng.sample(range(len(train)), self.n_shots + 1)
+            prompts.append(format_prompt([train[i] for i in pick[:-1]], train[pick[-1]][0]))
+        total: dict[int, torch.Tensor] = {}
+
+        def keep(layer, last):
+            def hook(z, hook=None):
+                v = z[torch.arange(z.shape[0], device=z.device), last.to(z.device)].float().sum(0)
+                total[layer] = total.get(layer, 0) + v.cpu()
+
+            return hook
+
+        for s in range(0, len(prompts), batch_size):
+            batch = model.encode(prompts[s : s + batch_size], padding_side="right")
+            last = batch.lengths - 1
+            with model.bridge.hooks(fwd_hooks=[(attn_hook(l, "hook_z"), keep(l, last)) for l in range(model.n_layers)]):
+                model.forward(batch)
+        return torch.stack([total[l] for l in range(model.n_layers)]) / len(prompts)
+
+    def _alpha(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.alpha_scale * torch.sigmoid(theta)
+
+    def _ce(self, model, pairs, theta, e) -> torch.Tensor:
+        """Mean CE of the answer's first token (``loss_tokens="first"``) or all its tokens (``"all"``, teacher
+        forced, still injected at the prompt's last token only) with injection."""
+        prompts = [zero_shot(x) for x, _ in pairs]
+        answers = [model.tokenizer(" " + y, add_special_tokens=False)["input_ids"] for _, y in pairs]
+        if self.loss_tokens == "first":
+            answers = [a[:1] for a in answers]
+        ids = [model.token_ids(p) for p in prompts]
+        batch = model.batch_from_ids([i + a[:-1] for i, a in zip(ids, answers)], list(range(len(pairs))), padding_side="right").to(model.device)
+        with model.bridge.hooks(fwd_hooks=self._hooks_for(model, theta, e)):
+            logits = model.forward(batch)
+        self._reset_state()
+        rows = torch.cat([torch.full((len(a),), b) for b, a in enumerate(answers)]).to(logits.device)
+        cols = torch.cat([torch.arange(len(i) - 1, len(i) - 1 + len(a)) for i, a in zip(ids, answers)]).to(logits.device)
+        targets = torch.tensor([t for a in answers for t in a], device=logits.device)
+        return torch.nn.functional.cross_entropy(logits[rows, cols].float(), targets)
+
+    def _optimise(self, model, task: TaskData, e: torch.Tensor) -> None:
+        torch.manual_seed(self.seed)
+        rng = random.Random(f"site-steps:{self.seed}")
+        theta = torch.full((model.n_layers, model.n_heads), float(self.theta_init), device=model.device, requires_grad=True)
+        opt = torch.optim.Adam([theta], lr=self.lr)
+        valid = task.valid[: self.n_val]
+
+        def validate(th) -> float:
+            with torch.no_grad():
+                chunks = [valid[s : s + 32] for s in range(0, len(valid), 32)]
+                return sum(float(self._ce(model, c, th, e)) * len(c) for c in chunks) / len(valid)
+
+        self.baseline_val_loss_ = validate(torch.full_like(theta, float("-inf")))
+        best = (validate(theta.detach()), 0, theta.detach().clone())
+        history = [{"step": 0, "val_loss": best[0]}]
+        losses = []
+        for step in range(1, self.n_steps + 1):
+            pairs = [task.train[rng.randrange(len(task.train))] for _ in range(self.batch_size)]
+            loss = self._ce(model, pairs, theta, e)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if step % self.val_every == 0 or step == self.n_steps:
+                v = validate(theta.detach())
+                history.append({"step": step, "val_loss": v, "train_loss": float(np.mean(losses))})
+                losses = []
+                if self.select == "last" or v < best[0]:
+                    best = (v, step, theta.detach().clone())
+        self.history_ = history
+        self.best_step_ = best[1]
+        self.best_val_loss_ = best[0]
+        self.theta_ = best[2].cpu().numpy().astype(np.float32)
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        self._state = {}
+
+    def hooks(self, model) -> list:
+        theta = torch.as_tensor(np.asarray(self.theta_), device=model.device)
+        return self._hooks_for(model, theta, torch.as_tensor(np.asarray(self.e_bar_), device=model.device))
+
+    def _hooks_for(self, model, theta: torch.Tensor, e: torch.Tensor) -> list:
+        alpha = self._alpha(theta)
+        cue = cue_ids(model, self.cue) if self.position == "cue" else []
+        state = self._state
+
+        def ids_hook(ids, hook=None):
+            state["pos"] = last_occurrence(ids, cue) if self.position == "cue" else None
+            return None
+
+        def scores_hook(scores, hook=None):
+            if self.position == "last":
+                valid = real_keys_from_scores(scores)
+                idx = torch.arange(valid.shape[1], device=valid.device)
+                state["pos"] = torch.where(valid.any(1), (valid.long() * (idx + 1)).argmax(1), torch.full_like(idx[:1], -1).expand(valid.shape[0]))
+            return None
+
+        def z_hook(layer):
+            def hook(z, hook=None):
+                pos = state.get("pos")
+                if pos is None or pos.shape[0] != z.shape[0]:
+                    return None
+                return inject(z, pos.to(z.device), e[layer], alpha[layer])
+
+            return hook
+
+        out = [(EMBED_IN, ids_hook), (attn_hook(0, "hook_attn_scores"), scores_hook)]
+        return out + [(attn_hook(l, "hook_z"), z_hook(l)) for l in range(model.n_layers)]
+
+    # ---- reporting -------------------------------------------------------------------------------------------
+
+    @property
+    def alpha_(self) -> np.ndarray:
+        return self.alpha_scale / (1 + np.exp(-np.asarray(self.theta_, dtype=np.float64)))
+
+    def summary(self) -> dict[str, Any]:
+        """What was fitted, for reports: the task, the selected heads (largest alpha), the validation curve."""
+        self._check_fitted()
+        a = self.alpha_
+        return {
+            "method": self.name, "task": self.task_, "select": self.select, "best_step": self.best_step_,
+            "best_val_loss": self.best_val_loss_, "baseline_val_loss": self.baseline_val_loss_,
+            "selected_heads": self.selected_heads_, "mean_alpha": float(a.mean()), "n_alpha_above_half": int((a > 0.5).sum()),
+            "history": self.history_, "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"},
+        }
+
+
+def head_overlap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> float:
+    """Jaccard overlap of two selected-head lists (``[layer, head, ...]`` rows)."""
+    sa, sb = {(int(r[0]), int(r[1])) for r in a}, {(int(r[0]), int(r[1])) for r in b}
+    return len(sa & sb) / max(1, len(sa | sb))
+
+
+__all__ = ["SoftInjection", "TaskData", "load_task", "split_pairs", "inject", "last_occurrence", "cue_ids", "head_overlap"]

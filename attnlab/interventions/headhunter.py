@@ -1,0 +1,286 @@
+"""HeadHunter: greedy iterative search for the attention heads whose SoftPAG perturbation best serves an objective.
+
+Spec: ``shared/methods/headhunter_softpag.md`` section 4 (Alg. 1), on organism-dit::
+
+    S = {}
+    repeat rounds times:
+        for each (l, h) in candidates(pool \\ S):
+            score(l, h) = mean objective of images sampled with SoftPAG on S + {(l, h)}
+        S = S + top-k heads by score
+
+Objectives (higher is better), per generated image with its intended label:
+
+* ``"classifier"``: the bundled digit scorer's probability of the intended class (`dit.get_scorer`), the
+  quality objective (PickScore's role in the paper);
+* ``"ink"``, ``"thickness"``, ``"slant"``: `dit.style_scores` (the style objective; maximised, so
+  ``thickness`` looks for heads that make strokes bolder);
+* or any callable ``(images, labels) -> per-image scores``.
+
+CPU settings: ``n_candidates`` draws that many heads per round from the remaining pool (seeded; None = all
+L x H heads, the reference), ``n_per_class`` x ``classes`` images per candidate with ``num_steps`` DDIM steps.
+The reference settings (quality: M = 20, 1 round, k = 24, w = 3, u = 0.25; style: 5 rounds, k = 3, w = 3,
+u = 1) are available through the parameters. Search images use seed ``seed``; evaluate on other seeds
+(`evaluate_guidance`, ``main``) so the reported numbers are not the ones the search was fitted on.
+
+Like `SoftPAG`, this is not a TransformerBridge `Intervention` (the DiT has no bridge hooks); it keeps the
+shape: explicit parameters, ``fit`` setting attributes ending in ``_``, JSON ``save`` / ``load``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from attnlab.heads.io import read_json, write_json
+from attnlab.interventions.softpag import SoftPAG, attention_modules
+
+OBJECTIVES = ("classifier", "ink", "thickness", "slant")
+JSON_NAME = "headhunter.json"
+
+
+def objective_fn(objective: str | Callable) -> Callable[[torch.Tensor, np.ndarray], np.ndarray]:
+    """Per-image objective ``(images, labels) -> scores`` for a name in `OBJECTIVES` or a callable."""
+    if callable(objective):
+        return objective
+    from attnlab.models.training import dit
+
+    if objective == "classifier":
+        return lambda images, labels: dit.get_scorer().prob_of(images, labels)
+    if objective in dit.STYLE_NAMES:
+        return lambda images, labels: dit.style_scores(images)[objective]
+    raise ValueError(f"objective must be one of {OBJECTIVES} or a callable, got {objective!r}")
+
+
+def search_labels(classes: Sequence[int], n_per_class: int) -> torch.Tensor:
+    return torch.as_tensor(list(classes), dtype=torch.long).repeat_interleave(int(n_per_class))
+
+
+def score_guidance(organism, guidance: SoftPAG, objective, labels: torch.Tensor, *, num_steps: int, seed: int,
+                   device: str = "cpu") -> np.ndarray:
+    """Per-image objective of images sampled with ``guidance`` (labels given, seed fixed)."""
+    images = guidance.sample(organism, labels, num_steps=num_steps, seed=seed, device=device)
+    return np.asarray(objective_fn(objective)(images, labels.numpy()), dtype=np.float64)
+
+
+class HeadHunter:
+    """Greedy iterative head search (HeadHunter, Alg. 1) for SoftPAG on organism-dit.
+
+    Parameters
+    ----------
+    objective : str or callable, default="classifier"
+        See the module docstring.
+    rounds : int, default=1
+        Greedy rounds ``R_n``; ``|heads_| = rounds * k``.
+    k : int, default=3
+        Heads added per round (top-k of the round's scores).
+    n_candidates : int or None, default=None
+        Heads scored per round, drawn (seeded by ``candidate_seed`` and the round) from the heads not yet
+        chosen; None scores every remaining head.
+    scale, u, cfg_scale : float
+        SoftPAG guidance weight ``w``, strength ``u`` in the search, and organism-dit CFG scale (1 = off, as
+        in the reference search).
+    classes, n_per_class : the labels of the search images (``n_per_class`` of each class).
+    num_steps : int, default=10
+        DDIM steps per search sample.
+    seed : int, default=0
+        Noise seed of the search images.
+    candidate_seed : int, default=0
+        Seed of the per-round candidate draw.
+
+    Attributes
+    ----------
+    heads_ : tuple of (layer, head)
+        Selected heads in the order they were added.
+    history_ : list of dict
+        Per round: ``scores`` (``[layer, head, score]`` sorted best first, ties by layer then head), ``chosen``.
+    baseline_score_ : float
+        Objective of the same search images without perturbation guidance.
+    """
+
+    name = "headhunter"
+
+    def __init__(self, objective: str = "classifier", rounds: int = 1, k: int = 3, n_candidates: int | None = None,
+                 scale: float = 3.0, u: float = 1.0, cfg_scale: float = 1.0, classes: Sequence[int] = tuple(range(10)),
+                 n_per_class: int = 1, num_steps: int = 10, seed: int = 0, candidate_seed: int = 0):
+        self.objective = objective
+        self.rounds = int(rounds)
+        self.k = int(k)
+        self.n_candidates = None if n_candidates is None else int(n_candidates)
+        self.scale = float(scale)
+        self.u = float(u)
+        self.cfg_scale = float(cfg_scale)
+        self.classes = tuple(int(c) for c in classes)
+        self.n_per_class = int(n_per_class)
+        self.num_steps = int(num_steps)
+        self.seed = int(seed)
+        self.candidate_seed = int(candidate_seed)
+
+    def get_params(self) -> dict[str, Any]:
+        if callable(self.objective):
+            raise TypeError("a HeadHunter with a callable objective cannot be saved; use a named objective")
+        return {"objective": self.objective, "rounds": self.rounds, "k": self.k, "n_candidates": self.n_candidates,
+                "scale": self.scale, "u": self.u, "cfg_scale": self.cfg_scale, "classes": list(self.classes),
+                "n_per_class": self.n_per_class, "num_steps": self.num_steps, "seed": self.seed,
+                "candidate_seed": self.candidate_seed}
+
+    def _guidance(self, heads) -> SoftPAG:
+        return SoftPAG(heads=heads, u=self.u, scale=self.scale, cfg_scale=self.cfg_scale)
+
+    def _candidates(self, pool: list[tuple[int, int]], chosen: list[tuple[int, int]], rnd: int) -> list[tuple[int, int]]:
+        remaining = [p for p in pool if p not in set(chosen)]
+        if self.n_candidates is None or self.n_candidates >= len(remaining):
+            return remaining
+        rng = np.random.default_rng([self.candidate_seed, rnd])
+        pick = sorted(rng.choice(len(remaining), size=self.n_candidates, replace=False).tolist())
+        return [remaining[i] for i in pick]
+
+    def fit(self, organism, *, device: str = "cpu", log: Callable[[str], None] | None = None) -> "HeadHunter":
+        """Run the greedy search on ``organism`` (a `dit.DiTOrganism` or a model directory); returns ``self``."""
+        from attnlab.models.training import dit
+
+        if self.k < 1 or self.rounds < 1:
+            raise ValueError("k and rounds must be >= 1")
+        org = dit._as_organism(organism, device)
+        mods = attention_modules(org.transformer)
+        pool = [(l, h) for l in range(len(mods)) for h in range(mods[l].heads)]
+        labels = search_labels(self.classes, self.n_per_class)
+        kw = dict(num_steps=self.num_steps, seed=self.seed, device=device)
+        self.baseline_score_ = float(score_guidance(org, self._guidance(()), self.objective, labels, **kw).mean())
+        chosen: list[tuple[int, int]] = []
+        history = []
+        for rnd in range(self.rounds):
+            scored = []
+            for head in self._candidates(pool, chosen, rnd):
+                s = float(score_guidance(org, self._guidance(chosen + [head]), self.objective, labels, **kw).mean())
+                scored.append((head[0], head[1], s))
+            scored.sort(key=lambda r: (-r[2], r[0], r[1]))
+            new = [(l, h) for l, h, _ in scored[: self.k]]
+            chosen.extend(new)
+            history.append({"round": rnd, "scores": [[l, h, s] for l, h, s in scored], "chosen": [list(p) for p in new]})
+            if log:
+                log(f"round {rnd}: chose {new}, best {scored[0][2]:.4f}, baseline {self.baseline_score_:.4f}")
+        self.heads_ = tuple(chosen)
+        self.history_ = history
+        return self
+
+    def guidance(self, *, u: float | None = None, scale: float | None = None, cfg_scale: float | None = None) -> SoftPAG:
+        """SoftPAG on the found heads (optionally a lower ``u`` at inference, as the paper recommends)."""
+        if not hasattr(self, "heads_"):
+            raise RuntimeError("HeadHunter is not fitted; call fit(organism) first")
+        return SoftPAG(self.heads_, u=self.u if u is None else u, scale=self.scale if scale is None else scale,
+                       cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale)
+
+    def save(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        write_json(d / JSON_NAME, {"method": self.name, "params": self.get_params(), "heads_": [list(p) for p in self.heads_],
+                                   "history_": self.history_, "baseline_score_": self.baseline_score_})
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "HeadHunter":
+        meta = read_json(Path(directory) / JSON_NAME)
+        obj = cls(**meta["params"])
+        obj.heads_ = tuple((int(l), int(h)) for l, h in meta["heads_"])
+        obj.history_ = meta["history_"]
+        obj.baseline_score_ = float(meta["baseline_score_"])
+        return obj
+
+
+# ---- measurement ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values: np.ndarray, *, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean."""
+    rng = np.random.default_rng(seed)
+    v = np.asarray(values, dtype=np.float64)
+    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
+
+
+def evaluate_guidance(organism, guidance: SoftPAG, objective, *, n_per_class: int = 8, num_steps: int = 10,
+                      seed: int = 1000, device: str = "cpu") -> dict[str, Any]:
+    """Objective mean with a bootstrap CI (and classification accuracy) on ``n_per_class`` digits per class."""
+    from attnlab.models.training import dit
+
+    labels = search_labels(range(dit.NUM_CLASSES), n_per_class)
+    images = guidance.sample(organism, labels, num_steps=num_steps, seed=seed, device=device)
+    vals = np.asarray(objective_fn(objective)(images, labels.numpy()), dtype=np.float64)
+    acc = float((dit.get_scorer().predict(images) == labels.numpy()).mean())
+    lo, hi = bootstrap_ci(vals)
+    return {"mean": float(vals.mean()), "ci95": [lo, hi], "acc": acc, "n": int(len(vals))}
+
+
+def compare(organism, hunter: HeadHunter, *, n_per_class: int = 8, num_steps: int = 10, seed: int = 1000,
+            layers: Sequence[int] | None = None, random_draws: int = 3, device: str = "cpu") -> dict[str, Any]:
+    """Found heads vs no guidance vs all heads of one layer vs k random heads, on held-out noise seeds."""
+    if seed == hunter.seed:
+        raise ValueError("evaluate on a noise seed other than the search seed")
+    from attnlab.models.training import dit
+
+    org = dit._as_organism(organism, device)
+    mods = attention_modules(org.transformer)
+    kw = dict(n_per_class=n_per_class, num_steps=num_steps, seed=seed, device=device)
+    k = len(hunter.heads_)
+    mk = lambda heads: SoftPAG(heads, u=hunter.u, scale=hunter.scale, cfg_scale=hunter.cfg_scale)
+    out: dict[str, Any] = {"objective": hunter.objective, "heads": [list(p) for p in hunter.heads_], "eval_seed": seed,
+                           "search_seed": hunter.seed, **kw}
+    out["none"] = evaluate_guidance(org, SoftPAG((), cfg_scale=hunter.cfg_scale), hunter.objective, **kw)
+    out["found"] = evaluate_guidance(org, mk(hunter.heads_), hunter.objective, **kw)
+    out["layer"] = {}
+    for l in (range(len(mods)) if layers is None else layers):
+        out["layer"][int(l)] = evaluate_guidance(org, mk([(l, h) for h in range(mods[l].heads)]), hunter.objective, **kw)
+    pool = [(l, h) for l in range(len(mods)) for h in range(mods[l].heads)]
+    rng = np.random.default_rng(12345)
+    out["random"] = []
+    for _ in range(random_draws):
+        heads = [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
+        out["random"].append({"heads": [list(p) for p in heads], **evaluate_guidance(org, mk(heads), hunter.objective, **kw)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Search heads on organism-dit for an objective, then compare against baselines on held-out seeds."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "bundled" / "organism-dit"))
+    p.add_argument("--objective", default="classifier", choices=OBJECTIVES)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--n-candidates", type=int, default=None)
+    p.add_argument("--scale", type=float, default=3.0)
+    p.add_argument("--u", type=float, default=1.0)
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--n-per-class", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-n-per-class", type=int, default=8)
+    p.add_argument("--eval-seed", type=int, default=1000)
+    p.add_argument("--layers", type=int, nargs="*", default=None, help="layers for the all-heads-of-a-layer baseline")
+    p.add_argument("--random-draws", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="directory for headhunter.json and compare.json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from attnlab.models.training import dit
+
+    org = dit.load(a.model)
+    t0 = time.time()
+    hunter = HeadHunter(a.objective, a.rounds, a.k, a.n_candidates, a.scale, a.u, a.cfg_scale, n_per_class=a.n_per_class,
+                        num_steps=a.steps, seed=a.seed).fit(org, log=print)
+    print(f"search: {time.time() - t0:.1f} s, heads {list(hunter.heads_)}")
+    res = compare(org, hunter, n_per_class=a.eval_n_per_class, num_steps=a.steps, seed=a.eval_seed, layers=a.layers,
+                  random_draws=a.random_draws)
+    res["search_seconds"] = time.time() - t0
+    if a.out:
+        hunter.save(a.out)
+        write_json(Path(a.out) / "compare.json", res)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

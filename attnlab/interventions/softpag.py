@@ -1,0 +1,261 @@
+"""SoftPAG: head-level perturbed-attention guidance on organism-dit through a diffusers attention processor.
+
+Spec: ``shared/methods/headhunter_softpag.md`` (Ahn et al., arXiv 2506.10978; PAG, arXiv 2403.17377).
+
+Perturbation (SoftPAG, Eq. 7): in each selected ``(layer, head)`` the self-attention map ``A`` is replaced by
+``A' = (1 - u) * A + u * I`` before ``A' V``; ``u = 0`` is the unperturbed model, ``u = 1`` hard identity PAG.
+Rows of ``A'`` sum to 1 for every ``u``. Non-selected heads keep the output of diffusers' own SDPA kernel.
+
+Guidance (paper Eq. 5, the reference pipeline's form)::
+
+    eps = eps_cond + s * (eps_cond - eps_pert)                                   # cfg_scale == 1 (default)
+    eps = eps_null + cfg * (eps_cond - eps_null) + s * (eps_cond - eps_pert)     # cfg_scale != 1
+
+``eps_pert`` is computed from the conditional label. The default ``cfg_scale = 1`` is organism-dit's "no CFG"
+(plain conditional model), which is what the reference HeadHunter search does (SD3 ``guidance_scale = 0``:
+two passes per step, conditional and perturbed). All passes of one step run as one batch; only the rows of the
+perturbed pass go through the explicit (eager) attention map.
+
+Identity: ``s = 0``, ``u = 0`` or an empty head set returns exactly `dit.guided_noise(..., cfg_scale)` (the
+perturbed pass is skipped), so sampling equals the unguided sampler bit for bit. The processor itself at
+``u = 0`` equals the unperturbed model to fp32 tolerance (eager softmax vs the SDPA kernel).
+
+Scope: the spec's ``scope = joint | image_only`` matters only for joint image + text sequences (SD3/FLUX).
+organism-dit has 64 image tokens and no text tokens, so both scopes are the same map; ``scope`` is accepted and
+recorded, and ``"image_only"`` with ``n_text_tokens > 0`` leaves text rows and the image-text blocks unchanged.
+
+This is not a TransformerBridge `Intervention` (the DiT is not a bridge model and has no hook names); it keeps
+that class's shape instead: explicit parameters, ``apply(transformer)`` as a context manager that swaps the
+processors and always restores them, and JSON ``save`` / ``load``.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from attnlab.heads.io import read_json, write_json
+
+SCOPES = ("joint", "image_only")
+JSON_NAME = "softpag.json"
+
+
+def soft_identity(attn_map: torch.Tensor, u: float, *, n_text_tokens: int = 0, scope: str = "joint") -> torch.Tensor:
+    """``(1 - u) * A + u * I`` over the last two (square) dims; ``image_only`` perturbs only the image block.
+
+    Image tokens are taken to come first and the last ``n_text_tokens`` to be text (SD3 layout). With
+    ``image_only`` the image rows become ``(1 - u) * A + u * I`` restricted to image keys plus ``(1 - u) * A``
+    on text keys, so rows still sum to 1; text rows are returned unchanged.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    n = attn_map.shape[-1]
+    eye = torch.eye(n, dtype=attn_map.dtype, device=attn_map.device)
+    if u == 1.0 and (scope == "joint" or n_text_tokens == 0):
+        return eye.expand_as(attn_map).clone()  # exact identity (no 0 * A round-off)
+    out = (1.0 - u) * attn_map + u * eye
+    if scope == "image_only" and n_text_tokens > 0:
+        n_img = n - n_text_tokens
+        out[..., n_img:, :] = attn_map[..., n_img:, :]
+    return out
+
+
+class SoftPAGProcessor:
+    """A diffusers attention processor that perturbs chosen heads in chosen batch rows.
+
+    ``heads``: head indices of this layer to perturb. ``state`` is shared with the owning `SoftPAG` context:
+    ``state["rows"]`` a bool tensor ``[batch]`` of rows to perturb (None = no row), ``state["u"]`` the strength,
+    ``state["record"]`` when True stores the perturbed maps in ``state["maps"][layer]`` ``[rows, heads, N, N]``.
+    """
+
+    def __init__(self, layer: int, heads: Sequence[int], state: dict, base: Any):
+        self.layer = int(layer)
+        self.heads = sorted(int(h) for h in heads)
+        self.state = state
+        self.base = base  # the processor it replaces (restored on exit)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is not None or hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise NotImplementedError("SoftPAGProcessor handles plain 3-D self-attention only (organism-dit's attn1)")
+        b, n, _ = hidden_states.shape
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        hd = k.shape[-1] // attn.heads
+        q, k, v = (t.view(b, -1, attn.heads, hd).transpose(1, 2) for t in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        mask = None
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, n, b).view(b, attn.heads, -1, attention_mask.shape[-1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        rows = self.state.get("rows")
+        u = float(self.state.get("u", 0.0))
+        if rows is not None and bool(rows.any()) and self.heads:
+            idx = rows.nonzero().flatten().to(out.device)
+            hsel = torch.tensor(self.heads, device=out.device)
+            qs, ks, vs = (t[idx][:, hsel] for t in (q, k, v))
+            scores = (qs @ ks.transpose(-1, -2)) * attn.scale
+            if mask is not None:
+                scores = scores + mask[idx][:, hsel]
+            amap = soft_identity(scores.softmax(-1), u, n_text_tokens=self.state.get("n_text_tokens", 0), scope=self.state.get("scope", "joint"))
+            if self.state.get("record"):
+                self.state.setdefault("maps", {})[self.layer] = amap.detach().clone()
+            sub = out[idx]
+            sub[:, hsel] = (amap @ vs).to(out.dtype)
+            out = out.index_copy(0, idx, sub)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * hd).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def _heads_tuple(heads: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted({(int(l), int(h)) for l, h in heads}))
+
+
+def attention_modules(transformer) -> list:
+    """The self-attention module of each block (``transformer_blocks[i].attn1``)."""
+    return [blk.attn1 for blk in transformer.transformer_blocks]
+
+
+def validate_dit_heads(transformer, heads: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    """Sorted unique ``(layer, head)`` pairs inside the DiT's grid (raises ValueError otherwise)."""
+    mods = attention_modules(transformer)
+    out = _heads_tuple(heads)
+    for l, h in out:
+        if not (0 <= l < len(mods) and 0 <= h < mods[l].heads):
+            raise ValueError(f"head {(l, h)} outside the DiT grid of {len(mods)} layers x {mods[0].heads} heads")
+    return out
+
+
+@contextlib.contextmanager
+def perturbed(transformer, heads: Sequence[Sequence[int]], u: float, *, rows: torch.Tensor | None = None,
+              scope: str = "joint", n_text_tokens: int = 0, record: bool = False) -> Iterator[dict]:
+    """Install `SoftPAGProcessor` on the layers of ``heads``; yields the shared state, restores processors on exit.
+
+    ``rows`` (bool ``[batch]``) picks the batch rows to perturb; None perturbs every row. The state's ``"rows"``
+    may be reassigned inside the block (as `SoftPAG.noise_fn` does per step).
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if not 0.0 <= float(u) <= 1.0:
+        raise ValueError(f"u must lie in [0, 1], got {u}")
+    heads = validate_dit_heads(transformer, heads)
+    state: dict = {"u": float(u), "rows": rows, "all_rows": rows is None, "scope": scope, "n_text_tokens": int(n_text_tokens), "record": record, "maps": {}}
+    mods = attention_modules(transformer)
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        by_layer.setdefault(l, []).append(h)
+    saved = {}
+    try:
+        for l, hs in by_layer.items():
+            saved[l] = mods[l].processor
+            mods[l].set_processor(_AllRows(SoftPAGProcessor(l, hs, state, saved[l])))
+        yield state
+    finally:
+        for l, proc in saved.items():
+            mods[l].set_processor(proc)
+
+
+class _AllRows:
+    """Wrapper that fills ``state["rows"]`` with all rows when the context was opened with ``rows=None``."""
+
+    def __init__(self, proc: SoftPAGProcessor):
+        self.proc = proc
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        st = self.proc.state
+        if st.get("all_rows"):
+            st["rows"] = torch.ones(hidden_states.shape[0], dtype=torch.bool, device=hidden_states.device)
+        return self.proc(attn, hidden_states, *args, **kwargs)
+
+
+class SoftPAG:
+    """Head-level SoftPAG guidance for organism-dit.
+
+    Parameters
+    ----------
+    heads : sequence of (layer, head)
+        Heads whose attention map is perturbed in the perturbed pass (e.g. `HeadHunter.heads_`).
+    u : float, default=1.0
+        SoftPAG strength in [0, 1]; 0 = no perturbation, 1 = identity map.
+    scale : float, default=3.0
+        Perturbation-guidance weight ``s`` (``w`` in the paper); 0 = no guidance.
+    cfg_scale : float, default=1.0
+        Classifier-free guidance scale of organism-dit (1 = off, i.e. the plain conditional model).
+    scope : {"joint", "image_only"}, default="joint"
+        Which block of the map becomes the identity (same for organism-dit, which has no text tokens).
+    """
+
+    name = "softpag"
+
+    def __init__(self, heads: Sequence[Sequence[int]] = (), u: float = 1.0, scale: float = 3.0, cfg_scale: float = 1.0, scope: str = "joint"):
+        self.heads = _heads_tuple(heads)
+        self.u = float(u)
+        self.scale = float(scale)
+        self.cfg_scale = float(cfg_scale)
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        self.scope = scope
+
+    def get_params(self) -> dict[str, Any]:
+        return {"heads": [list(p) for p in self.heads], "u": self.u, "scale": self.scale, "cfg_scale": self.cfg_scale, "scope": self.scope}
+
+    def __repr__(self) -> str:
+        return f"SoftPAG(heads={self.heads!r}, u={self.u}, scale={self.scale}, cfg_scale={self.cfg_scale}, scope={self.scope!r})"
+
+    def is_identity(self) -> bool:
+        """True when guidance is a no-op (s = 0, u = 0 or no heads): sampling then skips the perturbed pass."""
+        return self.scale == 0.0 or self.u == 0.0 or not self.heads
+
+    def noise_fn(self) -> Callable:
+        """``noise_fn(transformer, x, t, labels) -> eps`` for `dit.sample`."""
+        from attnlab.models.training.dit import NULL_CLASS, guided_noise
+
+        def fn(model, x, t, labels):
+            if self.is_identity():
+                return guided_noise(model, x, t, labels, self.cfg_scale)
+            n = x.shape[0]
+            tt = t.expand(n) if t.ndim else t.repeat(n)
+            use_cfg = self.cfg_scale != 1.0
+            parts = 3 if use_cfg else 2
+            xs = torch.cat([x] * parts)
+            ys = [labels, labels] + ([torch.full_like(labels, NULL_CLASS)] if use_cfg else [])
+            rows = torch.zeros(parts * n, dtype=torch.bool, device=x.device)
+            rows[n : 2 * n] = True
+            with perturbed(model, self.heads, self.u, rows=rows, scope=self.scope):
+                out = model(xs, timestep=torch.cat([tt] * parts), class_labels=torch.cat(ys)).sample
+            eps_cond, eps_pert = out[:n], out[n : 2 * n]
+            base = eps_cond if not use_cfg else out[2 * n :] + self.cfg_scale * (eps_cond - out[2 * n :])
+            return base + self.scale * (eps_cond - eps_pert)
+
+        return fn
+
+    def sample(self, organism, labels, num_steps: int = 10, seed: int = 0, device: str = "cpu", **kwargs) -> torch.Tensor:
+        """`dit.sample` with this guidance; images (N, 1, S, S) in [0, 1]."""
+        from attnlab.models.training import dit
+
+        return dit.sample(organism, labels, self.cfg_scale, num_steps, seed, device, noise_fn=self.noise_fn(), **kwargs)
+
+    @contextlib.contextmanager
+    def apply(self, transformer) -> Iterator[dict]:
+        """Every forward inside runs with the selected heads perturbed (all rows); yields the processor state."""
+        with perturbed(transformer, self.heads, self.u, scope=self.scope) as state:
+            yield state
+
+    def save(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        write_json(d / JSON_NAME, {"method": self.name, "params": self.get_params()})
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "SoftPAG":
+        return cls(**read_json(Path(directory) / JSON_NAME)["params"])
+
+
+__all__ = ["SoftPAG", "SoftPAGProcessor", "perturbed", "soft_identity", "attention_modules", "validate_dit_heads"]

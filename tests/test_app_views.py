@@ -234,10 +234,11 @@ def test_browser_ablation_and_vision_views(views):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        _browser_session(f"http://127.0.0.1:{server.server_port}/", _text, _wait, _shot)
+        seen = _browser_session(f"http://127.0.0.1:{server.server_port}/", _text, _wait, _shot)
     finally:
         server.shutdown()
         thread.join(5)
+    assert seen["ablation"].startswith("drop of NIAH accuracy") and "attention over the image patches" in seen["vision"]
 
 
 def _browser_session(url, _text, _wait, _shot):
@@ -284,6 +285,7 @@ def _browser_session(url, _text, _wait, _shot):
         assert _text(d, f"#{ids.VISION_STATUS}") == ""
         _shot(d, ids.VISION_VIEW, "vision")
         assert "Traceback" not in d.page_source
+        return {"ablation": _text(d, f"#{ids.ABL_FIGURE} .gtitle"), "vision": _text(d, f"#{ids.VISION_FIGURE} .gtitle")}
     finally:
         d.quit()
         shutil.rmtree(profile, ignore_errors=True)

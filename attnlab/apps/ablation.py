@@ -67,16 +67,14 @@ class TailLogProb:
 def run_prompts(model, info: dict) -> list[tuple[list[int], int]]:
     """The run's prompts as ``(token ids, answer start)``, regenerated from its dataset record (fingerprint checked)."""
     from attnlab.datasets import DATASETS, fingerprint
+    from attnlab.probes.scan import prompt_token_ids
 
     ds = info.get("dataset", {})
     key = dataset_key(info)
     if key not in DATASETS:
         raise AttnlabError(f"this run's prompts ({ds.get('name')!r}) cannot be regenerated for the log-prob metric")
     prompts = DATASETS[key](model, int(ds.get("n_prompts", 1)), int(ds.get("seed", 0) or 0))
-    if prompts.token_ids is not None:
-        ids = [model.check_length([int(x) for x in t], truncate=True, index=n) for n, t in enumerate(prompts.token_ids)]
-    else:
-        ids = [model.token_ids(t, truncate=True, index=n) for n, t in enumerate(prompts.texts)]
+    ids = prompt_token_ids(model, prompts, truncate=True)
     if fingerprint(ids) != ds.get("fingerprint"):
         raise AttnlabError(f"regenerating {ds.get('name')} gave other prompts than the run used (fingerprint differs)")
     meta = list(prompts.meta) or [{}] * len(ids)

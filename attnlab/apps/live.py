@@ -107,6 +107,7 @@ class LiveModels:
         seed) and checked against the run's dataset fingerprint, so the page never shows other inputs than the
         scan ran on."""
         from attnlab.datasets import DATASETS, fingerprint
+        from attnlab.probes.scan import prompt_token_ids
 
         ds = info.get("dataset", {})
         key = str(ds.get("name", "")).split("(")[0]
@@ -117,10 +118,7 @@ class LiveModels:
             with self._acquire():
                 model = self.model(info["model"]["name"])
                 prompts = DATASETS[key](model, int(ds.get("n_prompts", 1)), int(ds.get("seed", 0) or 0))
-                if prompts.token_ids is not None:
-                    ids = [model.check_length([int(x) for x in t], truncate=True, index=n) for n, t in enumerate(prompts.token_ids)]
-                else:
-                    ids = [model.token_ids(t, truncate=True, index=n) for n, t in enumerate(prompts.texts)]
+                ids = prompt_token_ids(model, prompts, truncate=True)
             if fingerprint(ids) != ds.get("fingerprint"):
                 raise AttnlabError(f"regenerating {ds.get('name')} gave other prompts than the run used (fingerprint differs); type a prompt instead")
             self._remember(self._run_ids, cache_key, ids, 16)

@@ -41,7 +41,8 @@ def _as_probes(probes) -> list[Probe]:
     return out
 
 
-def _token_ids(model, prompts: PromptSet, truncate: bool) -> list[list[int]]:
+def prompt_token_ids(model, prompts: PromptSet, truncate: bool) -> list[list[int]]:
+    """Token ids of every prompt of a PromptSet under the model's BOS policy (length-checked or truncated)."""
     if prompts.token_ids is not None:
         return [model.check_length(list(ids), truncate=truncate, index=i) for i, ids in enumerate(prompts.token_ids)]
     return [model.token_ids(t, truncate=truncate, index=i) for i, t in enumerate(prompts.texts)]
@@ -55,7 +56,7 @@ def _batches(model, prompts: PromptSet, batch_size: int, truncate: bool) -> list
         if prompts.texts is None:
             raise AttnlabError("image prompts need text prompts beside them")
         return [model.encode(prompts.texts[i : i + batch_size], images=prompts.images[i : i + batch_size], truncate=truncate, start_index=i) for i in starts]
-    ids = _token_ids(model, prompts, truncate)
+    ids = prompt_token_ids(model, prompts, truncate)
     return [model.batch_from_ids(ids[i : i + batch_size], list(range(i, min(i + batch_size, n)))) for i in starts]
 
 

@@ -161,3 +161,19 @@ def test_batched_noise_matches_separate_passes(org, cfg_scale):
             pert = m(x, timestep=t, class_labels=y).sample
     base = cond if cfg_scale == 1.0 else null + cfg_scale * (cond - null)
     torch.testing.assert_close(got, base + 2.5 * (cond - pert), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["uniform", "mean-query"])
+def test_processor_variants_record_their_target_map_at_u1(org, variant):
+    """The DiT processor uses the shared `soft_perturb`: u = 1 gives the variant's target (rows sum to 1)."""
+    m = org.transformer
+    x, t, y = _inputs(2)
+    with torch.no_grad(), perturbed(m, [(2, 3)], 1.0, record=True, variant=variant) as st:
+        m(x, timestep=t, class_labels=y)
+    amap = st["maps"][2]
+    torch.testing.assert_close(amap.sum(-1), torch.ones(2, 1, 64), atol=1e-5, rtol=0)
+    if variant == "uniform":
+        assert torch.equal(amap, torch.full_like(amap, 1 / 64))
+    else:  # one mean query: every row is the same softmax(q_mean K^T / sqrt(d))
+        torch.testing.assert_close(amap, amap[:, :, :1].expand_as(amap), atol=1e-6, rtol=0)
+        assert (amap.max(-1).values > 1.5 / 64).all()

@@ -67,6 +67,39 @@ def score_guidance(organism, guidance: SoftPAG, objective, labels: torch.Tensor,
     return np.asarray(objective_fn(objective)(images, labels.numpy()), dtype=np.float64)
 
 
+def greedy_head_search(pool: Sequence[tuple[int, int]], score: Callable[[list[tuple[int, int]]], float], *, rounds: int,
+                       k: int, n_candidates: int | None = None, candidate_seed: int = 0,
+                       log: Callable[[str], None] | None = None) -> tuple[list[tuple[int, int]], list[dict[str, Any]]]:
+    """Alg. 1 with any objective: ``rounds`` times, score ``S + {h}`` for each candidate ``h`` of ``pool \\ S``
+    (all of them, or ``n_candidates`` drawn with ``candidate_seed`` and the round) and add the top ``k``.
+
+    ``score(heads) -> float`` (higher is better). Returns the chosen heads in the order added and, per round,
+    ``scores`` (``[layer, head, score]`` best first, ties by layer then head) and ``chosen``. Used by the
+    causal-LM search (`attnlab.interventions.softpag_lm.SoftPAGDecoding`).
+    """
+    if k < 1 or rounds < 1:
+        raise ValueError("k and rounds must be >= 1")
+    pool = [(int(l), int(h)) for l, h in pool]
+    if len(set(pool)) != len(pool):
+        raise ValueError("the candidate pool has duplicate heads")
+    if rounds * k > len(pool):
+        raise ValueError(f"rounds * k = {rounds * k} heads asked from a pool of {len(pool)}")
+    chosen: list[tuple[int, int]] = []
+    history = []
+    for rnd in range(rounds):
+        remaining = [p for p in pool if p not in set(chosen)]
+        if n_candidates is not None and n_candidates < len(remaining):
+            rng = np.random.default_rng([candidate_seed, rnd])
+            remaining = [remaining[i] for i in sorted(rng.choice(len(remaining), size=max(int(n_candidates), k), replace=False).tolist())]
+        scored = sorted(((l, h, float(score(chosen + [(l, h)]))) for l, h in remaining), key=lambda r: (-r[2], r[0], r[1]))
+        new = [(l, h) for l, h, _ in scored[:k]]
+        chosen.extend(new)
+        history.append({"round": rnd, "scores": [[l, h, s] for l, h, s in scored], "chosen": [list(p) for p in new]})
+        if log:
+            log(f"round {rnd}: chose {new}, best {scored[0][2]:.4f}")
+    return chosen, history
+
+
 class HeadHunter:
     """Greedy iterative head search (HeadHunter, Alg. 1) for SoftPAG on organism-dit.
 

@@ -14,11 +14,12 @@ from attnlab.errors import AttnlabError
 from attnlab.interventions.act import ACT
 from attnlab.interventions.base import Intervention
 from attnlab.interventions.soft_injection import SoftInjection
+from attnlab.interventions.softpag_lm import SoftPAGDecoding
 from attnlab.interventions.var import VAR
 from attnlab.interventions.vhr import VHR
 from attnlab.interventions.zerotuning import ZeroTuning
 
-INTERVENTIONS: dict[str, type[Intervention]] = {"act": ACT, "zerotuning": ZeroTuning, "var": VAR, "vhr": VHR, "soft-injection": SoftInjection}
+INTERVENTIONS: dict[str, type[Intervention]] = {"act": ACT, "zerotuning": ZeroTuning, "var": VAR, "vhr": VHR, "soft-injection": SoftInjection, "softpag": SoftPAGDecoding}
 
 
 def parse_params(pairs: Sequence[str]) -> dict[str, Any]:

@@ -6,6 +6,10 @@ Perturbation (SoftPAG, Eq. 7): in each selected ``(layer, head)`` the self-atten
 ``A' = (1 - u) * A + u * I`` before ``A' V``; ``u = 0`` is the unperturbed model, ``u = 1`` hard identity PAG.
 Rows of ``A'`` sum to 1 for every ``u``. Non-selected heads keep the output of diffusers' own SDPA kernel.
 
+Variants (spec section 3; `soft_perturb`, shared with the causal-LM path in `softpag_lm`): ``identity`` (Eq. 7, the
+default), ``fisher-rao``, ``slerp``, ``log-linear`` toward the identity, and the targets ``uniform``, ``mean-query``
+(SoftSEG, from the processor's own q and k) and ``max`` (one-hot argmax), all with rows summing to 1.
+
 Guidance (paper Eq. 5, the reference pipeline's form)::
 
     eps = eps_cond + s * (eps_cond - eps_pert)                                   # cfg_scale == 1 (default)
@@ -43,6 +47,140 @@ SCOPES = ("joint", "image_only")
 JSON_NAME = "softpag.json"
 
 
+VARIANTS = ("identity", "fisher-rao", "slerp", "log-linear", "uniform", "mean-query", "max")
+LOG_EPS = 1e-3  # smoothing of the log-linear variant's identity target (our choice; the reference value is not stated)
+_RENORMALISED = ("fisher-rao", "slerp", "log-linear")
+
+
+def _visible(attn_map: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """Bool mask of the keys each row may attend to (all keys when ``visible`` is None)."""
+    if visible is None:
+        return torch.ones(attn_map.shape, dtype=torch.bool, device=attn_map.device)
+    return visible.to(attn_map.device).bool().expand(attn_map.shape)
+
+
+def _diagonal(attn_map: torch.Tensor) -> torch.Tensor:
+    """Identity map over the last two dims; with fewer queries than keys (cached decoding) query ``i`` maps to key
+    ``i + n_k - n_q`` (its own position), so the map stays causal-valid."""
+    nq, nk = attn_map.shape[-2], attn_map.shape[-1]
+    eye = torch.zeros(nq, nk, dtype=attn_map.dtype, device=attn_map.device)
+    eye[torch.arange(nq), torch.arange(nq) + (nk - nq)] = 1.0
+    return eye.expand_as(attn_map)
+
+
+def _kept_rows(attn_map: torch.Tensor, variant: str, visible: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows ``[..., n_q, 1]`` left as ``attn_map``: no visible key, or (identity targets) the own position not visible
+    (padding queries); None when ``visible`` is None (every row is perturbed)."""
+    if visible is None:
+        return None
+    vis = _visible(attn_map, visible)
+    keep = ~vis.any(-1, keepdim=True)
+    if variant in ("identity", "fisher-rao", "slerp", "log-linear"):
+        keep = keep | ~(vis & (_diagonal(attn_map) > 0)).any(-1, keepdim=True)
+    return keep
+
+
+def target_map(attn_map: torch.Tensor, variant: str = "identity", *, visible: torch.Tensor | None = None,
+               q: torch.Tensor | None = None, k: torch.Tensor | None = None, scale: float | None = None,
+               causal: bool = False, query_valid: torch.Tensor | None = None, eps: float = LOG_EPS) -> torch.Tensor:
+    """The map a variant moves ``attn_map`` ``[..., n_q, n_k]`` toward (its value at ``u = 1``).
+
+    - ``identity``, ``fisher-rao``, ``slerp``: the identity (each query attends to its own position; causal-valid).
+    - ``log-linear``: the eps-smoothed identity ``P = (1 - eps) I + eps / |visible|`` over the visible keys.
+    - ``uniform``: ``1 / |visible|`` over each row's visible keys; for a causal LM the visible keys are the
+      causally visible (and non-padding) ones, so row ``i`` is uniform over keys ``<= i``, never over future keys.
+    - ``mean-query`` (SoftSEG): ``softmax(q_mean K^T * scale)`` over the visible keys; needs ``q`` ``[..., n_q, d]``
+      and ``k`` ``[..., n_k, d]`` of the same heads (raises ValueError without them). ``q_mean`` is the mean of
+      the valid queries (``query_valid`` ``[..., n_q]``, default all); with ``causal`` it is the running mean over
+      queries ``<= i`` so no row sees a future query. ``scale`` defaults to ``1 / sqrt(d)``.
+    - ``max``: one-hot at each row's argmax of ``attn_map``.
+
+    ``visible`` (bool, broadcastable to ``attn_map``) marks the keys a row may attend to; None = all keys.
+    Rows without a visible key keep ``attn_map``'s row, and so do rows whose own position is not visible for the
+    identity targets (padding queries, whose outputs no real token reads).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    vis = _visible(attn_map, visible)
+    n_vis = vis.sum(-1, keepdim=True)
+    if variant in ("identity", "fisher-rao", "slerp"):
+        out = _diagonal(attn_map).clone()
+    elif variant == "log-linear":
+        out = (1.0 - eps) * _diagonal(attn_map) + eps * vis.to(attn_map.dtype) / n_vis.clamp_min(1).to(attn_map.dtype)
+    elif variant == "uniform":
+        out = vis.to(attn_map.dtype) / n_vis.clamp_min(1).to(attn_map.dtype)
+    elif variant == "max":
+        out = torch.zeros_like(attn_map).scatter_(-1, attn_map.argmax(-1, keepdim=True), 1.0)
+    else:
+        if q is None or k is None:
+            raise ValueError("variant 'mean-query' (SoftSEG) needs the queries q and keys k of the perturbed heads")
+        q, k = q.to(attn_map.dtype), k.to(attn_map.dtype)
+        w = torch.ones(q.shape[:-1], dtype=q.dtype, device=q.device) if query_valid is None else query_valid.to(q.dtype).expand(q.shape[:-1])
+        qw = q * w.unsqueeze(-1)
+        if causal:
+            q_mean = qw.cumsum(-2) / w.cumsum(-1).clamp_min(1.0).unsqueeze(-1)
+        else:
+            q_mean = (qw.sum(-2, keepdim=True) / w.sum(-1, keepdim=True).clamp_min(1.0).unsqueeze(-1)).expand_as(q)
+        sc = (q_mean @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else float(scale))
+        out = sc.masked_fill(~vis, float("-inf")).softmax(-1)
+    keep = _kept_rows(attn_map, variant, visible)
+    out = out.nan_to_num(0.0)
+    return out if keep is None else torch.where(keep, attn_map, out)
+
+
+def soft_perturb(attn_map: torch.Tensor, u: float, variant: str = "identity", *, visible: torch.Tensor | None = None,
+                 q: torch.Tensor | None = None, k: torch.Tensor | None = None, scale: float | None = None,
+                 causal: bool = False, query_valid: torch.Tensor | None = None, eps: float = LOG_EPS,
+                 n_text_tokens: int = 0, scope: str = "joint") -> torch.Tensor:
+    """SoftPAG map of strength ``u`` in [0, 1] for one variant; used by the DiT processor and the causal-LM hooks.
+
+    With ``T = target_map(...)`` (see there for the targets and arguments), ``I`` the identity:
+
+    - ``identity`` (default, Eq. 7): ``(1 - u) A + u I`` (exactly `soft_identity`, ``scope`` supported);
+    - ``fisher-rao``: ``(u I + (1 - u) sqrt(A))^2``;
+    - ``slerp``: spherical interpolation from ``sqrt(A)`` to ``sqrt(I)`` on each row's unit sphere, squared;
+    - ``log-linear``: ``P^u * A^(1 - u)`` elementwise, ``P`` the eps-smoothed identity;
+    - ``uniform``, ``mean-query``, ``max``: ``(1 - u) A + u T``.
+
+    The three non-linear ones are row-normalised after the formula; the linear ones are convex combinations of
+    two row-stochastic maps, so their rows already sum to 1 (renormalising would only add round-off).
+    ``u = 0`` returns ``A`` and ``u = 1`` the target map exactly. Every target is zero where ``A`` is masked
+    (causal or padding) when ``visible`` is given, so a causal model stays causal for every variant.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if not 0.0 <= float(u) <= 1.0:
+        raise ValueError(f"u must lie in [0, 1], got {u}")
+    keep = _kept_rows(attn_map, variant, visible)
+    if variant == "identity":
+        out = soft_identity(attn_map, u, n_text_tokens=n_text_tokens, scope=scope)
+        return out if keep is None else torch.where(keep, attn_map, out)
+    if scope == "image_only" and n_text_tokens > 0:
+        raise NotImplementedError(f"scope='image_only' with text tokens is implemented for variant 'identity' only, not {variant!r}")
+    if u == 0.0:
+        return attn_map.clone()
+    tgt = target_map(attn_map, variant, visible=visible, q=q, k=k, scale=scale, causal=causal, query_valid=query_valid, eps=eps)
+    if u == 1.0:
+        return tgt
+    a = attn_map.clamp_min(0.0)
+    if variant == "fisher-rao":
+        out = (u * tgt + (1.0 - u) * a.sqrt()) ** 2  # sqrt(I) == I
+    elif variant == "slerp":
+        x, y = a.sqrt(), tgt.sqrt()
+        omega = (x * y).sum(-1, keepdim=True).clamp(-1.0, 1.0).acos()
+        so = omega.sin()
+        small = so < 1e-6
+        safe = torch.where(small, torch.ones_like(so), so)
+        sl = (torch.sin((1.0 - u) * omega) / safe) * x + (torch.sin(u * omega) / safe) * y
+        out = torch.where(small, (1.0 - u) * x + u * y, sl) ** 2
+    elif variant == "log-linear":
+        out = tgt.pow(u) * a.pow(1.0 - u)
+    else:
+        return (1.0 - u) * attn_map + u * tgt  # kept rows: tgt == attn_map there
+    out = out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
+    return out if keep is None else torch.where(keep, attn_map, out)
+
+
 def soft_identity(attn_map: torch.Tensor, u: float, *, n_text_tokens: int = 0, scope: str = "joint") -> torch.Tensor:
     """``(1 - u) * A + u * I`` over the last two (square) dims; ``image_only`` perturbs only the image block.
 
@@ -53,9 +191,9 @@ def soft_identity(attn_map: torch.Tensor, u: float, *, n_text_tokens: int = 0, s
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     n = attn_map.shape[-1]
-    eye = torch.eye(n, dtype=attn_map.dtype, device=attn_map.device)
+    eye = _diagonal(attn_map)  # torch.eye for a square map
     if u == 1.0 and (scope == "joint" or n_text_tokens == 0):
-        return eye.expand_as(attn_map).clone()  # exact identity (no 0 * A round-off)
+        return eye.clone()  # exact identity (no 0 * A round-off)
     out = (1.0 - u) * attn_map + u * eye
     if scope == "image_only" and n_text_tokens > 0:
         n_img = n - n_text_tokens
@@ -101,7 +239,8 @@ class SoftPAGProcessor:
             scores = (qs @ ks.transpose(-1, -2)) * attn.scale
             if mask is not None:
                 scores = scores + mask[idx][:, hsel]
-            amap = soft_identity(scores.softmax(-1), u, n_text_tokens=self.state.get("n_text_tokens", 0), scope=self.state.get("scope", "joint"))
+            amap = soft_perturb(scores.softmax(-1), u, self.state.get("variant", "identity"), q=qs, k=ks, scale=attn.scale,
+                                n_text_tokens=self.state.get("n_text_tokens", 0), scope=self.state.get("scope", "joint"))
             if self.state.get("record"):
                 self.state.setdefault("maps", {})[self.layer] = amap.detach().clone()
             sub = out[idx]
@@ -135,7 +274,7 @@ def validate_dit_heads(transformer, heads: Sequence[Sequence[int]]) -> tuple[tup
 
 @contextlib.contextmanager
 def perturbed(transformer, heads: Sequence[Sequence[int]], u: float, *, rows: torch.Tensor | None = None,
-              scope: str = "joint", n_text_tokens: int = 0, record: bool = False) -> Iterator[dict]:
+              scope: str = "joint", n_text_tokens: int = 0, record: bool = False, variant: str = "identity") -> Iterator[dict]:
     """Install `SoftPAGProcessor` on the layers of ``heads``; yields the shared state, restores processors on exit.
 
     ``rows`` (bool ``[batch]``) picks the batch rows to perturb; None perturbs every row. The state's ``"rows"``
@@ -145,8 +284,10 @@ def perturbed(transformer, heads: Sequence[Sequence[int]], u: float, *, rows: to
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not 0.0 <= float(u) <= 1.0:
         raise ValueError(f"u must lie in [0, 1], got {u}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     heads = validate_dit_heads(transformer, heads)
-    state: dict = {"u": float(u), "rows": rows, "all_rows": rows is None, "scope": scope, "n_text_tokens": int(n_text_tokens), "record": record, "maps": {}}
+    state: dict = {"variant": variant, "u": float(u), "rows": rows, "all_rows": rows is None, "scope": scope, "n_text_tokens": int(n_text_tokens), "record": record, "maps": {}}
     mods = attention_modules(transformer)
     by_layer: dict[int, list[int]] = {}
     for l, h in heads:
@@ -190,11 +331,13 @@ class SoftPAG:
         Classifier-free guidance scale of organism-dit (1 = off, i.e. the plain conditional model).
     scope : {"joint", "image_only"}, default="joint"
         Which block of the map becomes the identity (same for organism-dit, which has no text tokens).
+    variant : one of `VARIANTS`, default="identity"
+        SoftPAG interpolation / target (`soft_perturb`); "identity" is Eq. 7.
     """
 
     name = "softpag"
 
-    def __init__(self, heads: Sequence[Sequence[int]] = (), u: float = 1.0, scale: float = 3.0, cfg_scale: float = 1.0, scope: str = "joint"):
+    def __init__(self, heads: Sequence[Sequence[int]] = (), u: float = 1.0, scale: float = 3.0, cfg_scale: float = 1.0, scope: str = "joint", variant: str = "identity"):
         self.heads = _heads_tuple(heads)
         self.u = float(u)
         self.scale = float(scale)
@@ -202,12 +345,15 @@ class SoftPAG:
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         self.scope = scope
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
 
     def get_params(self) -> dict[str, Any]:
-        return {"heads": [list(p) for p in self.heads], "u": self.u, "scale": self.scale, "cfg_scale": self.cfg_scale, "scope": self.scope}
+        return {"heads": [list(p) for p in self.heads], "u": self.u, "scale": self.scale, "cfg_scale": self.cfg_scale, "scope": self.scope, "variant": self.variant}
 
     def __repr__(self) -> str:
-        return f"SoftPAG(heads={self.heads!r}, u={self.u}, scale={self.scale}, cfg_scale={self.cfg_scale}, scope={self.scope!r})"
+        return f"SoftPAG(heads={self.heads!r}, u={self.u}, scale={self.scale}, cfg_scale={self.cfg_scale}, scope={self.scope!r}, variant={self.variant!r})"
 
     def is_identity(self) -> bool:
         """True when guidance is a no-op (s = 0, u = 0 or no heads): sampling then skips the perturbed pass."""
@@ -228,7 +374,7 @@ class SoftPAG:
             ys = [labels, labels] + ([torch.full_like(labels, NULL_CLASS)] if use_cfg else [])
             rows = torch.zeros(parts * n, dtype=torch.bool, device=x.device)
             rows[n : 2 * n] = True
-            with perturbed(model, self.heads, self.u, rows=rows, scope=self.scope):
+            with perturbed(model, self.heads, self.u, rows=rows, scope=self.scope, variant=self.variant):
                 out = model(xs, timestep=torch.cat([tt] * parts), class_labels=torch.cat(ys)).sample
             eps_cond, eps_pert = out[:n], out[n : 2 * n]
             base = eps_cond if not use_cfg else out[2 * n :] + self.cfg_scale * (eps_cond - out[2 * n :])
@@ -245,7 +391,7 @@ class SoftPAG:
     @contextlib.contextmanager
     def apply(self, transformer) -> Iterator[dict]:
         """Every forward inside runs with the selected heads perturbed (all rows); yields the processor state."""
-        with perturbed(transformer, self.heads, self.u, scope=self.scope) as state:
+        with perturbed(transformer, self.heads, self.u, scope=self.scope, variant=self.variant) as state:
             yield state
 
     def save(self, directory: str | Path) -> Path:
@@ -258,4 +404,4 @@ class SoftPAG:
         return cls(**read_json(Path(directory) / JSON_NAME)["params"])
 
 
-__all__ = ["SoftPAG", "SoftPAGProcessor", "perturbed", "soft_identity", "attention_modules", "validate_dit_heads"]
+__all__ = ["SoftPAG", "SoftPAGProcessor", "perturbed", "soft_identity", "soft_perturb", "target_map", "VARIANTS", "attention_modules", "validate_dit_heads"]

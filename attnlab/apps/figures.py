@@ -317,3 +317,53 @@ def ablation_bars(table, title: str | None = None) -> go.Figure:
         meta={"baseline": base, "top_drop": top_drop, "random_drop": rnd_drop, "random_ci": list(ci), "p_value": p, "k": k, "n_seeds": n_seeds},
     )
     return fig
+
+
+def attention_difference(baseline, intervened, tokens, *, layer: int, head: int, model: str = "", method: str = "", max_size: int = 192, title: str | None = None) -> go.Figure:
+    """Query x key heatmap of ``intervened - baseline`` attention of one head (diverging colours centred on 0).
+
+    Parameters
+    ----------
+    baseline, intervened : arrays of shape (n_tokens, n_tokens), post-softmax attention of head ``(layer, head)``
+        on the same prompt without and with an intervention (``ComparisonResult.plot()`` passes them).
+    tokens : list of str, the prompt's tokens (labels)
+    max_size : int, default=192
+        Most rows/columns drawn; longer prompts are block-downsampled like ``attention_pattern`` (query blocks
+        averaged, key blocks summed; linear, so it is the difference of the downsampled patterns).
+
+    Red = more attention with the intervention. Hover shows both weights and the difference. ``layout.meta``
+    holds ``kind="attention_difference"``, ``layer``, ``head``, ``head_label``, ``n_tokens``, ``method`` and
+    ``max_abs_difference`` (of the full-resolution difference).
+    """
+    a, b = np.asarray(baseline, dtype=np.float32), np.asarray(intervened, dtype=np.float32)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"baseline and intervened patterns must be equal 2-D shapes, got {a.shape} and {b.shape}")
+    n = a.shape[0]
+    full = b - a
+    span = float(np.abs(full).max()) if full.size else 0.0
+    d, bq, bk = downsample_pattern(full, max_size=max_size)
+    ma, _, _ = downsample_pattern(a, max_size=max_size)
+    mb, _, _ = downsample_pattern(b, max_size=max_size)
+    shown = "" if d.shape == full.shape else f", shown as {d.shape[0]}x{d.shape[1]} blocks"
+    head_label = f"L{layer}H{head}"
+    fig = go.Figure(
+        go.Heatmap(
+            z=d,
+            x=block_labels(bk, tokens, 0),
+            y=block_labels(bq, tokens, 0),
+            customdata=np.stack([ma, mb], axis=-1),
+            colorscale="RdBu",
+            reversescale=True,  # red = more attention with the intervention
+            zmid=0.0,
+            hovertemplate="query %{y}<br>key %{x}<br>baseline %{customdata[0]:.4f}<br>intervened %{customdata[1]:.4f}<br>difference %{z:.4f}<extra></extra>",
+            colorbar={"title": "Δ attention"},
+        )
+    )
+    fig.update_layout(
+        title=title or f"{head_label} attention, {method or 'intervened'} − baseline — {model} ({n} tokens{shown}; max |Δ| {span:.4f})",
+        xaxis={"title": "key", "tickangle": -60, "type": "category"},
+        yaxis={"title": "query", "autorange": "reversed", "type": "category"},
+        margin={"l": 120, "r": 20, "t": 50, "b": 120},
+        meta={"kind": "attention_difference", "layer": int(layer), "head": int(head), "head_label": head_label, "n_tokens": int(n), "method": method, "max_abs_difference": span},
+    )
+    return fig

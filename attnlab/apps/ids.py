@@ -59,3 +59,16 @@ VISION_QUESTION = "vision-question"
 VISION_FIGURE = "vision-figure"
 VISION_STATUS = "vision-status"
 VISION_BUSY = "vision-busy"
+
+# interventions view (a prompt on the run's model without and with an intervention)
+IV_VIEW = "interventions-view"
+IV_METHOD = "iv-method"  # dropdown: attnlab.interventions.registry.INTERVENTIONS names
+IV_PARAMS = "iv-params"  # k=v pairs (registry.build), whitespace-separated
+IV_INFO = "iv-info"  # the method's one-line description and whether it runs on this model
+IV_PROMPT = "iv-prompt"
+IV_ANSWER = "iv-answer"  # optional expected answer
+IV_RUN = "iv-run"  # button
+IV_OUTPUTS = "iv-outputs"  # table: both greedy outputs and the answer probability
+IV_FIGURE = "iv-figure"  # attention difference of the selected head
+IV_STATUS = "iv-status"
+IV_BUSY = "iv-busy"

@@ -1,4 +1,4 @@
-"""The page: six views (runs, head map, attention pattern, tokens, vision for VLM runs, ablation scoring) in one column. Ids come from ``ids.py``.
+"""The page: seven views (runs, head map, attention pattern, tokens, vision for VLM runs, interventions, ablation scoring) in one column. Ids come from ``ids.py``.
 
 ``build_layout`` is called on every page load (``app.layout`` is a function), so new runs appear on refresh.
 """
@@ -8,6 +8,7 @@ from dash import dcc, html
 
 from attnlab.apps import ids
 from attnlab.apps.ablation import MAX_K, MAX_SEEDS
+from attnlab.apps.interventions import DEFAULT_PARAMS, MAX_PARAMS_CHARS, methods
 from attnlab.apps.vision import MAX_UPLOAD_BYTES, UPLOAD_QUESTION
 from attnlab.apps.state import AppState, failure_message
 
@@ -112,6 +113,7 @@ def build_layout(state: AppState) -> html.Div:
                 style={**_SECTION, "display": "none"},
                 id=ids.VISION_VIEW,
             ),
+            interventions_view(state),
             html.Div(
                 [
                     html.H3("Ablation scoring"),
@@ -136,4 +138,38 @@ def build_layout(state: AppState) -> html.Div:
                 id=ids.ABLATION_VIEW,
             ),
         ],
+    )
+
+
+def interventions_view(state: AppState) -> html.Div:
+    """Method (from the intervention registry, read on each page load), k=v parameters, prompt, expected answer."""
+    names = methods()
+    first = names[0] if names else None
+    return html.Div(
+        [
+            html.H3("Interventions"),
+            html.Div(
+                [
+                    "method: ",
+                    dcc.Dropdown(id=ids.IV_METHOD, options=[{"label": n, "value": n} for n in names], value=first, clearable=False, style={"width": "220px", "display": "inline-block", "verticalAlign": "middle"}),
+                    " parameters (k=v, space-separated): ",
+                    dcc.Input(id=ids.IV_PARAMS, type="text", value=DEFAULT_PARAMS.get(first, ""), maxLength=MAX_PARAMS_CHARS, placeholder="e.g. beta=0.4 heads=[[3,0],[3,1]]", style={"width": "380px"}),
+                ]
+            ),
+            html.Div(id=ids.IV_INFO, style={"fontSize": "85%", "color": "#555", "marginTop": "4px"}),
+            dcc.Textarea(id=ids.IV_PROMPT, placeholder=f"prompt run without and with the intervention (at most {state.live.max_chars} characters)", maxLength=state.live.max_chars, style={"width": "100%", "height": "60px", "marginTop": "6px"}),
+            html.Div(
+                [
+                    "expected answer (optional): ",
+                    dcc.Input(id=ids.IV_ANSWER, type="text", value="", maxLength=200, placeholder="default: the baseline's top token", style={"width": "260px"}),
+                    html.Button("run intervention", id=ids.IV_RUN, n_clicks=0, style={"marginLeft": "12px"}),
+                    html.Span(" running…", id=ids.IV_BUSY, style={"display": "none", "color": "#06c"}),
+                ]
+            ),
+            html.Div(id=ids.IV_OUTPUTS, style={"marginTop": "6px"}),
+            dcc.Graph(id=ids.IV_FIGURE, config={"displaylogo": False}, style={"height": "600px"}),
+            html.Div(id=ids.IV_STATUS, style=_STATUS),
+        ],
+        style=_SECTION,
+        id=ids.IV_VIEW,
     )

@@ -5,8 +5,9 @@ Used by ``tests/test_app.py`` (20 clients against the app on a free 127.0.0.1 po
 fixed number of requests, so a run always ends by itself.
 
 A callback request is the body the dash renderer posts to ``/_dash-update-component``, built from the app's own
-``/_dash-dependencies`` (so it tracks the page's callbacks). A response counts as an error when it is not HTTP 200,
-when the request fails, or when a callback's response carries a traceback or an ``internal error`` message.
+``/_dash-dependencies`` (so it tracks the page's callbacks): ``page_bodies`` for the runs, head-map and pattern
+views, ``view_bodies`` for the live views behind buttons (interventions, ablation scoring, vision). A response
+counts as an error when it is not HTTP 200, when the request fails, or when a callback's response carries a traceback or an ``internal error`` message.
 """
 from __future__ import annotations
 
@@ -193,6 +194,62 @@ def page_bodies(deps: list[dict], run: str, result: str, *, compare: str | None 
     if prompt is not None:
         bodies["pattern"] = callback_body(deps, f"{ids.PATTERN}.figure", v, [f"{ids.SELECTED_HEAD}.data"])
         bodies["query_row"] = callback_body(deps, f"{ids.PATTERN}.figure", {**v, f"{ids.PATTERN_MODE}.value": "row"}, [f"{ids.PATTERN_MODE}.value"])
+    return bodies
+
+
+def callback_response(base_url: str, body: dict, timeout: float = 30.0) -> dict:
+    """The JSON ``response`` of one callback post (``{component id: {property: value}}``), to check what a
+    callback answered (e.g. an empty status line) before loading it."""
+    status, payload = _request(base_url.rstrip("/") + "/" + UPDATE, body, timeout)
+    return json.loads(payload).get("response", {})
+
+
+def view_bodies(deps: list[dict], run: str, *, head: dict | None = None, intervention: dict | None = None, ablation: dict | None = None, vision_run: str | None = None, vision_image: str = "0") -> dict[str, dict]:
+    """Callbacks of the live views a visitor presses buttons in (each runs the model, one at a time):
+
+    - ``intervention`` (``{"method", "params", "prompt", "answer"}``): the method's info line
+      (``intervention_info``: build + fit without data) and "run intervention" (``intervention``: the prompt
+      without and with the method, both outputs and the attention difference of ``head``);
+    - ``ablation`` (``{"source", "k", "metric", "seeds", "result"}``): "run ablation" on ``run``;
+    - ``vision_run``: the vision view's overlay of the run image ``vision_image`` for ``head`` (a VLM run).
+    """
+    from attnlab.apps import ids
+
+    head = head or {"layer": 0, "head": 0}
+    bodies: dict[str, dict] = {}
+    if intervention is not None:
+        v = {
+            f"{ids.RUN_SELECT}.value": run,
+            f"{ids.SELECTED_HEAD}.data": head,
+            f"{ids.IV_METHOD}.value": intervention["method"],
+            f"{ids.IV_PARAMS}.value": intervention.get("params", ""),
+            f"{ids.IV_PROMPT}.value": intervention["prompt"],
+            f"{ids.IV_ANSWER}.value": intervention.get("answer", ""),
+            f"{ids.IV_RUN}.n_clicks": 1,
+        }
+        bodies["intervention_info"] = callback_body(deps, f"{ids.IV_INFO}.children", v, [f"{ids.IV_METHOD}.value"])
+        bodies["intervention"] = callback_body(deps, f"{ids.IV_FIGURE}.figure", v, [f"{ids.IV_RUN}.n_clicks"])
+    if ablation is not None:
+        v = {
+            f"{ids.RUN_SELECT}.value": run,
+            f"{ids.SELECTED_HEAD}.data": head,
+            f"{ids.HEAD_RESULT}.value": ablation.get("result"),
+            f"{ids.ABL_SOURCE}.value": ablation.get("source", "selected"),
+            f"{ids.ABL_K}.value": ablation.get("k", 1),
+            f"{ids.ABL_METRIC}.value": ablation.get("metric", "logprob"),
+            f"{ids.ABL_SEEDS}.value": ablation.get("seeds", 1),
+            f"{ids.ABL_RUN}.n_clicks": 1,
+        }
+        bodies["ablation"] = callback_body(deps, f"{ids.ABL_FIGURE}.figure", v, [f"{ids.ABL_RUN}.n_clicks"])
+    if vision_run is not None:
+        v = {
+            f"{ids.RUN_SELECT}.value": vision_run,
+            f"{ids.SELECTED_HEAD}.data": head,
+            f"{ids.VISION_SOURCE}.value": vision_image,
+            f"{ids.VISION_UPLOAD}.contents": None,
+            f"{ids.VISION_QUESTION}.value": None,
+        }
+        bodies["vision"] = callback_body(deps, f"{ids.VISION_FIGURE}.figure", v, [f"{ids.VISION_SOURCE}.value"])
     return bodies
 
 

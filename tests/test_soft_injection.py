@@ -1,5 +1,7 @@
-"""Soft injection (SITE): identity at alpha = 0, only the last prompt token moves, gradients reach theta only,
-save/load round trip, data loading, and a small fit on organism-lm that must beat plain 0-shot."""
+"""Soft injection (SITE): identity at alpha = 0, only the last prompt token moves (or the cue and the answer tokens
+with ``position="answer"``), the hooked z is what ``o_proj`` maps, gradients reach theta only, e_bar deterministic,
+the answer loss reduces to the first-token loss on one-token answers, save/load round trip, data loading, and small
+fits on organism-lm that must beat plain 0-shot."""
 from __future__ import annotations
 
 import json
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab.hooks import attn_hook
+from attnlab.hooks import attn_hook, block_hook
 from attnlab.interventions.base import Intervention
 from attnlab.interventions.soft_injection import SoftInjection, inject, last_occurrence, load_task
 
@@ -47,10 +49,10 @@ def test_last_occurrence_finds_the_cue_or_minus_one():
     assert last_occurrence(ids, [1, 2]).tolist() == [5, -1]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "organism"])
-def test_alpha_zero_is_the_identity(name, loaded, organism):
+@pytest.mark.parametrize("name,position", [("gpt2", "cue"), ("llama-gqa", "cue"), ("organism", "cue"), ("organism", "answer"), ("qwen2", "last")])
+def test_alpha_zero_is_the_identity(name, position, loaded, organism):
     m = organism if name == "organism" else loaded(name)
-    si = fitted(m, alpha_scale=0.0)
+    si = fitted(m, alpha_scale=0.0, position=position)
     batch = m.encode(PROMPTS)
     with torch.no_grad():
         ref = m.forward(batch)
@@ -102,6 +104,96 @@ def test_only_the_last_prompt_token_is_injected(organism):
             assert torch.equal(m.forward(one), ref)
 
 
+def test_answer_position_injects_the_cue_and_the_answer_tokens_only(organism):
+    m = organism
+    si = fitted(m, position="answer", loss="answer")
+    span = si.e_span_
+    assert span.shape == (2, m.n_layers, m.n_heads, m.d_head)  # answers " 1" .. " 24": at most 2 tokens
+    assert np.array_equal(si.e_bar_, fitted(m).e_bar_)  # offset 0 is the spec's e_bar
+    si.theta_ = np.full_like(si.theta_, 3.0)
+    prompt = "Q: 40\nA:"
+    cue = len(m.token_ids(prompt)) - 1
+    batch = m.encode([prompt + " 41\n\nQ", prompt], padding_side="right")
+    seen = {}
+
+    def grab(tag):
+        def hook(z, hook=None):
+            seen[tag] = z.detach().clone()
+
+        return hook
+
+    name = attn_hook(0, "hook_z")  # layer 0: later layers' z also moves downstream of an injected position
+    with torch.no_grad():
+        with m.bridge.hooks(fwd_hooks=[(name, grab("clean"))]):
+            m.forward(batch)
+        with si.apply(m), m.bridge.hooks(fwd_hooks=[(name, grab("inj"))]):
+            m.forward(batch)
+    diff = (seen["inj"] - seen["clean"]).abs().amax(dim=(-1, -2))
+    changed = (diff[0] > 1e-4).nonzero().flatten().tolist()
+    assert changed == [cue, cue + 1, cue + 2], changed  # the cue and the two span offsets; not before, not after
+    assert (diff[1, : cue + 1] > 1e-4).tolist() == [False] * cue + [True]
+    expected = (1 - torch.sigmoid(torch.tensor(3.0))) * seen["clean"][0, cue + 2] + torch.sigmoid(torch.tensor(3.0)) * torch.as_tensor(span[1, 0])
+    assert torch.allclose(seen["inj"][0, cue + 2], expected, atol=1e-5)
+
+
+def _o_proj_weight(m, layer):
+    (w,) = [p for n, p in m.bridge.named_parameters() if f"layers.{layer}." in n and "o_proj" in n and n.endswith("weight")]
+    return w
+
+
+def test_the_hooked_z_is_what_o_proj_maps(organism):
+    """``o_proj(z')`` is the model's own attention output: with z' = z it equals the clean one (to float
+    precision) and with an injection the attention output at the injected position is ``W_O z'``."""
+    m = organism
+    si = fitted(m)
+    si.theta_ = np.full_like(si.theta_, 1.0)
+    layer = 5
+    w = _o_proj_weight(m, layer)
+    batch = m.encode(PROMPTS, padding_side="right")
+    seen = {}
+
+    def grab(tag):
+        def hook(x, hook=None):
+            seen[tag] = x.detach().clone()
+
+        return hook
+
+    hooks = lambda tag: [(attn_hook(layer, "hook_z"), grab(tag + "_z")), (block_hook(layer, "hook_attn_out"), grab(tag + "_out"))]  # noqa: E731
+    with torch.no_grad():
+        with m.bridge.hooks(fwd_hooks=hooks("clean")):
+            m.forward(batch)
+        with si.apply(m), m.bridge.hooks(fwd_hooks=hooks("inj")):
+            m.forward(batch)
+    for tag in ("clean", "inj"):  # "inj_z" is the mixed z' (read after the injection hook)
+        z, out = seen[tag + "_z"], seen[tag + "_out"]
+        assert torch.allclose(out, z.flatten(-2) @ w.T, atol=1e-4), tag
+    assert not torch.allclose(seen["clean_out"], seen["inj_out"], atol=1e-3)
+    z = seen["clean_z"]  # z' = z (the mix with alpha 0) gives exactly the model's own o_proj output
+    same = inject(z, batch.lengths - 1, torch.randn(z.shape[2], z.shape[3]), torch.zeros(z.shape[2]))
+    assert torch.equal(same, z)
+
+
+def test_answer_loss_equals_first_token_loss_for_one_token_answers(organism):
+    m = organism
+    letters = {"name": "first", "train": [(f"{a} q z", a) for a in "abcdefghijklmnop"], "valid": [(f"{a} k r", a) for a in "qrstuvw"]}
+    si = SoftInjection(n_prompts=4, n_shots=2, n_steps=0, n_val=4, loss="first_token").fit(m, letters)
+    assert all(len(m.tokenizer(" " + y, add_special_tokens=False)["input_ids"]) == 1 for _, y in letters["valid"])
+    theta = torch.randn(m.n_layers, m.n_heads, generator=torch.Generator().manual_seed(0))
+    e = si._embeddings(m)
+    with torch.no_grad():
+        first = si._ce(m, letters["valid"], theta, e)
+        si.loss = "answer"
+        answer = si._ce(m, letters["valid"], theta, e)
+        assert torch.allclose(first, answer, atol=1e-6)
+        multi = [("12", "13"), ("40", "41"), ("75", "76")]  # " 13" is two tokens: the losses now differ
+        si.loss = "first_token"
+        first_m = si._ce(m, multi, theta, e)
+        si.loss = "answer"
+        assert not torch.allclose(first_m, si._ce(m, multi, theta, e), atol=1e-4)
+    with pytest.raises(ValueError):
+        SoftInjection(loss="all").fit(m, letters)
+
+
 def test_gradients_reach_theta_only(organism):
     m = organism
     before = {n: p.detach().clone() for n, p in m.bridge.named_parameters()}
@@ -151,6 +243,20 @@ def test_load_task_reads_function_vector_files(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"input": "a"}]))
     with pytest.raises(Exception):
         load_task(str(tmp_path / "bad.json"))
+
+
+def test_answer_injection_beats_zero_shot_on_successor(organism):
+    """The numeric case the spec's first-token loss cannot fit (organism-lm copies the first digit): the answer
+    variant (``position="answer"``, ``loss="answer"``) must lift held-out successor accuracy clearly."""
+    from attnlab.interventions.evaluate import evaluate_intervention, load_data
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    m = organism
+    si = SoftInjection(n_steps=10, val_every=5, n_val=16, n_prompts=8, position="answer", loss="answer").fit(m, "icl:successor")
+    rep = evaluate_intervention(m, si, load_data("icl:successor:test:0", n=24), n_boot=200)
+    row = rep.table.set_index("metric").loc["exact_match"]
+    assert row["intervened"] >= row["baseline"] + 0.25, rep.table
+    assert si.summary()["best_val_loss"] < si.summary()["baseline_val_loss"]
 
 
 def test_injection_beats_zero_shot_on_organism(organism):

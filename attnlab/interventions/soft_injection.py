@@ -40,7 +40,8 @@ import torch
 from attnlab.hooks import attn_hook
 from attnlab.interventions.base import Intervention, prompt_digest, real_keys_from_scores
 
-POSITIONS = ("cue", "last")
+POSITIONS = ("cue", "last", "answer")
+LOSSES = ("first_token", "answer")
 SELECTS = ("best", "last")
 EMBED_IN = "embed.hook_in"
 
@@ -145,6 +146,20 @@ def inject(z: torch.Tensor, pos: torch.Tensor, e: torch.Tensor, alpha: torch.Ten
     return out
 
 
+def inject_span(z: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor | None, e_span: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``z`` with positions ``pos[b] + 1 + j`` (``j < len(e_span)``, inside row b's ``lengths[b]``) mixed toward
+    ``e_span[j]`` ``[heads, d_head]``: the answer tokens after the cue (``position="answer"``)."""
+    for j in range(e_span.shape[0]):
+        p = torch.where(pos >= 0, pos + 1 + j, torch.full_like(pos, -1))
+        inside = (p >= 0) & (p < z.shape[1])
+        if lengths is not None:
+            inside &= p < lengths.to(p.device)
+        if not bool(inside.any()):
+            break
+        z = inject(z, torch.where(inside, p, torch.full_like(p, -1)), e_span[j], alpha)
+    return z
+
+
 def last_occurrence(ids: torch.Tensor, cue: Sequence[int]) -> torch.Tensor:
     """Per row of ``ids`` ``[batch, seq]``: index of the last token of the last occurrence of ``cue``; -1 if none."""
     n = len(cue)
@@ -191,11 +206,18 @@ class SoftInjection(Intervention):
     alpha_scale : float, default=1.0
         ``alpha = alpha_scale * sigmoid(theta)``; 0 is the identity.
     position : {"cue", "last"}, default="cue"
-        Which token is injected (module docstring).
+        Which token is injected (module docstring). ``"answer"`` (not in the spec, an attnlab variant): the cue
+        as in ``"cue"`` *and* the answer tokens after it, offset j with its own embedding ``e_span_[j-1]`` (mean z
+        at offset j of the same few-shot prompts teacher-forced with their answers), one shared alpha per head.
+        Needs full-recompute decoding (the evaluation harness's); a KV-cached decode step is not modified.
     cue : str, default="\\nA:"
-    loss_tokens : {"first", "all"}, default="first"
-        CE of the answer's first token (the spec) or of all its tokens, teacher forced (multi-token answers whose
-        first token the 0-shot model already gets right, e.g. digit-split numbers).
+    loss : {"first_token", "answer"}, default="first_token"
+        ``"first_token"`` (the spec, SITE's ``optimize_head_selection``): CE of the answer's first token at the
+        injected position. ``"answer"``: mean CE over all answer tokens, teacher forced (prompt + answer in one
+        pass; with ``position="cue"`` the injection is still only at the prompt's last token, later tokens see it
+        through attention). Identical for one-token answers. Use it where the first token says little: organism-lm
+        splits digits, so the first token of ``" 41"`` is ``" 4"``, which the 0-shot model already copies from the
+        query (first-token CE ~0.06 nats on successor: nothing to fit).
     top_k : int, default=10
         Heads listed as "selected" (largest alpha) in ``summary``.
     seed : int, default=0
@@ -206,6 +228,9 @@ class SoftInjection(Intervention):
     ----------
     task_ : str
     e_bar_ : ndarray (L, H, d_head)
+    e_span_ : ndarray (K, L, H, d_head)
+        Only with ``position="answer"``: embeddings of the K answer offsets after the cue (K = longest train answer
+        in tokens, plus its line end).
     theta_ : ndarray (L, H)
     history_ : list of dict
         Validation CE per checkpoint (``step``, ``val_loss``) and the mean train loss since the previous one.
@@ -218,7 +243,7 @@ class SoftInjection(Intervention):
 
     name = "soft-injection"
 
-    def __init__(self, *, n_prompts: int = 50, n_shots: int = 10, lr: float = 0.2, n_steps: int = 400, batch_size: int = 1, val_every: int = 50, n_val: int = 100, select: str = "best", theta_init: float = 0.0, alpha_scale: float = 1.0, position: str = "cue", cue: str = "\nA:", loss_tokens: str = "first", top_k: int = 10, seed: int = 0, data_seed: int = 42):
+    def __init__(self, *, n_prompts: int = 50, n_shots: int = 10, lr: float = 0.2, n_steps: int = 400, batch_size: int = 1, val_every: int = 50, n_val: int = 100, select: str = "best", theta_init: float = 0.0, alpha_scale: float = 1.0, position: str = "cue", cue: str = "\nA:", loss: str = "first_token", top_k: int = 10, seed: int = 0, data_seed: int = 42):
         self.n_prompts = n_prompts
         self.n_shots = n_shots
         self.lr = lr
@@ -231,7 +256,7 @@ class SoftInjection(Intervention):
         self.alpha_scale = alpha_scale
         self.position = position
         self.cue = cue
-        self.loss_tokens = loss_tokens
+        self.loss = loss
         self.top_k = top_k
         self.seed = seed
         self.data_seed = data_seed
@@ -245,8 +270,8 @@ class SoftInjection(Intervention):
             raise ValueError("SoftInjection.fit needs task data (icl:TASK, a function-vectors JSON path, a directory or a dict)")
         if self.select not in SELECTS:
             raise ValueError(f"select must be one of {SELECTS}, got {self.select!r}")
-        if self.loss_tokens not in ("first", "all"):
-            raise ValueError(f"loss_tokens must be 'first' or 'all', got {self.loss_tokens!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
         if self.n_shots < 0 or self.n_prompts < 1 or self.n_steps < 0 or self.batch_size < 1 or self.val_every < 1 or self.n_val < 1:
@@ -264,8 +289,11 @@ class SoftInjection(Intervention):
         return self
 
     def _fit(self, model, task: TaskData) -> None:
-        self.e_bar_ = self.task_embedding(model, task.train).numpy()
-        e = torch.as_tensor(self.e_bar_, device=model.device)
+        emb = self.task_embedding(model, task.train)
+        self.e_bar_ = emb[0].numpy()
+        if self.position == "answer":
+            self.e_span_ = emb[1:].numpy()
+        e = self._embeddings(model)
         params = list(model.bridge.parameters())
         was = [p.requires_grad for p in params]
         for p in params:
@@ -281,39 +309,59 @@ class SoftInjection(Intervention):
 
     @torch.no_grad()
     def task_embedding(self, model, train: Sequence[tuple[str, str]], *, batch_size: int = 16) -> torch.Tensor:
-        """Mean z of every head at the last token of ``n_prompts`` seeded few-shot prompts: ``[L, H, d_head]``."""
+        """Mean z of every head over ``n_prompts`` seeded ``n_shots``-shot prompts (train items, organism-lm's
+        ``Q: x\\nA: y\\n\\n`` ICL format): ``[1 + K, L, H, d_head]``; index 0 is the prompt's last token (the spec's
+        ``e_bar``), 1..K (``position="answer"`` only) the answer tokens, teacher forced, averaged over the
+        prompts whose answer reaches that offset."""
         from attnlab.datasets.icl import format_prompt
 
         rng = random.Random(f"site-embed:{self.seed}")
-        prompts = []
+        rows, ends = [], []
         for _ in range(self.n_prompts):
             pick = rng.sample(range(len(train)), self.n_shots + 1)
-            prompts.append(format_prompt([train[i] for i in pick[:-1]], train[pick[-1]][0]))
-        total: dict[int, torch.Tensor] = {}
+            x, y = train[pick[-1]]
+            ids = model.token_ids(format_prompt([train[i] for i in pick[:-1]], x))
+            ends.append(len(ids) - 1)
+            if self.position == "answer":  # the answer and its line end: offsets 1..len(answer)
+                ids = ids + model.tokenizer(" " + y + "\n", add_special_tokens=False)["input_ids"][:-1]
+            rows.append(ids)
+        span = max(len(r) - 1 - e for r, e in zip(rows, ends))
+        count = torch.zeros(1 + span)
+        sums: dict[int, torch.Tensor] = {}
 
-        def keep(layer, last):
+        def keep(layer, pos, valid):
             def hook(z, hook=None):
-                v = z[torch.arange(z.shape[0], device=z.device), last.to(z.device)].float().sum(0)
-                total[layer] = total.get(layer, 0) + v.cpu()
+                b = torch.arange(z.shape[0], device=z.device).unsqueeze(1).expand_as(pos)
+                v = z[b, pos.clamp(max=z.shape[1] - 1).to(z.device)].float() * valid.to(z.device)[..., None, None]
+                sums[layer] = sums.get(layer, 0) + v.sum(0).cpu()  # [1 + span, H, d]
 
             return hook
 
-        for s in range(0, len(prompts), batch_size):
-            batch = model.encode(prompts[s : s + batch_size], padding_side="right")
-            last = batch.lengths - 1
-            with model.bridge.hooks(fwd_hooks=[(attn_hook(l, "hook_z"), keep(l, last)) for l in range(model.n_layers)]):
+        for s in range(0, len(rows), batch_size):
+            chunk, last = rows[s : s + batch_size], torch.tensor(ends[s : s + batch_size])
+            batch = model.batch_from_ids(chunk, list(range(len(chunk))), padding_side="right").to(model.device)
+            pos = last.unsqueeze(1) + torch.arange(1 + span)
+            valid = (pos < torch.tensor([len(r) for r in chunk]).unsqueeze(1)).float()
+            count += valid.sum(0)
+            with model.bridge.hooks(fwd_hooks=[(attn_hook(l, "hook_z"), keep(l, pos, valid)) for l in range(model.n_layers)]):
                 model.forward(batch)
-        return torch.stack([total[l] for l in range(model.n_layers)]) / len(prompts)
+        total = torch.stack([sums[l] for l in range(model.n_layers)], 1)  # [1 + span, L, H, d]
+        return total / count.clamp(min=1).view(-1, 1, 1, 1)
+
+    def _embeddings(self, model) -> tuple[torch.Tensor, torch.Tensor | None]:
+        e = torch.as_tensor(np.asarray(self.e_bar_), device=model.device)
+        span = getattr(self, "e_span_", None) if self.position == "answer" else None
+        return e, (torch.as_tensor(np.asarray(span), device=model.device) if span is not None else None)
 
     def _alpha(self, theta: torch.Tensor) -> torch.Tensor:
         return self.alpha_scale * torch.sigmoid(theta)
 
     def _ce(self, model, pairs, theta, e) -> torch.Tensor:
-        """Mean CE of the answer's first token (``loss_tokens="first"``) or all its tokens (``"all"``, teacher
-        forced, still injected at the prompt's last token only) with injection."""
+        """Mean CE with injection of the answer's first token (``loss="first_token"``) or of all its tokens
+        (``"answer"``, teacher forced in one pass; tokens, not items, are averaged)."""
         prompts = [zero_shot(x) for x, _ in pairs]
         answers = [model.tokenizer(" " + y, add_special_tokens=False)["input_ids"] for _, y in pairs]
-        if self.loss_tokens == "first":
+        if self.loss == "first_token":
             answers = [a[:1] for a in answers]
         ids = [model.token_ids(p) for p in prompts]
         batch = model.batch_from_ids([i + a[:-1] for i, a in zip(ids, answers)], list(range(len(pairs))), padding_side="right").to(model.device)
@@ -366,15 +414,17 @@ class SoftInjection(Intervention):
 
     def hooks(self, model) -> list:
         theta = torch.as_tensor(np.asarray(self.theta_), device=model.device)
-        return self._hooks_for(model, theta, torch.as_tensor(np.asarray(self.e_bar_), device=model.device))
+        return self._hooks_for(model, theta, self._embeddings(model))
 
-    def _hooks_for(self, model, theta: torch.Tensor, e: torch.Tensor) -> list:
+    def _hooks_for(self, model, theta: torch.Tensor, embeddings: tuple) -> list:
         alpha = self._alpha(theta)
-        cue = cue_ids(model, self.cue) if self.position == "cue" else []
+        e, e_span = embeddings
+        by_cue = self.position in ("cue", "answer")
+        cue = cue_ids(model, self.cue) if by_cue else []
         state = self._state
 
         def ids_hook(ids, hook=None):
-            state["pos"] = last_occurrence(ids, cue) if self.position == "cue" else None
+            state["pos"] = last_occurrence(ids, cue) if by_cue else None
             return None
 
         def scores_hook(scores, hook=None):
@@ -389,7 +439,10 @@ class SoftInjection(Intervention):
                 pos = state.get("pos")
                 if pos is None or pos.shape[0] != z.shape[0]:
                     return None
-                return inject(z, pos.to(z.device), e[layer], alpha[layer])
+                out = inject(z, pos.to(z.device), e[layer], alpha[layer])
+                if e_span is not None:
+                    out = inject_span(out, pos.to(z.device), None, e_span[:, layer], alpha[layer])
+                return out
 
             return hook
 
@@ -420,4 +473,4 @@ def head_overlap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> floa
     return len(sa & sb) / max(1, len(sa | sb))
 
 
-__all__ = ["SoftInjection", "TaskData", "load_task", "split_pairs", "inject", "last_occurrence", "cue_ids", "head_overlap"]
+__all__ = ["SoftInjection", "TaskData", "load_task", "split_pairs", "inject", "inject_span", "last_occurrence", "cue_ids", "head_overlap"]

@@ -25,8 +25,12 @@ run: setup
 	  $(BIN)/attnlab scan --model organism-lm --probes sinks,induction --dataset prose --n-prompts 16 --out $(RUNS)/organism-lm-prose --quiet && \
 	  $(BIN)/attnlab scan --model organism-lm --probes retrieval,streaming --dataset niah --n-prompts 8 --out $(RUNS)/organism-lm-niah --quiet && \
 	  $(BIN)/attnlab ablate --model organism-lm --heads $(RUNS)/organism-lm-niah:retrieval_heads --k 4 --metric niah --out $(RUNS)/organism-lm-niah/causal && \
-	  $(BIN)/attnlab eval organism-lm --task niah; \
+	  $(BIN)/attnlab eval organism-lm --task niah && \
+	  $(BIN)/attnlab scan --model organism-lm --probes preplan_anchor --dataset arithmetic --n-prompts 8 --out $(RUNS)/organism-lm-arithmetic --quiet; \
 	else echo "organism-lm is not bundled in this checkout; skipped"; fi
+	@if $(BIN)/python -c "from attnlab.models import bundled_path; import sys; sys.exit(bundled_path('organism-vlm') is None)"; then \
+	  $(BIN)/attnlab scan --model organism-vlm --probes vision --dataset shapes --n-prompts 8 --out $(RUNS)/organism-vlm-shapes --quiet; \
+	else echo "organism-vlm is not bundled in this checkout; skipped"; fi
 	@echo "done: runs are in $(RUNS)/ (open any figures/*.html in a browser; 'attnlab show $(RUNS)/minilm-prose' prints a run)"
 	@echo "open the app: $(BIN)/attnlab app --runs $(RUNS)   (then browse http://127.0.0.1:8050/)"
 

@@ -85,6 +85,10 @@ def cmd_scan(args) -> int:
     print(f"top {args.top} heads per probe:")
     _print_top(result.results, args.top)
     figs = write_figures(result.results, Path(args.out) / "figures")
+    if getattr(prompts, "images", None) is not None:  # VLM prompts: top heads' attention drawn on the first image
+        from attnlab.probes.image_centric_heads import write_image_overlays
+
+        figs += write_image_overlays(model, prompts, result.results, Path(args.out) / "figures")
     print(f"results: {Path(args.out).resolve()}  ({len(result.results)} results, run.json)")
     print(f"figures: {figs[0].parent.resolve()}  ({len(figs)} HTML files)")
     return 0
@@ -208,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="run probes on a model and write a run directory", description="Run probes over prompts with one forward pass per batch; write results (JSON + safetensors) and HTML figures.")
     p.add_argument("--model", required=True, help="bundled alias (see `attnlab models`), local checkpoint directory, or hub id")
-    p.add_argument("--probes", default="sinks,induction", help="comma-separated probes or groups (sinks, induction, retrieval, streaming, first_token_sink, act_sinks, massive_activations, previous_token, duplicate_token, retrieval_heads, streaming_heads, razor_echo_induction)")
+    p.add_argument("--probes", default="sinks,induction", help="comma-separated probes or groups (sinks, induction, retrieval, streaming, first_token_sink, act_sinks, massive_activations, previous_token, duplicate_token, retrieval_heads, streaming_heads, razor_echo_induction, vision, vision_aware_heads, image_centric_heads, preplan_anchor)")
     p.add_argument("--prompts", help="prompts file: one per line, .jsonl with a 'prompt' field, or .json list")
-    p.add_argument("--dataset", help="built-in prompt generator (prose, repeated-random, niah)")
+    p.add_argument("--dataset", help="built-in prompt generator (prose, repeated-random, niah; shapes, shapes-count, shapes-position for VLMs; arithmetic for preplan_anchor)")
     p.add_argument("--n-prompts", type=int, default=16, help="prompts to generate with --dataset (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory to write")
@@ -254,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("intervene", help="fit an attention intervention and measure it against the baseline", description="Fit an intervention on --fit, then score the baseline and the intervened model on the held-out --eval data with paired bootstrap intervals. DATA: classify:TASK:SPLIT[:SHOTS] (TASK sentiment|topic|all), icl:TASK:SPLIT[:SHOTS] (an ICL task or all), or a function-vectors JSON file PATH[:SHOTS].")
     p.add_argument("--model", required=True)
-    p.add_argument("--method", required=True, help="act or zerotuning")
+    p.add_argument("--method", required=True, help="act, zerotuning, var, vhr, soft-injection or softpag (SoftPAG-guided decoding; heads found by HeadHunter on --fit unless heads=[[l,h],...])")
     p.add_argument("--fit", help="data the intervention is fitted on (optional for methods with fixed parameters)")
     p.add_argument("--eval", required=True, help="held-out data it is measured on (must not overlap --fit)")
     p.add_argument("--out", required=True, help="run directory: intervention/ (fitted state), report.json, report.csv")

@@ -1,6 +1,14 @@
 """Input generators: each makes a ``PromptSet`` (or task data) procedurally from a seed; nothing is downloaded.
 
-``DATASETS`` maps the names ``attnlab scan --dataset NAME`` accepts to builders ``f(model, n_prompts, seed)``.
+``DATASETS`` maps the names ``attnlab scan --dataset NAME`` accepts to builders ``f(model, n_prompts, seed)``:
+
+- ``prose``, ``repeated-random``, ``niah``: text prompts for any language model;
+- ``shapes`` (= ``shapes-attribute``), ``shapes-count``, ``shapes-position``: a rendered shape scene plus one
+  question each, in the LLaVA-1.5 template (vision-language models; ``vision`` probes). The run's dataset name
+  ``shapes-<kind>(n=N,seed=S)`` lets the app regenerate the images;
+- ``arithmetic``: step-by-step word problems with their worked solution appended as the response
+  (``meta["prompt_len"]``), for the ``preplan_anchor`` probe. The response is the reference solution,
+  teacher-forced, not a sample of the model.
 """
 from __future__ import annotations
 
@@ -32,10 +40,59 @@ def _niah(model, n_prompts: int, seed: int) -> PromptSet:
     return niah_dataset(model, n_prompts, seed)
 
 
+SHAPE_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+
+
+def shape_prompt_set(kind: str, n_prompts: int, seed: int) -> PromptSet:
+    """``n_prompts`` shape scenes with one ``kind`` question each (``attribute``, ``count`` or ``position``).
+
+    Images are PIL renders of ``attnlab.datasets.shapes`` scenes; ``meta`` holds each question's kind, text and
+    answer. The name ``shapes-<kind>(n=N,seed=S)`` is what the app parses to regenerate the scenes.
+    """
+    from attnlab.datasets.shapes import render_scene, task_questions
+
+    items = task_questions(kind, n_prompts, seed)
+    return PromptSet(
+        name=f"shapes-{kind}(n={n_prompts},seed={seed})",
+        texts=[SHAPE_TEMPLATE.format(question=q.text) for _, q in items],
+        images=[render_scene(s) for s, _ in items],
+        meta=[{"kind": q.kind, "question": q.text, "answer": q.answer} for _, q in items],
+        seed=seed,
+    )
+
+
+def _shapes(kind: str) -> Callable[..., PromptSet]:
+    def build(model, n_prompts: int, seed: int) -> PromptSet:
+        from attnlab.errors import AttnlabError
+
+        if getattr(model, "processor", None) is None:
+            raise AttnlabError(f"dataset shapes-{kind} is image + question prompts; {model.name} is not a vision-language model")
+        return shape_prompt_set(kind, n_prompts, seed)
+
+    build.__doc__ = f"Shape scenes with {kind} questions (vision-language models)."
+    return build
+
+
+def _arithmetic(model, n_prompts: int, seed: int) -> PromptSet:
+    """Arithmetic word problems (prompt ending in ``Solution:``) + worked solution as the response span."""
+    from attnlab.datasets.arithmetic import build_eval_problems
+    from attnlab.probes.preplan_anchor import reasoning_prompt_set
+
+    problems = build_eval_problems(n_prompts, split="test", seed=seed)
+    ps = reasoning_prompt_set(model, [(p.prompt, p.solution) for p in problems], name=f"arithmetic(n={n_prompts},seed={seed})")
+    ps.seed = seed
+    return ps
+
+
 DATASETS: dict[str, Callable[..., PromptSet]] = {
     "prose": _prose,
     "repeated-random": _repeated,
     "niah": _niah,
+    "shapes": _shapes("attribute"),
+    "shapes-attribute": _shapes("attribute"),
+    "shapes-count": _shapes("count"),
+    "shapes-position": _shapes("position"),
+    "arithmetic": _arithmetic,
 }
 
-__all__ = ["PromptSet", "fingerprint", "DATASETS"]
+__all__ = ["PromptSet", "fingerprint", "DATASETS", "shape_prompt_set"]

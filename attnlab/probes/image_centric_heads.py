@@ -394,3 +394,36 @@ def image_attention_grid(model, text: str, image, *, layer: int, head: int, quer
     if len(image_positions) == 0:
         raise ValueError("the prompt has no image tokens")
     return attention_to_grid(got["row"], image_positions, grid_shape)
+
+
+def write_image_overlays(model, prompts, results, directory, *, sources: tuple[str, ...] = ("vhd", "image_attention"), prompt: int = 0) -> list:
+    """Overlay figures of a VLM scan: for each result in ``sources`` present in ``results``, its top head's
+    attention from the last prompt token over the image patch grid of prompt ``prompt``, drawn on that image.
+
+    Written atomically as ``directory/image_overlay_<source>.html`` (plotly.js beside it, as the scan's other
+    figures); returns the paths (none when the prompts have no images).
+    """
+    import os
+    from pathlib import Path
+
+    from attnlab.apps.figures import image_attention_overlay
+    from attnlab.heads.results import HeadScores
+
+    if getattr(prompts, "images", None) is None or not len(prompts):
+        return []
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text, image = prompts.texts[prompt], prompts.images[prompt]
+    paths = []
+    for name in sources:
+        r = results.get(name)
+        if not isinstance(r, HeadScores) or not r.top_heads(1):
+            continue
+        (layer, head), = r.top_heads(1)
+        grid = image_attention_grid(model, text, image, layer=layer, head=head)
+        fig = image_attention_overlay(image, grid, layer=layer, head=head, title=f"prompt {prompt}: L{layer}H{head} (top by {name}), last prompt token -> image patches")
+        path, tmp = directory / f"image_overlay_{name}.html", directory / f".image_overlay_{name}.html.tmp"
+        fig.write_html(str(tmp), include_plotlyjs="directory")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths

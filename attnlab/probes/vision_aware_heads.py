@@ -13,6 +13,13 @@ heads), with ``A_{l,i}`` the output of head i of layer l before ``W_O`` (capture
 The image-free branch is a second forward pass (through the capture engine) of the same prompt with its image
 tokens removed and no pixels. Heads are scored without VHR's layer-by-layer reinforcement (a probe, not an
 intervention). Head scores are means over prompts.
+
+Variants the spec leaves room for (parameters; defaults = the spec): ``positions="text"`` averages VHD over every
+text token after the image instead of the t = 0 position only (the paper's Eq. 4 holds at every decoding step);
+``normalize="layer_mean"`` divides each prompt's VHD by its layer's mean over heads before averaging, so heads are
+ranked against their own layer (VHR selects per layer; raw VHD grows with a layer's output norm). On organism-vlm
+none of these variants makes the top VHD heads hurt image questions more than random heads (see
+``attnlab.probes.vhd_causal``).
 """
 from __future__ import annotations
 
@@ -59,6 +66,13 @@ def total_vhd(vhd: np.ndarray, k: int) -> float:
     return float(np.sort(vhd, axis=-1)[:, -k:].sum())
 
 
+def layer_normalized(vhd: np.ndarray) -> np.ndarray:
+    """VHD divided by its layer's mean over heads (``[..., layers, heads]``); a layer whose mean is 0 gives 0."""
+    vhd = np.asarray(vhd, float)
+    mean = vhd.mean(-1, keepdims=True)
+    return np.divide(vhd, mean, out=np.zeros_like(vhd), where=mean > 0)
+
+
 def last_real(batch) -> torch.Tensor:
     """Index of each prompt's last real token ``[batch]``."""
     return batch.first_real + batch.lengths - 1
@@ -87,17 +101,29 @@ class VisionAwareHeads(Probe):
         k of T-VHD; None = n_heads // 4 (at least 1), as recommended by the spec (the paper does not state k).
     attention : {"auto", "eager", "fused"}, default="auto"
         Attention path of the image-free branch's forward pass.
+    positions : {"last", "text"}, default="last"
+        Where VHD is measured: ``"last"`` = the last prompt token (t = 0, the spec); ``"text"`` = mean over the
+        text tokens after the image (aligned with the same tokens of the image-free branch).
+    normalize : {"none", "layer_mean"}, default="none"
+        ``"layer_mean"``: each prompt's (filtered) VHD divided by its layer's mean over heads (a layer whose mean
+        is 0 scores 0), so the ranking compares heads within their layer.
     """
 
     name = "vision_aware_heads"
 
-    def __init__(self, *, outlier_filter: bool = True, std_ddof: int = 0, top_k: int | None = None, attention: str = "auto"):
+    def __init__(self, *, outlier_filter: bool = True, std_ddof: int = 0, top_k: int | None = None, attention: str = "auto", positions: str = "last", normalize: str = "none"):
         self.outlier_filter = outlier_filter
         self.std_ddof = std_ddof
         self.top_k = top_k
         self.attention = attention
+        self.positions = positions
+        self.normalize = normalize
 
     def attach(self, capture, ctx: ProbeContext) -> None:
+        if self.positions not in ("last", "text"):
+            raise ValueError(f"positions must be 'last' or 'text', got {self.positions!r}")
+        if self.normalize not in ("none", "layer_mean"):
+            raise ValueError(f"normalize must be 'none' or 'layer_mean', got {self.normalize!r}")
         self._model = ctx.model
         self._z_image: dict[int, torch.Tensor] = {}
         self._vhd: dict[int, np.ndarray] = {}  # prompt -> [L, H] raw VHD
@@ -107,6 +133,9 @@ class VisionAwareHeads(Probe):
         capture.on("batch_end", self._on_batch_end)
 
     def _on_z(self, layer, z, batch) -> None:
+        if self.positions == "text":
+            self._z_image[layer] = z.float().cpu()  # [b, s, H, d]; reduced at batch end
+            return
         idx = last_real(batch).to(z.device)
         self._z_image[layer] = z[torch.arange(z.shape[0], device=z.device), idx].float().cpu()  # [b, H, d]
 
@@ -117,11 +146,27 @@ class VisionAwareHeads(Probe):
         text_batch = text_only_batch(self._model, batch)
 
         def grab(layer, z, b):
+            if self.positions == "text":
+                out[layer] = z.float().cpu()
+                return
             idx = last_real(b).to(z.device)
             out[layer] = z[torch.arange(z.shape[0], device=z.device), idx].float().cpu()
 
         Capture(self._model, attention=self.attention, progress=False).on("z", grab).run_batch(text_batch)
         return out
+
+    def _text_position_vhd(self, batch, zi: torch.Tensor, zt: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Mean VHD / TA over each prompt's text tokens after its image (``zi``/``zt``: ``[b, L, s, H, d]``)."""
+        vhd, ta = [], []
+        for b in range(batch.size):
+            sl = batch.real_slice(b)
+            img = batch.image_mask[b, sl].cpu() if batch.image_mask is not None else torch.zeros(sl.stop - sl.start, dtype=torch.bool)
+            text_idx = torch.nonzero(~img).flatten()  # real positions kept in the image-free branch, in order
+            after = torch.nonzero(text_idx > int(torch.nonzero(img).max())).flatten() if img.any() else torch.arange(len(text_idx))
+            a, t = zi[b][:, sl.start + text_idx[after]], zt[b][:, after]  # image-free branch is right-padded from 0
+            vhd.append(head_divergence(a, t).mean(1).numpy())
+            ta.append(text_activation(t).mean(1).numpy())
+        return np.stack(vhd), np.stack(ta)
 
     def _on_batch_end(self, batch, logits) -> None:
         z_img = self._z_image
@@ -129,9 +174,12 @@ class VisionAwareHeads(Probe):
         has_image = batch.image_mask.any(1).cpu() if batch.image_mask is not None else torch.zeros(batch.size, dtype=torch.bool)
         z_txt = self._text_branch(batch)
         layers = range(self._model.n_layers)
-        zi = torch.stack([z_img[l] for l in layers], 1)  # [b, L, H, d]
+        zi = torch.stack([z_img[l] for l in layers], 1)  # [b, L, H, d] ([b, L, s, H, d] for positions="text")
         zt = torch.stack([z_txt[l] for l in layers], 1)
-        vhd, ta = head_divergence(zi, zt).numpy(), text_activation(zt).numpy()
+        if self.positions == "text":
+            vhd, ta = self._text_position_vhd(batch, zi, zt)
+        else:
+            vhd, ta = head_divergence(zi, zt).numpy(), text_activation(zt).numpy()
         for b, p in enumerate(batch.prompt_indices):
             if not bool(has_image[b]):
                 self._skipped.append(p)  # both branches see the same input: VHD = 0
@@ -147,6 +195,8 @@ class VisionAwareHeads(Probe):
             return empty, empty, empty.astype(bool)
         raw = np.stack([self._vhd[k] for k in keys])
         filt, mask = zip(*(filter_outliers(self._vhd[k], self._ta[k], ddof=self.std_ddof) for k in keys))
+        if self.normalize == "layer_mean":
+            raw, filt = layer_normalized(raw), layer_normalized(np.stack(filt))
         return raw, np.stack(filt), np.stack(mask)
 
     def results(self, ctx: ProbeContext):
@@ -162,7 +212,8 @@ class VisionAwareHeads(Probe):
             "t_vhd": t_vhd,
             "t_vhd_mean": float(np.mean(t_vhd)) if t_vhd else None,
             "t_vhd_k": int(k),
-            "position": "last prompt token (predicts the first answer token, t = 0)",
+            "position": "last prompt token (predicts the first answer token, t = 0)" if self.positions == "last" else "mean over the text tokens after the image",
+            "normalize": self.normalize,
             "n_prompts": len(main),
             "prompts_without_image": self._skipped,  # left out of the means unless no prompt has an image
         }
@@ -176,7 +227,10 @@ class VisionAwareHeads(Probe):
                 ctx,
                 "vhd",
                 mean(main),
-                description="vision-aware head divergence ||A(image, text) - A(text)|| at the last prompt token, mean over prompts"
+                description="vision-aware head divergence ||A(image, text) - A(text)|| "
+                + ("at the last prompt token" if self.positions == "last" else "averaged over the text tokens after the image")
+                + (", divided by the layer's mean" if self.normalize == "layer_mean" else "")
+                + ", mean over prompts"
                 + (" (outlier heads zeroed per prompt, Eq. 6)" if self.outlier_filter else ""),
                 extra=extra,
                 summary=summary,

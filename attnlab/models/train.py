@@ -1,4 +1,4 @@
-"""Train an organism: ``python -m attnlab.models.train lm|vlm|dit [ARGS]`` (``--help`` after the kind for its options).
+"""Train an organism: ``python -m attnlab.models.train lm|vlm|dit|induction [ARGS]`` (``--help`` after the kind for its options).
 
 Each kind's script lives in ``attnlab.models.training.<kind>`` and writes ``save_pretrained`` files, a loss log,
 final metrics and a MODEL_CARD.md into ``--out``.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-KINDS = ("lm", "vlm", "dit")
+KINDS = ("lm", "vlm", "dit", "induction")
 
 
 def main(argv: list[str] | None = None) -> int:

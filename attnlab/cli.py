@@ -244,11 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("ablate", help="causal test: ablate a result's top-k heads vs k random heads", description="Ablate the top-k heads of a saved head-score result and k random heads (several seeds) on NIAH accuracy or answer log-prob; write the table (CSV + JSON).")
+    p = sub.add_parser("ablate", help="causal test: ablate a result's top-k heads vs k random heads", description="Ablate the top-k heads of a saved head-score result and k random heads (several seeds) on NIAH accuracy or answer log-prob (text models) or on shape-scene image-question accuracy or answer log-prob, each question with its image (vision-language models); write the table (CSV + JSON).")
     p.add_argument("--model", required=True)
     p.add_argument("--heads", required=True, help="RUN_DIR:result_name of a head-score result (e.g. runs/lm:retrieval_heads)")
     p.add_argument("--k", type=int, default=8)
-    p.add_argument("--metric", default="niah", choices=["niah", "logprob"])
+    p.add_argument("--metric", default="niah", choices=["niah", "logprob", "shapes", "shapes-logprob"], help="niah, logprob (text models); shapes, shapes-logprob (vision-language models)")
     p.add_argument("--mode", default="zero", choices=["zero", "mean", "uniform"], help="ablation mode (default zero)")
     p.add_argument("--n-seeds", type=int, default=5, help="random head sets (default 5)")
     p.add_argument("--seed", type=int, default=0)

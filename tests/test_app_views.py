@@ -1,5 +1,6 @@
-"""The app's ablation-scoring and vision views: plain callback functions on bundled organisms (a small NIAH scan of
-organism-lm made with ``attnlab scan``, a two-image shape-scene scan of organism-vlm), plus the shared figure."""
+"""The app's ablation-scoring, vision and token views: plain callback functions on bundled organisms (a small NIAH scan
+of organism-lm made with ``attnlab scan``, a two-image shape-scene scan of organism-vlm, a preplan/anchor scan of
+organism-lm on arithmetic), plus the shared figure."""
 from __future__ import annotations
 
 import base64
@@ -15,7 +16,8 @@ from attnlab.apps import figures, ids
 from attnlab.apps.app import create_app
 from attnlab.apps.callbacks import ablation, vision
 from attnlab.apps.live import LiveModels
-from attnlab.apps.vision import decode_upload, shape_prompts
+from attnlab.apps.vision import decode_upload
+from attnlab.datasets import shape_prompt_set
 from attnlab.models.bundled import bundled_path
 
 pytestmark = pytest.mark.skipif(bundled_path("organism-lm") is None or bundled_path("organism-vlm") is None, reason="organisms not bundled")
@@ -24,7 +26,8 @@ pytestmark = pytest.mark.skipif(bundled_path("organism-lm") is None or bundled_p
 @pytest.fixture(scope="module")
 def views(tmp_path_factory):
     """Runs dir: ``niah`` (organism-lm, `attnlab scan --dataset niah --n-prompts 2`), ``shapes`` (organism-vlm on two
-    shape scenes) and ``prose`` (organism-lm on prose); one LiveModels with both organisms preloaded."""
+    shape scenes), ``prose`` (organism-lm on prose) and ``preplan`` (organism-lm, `attnlab scan --probes
+    preplan_anchor --dataset arithmetic --n-prompts 4`); one LiveModels with both organisms preloaded."""
     from attnlab.cli import main
     from attnlab.datasets import DATASETS
 
@@ -33,7 +36,8 @@ def views(tmp_path_factory):
     assert main(["scan", "--model", "organism-lm", "--probes", "first_token_sink,retrieval_heads", "--dataset", "niah", "--n-prompts", "2", "--out", str(root / "niah"), "--quiet"]) == 0
     lm, vlm = attnlab.load("organism-lm"), attnlab.load("organism-vlm")
     attnlab.scan(lm, "first_token_sink", DATASETS["prose"](lm, 1, 0), out=root / "prose", progress=False)
-    attnlab.scan(vlm, "first_token_sink", shape_prompts("attribute", 2, 0), out=root / "shapes", progress=False)
+    attnlab.scan(lm, "preplan_anchor", DATASETS["arithmetic"](lm, 4, 0), out=root / "preplan", progress=False)  # = the CLI command above
+    attnlab.scan(vlm, "first_token_sink", shape_prompt_set("attribute", 2, 0), out=root / "shapes", progress=False)
     live = LiveModels(wait_s=5.0)
     live.preload("organism-lm", lm)
     live.preload("organism-vlm", vlm)
@@ -109,6 +113,42 @@ def test_ablation_of_the_selected_head_on_answer_logprob(views):
     assert fig.layout.meta["baseline"] == pytest.approx(float(np.mean(want)), abs=1e-3)
 
 
+def test_ablation_on_a_vlm_run_scores_answers_with_their_images(views):
+    state, _, vlm = views
+    assert [o["value"] for o in ablation.metric_options("shapes", state)[0]] == ["logprob"]
+    fig, table, msg = ablation.ablation_result(1, "shapes", {"layer": 0, "head": 1}, "first_token_sink", "selected", 1, "logprob", 1, state)
+    assert msg == "", msg
+    # independent baseline: each question with its own image, the answer from the prompt set appended
+    ps = shape_prompt_set("attribute", 2, 0)
+
+    def answer_logprob(images):
+        want = []
+        with torch.no_grad():
+            for text, image, m in zip(ps.texts, images, ps.meta):
+                enc = vlm.encode([text], images=[image])
+                prompt = enc.input_ids[0, enc.real_slice(0)].tolist()
+                target = vlm.tokenizer(" " + m["answer"], add_special_tokens=False)["input_ids"]
+                ids_ = torch.tensor([prompt + target])
+                logp = vlm.forward(type(enc)(ids_, torch.ones_like(ids_), [0], enc.pixel_values))[0].float().log_softmax(-1)
+                want.append(sum(logp[len(prompt) + j - 1, t].item() for j, t in enumerate(target)))
+        return float(np.mean(want))
+
+    assert fig.layout.meta["baseline"] == pytest.approx(answer_logprob(ps.images), abs=1e-3)
+    assert abs(answer_logprob(ps.images[::-1]) - answer_logprob(ps.images)) > 1e-2  # the images matter to this metric
+
+
+def test_runs_that_cannot_be_scored_say_why_in_one_line(views):
+    state, *_ = views
+    custom_vlm = {"model": {"name": "organism-vlm", "modality": "vision-language"}, "dataset": {"name": "prompts.jsonl"}}
+    why = ablation.unavailable_reason(custom_vlm)
+    assert "cannot be regenerated" in why and "images" in why and "\n" not in why
+    assert "shapes dataset" in ablation.unavailable_reason({"model": {"modality": "vision-language"}, "dataset": {"name": "prose(n=1,seed=0)"}})
+    assert ablation.metrics_for(custom_vlm) == [] and ablation.unavailable_reason(state.catalog.open("shapes").info) == ""
+    # switching the run clears the view; a scorable run shows no message
+    fig, table, msg = ablation.ablation_result(3, "shapes", None, None, "top", 2, "logprob", 2, state, ids.RUN_SELECT)
+    assert table is None and msg == ""
+
+
 @pytest.mark.parametrize(
     "args,expect",
     [
@@ -167,7 +207,7 @@ def test_vision_view_overlays_the_run_image(views):
     assert style["display"] == "block" and [o["value"] for o in options] == ["0", "1", "upload"] and value == "0"
     fig, msg = vision.vision_figure("shapes", {"layer": 1, "head": 0}, "1", None, None, state)
     assert msg == "", msg
-    ps = shape_prompts("attribute", 2, 0)
+    ps = shape_prompt_set("attribute", 2, 0)
     grid = np.asarray(fig.data[1].z, dtype=float)
     assert grid.shape == (8, 8) and fig.layout.meta["grid_shape"] == [8, 8]  # 64 image tokens
     assert np.asarray(fig.data[0].z).shape[:2] == np.asarray(ps.images[1]).shape[:2]  # the run's image 1
@@ -219,7 +259,8 @@ def test_vision_view_errors(views):
 
 def test_browser_ablation_and_vision_views(views):
     """Served app in headless Chromium: the text run hides the vision view; an ablation on the NIAH run draws the
-    bars and the table; the VLM run shows its image with the head's attention overlaid."""
+    bars and the table; the VLM run shows its image with the head's attention overlaid; on the preplan/anchor run
+    the tokens view switches to a WAAD/FAI token score and marks its preplan and anchor tokens."""
     import logging
     import threading
 
@@ -229,19 +270,31 @@ def test_browser_ablation_and_vision_views(views):
 
     pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     state, *_ = views
+    from attnlab.heads.runs import Run
+
+    run = Run.open(state.catalog.runs_dir / "preplan")
+    marked = [n for n in run.names("token_scores") if run[n].marks.get("preplan") and run[n].marks.get("anchor") and n != run.names("token_scores")[0]]
+    assert marked, "the preplan/anchor scan marked no preplan and anchor tokens in any prompt but the first"
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = make_server("127.0.0.1", 0, create_app(state.catalog.runs_dir, live_model=state.live).server, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        seen = _browser_session(f"http://127.0.0.1:{server.server_port}/", _text, _wait, _shot)
+        seen = _browser_session(f"http://127.0.0.1:{server.server_port}/", _text, _wait, _shot, marked[0])
     finally:
         server.shutdown()
         thread.join(5)
     assert seen["ablation"].startswith("drop of NIAH accuracy") and "attention over the image patches" in seen["vision"]
+    assert seen["tokens"].startswith(marked[0]) and {"preplan", "anchor"} <= set(seen["marks"])
 
 
-def _browser_session(url, _text, _wait, _shot):
+def _pick(d, _wait, dropdown_id, label):
+    """Open a dash dropdown and click the option ``label``."""
+    d.find_element("id", dropdown_id).click()
+    _wait(d, lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == label], 10, f"option {label}")[0].click()
+
+
+def _browser_session(url, _text, _wait, _shot, token_result):
     import shutil
     import tempfile
 
@@ -276,16 +329,28 @@ def _browser_session(url, _text, _wait, _shot):
         assert "top_k" in _text(d, f"#{ids.ABL_TABLE}") and _text(d, f"#{ids.ABL_STATUS}") == ""
         assert "p = 0.250" in _text(d, f"#{ids.ABL_FIGURE} .gtitle")  # the top set drops more than each of 3 random sets
         _shot(d, ids.ABLATION_VIEW, "ablation")
+        ablation_title = _text(d, f"#{ids.ABL_FIGURE} .gtitle")
         # switch to the VLM run: the vision view appears with the overlay of the selected head
-        d.find_element("id", ids.RUN_SELECT).click()
-        option = _wait(d, lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == "shapes"], 10, "run option")[0]
-        option.click()
+        _pick(d, _wait, ids.RUN_SELECT, "shapes")
         _wait(d, lambda d: d.find_element("id", ids.VISION_VIEW).is_displayed(), 10, "vision view shown")
         _wait(d, lambda d: "attention over the image patches" in _text(d, f"#{ids.VISION_FIGURE} .gtitle"), 60, "image overlay")
         assert _text(d, f"#{ids.VISION_STATUS}") == ""
         _shot(d, ids.VISION_VIEW, "vision")
+        assert _text(d, f"#{ids.ABL_STATUS}") == ""  # the VLM run can be scored: no "why not" line
+        vision_title = _text(d, f"#{ids.VISION_FIGURE} .gtitle")
+        # the preplan/anchor run: switch the token score to a prompt's WAAD/FAI result, its marks are drawn
+        _pick(d, _wait, ids.RUN_SELECT, "preplan")
+        _wait(d, lambda d: not d.find_element("id", ids.VISION_VIEW).is_displayed(), 10, "vision view hidden")
+        _wait(d, lambda d: _text(d, f"#{ids.TOKEN_STRIP} .gtitle").startswith("preplan_anchor_tokens_"), 30, "first token score")
+        _pick(d, _wait, ids.TOKEN_RESULT, token_result)
+        _wait(d, lambda d: _text(d, f"#{ids.TOKEN_STRIP} .gtitle").startswith(token_result), 30, f"token strip of {token_result}")
+        rows = [t.text for t in d.find_elements("css selector", f"#{ids.TOKEN_STRIP} .ytick")]
+        assert "WAAD" in rows and "FAI" in rows, rows
+        marks = _wait(d, lambda d: [t.text for t in d.find_elements("css selector", f"#{ids.TOKEN_STRIP} .legendtext")], 10, "mark legend")
+        assert _text(d, f"#{ids.TOKEN_STATUS}") == ""
+        _shot(d, ids.TOKENS_VIEW, "tokens_preplan")
         assert "Traceback" not in d.page_source
-        return {"ablation": _text(d, f"#{ids.ABL_FIGURE} .gtitle"), "vision": _text(d, f"#{ids.VISION_FIGURE} .gtitle")}
+        return {"ablation": ablation_title, "vision": vision_title, "tokens": _text(d, f"#{ids.TOKEN_STRIP} .gtitle"), "marks": marks}
     finally:
         d.quit()
         shutil.rmtree(profile, ignore_errors=True)

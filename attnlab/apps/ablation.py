@@ -3,8 +3,10 @@ heads over a few seeds (``attnlab.probes.causal_test``), on a metric of the run'
 
 Metrics:
 - ``logprob``: mean summed log-prob of each run prompt's answer tokens (teacher forced): the appended reference
-  answer for NIAH runs (``meta["prompt_len"]``), the prompt's last token otherwise. The prompts are regenerated
-  from the run's dataset record and checked against its fingerprint.
+  answer for NIAH runs (``meta["prompt_len"]``), the prompt's last token otherwise; for vision-language runs on
+  shape scenes (``shapes-<kind>``), each question's answer (``meta["answer"]``) asked with its own image
+  (``causal_test.ablation_evaluator`` carries the pixel values). The prompts are regenerated from the run's
+  dataset record and checked against its fingerprint.
 - ``niah``: NIAH accuracy (exact match of the code) on fresh trials (``niah_evaluator``, seed = run seed + 1),
   offered for runs whose dataset is ``niah`` (organism-lm style runs).
 Runs through ``LiveModels.exclusive``: one live computation at a time.
@@ -28,13 +30,21 @@ def dataset_key(info: dict) -> str:
 
 def metrics_for(info: dict) -> list[str]:
     """The metrics a run offers: log-prob for runs whose prompts can be regenerated, NIAH accuracy for NIAH runs."""
+    return [] if unavailable_reason(info) else ["logprob", "niah"] if dataset_key(info) == "niah" else ["logprob"]
+
+
+def unavailable_reason(info: dict) -> str:
+    """Why ablation scoring cannot run on this run ("" when it can): its prompts must be regenerable."""
     from attnlab.datasets import DATASETS
 
-    key = dataset_key(info)
-    out = ["logprob"] if key in DATASETS else []
-    if key == "niah":
-        out.append("niah")
-    return out
+    key, name = dataset_key(info), str(info.get("dataset", {}).get("name", ""))[:60]
+    vision = info.get("model", {}).get("modality") == "vision-language"
+    if key not in DATASETS:
+        what = "its prompts and images" if vision else "its prompts"
+        return f"ablation scoring needs the run's prompts, but {what} ({name!r}) cannot be regenerated; scan a built-in dataset ({'shapes' if vision else 'niah, prose'}) to score ablations"
+    if vision and not key.startswith("shapes"):
+        return f"ablation scoring on a vision-language run needs image questions with answers (a shapes dataset), not {name!r}"
+    return ""
 
 
 class TailLogProb:
@@ -64,21 +74,35 @@ class TailLogProb:
         return torch.stack(out)
 
 
-def run_prompts(model, info: dict) -> list[tuple[list[int], int]]:
-    """The run's prompts as ``(token ids, answer start)``, regenerated from its dataset record (fingerprint checked)."""
+def run_prompts(model, info: dict) -> tuple[list[tuple[list[int], int]], list | None]:
+    """The run's prompts as ``(token ids, answer start)`` pairs (regenerated, fingerprint checked), and its images.
+
+    Text runs: the answer is the appended reference (``meta["prompt_len"]``) or the last token. Vision-language
+    runs: each prompt's ids as the processor expands them with its image, plus the tokens of ``meta["answer"]``;
+    the images come back beside the pairs (``None`` for text runs).
+    """
     from attnlab.datasets import DATASETS, fingerprint
+    from attnlab.probes.causal_test import ImagePrompts
     from attnlab.probes.scan import prompt_token_ids
 
     ds = info.get("dataset", {})
-    key = dataset_key(info)
-    if key not in DATASETS:
-        raise AttnlabError(f"this run's prompts ({ds.get('name')!r}) cannot be regenerated for the log-prob metric")
-    prompts = DATASETS[key](model, int(ds.get("n_prompts", 1)), int(ds.get("seed", 0) or 0))
-    ids = prompt_token_ids(model, prompts, truncate=True)
+    why = unavailable_reason(info)
+    if why:
+        raise AttnlabError(why)
+    prompts = DATASETS[dataset_key(info)](model, int(ds.get("n_prompts", 1)), int(ds.get("seed", 0) or 0))
+    images = list(prompts.images) if prompts.images is not None else None
+    if images is not None:
+        view = ImagePrompts(model, images)
+        ids = [view.token_ids(t, index=i) for i, t in enumerate(prompts.texts)]
+    else:
+        ids = prompt_token_ids(model, prompts, truncate=True)
     if fingerprint(ids) != ds.get("fingerprint"):
         raise AttnlabError(f"regenerating {ds.get('name')} gave other prompts than the run used (fingerprint differs)")
     meta = list(prompts.meta) or [{}] * len(ids)
-    return [(x, int(m.get("prompt_len", len(x) - 1)) if isinstance(m, dict) else len(x) - 1) for x, m in zip(ids, meta)]
+    if images is not None:
+        answers = [list(model.tokenizer(" " + str(m["answer"]), add_special_tokens=False)["input_ids"]) for m in meta]
+        return [(x + a, len(x)) for x, a in zip(ids, answers)], images
+    return [(x, int(m.get("prompt_len", len(x) - 1)) if isinstance(m, dict) else len(x) - 1) for x, m in zip(ids, meta)], None
 
 
 def selected_scores(model, heads: Sequence[tuple[int, int]]):
@@ -97,7 +121,8 @@ def evaluator(model, info: dict, metric: str):
     from attnlab.probes.causal_test import ablation_evaluator, niah_evaluator
 
     if metric == "logprob":
-        return ablation_evaluator(model, run_prompts(model, info), TailLogProb(), mode="zero")
+        pairs, images = run_prompts(model, info)
+        return ablation_evaluator(model, pairs, TailLogProb(), images=images, mode="zero")
     if metric == "niah":
         if dataset_key(info) != "niah":
             raise AttnlabError("NIAH accuracy is offered for runs on the niah dataset only")
@@ -119,6 +144,8 @@ def run_ablation(live, info: dict, *, source: str, selected: dict | None, scores
         raise AttnlabError("k and seeds must be whole numbers") from None
     if not 1 <= n_seeds <= MAX_SEEDS:
         raise AttnlabError(f"seeds must be between 1 and {MAX_SEEDS}")
+    if unavailable_reason(info):
+        raise AttnlabError(unavailable_reason(info))
     if metric not in metrics_for(info):
         raise AttnlabError(f"metric {str(metric)[:40]!r} is not available for this run (available: {', '.join(metrics_for(info)) or 'none'})")
     with live.exclusive(info["model"]["name"]) as model:

@@ -1,8 +1,9 @@
 """The vision view's data: the image a VLM run saw (regenerated from the run's dataset record) or one the user
 uploaded, and the selected head's attention over its patch grid (``image_attention_grid``).
 
-Shape-scene runs of organism-vlm record their dataset as ``shapes-<kind>(n=N,seed=S)`` (``shape_prompts`` builds
-that PromptSet); the app regenerates those scenes and checks the run's fingerprint before showing them. Uploads
+Shape-scene runs of organism-vlm record their dataset as ``shapes-<kind>(n=N,seed=S)``
+(``attnlab.datasets.shape_prompt_set`` builds that PromptSet, for ``attnlab scan --dataset shapes`` and here);
+the app regenerates those scenes and checks the run's fingerprint before showing them. Uploads
 are decoded in memory with PIL (size and pixel limits), never written to disk.
 """
 from __future__ import annotations
@@ -11,22 +12,15 @@ import base64
 import io
 import re
 
+from attnlab.datasets import shape_prompt_set
 from attnlab.errors import AttnlabError
+
+shape_prompts = shape_prompt_set  # the name older callers import; one implementation, in attnlab.datasets
 
 _SHAPES = re.compile(r"^shapes-(attribute|count|position)\(n=(\d{1,4}),seed=(-?\d{1,9})\)$")
 MAX_UPLOAD_BYTES = 2_000_000
 MAX_PIXELS = 4096 * 4096
 UPLOAD_QUESTION = "USER: <image>\nwhat shape is red? ASSISTANT:"
-
-
-def shape_prompts(kind: str, n: int, seed: int):
-    """A PromptSet of ``n`` shape scenes with one question each (``attnlab.datasets.shapes.task_questions``)."""
-    from attnlab.datasets.base import PromptSet
-    from attnlab.datasets.shapes import render_scene, task_questions
-
-    items = task_questions(kind, n, seed)
-    texts = [f"USER: <image>\n{q.text} ASSISTANT:" for _, q in items]
-    return PromptSet(name=f"shapes-{kind}(n={n},seed={seed})", texts=texts, images=[render_scene(s) for s, _ in items], seed=seed)
 
 
 def is_vision_run(info: dict) -> bool:
@@ -41,7 +35,7 @@ def run_image_prompts(model, info: dict):
     m = _SHAPES.match(str(ds.get("name", "")))
     if not m:
         raise AttnlabError(f"this run's images ({str(ds.get('name'))[:60]!r}) cannot be regenerated; upload an image instead")
-    prompts = shape_prompts(m.group(1), int(m.group(2)), int(m.group(3)))
+    prompts = shape_prompt_set(m.group(1), int(m.group(2)), int(m.group(3)))
     batch = model.encode(prompts.texts, images=prompts.images)
     ids = [batch.input_ids[i, batch.real_slice(i)].tolist() for i in range(batch.size)]
     if fingerprint(ids) != ds.get("fingerprint"):

@@ -4,8 +4,9 @@ image questions (issue 4: "ablating the top vision-aware heads hurts image quest
 Detection and evaluation use disjoint seeds. Items mix the four question kinds of ``attnlab.datasets.shapes``
 (existence in the POPE phrasing, attribute, count, position), each as ``USER: <image>\\n{q} ASSISTANT: {answer}``;
 metrics are teacher-forced over the answer tokens: exact match (every answer token is the argmax) and summed
-log-prob. Ablation goes through ``HeadAblation`` with the pixel values kept in every sub-batch (the text-only
-``causal_test.ablation_evaluator`` cannot carry images). The table is ``causal_test.causal_test``'s.
+log-prob. Scoring goes through the shared ``causal_test.ablation_evaluator`` (``HeadAblation``, each prompt's
+pixel values kept in every sub-batch), which also serves ``attnlab ablate --metric shapes``. The table is
+``causal_test.causal_test``'s.
 
     python -m attnlab.probes.vhd_causal --k 4 --mode zero --n-seeds 8
 
@@ -38,63 +39,25 @@ def shape_question_items(n: int, seed: int) -> list:
 def image_question_evaluator(model, items: Sequence, *, mode: str = "zero", reference_items: Sequence | None = None, batch_size: int = 48):
     """``evaluate(heads) -> {"accuracy": ..., "logprob": ...}``: teacher-forced answer metrics with ``heads`` ablated.
 
-    Mean mode fits one all-layer mean per head on ``reference_items`` (prompts without answers) and reuses it.
-    Results are memoised by head set.
+    The shared ablation path (``causal_test.ablation_evaluator``): each question ``USER: <image>\\n{q} ASSISTANT:``
+    with its scene's image, the answer appended as ``AnswerTokens``; exact match and log-prob come from one
+    forward. Mean mode fits one all-layer mean per head on ``reference_items`` (prompts without answers, with
+    their images) and reuses it. Results are memoised by head set.
     """
     from attnlab.datasets.shapes import render_scene
-    from attnlab.interventions.ablation import HeadAblation
-    from attnlab.models.loading import Batch
+    from attnlab.probes.ablation_metrics import AnswerTokens
+    from attnlab.probes.causal_test import ablation_evaluator
 
-    texts = [SHAPE_TEMPLATE.format(question=q.text) + " " + q.answer for _, q in items]
-    batch = model.encode(texts, images=[render_scene(s) for s, _ in items])
-    n_ans = [len(model.tokenizer(q.answer, add_special_tokens=False)["input_ids"]) for _, q in items]
-    ends = batch.lengths.tolist()
-    targets = [batch.input_ids[i, e - n : e] for i, (e, n) in enumerate(zip(ends, n_ans))]
-    ref = None
+    if mode in ("mean", "resample") and not reference_items:
+        raise ValueError(f"mode {mode!r} needs reference_items")
+    texts = [SHAPE_TEMPLATE.format(question=q.text) for _, q in items]
+    answers = [" " + q.answer for _, q in items]
+    metrics = {"accuracy": AnswerTokens(answers, reduce="exact_match"), "logprob": AnswerTokens(answers)}
+    ref = ref_images = None
     if mode in ("mean", "resample"):
-        if not reference_items:
-            raise ValueError(f"mode {mode!r} needs reference_items")
-        ref = model.encode([SHAPE_TEMPLATE.format(question=q.text) for _, q in reference_items], images=[render_scene(s) for s, _ in reference_items])
-    fitted = {}
-    cache: dict[tuple, dict] = {}
-
-    def rows(s, e):
-        pix = None if batch.pixel_values is None else batch.pixel_values[s:e]
-        return Batch(batch.input_ids[s:e], batch.attention_mask[s:e], batch.prompt_indices[s:e], pix, batch.image_mask[s:e])
-
-    @torch.no_grad()
-    def evaluate(heads) -> dict:
-        key = tuple(sorted((int(l), int(h)) for l, h in heads))
-        if key in cache:
-            return cache[key]
-        if ref is not None and "all" not in fitted:
-            fitted["all"] = HeadAblation([(l, h) for l in range(model.n_layers) for h in range(model.n_heads)], mode=mode).fit(model, ref)
-        abl = HeadAblation(key, mode=mode).fit(model, None) if ref is None else _restrict(fitted["all"], key, model)
-        acc, lp = [], []
-        for s in range(0, batch.size, batch_size):
-            sub = rows(s, s + batch_size)
-            with abl.apply(model, sub):
-                logits = model.forward(sub).float()
-            for r in range(sub.size):
-                i = s + r
-                pred = logits[r, ends[i] - n_ans[i] - 1 : ends[i] - 1].log_softmax(-1)
-                acc.append(float((pred.argmax(-1) == targets[i]).all()))
-                lp.append(float(pred.gather(-1, targets[i][:, None]).sum()))
-        cache[key] = {"accuracy": float(np.mean(acc)), "logprob": float(np.mean(lp))}
-        return cache[key]
-
-    return evaluate
-
-
-def _restrict(full, heads, model):
-    """A fitted ablation of ``heads`` sharing ``full``'s fitted state (all heads were fitted once)."""
-    from attnlab.interventions.ablation import HeadAblation
-    from attnlab.interventions.base import validate_heads
-
-    abl = HeadAblation(heads, mode=full.mode, seed=full.seed)
-    abl.__dict__.update({k: v for k, v in full.__dict__.items() if k.endswith("_")})
-    abl.heads_ = validate_heads(model, heads)
-    return abl
+        ref = [SHAPE_TEMPLATE.format(question=q.text) for _, q in reference_items]
+        ref_images = [render_scene(s) for s, _ in reference_items]
+    return ablation_evaluator(model, texts, metrics, images=[render_scene(s) for s, _ in items], mode=mode, reference=ref, reference_images=ref_images, batch_size=batch_size)
 
 
 def vhd_causal_tables(model, *, k: int = 4, mode: str = "zero", n_seeds: int = 8, n_detect: int = 32, n_eval: int = 96, detect_seed: int = 101, eval_seed: int = 202, layer_matched: bool = False, variants: dict | None = None) -> dict:

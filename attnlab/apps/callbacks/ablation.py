@@ -1,11 +1,12 @@
 """Ablation scoring view: the selected head or the top-k of the head map's score, ablated against k random heads
-over a few seeds (``attnlab.apps.ablation.run_ablation``), drawn by ``figures.ablation_bars``; only on a click."""
+over a few seeds (``attnlab.apps.ablation.run_ablation``), drawn by ``figures.ablation_bars``; only on a click.
+Switching the run clears the last result and, where the run cannot be scored, says why in the status line."""
 from __future__ import annotations
 
-from dash import Input, Output, State, html
+from dash import Input, Output, State, ctx, html
 
 from attnlab.apps import figures, ids
-from attnlab.apps.ablation import METRICS, metrics_for, run_ablation
+from attnlab.apps.ablation import METRICS, metrics_for, run_ablation, unavailable_reason
 from attnlab.apps.state import AppState, empty_figure, failure_message
 
 _CELL = {"padding": "2px 10px", "borderBottom": "1px solid #eee", "textAlign": "left"}
@@ -29,10 +30,15 @@ def table_component(table) -> html.Table:
     return html.Table([html.Thead(html.Tr([html.Th(c, style=_CELL) for c in COLUMNS])), html.Tbody(body)], style={"borderCollapse": "collapse"})
 
 
-def ablation_result(n_clicks, run_name, selected, result_name, source, k, metric, n_seeds, state: AppState) -> tuple:
-    """-> (figure, table component, status). Nothing runs before the button is pressed."""
-    if not n_clicks:
-        return empty_figure("pick heads and a metric, then press 'run ablation'"), None, ""
+def ablation_result(n_clicks, run_name, selected, result_name, source, k, metric, n_seeds, state: AppState, trigger=None) -> tuple:
+    """-> (figure, table component, status). Nothing runs before the button is pressed; a run switch
+    (``trigger`` = the run selector) only clears the view and names why the new run cannot be scored, if so."""
+    if not n_clicks or trigger == ids.RUN_SELECT:
+        try:
+            why = unavailable_reason(state.catalog.open(run_name).info) if run_name else ""
+        except Exception:
+            why = ""
+        return empty_figure("pick heads and a metric, then press 'run ablation'" if not why else ""), None, why
     try:
         info = state.catalog.open(run_name).info
         scores = state.catalog.result(run_name, result_name, "head_scores") if source == "top" else None
@@ -49,7 +55,7 @@ def register(app, state: AppState) -> None:
         Output(ids.ABL_TABLE, "children"),
         Output(ids.ABL_STATUS, "children"),
         Input(ids.ABL_RUN, "n_clicks"),
-        State(ids.RUN_SELECT, "value"),
+        Input(ids.RUN_SELECT, "value"),
         State(ids.SELECTED_HEAD, "data"),
         State(ids.HEAD_RESULT, "value"),
         State(ids.ABL_SOURCE, "value"),
@@ -57,4 +63,4 @@ def register(app, state: AppState) -> None:
         State(ids.ABL_METRIC, "value"),
         State(ids.ABL_SEEDS, "value"),
         running=[(Output(ids.ABL_BUSY, "style"), {"display": "inline", "color": "#06c"}, {"display": "none"}), (Output(ids.ABL_RUN, "disabled"), True, False)],
-    )(lambda n, run_name, selected, result_name, source, k, metric, seeds: ablation_result(n, run_name, selected, result_name, source, k, metric, seeds, state))
+    )(lambda n, run_name, selected, result_name, source, k, metric, seeds: ablation_result(n, run_name, selected, result_name, source, k, metric, seeds, state, ctx.triggered_id))

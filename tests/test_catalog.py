@@ -90,3 +90,20 @@ def test_head_labels():
     assert parse_head("L3H7") == (3, 7) == parse_head("3-7")
     with pytest.raises(ValueError):
         parse_head("layer three")
+
+
+def test_token_strip_scales_rows_and_keeps_overlapping_marks():
+    """Rows on different scales each reach their own maximum colour; raw values stay in the hover; a token with
+    two marks shows both (each mark is its own trace)."""
+    ts = TokenScores(tokens=["a", "b", "c", "d"], values=np.array([[0.0, 2.0, 4.0, 8.0], [0.001, 0.004, 0.0, -0.002]]), name="tok", probe="p", row_labels=["WAAD", "FAI"], marks={"preplan": [1, 2], "anchor": [2]})
+    fig = ts.plot()
+    heat = fig.data[0]
+    z = np.asarray(heat.z, dtype=float)
+    assert np.allclose(np.abs(z).max(axis=1), 1.0)
+    assert np.allclose(np.asarray(heat.customdata, dtype=float), ts.values)
+    traces = {t.name: list(t.x) for t in fig.data[1:]}
+    assert traces == {"preplan": ["1:b", "2:c"], "anchor": ["2:c"]}
+    assert fig.data[1].marker.size > fig.data[2].marker.size  # the first mark is drawn larger, under the second
+    from attnlab.apps.figures import token_strip
+
+    assert np.allclose(np.asarray(token_strip(ts, row_scale=False).data[0].z, dtype=float), ts.values)

@@ -32,24 +32,39 @@ def head_map(scores, title: str | None = None) -> go.Figure:
     return fig
 
 
-def token_strip(tokens, title: str | None = None, max_tokens: int = 400) -> go.Figure:
-    """Rows x tokens heatmap of a ``TokenScores`` with token labels; marked tokens get a symbol above the strip."""
+MARK_SYMBOLS = ("triangle-down", "circle", "diamond", "square", "x", "star")
+
+
+def token_strip(tokens, title: str | None = None, max_tokens: int = 400, row_scale: bool = True) -> go.Figure:
+    """Rows x tokens heatmap of a ``TokenScores`` with token labels; marked tokens get a symbol above the strip.
+
+    ``row_scale`` (default) colours each row relative to its own largest magnitude, so rows on different scales
+    (WAAD in tokens, FAI near 0) stay readable; the hover shows the raw value. Marks are drawn largest first with
+    their own symbol, so a token with several marks (e.g. preplan and anchor) shows all of them."""
     n = len(tokens.tokens)
     keep = slice(0, min(n, max_tokens))
     labels = [f"{i}:{t}" for i, t in enumerate(tokens.tokens)][keep]
+    raw = np.asarray(tokens.values[:, keep], dtype=float)
+    z = raw
+    if row_scale:
+        peak = np.nanmax(np.abs(raw), axis=1, keepdims=True) if raw.size else np.ones((raw.shape[0], 1))
+        z = raw / np.where(np.isfinite(peak) & (peak > 0), peak, 1.0)
     fig = go.Figure(
         go.Heatmap(
-            z=tokens.values[:, keep],
+            z=z,
             x=labels,
             y=tokens.row_labels,
+            customdata=raw,
             colorscale="Magma",
-            hovertemplate="%{x}<br>%{y}: %{z:.4f}<extra></extra>",
+            hovertemplate="%{x}<br>%{y}: %{customdata:.4f}<extra></extra>",
+            colorbar={"title": "share of row max" if row_scale else "score"},
         )
     )
-    for mark, positions in tokens.marks.items():
-        pos = [p for p in positions if p < len(labels)]
-        if pos:
-            fig.add_trace(go.Scatter(x=[labels[p] for p in pos], y=[tokens.row_labels[-1]] * len(pos), mode="markers", marker={"symbol": "triangle-down", "size": 10}, name=mark))
+    marks = [(m, [p for p in positions if p < len(labels)]) for m, positions in tokens.marks.items()]
+    for i, (mark, pos) in enumerate(m for m in marks if m[1]):
+        size = max(5, 14 - 3 * i)
+        symbol = MARK_SYMBOLS[i % len(MARK_SYMBOLS)]
+        fig.add_trace(go.Scatter(x=[labels[p] for p in pos], y=[tokens.row_labels[-1]] * len(pos), mode="markers", marker={"symbol": symbol, "size": size, "line": {"width": 1, "color": "white"}}, name=mark))
     fig.update_layout(
         title=title or f"{tokens.name} — {tokens.model}",
         xaxis={"tickangle": -60},
@@ -57,7 +72,6 @@ def token_strip(tokens, title: str | None = None, max_tokens: int = 400) -> go.F
         legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"},  # clear of the colorbar
     )
     return fig
-
 
 
 def block_labels(bounds: np.ndarray, tokens, offset: int = 0) -> list[str]:

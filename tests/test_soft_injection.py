@@ -49,7 +49,7 @@ def test_last_occurrence_finds_the_cue_or_minus_one():
     assert last_occurrence(ids, [1, 2]).tolist() == [5, -1]
 
 
-@pytest.mark.parametrize("name,position", [("gpt2", "cue"), ("llama-gqa", "cue"), ("organism", "cue"), ("organism", "answer"), ("qwen2", "last")])
+@pytest.mark.parametrize("name,position", [("gpt2", "cue"), ("llama-gqa", "cue"), ("organism", "cue"), ("organism", "answer"), ("qwen2", "last"), ("llava", "cue")])
 def test_alpha_zero_is_the_identity(name, position, loaded, organism):
     m = organism if name == "organism" else loaded(name)
     si = fitted(m, alpha_scale=0.0, position=position)

@@ -94,7 +94,7 @@ def _model(name, loaded, organism):
     return organism if name == "organism-lm" else loaded(name)
 
 
-@pytest.mark.parametrize("name", LM_ARCHS + ("organism-lm",))
+@pytest.mark.parametrize("name", LM_ARCHS + ("llava", "organism-lm"))
 def test_neutral_guidance_equals_the_model(name, loaded, organism):
     m = _model(name, loaded, organism)
     batch = m.encode(SHORT_SENTENCES[:3], padding_side="right")

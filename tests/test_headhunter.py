@@ -177,3 +177,38 @@ def test_processor_variants_record_their_target_map_at_u1(org, variant):
     else:  # one mean query: every row is the same softmax(q_mean K^T / sqrt(d))
         torch.testing.assert_close(amap, amap[:, :, :1].expand_as(amap), atol=1e-6, rtol=0)
         assert (amap.max(-1).values > 1.5 / 64).all()
+
+
+def test_variant_is_passed_to_softpag_in_search_guidance_and_save(org, tmp_path):
+    """HeadHunter(variant=...) scores candidates with that SoftPAG variant (not Eq. 7's identity) and keeps it."""
+    hunter = _hunter(rounds=1, k=1, n_candidates=2, variant="uniform").fit(org)
+    labels = search_labels((1, 8), 1)
+    l, h, s = hunter.history_[0]["scores"][0]
+    probs = {v: dit.get_scorer().prob_of(SoftPAG([(l, h)], u=1.0, scale=3.0, variant=v).sample(org, labels, num_steps=STEPS, seed=0),
+                                         labels.numpy()).mean() for v in ("uniform", "identity")}
+    assert np.isclose(probs["uniform"], s)
+    assert not np.isclose(probs["identity"], s)
+    assert hunter.guidance().variant == "uniform" and hunter.guidance(u=0.5).u == 0.5
+    hunter.save(tmp_path)
+    assert HeadHunter.load(tmp_path).guidance().variant == "uniform"
+    with pytest.raises(ValueError):
+        HeadHunter(variant="nonsense")
+
+
+def test_compare_pairs_images_across_conditions(org):
+    """Same noise and labels in every condition: found = all of layer 7 gives a paired difference of exactly 0
+    against the layer-7 row, and each row's difference is the difference of the per-image means."""
+    from attnlab.interventions.headhunter import compare, comparison_table
+
+    hunter = HeadHunter(num_steps=STEPS, seed=0)
+    hunter.heads_ = tuple((7, h) for h in range(8))
+    res = compare(org, hunter, n_per_class=1, num_steps=STEPS, seed=1000, layers=[6, 7], random_draws=1)
+    by = {r["name"]: r for r in res["rows"]}
+    assert by["layer 7"]["found_minus"]["objective"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    per = {k: np.asarray(v["objective"]) for k, v in res["per_image"].items()}
+    for name in ("none", "layer 6", "random 1"):
+        assert np.isclose(by[name]["found_minus"]["objective"]["mean"], per["found"].mean() - per[name].mean())
+    assert len(per["none"]) == 10 and res["best_layer"] in ("layer 6", "layer 7")
+    assert "| layer 6 |" in comparison_table(res)
+    with pytest.raises(ValueError):
+        compare(org, hunter, seed=0)

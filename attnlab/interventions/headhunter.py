@@ -20,7 +20,13 @@ CPU settings: ``n_candidates`` draws that many heads per round from the remainin
 L x H heads, the reference), ``n_per_class`` x ``classes`` images per candidate with ``num_steps`` DDIM steps.
 The reference settings (quality: M = 20, 1 round, k = 24, w = 3, u = 0.25; style: 5 rounds, k = 3, w = 3,
 u = 1) are available through the parameters. Search images use seed ``seed``; evaluate on other seeds
-(`evaluate_guidance`, ``main``) so the reported numbers are not the ones the search was fitted on.
+(`compare`, ``main``) so the reported numbers are not the ones the search was fitted on. ``variant`` picks the
+SoftPAG interpolation / target (`softpag.VARIANTS`) for the search and the returned guidance.
+
+Measurement (`compare`, ``python -m attnlab.interventions.headhunter``): found heads vs no guidance, all heads of
+each layer and k random heads on held-out noise, every condition on the same labels and noise, so differences
+``found - baseline`` get paired bootstrap CIs (objective and the classifier's log p of the intended digit);
+`comparison_table` prints them with a verdict against the best whole layer. Results: ``notes/headhunter_dit.md``.
 
 Like `SoftPAG`, this is not a TransformerBridge `Intervention` (the DiT has no bridge hooks); it keeps the
 shape: explicit parameters, ``fit`` setting attributes ending in ``_``, JSON ``save`` / ``load``.
@@ -37,7 +43,7 @@ import numpy as np
 import torch
 
 from attnlab.heads.io import read_json, write_json
-from attnlab.interventions.softpag import SoftPAG, attention_modules
+from attnlab.interventions.softpag import VARIANTS, SoftPAG, attention_modules
 
 OBJECTIVES = ("classifier", "ink", "thickness", "slant")
 JSON_NAME = "headhunter.json"
@@ -124,6 +130,9 @@ class HeadHunter:
         Noise seed of the search images.
     candidate_seed : int, default=0
         Seed of the per-round candidate draw.
+    variant : one of `softpag.VARIANTS`, default="identity"
+        SoftPAG interpolation / target used in the search and by `guidance` (passed to `SoftPAG`);
+        "identity" is Eq. 7.
 
     Attributes
     ----------
@@ -139,7 +148,8 @@ class HeadHunter:
 
     def __init__(self, objective: str = "classifier", rounds: int = 1, k: int = 3, n_candidates: int | None = None,
                  scale: float = 3.0, u: float = 1.0, cfg_scale: float = 1.0, classes: Sequence[int] = tuple(range(10)),
-                 n_per_class: int = 1, num_steps: int = 10, seed: int = 0, candidate_seed: int = 0):
+                 n_per_class: int = 1, num_steps: int = 10, seed: int = 0, candidate_seed: int = 0,
+                 variant: str = "identity"):
         self.objective = objective
         self.rounds = int(rounds)
         self.k = int(k)
@@ -152,6 +162,9 @@ class HeadHunter:
         self.num_steps = int(num_steps)
         self.seed = int(seed)
         self.candidate_seed = int(candidate_seed)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
 
     def get_params(self) -> dict[str, Any]:
         if callable(self.objective):
@@ -159,10 +172,10 @@ class HeadHunter:
         return {"objective": self.objective, "rounds": self.rounds, "k": self.k, "n_candidates": self.n_candidates,
                 "scale": self.scale, "u": self.u, "cfg_scale": self.cfg_scale, "classes": list(self.classes),
                 "n_per_class": self.n_per_class, "num_steps": self.num_steps, "seed": self.seed,
-                "candidate_seed": self.candidate_seed}
+                "candidate_seed": self.candidate_seed, "variant": self.variant}
 
     def _guidance(self, heads) -> SoftPAG:
-        return SoftPAG(heads=heads, u=self.u, scale=self.scale, cfg_scale=self.cfg_scale)
+        return SoftPAG(heads=heads, u=self.u, scale=self.scale, cfg_scale=self.cfg_scale, variant=self.variant)
 
     def _candidates(self, pool: list[tuple[int, int]], chosen: list[tuple[int, int]], rnd: int) -> list[tuple[int, int]]:
         remaining = [p for p in pool if p not in set(chosen)]
@@ -206,7 +219,7 @@ class HeadHunter:
         if not hasattr(self, "heads_"):
             raise RuntimeError("HeadHunter is not fitted; call fit(organism) first")
         return SoftPAG(self.heads_, u=self.u if u is None else u, scale=self.scale if scale is None else scale,
-                       cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale)
+                       cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale, variant=self.variant)
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
@@ -225,32 +238,73 @@ class HeadHunter:
 
 
 # ---- measurement ---------------------------------------------------------------------------------------------
+#
+# Every condition of `compare` samples the same labels from the same initial noise (``seed``), so per-image values
+# are paired across conditions; differences get a paired bootstrap CI (resampling images, the same indices for
+# both conditions), which is far tighter than comparing two unpaired CIs.
+
+LOGP_FLOOR = 1e-6  # log p(intended) is clipped at log(1e-6) so one hopeless image cannot dominate a mean
 
 
 def bootstrap_ci(values: np.ndarray, *, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean."""
+    """Percentile bootstrap CI of the mean (of paired differences, when ``values`` are differences)."""
     rng = np.random.default_rng(seed)
     v = np.asarray(values, dtype=np.float64)
     means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
     return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
 
 
-def evaluate_guidance(organism, guidance: SoftPAG, objective, *, n_per_class: int = 8, num_steps: int = 10,
-                      seed: int = 1000, device: str = "cpu") -> dict[str, Any]:
-    """Objective mean with a bootstrap CI (and classification accuracy) on ``n_per_class`` digits per class."""
+def per_image_metrics(organism, guidance: SoftPAG, objective, *, n_per_class: int = 20, num_steps: int = 10,
+                      seed: int = 1000, device: str = "cpu") -> dict[str, np.ndarray]:
+    """Per image (``n_per_class`` digits of each class, noise ``seed``): ``objective``, the classifier's clipped
+    ``logp`` of the intended digit, and ``correct`` (argmax == intended)."""
     from attnlab.models.training import dit
 
     labels = search_labels(range(dit.NUM_CLASSES), n_per_class)
     images = guidance.sample(organism, labels, num_steps=num_steps, seed=seed, device=device)
-    vals = np.asarray(objective_fn(objective)(images, labels.numpy()), dtype=np.float64)
-    acc = float((dit.get_scorer().predict(images) == labels.numpy()).mean())
-    lo, hi = bootstrap_ci(vals)
-    return {"mean": float(vals.mean()), "ci95": [lo, hi], "acc": acc, "n": int(len(vals))}
+    proba = dit.get_scorer().predict_proba(images)
+    y = labels.numpy()
+    return {"objective": np.asarray(objective_fn(objective)(images, y), dtype=np.float64),
+            "logp": np.log(np.clip(proba[np.arange(len(y)), y], LOGP_FLOOR, 1.0)),
+            "correct": (proba.argmax(axis=1) == y).astype(np.float64)}
 
 
-def compare(organism, hunter: HeadHunter, *, n_per_class: int = 8, num_steps: int = 10, seed: int = 1000,
-            layers: Sequence[int] | None = None, random_draws: int = 3, device: str = "cpu") -> dict[str, Any]:
-    """Found heads vs no guidance vs all heads of one layer vs k random heads, on held-out noise seeds."""
+def _summary(v: np.ndarray) -> dict[str, Any]:
+    lo, hi = bootstrap_ci(v)
+    return {"mean": float(np.mean(v)), "ci95": [lo, hi]}
+
+
+def evaluate_guidance(organism, guidance: SoftPAG, objective, *, n_per_class: int = 8, num_steps: int = 10,
+                      seed: int = 1000, device: str = "cpu") -> dict[str, Any]:
+    """Objective mean with a bootstrap CI (and classification accuracy) on ``n_per_class`` digits per class."""
+    m = per_image_metrics(organism, guidance, objective, n_per_class=n_per_class, num_steps=num_steps, seed=seed, device=device)
+    s = _summary(m["objective"])
+    return {"mean": s["mean"], "ci95": s["ci95"], "acc": float(m["correct"].mean()), "n": int(len(m["objective"]))}
+
+
+def verdict(diff: dict[str, Any], what: str) -> str:
+    """Plain-language reading of a paired difference ``found - what`` with its 95% CI."""
+    lo, hi = diff["ci95"]
+    if lo > 0:
+        return f"found heads beat {what}"
+    if hi < 0:
+        return f"found heads are worse than {what}"
+    return f"no significant difference from {what}"
+
+
+def compare(organism, hunter: HeadHunter, *, n_per_class: int = 20, num_steps: int = 10, seed: int = 1000,
+            layers: Sequence[int] | None = None, random_draws: int = 5, eval_u: Sequence[float] = (),
+            random_seed: int = 12345, device: str = "cpu", log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Found heads vs no guidance vs all heads of one layer vs k random heads, paired, on held-out noise seeds.
+
+    All conditions use the hunter's ``scale``, ``cfg_scale``, ``variant`` and (main table) ``u``; the images of
+    every condition share labels and initial noise (``seed`` must differ from the search seed). Rows carry
+    ``found_minus``: the paired difference ``found - row`` (objective and log p) with a 95% bootstrap CI.
+    The best whole layer is the one with the highest objective mean on these evaluation images, which favours
+    the baseline (its choice is not held out), so "found beats best layer" is a conservative claim.
+    ``eval_u`` adds, per extra strength ``u'``, found heads and the best layer at ``u'`` (the spec's practice:
+    search at u = 1, guide at a lower u), compared with each other.
+    """
     if seed == hunter.seed:
         raise ValueError("evaluate on a noise seed other than the search seed")
     from attnlab.models.training import dit
@@ -259,59 +313,136 @@ def compare(organism, hunter: HeadHunter, *, n_per_class: int = 8, num_steps: in
     mods = attention_modules(org.transformer)
     kw = dict(n_per_class=n_per_class, num_steps=num_steps, seed=seed, device=device)
     k = len(hunter.heads_)
-    mk = lambda heads: SoftPAG(heads, u=hunter.u, scale=hunter.scale, cfg_scale=hunter.cfg_scale)
-    out: dict[str, Any] = {"objective": hunter.objective, "heads": [list(p) for p in hunter.heads_], "eval_seed": seed,
-                           "search_seed": hunter.seed, **kw}
-    out["none"] = evaluate_guidance(org, SoftPAG((), cfg_scale=hunter.cfg_scale), hunter.objective, **kw)
-    out["found"] = evaluate_guidance(org, mk(hunter.heads_), hunter.objective, **kw)
-    out["layer"] = {}
+    found = [list(p) for p in hunter.heads_]
+    mk = lambda heads, u: SoftPAG(heads, u=u, scale=hunter.scale, cfg_scale=hunter.cfg_scale, variant=hunter.variant)
+    per: dict[str, dict[str, np.ndarray]] = {}
+    rows: list[dict[str, Any]] = []
+    t0 = time.time()
+
+    def run(name: str, kind: str, heads: list, u: float) -> None:
+        per[name] = per_image_metrics(org, mk(heads, u), hunter.objective, **kw)
+        rows.append({"name": name, "kind": kind, "heads": [list(p) for p in heads], "u": u,
+                     **{m: _summary(per[name][m]) for m in ("objective", "logp", "correct")}})
+        if log:
+            log(f"{name}: objective {rows[-1]['objective']['mean']:.4f} ({time.time() - t0:.0f} s)")
+
+    run("found", "found", found, hunter.u)
+    run("none", "none", [], hunter.u)
     for l in (range(len(mods)) if layers is None else layers):
-        out["layer"][int(l)] = evaluate_guidance(org, mk([(l, h) for h in range(mods[l].heads)]), hunter.objective, **kw)
+        run(f"layer {int(l)}", "layer", [(int(l), h) for h in range(mods[int(l)].heads)], hunter.u)
     pool = [(l, h) for l in range(len(mods)) for h in range(mods[l].heads)]
-    rng = np.random.default_rng(12345)
-    out["random"] = []
-    for _ in range(random_draws):
-        heads = [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
-        out["random"].append({"heads": [list(p) for p in heads], **evaluate_guidance(org, mk(heads), hunter.objective, **kw)})
+    rng = np.random.default_rng(random_seed)
+    for i in range(random_draws):
+        run(f"random {i + 1}", "random", [pool[j] for j in rng.choice(len(pool), size=k, replace=False)], hunter.u)
+    layer_rows = [r for r in rows if r["kind"] == "layer"]
+    best = max(layer_rows, key=lambda r: r["objective"]["mean"])["name"] if layer_rows else None
+    for u in eval_u:
+        if float(u) == hunter.u:
+            continue
+        run(f"found u={u:g}", "found", found, float(u))
+        if best is not None:
+            run(f"{best} u={u:g}", "layer", next(r["heads"] for r in layer_rows if r["name"] == best), float(u))
+    for r in rows:
+        ref = "found" if r["u"] == hunter.u else f"found u={r['u']:g}"
+        r["compared_with"] = ref
+        if r["name"] != ref:
+            r["found_minus"] = {m: _summary(per[ref][m] - per[r["name"]][m]) for m in ("objective", "logp")}
+    out: dict[str, Any] = {"objective": hunter.objective, "heads": found, "search_seed": hunter.seed, "eval_seed": seed,
+                           "n": int(n_per_class) * dit.NUM_CLASSES, "n_per_class": int(n_per_class), "num_steps": num_steps,
+                           "scale": hunter.scale, "u": hunter.u, "cfg_scale": hunter.cfg_scale, "variant": hunter.variant,
+                           "random_seed": random_seed, "rows": rows, "best_layer": best, "eval_seconds": time.time() - t0}
+    verdicts = {}
+    by = {r["name"]: r for r in rows}
+    verdicts["none"] = verdict(by["none"]["found_minus"]["objective"], "no guidance")
+    if best is not None:
+        verdicts["best_layer"] = verdict(by[best]["found_minus"]["objective"], f"the best whole layer ({best})")
+    rand = [r for r in rows if r["kind"] == "random"]
+    if rand:
+        verdicts["random"] = f"{sum(r['found_minus']['objective']['ci95'][0] > 0 for r in rand)} of {len(rand)} random {k}-head draws beaten"
+    for u in eval_u:
+        if float(u) != hunter.u and best is not None:
+            verdicts[f"best_layer u={u:g}"] = verdict(by[f"{best} u={u:g}"]["found_minus"]["objective"], f"{best} at u={u:g}")
+    out["verdicts"] = verdicts
+    out["per_image"] = {name: {m: v.tolist() for m, v in d.items()} for name, d in per.items()}
     return out
 
 
+def _fmt(s: dict[str, Any], d: int = 3, sign: bool = False) -> str:
+    f = f"{{:{'+' if sign else ''}.{d}f}}"
+    return f"{f.format(s['mean'])} [{f.format(s['ci95'][0])}, {f.format(s['ci95'][1])}]"
+
+
+def comparison_table(res: dict[str, Any]) -> str:
+    """Markdown table of `compare`'s result, with the paired differences and the verdicts."""
+    obj = res["objective"] if res["objective"] != "classifier" else "p(intended)"
+    lines = [f"objective {res['objective']}; found heads {res['heads']}; s={res['scale']:g}, u={res['u']:g}, "
+             f"variant {res['variant']}, cfg {res['cfg_scale']:g}; {res['n']} held-out images (noise seed {res['eval_seed']}, "
+             f"search seed {res['search_seed']}), {res['num_steps']} DDIM steps; paired 95% bootstrap CIs",
+             "",
+             f"| condition | u | {obj} [95% CI] | log p(intended) | accuracy | found - this, {obj} [paired CI] | found - this, log p [paired CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        name = r["name"] if r["kind"] != "random" else f"{r['name']} {r['heads']}"
+        fm = r.get("found_minus")
+        diff = (_fmt(fm["objective"], 4, True), _fmt(fm["logp"], 3, True)) if fm else ("(reference)", "")
+        lines.append(f"| {name} | {r['u']:g} | {_fmt(r['objective'], 4)} | {_fmt(r['logp'])} | {r['correct']['mean']:.3f} | {diff[0]} | {diff[1]} |")
+    lines.append("")
+    lines.append(f"best whole layer (of those evaluated, chosen on these evaluation images): {res['best_layer']}")
+    for key, v in res["verdicts"].items():
+        lines.append(f"- {key}: {v}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Search heads on organism-dit for an objective, then compare against baselines on held-out seeds."""
+    """Search heads on organism-dit for an objective (or --load a saved search), then compare against no
+    guidance, every whole layer and k random heads on held-out noise seeds, paired; prints a markdown table."""
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "bundled" / "organism-dit"))
     p.add_argument("--objective", default="classifier", choices=OBJECTIVES)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--n-candidates", type=int, default=None)
+    p.add_argument("--candidate-seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--u", type=float, default=1.0)
     p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--variant", default="identity", choices=VARIANTS)
     p.add_argument("--n-per-class", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-n-per-class", type=int, default=8)
+    p.add_argument("--load", default=None, help="directory with a saved headhunter.json: skip the search")
+    p.add_argument("--eval-n-per-class", type=int, default=20)
     p.add_argument("--eval-seed", type=int, default=1000)
+    p.add_argument("--eval-u", type=float, nargs="*", default=[], help="extra u values for found heads vs the best layer")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="layers for the all-heads-of-a-layer baseline")
-    p.add_argument("--random-draws", type=int, default=3)
+    p.add_argument("--random-draws", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None, help="directory for headhunter.json and compare.json")
+    p.add_argument("--out", default=None, help="directory for headhunter.json, compare.json and compare.md")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from attnlab.models.training import dit
 
     org = dit.load(a.model)
     t0 = time.time()
-    hunter = HeadHunter(a.objective, a.rounds, a.k, a.n_candidates, a.scale, a.u, a.cfg_scale, n_per_class=a.n_per_class,
-                        num_steps=a.steps, seed=a.seed).fit(org, log=print)
-    print(f"search: {time.time() - t0:.1f} s, heads {list(hunter.heads_)}")
-    res = compare(org, hunter, n_per_class=a.eval_n_per_class, num_steps=a.steps, seed=a.eval_seed, layers=a.layers,
-                  random_draws=a.random_draws)
-    res["search_seconds"] = time.time() - t0
+    if a.load:
+        hunter = HeadHunter.load(a.load)
+    else:
+        hunter = HeadHunter(a.objective, a.rounds, a.k, a.n_candidates, a.scale, a.u, a.cfg_scale, n_per_class=a.n_per_class,
+                            num_steps=a.steps, seed=a.seed, candidate_seed=a.candidate_seed, variant=a.variant).fit(org, log=print)
+    search_s = time.time() - t0
+    print(f"search: {search_s:.1f} s, heads {list(hunter.heads_)}", flush=True)
+    res = compare(org, hunter, n_per_class=a.eval_n_per_class, num_steps=hunter.num_steps, seed=a.eval_seed, layers=a.layers,
+                  random_draws=a.random_draws, eval_u=a.eval_u, log=lambda m: print(m, flush=True))
+    res["search_seconds"] = search_s
+    table = comparison_table(res)
     if a.out:
-        hunter.save(a.out)
+        if not a.load:
+            hunter.save(a.out)
         write_json(Path(a.out) / "compare.json", res)
-    print(json.dumps(res, indent=1))
+        tmp = Path(a.out) / "compare.md.tmp"
+        tmp.write_text(table + "\n")
+        tmp.replace(Path(a.out) / "compare.md")
+    print(table)
     return 0
 
 

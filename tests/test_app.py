@@ -2,6 +2,8 @@
 headless-Chromium session (skipped when Debian's chromium / chromium-driver or selenium are missing)."""
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import shutil
@@ -381,8 +383,10 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1300,2600")
 
 
-@pytest.fixture(scope="module")
-def browser():
+@contextlib.contextmanager
+def headless_chromium():
+    """A headless Debian Chromium driven by selenium, with its own throw-away profile; skips the test where the
+    browser, its driver or selenium are missing."""
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install -y chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
@@ -395,10 +399,18 @@ def browser():
     profile = tempfile.mkdtemp(prefix="attnlab-chromium-")
     opts.add_argument(f"--user-data-dir={profile}")
     driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    try:
+        driver.set_page_load_timeout(30)
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with headless_chromium() as driver:
+        yield driver
 
 
 @pytest.fixture(scope="module")

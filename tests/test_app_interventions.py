@@ -242,24 +242,10 @@ def test_browser_interventions_view(tmp_path_factory):
 
 
 def _browser_session(url, _text, _wait, _shot):
-    import shutil
-    import tempfile
-
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.keys import Keys
+    from test_app import headless_chromium
 
-    from test_app import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
-        opts.add_argument(flag)
-    profile = tempfile.mkdtemp(prefix="attnlab-chromium-")
-    opts.add_argument(f"--user-data-dir={profile}")
-    d = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
-    try:
-        d.set_page_load_timeout(30)
+    with headless_chromium() as d:
         d.get(url)
         _wait(d, lambda d: "organism-lm" in _text(d, f"#{ids.RUN_INFO}"), what="run info")
         _wait(d, lambda d: _text(d, f"#{ids.PATTERN} .gtitle").startswith("L"), 60, "a head is selected")
@@ -286,9 +272,6 @@ def _browser_session(url, _text, _wait, _shot):
         _wait(d, lambda d: "cannot run here" in _text(d, f"#{ids.IV_INFO}"), 20, "vhr unavailable")
         assert "Traceback" not in d.page_source
         return {"figure": figure, "outputs": outputs, "vhr": _text(d, f"#{ids.IV_INFO}")}
-    finally:
-        d.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 # ---- concurrent clients on the live views ----------------------------------------------------------------------------

@@ -295,25 +295,9 @@ def _pick(d, _wait, dropdown_id, label):
 
 
 def _browser_session(url, _text, _wait, _shot, token_result):
-    import shutil
-    import tempfile
+    from test_app import headless_chromium
 
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    from test_app import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS
-
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("Debian's chromium and chromium-driver are not installed")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
-        opts.add_argument(flag)
-    profile = tempfile.mkdtemp(prefix="attnlab-chromium-")
-    opts.add_argument(f"--user-data-dir={profile}")
-    d = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
-    try:
-        d.set_page_load_timeout(30)
+    with headless_chromium() as d:
         d.get(url)
         _wait(d, lambda d: "organism-lm" in _text(d, f"#{ids.RUN_INFO}"), what="run info")  # first run: "niah"
         assert not d.find_element("id", ids.VISION_VIEW).is_displayed()
@@ -351,6 +335,3 @@ def _browser_session(url, _text, _wait, _shot, token_result):
         _shot(d, ids.TOKENS_VIEW, "tokens_preplan")
         assert "Traceback" not in d.page_source
         return {"ablation": ablation_title, "vision": vision_title, "tokens": _text(d, f"#{ids.TOKEN_STRIP} .gtitle"), "marks": marks}
-    finally:
-        d.quit()
-        shutil.rmtree(profile, ignore_errors=True)

@@ -1,6 +1,7 @@
-"""All-heads exact ablation: attnlab's batched scorer (one ablated head per batch row, prefix reuse, fused SDPA,
-metric positions only) vs a per-head loop (one full hooked bridge forward per head), same model, prompts and
-metric, in one run.
+"""All-heads exact ablation: attnlab's batched scorer (one ablated head per batch row, prefix reuse, the ablated
+layer's clean attention reused, fused SDPA, metric positions only) vs a per-head loop (one full hooked bridge
+forward per head), same model, prompts and metric, in one run. ``previous`` is the default path before the
+clean-attention reuse (``reuse_attention=False``).
 
     # CPU figure (bundled organism)
     .venv/bin/python benchmarks/ablation_speed.py --model organism-lm --n-prompts 2 --length 160 --threads 1 --repeats 3
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats of every variant (median reported)")
-    parser.add_argument("--variants", default="batched,eager,no_reuse,loop", help="comma list of: batched, eager, no_reuse, loop")
+    parser.add_argument("--variants", default="batched,previous,eager,no_reuse,loop", help="comma list of: batched (default path), previous (default before clean-attention reuse), eager, no_reuse, loop")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         metric = AnswerTokens([" " + t.answer for t in trials])
         variants = {
             "batched": lambda: exact_ablation_grid(model, prompts, metric, mode=args.mode, max_batch=args.max_batch),
+            "previous": lambda: exact_ablation_grid(model, prompts, metric, mode=args.mode, max_batch=args.max_batch, reuse_attention=False),
             "eager": lambda: exact_ablation_grid(model, prompts, metric, mode=args.mode, max_batch=args.max_batch, attention="eager", read_positions=False),
             "no_reuse": lambda: exact_ablation_grid(model, prompts, metric, mode=args.mode, max_batch=args.max_batch, prefix_reuse=False, attention="eager", read_positions=False),
             "loop": lambda: loop_ablation_grid(model, prompts, metric, mode=args.mode),

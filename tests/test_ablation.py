@@ -237,3 +237,57 @@ def test_batched_equals_transformer_lens_patching(loaded, arch, mode):
     assert tl.shape == (model.n_layers, model.n_heads)
     np.testing.assert_allclose(batched, tl.cpu().numpy(), atol=1e-4, rtol=0)
     assert np.abs(clean.mean() - batched).max() > 1e-3  # the heads matter: the comparison is not vacuous
+
+
+SAME_LEN = ["The cat sat on the mat.", "The dog sat on the log."]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "qwen2"])
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_clean_attention_reuse_equals_per_head_loop(loaded, arch, mode, monkeypatch):
+    """The default path reuses the ablated layer's clean attention (rank-one W_O correction) and runs the last
+    layer's queries only at the read positions; it equals the per-head loop, padded (explicit mask) or not
+    (mask None: the restricted queries build their own causal rows)."""
+    import attnlab.probes.ablation_scores as scores_mod
+
+    calls = {"reuse": 0, "queries": 0, "masks": set()}
+    reuse, queries = scores_mod._clean_attention_forward, scores_mod._attention_at_queries
+
+    def spy_reuse(*a, **k):
+        calls["reuse"] += 1
+        return reuse(*a, **k)
+
+    def spy_queries(module, query, key, value, attention_mask, *a, **k):
+        calls["queries"] += 1
+        calls["masks"].add(attention_mask is None)
+        return queries(module, query, key, value, attention_mask, *a, **k)
+
+    monkeypatch.setattr(scores_mod, "_clean_attention_forward", spy_reuse)
+    monkeypatch.setattr(scores_mod, "_attention_at_queries", spy_queries)
+    model = loaded(arch)
+    for prompts, metric in ((PROMPTS, AnswerTokens(ANSWERS)), (SAME_LEN, LogitDifference([" The", " The"], [" cat", " dog"]))):
+        new, clean = exact_ablation_grid(model, prompts, metric, mode=mode, max_batch=5)
+        loop, _ = loop_ablation_grid(model, prompts, metric, mode=mode)
+        np.testing.assert_allclose(new, loop, atol=1e-4, rtol=0)
+        assert np.nanmax(np.abs(clean.mean() - new)) > 1e-3  # the heads matter: not vacuous
+    assert calls["reuse"] > 0 and calls["queries"] > 0
+    assert calls["masks"] == {True, False}, calls["masks"]  # both mask branches of the query-restricted attention ran
+
+
+def test_clean_attention_reuse_falls_back_where_it_does_not_apply(loaded, monkeypatch):
+    """Post-norm BERT (attention output = LayerNorm(dense(z) + x), not linear in z), the eager and uniform paths
+    and ``reuse_attention=False`` never take the reuse path; the previous path gives the same scores."""
+    import attnlab.probes.ablation_scores as scores_mod
+
+    calls = []
+    monkeypatch.setattr(scores_mod, "_clean_attention_forward", lambda *a, **k: calls.append(1))
+    bert = loaded("bert")
+    exact_ablation_grid(bert, PROMPTS[:2], AnswerTokens(ANSWERS[:2]), mode="zero", max_batch=8)
+    model = loaded("llama-gqa")
+    for kw in ({"attention": "eager"}, {"reuse_attention": False}, {"mode": "uniform"}):
+        exact_ablation_grid(model, PROMPTS, AnswerTokens(ANSWERS), **{"mode": "zero", **kw})
+    assert calls == []
+    monkeypatch.undo()
+    new, _ = exact_ablation_grid(model, PROMPTS, AnswerTokens(ANSWERS), mode="zero")
+    old, _ = exact_ablation_grid(model, PROMPTS, AnswerTokens(ANSWERS), mode="zero", reuse_attention=False)
+    np.testing.assert_allclose(new, old, atol=1e-4, rtol=0)

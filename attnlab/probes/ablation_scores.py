@@ -22,6 +22,16 @@ Two more savings leave the scores unchanged (CPU: the batched scorer's process t
 - metrics with known read positions (``AnswerTokens``, ``LogitDifference``): the last block's MLP and the
   unembedding run only at those positions (``_only_positions``); the vocabulary projection alone costs about
   one layer on small models.
+Two further exact savings on the fused path (``reuse_attention=True``, the default; ``_clean_attention_forward``):
+- the ablated layer's attention is not recomputed: with z replaced, layer L's attention output for a row is
+  the clean one plus ``(z~ - z)[h] @ W_O[h]`` (the output projection is linear, the other heads unchanged, its
+  bias cancels), so the row starts from the clean residual entering L with that output in place of the
+  attention module (``_FixedAttention``) and runs only L's MLP, then L+1.. in full. Applies where every
+  layer's clean attention output is checked to be ``W_O``-linear in z (pre-norm Llama/Qwen2, GPT-2); BERT's
+  post-norm ``BertAttention`` (``LayerNorm(dense(z) + x)``) and batches with ``pixel_values`` keep the path above.
+- the last layer's attention computes queries only at the metric's read positions (keys/values everywhere;
+  ``_last_attention_at``, ``_attention_at_queries``), which with the restricted MLP/unembedding makes the last
+  layer cost a few positions.
 The per-head loop (``loop_ablation_grid``) stays the plain reference: eager bridge, hook on ``hook_z``, one full
 forward per head, as TransformerLens' ``patching.get_act_patch_attn_head_out_all_pos`` does (its equality with
 that function is tested too).
@@ -106,6 +116,20 @@ def _read_positions(metric, batch: Batch) -> torch.Tensor | None:
     return torch.tensor(pos, dtype=torch.long)
 
 
+def _at_positions(module, positions: torch.Tensor):
+    """A forward for a position-wise ``module`` that runs it only at ``positions`` (dim 1) and outputs 0 elsewhere."""
+    inner = type(module).forward.__get__(module)
+
+    def forward(x, *args, **kwargs):
+        pos = positions.to(x.device)
+        y = inner(x[:, pos], *args, **kwargs)
+        out = y.new_zeros(x.shape[:-1] + y.shape[-1:])
+        out[:, pos] = y
+        return out
+
+    return forward
+
+
 @contextlib.contextmanager
 def _only_positions(bridge, positions: torch.Tensor | None):
     """The last block's MLP and the unembedding run only at ``positions`` (the metric's); elsewhere they output 0.
@@ -120,20 +144,8 @@ def _only_positions(bridge, positions: torch.Tensor | None):
     targets = [t for t in (getattr(bridge.blocks[len(bridge.blocks) - 1], "mlp", None), getattr(bridge, "unembed", None)) if t is not None]
     saved = [t.__dict__.get("forward") for t in targets]
 
-    def restricted(module):
-        inner = type(module).forward.__get__(module)
-
-        def forward(x, *args, **kwargs):
-            pos = positions.to(x.device)
-            y = inner(x[:, pos], *args, **kwargs)
-            out = y.new_zeros(x.shape[:-1] + y.shape[-1:])
-            out[:, pos] = y
-            return out
-
-        return forward
-
     for t in targets:
-        t.__dict__["forward"] = restricted(t)
+        t.__dict__["forward"] = _at_positions(t, positions)
     try:
         yield
     finally:
@@ -146,15 +158,46 @@ def _only_positions(bridge, positions: torch.Tensor | None):
 
 ABLATE_IMPL = "attnlab_ablate"
 _Z_EDITS: list[dict] = []  # stack of {id(HF attention submodule): fn(z) -> z} for the active ablation forwards
+_QUERY_POSITIONS: list[dict] = []  # stack of {id(HF attention submodule): query positions} (causal models only)
 
 
 def _ablate_attention_fn(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """``transformers`` attention function: fused SDPA, then the active z edit of this layer (if any)."""
+    """``transformers`` attention function: fused SDPA, then the active z edit of this layer (if any).
+
+    Where ``_QUERY_POSITIONS`` names this module, only those query rows are computed (keys and values at all
+    positions, an explicit causal mask row per query); the other rows of the output are 0.
+    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    pos = _QUERY_POSITIONS[-1].get(id(module)) if _QUERY_POSITIONS else None
+    if pos is not None:
+        out = _attention_at_queries(module, query, key, value, attention_mask, pos.to(query.device), dropout=dropout, scaling=scaling, **kwargs)
+    else:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     edit = _Z_EDITS[-1].get(id(module)) if _Z_EDITS else None
     return (out if edit is None else edit(out)), None  # out: [batch, seq, heads, d_head], the layout of hook_z
+
+
+def _attention_at_queries(module, query, key, value, attention_mask, pos: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Causal SDPA for the query rows ``pos`` only, scattered into zeros ``[batch, seq, heads, d_head]``.
+
+    The mask is made explicit (``sdpa_attention_forward`` would otherwise pass ``is_causal=True``, which aligns a
+    shorter query block top-left instead of at ``pos``): the model's mask rows at ``pos``, or ``key <= pos``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seq = query.shape[2]
+    if attention_mask is None:
+        mask = (torch.arange(key.shape[2], device=query.device)[None, :] <= pos[:, None])[None, None]
+    else:
+        mask = attention_mask[:, :, pos] if attention_mask.shape[2] == seq else attention_mask
+    bias = kwargs.get("position_bias")
+    if bias is not None and bias.shape[2] == seq:
+        kwargs["position_bias"] = bias[:, :, pos]
+    part, _ = sdpa_attention_forward(module, query[:, :, pos], key, value, mask, is_causal=False, **kwargs)
+    out = part.new_zeros(part.shape[0], seq, *part.shape[2:])
+    out[:, pos] = part
+    return out
 
 
 def sdpa_capable(model, mode: str) -> bool:
@@ -200,25 +243,158 @@ def _sdpa_z_edits(model, edits: dict[int, object]):
             c._attn_implementation = impl
 
 
+_O_PROJ_NAMES = ("o_proj", "c_proj", "out_proj")  # Llama/Qwen2/Mistral, GPT-2 (Conv1D), OPT-style
+
+
+def _output_projection(attention: torch.nn.Module, n_heads: int, d_head: int) -> torch.Tensor | None:
+    """``W_O`` ``[n_heads, d_head, d_model]`` of an HF attention module whose output is its output projection
+    applied to the concatenated z, or None (no such direct child, e.g. BERT's ``BertAttention``, whose output
+    is ``LayerNorm(dense(z) + x)`` and so not linear in z)."""
+    for name in _O_PROJ_NAMES:
+        proj = getattr(attention, name, None)
+        w = getattr(proj, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            continue
+        w = w if type(proj).__name__ == "Conv1D" else w.t()  # GPT-2's Conv1D stores [in, out], Linear [out, in]
+        if w.shape[0] == n_heads * d_head:
+            return w.reshape(n_heads, d_head, w.shape[1])
+    return None
+
+
+def _attention_reuse_weights(model, z: list[torch.Tensor], out: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Per-layer ``W_O`` when every layer's clean attention output is ``W_O``-linear in its z (checked), else None.
+
+    The check (``out - z @ W_O`` constant over rows and positions: the output projection's bias) guards the
+    rank-one update of ``_clean_attention_forward`` against architectures whose attention module does more
+    after the projection (post-norm blocks, gates); those keep the previous path.
+    """
+    from attnlab.capture import _bridge_attention_slots
+
+    originals = {layer: orig for _, _, orig, layer in _bridge_attention_slots(model)}
+    weights = []
+    for layer in range(model.n_layers):
+        if layer not in originals:
+            return None
+        w = _output_projection(originals[layer], model.n_heads, model.d_head)
+        if w is None or z[layer].shape[-2:] != w.shape[:2] or out[layer].shape[-1] != w.shape[-1]:
+            return None
+        lin = torch.einsum("bshd,hdm->bsm", z[layer].float(), w.float())
+        rest = out[layer].float() - lin
+        scale = 1e-4 * (1.0 + out[layer].float().abs().max())
+        if (rest - rest[:1, :1]).abs().max() > scale:
+            return None
+        weights.append(w.detach())
+    return weights
+
+
+class _FixedAttention(torch.nn.Module):
+    """Stands in for one layer's HF attention module: returns a precomputed output (and no weights); the HF
+    block adds it to its residual input as it would the real attention output."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output, None
+
+
+@contextlib.contextmanager
+def _swap_child(parent: torch.nn.Module, attr: str, module: torch.nn.Module):
+    saved = getattr(parent, attr)
+    setattr(parent, attr, module)
+    try:
+        yield
+    finally:
+        setattr(parent, attr, saved)
+
+
+@contextlib.contextmanager
+def _last_attention_at(original: torch.nn.Module, positions: torch.Tensor | None):
+    """The last layer's attention computes queries only at ``positions`` (the metric's read positions).
+
+    Keys and values stay at all positions; the query projection (when separate: ``q_proj``), the SDPA rows
+    (``_attention_at_queries``) and the output projection run only at ``positions``; elsewhere the attention
+    output is 0. The last MLP and the unembedding are restricted too (``_only_positions``), so nothing at the
+    other positions reaches the logits the metric reads.
+    """
+    if positions is None:
+        yield
+        return
+    w_o_name = next((n for n in _O_PROJ_NAMES if isinstance(getattr(original, n, None), torch.nn.Module)), None)
+    targets = [getattr(original, n) for n in ("q_proj", w_o_name) if n is not None and isinstance(getattr(original, n, None), torch.nn.Module)]
+    _QUERY_POSITIONS.append({id(sub): positions for sub in original.modules()})
+    for t in targets:
+        t.__dict__["forward"] = _at_positions(t, positions)
+    try:
+        yield
+    finally:
+        _QUERY_POSITIONS.pop()
+        for t in targets:
+            t.__dict__.pop("forward", None)
+
+
+def _clean_attention_forward(model, layer: int, rep: Batch, resid: list[torch.Tensor], attn: dict, abl: HeadAblation, heads_of_rows: torch.Tensor, prompt_of_rows: torch.Tensor, positions: torch.Tensor | None, returns_tuple: bool) -> torch.Tensor:
+    """Logits of rows that each ablate head ``heads_of_rows[r]`` of ``layer``, reusing layer's clean attention.
+
+    With z replaced, layer's attention output is the clean one plus ``(z~ - z)[h] @ W_O[h]`` (the output
+    projection is linear, the other heads are unchanged, its bias cancels), so the row starts from the clean
+    residual entering ``layer`` and its attention module is replaced by that output (``_FixedAttention``):
+    no q/k/v projections or attention for the ablated layer. The HF block adds it to its residual (pre-norm
+    Llama/Qwen2 and GPT-2: ``resid_mid = resid_pre + attn_out``) and runs its MLP; later layers run in full on
+    fused SDPA, the last one with queries only at ``positions`` (when the metric's positions are known).
+    """
+    from attnlab.capture import _bridge_attention_slots
+
+    z = attn["z"][layer]
+    hr, pr = heads_of_rows.to(z.device), prompt_of_rows.to(z.device)
+    diff = abl.replacement(layer, hr, pr, z).to(z.dtype) - z[pr, :, hr]  # [rows, seq, d_head]
+    output = attn["out"][layer][pr] + torch.bmm(diff, attn["w_o"][layer][hr].to(diff.dtype)).to(attn["out"][layer].dtype)
+    slots = {l: (parent, attr, orig) for parent, attr, orig, l in _bridge_attention_slots(model)}
+    parent, attr, _ = slots[layer]
+    last = model.n_layers - 1
+    with _sdpa_z_edits(model, {}), _swap_child(parent, attr, _FixedAttention(output)), \
+            _last_attention_at(slots[last][2], positions if layer < last else None), \
+            _only_positions(model.bridge, positions), _skip_blocks(model.bridge, layer, returns_tuple):
+        return model.bridge(resid[layer].repeat(rep.size // resid[layer].shape[0], 1, 1), start_at_layer=layer, attention_mask=rep.attention_mask)
+
+
 @torch.no_grad()
-def _clean_pass(model, batch: Batch, metric) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
-    """Metric per prompt on the clean run, the residual entering every block, and the blocks' output kind."""
+def _clean_pass(model, batch: Batch, metric, *, attention: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], bool, dict | None]:
+    """Metric per prompt on the clean run, the residual entering every block, the blocks' output kind, and
+    (``attention=True``) every layer's clean z and attention-module output (``{"z": [...], "out": [...]}``)."""
     resid: dict[int, torch.Tensor] = {}
+    zs: dict[int, torch.Tensor] = {}
+    outs: dict[int, torch.Tensor] = {}
     kinds: list[bool] = []
 
-    def keep(layer):
+    def keep(store, layer):
         def hook(x, hook=None):
-            resid[layer] = x.detach().clone()
+            store[layer] = x.detach().clone()
 
         return hook
 
-    handle = model.bridge.blocks[0].register_forward_hook(lambda mod, i, o: kinds.append(isinstance(o, tuple)))
+    def keep_output(layer):
+        def hook(module, args, output):
+            outs[layer] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+        return hook
+
+    hooks = [(block_hook(l, "hook_resid_pre"), keep(resid, l)) for l in range(model.n_layers)]
+    handles = [model.bridge.blocks[0].register_forward_hook(lambda mod, i, o: kinds.append(isinstance(o, tuple)))]
+    if attention:
+        hooks += [(attn_hook(l, "hook_z"), keep(zs, l)) for l in range(model.n_layers)]
+        handles += [model.bridge.blocks[l].attn.register_forward_hook(keep_output(l)) for l in range(model.n_layers)]
     try:
-        with model.bridge.hooks(fwd_hooks=[(block_hook(l, "hook_resid_pre"), keep(l)) for l in range(model.n_layers)]):
+        with model.bridge.hooks(fwd_hooks=hooks):
             logits = model.forward(batch)
     finally:
-        handle.remove()
-    return metric(logits, batch).float(), [resid[l] for l in range(model.n_layers)], bool(kinds and kinds[0])
+        for h in handles:
+            h.remove()
+    attn = None
+    if attention and len(zs) == len(outs) == model.n_layers:
+        attn = {"z": [zs[l] for l in range(model.n_layers)], "out": [outs[l] for l in range(model.n_layers)]}
+    return metric(logits, batch).float(), [resid[l] for l in range(model.n_layers)], bool(kinds and kinds[0]), attn
 
 
 def _fit(model, mode: str, batch: Batch, reference, seed: int) -> HeadAblation:
@@ -230,8 +406,23 @@ def _fit(model, mode: str, batch: Batch, reference, seed: int) -> HeadAblation:
     return HeadAblation(mode=mode, seed=seed).fit(model, ref if mode in ("mean", "resample") else None, layers=range(model.n_layers))
 
 
+def _hooked_forward(model, layer: int, rep: Batch, resid: list[torch.Tensor], abl: HeadAblation, heads_of_rows: torch.Tensor, prompt_of_rows: torch.Tensor, positions: torch.Tensor | None, returns_tuple: bool, *, fused: bool, prefix_reuse: bool) -> torch.Tensor:
+    """Logits of rows that each ablate head ``heads_of_rows[r]`` of ``layer`` by a hook on its z (or pattern),
+    recomputing layer's attention; from the residual entering ``layer`` when ``prefix_reuse`` (and layer > 0)."""
+    hooks = abl.row_hooks(layer, heads_of_rows, rep.attention_mask, prompt_of_rows)
+    if fused:  # the z hook runs inside the SDPA attention function instead of on hook_z
+        ctx = _sdpa_z_edits(model, {layer: lambda z, fn=hooks[0][1]: fn(z)})
+    else:
+        ctx = model.bridge.hooks(fwd_hooks=hooks)
+    with ctx, _only_positions(model.bridge, positions):
+        if prefix_reuse and layer > 0:
+            with _skip_blocks(model.bridge, layer, returns_tuple):
+                return model.bridge(resid[layer].repeat(rep.size // resid[layer].shape[0], 1, 1), start_at_layer=layer, attention_mask=rep.attention_mask)
+        return model.forward(rep)
+
+
 @torch.inference_mode()
-def exact_ablation_grid(model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, layers: Sequence[int] | None = None, max_batch: int = 64, prefix_reuse: bool = True, read_positions: bool = True, attention: str = "auto", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def exact_ablation_grid(model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, layers: Sequence[int] | None = None, max_batch: int = 64, prefix_reuse: bool = True, read_positions: bool = True, attention: str = "auto", reuse_attention: bool = True, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Mean metric over prompts with each single head ablated, ``(ablated [L, H], clean per prompt [P])``.
 
     Batched: ``max_batch`` rows per forward (heads x prompts). Layers not in ``layers`` stay NaN.
@@ -240,17 +431,27 @@ def exact_ablation_grid(model, prompts: Sequence[str], metric, *, mode: str = "z
     leave the scores unchanged). ``attention``: ``"auto"`` runs z-replacing modes on fused SDPA attention where the
     model supports it (``_sdpa_z_edits``; the uniform mode edits patterns and stays eager), ``"eager"`` always
     uses the bridge's hooked eager path, ``"sdpa"`` requires the fused one.
+    ``reuse_attention`` (fused path with ``prefix_reuse``): rows ablating a head of layer L start from the clean
+    residual entering L plus layer L's clean attention output corrected by ``(z~ - z)[h] @ W_O[h]``
+    (``_clean_attention_forward``), and the last layer's attention computes only the read positions' queries.
+    It applies where every attention module's output is checked to be ``W_O``-linear in z (pre-norm decoders:
+    Llama, Qwen2, GPT-2); elsewhere (post-norm BERT, models fed ``pixel_values``, whose image rows
+    ``_repeat`` does not carry) the previous path runs.
     """
     metric = as_metric(metric)
     batch = metric.encode(model, list(prompts)).to(model.device)
     abl = _fit(model, mode, batch, reference, seed)
-    clean, resid, returns_tuple = _clean_pass(model, batch, metric)
-    positions = _read_positions(metric, batch) if read_positions else None
     if attention not in ("auto", "eager", "sdpa"):
         raise ValueError(f"attention must be 'auto', 'eager' or 'sdpa', got {attention!r}")
     fused = attention == "sdpa" or (attention == "auto" and sdpa_capable(model, mode))
     if fused and not sdpa_capable(model, mode):
         raise ValueError("attention='sdpa' needs a z-replacing mode (zero, mean, resample) and a model whose attention calls transformers' attention interface")
+    reuse = fused and prefix_reuse and reuse_attention and getattr(batch, "pixel_values", None) is None
+    clean, resid, returns_tuple, attn = _clean_pass(model, batch, metric, attention=reuse)
+    if attn is not None:
+        attn["w_o"] = _attention_reuse_weights(model, attn["z"], attn["out"])
+        attn = attn if attn["w_o"] is not None else None
+    positions = _read_positions(metric, batch) if read_positions else None
     n_prompts, H = batch.size, model.n_heads
     per_fwd = max(1, max_batch // n_prompts)
     grid = np.full((model.n_layers, H), np.nan)
@@ -260,17 +461,10 @@ def exact_ablation_grid(model, prompts: Sequence[str], metric, *, mode: str = "z
             rep = _repeat(batch, len(heads)).to(model.device)
             heads_of_rows = heads.repeat_interleave(n_prompts)
             prompt_of_rows = torch.arange(n_prompts).repeat(len(heads))
-            hooks = abl.row_hooks(layer, heads_of_rows, rep.attention_mask, prompt_of_rows)
-            if fused:  # the z hook runs inside the SDPA attention function instead of on hook_z
-                ctx = _sdpa_z_edits(model, {layer: lambda z, fn=hooks[0][1]: fn(z)})
+            if attn is not None:
+                logits = _clean_attention_forward(model, layer, rep, resid, attn, abl, heads_of_rows, prompt_of_rows, positions, returns_tuple)
             else:
-                ctx = model.bridge.hooks(fwd_hooks=hooks)
-            with ctx, _only_positions(model.bridge, positions):
-                if prefix_reuse and layer > 0:
-                    with _skip_blocks(model.bridge, layer, returns_tuple):
-                        logits = model.bridge(resid[layer].repeat(len(heads), 1, 1), start_at_layer=layer, attention_mask=rep.attention_mask)
-                else:
-                    logits = model.forward(rep)
+                logits = _hooked_forward(model, layer, rep, resid, abl, heads_of_rows, prompt_of_rows, positions, returns_tuple, fused=fused, prefix_reuse=prefix_reuse)
             values = metric(logits, rep).float().view(len(heads), n_prompts)
             grid[layer, heads.numpy()] = values.mean(1).cpu().numpy()
     return grid, clean.cpu().numpy()
@@ -349,7 +543,7 @@ def _uniform_z(v: torch.Tensor, mask: torch.Tensor, model) -> torch.Tensor:
     return mean.repeat_interleave(model.n_heads // v.shape[2], dim=2)
 
 
-def ablation_scores(model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, layers: Sequence[int] | None = None, max_batch: int = 64, prefix_reuse: bool = True, attention: str = "auto", attribution: bool = False, seed: int = 0, name: str | None = None) -> HeadScores:
+def ablation_scores(model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, layers: Sequence[int] | None = None, max_batch: int = 64, prefix_reuse: bool = True, attention: str = "auto", reuse_attention: bool = True, attribution: bool = False, seed: int = 0, name: str | None = None) -> HeadScores:
     """Exact single-head ablation scores for all heads as ``HeadScores`` (score = drop of the metric).
 
     Parameters
@@ -368,6 +562,9 @@ def ablation_scores(model, prompts: Sequence[str], metric, *, mode: str = "zero"
         Start layer L's ablations from the cached residual entering block L.
     attention : {"auto", "eager", "sdpa"}, default="auto"
         Attention path of the ablation forwards (``exact_ablation_grid``); scores agree to float tolerance.
+    reuse_attention : bool, default=True
+        Reuse the ablated layer's clean attention output (rank-one correction) and compute the last layer's
+        queries only where the metric reads (fused path; ``exact_ablation_grid``); scores unchanged.
     attribution : bool, default=False
         Also compute AtP estimates (``extra["atp"]``) and their Spearman correlation with the exact scores
         (``summary["atp_spearman"]``).
@@ -379,7 +576,7 @@ def ablation_scores(model, prompts: Sequence[str], metric, *, mode: str = "zero"
     """
     metric = as_metric(metric)
     t0 = time.perf_counter()
-    ablated, clean = exact_ablation_grid(model, prompts, metric, mode=mode, reference=reference, layers=layers, max_batch=max_batch, prefix_reuse=prefix_reuse, attention=attention, seed=seed)
+    ablated, clean = exact_ablation_grid(model, prompts, metric, mode=mode, reference=reference, layers=layers, max_batch=max_batch, prefix_reuse=prefix_reuse, attention=attention, reuse_attention=reuse_attention, seed=seed)
     scores = clean.mean() - ablated
     summary = {"metric": metric.name, "baseline": float(clean.mean()), "mode": mode, "unit": "query head", "positions": "all", "n_prompts": len(prompts), "seconds_exact": time.perf_counter() - t0}
     extra = {"ablated": ablated, "baseline_per_prompt": clean[None, :]}
@@ -392,7 +589,7 @@ def ablation_scores(model, prompts: Sequence[str], metric, *, mode: str = "zero"
         summary["seconds_atp"] = time.perf_counter() - t1
     return HeadScores(
         scores=scores, name=name or f"ablation_{mode}_{metric.name}", probe="ablation_scores",
-        params={"mode": mode, "metric": metric.name, "max_batch": max_batch, "prefix_reuse": prefix_reuse, "seed": seed},
+        params={"mode": mode, "metric": metric.name, "max_batch": max_batch, "prefix_reuse": prefix_reuse, "reuse_attention": reuse_attention, "seed": seed},
         model=model.name, n_kv_heads=model.n_kv_heads, description=f"drop of {metric.name} when one head is {mode}-ablated",
         extra=extra, summary=summary,
     )

@@ -282,7 +282,8 @@ def test_clean_attention_reuse_falls_back_where_it_does_not_apply(loaded, monkey
     calls = []
     monkeypatch.setattr(scores_mod, "_clean_attention_forward", lambda *a, **k: calls.append(1))
     bert = loaded("bert")
-    exact_ablation_grid(bert, PROMPTS[:2], AnswerTokens(ANSWERS[:2]), mode="zero", max_batch=8)
+    with pytest.warns(UserWarning, match="does not reproduce"):
+        exact_ablation_grid(bert, PROMPTS[:2], AnswerTokens(ANSWERS[:2]), mode="zero", max_batch=8)
     model = loaded("llama-gqa")
     for kw in ({"attention": "eager"}, {"reuse_attention": False}, {"mode": "uniform"}):
         exact_ablation_grid(model, PROMPTS, AnswerTokens(ANSWERS), **{"mode": "zero", **kw})
@@ -291,3 +292,15 @@ def test_clean_attention_reuse_falls_back_where_it_does_not_apply(loaded, monkey
     new, _ = exact_ablation_grid(model, PROMPTS, AnswerTokens(ANSWERS), mode="zero")
     old, _ = exact_ablation_grid(model, PROMPTS, AnswerTokens(ANSWERS), mode="zero", reuse_attention=False)
     np.testing.assert_allclose(new, old, atol=1e-4, rtol=0)
+
+
+def test_bert_scores_equal_the_loop_through_the_prefix_check(loaded):
+    """On BERT the bridge's start_at_layer path does not reproduce the clean run; the grid notices (one checked
+    partial forward), says so, and falls back to full forwards, so the scores still equal the per-head loop."""
+    model = loaded("bert")
+    metric = AnswerTokens(ANSWERS[:2])
+    with pytest.warns(UserWarning, match="does not reproduce the clean run"):
+        batched, clean = exact_ablation_grid(model, PROMPTS[:2], metric, mode="zero", max_batch=8)
+    loop, clean_loop = loop_ablation_grid(model, PROMPTS[:2], metric, mode="zero")
+    np.testing.assert_allclose(batched, loop, atol=1e-4, rtol=0)
+    assert np.nanmax(np.abs(loop - clean_loop.mean())) > 1e-3  # the ablations move the metric by more than the tolerance

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -397,6 +398,22 @@ def _clean_pass(model, batch: Batch, metric, *, attention: bool = False) -> tupl
     return metric(logits, batch).float(), [resid[l] for l in range(model.n_layers)], bool(kinds and kinds[0]), attn
 
 
+@torch.inference_mode()
+def _prefix_reuse_matches(model, batch: Batch, metric, clean: torch.Tensor, resid: list[torch.Tensor], returns_tuple: bool, atol: float = 1e-4) -> bool:
+    """Whether the bridge, started at layer 1 from the cached residual, reproduces the clean metric.
+
+    Prefix reuse relies on ``start_at_layer`` feeding the cached residual to block 1 exactly as the full forward
+    does. That holds for the decoders we test (GPT-2, Llama, Qwen2); on BERT the bridge's ``start_at_layer`` path
+    does not (its metric moves by ~1e-2 with no ablation at all), so there the scores must come from full forwards.
+    One partial forward, checked once per grid."""
+    if model.n_layers < 2:
+        return True
+    with _skip_blocks(model.bridge, 1, returns_tuple):
+        logits = model.bridge(resid[1], start_at_layer=1, attention_mask=batch.attention_mask)
+    again = metric(logits, batch).float()
+    return bool(torch.allclose(again, clean, atol=atol, rtol=1e-4))
+
+
 def _fit(model, mode: str, batch: Batch, reference, seed: int) -> HeadAblation:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -448,6 +465,9 @@ def exact_ablation_grid(model, prompts: Sequence[str], metric, *, mode: str = "z
         raise ValueError("attention='sdpa' needs a z-replacing mode (zero, mean, resample) and a model whose attention calls transformers' attention interface")
     reuse = fused and prefix_reuse and reuse_attention and getattr(batch, "pixel_values", None) is None
     clean, resid, returns_tuple, attn = _clean_pass(model, batch, metric, attention=reuse)
+    if prefix_reuse and not _prefix_reuse_matches(model, batch, metric, clean, resid, returns_tuple):
+        warnings.warn(f"{model.name}: a forward started at layer 1 from the cached residual does not reproduce the clean run; ablation scores use full forwards (slower)", stacklevel=2)
+        prefix_reuse, attn = False, None
     if attn is not None:
         attn["w_o"] = _attention_reuse_weights(model, attn["z"], attn["out"])
         attn = attn if attn["w_o"] is not None else None

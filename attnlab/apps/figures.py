@@ -47,8 +47,8 @@ def token_strip(tokens, title: str | None = None, max_tokens: int = 400, row_sca
     raw = np.asarray(tokens.values[:, keep], dtype=float)
     z = raw
     if row_scale:
-        peak = np.nanmax(np.abs(raw), axis=1, keepdims=True) if raw.size else np.ones((raw.shape[0], 1))
-        z = raw / np.where(np.isfinite(peak) & (peak > 0), peak, 1.0)
+        peak = np.abs(np.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)).max(axis=1, keepdims=True) if raw.size else np.ones((raw.shape[0], 1))
+        z = raw / np.where(peak > 0, peak, 1.0)  # NaN stays NaN (blank cell); an all-NaN or all-zero row is left as is
     fig = go.Figure(
         go.Heatmap(
             z=z,

@@ -15,24 +15,13 @@ Results are written (atomically, after every task) to ``--out`` as JSON; ``--res
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
+from task_tables import run_resumable
 
 SIMILAR = [("successor", "add_3"), ("successor", "predecessor"), ("first_letter", "last_letter"), ("choose_first", "choose_last"), ("uppercase", "next_letter")]
 DISSIMILAR = [("successor", "uppercase"), ("add_3", "choose_first"), ("uppercase", "repeat_word"), ("predecessor", "reverse_words"), ("first_letter", "corpus_next_word")]
-
-
-def _write(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
 
 
 def run_task(model, task: str, args) -> dict:
@@ -131,26 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    import attnlab
-
     torch.set_num_threads(args.threads)
     tasks = list(icl.TASK_NAMES) if args.tasks == "all" else args.tasks.split(",")
-    out = Path(args.out) if args.out else None
-    results: dict = {}
-    if out is not None and (args.resume or args.table_only) and out.is_file():
-        results = json.loads(out.read_text())["tasks"]
-    if not args.table_only:
-        model = attnlab.load(args.model)
-        for t in tasks:
-            if t in results:
-                continue
-            results[t] = run_task(model, t, args)
-            r = results[t]
-            print(f"[{t}] 0-shot {r['zero_shot']:.2f}  {args.shots}-shot {r['few_shot']:.2f}  injected {r['injected']:.2f}  (fit {r['fit_seconds']} s)", file=sys.stderr, flush=True)
-            if out is not None:
-                _write(out, {"args": vars(args), "command": " ".join(["python", "scripts/soft_injection_table.py", *(argv if argv is not None else sys.argv[1:])]), "tasks": results})
-    print(table({t: results[t] for t in tasks if t in results}, args))
-    return 0
+    progress = lambda t, r: f"[{t}] 0-shot {r['zero_shot']:.2f}  {args.shots}-shot {r['few_shot']:.2f}  injected {r['injected']:.2f}  (fit {r['fit_seconds']} s)"  # noqa: E731
+    return run_resumable("scripts/soft_injection_table.py", argv, args, tasks, run_task, table, progress)
 
 
 if __name__ == "__main__":

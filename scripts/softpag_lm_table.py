@@ -23,24 +23,14 @@ Results are written (atomically, after every task) to ``--out`` as JSON; ``--res
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
+from task_tables import run_resumable
 
 ARMS = ("found", "layer", "random")
-
-
-def _write(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
 
 
 def _floats(s: str) -> list[float]:
@@ -241,24 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    import attnlab
-
     torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",")
-    out = Path(args.out) if args.out else None
-    results: dict = {}
-    if out is not None and (args.resume or args.table_only) and out.is_file():
-        results = json.loads(out.read_text())["tasks"]
-    if not args.table_only:
-        model = attnlab.load(args.model)
-        for t in tasks:
-            if t in results:
-                continue
-            results[t] = run_task(model, t, args)
-            if out is not None:
-                _write(out, {"args": vars(args), "command": " ".join(["python", "scripts/softpag_lm_table.py", *(argv if argv is not None else sys.argv[1:])]), "tasks": results})
-    print(table({t: results[t] for t in tasks if t in results}, args))
-    return 0
+    return run_resumable("scripts/softpag_lm_table.py", argv, args, tasks, run_task, table)
 
 
 if __name__ == "__main__":

@@ -325,26 +325,38 @@ def supports_fused(model: LoadedModel) -> bool:
 
 
 @contextlib.contextmanager
-def _fused_attention(model: LoadedModel, capture: Capture, batch: Batch):
-    _register_fused()
+def hf_attention(model: LoadedModel, implementation: str):
+    """Inside, every bridge attention wrapper is swapped for its original HF module and the configs name
+    ``implementation`` (a function registered with ``transformers.AttentionInterface``), so attention runs through
+    that function and no bridge pattern is built. Yields the slots ``(parent, attr, original, layer)``; everything
+    is restored on exit. Shared by the capture engine's fused path and the fused ablation scorer."""
     slots = _bridge_attention_slots(model)
     if len(slots) != model.n_layers:
         raise ValueError(f"found {len(slots)} of {model.n_layers} attention modules to fuse")
     subs = [sub for _, _, orig, _ in slots for sub in orig.modules()]
-    configs = [c for c in {id(s.config): s.config for s in subs if getattr(s, "config", None) is not None}.values()]
-    configs += [model.hf_model.config] + [c for c in [getattr(model.hf_model.config, "text_config", None)] if c is not None]
+    configs = [getattr(x, "config", None) for x in subs] + [model.hf_model.config, getattr(model.hf_model.config, "text_config", None)]
+    configs = list({id(c): c for c in configs if c is not None}.values())
     saved_impl = [(c, getattr(c, "_attn_implementation", None)) for c in configs]
     swapped = [(parent, attr, getattr(parent, attr)) for parent, attr, _, _ in slots]
-    _ACTIVE.append((capture, batch, {id(sub): layer for _, _, orig, layer in slots for sub in orig.modules()}))
     try:
-        for (parent, attr, original, _layer) in slots:
+        for parent, attr, original, _layer in slots:
             setattr(parent, attr, original)
         for c, _ in saved_impl:
-            c._attn_implementation = FUSED_IMPL
-        yield
+            c._attn_implementation = implementation
+        yield slots
     finally:
-        _ACTIVE.pop()
         for parent, attr, bridged in swapped:
             setattr(parent, attr, bridged)
         for c, impl in saved_impl:
             c._attn_implementation = impl
+
+
+@contextlib.contextmanager
+def _fused_attention(model: LoadedModel, capture: Capture, batch: Batch):
+    _register_fused()
+    with hf_attention(model, FUSED_IMPL) as slots:
+        _ACTIVE.append((capture, batch, {id(sub): layer for _, _, orig, layer in slots for sub in orig.modules()}))
+        try:
+            yield
+        finally:
+            _ACTIVE.pop()

@@ -218,30 +218,16 @@ def _sdpa_z_edits(model, edits: dict[int, object]):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from attnlab.capture import _bridge_attention_slots
+    from attnlab.capture import hf_attention
 
     AttentionInterface.register(ABLATE_IMPL, _ablate_attention_fn)
     AttentionMaskInterface.register(ABLATE_IMPL, sdpa_mask)
-    slots = _bridge_attention_slots(model)
-    if len(slots) != model.n_layers:
-        raise ValueError(f"found {len(slots)} of {model.n_layers} attention modules")
-    subs = [sub for _, _, orig, _ in slots for sub in orig.modules()]
-    configs = list({id(c): c for c in [getattr(x, "config", None) for x in subs] + [model.hf_model.config, getattr(model.hf_model.config, "text_config", None)] if c is not None}.values())
-    saved_impl = [(c, getattr(c, "_attn_implementation", None)) for c in configs]
-    swapped = [(parent, attr, getattr(parent, attr)) for parent, attr, _, _ in slots]
-    _Z_EDITS.append({id(sub): edits[layer] for _, _, orig, layer in slots if layer in edits for sub in orig.modules()})
-    try:
-        for parent, attr, original, _ in slots:
-            setattr(parent, attr, original)
-        for c, _ in saved_impl:
-            c._attn_implementation = ABLATE_IMPL
-        yield
-    finally:
-        _Z_EDITS.pop()
-        for parent, attr, bridged in swapped:
-            setattr(parent, attr, bridged)
-        for c, impl in saved_impl:
-            c._attn_implementation = impl
+    with hf_attention(model, ABLATE_IMPL) as slots:
+        _Z_EDITS.append({id(sub): edits[layer] for _, _, orig, layer in slots if layer in edits for sub in orig.modules()})
+        try:
+            yield
+        finally:
+            _Z_EDITS.pop()
 
 
 _O_PROJ_NAMES = ("o_proj", "c_proj", "out_proj")  # Llama/Qwen2/Mistral, GPT-2 (Conv1D), OPT-style

@@ -19,13 +19,7 @@ LABELS = torch.tensor([0, 3, 7, 9])
 STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny forwards: one thread is ~8x faster than two on a busy 2-core host (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ from conftest import SHORT_SENTENCES
 LM_ARCHS = ("gpt2", "llama-gqa", "qwen2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def causal_map(b=2, h=3, n=6, seed=0):

@@ -301,3 +301,102 @@ def test_twenty_clients_on_the_interventions_and_ablation_views(iv_state, llama)
     assert report.requests == 20 * (3 + len(bodies))
     assert not report.errors and not any(s.busy for s in report.samples), report.lines()
     assert served.exceptions == []
+
+
+# ---- fitted interventions of the runs directory (attnlab intervene --out NAME) ---------------------------------------
+
+SI_PROMPT = "Q: cat\nA: CAT\n\nQ: dog\nA:"
+SI_PAIRS = [(w, w.upper()) for w in "cat dog sun moon tree lake rock fish bird star leaf rain".split()]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, llama, loaded):
+    """A runs directory with a scan of the tiny Llama ("tiny") and what ``intervene --out`` leaves there: soft
+    injection fitted on the tiny Llama ("site-llama"), ZeroTuning fitted on the tiny GPT-2 (same 2 x 4 grid,
+    "zt-gpt2"), and broken ones: bad JSON, a class outside the registry, garbage arrays; plus a symlink that leaves
+    the directory. -> (state, soft-injection object, runs dir, outside dir)."""
+    import json
+    import shutil
+
+    from attnlab.datasets import DATASETS
+    from attnlab.interventions.soft_injection import SoftInjection
+    from attnlab.interventions.zerotuning import ZeroTuning
+
+    root = tmp_path_factory.mktemp("iv-fitted-runs")
+    attnlab.scan(llama, "first_token_sink", DATASETS["prose"](llama, 1, 0), out=root / "tiny", progress=False)
+    si = SoftInjection(n_prompts=4, n_shots=2, n_steps=4, val_every=2, n_val=3, top_k=3).fit(llama, {"train": SI_PAIRS[:9], "valid": SI_PAIRS[9:]}, split="toy-caps")
+    si.save(root / "site-llama" / "intervention")
+    ZeroTuning(gamma=2.0).fit(loaded("gpt2"), None, split="none").save(root / "zt-gpt2" / "intervention")
+    (root / "broken" / "intervention").mkdir(parents=True)
+    (root / "broken" / "intervention" / "intervention.json").write_text("{not json")
+    meta = json.loads((root / "site-llama" / "intervention" / "intervention.json").read_text())
+    (root / "alien" / "intervention").mkdir(parents=True)
+    (root / "alien" / "intervention" / "intervention.json").write_text(json.dumps({**meta, "class": "attnlab_no_such_module.Evil"}))
+    shutil.copytree(root / "site-llama", root / "bad-arrays")
+    (root / "bad-arrays" / "intervention" / "arrays.safetensors").write_bytes(b"\x00garbage" * 10)
+    outside = tmp_path_factory.mktemp("iv-outside")
+    si.save(outside / "intervention")
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    live = LiveModels(wait_s=0.2)
+    live.preload(llama.name, llama)
+    return create_app(root, live_model=live).attnlab_state, si, root, outside
+
+
+def test_fitted_interventions_are_listed_by_run_name(fitted):
+    from attnlab.apps.layout import build_layout
+
+    state, _, root, outside = fitted
+    assert state.catalog.fitted_names() == ["alien", "bad-arrays", "broken", "site-llama", "zt-gpt2"]  # not "escape"
+    options = ivapp.method_options(state.catalog)
+    assert options[: len(INTERVENTIONS)] == [{"label": n, "value": n} for n in INTERVENTIONS]
+    extra = {o["value"]: o["label"] for o in options[len(INTERVENTIONS) :]}
+    assert extra["fitted:site-llama"] == "soft-injection (fitted: site-llama)" and extra["fitted:zt-gpt2"] == "zerotuning (fitted: zt-gpt2)"
+    assert extra["fitted:broken"] == "? (fitted: broken)" and extra["fitted:alien"] == "? (fitted: alien)"
+    dropdown = next(c for c in _walk(build_layout(state)) if getattr(c, "id", None) == ids.IV_METHOD)
+    assert dropdown.options == options and str(root) not in str(options) and str(outside) not in str(options)
+    params, info = ivcb.method_info("fitted:site-llama", "tiny", state)
+    assert params == "" and info.startswith("soft-injection fitted by 'attnlab intervene' (run site-llama) on toy-caps (n=12) for llama-gqa")
+    assert info.endswith("available on this model") and "\n" not in info and 'cue="\\nA:"' in info and str(root) not in info
+
+
+def test_comparing_with_a_fitted_intervention_equals_comparing_with_the_object(fitted, llama):
+    state, si, root, _ = fitted
+    loaded_iv = ivapp.load_fitted(state.catalog, "site-llama", llama.name)
+    assert type(loaded_iv) is type(si) and loaded_iv is not si
+    np.testing.assert_array_equal(loaded_iv.theta_, si.theta_)
+    via_app = ivapp.run_comparison(state.live, llama.name, "fitted:site-llama", "", SI_PROMPT, "DOG", (1, 0), catalog=state.catalog, max_new_tokens=3)
+    direct = ivapp.compare(llama, si, SI_PROMPT, "DOG", (1, 0), max_new_tokens=3)
+    # the fitted injection changes the (random, near-uniform) model: the answer probability and the last query row of a
+    # later layer's pattern move, so the equality below is informative
+    assert abs(direct.delta_p) > 1e-6 and np.abs(direct.pattern_difference[-1]).max() > 1e-5, (direct.delta_p, np.abs(direct.pattern_difference).max())
+    assert via_app.method == "soft-injection (fitted: site-llama)" and direct.method == "soft-injection"
+    for f in ("p_baseline", "p_intervened", "output_baseline", "output_intervened", "top_intervened", "answer_token", "tokens", "params"):
+        assert getattr(via_app, f) == getattr(direct, f), f
+    np.testing.assert_array_equal(via_app.pattern_intervened, direct.pattern_intervened)
+    fig, outputs, msg = ivcb.comparison(1, "tiny", {"layer": 1, "head": 0}, "fitted:site-llama", "", SI_PROMPT, "DOG", state)
+    assert msg == "", msg
+    assert "soft-injection (fitted: site-llama)" in str(outputs) and str(root) not in str(outputs) + fig.layout.title.text
+    assert fig.layout.meta["method"] == "soft-injection (fitted: site-llama)"
+
+
+@pytest.mark.parametrize(
+    "method,params,expect",
+    [
+        ("fitted:zt-gpt2", "", "fitted intervention 'zt-gpt2' was fitted on gpt2, not on this run's model llama-gqa"),
+        ("fitted:broken", "", "fitted intervention 'broken' cannot be read: intervention.json is not valid JSON"),
+        ("fitted:alien", "", "fitted intervention 'alien' does not hold an intervention of the registry"),
+        ("fitted:bad-arrays", "", "fitted intervention 'bad-arrays' cannot be read: "),
+        ("fitted:escape", "", "no fitted intervention named 'escape'"),
+        ("fitted:../escape", "", "no fitted intervention named"),
+        ("fitted:tiny", "", "no fitted intervention named 'tiny'"),
+        ("fitted:site-llama", "alpha_scale=0", "runs with the parameters it was fitted with"),
+    ],
+)
+def test_fitted_interventions_that_cannot_run_say_why_in_one_line(fitted, checkpoint_dir, method, params, expect):
+    state, _, root, outside = fitted
+    _, info = ivcb.method_info(method, "tiny", state)
+    fig, outputs, msg = ivcb.comparison(1, "tiny", None, method, params, SI_PROMPT, "", state)
+    for text in (msg, info) if not params else (msg,):
+        assert expect in text and "\n" not in text and "Traceback" not in text and "internal error" not in text, text
+        assert str(root) not in text and str(outside) not in text and str(checkpoint_dir) not in text, text
+    assert outputs is None and len(fig.data) == 0

@@ -2,6 +2,8 @@
 
 The browser sends run *names* (a direct child directory of ``runs_dir`` that holds a ``run.json``) and result names
 (keys of that run's index), never paths. Everything else is refused with ``AttnlabError`` before any file is read.
+Fitted interventions (``attnlab intervene --out NAME``) are named the same way: a direct child ``NAME`` holding
+``intervention/``.
 """
 from __future__ import annotations
 
@@ -68,3 +70,25 @@ class RunCatalog:
             "created": info.get("created", "?"),
             "results": len(run.results),
         }
+
+    # ---- fitted interventions (``attnlab intervene --out RUN`` writes ``RUN/intervention/``) ------------------------
+
+    def fitted_names(self) -> list[str]:
+        """Names of the directories directly under ``runs_dir`` that hold a saved intervention
+        (``intervention/intervention.json``, the files resolving inside the runs directory), sorted."""
+        out = []
+        for child in sorted(self.runs_dir.iterdir()):
+            files = [child / FITTED_DIR / name for name in FITTED_FILES]
+            if _NAME.match(child.name) and files[0].is_file() and all(self._inside(f) for f in files):
+                out.append(child.name)
+        return out
+
+    def fitted_dir(self, name: Any) -> Path:
+        """The ``intervention/`` directory of the fitted run called ``name``; refuses anything not listed."""
+        if not isinstance(name, str) or not _NAME.match(name) or name not in self.fitted_names():
+            raise AttnlabError(f"no fitted intervention named {str(name)[:80]!r} in the runs directory")
+        return self.runs_dir / name / FITTED_DIR
+
+
+FITTED_DIR = "intervention"  # what ``attnlab intervene --out`` writes (``Intervention.save``)
+FITTED_FILES = ("intervention.json", "arrays.safetensors")  # base.JSON_NAME, base.ARRAYS_NAME (not imported: no torch here)

@@ -14,6 +14,14 @@ gamma search) are **shown as unavailable with a one-line reason** ("cannot run h
 for parameter values that ``fit`` rejects); the app never fits
 on a data set behind the user's back. Fit them with ``attnlab intervene --fit`` instead.
 
+Fitted interventions (``load_fitted``): the directories of the app's runs directory that ``attnlab intervene --out
+NAME`` wrote (``NAME/intervention/``, ``RunCatalog.fitted_names``) are offered too, as the dropdown value
+``"fitted:NAME"`` (label ``"METHOD (fitted: NAME)"``). One is loaded with its registry class's ``load`` (JSON +
+safetensors; the class the JSON names must be the registry's class of the method it names, so no other module is
+imported), must have been fitted on the selected run's model (by name; otherwise a one-line message), and runs the
+same comparison with the parameters it was fitted with. A directory that cannot be read gives a one-line message
+naming the run, never its path.
+
 Answer token: the expected answer's first token as it follows the prompt (a space is put in front of the answer
 unless the prompt ends in whitespace or the answer starts with it, the convention of ``base.label_token_ids``);
 without an answer, the unintervened model's top next token. Greedy decoding re-runs prompt + generated tokens
@@ -25,6 +33,7 @@ a head-perturbed pass), the last pass is shown, i.e. the perturbed map that guid
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -34,6 +43,8 @@ from attnlab.errors import AttnlabError
 
 MAX_NEW_TOKENS = 6
 MAX_PARAMS_CHARS = 2000
+FITTED_PREFIX = "fitted:"  # dropdown value of a fitted intervention: FITTED_PREFIX + run name
+MAX_FITTED_JSON_BYTES = 16 * 2**20  # intervention.json larger than this is refused unread
 # parameters filled in when a method is picked: what it needs to run without fit data (ZeroTuning's gamma)
 DEFAULT_PARAMS = {"zerotuning": "gamma=2.0", "softpag": "heads=[[1,0],[1,1]] u=1 scale=1"}
 
@@ -55,6 +66,105 @@ def method_summary(method: str) -> str:
     doc = (cls.__doc__ or "").strip().splitlines()
     names = cls._param_names() if hasattr(cls, "_param_names") else []
     return f"{doc[0] if doc else method} Parameters: {', '.join(names) or 'none'}."
+
+
+# ---- fitted interventions of the runs directory ------------------------------------------------------------------
+
+
+def fitted_name(method: Any) -> str | None:
+    """The run name of a ``"fitted:NAME"`` dropdown value; None for a registry method name."""
+    return method[len(FITTED_PREFIX) :] if isinstance(method, str) and method.startswith(FITTED_PREFIX) else None
+
+
+def _read_meta(catalog, name: str) -> dict[str, Any]:
+    """``NAME/intervention/intervention.json`` as a dict, or a one-line AttnlabError (no path in it)."""
+    import json
+
+    path = catalog.fitted_dir(name) / "intervention.json"
+    try:
+        if path.stat().st_size > MAX_FITTED_JSON_BYTES:
+            raise AttnlabError(f"fitted intervention {name!r}: intervention.json is larger than {MAX_FITTED_JSON_BYTES >> 20} MiB")
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except AttnlabError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise AttnlabError(f"fitted intervention {name!r} cannot be read: intervention.json is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise AttnlabError(f"fitted intervention {name!r} cannot be read: intervention.json is not an object")
+    return meta
+
+
+def _registry_class(meta: dict[str, Any], name: str):
+    """The registry class of the method ``meta`` names, checked to be the class it records and its keys to be the
+    ones ``Intervention.save`` writes (parameters of the class, fitted names ending in ``_``)."""
+    from attnlab.interventions.registry import INTERVENTIONS
+
+    method = meta.get("method")
+    cls = INTERVENTIONS.get(method) if isinstance(method, str) else None
+    if cls is None or meta.get("class") != f"{cls.__module__}.{cls.__qualname__}":
+        raise AttnlabError(f"fitted intervention {name!r} does not hold an intervention of the registry (method {str(method)[:40]!r}, class {str(meta.get('class'))[:80]!r})")
+    params, fitted, arrays = meta.get("params"), meta.get("fitted"), meta.get("arrays")
+    if not (isinstance(params, dict) and isinstance(fitted, dict) and isinstance(arrays, list)):
+        raise AttnlabError(f"fitted intervention {name!r} cannot be read: intervention.json lacks params, fitted or arrays")
+    unknown = sorted(set(params) - set(cls._param_names()))
+    bad = [k for k in [*fitted, *arrays] if not (isinstance(k, str) and k.endswith("_") and not k.startswith("_"))]
+    if unknown or bad:
+        raise AttnlabError(f"fitted intervention {name!r} cannot be read: unexpected entries {', '.join(map(str, (unknown + bad)[:5]))}")
+    if not isinstance(fitted.get("model_"), dict) or "fit_split_" not in fitted:
+        raise AttnlabError(f"fitted intervention {name!r} cannot be read: it records no fitted model")
+    return cls
+
+
+def fitted_method(catalog, name: str) -> str:
+    """The method a fitted run holds (for its dropdown label); ``"?"`` when its JSON cannot be read."""
+    try:
+        return str(_registry_class(_read_meta(catalog, name), name).name)
+    except AttnlabError:
+        return "?"
+
+
+def _model_label(name: Any) -> str:
+    """A model name for the page: a local checkpoint path shows as its directory name only."""
+    import os
+
+    text = str(name)
+    return os.path.basename(text.rstrip("/\\")) if os.path.isabs(text) else text
+
+
+def load_fitted(catalog, name: str, model_name: str | None = None):
+    """The intervention saved under the run ``name`` of ``catalog`` (``attnlab intervene --out``), loaded with its
+    registry class's ``load``; with ``model_name``, checked to have been fitted on that model. Every failure is a
+    one-line ``AttnlabError`` naming the run, never a path."""
+    meta = _read_meta(catalog, name)
+    cls = _registry_class(meta, name)
+    try:
+        iv = cls.load(catalog.fitted_dir(name))
+    except Exception as e:  # malformed safetensors, wrong parameter types, missing arrays ...
+        text = str(e).replace(str(catalog.runs_dir), "").strip().splitlines()
+        raise AttnlabError(f"fitted intervention {name!r} cannot be read: {type(e).__name__}{': ' + text[0][:200] if text else ''}") from None
+    fitted_on = iv.model_.get("name")
+    if model_name is not None and fitted_on != model_name:
+        raise AttnlabError(f"fitted intervention {name!r} was fitted on {_model_label(fitted_on)}, not on this run's model {_model_label(model_name)}")
+    return iv
+
+
+def fitted_summary(iv, name: str) -> str:
+    """One line about a fitted intervention: method, fit data, model and parameters."""
+    import json
+
+    split = getattr(iv, "fit_split_", {}) or {}
+    params = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in iv.get_params().items())  # a str may hold "\n"
+    return f"{iv.name} fitted by 'attnlab intervene' (run {name}) on {split.get('name', '?')} (n={split.get('n', '?')}) for {_model_label(iv.model_.get('name'))}; parameters: {params}."
+
+
+def method_options(catalog=None) -> list[dict[str, str]]:
+    """Dropdown options: the registry's methods (read now), then one per fitted intervention of ``catalog``'s runs
+    directory, labelled ``"METHOD (fitted: NAME)"``."""
+    opts = [{"label": n, "value": n} for n in methods()]
+    if catalog is not None:
+        opts += [{"label": f"{fitted_method(catalog, n)} (fitted: {n})", "value": FITTED_PREFIX + n} for n in catalog.fitted_names()]
+    return opts
 
 
 def split_params(text: str | None) -> list[str]:
@@ -279,15 +389,32 @@ def compare(model, intervention, prompt: str, answer: str | None = None, head: t
     )
 
 
-def run_comparison(live, model_name: str, method: str, params: str | None, prompt: str | None, answer: str | None, head: tuple[int, int] | None, *, max_new_tokens: int = MAX_NEW_TOKENS) -> ComparisonResult:
+def _fitted_for(catalog, name: str, model_name: str, params: str | None):
+    """A fitted run's intervention for ``model_name``; the parameters box must be empty (it runs as fitted)."""
+    if catalog is None:
+        raise AttnlabError("fitted interventions need the app's runs directory")
+    if split_params(params):
+        raise AttnlabError(f"fitted intervention {name!r} runs with the parameters it was fitted with; clear the parameters box")
+    return load_fitted(catalog, name, model_name)
+
+
+def run_comparison(live, model_name: str, method: str, params: str | None, prompt: str | None, answer: str | None, head: tuple[int, int] | None, *, max_new_tokens: int = MAX_NEW_TOKENS, catalog=None) -> ComparisonResult:
     """``prepare`` + ``compare`` on a model of the app's ``LiveModels``: prompt size limits checked first, then the
-    live-run lock held (one live run at a time; "busy" after ``live.wait_s``)."""
+    live-run lock held (one live run at a time; "busy" after ``live.wait_s``). ``method`` ``"fitted:NAME"``: the
+    intervention saved in ``catalog``'s run ``NAME`` (``load_fitted``, checked against ``model_name`` before the
+    lock), shown as ``"METHOD (fitted: NAME)"``."""
     if not prompt or not prompt.strip():
         raise AttnlabError("type a prompt first")
     if len(prompt) > live.max_chars:
         raise AttnlabError(f"the prompt has {len(prompt)} characters; the limit is {live.max_chars}")
     if answer is not None and len(answer) > 200:
         raise AttnlabError("the expected answer is longer than 200 characters")
+    name = fitted_name(method)
+    if name is not None:
+        iv = _fitted_for(catalog, name, model_name, params)
+        with live.exclusive(model_name) as model:
+            result = compare(model, iv, prompt, answer, head, max_new_tokens=max_new_tokens, max_tokens=live.max_tokens)
+        return dataclasses.replace(result, method=f"{result.method} (fitted: {name})")
     if method not in methods():
         raise AttnlabError(f"unknown method {str(method)[:40]!r}; available: {', '.join(methods())}")
     split_params(params)  # length and shape checked before waiting for the lock
@@ -296,11 +423,16 @@ def run_comparison(live, model_name: str, method: str, params: str | None, promp
         return compare(model, iv, prompt, answer, head, max_new_tokens=max_new_tokens, max_tokens=live.max_tokens)
 
 
-def availability(live, model_name: str, method: str, params: str | None) -> str:
-    """One line for the page: ``"available"`` or why not (fit without data, on the live model; holds the lock)."""
+def availability(live, model_name: str, method: str, params: str | None, *, catalog=None) -> str:
+    """One line for the page: ``"available"`` or why not (fit without data, on the live model; holds the lock).
+    A fitted intervention (``"fitted:NAME"``) is read and checked against ``model_name`` only (no lock)."""
+    name = fitted_name(method)
+    if name is not None:
+        _fitted_for(catalog, name, model_name, params)
+        return "available on this model"
     with live.exclusive(model_name) as model:
         prepare(model, method, params)
     return "available on this model"
 
 
-__all__ = ["ComparisonResult", "compare", "prepare", "run_comparison", "availability", "methods", "method_summary", "split_params", "answer_token_id", "DEFAULT_PARAMS"]
+__all__ = ["ComparisonResult", "compare", "prepare", "run_comparison", "availability", "methods", "method_summary", "split_params", "answer_token_id", "DEFAULT_PARAMS", "FITTED_PREFIX", "fitted_name", "load_fitted", "fitted_summary", "method_options"]

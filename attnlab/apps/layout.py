@@ -8,7 +8,7 @@ from dash import dcc, html
 
 from attnlab.apps import ids
 from attnlab.apps.ablation import MAX_K, MAX_SEEDS
-from attnlab.apps.interventions import DEFAULT_PARAMS, MAX_PARAMS_CHARS, methods
+from attnlab.apps.interventions import DEFAULT_PARAMS, MAX_PARAMS_CHARS, method_options
 from attnlab.apps.vision import MAX_UPLOAD_BYTES, UPLOAD_QUESTION
 from attnlab.apps.state import AppState, failure_message
 
@@ -142,16 +142,17 @@ def build_layout(state: AppState) -> html.Div:
 
 
 def interventions_view(state: AppState) -> html.Div:
-    """Method (from the intervention registry, read on each page load), k=v parameters, prompt, expected answer."""
-    names = methods()
-    first = names[0] if names else None
+    """Method (from the intervention registry and the runs directory's fitted interventions, read on each page
+    load), k=v parameters, prompt, expected answer."""
+    options = method_options(state.catalog)
+    first = options[0]["value"] if options else None
     return html.Div(
         [
             html.H3("Interventions"),
             html.Div(
                 [
                     "method: ",
-                    dcc.Dropdown(id=ids.IV_METHOD, options=[{"label": n, "value": n} for n in names], value=first, clearable=False, style={"width": "220px", "display": "inline-block", "verticalAlign": "middle"}),
+                    dcc.Dropdown(id=ids.IV_METHOD, options=options, value=first, clearable=False, style={"width": "320px", "display": "inline-block", "verticalAlign": "middle"}),
                     " parameters (k=v, space-separated): ",
                     dcc.Input(id=ids.IV_PARAMS, type="text", value=DEFAULT_PARAMS.get(first, ""), maxLength=MAX_PARAMS_CHARS, placeholder="e.g. beta=0.4 heads=[[3,0],[3,1]]", style={"width": "380px"}),
                 ]

@@ -1,13 +1,15 @@
 """Interventions view: a typed prompt on the selected run's model without and with a registry intervention
 (``attnlab.apps.interventions.run_comparison``): both greedy outputs, the answer probability and its change in a
 table, and the selected head's attention difference (``ComparisonResult.plot()`` = ``figures.attention_difference``).
-Nothing runs before the button; methods that cannot run without fit data say why in the page."""
+Nothing runs before the button; methods that cannot run without fit data say why in the page. Fitted interventions
+of the runs directory (``attnlab intervene --out NAME``) are dropdown entries ``"fitted:NAME"``: picking one clears the
+parameters box (it runs as fitted) and says what it was fitted on, or why it cannot run on this run's model."""
 from __future__ import annotations
 
 from dash import Input, Output, State, html
 
 from attnlab.apps import ids
-from attnlab.apps.interventions import DEFAULT_PARAMS, availability, method_summary, run_comparison
+from attnlab.apps.interventions import DEFAULT_PARAMS, availability, fitted_name, fitted_summary, load_fitted, method_summary, run_comparison
 from attnlab.apps.state import AppState, empty_figure, failure_message
 
 _CELL = {"padding": "2px 10px", "borderBottom": "1px solid #eee", "textAlign": "left", "whiteSpace": "pre-wrap"}
@@ -20,6 +22,9 @@ def method_info(method, run_name, state: AppState) -> tuple:
     params = DEFAULT_PARAMS.get(method, "")
     if not method:
         return params, ""
+    name = fitted_name(method)
+    if name is not None:
+        return "", fitted_info(name, run_name, state)
     try:
         line = method_summary(method)
     except Exception as e:
@@ -30,6 +35,20 @@ def method_info(method, run_name, state: AppState) -> tuple:
     except Exception as e:
         status = failure_message(e)
     return params, f"{line} — {status}"
+
+
+def fitted_info(name, run_name, state: AppState) -> str:
+    """The info line of a fitted run's intervention: what it was fitted on, and whether it fits this run's model."""
+    try:
+        line = fitted_summary(load_fitted(state.catalog, name), name)
+    except Exception as e:
+        return failure_message(e)
+    try:
+        model_name = state.catalog.open(run_name).info["model"]["name"]
+        status = availability(state.live, model_name, f"fitted:{name}", "", catalog=state.catalog)
+    except Exception as e:
+        status = failure_message(e)
+    return f"{line} — {status}"
 
 
 def table_component(result) -> html.Table:
@@ -57,7 +76,7 @@ def comparison(n_clicks, run_name, selected, method, params, prompt, answer, sta
     try:
         info = state.catalog.open(run_name).info
         head = (int(selected["layer"]), int(selected["head"])) if selected else None
-        result = run_comparison(state.live, info["model"]["name"], method, params, prompt, answer, head)
+        result = run_comparison(state.live, info["model"]["name"], method, params, prompt, answer, head, catalog=state.catalog)
         return result.plot(max_size=state.max_pattern_size), html.Div([table_component(result), html.Div(summary_line(result), style={"marginTop": "4px"})]), ""
     except Exception as e:
         return empty_figure(), None, failure_message(e)

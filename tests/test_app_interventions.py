@@ -3,6 +3,8 @@ specific edit shows up only in the heads it touches), the callback functions, th
 and a headless-Chromium session on organism-lm (pick a method, run it, see both outputs and the difference figure)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -214,7 +216,9 @@ def test_no_run_before_the_button_and_busy_while_another_runs(iv_state):
 
 def test_browser_interventions_view(tmp_path_factory):
     """Served app on organism-lm in headless Chromium: pick ZeroTuning, run a prompt, see both outputs and the
-    attention difference of the selected head; then pick VHR and read why it is unavailable."""
+    attention difference of the selected head; then pick VHR and read why it is unavailable; then pick the
+    ZeroTuning that the runs directory holds fitted on organism-lm (``attnlab intervene --out zt-organism`` leaves
+    ``zt-organism/intervention/``), run it, and see it labelled "(fitted: zt-organism)" with no path in the page."""
     from attnlab.models.bundled import bundled_path
     from test_app import CHROMEDRIVER, CHROMIUM, _shot, _text, _wait
 
@@ -231,6 +235,10 @@ def test_browser_interventions_view(tmp_path_factory):
     root = tmp_path_factory.mktemp("iv-organism-runs")
     model = attnlab.load("organism-lm")
     attnlab.scan(model, "first_token_sink", DATASETS["prose"](model, 1, 0), out=root / "organism-lm", progress=False)
+    # what `attnlab intervene --out zt-organism` saves: every head's first-key attention scaled by 2 (fixed parameters)
+    from attnlab.interventions.zerotuning import ZeroTuning
+
+    ZeroTuning(gamma=2.0).fit(model, None, split="none").save(root / "zt-organism" / "intervention")
     live = LiveModels()
     live.preload("organism-lm", model)
     with loadtest.ServedApp(create_app(root, live_model=live).server) as served:
@@ -239,6 +247,17 @@ def test_browser_interventions_view(tmp_path_factory):
     assert seen["figure"].startswith("L") and "zerotuning − baseline" in seen["figure"]
     assert "baseline" in seen["outputs"] and "zerotuning" in seen["outputs"] and "p " in seen["outputs"]
     assert "cannot run here" in seen["vhr"]
+    fitted = seen["fitted"]
+    assert fitted["info"].startswith("zerotuning fitted by 'attnlab intervene' (run zt-organism)") and fitted["info"].endswith("available on this model")
+    assert fitted["params"] == "" and fitted["status"] == ""
+    title = fitted["figure"]
+    assert title.startswith("L") and "zerotuning (fitted: zt-organism) − baseline" in title and "organism-lm" in title
+    assert float(re.search(r"max \|Δ\| ([0-9.]+)", title).group(1)) > 1e-4, title  # gamma=2 on every head moves the drawn one
+    rows = fitted["outputs"].splitlines()
+    assert any(r.startswith("baseline") for r in rows) and any(r.startswith("zerotuning (fitted: zt-organism)") for r in rows), rows
+    assert "a head the intervention edits" in fitted["outputs"] and "p " in fitted["outputs"]
+    for page in (fitted["page"], fitted["outputs"], fitted["info"], title):
+        assert str(root) not in page and str(tmp_path_factory.getbasetemp()) not in page and "Traceback" not in page
 
 
 def _browser_session(url, _text, _wait, _shot):
@@ -271,7 +290,34 @@ def _browser_session(url, _text, _wait, _shot):
         _wait(d, lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == "vhr"], 10, "vhr option")[0].click()
         _wait(d, lambda d: "cannot run here" in _text(d, f"#{ids.IV_INFO}"), 20, "vhr unavailable")
         assert "Traceback" not in d.page_source
-        return {"figure": figure, "outputs": outputs, "vhr": _text(d, f"#{ids.IV_INFO}")}
+        vhr = _text(d, f"#{ids.IV_INFO}")
+        return {"figure": figure, "outputs": outputs, "vhr": vhr, "fitted": _run_fitted(d, "zt-organism", _text, _wait)}
+
+
+def _run_fitted(d, name, _text, _wait):
+    """Pick the dropdown entry "zerotuning (fitted: NAME)" (typed into the search box: it is the last entry), run the
+    prompt already typed, and wait for a difference figure labelled with it. -> what the page shows."""
+    label = f"zerotuning (fitted: {name})"
+    d.find_element("id", ids.IV_METHOD).click()
+    search = _wait(d, lambda d: d.find_element("css selector", "input.dash-dropdown-search"), 10, "method search box")
+    search.send_keys(name)
+    option = _wait(d, lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == label], 10, "fitted option")[0]
+    d.execute_script("arguments[0].scrollIntoView({block: 'nearest'});", option)
+    option.click()
+    _wait(d, lambda d: "fitted by 'attnlab intervene'" in _text(d, f"#{ids.IV_INFO}") and "available on this model" in _text(d, f"#{ids.IV_INFO}"), 20, "fitted intervention available")
+    d.find_element("id", ids.IV_RUN).click()
+    try:
+        _wait(d, lambda d: f"(fitted: {name})" in _text(d, f"#{ids.IV_FIGURE} .gtitle") and f"(fitted: {name})" in _text(d, f"#{ids.IV_OUTPUTS}"), 60, "fitted attention difference")
+    except AssertionError:
+        raise AssertionError(f"no fitted difference; status {_text(d, f'#{ids.IV_STATUS}')!r}, info {_text(d, f'#{ids.IV_INFO}')!r}") from None
+    return {
+        "info": _text(d, f"#{ids.IV_INFO}"),
+        "params": d.find_element("id", ids.IV_PARAMS).get_attribute("value"),
+        "status": _text(d, f"#{ids.IV_STATUS}"),
+        "figure": _text(d, f"#{ids.IV_FIGURE} .gtitle"),
+        "outputs": _text(d, f"#{ids.IV_OUTPUTS}"),
+        "page": d.page_source,
+    }
 
 
 # ---- concurrent clients on the live views ----------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -20,7 +19,6 @@ import attnlab
 from attnlab.apps import figures, ids
 from attnlab.apps.app import create_app
 from attnlab.apps.callbacks import headmap, pattern, runs, tokens
-from attnlab.apps.catalog import RunCatalog
 from attnlab.apps.live import LiveModels
 from attnlab.capture import Capture
 from attnlab.errors import AttnlabError

@@ -3,7 +3,6 @@ their model cards report (organism-lm: NIAH-trained Llama with GQA and a partial
 organism-vlm: LLaVA whose image tokens soak up attention)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import attnlab

@@ -84,8 +84,6 @@ def test_planted_previous_token_head_scores_as_the_spec_says():
 
 
 def test_induction_heads_light_up_on_repeated_tokens_when_planted():
-    from test_sink_probes import run_planted
-
     from attnlab.probes.induction import InductionHeads
     from attnlab.models.loading import Batch
 
@@ -98,7 +96,6 @@ def test_induction_heads_light_up_on_repeated_tokens_when_planted():
         else:
             a[i, 0] = 1
     probe = InductionHeads()
-    from types import SimpleNamespace
     from attnlab.probes.base import ProbeContext
     from test_sink_probes import FakeCapture, fake_model
 

@@ -3,7 +3,6 @@ built from the probe's own top heads, and the measured structure behind the (neg
 organism the heads whose ablation hurts image questions sit in layer 0, where most heads have VHD = 0."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

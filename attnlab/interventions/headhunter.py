@@ -34,7 +34,6 @@ shape: explicit parameters, ``fit`` setting attributes ending in ``_``, JSON ``s
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence

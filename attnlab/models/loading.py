@@ -43,8 +43,6 @@ class Batch:
 
     @property
     def first_real(self):
-        import torch
-
         return self.attention_mask.long().argmax(dim=1)
 
     @property

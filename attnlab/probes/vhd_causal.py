@@ -17,7 +17,6 @@ questions are layer-0 heads, most of which have VHD = 0 at the last prompt token
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Sequence
 
 import numpy as np

@@ -448,7 +448,7 @@ def style_scores(images: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
     * ``slant``: ink-weighted ``-cov(col, row) / var(row)``; > 0 when the digit leans right (like "/").
     """
     arr = _as_numpy_batch(images)
-    n, s = arr.shape[0], arr.shape[1]
+    s = arr.shape[1]
     rows, cols = np.meshgrid(np.arange(s, dtype=np.float64), np.arange(s, dtype=np.float64), indexing="ij")
     w = np.clip(arr, 0.0, 1.0)
     mass = w.sum(axis=(1, 2)) + 1e-8

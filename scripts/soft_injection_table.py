@@ -18,7 +18,7 @@ import argparse
 import time
 
 import numpy as np
-from task_tables import run_resumable
+from task_tables import add_run_arguments, run_resumable
 
 SIMILAR = [("successor", "add_3"), ("successor", "predecessor"), ("first_letter", "last_letter"), ("choose_first", "choose_last"), ("uppercase", "next_letter")]
 DISSIMILAR = [("successor", "uppercase"), ("add_3", "choose_first"), ("uppercase", "repeat_word"), ("predecessor", "reverse_words"), ("first_letter", "corpus_next_word")]
@@ -112,15 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="JSON results file (written after every task)")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--table-only", action="store_true", help="print the table of --out without running")
+    add_run_arguments(ap)
     args = ap.parse_args(argv)
-
-    import torch
-
-    torch.set_num_threads(args.threads)
     tasks = list(icl.TASK_NAMES) if args.tasks == "all" else args.tasks.split(",")
     progress = lambda t, r: f"[{t}] 0-shot {r['zero_shot']:.2f}  {args.shots}-shot {r['few_shot']:.2f}  injected {r['injected']:.2f}  (fit {r['fit_seconds']} s)"  # noqa: E731
     return run_resumable("scripts/soft_injection_table.py", argv, args, tasks, run_task, table, progress)

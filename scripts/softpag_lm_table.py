@@ -28,7 +28,7 @@ import time
 import zlib
 
 import numpy as np
-from task_tables import run_resumable
+from task_tables import add_run_arguments, run_resumable
 
 ARMS = ("found", "layer", "random")
 
@@ -223,15 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-random", type=int, default=2)
     ap.add_argument("--random-seed", type=int, default=12345)
     ap.add_argument("--n-boot", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="JSON results file (written after every task)")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--table-only", action="store_true", help="print the table of --out without running")
+    add_run_arguments(ap)
     args = ap.parse_args(argv)
-
-    import torch
-
-    torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",")
     return run_resumable("scripts/softpag_lm_table.py", argv, args, tasks, run_task, table)
 

@@ -9,13 +9,24 @@ from pathlib import Path
 from typing import Callable
 
 
+def add_run_arguments(ap) -> None:
+    """The options every table script shares: threads, the resumable JSON file, resume and table-only."""
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="JSON results file (written after every task)")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run from --out")
+    ap.add_argument("--table-only", action="store_true", help="print the table of --out without running")
+
+
 def run_resumable(script: str, argv: list[str] | None, args, tasks: list[str], run_task: Callable, table: Callable, progress: Callable[[str, dict], str] | None = None) -> int:
     """``run_task(model, task, args) -> dict`` for every task not yet in ``args.out``; ``table(results, args) -> str``.
 
-    ``args`` needs ``model``, ``out``, ``resume`` and ``table_only``; ``progress(task, result)`` is an optional
+    ``args`` needs ``model`` and the options of ``add_run_arguments``; ``progress(task, result)`` is an optional
     one-line summary printed to stderr after each task."""
+    import torch
+
     from attnlab.heads.io import write_json
 
+    torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else None
     results: dict = {}
     if out is not None and (args.resume or args.table_only) and out.is_file():

@@ -18,7 +18,6 @@ from collections import Counter
 import numpy as np
 import torch
 
-from attnlab.heads.results import TokenScores
 from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, query_validity
 
 
@@ -143,17 +142,9 @@ class ActSinks(Probe):
         ]
         for p, ex in sorted(self._examples.items()):
             out.append(
-                TokenScores(
-                    tokens=ex["tokens"],
-                    values=ex["values"],
-                    name=f"act_sink_tokens_{p}",
-                    probe=self.name,
-                    row_labels=[f"layer {l}" for l in range(m.n_layers)] + ["all layers"],
+                self.token_scores(
+                    ctx, f"act_sink_tokens_{p}", p, ex["tokens"], ex["values"], [f"layer {l}" for l in range(m.n_layers)] + ["all layers"],
                     marks={"hidden_sink": ex["hidden"], "first": [0]},
-                    params=self.params(),
-                    model=m.name,
-                    dataset=ctx.dataset,
-                    prompt_index=p,
                     description="fraction of heads in which each token is an ACT sink",
                 )
             )

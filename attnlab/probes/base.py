@@ -60,6 +60,23 @@ class Probe:
             summary=summary or {},
         )
 
+    def token_scores(self, ctx: ProbeContext, name: str, prompt_index: int, tokens: list[str], values: np.ndarray, row_labels: list[str], *, marks=None, description: str = "", summary=None) -> TokenScores:
+        """A ``TokenScores`` of one prompt with this probe's provenance (the token-level twin of ``head_scores``)."""
+        return TokenScores(
+            tokens=tokens,
+            values=values,
+            name=name,
+            probe=self.name,
+            row_labels=row_labels,
+            marks=marks or {},
+            params=self.params(),
+            model=ctx.model.name,
+            dataset=ctx.dataset,
+            prompt_index=prompt_index,
+            description=description,
+            summary=summary or {},
+        )
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"

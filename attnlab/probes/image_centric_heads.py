@@ -25,7 +25,6 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from attnlab.heads.results import TokenScores
 from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext
 
 RMS_EPS = 1e-6
@@ -324,17 +323,9 @@ class ImageCentricHeads(Probe):
         ]
         for p, ex in sorted(self._examples.items()):
             out.append(
-                TokenScores(
-                    tokens=ex["tokens"],
-                    values=ex["values"],
-                    name=f"visual_sinks_{p}",
-                    probe=self.name,
-                    row_labels=[f"layer {l}" for l in range(m.n_layers)],
+                self.token_scores(
+                    ctx, f"visual_sinks_{p}", p, ex["tokens"], ex["values"], [f"layer {l}" for l in range(m.n_layers)],
                     marks=ex["marks"],
-                    params=self.params(),
-                    model=m.name,
-                    dataset=ctx.dataset,
-                    prompt_index=p,
                     description=f"phi = max over sink dims {self.found_dims()} of |x[d]|/RMS(x) entering each layer (layers 0-1 not scored); sinks: phi >= {self.tau}",
                     summary={"sink_dims": self.found_dims(), "tau": self.tau},
                 )

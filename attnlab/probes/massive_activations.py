@@ -15,7 +15,6 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 
-from attnlab.heads.results import TokenScores
 from attnlab.probes.base import Probe, ProbeContext
 
 
@@ -90,17 +89,9 @@ class MassiveActivations(Probe):
         for p, ex in sorted(self._examples.items()):
             values = np.stack([ex["rows"].get(l, np.full(len(ex["ids"]), np.nan)) for l in range(m.n_layers)])
             out.append(
-                TokenScores(
-                    tokens=m.tokens_as_text(ex["ids"]),
-                    values=values,
-                    name=f"massive_activations_{p}",
-                    probe=self.name,
-                    row_labels=[f"layer {l}" for l in range(m.n_layers)],
+                self.token_scores(
+                    ctx, f"massive_activations_{p}", p, m.tokens_as_text(ex["ids"]), values, [f"layer {l}" for l in range(m.n_layers)],
                     marks={"massive": sorted(ex["massive"])},
-                    params=self.params(),
-                    model=m.name,
-                    dataset=ctx.dataset,
-                    prompt_index=p,
                     description="largest |residual activation| at each position after each layer",
                     summary=summary,
                 )

@@ -55,7 +55,6 @@ import torch
 
 from attnlab.errors import AttnlabError
 from attnlab.heads.formats import format_head
-from attnlab.heads.results import TokenScores
 from attnlab.probes.base import Probe, ProbeContext
 
 # ---- pure functions (numpy) ---------------------------------------------------------------------------------------
@@ -393,17 +392,10 @@ class PreplanAnchor(Probe):
                 continue
             ident = r["ident"]
             out.append(
-                TokenScores(
-                    tokens=m.tokens_as_text(r["ids"]),
-                    values=np.stack([r["waad"], r["delta"], r["fai"], r["gamma"]]),
-                    name=f"preplan_anchor_tokens_{r['prompt']}",
-                    probe=self.name,
-                    row_labels=["WAAD", "Delta", "FAI", "gamma (coupled)"],
+                self.token_scores(
+                    ctx, f"preplan_anchor_tokens_{r['prompt']}", r["prompt"], m.tokens_as_text(r["ids"]),
+                    np.stack([r["waad"], r["delta"], r["fai"], r["gamma"]]), ["WAAD", "Delta", "FAI", "gamma (coupled)"],
                     marks={"preplan": ident.preplan, "anchor": ident.anchor, "coupled": ident.coupled, "intro": sorted(set(ident.intro.values()))},
-                    params=self.params(),
-                    model=m.name,
-                    dataset=ctx.dataset,
-                    prompt_index=r["prompt"],
                     description="WAAD (local heads), Delta, FAI (global heads) and coupled credit weights over the response tokens",
                     summary={"response_start": r["response_start"], "intro": {str(t): u for t, u in ident.intro.items()},
                              "local_heads": labels(r["local"]), "global_heads": labels(r["global"])},

@@ -17,6 +17,17 @@ _STATUS = {"color": "#a33", "minHeight": "1.2em", "fontSize": "90%"}
 _CELL = {"padding": "2px 10px", "borderBottom": "1px solid #eee", "textAlign": "left"}
 
 
+def _inline(width: str) -> dict:
+    """Style of a control that sits inline in a row of labelled controls."""
+    return {"width": width, "display": "inline-block", "verticalAlign": "middle"}
+
+
+def _section(title: str, view_id: str, children: list, *, hidden: bool = False) -> html.Div:
+    """One view of the page: a bordered box with its title."""
+    style = {**_SECTION, "display": "none"} if hidden else _SECTION
+    return html.Div([html.H3(title), *children], style=style, id=view_id)
+
+
 def runs_table(state: AppState) -> html.Table:
     """Model, probes, dataset and time of every run in the runs directory."""
     cols = ("run", "model", "probes", "dataset", "created", "results")
@@ -37,35 +48,34 @@ def build_layout(state: AppState) -> html.Div:
         children=[
             html.H2("attnlab"),
             dcc.Store(id=ids.SELECTED_HEAD, data=None),
-            html.Div(
+            _section(
+                "Runs",
+                ids.RUNS_VIEW,
                 [
-                    html.H3("Runs"),
                     runs_table(state),
-                    html.Div(["run: ", dcc.Dropdown(id=ids.RUN_SELECT, options=[{"label": n, "value": n} for n in names], value=names[0] if names else None, clearable=False, style={"width": "400px", "display": "inline-block", "verticalAlign": "middle"})], style={"marginTop": "8px"}),
-                    html.Div(["compare with: ", dcc.Dropdown(id=ids.COMPARE_SELECT, options=[{"label": n, "value": n} for n in names], value=None, clearable=True, placeholder="(none: one run)", style={"width": "400px", "display": "inline-block", "verticalAlign": "middle"})], style={"marginTop": "4px"}),
+                    html.Div(["run: ", dcc.Dropdown(id=ids.RUN_SELECT, options=[{"label": n, "value": n} for n in names], value=names[0] if names else None, clearable=False, style=_inline("400px"))], style={"marginTop": "8px"}),
+                    html.Div(["compare with: ", dcc.Dropdown(id=ids.COMPARE_SELECT, options=[{"label": n, "value": n} for n in names], value=None, clearable=True, placeholder="(none: one run)", style=_inline("400px"))], style={"marginTop": "4px"}),
                     html.Div(id=ids.RUN_INFO, style={"fontSize": "90%", "marginTop": "4px"}, children="" if names else f"no runs in {state.catalog.runs_dir.name}/ yet: write one with `attnlab scan --out`"),
                 ],
-                style=_SECTION,
-                id=ids.RUNS_VIEW,
             ),
-            html.Div(
+            _section(
+                "Head map",
+                ids.HEAD_VIEW,
                 [
-                    html.H3("Head map"),
-                    html.Div(["score: ", dcc.Dropdown(id=ids.HEAD_RESULT, clearable=False, style={"width": "400px", "display": "inline-block", "verticalAlign": "middle"})]),
+                    html.Div(["score: ", dcc.Dropdown(id=ids.HEAD_RESULT, clearable=False, style=_inline("400px"))]),
                     dcc.Graph(id=ids.HEAD_MAP, config={"displaylogo": False}),
                     html.Div(id=ids.HEAD_LABEL, children="no head selected (click a cell)"),
                     html.Div(id=ids.HEAD_STATUS, style=_STATUS),
                 ],
-                style=_SECTION,
-                id=ids.HEAD_VIEW,
             ),
-            html.Div(
+            _section(
+                "Attention pattern",
+                ids.PATTERN_VIEW,
                 [
-                    html.H3("Attention pattern"),
                     html.Div(
                         [
                             "prompt: ",
-                            dcc.Dropdown(id=ids.PROMPT_SELECT, clearable=False, style={"width": "250px", "display": "inline-block", "verticalAlign": "middle"}),
+                            dcc.Dropdown(id=ids.PROMPT_SELECT, clearable=False, style=_inline("250px")),
                             " queries from ",
                             dcc.Input(id=ids.WINDOW_START, type="number", min=0, value=0, debounce=True, style={"width": "80px"}),
                             " count ",
@@ -81,26 +91,24 @@ def build_layout(state: AppState) -> html.Div:
                     dcc.Loading(dcc.Graph(id=ids.PATTERN, config={"displaylogo": False}, style={"height": "650px"}), id=ids.PATTERN_LOADING, type="default"),
                     html.Div(id=ids.PATTERN_STATUS, style=_STATUS),
                 ],
-                style=_SECTION,
-                id=ids.PATTERN_VIEW,
             ),
-            html.Div(
+            _section(
+                "Tokens",
+                ids.TOKENS_VIEW,
                 [
-                    html.H3("Tokens"),
-                    html.Div(["token score: ", dcc.Dropdown(id=ids.TOKEN_RESULT, clearable=False, style={"width": "400px", "display": "inline-block", "verticalAlign": "middle"})]),
+                    html.Div(["token score: ", dcc.Dropdown(id=ids.TOKEN_RESULT, clearable=False, style=_inline("400px"))]),
                     dcc.Graph(id=ids.TOKEN_STRIP, config={"displaylogo": False}),
                     html.Div(id=ids.TOKEN_STATUS, style=_STATUS),
                 ],
-                style=_SECTION,
-                id=ids.TOKENS_VIEW,
             ),
-            html.Div(
+            _section(
+                "Vision",
+                ids.VISION_VIEW,
                 [
-                    html.H3("Vision"),
                     html.Div(
                         [
                             "image: ",
-                            dcc.Dropdown(id=ids.VISION_SOURCE, clearable=False, style={"width": "250px", "display": "inline-block", "verticalAlign": "middle"}),
+                            dcc.Dropdown(id=ids.VISION_SOURCE, clearable=False, style=_inline("250px")),
                             dcc.Upload(html.Button("upload an image"), id=ids.VISION_UPLOAD, max_size=MAX_UPLOAD_BYTES, accept="image/*", multiple=False, style={"display": "inline-block", "marginLeft": "12px"}),
                             html.Span(" computing…", id=ids.VISION_BUSY, style={"display": "none", "color": "#06c"}),
                         ]
@@ -110,13 +118,13 @@ def build_layout(state: AppState) -> html.Div:
                     dcc.Graph(id=ids.VISION_FIGURE, config={"displaylogo": False}, style={"height": "520px"}),
                     html.Div(id=ids.VISION_STATUS, style=_STATUS),
                 ],
-                style={**_SECTION, "display": "none"},
-                id=ids.VISION_VIEW,
+                hidden=True,
             ),
             interventions_view(state),
-            html.Div(
+            _section(
+                "Ablation scoring",
+                ids.ABLATION_VIEW,
                 [
-                    html.H3("Ablation scoring"),
                     html.Div(
                         [
                             dcc.RadioItems(id=ids.ABL_SOURCE, options=[{"label": " selected head", "value": "selected"}, {"label": " top-k of the head score", "value": "top"}], value="top", inline=True, style={"display": "inline-block"}, inputStyle={"marginLeft": "8px"}),
@@ -125,7 +133,7 @@ def build_layout(state: AppState) -> html.Div:
                             " random seeds ",
                             dcc.Input(id=ids.ABL_SEEDS, type="number", min=1, max=MAX_SEEDS, value=3, style={"width": "60px"}),
                             " metric: ",
-                            dcc.Dropdown(id=ids.ABL_METRIC, clearable=False, style={"width": "260px", "display": "inline-block", "verticalAlign": "middle"}),
+                            dcc.Dropdown(id=ids.ABL_METRIC, clearable=False, style=_inline("260px")),
                             html.Button("run ablation", id=ids.ABL_RUN, n_clicks=0, style={"marginLeft": "12px"}),
                             html.Span(" running…", id=ids.ABL_BUSY, style={"display": "none", "color": "#06c"}),
                         ]
@@ -134,8 +142,6 @@ def build_layout(state: AppState) -> html.Div:
                     html.Div(id=ids.ABL_TABLE, style={"fontSize": "90%"}),
                     html.Div(id=ids.ABL_STATUS, style=_STATUS),
                 ],
-                style=_SECTION,
-                id=ids.ABLATION_VIEW,
             ),
         ],
     )
@@ -146,13 +152,14 @@ def interventions_view(state: AppState) -> html.Div:
     load), k=v parameters, prompt, expected answer."""
     options = method_options(state.catalog)
     first = options[0]["value"] if options else None
-    return html.Div(
+    return _section(
+        "Interventions",
+        ids.IV_VIEW,
         [
-            html.H3("Interventions"),
             html.Div(
                 [
                     "method: ",
-                    dcc.Dropdown(id=ids.IV_METHOD, options=options, value=first, clearable=False, style={"width": "320px", "display": "inline-block", "verticalAlign": "middle"}),
+                    dcc.Dropdown(id=ids.IV_METHOD, options=options, value=first, clearable=False, style=_inline("320px")),
                     " parameters (k=v, space-separated): ",
                     dcc.Input(id=ids.IV_PARAMS, type="text", value=DEFAULT_PARAMS.get(first, ""), maxLength=MAX_PARAMS_CHARS, placeholder="e.g. beta=0.4 heads=[[3,0],[3,1]]", style={"width": "380px"}),
                 ]
@@ -171,6 +178,4 @@ def interventions_view(state: AppState) -> html.Div:
             dcc.Graph(id=ids.IV_FIGURE, config={"displaylogo": False}, style={"height": "600px"}),
             html.Div(id=ids.IV_STATUS, style=_STATUS),
         ],
-        style=_SECTION,
-        id=ids.IV_VIEW,
     )

@@ -92,18 +92,23 @@ def _shots(raw: str | None, default: int, spec: str) -> int:
     return int(raw)
 
 
+def _task_split_shots(spec: str, parts: list[str], kind: str, what: str, names: list[str], *, default_shots: int) -> tuple[str, str, list[str], int]:
+    """``KIND:TASK:SPLIT[:SHOTS]`` -> (task, split, tasks, shots); TASK ``all`` means every name; one-line errors."""
+    if len(parts) not in (3, 4):
+        raise AttnlabError(f"bad data spec {spec!r}: expected {kind}:TASK:SPLIT[:SHOTS]")
+    task, split = parts[1], parts[2]
+    tasks = list(names) if task == "all" else [task]
+    if any(t not in names for t in tasks):
+        raise AttnlabError(f"bad data spec {spec!r}: {what} must be one of {', '.join(names)} or all")
+    if split not in ("train", "valid", "test"):
+        raise AttnlabError(f"bad data spec {spec!r}: split must be train, valid or test")
+    return task, split, tasks, _shots(parts[3] if len(parts) == 4 else None, default_shots, spec)
+
+
 def _classify(spec: str, parts: list[str], n: int, seed: int) -> EvalSet:
     from attnlab.datasets import classification as C
 
-    if len(parts) not in (3, 4):
-        raise AttnlabError(f"bad data spec {spec!r}: expected classify:TASK:SPLIT[:SHOTS]")
-    task, split = parts[1], parts[2]
-    tasks = list(C.LABELS) if task == "all" else [task]
-    if any(t not in C.LABELS for t in tasks):
-        raise AttnlabError(f"bad data spec {spec!r}: classification task must be one of {', '.join(C.LABELS)} or all")
-    if split not in ("train", "valid", "test"):
-        raise AttnlabError(f"bad data spec {spec!r}: split must be train, valid or test")
-    k = _shots(parts[3] if len(parts) == 4 else None, 0, spec)
+    task, split, tasks, k = _task_split_shots(spec, parts, "classify", "classification task", list(C.LABELS), default_shots=0)
     items = [p for t in tasks for p in C.build_eval_prompts(t, k, n, split=split, seed=seed)]
     return EvalSet(f"classify:{task}:{split}:{k}", "label", items, [p.prompt.rsplit("Text: ", 1)[-1] for p in items])
 
@@ -111,15 +116,7 @@ def _classify(spec: str, parts: list[str], n: int, seed: int) -> EvalSet:
 def _icl(spec: str, parts: list[str], n: int, seed: int) -> EvalSet:
     from attnlab.datasets import icl
 
-    if len(parts) not in (3, 4):
-        raise AttnlabError(f"bad data spec {spec!r}: expected icl:TASK:SPLIT[:SHOTS]")
-    task, split = parts[1], parts[2]
-    tasks = list(icl.TASK_NAMES) if task == "all" else [task]
-    if any(t not in icl.TASKS for t in tasks):
-        raise AttnlabError(f"bad data spec {spec!r}: ICL task must be one of {', '.join(icl.TASK_NAMES)} or all")
-    if split not in icl.SPLITS:
-        raise AttnlabError(f"bad data spec {spec!r}: split must be train, valid or test")
-    k = _shots(parts[3] if len(parts) == 4 else None, 5, spec)
+    task, split, tasks, k = _task_split_shots(spec, parts, "icl", "ICL task", list(icl.TASK_NAMES), default_shots=5)
     if k > icl.MAX_SHOTS:
         raise AttnlabError(f"bad data spec {spec!r}: at most {icl.MAX_SHOTS} shots")
     items = []

@@ -151,3 +151,30 @@ def test_cli_bad_inputs_exit_2_with_one_line(checkpoint_dir, tmp_path, capsys, e
     assert rc == 2, err
     lines = [line for line in err.strip().splitlines() if line.startswith("attnlab:")]  # (the loader may draw a progress bar)
     assert lines == [err.strip().splitlines()[-1]] and lines[0].startswith("attnlab: error:") and needle in lines[0]
+
+
+def test_cli_vision_interventions_on_pope_questions(checkpoint_dir, tmp_path, capsys):
+    """`pope:SPLIT[:SEED]` gives VLM yes/no questions with their images, so `intervene --method vhr|var` runs from
+    the command line; the same scenes as fit and eval data are refused; a text model says it takes no images."""
+    from attnlab.interventions.evaluate import load_data
+
+    a, b = load_data("pope:random:1", n=6), load_data("pope:random:2", n=6)
+    assert a.kind == "label" and len(a) == 6 and all(it.image is not None and "<image>" in it.prompt for it in a.items)
+    assert {it.label for it in a.items} == {"yes", "no"}
+    assert not set(a.prompts) & set(b.prompts)  # the same question text about other scenes is another item
+    llava = str(checkpoint_dir / "llava")
+    for method, params in (("vhr", ["--param", "alpha=2"]), ("var", ["--param", "p=0.4", "--param", "tau=0.5"])):
+        out = tmp_path / method
+        rc = main(["intervene", "--model", llava, "--method", method, "--fit", "pope:random:1", "--eval", "pope:adversarial:2", "--n", "6", "--n-boot", "100", "--out", str(out), *params])
+        printed = capsys.readouterr().out
+        assert rc == 0, printed
+        report = json.loads((out / "report.json").read_text())
+        assert report["fit_split"]["name"] == "pope:random:1" and report["eval_split"] == {**report["eval_split"], "name": "pope:adversarial:2", "n": 6}
+        assert [r["metric"] for r in report["metrics"]] == ["accuracy"]
+    rc = main(["intervene", "--model", llava, "--method", "vhr", "--fit", "pope:random:1", "--eval", "pope:random:1", "--n", "6", "--out", str(tmp_path / "same")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "overlap" in err and len(err.strip().splitlines()) == 1
+    rc = main(["intervene", "--model", str(checkpoint_dir / "gpt2"), "--method", "act", "--param", "beta=1", "--eval", "pope:random:3", "--n", "4", "--out", str(tmp_path / "text")])
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("attnlab:")]  # (transformers' loading bar also writes to stderr)
+    assert rc == 2 and len(ours) == 1 and "takes no images" in ours[0] and "Traceback" not in err

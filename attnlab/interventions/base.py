@@ -48,6 +48,7 @@ class LabeledPrompt:
     prompt: str
     label: str | None
     labels: tuple[str, ...]
+    image: Any = None  # PIL image of a VLM prompt (its text holds the image placeholder)
 
 
 def as_labeled(items: Sequence[Any]) -> list[LabeledPrompt]:
@@ -58,7 +59,7 @@ def as_labeled(items: Sequence[Any]) -> list[LabeledPrompt]:
         prompt, labels = get("prompt"), get("labels")
         if prompt is None or not labels:
             raise TypeError(f"a labelled prompt needs 'prompt' and 'labels', got {it!r}")
-        out.append(LabeledPrompt(str(prompt), get("label"), tuple(labels)))
+        out.append(LabeledPrompt(str(prompt), get("label"), tuple(labels), get("image")))
     return out
 
 
@@ -78,7 +79,8 @@ def label_logits(model, items: Sequence[LabeledPrompt], *, batch_size: int = 32)
     ids_cache: dict[tuple[str, ...], list[int]] = {}
     for s in range(0, len(items), batch_size):
         chunk = items[s : s + batch_size]
-        batch = model.encode([it.prompt for it in chunk], padding_side="right")
+        images = [it.image for it in chunk] if any(it.image is not None for it in chunk) else None
+        batch = model.encode([it.prompt for it in chunk], images=images, padding_side="right")
         logits = model.forward(batch)
         last = batch.lengths.to(logits.device) - 1
         final = logits[torch.arange(len(chunk), device=logits.device), last].float().cpu()

@@ -22,6 +22,9 @@ Data specs (``load_data``; what ``attnlab intervene --fit/--eval`` accepts)::
     classify:TASK:SPLIT[:SHOTS]   TASK sentiment | topic | all; SPLIT train | valid | test; SHOTS default 0
     icl:TASK:SPLIT[:SHOTS]        TASK an attnlab.datasets.icl task | all; SHOTS default 5 (0-10)
     PATH[:SHOTS]                  function-vectors JSON file [{"input": x, "output": y}, ...]; SHOTS default 0
+    pope:SPLIT[:SEED]             VLMs: POPE-style yes/no questions about shape scenes (attnlab.datasets.shapes),
+                                  SPLIT random | popular | adversarial, each with its rendered image; SEED draws
+                                  the scenes (default: the run's seed), so fit and eval need different seeds
 
 ``n`` items per task (the whole file for a path, up to ``n`` when given) drawn with ``seed``. ICL and file
 items are generation tasks in the ``Q: x\\nA:`` format (demonstrations of a file item come from the other
@@ -67,6 +70,27 @@ class GenerationPrompt:
     task: str = ""
 
 
+@dataclass(frozen=True)
+class ImageQuestion:
+    """A label-scored VLM item: ``prompt`` holds the image placeholder, ``image`` is its PIL image.
+
+    ``negative`` is the POPE negative type of an absent-object question (``cooccur`` for an absent partner of a
+    present object: the hallucination case), ``""`` otherwise."""
+
+    prompt: str
+    label: str
+    labels: tuple[str, ...]
+    image: Any
+    negative: str = ""
+
+    @property
+    def key(self) -> str:
+        """The prompt's identity for fit/test hygiene: its text plus a digest of the image's pixels."""
+        from attnlab.interventions.vhr import VisualPrompt
+
+        return VisualPrompt(self.prompt, self.image).key
+
+
 @dataclass
 class EvalSet:
     """Items of one split with the spec that made them; ``kind`` says how they are scored."""
@@ -81,7 +105,8 @@ class EvalSet:
 
     @property
     def prompts(self) -> list[str]:
-        return [it.prompt for it in self.items]
+        """Item identities: the prompt text, plus the image digest for image questions."""
+        return [getattr(it, "key", it.prompt) for it in self.items]
 
 
 def _shots(raw: str | None, default: int, spec: str) -> int:
@@ -125,6 +150,21 @@ def _icl(spec: str, parts: list[str], n: int, seed: int) -> EvalSet:
         labels = tuple(sorted({p.answer for p in ps}))
         items += [GenerationPrompt(p.prompt, p.answer, labels, p.prompt.rsplit("Q: ", 1)[-1][: -len("\nA:")], t) for p in ps]
     return EvalSet(f"icl:{task}:{split}:{k}", "generation", items, [it.query for it in items])
+
+
+def _pope(spec: str, parts: list[str], n: int, seed: int) -> EvalSet:
+    from attnlab.datasets import SHAPE_TEMPLATE
+    from attnlab.datasets.shapes import POPE_SPLITS, pope_questions, render_scene
+
+    if len(parts) not in (2, 3) or parts[1] not in POPE_SPLITS:
+        raise AttnlabError(f"bad data spec {spec!r}: expected pope:SPLIT[:SEED] with SPLIT one of {', '.join(POPE_SPLITS)}")
+    if len(parts) == 3 and not parts[2].isdigit():
+        raise AttnlabError(f"bad data spec {spec!r}: SEED must be a non-negative integer")
+    split, scene_seed = parts[1], int(parts[2]) if len(parts) == 3 else seed
+    pairs = pope_questions(split, n_scenes=n // 2 + 1, seed=scene_seed)[:n]  # up to 6 questions a scene
+    images = {}
+    items = [ImageQuestion(SHAPE_TEMPLATE.format(question=q.text), q.answer, ("yes", "no"), images.setdefault(id(s), render_scene(s)), q.negative) for s, q in pairs]
+    return EvalSet(f"pope:{split}:{scene_seed}", "label", items, [it.key for it in items])
 
 
 def read_function_vectors(path: str | Path) -> list[tuple[str, str]]:
@@ -173,11 +213,13 @@ def load_data(spec: str, *, n: int = 32, seed: int = 0) -> EvalSet:
         return _classify(spec, parts, n, seed)
     if parts[0] == "icl":
         return _icl(spec, parts, n, seed)
+    if parts[0] == "pope":
+        return _pope(spec, parts, n, seed)
     path, k = Path(spec), 0
     if not path.is_file() and len(parts) > 1 and parts[-1].isdigit():
         path, k = Path(spec.rsplit(":", 1)[0]), int(parts[-1])
     if not path.is_file():
-        raise AttnlabError(f"data {spec!r} is neither classify:TASK:SPLIT[:SHOTS], icl:TASK:SPLIT[:SHOTS] nor an existing function-vectors JSON file")
+        raise AttnlabError(f"data {spec!r} is neither classify:TASK:SPLIT[:SHOTS], icl:TASK:SPLIT[:SHOTS], pope:SPLIT[:SEED] nor an existing function-vectors JSON file")
     return _file(spec, path, k, n, seed)
 
 

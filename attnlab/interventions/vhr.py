@@ -70,6 +70,8 @@ def as_visual(items: Sequence[Any]) -> list[VisualPrompt]:
             out.append(VisualPrompt(str(it.get("text", it.get("prompt"))), it["image"]))
         elif isinstance(it, (tuple, list)) and len(it) == 2:
             out.append(VisualPrompt(str(it[0]), it[1]))
+        elif getattr(it, "image", None) is not None and hasattr(it, "prompt"):  # e.g. an evaluate.ImageQuestion
+            out.append(VisualPrompt(str(it.prompt), it.image))
         else:
             raise TypeError(f"a vision fit item is a VisualPrompt, (text, image) or a dict with text and image; got {it!r}")
     return out

@@ -10,8 +10,8 @@ Llama-3.2-1B-shaped model (16 layers x 32 heads, 8 KV heads, d_model 2048; built
 
 Every trial runs in the same process, one after another; each figure is the median over ``--trials`` NIAH
 trials (different depths) of the wall time and of the peak memory *above the loaded model* during that trial
-(CUDA: ``torch.cuda.max_memory_allocated``; CPU: growth of the process's peak RSS, which only ever rises, so
-the CPU memory figures are rough). The eager baseline is skipped above ``--eager-max`` tokens and stops at its
+(CUDA: ``torch.cuda.max_memory_allocated``; CPU: the resident set size sampled every 2 ms, above its value at
+the trial's start; see ``Meter``). The eager baseline is skipped above ``--eager-max`` tokens and stops at its
 first out-of-memory error (reported). Where it runs, the retrieval scores of the fused scan and the eager scan
 must be identical (the random model answers nothing right, so the ROUGE gate is switched off and every trial is
 scored) and the argmax key of every answer-query row is compared too. Prints one JSON line per length.
@@ -24,6 +24,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,17 +35,55 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation_speed import SHAPES, build_random_model  # noqa: E402
 
 
+def _rss_bytes() -> int | None:
+    """The process's current resident set size (Linux ``/proc/self/statm``), or None where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _RssSampler(threading.Thread):
+    """Polls the current RSS every ``interval`` seconds and keeps the largest value seen."""
+
+    def __init__(self, interval: float = 0.002):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._stop_event = interval, _rss_bytes() or 0, threading.Event()
+
+    def run(self):
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, _rss_bytes() or 0)
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, _rss_bytes() or 0)
+
+
 class Meter:
-    """Wall time and peak memory of one block of work (CUDA allocator peak, or CPU peak-RSS growth)."""
+    """Wall time and peak memory of one block of work.
+
+    CUDA: allocator peak above the memory allocated at the start. CPU: the largest resident set size sampled every
+    2 ms during the block, above the RSS at its start (tensors this large are mapped and unmapped one by one, so
+    the RSS follows them; a peak shorter than the sampling interval can be missed). Falls back to peak-RSS growth
+    (``ru_maxrss``, which only ever rises) where ``/proc`` is absent.
+    """
 
     def __init__(self, device: str):
         self.device = device
 
     def __enter__(self):
+        self.sampler = None
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
+        elif _rss_bytes() is not None:
+            self.base = _rss_bytes()
+            self.sampler = _RssSampler()
+            self.sampler.start()
         else:
             self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.t0 = time.perf_counter()
@@ -54,6 +93,8 @@ class Meter:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
+        elif self.sampler is not None:
+            peak = self.sampler.stop()
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.seconds = time.perf_counter() - self.t0
@@ -117,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", choices=["each", "first"], default="each", help="unmeasured warm-up trial before each length's trials, or only before the first length's (saves a long forward on a slow CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -131,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         model = attnlab.load(name, device=args.device, dtype=args.dtype)
-        eager_ok = True
+        eager_ok, warmed = True, False
         for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
             depths = np.linspace(10, 90, args.trials).tolist()
             full = niah_prompt_set(model, lengths=[length], depths=depths, seed=args.seed)
@@ -139,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             diffs, argmax_agree, eager_error = [], [], None
             for i in range(len(full)):
                 one = full.subset([i]) if hasattr(full, "subset") else _subset(full, i)
-                if i == 0:  # warm-up, not measured: first-call costs (kernels, allocator growth) would land on 'plain'
+                if i == 0 and (args.warmup == "each" or not warmed):  # warm-up, not measured: first-call costs (kernels, allocator growth) would land on 'plain'
+                    warmed = True
                     plain_trial(model, one, args.device)
                     scan_trial(model, one, "fused", args.device)
                 rows["plain"].append(plain_trial(model, one, args.device))

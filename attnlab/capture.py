@@ -13,6 +13,11 @@ Sites a handler can listen on (``Capture.on(site, fn)``):
 - ``"z"``: per-head attention output before the output projection ``[batch, seq, n_heads, d_head]``.
 - ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``, ``"mlp_out"``: ``[batch, seq, d_model]``.
 - ``"batch_end"``: ``fn(batch, logits)`` after each forward pass, for reducers that finish per-batch statistics.
+  A handler that reads the logits at a few positions only says which (``logits=selector``, or ``logits=None`` for
+  none); when every handler does and the model's forward takes ``logits_to_keep``, the unembedding runs only at
+  those positions and ``logits`` is a ``KeptLogits`` indexed by absolute position like the full tensor. At long
+  context this saves the ``[batch, seq, vocab]`` logits, the largest tensor of the forward pass (8 GB at 16k
+  tokens for a 128k vocabulary in float32).
 
 Handlers return nothing (observe only). At most one layer's attention pattern is alive at a time.
 
@@ -26,6 +31,7 @@ that function calls PyTorch's SDPA for the output and hands q/k to the row reduc
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal
 
@@ -40,6 +46,7 @@ SITES = ATTENTION_SITES + RESID_SITES + ("batch_end",)
 FUSED_IMPL = "attnlab_fused"
 
 QuerySelector = Callable[[Batch], torch.Tensor]
+ALL = "all"  # a batch_end handler's default: it may read the logits at any position
 
 
 @dataclass
@@ -48,6 +55,7 @@ class _Handler:
     fn: Callable
     layers: frozenset[int] | None
     queries: QuerySelector | None = None
+    logits: QuerySelector | str | None = ALL
 
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
@@ -78,13 +86,19 @@ class Capture:
     handlers: list[_Handler] = field(default_factory=list)
     last_path: str = ""
 
-    def on(self, site: str, fn: Callable, *, layers: Iterable[int] | None = None, queries: QuerySelector | None = None) -> "Capture":
-        """Register ``fn`` on ``site`` (optionally only some layers; ``queries`` picks query rows for ``"rows"``)."""
+    def on(self, site: str, fn: Callable, *, layers: Iterable[int] | None = None, queries: QuerySelector | None = None, logits: QuerySelector | str | None = ALL) -> "Capture":
+        """Register ``fn`` on ``site`` (optionally only some layers; ``queries`` picks query rows for ``"rows"``).
+
+        ``logits`` (``"batch_end"`` only): the positions whose logits ``fn`` reads — ``"all"`` (default), a
+        selector ``batch -> positions`` (absolute, shared by the batch's rows) or None (``fn`` ignores them).
+        """
         if site not in SITES:
             raise ValueError(f"unknown capture site {site!r}; expected one of {SITES}")
         if queries is not None and site != "rows":
             raise ValueError("queries= applies to the 'rows' site only")
-        self.handlers.append(_Handler(site, fn, frozenset(layers) if layers is not None else None, queries))
+        if logits is not ALL and site != "batch_end":
+            raise ValueError("logits= applies to the 'batch_end' site only")
+        self.handlers.append(_Handler(site, fn, frozenset(layers) if layers is not None else None, queries, logits))
         return self
 
     # ---- running ---------------------------------------------------------------------------------------------
@@ -96,10 +110,16 @@ class Capture:
         it = tqdm(batches, total=total, desc=desc, disable=not self.progress, leave=False)
         with torch.inference_mode():
             for batch in it:
-                self.run_batch(batch)
+                self.run_batch(batch, logit_positions=None)
 
-    def run_batch(self, batch: Batch):
-        """One forward pass of ``batch`` with all handlers attached; returns the logits."""
+    def run_batch(self, batch: Batch, *, logit_positions: torch.Tensor | str | None = ALL):
+        """One forward pass of ``batch`` with all handlers attached; returns the logits.
+
+        ``logit_positions``: the positions the caller reads from the returned logits (absolute; ``"all"``, the
+        default, or None when the caller ignores them, as ``run`` does).
+        When neither the caller nor any ``batch_end`` handler needs every position and the model supports it,
+        only the needed positions are unembedded and a ``KeptLogits`` is returned (see the module docstring).
+        """
         batch = batch.to(self.model.device)
         path = self._choose_path(batch)
         self.last_path = path
@@ -109,17 +129,35 @@ class Capture:
             ctx = contextlib.nullcontext()
         else:
             ctx = _fused_attention(self.model, self, batch)
+        kept = self._kept_positions(batch, logit_positions)
+        extra = {"pixel_values": batch.pixel_values.to(self.model.torch_dtype)} if batch.pixel_values is not None else {}
+        if kept is not None:
+            extra["logits_to_keep"] = kept
         with ctx:
-            logits = self.model.bridge.run_with_hooks(
-                batch.input_ids,
-                attention_mask=batch.attention_mask,
-                fwd_hooks=hooks,
-                **({"pixel_values": batch.pixel_values.to(self.model.torch_dtype)} if batch.pixel_values is not None else {}),
-            )
+            logits = self.model.bridge.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hooks, **extra)
+        if kept is not None:
+            logits = KeptLogits(logits, kept, batch.seq_len)
         for h in self.handlers:
             if h.site == "batch_end":
                 h.fn(batch, logits)
         return logits
+
+    def _kept_positions(self, batch: Batch, caller) -> torch.Tensor | None:
+        """Sorted positions to unembed, or None for all (someone reads every position, or the model can't keep).
+
+        When nobody reads any logits, the last position alone is kept (the cheapest valid request).
+        """
+        wanted = [h.logits for h in self.handlers if h.site == "batch_end" and h.logits is not None]
+        if caller is not None:
+            wanted.append(caller if isinstance(caller, str) else (lambda b: caller))
+        if any(isinstance(w, str) for w in wanted) or not accepts_logits_to_keep(self.model):
+            return None
+        parts = [torch.as_tensor(w(batch)).flatten().to(torch.long).cpu() for w in wanted] or [torch.tensor([batch.seq_len - 1])]
+        pos = torch.cat(parts)
+        pos = torch.where(pos < 0, pos + batch.seq_len, pos)
+        if pos.numel() == 0:
+            pos = torch.tensor([batch.seq_len - 1])
+        return torch.unique(pos).to(self.model.device)  # sorted
 
     def _choose_path(self, batch: Batch) -> str:
         needs_pattern = any(h.site == "pattern" for h in self.handlers)
@@ -215,6 +253,38 @@ class Capture:
         for h in self.handlers:
             if h.site == "z" and h.wants(layer):
                 h.fn(layer, z, batch)
+
+
+class KeptLogits:
+    """Logits computed only at some positions, indexed like the full ``[batch, seq, vocab]`` tensor.
+
+    ``logits[b, positions]`` (absolute positions, negative ones counted from the end; an int or a 1-D tensor)
+    returns the kept rows; a position that was not kept raises ``IndexError``.
+    """
+
+    def __init__(self, values: torch.Tensor, positions: torch.Tensor, seq_len: int):
+        self.values, self.positions, self.seq_len = values, positions, seq_len
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def __getitem__(self, index):
+        b, pos = index
+        scalar = isinstance(pos, int)
+        pos = torch.as_tensor(pos, device=self.positions.device).flatten().to(torch.long)
+        pos = torch.where(pos < 0, pos + self.seq_len, pos)
+        idx = torch.searchsorted(self.positions, pos).clamp(max=len(self.positions) - 1)
+        if not torch.equal(self.positions[idx], pos):
+            raise IndexError(f"logits were kept only at positions {self.positions.tolist()}")
+        rows = self.values[b, idx.to(self.values.device)]
+        return rows[0] if scalar else rows
+
+
+def accepts_logits_to_keep(model: LoadedModel) -> bool:
+    """Whether the HF model's forward takes ``logits_to_keep`` (causal LMs and LLaVA in transformers 5; not BERT)."""
+    hf = getattr(model.bridge, "original_model", None)
+    return hf is not None and "logits_to_keep" in inspect.signature(hf.forward).parameters
 
 
 def _observer(fn, layer, batch):

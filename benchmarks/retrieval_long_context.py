@@ -136,14 +136,19 @@ def scan_trial(model, prompt_set, attention: str, device: str):
 
 
 def plain_trial(model, prompt_set, device: str):
-    """A plain forward (fused SDPA attention, no hooks, no capture) of the same tokens."""
+    """A plain forward (fused SDPA attention, no hooks, no capture) of the same tokens.
+
+    Logits at the last position only, as ``generate``'s prefill computes them (``logits_to_keep=1``): the full
+    ``[seq, vocab]`` logits would be the largest tensor of the pass (8 GB at 16k tokens in float32) and are not
+    part of a forward's cost that a scan should be compared with. The scan unembeds only the answer steps.
+    """
     from attnlab.capture import Capture
     from attnlab.probes.scan import _batches
 
     (batch,) = _batches(model, prompt_set, 1, False)
     capture = Capture(model, attention="fused", progress=False)  # no handlers: only the SDPA swap
     with torch.no_grad(), Meter(device) as m:
-        capture.run_batch(batch)
+        capture.run_batch(batch, logit_positions=None)
     return m
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.capture import Capture, attention_rows
+from attnlab.capture import Capture, KeptLogits, attention_rows
 from conftest import ALL_ARCHS, SHORT_SENTENCES
 
 
@@ -111,3 +111,42 @@ def test_left_padding_gives_the_same_scores_as_unpadded(loaded):
     with torch.no_grad():
         cap.run_batch(m.batch_from_ids(ids, [0, 1], padding_side="left"))
     assert abs(probe.results(ProbeContext(model=m))[0].scores - single["first_token_sink"].scores).max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llava"])
+def test_kept_logits_equal_the_full_logits_at_the_kept_positions(loaded, name):
+    m = loaded(name)
+    batch = _batch(m)
+    with torch.no_grad():
+        full = Capture(m, progress=False).run_batch(batch)
+        kept = Capture(m, progress=False).run_batch(batch, logit_positions=torch.tensor([1, -1]))
+    assert isinstance(kept, KeptLogits) and kept.values.shape[:2] == (batch.size, 2)
+    last = batch.seq_len - 1
+    assert torch.allclose(kept[0, torch.tensor([1, last])], full[0, [1, last]], atol=1e-5)
+    assert torch.allclose(kept[1, -1], full[1, -1], atol=1e-5)
+    with pytest.raises(IndexError, match="kept only at positions"):
+        kept[0, 2]
+
+
+def test_batch_end_handlers_decide_which_logits_are_computed(loaded):
+    m = loaded("llama-gqa")
+    batch = _batch(m)
+    seen = []
+    c = Capture(m, progress=False).on("batch_end", lambda b, lg: seen.append(lg), logits=lambda b: torch.tensor([3]))
+    c.on("batch_end", lambda b, lg: None, logits=None)  # reads none: adds nothing
+    with torch.no_grad():
+        c.run(iter([batch]))
+        assert isinstance(seen[-1], KeptLogits) and seen[-1].positions.tolist() == [3]
+        c.on("batch_end", lambda b, lg: None)  # a handler that may read any position forces the full logits
+        c.run(iter([batch]))
+    assert torch.is_tensor(seen[-1]) and seen[-1].shape[1] == batch.seq_len
+    with pytest.raises(ValueError, match="batch_end"):
+        c.on("z", lambda *a: None, logits=None)
+
+
+def test_models_without_logits_to_keep_get_full_logits(loaded):
+    m = loaded("bert")
+    batch = _batch(m)
+    with torch.no_grad():
+        out = Capture(m, progress=False).run_batch(batch, logit_positions=torch.tensor([1]))
+    assert torch.is_tensor(out) and out.shape[1] == batch.seq_len

@@ -267,6 +267,19 @@ def test_organism_lm_has_retrieval_heads(organism, tmp_path):
     # the fused long-context path (rows recomputed only for the answer queries) gives the same scores
     fused = attnlab.scan(organism, [RetrievalHeads()], ps, batch_size=3, attention="fused", progress=False)
     assert np.array_equal(fused["retrieval_heads"].scores, h.scores)
+    # the correctness gate reads the logits of the answer steps only, and only those are unembedded: the trials
+    # are the same as with the full logits (forced here by a handler that may read every position)
+    from attnlab.capture import Capture
+    from attnlab.probes.base import ProbeContext
+    from attnlab.probes.scan import _batches
+
+    probe, cap = RetrievalHeads(), Capture(organism, progress=False)
+    ctx = ProbeContext(model=organism, dataset="niah", n_prompts=len(ps), meta=list(ps.meta))
+    probe.attach(cap, ctx)
+    cap.on("batch_end", lambda b, logits: None)
+    cap.run(_batches(organism, ps, 3, False))
+    (full,) = probe.results(ctx)
+    assert full.summary["trials"] == h.summary["trials"] and np.array_equal(full.scores, h.scores)
     # saved with its trial scores, exportable to the reference JSON
     loaded = HeadScores.load(tmp_path / "run", "retrieval_heads")
     write_retrieval_head_json(tmp_path / "ref.json", loaded)

@@ -190,7 +190,7 @@ class LiveModels:
         cap.on("q", lambda layer, x, b: q.__setitem__(layer, x[0].detach().float().cpu().clone()))
         cap.on("k", lambda layer, x, b: k.__setitem__(layer, x[0].detach().float().cpu().clone()))
         with torch.inference_mode():
-            cap.run_batch(batch)
+            cap.run_batch(batch, logit_positions=None)
         self.last_path = cap.last_path  # "eager" or "fused": which forward path produced the cached q/k
         if len(q) != model.n_layers or len(k) != model.n_layers:
             raise AttnlabError(f"could not capture queries and keys of every layer of {model.name}")

@@ -63,7 +63,7 @@ class ActSinks(Probe):
         self._n_prompts = 0
         self._model = m
         capture.on("rows", self._on_rows)
-        capture.on("batch_end", self._on_batch_end)
+        capture.on("batch_end", self._on_batch_end, logits=None)  # reads no logits
 
     def _on_rows(self, layer, rows, q_pos, batch) -> None:
         valid = query_validity(batch, q_pos).float()

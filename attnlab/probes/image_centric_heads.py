@@ -195,7 +195,7 @@ class ImageCentricHeads(Probe):
             capture.on("resid_pre", self._on_resid, layers=resid_layers)
         if self._head_layers:
             capture.on("rows", self._on_rows, layers=self._head_layers, queries=text_after_image)
-        capture.on("batch_end", self._on_batch_end)
+        capture.on("batch_end", self._on_batch_end, logits=None)  # reads no logits
 
     def _anchors(self, batch) -> torch.Tensor:
         """``[b, s]`` bool: each prompt's first real token and its delimiter tokens (never image tokens)."""

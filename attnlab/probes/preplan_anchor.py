@@ -274,7 +274,7 @@ class PreplanAnchor(Probe):
         self._acc: dict[int, dict[str, torch.Tensor]] = {}
         self._prompts: list[dict] = []
         capture.on("rows", self._on_rows, layers=self._sel, queries=self._response_queries)
-        capture.on("batch_end", self._on_batch_end)
+        capture.on("batch_end", self._on_batch_end, logits=None)  # reads no logits
 
     def response_span(self, batch, b: int) -> tuple[int, int]:
         """Absolute ``[start, end)`` of prompt b's response in the padded batch."""

@@ -157,7 +157,7 @@ class RetrievalHeads(Probe):
         self._trials: list[dict] = []
         self._scores: list[np.ndarray] = []
         capture.on("rows", self._on_rows, queries=self._answer_queries)
-        capture.on("batch_end", self._on_batch_end)
+        capture.on("batch_end", self._on_batch_end, logits=self._answer_queries)  # only the answer steps are unembedded
 
     def _steps(self, batch, b: int) -> torch.Tensor:
         """Absolute query positions whose rows predict prompt b's answer tokens."""
@@ -279,7 +279,7 @@ def retrieval_scores_generate(
         jstar, generated = [], []
         with torch.inference_mode():
             for _ in range(max_new_tokens):
-                logits = capture.run_batch(model.batch_from_ids([seq], [p]))
+                logits = capture.run_batch(model.batch_from_ids([seq], [p]), logit_positions=torch.tensor([-1]))
                 nxt = int(logits[0, -1].argmax())
                 jstar.append(torch.stack([rows[l] for l in range(model.n_layers)]).numpy())  # [L, H]
                 generated.append(nxt)

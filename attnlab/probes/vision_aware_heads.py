@@ -130,7 +130,7 @@ class VisionAwareHeads(Probe):
         self._ta: dict[int, np.ndarray] = {}
         self._skipped: list[int] = []
         capture.on("z", self._on_z)
-        capture.on("batch_end", self._on_batch_end)
+        capture.on("batch_end", self._on_batch_end, logits=None)  # reads no logits
 
     def _on_z(self, layer, z, batch) -> None:
         if self.positions == "text":

@@ -30,7 +30,7 @@ class FakeCapture:
     def __init__(self):
         self.handlers = []
 
-    def on(self, site, fn, layers=None, queries=None):
+    def on(self, site, fn, layers=None, queries=None, **kw):
         self.handlers.append((site, fn, layers, queries))
         return self
 

@@ -32,7 +32,7 @@ class FakeCapture:
     def __init__(self):
         self.handlers = []
 
-    def on(self, site, fn, layers=None, queries=None):
+    def on(self, site, fn, layers=None, queries=None, **kw):
         self.handlers.append(SimpleNamespace(site=site, fn=fn, layers=None if layers is None else set(layers), queries=queries))
         return self
 

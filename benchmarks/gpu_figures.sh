@@ -16,6 +16,14 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import sys, torch, transformers, transformer_lens; print(sys.version.split()[0], torch.__version__, transformers.__version__)"
   date -u; } > "$OUT/env.txt" 2>&1
+python3 - <<'PY' || exit 2
+import importlib.util, sys
+need = ["torch", "transformers", "transformer_lens", "datasets", "pyarrow", "accelerate", "einops", "fancy_einsum",
+        "jaxtyping", "beartype", "typeguard", "rich", "sentencepiece", "pandas", "scipy", "safetensors", "tqdm", "PIL"]
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit("missing on this machine (carry their wheels in .whl/): " + " ".join(missing))
+PY
 python3 -c "import attnlab, transformer_lens" 2> "$OUT/import_error.txt" || { tail -3 "$OUT/import_error.txt"; exit 2; }
 
 timeout 280 python3 benchmarks/ablation_speed.py --shape llama-1b --device cuda --dtype bfloat16 --length 256 \

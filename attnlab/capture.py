@@ -148,12 +148,10 @@ class Capture:
         When nobody reads any logits, the last position alone is kept (the cheapest valid request).
         """
         wanted = [h.logits for h in self.handlers if h.site == "batch_end" and h.logits is not None]
-        if caller is not None:
-            wanted.append(caller if isinstance(caller, str) else (lambda b: caller))
-        if any(isinstance(w, str) for w in wanted) or not accepts_logits_to_keep(self.model):
+        if isinstance(caller, str) or any(isinstance(w, str) for w in wanted) or not accepts_logits_to_keep(self.model):
             return None
-        parts = [torch.as_tensor(w(batch)).flatten().to(torch.long).cpu() for w in wanted] or [torch.tensor([batch.seq_len - 1])]
-        pos = torch.cat(parts)
+        parts = [w(batch) for w in wanted] + ([caller] if caller is not None else [])
+        pos = torch.cat([torch.as_tensor(p).flatten().to(torch.long).cpu() for p in parts] + [torch.empty(0, dtype=torch.long)])
         pos = torch.where(pos < 0, pos + batch.seq_len, pos)
         if pos.numel() == 0:
             pos = torch.tensor([batch.seq_len - 1])

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = {"plain": [], "scan": [], "eager": []}
             diffs, argmax_agree, eager_error = [], [], None
             for i in range(len(full)):
-                one = full.subset([i]) if hasattr(full, "subset") else _subset(full, i)
+                one = _subset(full, i)
                 if i == 0 and (args.warmup == "each" or not warmed):  # warm-up, not measured: first-call costs (kernels, allocator growth) would land on 'plain'
                     warmed = True
                     plain_trial(model, one, args.device)

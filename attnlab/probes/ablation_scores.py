@@ -79,6 +79,24 @@ def _repeat(batch: Batch, n: int) -> Batch:
 
 
 @contextlib.contextmanager
+def _replaced_forwards(modules: list[torch.nn.Module], make_forward):
+    """Each module's forward is ``make_forward(module)`` inside the block, restored after it.
+
+    Set as an instance attribute in ``__dict__``: the bridge components' ``__setattr__`` forwards attributes.
+    """
+    saved = [m.__dict__.get("forward") for m in modules]
+    for m in modules:
+        m.__dict__["forward"] = make_forward(m)
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, saved):
+            if old is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = old
+
+
 def _skip_blocks(bridge, upto: int, returns_tuple: bool):
     """Blocks 0..upto-1 become identities (their output is discarded by ``start_at_layer`` anyway)."""
 
@@ -86,18 +104,7 @@ def _skip_blocks(bridge, upto: int, returns_tuple: bool):
         x = args[0] if args else kwargs["hidden_states"]
         return (x,) if returns_tuple else x
 
-    blocks = list(bridge.blocks)[:upto]
-    saved = [b.__dict__.get("forward") for b in blocks]
-    for b in blocks:  # instance attribute, set in __dict__: the component's __setattr__ forwards attributes
-        b.__dict__["forward"] = passthrough
-    try:
-        yield
-    finally:
-        for b, old in zip(blocks, saved):
-            if old is None:
-                b.__dict__.pop("forward", None)
-            else:
-                b.__dict__["forward"] = old
+    return _replaced_forwards(list(bridge.blocks)[:upto], lambda block: passthrough)
 
 
 def _read_positions(metric, batch: Batch) -> torch.Tensor | None:
@@ -143,18 +150,8 @@ def _only_positions(bridge, positions: torch.Tensor | None):
         yield
         return
     targets = [t for t in (getattr(bridge.blocks[len(bridge.blocks) - 1], "mlp", None), getattr(bridge, "unembed", None)) if t is not None]
-    saved = [t.__dict__.get("forward") for t in targets]
-
-    for t in targets:
-        t.__dict__["forward"] = _at_positions(t, positions)
-    try:
+    with _replaced_forwards(targets, lambda t: _at_positions(t, positions)):
         yield
-    finally:
-        for t, old in zip(targets, saved):
-            if old is None:
-                t.__dict__.pop("forward", None)
-            else:
-                t.__dict__["forward"] = old
 
 
 ABLATE_IMPL = "attnlab_ablate"
@@ -311,14 +308,11 @@ def _last_attention_at(original: torch.nn.Module, positions: torch.Tensor | None
     w_o_name = next((n for n in _O_PROJ_NAMES if isinstance(getattr(original, n, None), torch.nn.Module)), None)
     targets = [getattr(original, n) for n in ("q_proj", w_o_name) if n is not None and isinstance(getattr(original, n, None), torch.nn.Module)]
     _QUERY_POSITIONS.append({id(sub): positions for sub in original.modules()})
-    for t in targets:
-        t.__dict__["forward"] = _at_positions(t, positions)
     try:
-        yield
+        with _replaced_forwards(targets, lambda t: _at_positions(t, positions)):
+            yield
     finally:
         _QUERY_POSITIONS.pop()
-        for t in targets:
-            t.__dict__.pop("forward", None)
 
 
 def _clean_attention_forward(model, layer: int, rep: Batch, resid: list[torch.Tensor], attn: dict, abl: HeadAblation, heads_of_rows: torch.Tensor, prompt_of_rows: torch.Tensor, positions: torch.Tensor | None, returns_tuple: bool) -> torch.Tensor:

@@ -11,6 +11,7 @@ Notebook use::
 Heavy dependencies (torch, transformer_lens) load lazily, so ``import attnlab`` is cheap and the
 training scripts run where TransformerLens is not installed.
 """
+
 from __future__ import annotations
 
 import importlib

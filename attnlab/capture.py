@@ -28,12 +28,14 @@ patterns) the engine swaps each bridge attention component for its original HF m
 forward pass and routes it through an attention function registered with ``transformers.AttentionInterface``:
 that function calls PyTorch's SDPA for the output and hands q/k to the row reducers.
 """
+
 from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import torch
 
@@ -86,7 +88,15 @@ class Capture:
     handlers: list[_Handler] = field(default_factory=list)
     last_path: str = ""
 
-    def on(self, site: str, fn: Callable, *, layers: Iterable[int] | None = None, queries: QuerySelector | None = None, logits: QuerySelector | str | None = ALL) -> "Capture":
+    def on(
+        self,
+        site: str,
+        fn: Callable,
+        *,
+        layers: Iterable[int] | None = None,
+        queries: QuerySelector | None = None,
+        logits: QuerySelector | str | None = ALL,
+    ) -> Capture:
         """Register ``fn`` on ``site`` (optionally only some layers; ``queries`` picks query rows for ``"rows"``).
 
         ``logits`` (``"batch_end"`` only): the positions whose logits ``fn`` reads — ``"all"`` (default), a
@@ -130,11 +140,15 @@ class Capture:
         else:
             ctx = _fused_attention(self.model, self, batch)
         kept = self._kept_positions(batch, logit_positions)
-        extra = {"pixel_values": batch.pixel_values.to(self.model.torch_dtype)} if batch.pixel_values is not None else {}
+        extra = (
+            {"pixel_values": batch.pixel_values.to(self.model.torch_dtype)} if batch.pixel_values is not None else {}
+        )
         if kept is not None:
             extra["logits_to_keep"] = kept
         with ctx:
-            logits = self.model.bridge.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hooks, **extra)
+            logits = self.model.bridge.run_with_hooks(
+                batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hooks, **extra
+            )
         if kept is not None:
             logits = KeptLogits(logits, kept, batch.seq_len)
         for h in self.handlers:
@@ -151,7 +165,9 @@ class Capture:
         if isinstance(caller, str) or any(isinstance(w, str) for w in wanted) or not accepts_logits_to_keep(self.model):
             return None
         parts = [w(batch) for w in wanted] + ([caller] if caller is not None else [])
-        pos = torch.cat([torch.as_tensor(p).flatten().to(torch.long).cpu() for p in parts] + [torch.empty(0, dtype=torch.long)])
+        pos = torch.cat(
+            [torch.as_tensor(p).flatten().to(torch.long).cpu() for p in parts] + [torch.empty(0, dtype=torch.long)]
+        )
         pos = torch.where(pos < 0, pos + batch.seq_len, pos)
         if pos.numel() == 0:
             pos = torch.tensor([batch.seq_len - 1])
@@ -163,9 +179,13 @@ class Capture:
             return "eager"
         if self.attention == "fused":
             if needs_pattern:
-                raise ValueError("a handler needs full attention patterns ('pattern' site), which the fused path never builds")
+                raise ValueError(
+                    "a handler needs full attention patterns ('pattern' site), which the fused path never builds"
+                )
             if not supports_fused(self.model):
-                raise ValueError(f"{self.model.architecture} does not route attention through transformers' AttentionInterface; use attention='eager'")
+                raise ValueError(
+                    f"{self.model.architecture} does not route attention through transformers' AttentionInterface; use attention='eager'"
+                )
             return "fused"
         if needs_pattern or batch.seq_len < self.fused_min_len or not supports_fused(self.model):
             return "eager"
@@ -235,7 +255,9 @@ class Capture:
 
     # ---- the fused path's per-layer work (called from the registered attention function) ------------------
 
-    def _fused_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float, causal: bool, batch: Batch) -> None:
+    def _fused_layer(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float, causal: bool, batch: Batch
+    ) -> None:
         for h in self.handlers:
             if not h.wants(layer):
                 continue
@@ -245,7 +267,12 @@ class Capture:
                 h.fn(layer, k, batch)
             elif h.site == "rows":
                 for q_pos in _query_chunks(h, batch, self.chunk_size, q.device):
-                    h.fn(layer, attention_rows(q, k, q_pos, scaling=scaling, key_mask=batch.attention_mask, causal=causal), q_pos, batch)
+                    h.fn(
+                        layer,
+                        attention_rows(q, k, q_pos, scaling=scaling, key_mask=batch.attention_mask, causal=causal),
+                        q_pos,
+                        batch,
+                    )
 
     def _fused_z(self, layer: int, z: torch.Tensor, batch: Batch) -> None:
         for h in self.handlers:
@@ -310,7 +337,15 @@ def _query_chunks(h: _Handler, batch: Batch, chunk: int, device) -> list[torch.T
     return [positions[i : i + chunk] for i in range(0, len(positions), chunk)]
 
 
-def attention_rows(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, *, scaling: float, key_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+def attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    scaling: float,
+    key_mask: torch.Tensor | None,
+    causal: bool,
+) -> torch.Tensor:
     """Post-softmax attention rows ``[batch, n_heads, len(q_pos), seq_k]`` for chosen query positions.
 
     ``q``: ``[batch, n_heads, seq_q, d]``; ``k``: ``[batch, n_kv_heads, seq_k, d]`` (GQA: each KV head serves
@@ -343,11 +378,15 @@ def _fused_attention_fn(module, query, key, value, attention_mask, dropout=0.0, 
     capture, batch, layer_of = _ACTIVE[-1]
     layer = layer_of.get(id(module))
     if layer is None:  # attention outside the language model (e.g. a VLM's vision tower sharing the config)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
     capture._fused_layer(layer, query, key, scale, causal, batch)
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    out, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
     capture._fused_z(layer, out, batch)
     return out, None
 
@@ -402,7 +441,10 @@ def hf_attention(model: LoadedModel, implementation: str):
     if len(slots) != model.n_layers:
         raise ValueError(f"found {len(slots)} of {model.n_layers} attention modules to fuse")
     subs = [sub for _, _, orig, _ in slots for sub in orig.modules()]
-    configs = [getattr(x, "config", None) for x in subs] + [model.hf_model.config, getattr(model.hf_model.config, "text_config", None)]
+    configs = [getattr(x, "config", None) for x in subs] + [
+        model.hf_model.config,
+        getattr(model.hf_model.config, "text_config", None),
+    ]
     configs = list({id(c): c for c in configs if c is not None}.values())
     saved_impl = [(c, getattr(c, "_attn_implementation", None)) for c in configs]
     swapped = [(parent, attr, getattr(parent, attr)) for parent, attr, _, _ in slots]

@@ -14,6 +14,7 @@ Prints one JSON line: median wall seconds over ``--repeats`` (variants interleav
 machine disturb less) of each variant, the speed-ups (median of per-repeat ratios), and the largest score difference
 between the batched scorer and the loop (exit status 1 if above 1e-4).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,18 @@ def build_random_model(shape: str, path: Path, *, device: str = "cpu", dtype: st
     layers, heads, kv, d_model, d_ff, vocab, theta, ctx = SHAPES[shape]
     tok = load_tokenizer(TOKENIZER_DIR)
     cfg = LlamaConfig(
-        vocab_size=max(vocab, len(tok)), hidden_size=d_model, intermediate_size=d_ff, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=ctx, rope_theta=theta,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=max(vocab, len(tok)),
+        hidden_size=d_model,
+        intermediate_size=d_ff,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=ctx,
+        rope_theta=theta,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
@@ -79,16 +89,27 @@ def timed(fn, device: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="organism-lm", help="any attnlab.load name (ignored with --shape)")
-    parser.add_argument("--shape", choices=tuple(SHAPES), default=None, help="random-weight Llama of this shape instead of --model")
+    parser.add_argument(
+        "--shape", choices=tuple(SHAPES), default=None, help="random-weight Llama of this shape instead of --model"
+    )
     parser.add_argument("--n-prompts", type=int, default=2)
     parser.add_argument("--length", type=int, default=160, help="NIAH prompt length in tokens")
     parser.add_argument("--mode", default="zero", choices=["zero", "mean", "uniform"])
-    parser.add_argument("--max-batch", type=int, default=None, help="rows per batched forward (default: 8 on CPU, where bigger batches gain nothing, 64 otherwise)")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="rows per batched forward (default: 8 on CPU, where bigger batches gain nothing, 64 otherwise)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats of every variant (median reported)")
-    parser.add_argument("--variants", default="batched,previous,eager,no_reuse,loop", help="comma list of: batched (default path), previous (default before clean-attention reuse), eager, no_reuse, loop")
+    parser.add_argument(
+        "--variants",
+        default="batched,previous,eager,no_reuse,loop",
+        help="comma list of: batched (default path), previous (default before clean-attention reuse), eager, no_reuse, loop",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -115,18 +136,49 @@ def main(argv: list[str] | None = None) -> int:
         metric = AnswerTokens([" " + t.answer for t in trials])
         variants = {
             "batched": lambda: exact_ablation_grid(model, prompts, metric, mode=args.mode, max_batch=args.max_batch),
-            "previous": lambda: exact_ablation_grid(model, prompts, metric, mode=args.mode, max_batch=args.max_batch, reuse_attention=False),
-            "eager": lambda: exact_ablation_grid(model, prompts, metric, mode=args.mode, max_batch=args.max_batch, attention="eager", read_positions=False),
-            "no_reuse": lambda: exact_ablation_grid(model, prompts, metric, mode=args.mode, max_batch=args.max_batch, prefix_reuse=False, attention="eager", read_positions=False),
+            "previous": lambda: exact_ablation_grid(
+                model, prompts, metric, mode=args.mode, max_batch=args.max_batch, reuse_attention=False
+            ),
+            "eager": lambda: exact_ablation_grid(
+                model,
+                prompts,
+                metric,
+                mode=args.mode,
+                max_batch=args.max_batch,
+                attention="eager",
+                read_positions=False,
+            ),
+            "no_reuse": lambda: exact_ablation_grid(
+                model,
+                prompts,
+                metric,
+                mode=args.mode,
+                max_batch=args.max_batch,
+                prefix_reuse=False,
+                attention="eager",
+                read_positions=False,
+            ),
             "loop": lambda: loop_ablation_grid(model, prompts, metric, mode=args.mode),
         }
         chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-        exact_ablation_grid(model, prompts, metric, mode=args.mode, layers=[model.n_layers - 1], max_batch=args.max_batch)  # warm-up
-        results, report = {}, {
-            "model": args.shape or model.name, "heads": model.n_layers * model.n_heads, "prompts": len(prompts),
-            "tokens": int(metric.encode(model, prompts).seq_len), "mode": args.mode, "device": args.device, "dtype": args.dtype,
-            "threads": args.threads, "max_batch": args.max_batch, "repeats": args.repeats,
-        }
+        exact_ablation_grid(
+            model, prompts, metric, mode=args.mode, layers=[model.n_layers - 1], max_batch=args.max_batch
+        )  # warm-up
+        results, report = (
+            {},
+            {
+                "model": args.shape or model.name,
+                "heads": model.n_layers * model.n_heads,
+                "prompts": len(prompts),
+                "tokens": int(metric.encode(model, prompts).seq_len),
+                "mode": args.mode,
+                "device": args.device,
+                "dtype": args.dtype,
+                "threads": args.threads,
+                "max_batch": args.max_batch,
+                "repeats": args.repeats,
+            },
+        )
         walls = {v: [] for v in chosen}
         cpus = {v: [] for v in chosen}
         for _ in range(args.repeats):  # variants interleaved, so load from other processes hits them alike

@@ -16,6 +16,7 @@ Issue #6 asks for no errors with 20 concurrent clients.
     python benchmarks/app_concurrency.py [--model organism-lm] [--vlm organism-vlm] [--clients 20] [--rounds 2]
         [--no-live-views] [--json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,9 @@ from pathlib import Path
 import torch
 
 import attnlab
-from attnlab.apps import loadtest
+from attnlab.apps import ids, loadtest
 from attnlab.apps.app import create_app
 from attnlab.apps.live import LiveModels
-from attnlab.apps import ids
 from attnlab.datasets import DATASETS
 
 IV_PROMPT = "The secret KEY code is 482.\nQuestion: What is the secret KEY code?\nAnswer:"
@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--vlm", default="organism-vlm", help="VLM scanned for the vision view ('' = no vision view)")
-    ap.add_argument("--no-live-views", action="store_true", help="only the page, head-map and pattern callbacks (no interventions, ablation, vision)")
+    ap.add_argument(
+        "--no-live-views",
+        action="store_true",
+        help="only the page, head-map and pattern callbacks (no interventions, ablation, vision)",
+    )
     ap.add_argument("--json", action="store_true", help="print the full summary as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -81,19 +85,41 @@ def main(argv: list[str] | None = None) -> int:
             head = {"layer": 3, "head": 5}
             bodies = loadtest.page_bodies(deps, run_a, "first_token_sink", compare=run_b, head=head)
             if live_views:
-                bodies.update(loadtest.view_bodies(deps, run_a, head=head, vision_run=vision_run,
-                                                   intervention={"method": "zerotuning", "params": "gamma=2", "prompt": IV_PROMPT, "answer": "482"},
-                                                   ablation={"source": "selected", "k": 1, "metric": "logprob", "seeds": 1}))
+                bodies.update(
+                    loadtest.view_bodies(
+                        deps,
+                        run_a,
+                        head=head,
+                        vision_run=vision_run,
+                        intervention={
+                            "method": "zerotuning",
+                            "params": "gamma=2",
+                            "prompt": IV_PROMPT,
+                            "answer": "482",
+                        },
+                        ablation={"source": "selected", "k": 1, "metric": "logprob", "seeds": 1},
+                    )
+                )
             for name, body in bodies.items():  # each callback once alone: valid, and the prompt's q/k are cached
                 warm = loadtest.timed(name, served.url + loadtest.UPDATE, body, args.timeout)
                 if warm.error:
                     raise SystemExit(f"callback {name} failed alone: {warm.error}")
                 if name in STATUS:
-                    message = loadtest.callback_response(served.url, body, args.timeout).get(STATUS[name], {}).get("children")
+                    message = (
+                        loadtest.callback_response(served.url, body, args.timeout).get(STATUS[name], {}).get("children")
+                    )
                     if message:
                         raise SystemExit(f"callback {name} answered with a message: {message}")
-            report = loadtest.run_load(served.url, bodies, clients=args.clients, rounds=args.rounds, timeout=args.timeout)
-        summary = {"model": args.model, "vlm": args.vlm if vision_run else None, **report.summary(), "server_exceptions": served.exceptions, "machine": f"{platform.machine()}, {platform.python_version()}, torch threads {torch.get_num_threads()}"}
+            report = loadtest.run_load(
+                served.url, bodies, clients=args.clients, rounds=args.rounds, timeout=args.timeout
+            )
+        summary = {
+            "model": args.model,
+            "vlm": args.vlm if vision_run else None,
+            **report.summary(),
+            "server_exceptions": served.exceptions,
+            "machine": f"{platform.machine()}, {platform.python_version()}, torch threads {torch.get_num_threads()}",
+        }
         print("\n".join(report.lines()))
         print(f"server exceptions: {len(served.exceptions)}")
         if args.json:

@@ -12,6 +12,7 @@ process only (RoPE positions past training: the numbers are timings, not meaning
 
     python benchmarks/app_latency.py [--model organism-lm] [--tokens 2000] [--clicks 10] [--no-browser]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,10 @@ def long_prompt(model, n_tokens: int) -> str:
 
 def clicks(model, k: int) -> list[tuple[int, int]]:
     g = torch.Generator().manual_seed(0)
-    return [(int(torch.randint(model.n_layers, (1,), generator=g)), int(torch.randint(model.n_heads, (1,), generator=g))) for _ in range(k)]
+    return [
+        (int(torch.randint(model.n_layers, (1,), generator=g)), int(torch.randint(model.n_heads, (1,), generator=g)))
+        for _ in range(k)
+    ]
 
 
 def server_latency(state, run_name: str, result: str, prompt: str, heads) -> dict:
@@ -70,7 +74,12 @@ def server_latency(state, run_name: str, result: str, prompt: str, heads) -> dic
         pio.to_json(fig)  # what dash sends
         times.append(time.perf_counter() - t0)
         assert fig.layout.meta["head_label"] == f"L{layer}H{head}"
-    return {"first_pattern_s": round(first, 3), "click_median_s": round(statistics.median(times), 4), "click_max_s": round(max(times), 4), "n_tokens": fig.layout.meta["n_tokens"]}
+    return {
+        "first_pattern_s": round(first, 3),
+        "click_median_s": round(statistics.median(times), 4),
+        "click_max_s": round(max(times), 4),
+        "n_tokens": fig.layout.meta["n_tokens"],
+    }
 
 
 def browser_latency(app, model, prompt: str, heads) -> dict | None:
@@ -87,7 +96,18 @@ def browser_latency(app, model, prompt: str, heads) -> dict | None:
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
     profile = tempfile.mkdtemp(prefix="attnlab-bench-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1300,2600", f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1300,2600",
+        f"--user-data-dir={profile}",
+    ):
         opts.add_argument(flag)
     d = webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver")))
     title = lambda: d.find_element("css selector", f"#{ids.PATTERN} .gtitle").text
@@ -129,7 +149,11 @@ def browser_latency(app, model, prompt: str, heads) -> dict | None:
             wait(lambda: title().startswith(f"L{layer}H{head} ") and f"({n} tokens" in title(), 30)
             times.append(time.perf_counter() - t0)
             last = (layer, head)
-        return {"click_median_s": round(statistics.median(times), 4), "click_max_s": round(max(times), 4), "clicks": len(times)}
+        return {
+            "click_median_s": round(statistics.median(times), 4),
+            "click_max_s": round(max(times), 4),
+            "clicks": len(times),
+        }
     finally:
         d.quit()
         server.shutdown()

@@ -3,6 +3,7 @@ same batches. Goal (issue #2): at most 1.5x.
 
     python benchmarks/capture_overhead.py [--model minilm] [--n-prompts 16] [--batch-size 8] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,10 @@ def main() -> None:
     model = attnlab.load(args.model, device=args.device)
     prompts = DATASETS["prose"](model, args.n_prompts, 0)
     ids = [model.token_ids(t, truncate=True) for t in prompts.texts]
-    batches = [model.batch_from_ids(ids[i : i + args.batch_size], list(range(i, min(len(ids), i + args.batch_size)))) for i in range(0, len(ids), args.batch_size)]
+    batches = [
+        model.batch_from_ids(ids[i : i + args.batch_size], list(range(i, min(len(ids), i + args.batch_size))))
+        for i in range(0, len(ids), args.batch_size)
+    ]
 
     def plain():
         with torch.inference_mode():
@@ -65,12 +69,24 @@ def main() -> None:
     t_plain = time_it(plain, args.repeats)
     t_scan = time_it(scanned, args.repeats)
     tokens = sum(len(i) for i in ids)
-    print(json.dumps({
-        "benchmark": "capture_overhead", "model": args.model, "probes": args.probes, "device": args.device,
-        "prompts": len(ids), "tokens": tokens, "batch_size": args.batch_size,
-        "plain_forward_s": round(t_plain, 4), "scan_s": round(t_scan, 4), "overhead_x": round(t_scan / t_plain, 3),
-        "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "capture_overhead",
+                "model": args.model,
+                "probes": args.probes,
+                "device": args.device,
+                "prompts": len(ids),
+                "tokens": tokens,
+                "batch_size": args.batch_size,
+                "plain_forward_s": round(t_plain, 4),
+                "scan_s": round(t_scan, 4),
+                "overhead_x": round(t_scan / t_plain, 3),
+                "torch_threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

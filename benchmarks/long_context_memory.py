@@ -8,6 +8,7 @@ layer at a time), ``fused`` (SDPA forward; attention rows recomputed in chunks o
 On CPU the figure is the growth of the process's peak RSS over the forward; on CUDA it is
 ``torch.cuda.max_memory_allocated`` over the forward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,21 @@ def build_model(path: Path, *, layers: int, d_model: int, heads: int, kv_heads: 
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="t1 $A", special_tokens=[("t1", 1)])
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t1", eos_token="t2", pad_token="t3", unk_token="t0")
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=d_model, intermediate_size=4 * d_model, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=seq + 16, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="t1", eos_token="t2", pad_token="t3", unk_token="t0"
+    )
+    cfg = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=d_model,
+        intermediate_size=4 * d_model,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=seq + 16,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     hf_tok.save_pretrained(path)
 
@@ -89,17 +103,41 @@ def main() -> None:
         print(json.dumps(measure(args._worker[0], args._worker[1], args.seq, args.chunk, args.device)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        build_model(Path(tmp), layers=args.layers, d_model=args.d_model, heads=args.heads, kv_heads=args.kv_heads, seq=args.seq)
+        build_model(
+            Path(tmp), layers=args.layers, d_model=args.d_model, heads=args.heads, kv_heads=args.kv_heads, seq=args.seq
+        )
         one_layer = args.heads * args.seq * args.seq * 4
         rows = []
         for mode in args.modes.split(","):
-            out = subprocess.run([sys.executable, __file__, "--seq", str(args.seq), "--chunk", str(args.chunk), "--device", args.device, "--_worker", tmp, mode], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--seq",
+                    str(args.seq),
+                    "--chunk",
+                    str(args.chunk),
+                    "--device",
+                    args.device,
+                    "--_worker",
+                    tmp,
+                    mode,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     report = {
-        "benchmark": "long_context_memory", "device": args.device, "seq": args.seq, "chunk": args.chunk,
+        "benchmark": "long_context_memory",
+        "device": args.device,
+        "seq": args.seq,
+        "chunk": args.chunk,
         "model": f"Llama random weights, {args.layers} layers, d_model {args.d_model}, {args.heads} heads / {args.kv_heads} KV heads",
-        "one_layer_pattern_bytes": one_layer, "all_layers_pattern_bytes": one_layer * args.layers,
-        "chunk_rows_bytes": args.heads * args.chunk * args.seq * 4, "runs": rows,
+        "one_layer_pattern_bytes": one_layer,
+        "all_layers_pattern_bytes": one_layer * args.layers,
+        "chunk_rows_bytes": args.heads * args.chunk * args.seq * 4,
+        "runs": rows,
     }
     print(json.dumps(report, indent=1))
 

@@ -16,6 +16,7 @@ first out-of-memory error (reported). Where it runs, the retrieval scores of the
 must be identical (the random model answers nothing right, so the ROUGE gate is switched off and every trial is
 scored) and the argmax key of every answer-query row is compared too. Prints one JSON line per length.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -163,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--warmup", choices=["each", "first"], default="each", help="unmeasured warm-up trial before each length's trials, or only before the first length's (saves a long forward on a slow CPU)")
+    ap.add_argument(
+        "--warmup",
+        choices=["each", "first"],
+        default="each",
+        help="unmeasured warm-up trial before each length's trials, or only before the first length's (saves a long forward on a slow CPU)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -186,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             diffs, argmax_agree, eager_error = [], [], None
             for i in range(len(full)):
                 one = _subset(full, i)
-                if i == 0 and (args.warmup == "each" or not warmed):  # warm-up, not measured: first-call costs (kernels, allocator growth) would land on 'plain'
+                if i == 0 and (
+                    args.warmup == "each" or not warmed
+                ):  # warm-up, not measured: first-call costs (kernels, allocator growth) would land on 'plain'
                     warmed = True
                     plain_trial(model, one, args.device)
                     scan_trial(model, one, "fused", args.device)
@@ -198,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                         e_scores, e_amax, em = scan_trial(model, one, "eager", args.device)
                         rows["eager"].append(em)
                         diffs.append(float(np.nanmax(np.abs(scores - e_scores))) if scores.size else 0.0)
-                        argmax_agree.append(float(np.mean([(amax[l] == e_amax[l]).float().mean().item() for l in amax])))
+                        argmax_agree.append(
+                            float(np.mean([(amax[l] == e_amax[l]).float().mean().item() for l in amax]))
+                        )
                     except Exception as e:  # noqa: BLE001 - an eager OOM is a result, anything else is re-raised
                         if not _is_oom(e):
                             raise
@@ -207,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                             torch.cuda.empty_cache()
             med = lambda ms, attr: float(np.median([getattr(x, attr) for x in ms])) if ms else None
             report = {
-                "model": args.model or args.shape, "device": args.device, "dtype": args.dtype, "tokens": int(np.median([len(x) for x in full.token_ids])) if full.token_ids else length,
+                "model": args.model or args.shape,
+                "device": args.device,
+                "dtype": args.dtype,
+                "tokens": int(np.median([len(x) for x in full.token_ids])) if full.token_ids else length,
                 "trials": len(full),
                 **{f"{k}_s": (round(med(v, "seconds"), 4) if v else None) for k, v in rows.items()},
                 **{f"{k}_peak_mib": (round(med(v, "peak_bytes") / 2**20, 1) if v else None) for k, v in rows.items()},

@@ -4,6 +4,7 @@ correlation to exact ablation reported").
 
     python scripts/atp_vs_exact.py --model organism-lm --modes zero,mean
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="organism-lm")
     ap.add_argument("--lengths", default="128,256", help="NIAH prompt lengths in tokens, comma-separated")
     ap.add_argument("--depths", default="10,50,90", help="needle depths in percent, comma-separated")
-    ap.add_argument("--modes", default="zero,mean", help="ablation modes; mean is fitted on other NIAH prompts (seed + 1)")
+    ap.add_argument(
+        "--modes", default="zero,mean", help="ablation modes; mean is fitted on other NIAH prompts (seed + 1)"
+    )
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -41,12 +44,27 @@ def main(argv: list[str] | None = None) -> int:
     reference = [t.prompt for t in build_niah_trials(model.tokenizer, lengths[:1], [30.0, 70.0], seed=args.seed + 1)]
     metric = AnswerTokens([" " + t.answer for t in trials])
     for mode in args.modes.split(","):
-        result = ablation_scores(model, [t.prompt for t in trials], metric, mode=mode, reference=reference if mode != "zero" else None, attribution=True, seed=args.seed)
-        print(json.dumps({
-            "model": args.model, "mode": mode, "prompts": len(trials), "heads": int(result.scores.size),
-            "atp_spearman": round(float(result.summary["atp_spearman"]), 3),
-            f"top{args.k}_overlap": len(top_k(result.scores, args.k) & top_k(result.extra["atp"], args.k)),
-        }))
+        result = ablation_scores(
+            model,
+            [t.prompt for t in trials],
+            metric,
+            mode=mode,
+            reference=reference if mode != "zero" else None,
+            attribution=True,
+            seed=args.seed,
+        )
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "mode": mode,
+                    "prompts": len(trials),
+                    "heads": int(result.scores.size),
+                    "atp_spearman": round(float(result.summary["atp_spearman"]), 3),
+                    f"top{args.k}_overlap": len(top_k(result.scores, args.k) & top_k(result.extra["atp"], args.k)),
+                }
+            )
+        )
     return 0
 
 

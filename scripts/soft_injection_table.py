@@ -12,6 +12,7 @@ their Jaccard overlap between similar and dissimilar task pairs.
 
 Results are written (atomically, after every task) to ``--out`` as JSON; ``--resume`` skips tasks already there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,20 @@ import time
 import numpy as np
 from task_tables import add_run_arguments, run_resumable
 
-SIMILAR = [("successor", "add_3"), ("successor", "predecessor"), ("first_letter", "last_letter"), ("choose_first", "choose_last"), ("uppercase", "next_letter")]
-DISSIMILAR = [("successor", "uppercase"), ("add_3", "choose_first"), ("uppercase", "repeat_word"), ("predecessor", "reverse_words"), ("first_letter", "corpus_next_word")]
+SIMILAR = [
+    ("successor", "add_3"),
+    ("successor", "predecessor"),
+    ("first_letter", "last_letter"),
+    ("choose_first", "choose_last"),
+    ("uppercase", "next_letter"),
+]
+DISSIMILAR = [
+    ("successor", "uppercase"),
+    ("add_3", "choose_first"),
+    ("uppercase", "repeat_word"),
+    ("predecessor", "reverse_words"),
+    ("first_letter", "corpus_next_word"),
+]
 
 
 def run_task(model, task: str, args) -> dict:
@@ -30,8 +43,17 @@ def run_task(model, task: str, args) -> dict:
     from attnlab.interventions.soft_injection import SoftInjection
 
     t0 = time.time()
-    si = SoftInjection(n_steps=args.n_steps, lr=args.lr, n_shots=args.n_shots, n_prompts=args.n_prompts, loss=args.loss,
-                       position=args.position, select=args.select, top_k=args.top_k, seed=args.seed).fit(model, f"icl:{task}")
+    si = SoftInjection(
+        n_steps=args.n_steps,
+        lr=args.lr,
+        n_shots=args.n_shots,
+        n_prompts=args.n_prompts,
+        loss=args.loss,
+        position=args.position,
+        select=args.select,
+        top_k=args.top_k,
+        seed=args.seed,
+    ).fit(model, f"icl:{task}")
     fit_s = time.time() - t0
     zero = load_data(f"icl:{task}:test:0", n=args.n_test, seed=args.eval_seed)
     rep = evaluate_intervention(model, si, zero, n_boot=args.n_boot, seed=0)
@@ -43,16 +65,30 @@ def run_task(model, task: str, args) -> dict:
     vs_few = paired_bootstrap(few_exact, injected, n_boot=args.n_boot, seed=0)
     s = si.summary()
     return {
-        "task": task, "n": int(row["n"]), "zero_shot": float(row["baseline"]), "zero_shot_ci": [float(row["baseline_lo"]), float(row["baseline_hi"])],
-        "injected": float(row["intervened"]), "injected_ci": [float(row["intervened_lo"]), float(row["intervened_hi"])],
+        "task": task,
+        "n": int(row["n"]),
+        "zero_shot": float(row["baseline"]),
+        "zero_shot_ci": [float(row["baseline_lo"]), float(row["baseline_hi"])],
+        "injected": float(row["intervened"]),
+        "injected_ci": [float(row["intervened_lo"]), float(row["intervened_hi"])],
         "injected_minus_zero_ci": [float(row["diff_lo"]), float(row["diff_hi"])],
-        "few_shot": vs_few["baseline"], "few_shot_ci": [vs_few["baseline_lo"], vs_few["baseline_hi"]],
-        "injected_minus_few": vs_few["diff"], "injected_minus_few_ci": [vs_few["diff_lo"], vs_few["diff_hi"]],
+        "few_shot": vs_few["baseline"],
+        "few_shot_ci": [vs_few["baseline_lo"], vs_few["baseline_hi"]],
+        "injected_minus_few": vs_few["diff"],
+        "injected_minus_few_ci": [vs_few["diff_lo"], vs_few["diff_hi"]],
         "few_shot_invalid": float(few_invalid.mean()),
-        "selected_heads": s["selected_heads"], "best_step": s["best_step"], "best_val_loss": s["best_val_loss"],
-        "baseline_val_loss": s["baseline_val_loss"], "fit_seconds": round(fit_s, 1), "fit_split": s["fit_split"]["name"],
+        "selected_heads": s["selected_heads"],
+        "best_step": s["best_step"],
+        "best_val_loss": s["best_val_loss"],
+        "baseline_val_loss": s["baseline_val_loss"],
+        "fit_seconds": round(fit_s, 1),
+        "fit_split": s["fit_split"]["name"],
         "eval_split": rep.info["eval_split"]["name"],
-        "per_item": {"zero": [float(it["baseline"] == it["expected"]) for it in rep.items], "injected": injected.tolist(), "few": few_exact.tolist()},
+        "per_item": {
+            "zero": [float(it["baseline"] == it["expected"]) for it in rep.items],
+            "injected": injected.tolist(),
+            "few": few_exact.tolist(),
+        },
     }
 
 
@@ -62,23 +98,32 @@ def table(results: dict, args) -> str:
     from attnlab.interventions.soft_injection import head_overlap
 
     ci = lambda v, c: f"{v:.2f} [{c[0]:.2f}, {c[1]:.2f}]"  # noqa: E731
-    lines = [f"| task | 0-shot | {args.shots}-shot ICL | 0-shot + injection | injection - {args.shots}-shot | top heads (alpha) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"| task | 0-shot | {args.shots}-shot ICL | 0-shot + injection | injection - {args.shots}-shot | top heads (alpha) |",
+        "|---|---|---|---|---|---|",
+    ]
     for t, r in results.items():
         heads = ", ".join(f"L{h[0]}H{h[1]} {h[2]:.2f}" for h in r["selected_heads"][:5])
-        lines.append(f"| {t} | {ci(r['zero_shot'], r['zero_shot_ci'])} | {ci(r['few_shot'], r['few_shot_ci'])} | {ci(r['injected'], r['injected_ci'])} | "
-                     f"{r['injected_minus_few']:+.2f} [{r['injected_minus_few_ci'][0]:+.2f}, {r['injected_minus_few_ci'][1]:+.2f}] | {heads} |")
+        lines.append(
+            f"| {t} | {ci(r['zero_shot'], r['zero_shot_ci'])} | {ci(r['few_shot'], r['few_shot_ci'])} | {ci(r['injected'], r['injected_ci'])} | "
+            f"{r['injected_minus_few']:+.2f} [{r['injected_minus_few_ci'][0]:+.2f}, {r['injected_minus_few_ci'][1]:+.2f}] | {heads} |"
+        )
     if results:
         # task average: items pooled (equal n per task, so the pooled mean is the mean of task means)
         z = np.concatenate([r["per_item"]["zero"] for r in results.values()])
         inj = np.concatenate([r["per_item"]["injected"] for r in results.values()])
         few = np.concatenate([r["per_item"]["few"] for r in results.values()])
         a, b = paired_bootstrap(z, inj, n_boot=args.n_boot), paired_bootstrap(few, inj, n_boot=args.n_boot)
-        lines.append(f"| **average ({len(results)} tasks)** | {ci(a['baseline'], [a['baseline_lo'], a['baseline_hi']])} | {ci(b['baseline'], [b['baseline_lo'], b['baseline_hi']])} | "
-                     f"{ci(a['intervened'], [a['intervened_lo'], a['intervened_hi']])} | {b['diff']:+.2f} [{b['diff_lo']:+.2f}, {b['diff_hi']:+.2f}] | |")
+        lines.append(
+            f"| **average ({len(results)} tasks)** | {ci(a['baseline'], [a['baseline_lo'], a['baseline_hi']])} | {ci(b['baseline'], [b['baseline_lo'], b['baseline_hi']])} | "
+            f"{ci(a['intervened'], [a['intervened_lo'], a['intervened_hi']])} | {b['diff']:+.2f} [{b['diff_lo']:+.2f}, {b['diff_hi']:+.2f}] | |"
+        )
         reached = b["diff"] >= 0
         lines.append("")
-        lines.append(f"Average injected {a['intervened']:.3f} vs {args.shots}-shot {b['baseline']:.3f}: "
-                     f"{'reaches' if reached else 'does NOT reach'} {args.shots}-shot ICL (difference {b['diff']:+.3f}, 95% CI [{b['diff_lo']:+.3f}, {b['diff_hi']:+.3f}]).")
+        lines.append(
+            f"Average injected {a['intervened']:.3f} vs {args.shots}-shot {b['baseline']:.3f}: "
+            f"{'reaches' if reached else 'does NOT reach'} {args.shots}-shot ICL (difference {b['diff']:+.3f}, 95% CI [{b['diff_lo']:+.3f}, {b['diff_hi']:+.3f}])."
+        )
     lines.append("")
     lines.append(f"Jaccard overlap of the top-{args.top_k} heads by alpha:")
     for kind, pairs in (("similar", SIMILAR), ("dissimilar", DISSIMILAR)):
@@ -115,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     add_run_arguments(ap)
     args = ap.parse_args(argv)
     tasks = list(icl.TASK_NAMES) if args.tasks == "all" else args.tasks.split(",")
-    progress = lambda t, r: f"[{t}] 0-shot {r['zero_shot']:.2f}  {args.shots}-shot {r['few_shot']:.2f}  injected {r['injected']:.2f}  (fit {r['fit_seconds']} s)"  # noqa: E731
+    progress = lambda t, r: (
+        f"[{t}] 0-shot {r['zero_shot']:.2f}  {args.shots}-shot {r['few_shot']:.2f}  injected {r['injected']:.2f}  (fit {r['fit_seconds']} s)"
+    )  # noqa: E731
     return run_resumable("scripts/soft_injection_table.py", argv, args, tasks, run_task, table, progress)
 
 

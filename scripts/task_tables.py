@@ -1,12 +1,13 @@
 """The shared driver of the per-task result tables in scripts/: run each task once, write every finished task to
 a JSON file atomically (so ``--resume`` continues an interrupted run and ``--table-only`` re-prints), then print
 the script's markdown table."""
+
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def add_run_arguments(ap) -> None:
@@ -17,7 +18,15 @@ def add_run_arguments(ap) -> None:
     ap.add_argument("--table-only", action="store_true", help="print the table of --out without running")
 
 
-def run_resumable(script: str, argv: list[str] | None, args, tasks: list[str], run_task: Callable, table: Callable, progress: Callable[[str, dict], str] | None = None) -> int:
+def run_resumable(
+    script: str,
+    argv: list[str] | None,
+    args,
+    tasks: list[str],
+    run_task: Callable,
+    table: Callable,
+    progress: Callable[[str, dict], str] | None = None,
+) -> int:
     """``run_task(model, task, args) -> dict`` for every task not yet in ``args.out``; ``table(results, args) -> str``.
 
     ``args`` needs ``model`` and the options of ``add_run_arguments``; ``progress(task, result)`` is an optional

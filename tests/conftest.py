@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random checkpoints of real architectures (built once per session) and loaded models."""
+
 from __future__ import annotations
 
 import os

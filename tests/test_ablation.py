@@ -1,4 +1,5 @@
 """Head ablation, batched exact scores, attribution patching and the causal test."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +22,9 @@ ANSWERS = [" sat on", " the capital", " five"]
 def test_batched_equals_per_head_loop(loaded, arch, mode):
     model = loaded(arch)
     metric = AnswerTokens(ANSWERS)
-    batched, clean = exact_ablation_grid(model, PROMPTS, metric, mode=mode, max_batch=5)  # 5 rows: heads split across forwards
+    batched, clean = exact_ablation_grid(
+        model, PROMPTS, metric, mode=mode, max_batch=5
+    )  # 5 rows: heads split across forwards
     loop, clean_loop = loop_ablation_grid(model, PROMPTS, metric, mode=mode)
     np.testing.assert_allclose(batched, loop, atol=1e-4, rtol=0)
     np.testing.assert_allclose(clean, clean_loop, atol=1e-4, rtol=0)
@@ -37,7 +40,11 @@ def test_batched_logit_diff_and_resample_equal_loop(loaded, arch):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
     same_len = ["The cat sat on the mat.", "The dog sat on the log.", "Rome is in Italy, not France."]
     batch = model.encode(same_len)
-    longer = ["Paris is the capital of France; Berlin is the capital of Germany.", "One two three four five six seven eight nine ten.", "The quick brown fox jumps over the lazy dog today."]
+    longer = [
+        "Paris is the capital of France; Berlin is the capital of Germany.",
+        "One two three four five six seven eight nine ten.",
+        "The quick brown fox jumps over the lazy dog today.",
+    ]
     reference = model.batch_from_ids([model.token_ids(p)[: batch.seq_len] for p in longer], [0, 1, 2])
     assert reference.seq_len == batch.seq_len
     metric = lambda logits, b: logits[torch.arange(logits.shape[0]), -1].log_softmax(-1)[:, 5]
@@ -105,7 +112,10 @@ def test_gqa_query_head_ablation_touches_only_its_slice(loaded):
         with abl.apply(model, batch):
             _run(model, batch, [(attn_hook(1, "hook_z"), observe)])
         changed = (seen["z"] - clean_z).abs().amax(dim=(0, 1, 3))
-        assert changed[1] > 1e-4 and torch.all(changed[[0, 2, 3]] == 0), (mode, changed)  # head 0 shares head 1's KV group
+        assert changed[1] > 1e-4 and torch.all(changed[[0, 2, 3]] == 0), (
+            mode,
+            changed,
+        )  # head 0 shares head 1's KV group
 
 
 def test_uniform_pattern_excludes_padding_and_is_mean_of_values(loaded):
@@ -116,8 +126,10 @@ def test_uniform_pattern_excludes_padding_and_is_mean_of_values(loaded):
     model = loaded("llama-gqa")
     batch = model.encode(PROMPTS[:2])  # right-padded
     got = {}
-    hooks = [(attn_hook(0, "hook_v"), lambda v, hook=None: got.__setitem__("v", v.detach().clone())),
-             (attn_hook(0, "hook_z"), lambda z, hook=None: got.__setitem__("z", z.detach().clone()))]
+    hooks = [
+        (attn_hook(0, "hook_v"), lambda v, hook=None: got.__setitem__("v", v.detach().clone())),
+        (attn_hook(0, "hook_z"), lambda z, hook=None: got.__setitem__("z", z.detach().clone())),
+    ]
     with HeadAblation([(0, 3)], mode="uniform").fit(model).apply(model, batch):
         _run(model, batch, hooks)
     v = got["v"][:, :, 3 // (model.n_heads // model.n_kv_heads)]
@@ -168,7 +180,19 @@ def _needle_attention(model, trials) -> np.ndarray:
         span = needle_token_span(ids, model.tokenizer(" " + t.answer, add_special_tokens=False)["input_ids"])
         assert span is not None
         batch = model.batch_from_ids([ids], [0])
-        hooks = [(attn_hook(l, "hook_pattern"), (lambda l: lambda p, hook=None: grid.__setitem__(l, grid[l] + p[0, :, -1, span[0]:span[1]].sum(-1).float().numpy()))(l)) for l in range(model.n_layers)]
+        hooks = [
+            (
+                attn_hook(l, "hook_pattern"),
+                (
+                    lambda l: (
+                        lambda p, hook=None: grid.__setitem__(
+                            l, grid[l] + p[0, :, -1, span[0] : span[1]].sum(-1).float().numpy()
+                        )
+                    )
+                )(l),
+            )
+            for l in range(model.n_layers)
+        ]
         _run(model, batch, hooks)
     return grid / len(trials)
 
@@ -187,7 +211,9 @@ def test_organism_lm_needle_heads_matter_more_than_random_heads():
     scores = HeadScores(masked, name="needle_attention", probe="test")
     evaluate = niah_evaluator(model, lengths=(160, 288), depths=(10, 50, 90), trials_per_cell=1, seed=1)
     table = causal_test(scores, 4, evaluate, n_seeds=3, seed=0).set_index("condition")
-    print(f"\nneedle layer {layer}; proxy max {proxy.max():.2f}\n{table[['metric', 'ci_low', 'ci_high', 'drop', 'p_value', 'heads']]}")
+    print(
+        f"\nneedle layer {layer}; proxy max {proxy.max():.2f}\n{table[['metric', 'ci_low', 'ci_high', 'drop', 'p_value', 'heads']]}"
+    )
     assert table.loc["baseline", "metric"] >= 0.8
     assert table.loc["top_k", "drop"] >= 0.5
     assert table.loc["random", "drop"] <= 0.2
@@ -229,11 +255,20 @@ def test_batched_equals_transformer_lens_patching(loaded, arch, mode):
     ids = torch.tensor([model.token_ids(p)[:n] for p in PROMPTS])
     metric = _IdsMetric(ids)
     batched, clean = exact_ablation_grid(model, PROMPTS, metric, mode=mode, max_batch=7)
-    abl = HeadAblation(mode=mode).fit(model, metric.encode(model, PROMPTS) if mode == "mean" else None, layers=range(model.n_layers))
+    abl = HeadAblation(mode=mode).fit(
+        model, metric.encode(model, PROMPTS) if mode == "mean" else None, layers=range(model.n_layers)
+    )
     shape = (len(PROMPTS), n, model.n_heads, model.d_head)
-    cache = {attn_hook(l, "hook_z"): torch.zeros(shape) if mode == "zero" else abl.means_[l][None, None].expand(shape).clone() for l in range(model.n_layers)}
+    cache = {
+        attn_hook(l, "hook_z"): torch.zeros(shape)
+        if mode == "zero"
+        else abl.means_[l][None, None].expand(shape).clone()
+        for l in range(model.n_layers)
+    }
     with torch.no_grad():
-        tl = patching.get_act_patch_attn_head_out_all_pos(model.bridge, ids, cache, lambda logits: metric(logits), reduce="mean")
+        tl = patching.get_act_patch_attn_head_out_all_pos(
+            model.bridge, ids, cache, lambda logits: metric(logits), reduce="mean"
+        )
     assert tl.shape == (model.n_layers, model.n_heads)
     np.testing.assert_allclose(batched, tl.cpu().numpy(), atol=1e-4, rtol=0)
     assert np.abs(clean.mean() - batched).max() > 1e-3  # the heads matter: the comparison is not vacuous
@@ -265,7 +300,10 @@ def test_clean_attention_reuse_equals_per_head_loop(loaded, arch, mode, monkeypa
     monkeypatch.setattr(scores_mod, "_clean_attention_forward", spy_reuse)
     monkeypatch.setattr(scores_mod, "_attention_at_queries", spy_queries)
     model = loaded(arch)
-    for prompts, metric in ((PROMPTS, AnswerTokens(ANSWERS)), (SAME_LEN, LogitDifference([" The", " The"], [" cat", " dog"]))):
+    for prompts, metric in (
+        (PROMPTS, AnswerTokens(ANSWERS)),
+        (SAME_LEN, LogitDifference([" The", " The"], [" cat", " dog"])),
+    ):
         new, clean = exact_ablation_grid(model, prompts, metric, mode=mode, max_batch=5)
         loop, _ = loop_ablation_grid(model, prompts, metric, mode=mode)
         np.testing.assert_allclose(new, loop, atol=1e-4, rtol=0)
@@ -303,4 +341,6 @@ def test_bert_scores_equal_the_loop_through_the_prefix_check(loaded):
         batched, clean = exact_ablation_grid(model, PROMPTS[:2], metric, mode="zero", max_batch=8)
     loop, clean_loop = loop_ablation_grid(model, PROMPTS[:2], metric, mode="zero")
     np.testing.assert_allclose(batched, loop, atol=1e-4, rtol=0)
-    assert np.nanmax(np.abs(loop - clean_loop.mean())) > 1e-3  # the ablations move the metric by more than the tolerance
+    assert (
+        np.nanmax(np.abs(loop - clean_loop.mean())) > 1e-3
+    )  # the ablations move the metric by more than the tolerance

@@ -1,17 +1,18 @@
 """ACT and ZeroTuning: operator acceptance checks (planted patterns), identity on real architectures, forms that
 must agree, cached decoding, fitting hygiene and persistence."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from conftest import SHORT_SENTENCES
 
 from attnlab.hooks import attn_hook
 from attnlab.interventions.act import ACT, act_calibrate, act_sink_set
 from attnlab.interventions.base import Intervention, NotFittedError, real_keys_from_scores
 from attnlab.interventions.zerotuning import ZeroTuning, zerotune_pattern, zerotune_scores
-from conftest import SHORT_SENTENCES
 
 
 def causal_pattern(b=2, h=3, n=7, seed=0, valid=None):
@@ -206,7 +207,7 @@ def test_act_on_a_model_moves_only_the_selected_heads_sink_mass(loaded):
         rows = slice(s, None)
         assert torch.allclose(after[b, 1, rows, s], 0.25 * before[b, 1, rows, s], atol=1e-7)
         assert torch.allclose(after[b, 1].sum(-1), before[b, 1].sum(-1), atol=1e-5)
-        assert torch.equal(after[b, 1, : s], before[b, 1, : s])  # rows that cannot see the sink: untouched
+        assert torch.equal(after[b, 1, :s], before[b, 1, :s])  # rows that cannot see the sink: untouched
 
 
 def test_zerotuning_forms_agree_on_a_model_with_left_padding(loaded):
@@ -287,7 +288,9 @@ def _cls_items(split, n, seed):
 def test_fit_records_its_split_and_refuses_overlap(organism, tmp_path):
     m = organism
     fit, test = _cls_items("valid", 4, 1), _cls_items("test", 4, 2)
-    zt = ZeroTuning(heads=[(l, h) for l in (1, 2) for h in range(3)], grid=(0.5, 2.0, 0.5), profile_unit="head_index").fit(m, fit, split="cls/valid")
+    zt = ZeroTuning(
+        heads=[(l, h) for l in (1, 2) for h in range(3)], grid=(0.5, 2.0, 0.5), profile_unit="head_index"
+    ).fit(m, fit, split="cls/valid")
     assert zt.fit_split_["name"] == "cls/valid" and zt.fit_split_["n"] == len(fit)
     zt.check_disjoint(test)
     with pytest.raises(ValueError, match="fit split"):
@@ -300,7 +303,12 @@ def test_fit_records_its_split_and_refuses_overlap(organism, tmp_path):
     # save / load: same parameters, fitted state and outputs
     zt.save(tmp_path / "zt")
     back = Intervention.load(tmp_path / "zt")
-    assert isinstance(back, ZeroTuning) and back.heads_ == zt.heads_ and back.gamma_ == zt.gamma_ and back.fit_split_ == zt.fit_split_
+    assert (
+        isinstance(back, ZeroTuning)
+        and back.heads_ == zt.heads_
+        and back.gamma_ == zt.gamma_
+        and back.fit_split_ == zt.fit_split_
+    )
     batch = m.encode([test[0].prompt])
     with torch.no_grad():
         with zt.apply(m):

@@ -1,9 +1,9 @@
 """The Dash app: callbacks as plain functions (fast), live patterns against the capture engine, and a real
 headless-Chromium session (skipped when Debian's chromium / chromium-driver or selenium are missing)."""
+
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import shutil
 import tempfile
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHORT_SENTENCES
 
 import attnlab
 from attnlab.apps import figures, ids
@@ -22,7 +23,6 @@ from attnlab.apps.callbacks import headmap, pattern, runs, tokens
 from attnlab.apps.live import LiveModels
 from attnlab.capture import Capture
 from attnlab.errors import AttnlabError
-from conftest import SHORT_SENTENCES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,9 @@ def test_catalog_lists_only_runs_inside_the_directory(app_state):
     assert app_state.catalog.names() == ["tiny"]  # not the plain directory, not the symlink that leaves runs_dir
 
 
-@pytest.mark.parametrize("name", ["../outside", "/etc", "tiny/../tiny", "escape", "not-a-run", "tiny/run.json", "", None, 3, "..", "."])
+@pytest.mark.parametrize(
+    "name", ["../outside", "/etc", "tiny/../tiny", "escape", "not-a-run", "tiny/run.json", "", None, 3, "..", "."]
+)
 def test_run_names_that_are_not_runs_are_refused(app_state, name):
     with pytest.raises(AttnlabError):
         app_state.catalog.open(name)
@@ -77,7 +79,10 @@ def test_result_names_are_checked_against_the_run(app_state):
 def test_run_selection_fills_the_views(app_state):
     info, head_opts, head_value, tok_opts, tok_value, prompt_opts, prompt_value = runs.run_selected("tiny", app_state)
     assert "llama-gqa" in info
-    assert head_value == "first_token_sink" and {o["value"] for o in head_opts} >= {"first_token_sink", "act_first_score"}
+    assert head_value == "first_token_sink" and {o["value"] for o in head_opts} >= {
+        "first_token_sink",
+        "act_first_score",
+    }
     assert tok_value is not None and all(o["value"].startswith("act_sink_tokens") for o in tok_opts)
     assert [o["value"] for o in prompt_opts] == ["0", "1", runs.TYPED] and prompt_value == "0"
 
@@ -87,11 +92,24 @@ def test_run_selection_fills_the_views(app_state):
 
 def test_head_click_selects_that_head(app_state):
     click = {"points": [{"x": "H3", "y": "L1", "z": 0.2}]}
-    assert headmap.select_head(ids.HEAD_MAP, click, "tiny", "first_token_sink", {"layer": 0, "head": 0}, app_state) == {"layer": 1, "head": 3}
+    assert headmap.select_head(ids.HEAD_MAP, click, "tiny", "first_token_sink", {"layer": 0, "head": 0}, app_state) == {
+        "layer": 1,
+        "head": 3,
+    }
     assert headmap.head_label({"layer": 1, "head": 3}) == "selected head: L1H3"
 
 
-@pytest.mark.parametrize("click", [None, {}, {"points": []}, {"points": [{"x": "H99", "y": "L0"}]}, {"points": [{"x": "L1", "y": "H1"}]}, {"points": [{"x": "H1"}]}])
+@pytest.mark.parametrize(
+    "click",
+    [
+        None,
+        {},
+        {"points": []},
+        {"points": [{"x": "H99", "y": "L0"}]},
+        {"points": [{"x": "L1", "y": "H1"}]},
+        {"points": [{"x": "H1"}]},
+    ],
+)
 def test_bad_or_out_of_range_clicks_keep_the_selection(app_state, click):
     current = {"layer": 0, "head": 1}
     assert headmap.select_head(ids.HEAD_MAP, click, "tiny", "first_token_sink", current, app_state) == current
@@ -99,8 +117,11 @@ def test_bad_or_out_of_range_clicks_keep_the_selection(app_state, click):
 
 def test_new_score_selects_its_strongest_head(app_state):
     scores = app_state.catalog.result("tiny", "first_token_sink", "head_scores")
-    (layer, head), = scores.top_heads(1)
-    assert headmap.select_head(ids.HEAD_RESULT, None, "tiny", "first_token_sink", None, app_state) == {"layer": layer, "head": head}
+    ((layer, head),) = scores.top_heads(1)
+    assert headmap.select_head(ids.HEAD_RESULT, None, "tiny", "first_token_sink", None, app_state) == {
+        "layer": layer,
+        "head": head,
+    }
 
 
 def test_head_map_is_the_notebook_figure(app_state):
@@ -179,7 +200,9 @@ def test_failed_live_run_shows_a_message_not_a_traceback(tiny_runs):
 
 def test_prompt_limits_and_busy_state(app_state):
     live = app_state.live
-    _, msg = pattern.pattern_figure("tiny", {"layer": 0, "head": 0}, runs.TYPED, "x" * (live.max_chars + 1), 0, None, app_state)
+    _, msg = pattern.pattern_figure(
+        "tiny", {"layer": 0, "head": 0}, runs.TYPED, "x" * (live.max_chars + 1), 0, None, app_state
+    )
     assert "limit is" in msg
     _, msg = pattern.pattern_figure("tiny", {"layer": 0, "head": 0}, runs.TYPED, "   ", 0, None, app_state)
     assert "type a prompt" in msg
@@ -261,7 +284,14 @@ def test_head_map_difference_of_two_runs(compare_state):
     # the reverse comparison flips the sign; a click on the difference map selects a head as on a plain map
     rev, _ = headmap.head_figure("base", "first_token_sink", compare_state, "shifted")
     np.testing.assert_allclose(np.asarray(rev.data[0].z, dtype=float), -want, atol=1e-6)
-    assert headmap.select_head(ids.HEAD_MAP, {"points": [{"x": fig.data[0].x[2], "y": fig.data[0].y[1]}]}, "shifted", "first_token_sink", None, compare_state) == {"layer": 1, "head": 2}
+    assert headmap.select_head(
+        ids.HEAD_MAP,
+        {"points": [{"x": fig.data[0].x[2], "y": fig.data[0].y[1]}]},
+        "shifted",
+        "first_token_sink",
+        None,
+        compare_state,
+    ) == {"layer": 1, "head": 2}
 
 
 def test_compare_with_nothing_or_itself_is_the_plain_map(compare_state):
@@ -271,7 +301,10 @@ def test_compare_with_nothing_or_itself_is_the_plain_map(compare_state):
         assert msg == "" and fig.to_json() == plain
 
 
-@pytest.mark.parametrize("compare,expect", [("other-grid", "cannot compare head grids"), ("../base", "no run named"), ("nope", "no run named")])
+@pytest.mark.parametrize(
+    "compare,expect",
+    [("other-grid", "cannot compare head grids"), ("../base", "no run named"), ("nope", "no run named")],
+)
 def test_bad_comparisons_give_a_message(compare_state, compare, expect):
     fig, msg = headmap.head_figure("base", "first_token_sink", compare_state, compare)
     assert expect in msg and len(fig.data) == 0
@@ -329,7 +362,12 @@ def test_pattern_view_toggles_to_the_query_row(app_state):
     row, msg = pattern.pattern_figure("tiny", selected, "1", None, 0, None, app_state, "row", 5)
     assert msg == "" and row.layout.meta["query"] == 5
     np.testing.assert_allclose(np.asarray(row.data[0].z, dtype=np.float32)[0], weights[5, :6], atol=1e-6)
-    assert list(row.data[0].x) == [f"{i}:{t}" for i, t in enumerate(app_state.live.pattern(info["model"]["name"], app_state.live.run_prompt_ids(info, 1), 1, 2).tokens[:6])]
+    assert list(row.data[0].x) == [
+        f"{i}:{t}"
+        for i, t in enumerate(
+            app_state.live.pattern(info["model"]["name"], app_state.live.run_prompt_ids(info, 1), 1, 2).tokens[:6]
+        )
+    ]
     for bad in (n, -1):
         fig, msg = pattern.pattern_figure("tiny", selected, "1", None, 0, None, app_state, "row", bad)
         assert "outside the prompt" in msg and len(fig.data) == 0
@@ -337,7 +375,13 @@ def test_pattern_view_toggles_to_the_query_row(app_state):
 
 @pytest.mark.parametrize(
     "click,mode,want",
-    [({"points": [{"y": "12:The", "x": "3:a"}]}, "pattern", 12), ({"points": [{"y": "40-47:the…"}]}, "pattern", 40), ({"points": [{"y": "12:The"}]}, "row", 7), (None, "pattern", 7), ({"points": [{"y": "L1"}]}, "pattern", 7)],
+    [
+        ({"points": [{"y": "12:The", "x": "3:a"}]}, "pattern", 12),
+        ({"points": [{"y": "40-47:the…"}]}, "pattern", 40),
+        ({"points": [{"y": "12:The"}]}, "row", 7),
+        (None, "pattern", 7),
+        ({"points": [{"y": "L1"}]}, "pattern", 7),
+    ],
 )
 def test_a_click_on_a_pattern_row_picks_that_query_row(click, mode, want):
     assert pattern.row_from_click(click, mode, 7) == want
@@ -359,8 +403,17 @@ def test_twenty_concurrent_clients_get_no_errors(compare_state, loaded):
     app = create_app(compare_state.catalog.runs_dir, live_model=live)
     with loadtest.ServedApp(app.server) as served:
         assert served.url.startswith("http://127.0.0.1:")
-        bodies = loadtest.page_bodies(loadtest.dependencies(served.url), "shifted", "first_token_sink", compare="base", head={"layer": 1, "head": 2})
-        for name, body in bodies.items():  # each body is a valid callback: it answers alone first (and warms the q/k cache)
+        bodies = loadtest.page_bodies(
+            loadtest.dependencies(served.url),
+            "shifted",
+            "first_token_sink",
+            compare="base",
+            head={"layer": 1, "head": 2},
+        )
+        for (
+            name,
+            body,
+        ) in bodies.items():  # each body is a valid callback: it answers alone first (and warms the q/k cache)
             sample = loadtest.timed(name, served.url + loadtest.UPDATE, body, 30)
             assert sample.status == 200 and not sample.error, (name, sample)
         report = loadtest.run_load(served.url, bodies, clients=20, rounds=2, timeout=30)
@@ -378,7 +431,17 @@ def test_twenty_concurrent_clients_get_no_errors(compare_state, loaded):
 # ---- a real browser ---------------------------------------------------------------------------------------------
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1300,2600")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1300,2600",
+)
 
 
 @contextlib.contextmanager
@@ -386,7 +449,9 @@ def headless_chromium():
     """A headless Debian Chromium driven by selenium, with its own throw-away profile; skips the test where the
     browser, its driver or selenium are missing."""
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install -y chromium chromium-driver)")
+        pytest.skip(
+            "Debian's chromium and chromium-driver are not installed (apt-get install -y chromium chromium-driver)"
+        )
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     from selenium.webdriver.chrome.service import Service
 
@@ -421,7 +486,13 @@ def organism_app(tmp_path_factory):
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     root = tmp_path_factory.mktemp("organism-runs")
     model = attnlab.load("organism-lm")
-    attnlab.scan(model, "first_token_sink,act_sinks,previous_token", DATASETS["prose"](model, 2, 0), out=root / "organism-lm", progress=False)
+    attnlab.scan(
+        model,
+        "first_token_sink,act_sinks,previous_token",
+        DATASETS["prose"](model, 2, 0),
+        out=root / "organism-lm",
+        progress=False,
+    )
     live = LiveModels()
     live.preload("organism-lm", model)
     server = make_server("127.0.0.1", 0, create_app(root, live_model=live).server, threaded=True)
@@ -494,7 +565,11 @@ def test_browser_click_a_head_and_switch_token_score(browser, organism_app):
     before = _text(d, f"#{ids.TOKEN_STRIP} .gtitle")
     d.find_element("id", ids.TOKEN_RESULT).click()
     options = _wait(d, lambda d: d.find_elements("css selector", "[role=option]"), 10, "token score options")
-    choice = next(o for o in options if o.text and o.text not in before and not o.find_elements("xpath", f"ancestor::*[@id='{ids.PATTERN_MODE}']"))
+    choice = next(
+        o
+        for o in options
+        if o.text and o.text not in before and not o.find_elements("xpath", f"ancestor::*[@id='{ids.PATTERN_MODE}']")
+    )
     name = choice.text
     choice.click()
     _wait(d, lambda d: _text(d, f"#{ids.TOKEN_STRIP} .gtitle").startswith(name), 10, f"token strip of {name}")

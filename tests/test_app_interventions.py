@@ -1,6 +1,7 @@
 """The app's interventions view: ``compare`` on the tiny checkpoints (neutral parameters change nothing; a head-
 specific edit shows up only in the heads it touches), the callback functions, the registry read on every page load,
 and a headless-Chromium session on organism-lm (pick a method, run it, see both outputs and the difference figure)."""
+
 from __future__ import annotations
 
 import re
@@ -42,7 +43,10 @@ def iv_state(tmp_path_factory, llama):
 # ---- compare: neutral parameters and head-specific edits -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,params", [("zerotuning", "gamma=1 heads=[[1,0],[1,1],[0,2]]"), ("act", "beta=1 heads=[[1,0],[1,1]] threshold=0.0")])
+@pytest.mark.parametrize(
+    "method,params",
+    [("zerotuning", "gamma=1 heads=[[1,0],[1,1],[0,2]]"), ("act", "beta=1 heads=[[1,0],[1,1]] threshold=0.0")],
+)
 def test_neutral_parameters_change_nothing(llama, method, params):
     iv = ivapp.prepare(llama, method, params)
     res = ivapp.compare(llama, iv, PROMPT, head=(1, 0), max_new_tokens=3)
@@ -72,7 +76,9 @@ def test_softpag_guidance_shows_the_perturbed_map(llama):
     """SoftPAG decoding runs a clean and a head-perturbed pass per forward: the view shows the perturbed map of the
     touched head (u = 1: the identity, so the difference is I - A there), nothing in an untouched head; u = 0 is
     neutral in outputs, probability and pattern."""
-    neutral = ivapp.compare(llama, ivapp.prepare(llama, "softpag", "heads=[[1,0]] u=0 scale=2"), PROMPT, head=(1, 0), max_new_tokens=2)
+    neutral = ivapp.compare(
+        llama, ivapp.prepare(llama, "softpag", "heads=[[1,0]] u=0 scale=2"), PROMPT, head=(1, 0), max_new_tokens=2
+    )
     assert neutral.delta_p == pytest.approx(0.0, abs=1e-6) and np.abs(neutral.pattern_difference).max() <= 1e-6
     iv = ivapp.prepare(llama, "softpag", "heads=[[1,0]] u=1 scale=2")
     touched = ivapp.compare(llama, iv, PROMPT, head=(1, 0), max_new_tokens=1)
@@ -108,7 +114,9 @@ def test_difference_figure_is_the_result_plot(llama):
     assert meta["max_abs_difference"] == pytest.approx(float(np.abs(res.pattern_difference).max()))
     np.testing.assert_allclose(np.asarray(fig.data[0].z), res.pattern_difference, atol=1e-7)
     assert fig.data[0].zmid == 0.0
-    small = figures.attention_difference(res.pattern_baseline, res.pattern_intervened, res.tokens, layer=1, head=2, max_size=4)
+    small = figures.attention_difference(
+        res.pattern_baseline, res.pattern_intervened, res.tokens, layer=1, head=2, max_size=4
+    )
     assert np.asarray(small.data[0].z).shape == (4, 4) and "blocks" in small.layout.title.text
     with pytest.raises(ValueError):
         figures.attention_difference(np.zeros((3, 3)), np.zeros((4, 4)), ["a"] * 4, layer=0, head=0)
@@ -118,7 +126,12 @@ def test_difference_figure_is_the_result_plot(llama):
 
 
 def test_split_params_keeps_json_lists_whole():
-    assert ivapp.split_params("beta=0.4  heads=[[3, 0], [3, 1]];threshold=0.1\nlayers=[2, 3]") == ["beta=0.4", "heads=[[3, 0], [3, 1]]", "threshold=0.1", "layers=[2, 3]"]
+    assert ivapp.split_params("beta=0.4  heads=[[3, 0], [3, 1]];threshold=0.1\nlayers=[2, 3]") == [
+        "beta=0.4",
+        "heads=[[3, 0], [3, 1]]",
+        "threshold=0.1",
+        "layers=[2, 3]",
+    ]
     assert ivapp.split_params("") == [] and ivapp.split_params(None) == []
     with pytest.raises(AttnlabError):
         ivapp.split_params("x=" + "1" * 5000)
@@ -161,7 +174,13 @@ def test_methods_are_read_from_the_registry_on_each_page_load(iv_state, monkeypa
 def _walk(component):
     yield component
     children = getattr(component, "children", None)
-    for child in children if isinstance(children, list) else [children] if children is not None and not isinstance(children, str) else []:
+    for child in (
+        children
+        if isinstance(children, list)
+        else [children]
+        if children is not None and not isinstance(children, str)
+        else []
+    ):
         yield from _walk(child)
 
 
@@ -176,7 +195,9 @@ def test_method_info_says_whether_it_runs(iv_state):
 
 
 def test_run_button_draws_both_outputs_and_the_difference(iv_state, llama):
-    fig, outputs, msg = ivcb.comparison(1, "tiny", {"layer": 1, "head": 1}, "zerotuning", "gamma=3 heads=[[1,1]]", PROMPT, "", iv_state)
+    fig, outputs, msg = ivcb.comparison(
+        1, "tiny", {"layer": 1, "head": 1}, "zerotuning", "gamma=3 heads=[[1,1]]", PROMPT, "", iv_state
+    )
     assert msg == "", msg
     assert fig.layout.meta["head_label"] == "L1H1" and fig.layout.meta["max_abs_difference"] > 1e-3
     table, line = outputs.children
@@ -219,8 +240,9 @@ def test_browser_interventions_view(tmp_path_factory):
     attention difference of the selected head; then pick VHR and read why it is unavailable; then pick the
     ZeroTuning that the runs directory holds fitted on organism-lm (``attnlab intervene --out zt-organism`` leaves
     ``zt-organism/intervention/``), run it, and see it labelled "(fitted: zt-organism)" with no path in the page."""
-    from attnlab.models.bundled import bundled_path
     from test_app import CHROMEDRIVER, CHROMIUM, _shot, _text, _wait
+
+    from attnlab.models.bundled import bundled_path
 
     if bundled_path("organism-lm") is None:
         pytest.skip("organism-lm is not bundled")
@@ -248,13 +270,19 @@ def test_browser_interventions_view(tmp_path_factory):
     assert "baseline" in seen["outputs"] and "zerotuning" in seen["outputs"] and "p " in seen["outputs"]
     assert "cannot run here" in seen["vhr"]
     fitted = seen["fitted"]
-    assert fitted["info"].startswith("zerotuning fitted by 'attnlab intervene' (run zt-organism)") and fitted["info"].endswith("available on this model")
+    assert fitted["info"].startswith("zerotuning fitted by 'attnlab intervene' (run zt-organism)") and fitted[
+        "info"
+    ].endswith("available on this model")
     assert fitted["params"] == "" and fitted["status"] == ""
     title = fitted["figure"]
     assert title.startswith("L") and "zerotuning (fitted: zt-organism) − baseline" in title and "organism-lm" in title
-    assert float(re.search(r"max \|Δ\| ([0-9.]+)", title).group(1)) > 1e-4, title  # gamma=2 on every head moves the drawn one
+    assert float(re.search(r"max \|Δ\| ([0-9.]+)", title).group(1)) > 1e-4, (
+        title
+    )  # gamma=2 on every head moves the drawn one
     rows = fitted["outputs"].splitlines()
-    assert any(r.startswith("baseline") for r in rows) and any(r.startswith("zerotuning (fitted: zt-organism)") for r in rows), rows
+    assert any(r.startswith("baseline") for r in rows) and any(
+        r.startswith("zerotuning (fitted: zt-organism)") for r in rows
+    ), rows
     assert "a head the intervention edits" in fitted["outputs"] and "p " in fitted["outputs"]
     for page in (fitted["page"], fitted["outputs"], fitted["info"], title):
         assert str(root) not in page and str(tmp_path_factory.getbasetemp()) not in page and "Traceback" not in page
@@ -269,25 +297,39 @@ def _browser_session(url, _text, _wait, _shot):
         _wait(d, lambda d: "organism-lm" in _text(d, f"#{ids.RUN_INFO}"), what="run info")
         _wait(d, lambda d: _text(d, f"#{ids.PATTERN} .gtitle").startswith("L"), 60, "a head is selected")
         d.find_element("id", ids.IV_METHOD).click()
-        _wait(d, lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == "zerotuning"], 10, "method option")[0].click()
+        _wait(
+            d,
+            lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == "zerotuning"],
+            10,
+            "method option",
+        )[0].click()
         _wait(d, lambda d: "available on this model" in _text(d, f"#{ids.IV_INFO}"), 20, "zerotuning available")
         params = d.find_element("id", ids.IV_PARAMS)
         params.send_keys(Keys.CONTROL, "a")
         params.send_keys(Keys.BACKSPACE)
         params.send_keys("gamma=3")
-        d.find_element("id", ids.IV_PROMPT).send_keys("The secret KEY code is 482.\nQuestion: What is the secret KEY code?\nAnswer:")
+        d.find_element("id", ids.IV_PROMPT).send_keys(
+            "The secret KEY code is 482.\nQuestion: What is the secret KEY code?\nAnswer:"
+        )
         d.find_element("id", ids.IV_ANSWER).send_keys("482")
         d.find_element("id", ids.IV_RUN).click()
         try:
             _wait(d, lambda d: "baseline" in _text(d, f"#{ids.IV_FIGURE} .gtitle"), 60, "attention difference")
         except AssertionError:
-            raise AssertionError(f"no attention difference; status {_text(d, f'#{ids.IV_STATUS}')!r}, info {_text(d, f'#{ids.IV_INFO}')!r}") from None
+            raise AssertionError(
+                f"no attention difference; status {_text(d, f'#{ids.IV_STATUS}')!r}, info {_text(d, f'#{ids.IV_INFO}')!r}"
+            ) from None
         assert _text(d, f"#{ids.IV_STATUS}") == ""
         outputs = _text(d, f"#{ids.IV_OUTPUTS}")
         _shot(d, ids.IV_VIEW, "interventions")
         figure = _text(d, f"#{ids.IV_FIGURE} .gtitle")
         d.find_element("id", ids.IV_METHOD).click()
-        _wait(d, lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == "vhr"], 10, "vhr option")[0].click()
+        _wait(
+            d,
+            lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == "vhr"],
+            10,
+            "vhr option",
+        )[0].click()
         _wait(d, lambda d: "cannot run here" in _text(d, f"#{ids.IV_INFO}"), 20, "vhr unavailable")
         assert "Traceback" not in d.page_source
         vhr = _text(d, f"#{ids.IV_INFO}")
@@ -301,15 +343,38 @@ def _run_fitted(d, name, _text, _wait):
     d.find_element("id", ids.IV_METHOD).click()
     search = _wait(d, lambda d: d.find_element("css selector", "input.dash-dropdown-search"), 10, "method search box")
     search.send_keys(name)
-    option = _wait(d, lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == label], 10, "fitted option")[0]
+    option = _wait(
+        d,
+        lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == label],
+        10,
+        "fitted option",
+    )[0]
     d.execute_script("arguments[0].scrollIntoView({block: 'nearest'});", option)
     option.click()
-    _wait(d, lambda d: "fitted by 'attnlab intervene'" in _text(d, f"#{ids.IV_INFO}") and "available on this model" in _text(d, f"#{ids.IV_INFO}"), 20, "fitted intervention available")
+    _wait(
+        d,
+        lambda d: (
+            "fitted by 'attnlab intervene'" in _text(d, f"#{ids.IV_INFO}")
+            and "available on this model" in _text(d, f"#{ids.IV_INFO}")
+        ),
+        20,
+        "fitted intervention available",
+    )
     d.find_element("id", ids.IV_RUN).click()
     try:
-        _wait(d, lambda d: f"(fitted: {name})" in _text(d, f"#{ids.IV_FIGURE} .gtitle") and f"(fitted: {name})" in _text(d, f"#{ids.IV_OUTPUTS}"), 60, "fitted attention difference")
+        _wait(
+            d,
+            lambda d: (
+                f"(fitted: {name})" in _text(d, f"#{ids.IV_FIGURE} .gtitle")
+                and f"(fitted: {name})" in _text(d, f"#{ids.IV_OUTPUTS}")
+            ),
+            60,
+            "fitted attention difference",
+        )
     except AssertionError:
-        raise AssertionError(f"no fitted difference; status {_text(d, f'#{ids.IV_STATUS}')!r}, info {_text(d, f'#{ids.IV_INFO}')!r}") from None
+        raise AssertionError(
+            f"no fitted difference; status {_text(d, f'#{ids.IV_STATUS}')!r}, info {_text(d, f'#{ids.IV_INFO}')!r}"
+        ) from None
     return {
         "info": _text(d, f"#{ids.IV_INFO}"),
         "params": d.find_element("id", ids.IV_PARAMS).get_attribute("value"),
@@ -333,9 +398,13 @@ def test_twenty_clients_on_the_interventions_and_ablation_views(iv_state, llama)
     live.preload(llama.name, llama)
     app = create_app(iv_state.catalog.runs_dir, live_model=live)
     with loadtest.ServedApp(app.server) as served:
-        bodies = loadtest.view_bodies(loadtest.dependencies(served.url), "tiny", head={"layer": 1, "head": 0},
-                                      intervention={"method": "zerotuning", "params": "gamma=2 heads=[[1,0]]", "prompt": PROMPT},
-                                      ablation={"source": "selected", "k": 1, "metric": "logprob", "seeds": 1})
+        bodies = loadtest.view_bodies(
+            loadtest.dependencies(served.url),
+            "tiny",
+            head={"layer": 1, "head": 0},
+            intervention={"method": "zerotuning", "params": "gamma=2 heads=[[1,0]]", "prompt": PROMPT},
+            ablation={"source": "selected", "k": 1, "metric": "logprob", "seeds": 1},
+        )
         assert sorted(bodies) == ["ablation", "intervention", "intervention_info"]
         for name, status in (("intervention", ids.IV_STATUS), ("ablation", ids.ABL_STATUS)):
             out = loadtest.callback_response(served.url, bodies[name])
@@ -370,14 +439,18 @@ def fitted(tmp_path_factory, llama, loaded):
 
     root = tmp_path_factory.mktemp("iv-fitted-runs")
     attnlab.scan(llama, "first_token_sink", DATASETS["prose"](llama, 1, 0), out=root / "tiny", progress=False)
-    si = SoftInjection(n_prompts=4, n_shots=2, n_steps=4, val_every=2, n_val=3, top_k=3).fit(llama, {"train": SI_PAIRS[:9], "valid": SI_PAIRS[9:]}, split="toy-caps")
+    si = SoftInjection(n_prompts=4, n_shots=2, n_steps=4, val_every=2, n_val=3, top_k=3).fit(
+        llama, {"train": SI_PAIRS[:9], "valid": SI_PAIRS[9:]}, split="toy-caps"
+    )
     si.save(root / "site-llama" / "intervention")
     ZeroTuning(gamma=2.0).fit(loaded("gpt2"), None, split="none").save(root / "zt-gpt2" / "intervention")
     (root / "broken" / "intervention").mkdir(parents=True)
     (root / "broken" / "intervention" / "intervention.json").write_text("{not json")
     meta = json.loads((root / "site-llama" / "intervention" / "intervention.json").read_text())
     (root / "alien" / "intervention").mkdir(parents=True)
-    (root / "alien" / "intervention" / "intervention.json").write_text(json.dumps({**meta, "class": "attnlab_no_such_module.Evil"}))
+    (root / "alien" / "intervention" / "intervention.json").write_text(
+        json.dumps({**meta, "class": "attnlab_no_such_module.Evil"})
+    )
     shutil.copytree(root / "site-llama", root / "bad-arrays")
     (root / "bad-arrays" / "intervention" / "arrays.safetensors").write_bytes(b"\x00garbage" * 10)
     outside = tmp_path_factory.mktemp("iv-outside")
@@ -396,13 +469,23 @@ def test_fitted_interventions_are_listed_by_run_name(fitted):
     options = ivapp.method_options(state.catalog)
     assert options[: len(INTERVENTIONS)] == [{"label": n, "value": n} for n in INTERVENTIONS]
     extra = {o["value"]: o["label"] for o in options[len(INTERVENTIONS) :]}
-    assert extra["fitted:site-llama"] == "soft-injection (fitted: site-llama)" and extra["fitted:zt-gpt2"] == "zerotuning (fitted: zt-gpt2)"
+    assert (
+        extra["fitted:site-llama"] == "soft-injection (fitted: site-llama)"
+        and extra["fitted:zt-gpt2"] == "zerotuning (fitted: zt-gpt2)"
+    )
     assert extra["fitted:broken"] == "? (fitted: broken)" and extra["fitted:alien"] == "? (fitted: alien)"
     dropdown = next(c for c in _walk(build_layout(state)) if getattr(c, "id", None) == ids.IV_METHOD)
     assert dropdown.options == options and str(root) not in str(options) and str(outside) not in str(options)
     params, info = ivcb.method_info("fitted:site-llama", "tiny", state)
-    assert params == "" and info.startswith("soft-injection fitted by 'attnlab intervene' (run site-llama) on toy-caps (n=12) for llama-gqa")
-    assert info.endswith("available on this model") and "\n" not in info and 'cue="\\nA:"' in info and str(root) not in info
+    assert params == "" and info.startswith(
+        "soft-injection fitted by 'attnlab intervene' (run site-llama) on toy-caps (n=12) for llama-gqa"
+    )
+    assert (
+        info.endswith("available on this model")
+        and "\n" not in info
+        and 'cue="\\nA:"' in info
+        and str(root) not in info
+    )
 
 
 def test_comparing_with_a_fitted_intervention_equals_comparing_with_the_object(fitted, llama):
@@ -410,18 +493,44 @@ def test_comparing_with_a_fitted_intervention_equals_comparing_with_the_object(f
     loaded_iv = ivapp.load_fitted(state.catalog, "site-llama", llama.name)
     assert type(loaded_iv) is type(si) and loaded_iv is not si
     np.testing.assert_array_equal(loaded_iv.theta_, si.theta_)
-    via_app = ivapp.run_comparison(state.live, llama.name, "fitted:site-llama", "", SI_PROMPT, "DOG", (1, 0), catalog=state.catalog, max_new_tokens=3)
+    via_app = ivapp.run_comparison(
+        state.live,
+        llama.name,
+        "fitted:site-llama",
+        "",
+        SI_PROMPT,
+        "DOG",
+        (1, 0),
+        catalog=state.catalog,
+        max_new_tokens=3,
+    )
     direct = ivapp.compare(llama, si, SI_PROMPT, "DOG", (1, 0), max_new_tokens=3)
     # the fitted injection changes the (random, near-uniform) model: the answer probability and the last query row of a
     # later layer's pattern move, so the equality below is informative
-    assert abs(direct.delta_p) > 1e-6 and np.abs(direct.pattern_difference[-1]).max() > 1e-5, (direct.delta_p, np.abs(direct.pattern_difference).max())
+    assert abs(direct.delta_p) > 1e-6 and np.abs(direct.pattern_difference[-1]).max() > 1e-5, (
+        direct.delta_p,
+        np.abs(direct.pattern_difference).max(),
+    )
     assert via_app.method == "soft-injection (fitted: site-llama)" and direct.method == "soft-injection"
-    for f in ("p_baseline", "p_intervened", "output_baseline", "output_intervened", "top_intervened", "answer_token", "tokens", "params"):
+    for f in (
+        "p_baseline",
+        "p_intervened",
+        "output_baseline",
+        "output_intervened",
+        "top_intervened",
+        "answer_token",
+        "tokens",
+        "params",
+    ):
         assert getattr(via_app, f) == getattr(direct, f), f
     np.testing.assert_array_equal(via_app.pattern_intervened, direct.pattern_intervened)
-    fig, outputs, msg = ivcb.comparison(1, "tiny", {"layer": 1, "head": 0}, "fitted:site-llama", "", SI_PROMPT, "DOG", state)
+    fig, outputs, msg = ivcb.comparison(
+        1, "tiny", {"layer": 1, "head": 0}, "fitted:site-llama", "", SI_PROMPT, "DOG", state
+    )
     assert msg == "", msg
-    assert "soft-injection (fitted: site-llama)" in str(outputs) and str(root) not in str(outputs) + fig.layout.title.text
+    assert (
+        "soft-injection (fitted: site-llama)" in str(outputs) and str(root) not in str(outputs) + fig.layout.title.text
+    )
     assert fig.layout.meta["method"] == "soft-injection (fitted: site-llama)"
 
 

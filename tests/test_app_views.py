@@ -1,6 +1,7 @@
 """The app's ablation-scoring, vision and token views: plain callback functions on bundled organisms (a small NIAH scan
 of organism-lm made with ``attnlab scan``, a two-image shape-scene scan of organism-vlm, a preplan/anchor scan of
 organism-lm on arithmetic), plus the shared figure."""
+
 from __future__ import annotations
 
 import base64
@@ -20,7 +21,9 @@ from attnlab.apps.vision import decode_upload
 from attnlab.datasets import shape_prompt_set
 from attnlab.models.bundled import bundled_path
 
-pytestmark = pytest.mark.skipif(bundled_path("organism-lm") is None or bundled_path("organism-vlm") is None, reason="organisms not bundled")
+pytestmark = pytest.mark.skipif(
+    bundled_path("organism-lm") is None or bundled_path("organism-vlm") is None, reason="organisms not bundled"
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +36,30 @@ def views(tmp_path_factory):
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("view-runs")
-    assert main(["scan", "--model", "organism-lm", "--probes", "first_token_sink,retrieval_heads", "--dataset", "niah", "--n-prompts", "2", "--out", str(root / "niah"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "scan",
+                "--model",
+                "organism-lm",
+                "--probes",
+                "first_token_sink,retrieval_heads",
+                "--dataset",
+                "niah",
+                "--n-prompts",
+                "2",
+                "--out",
+                str(root / "niah"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     lm, vlm = attnlab.load("organism-lm"), attnlab.load("organism-vlm")
     attnlab.scan(lm, "first_token_sink", DATASETS["prose"](lm, 1, 0), out=root / "prose", progress=False)
-    attnlab.scan(lm, "preplan_anchor", DATASETS["arithmetic"](lm, 4, 0), out=root / "preplan", progress=False)  # = the CLI command above
+    attnlab.scan(
+        lm, "preplan_anchor", DATASETS["arithmetic"](lm, 4, 0), out=root / "preplan", progress=False
+    )  # = the CLI command above
     attnlab.scan(vlm, "first_token_sink", shape_prompt_set("attribute", 2, 0), out=root / "shapes", progress=False)
     live = LiveModels(wait_s=5.0)
     live.preload("organism-lm", lm)
@@ -64,7 +87,9 @@ def test_ablation_bars_shows_drops_and_the_random_interval():
     assert lo <= meta["random_drop"] <= hi and lo >= (10.0 - rand).min() - 1e-9 and hi <= (10.0 - rand).max() + 1e-9
     bar = fig.data[0]
     assert list(bar.y) == pytest.approx([6.0, 10.0 - rand.mean()])
-    assert bar.error_y.array[1] == pytest.approx(hi - meta["random_drop"]) and bar.error_y.arrayminus[1] == pytest.approx(meta["random_drop"] - lo)
+    assert bar.error_y.array[1] == pytest.approx(hi - meta["random_drop"]) and bar.error_y.arrayminus[
+        1
+    ] == pytest.approx(meta["random_drop"] - lo)
     np.testing.assert_allclose(sorted(fig.data[1].y), sorted(10.0 - rand))  # each random set is a dot
     assert meta["p_value"] == pytest.approx(1 / 5)  # the top set drops more than every random set
     with pytest.raises(ValueError):
@@ -76,7 +101,10 @@ def test_ablation_bars_shows_drops_and_the_random_interval():
 
 def test_metrics_offered_follow_the_run_dataset(views):
     state, *_ = views
-    assert ablation.metric_options("niah", state) == ([{"label": "answer log-prob (run prompts)", "value": "logprob"}, {"label": "NIAH accuracy", "value": "niah"}], "niah")
+    assert ablation.metric_options("niah", state) == (
+        [{"label": "answer log-prob (run prompts)", "value": "logprob"}, {"label": "NIAH accuracy", "value": "niah"}],
+        "niah",
+    )
     assert [o["value"] for o in ablation.metric_options("prose", state)[0]] == ["logprob"]
     assert ablation.metric_options("../niah", state) == ([], None)
 
@@ -97,7 +125,9 @@ def test_ablation_of_top_k_on_niah_accuracy(views):
 
 def test_ablation_of_the_selected_head_on_answer_logprob(views):
     state, lm, _ = views
-    fig, table, msg = ablation.ablation_result(1, "niah", {"layer": 3, "head": 5}, "first_token_sink", "selected", 7, "logprob", 2, state)
+    fig, table, msg = ablation.ablation_result(
+        1, "niah", {"layer": 3, "head": 5}, "first_token_sink", "selected", 7, "logprob", 2, state
+    )
     assert msg == "", msg
     assert fig.layout.meta["k"] == 1 and "L3H5" in fig.data[0].x[0]
     # the baseline is the run prompts' answer log-prob, computed here from the regenerated NIAH prompts
@@ -116,7 +146,9 @@ def test_ablation_of_the_selected_head_on_answer_logprob(views):
 def test_ablation_on_a_vlm_run_scores_answers_with_their_images(views):
     state, _, vlm = views
     assert [o["value"] for o in ablation.metric_options("shapes", state)[0]] == ["logprob"]
-    fig, table, msg = ablation.ablation_result(1, "shapes", {"layer": 0, "head": 1}, "first_token_sink", "selected", 1, "logprob", 1, state)
+    fig, table, msg = ablation.ablation_result(
+        1, "shapes", {"layer": 0, "head": 1}, "first_token_sink", "selected", 1, "logprob", 1, state
+    )
     assert msg == "", msg
     # independent baseline: each question with its own image, the answer from the prompt set appended
     ps = shape_prompt_set("attribute", 2, 0)
@@ -129,7 +161,11 @@ def test_ablation_on_a_vlm_run_scores_answers_with_their_images(views):
                 prompt = enc.input_ids[0, enc.real_slice(0)].tolist()
                 target = vlm.tokenizer(" " + m["answer"], add_special_tokens=False)["input_ids"]
                 ids_ = torch.tensor([prompt + target])
-                logp = vlm.forward(type(enc)(ids_, torch.ones_like(ids_), [0], enc.pixel_values))[0].float().log_softmax(-1)
+                logp = (
+                    vlm.forward(type(enc)(ids_, torch.ones_like(ids_), [0], enc.pixel_values))[0]
+                    .float()
+                    .log_softmax(-1)
+                )
                 want.append(sum(logp[len(prompt) + j - 1, t].item() for j, t in enumerate(target)))
         return float(np.mean(want))
 
@@ -139,11 +175,18 @@ def test_ablation_on_a_vlm_run_scores_answers_with_their_images(views):
 
 def test_runs_that_cannot_be_scored_say_why_in_one_line(views):
     state, *_ = views
-    custom_vlm = {"model": {"name": "organism-vlm", "modality": "vision-language"}, "dataset": {"name": "prompts.jsonl"}}
+    custom_vlm = {
+        "model": {"name": "organism-vlm", "modality": "vision-language"},
+        "dataset": {"name": "prompts.jsonl"},
+    }
     why = ablation.unavailable_reason(custom_vlm)
     assert "cannot be regenerated" in why and "images" in why and "\n" not in why
-    assert "shapes dataset" in ablation.unavailable_reason({"model": {"modality": "vision-language"}, "dataset": {"name": "prose(n=1,seed=0)"}})
-    assert ablation.metrics_for(custom_vlm) == [] and ablation.unavailable_reason(state.catalog.open("shapes").info) == ""
+    assert "shapes dataset" in ablation.unavailable_reason(
+        {"model": {"modality": "vision-language"}, "dataset": {"name": "prose(n=1,seed=0)"}}
+    )
+    assert (
+        ablation.metrics_for(custom_vlm) == [] and ablation.unavailable_reason(state.catalog.open("shapes").info) == ""
+    )
     # switching the run clears the view; a scorable run shows no message
     fig, table, msg = ablation.ablation_result(3, "shapes", None, None, "top", 2, "logprob", 2, state, ids.RUN_SELECT)
     assert table is None and msg == ""
@@ -231,7 +274,11 @@ def test_vision_view_on_an_uploaded_image(views):
     want = _image_attention(vlm, question, decode_upload(url), 2, 3)
     assert fig.layout.meta["total"] == pytest.approx(want, abs=1e-4)
     bad = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
-    for contents, expect in ((bad, "could not be read as an image"), ("data:image/png;base64,@@@", "not valid base64"), ("data:image/png;base64," + "A" * 3_000_000, "larger than")):
+    for contents, expect in (
+        (bad, "could not be read as an image"),
+        ("data:image/png;base64,@@@", "not valid base64"),
+        ("data:image/png;base64," + "A" * 3_000_000, "larger than"),
+    ):
         fig, msg = vision.vision_figure("shapes", {"layer": 2, "head": 3}, "upload", contents, question, state)
         assert expect in msg and len(fig.data) == 0
     fig, msg = vision.vision_figure("shapes", {"layer": 2, "head": 3}, "upload", url, "no image placeholder", state)
@@ -264,19 +311,24 @@ def test_browser_ablation_and_vision_views(views):
     import logging
     import threading
 
-    from werkzeug.serving import make_server
-
     from test_app import _shot, _text, _wait
+    from werkzeug.serving import make_server
 
     pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     state, *_ = views
     from attnlab.heads.runs import Run
 
     run = Run.open(state.catalog.runs_dir / "preplan")
-    marked = [n for n in run.names("token_scores") if run[n].marks.get("preplan") and run[n].marks.get("anchor") and n != run.names("token_scores")[0]]
+    marked = [
+        n
+        for n in run.names("token_scores")
+        if run[n].marks.get("preplan") and run[n].marks.get("anchor") and n != run.names("token_scores")[0]
+    ]
     assert marked, "the preplan/anchor scan marked no preplan and anchor tokens in any prompt but the first"
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = make_server("127.0.0.1", 0, create_app(state.catalog.runs_dir, live_model=state.live).server, threaded=True)
+    server = make_server(
+        "127.0.0.1", 0, create_app(state.catalog.runs_dir, live_model=state.live).server, threaded=True
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -291,7 +343,12 @@ def test_browser_ablation_and_vision_views(views):
 def _pick(d, _wait, dropdown_id, label):
     """Open a dash dropdown and click the option ``label``."""
     d.find_element("id", dropdown_id).click()
-    _wait(d, lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == label], 10, f"option {label}")[0].click()
+    _wait(
+        d,
+        lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == label],
+        10,
+        f"option {label}",
+    )[0].click()
 
 
 def _browser_session(url, _text, _wait, _shot, token_result):
@@ -303,21 +360,35 @@ def _browser_session(url, _text, _wait, _shot, token_result):
         assert not d.find_element("id", ids.VISION_VIEW).is_displayed()
         _wait(d, lambda d: "NIAH accuracy" in _text(d, f"#{ids.ABL_METRIC}"), 10, "NIAH metric offered")
         d.find_element("id", ids.HEAD_RESULT).click()  # take the top-k of the retrieval-head score
-        _wait(d, lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == "retrieval_heads"], 10, "score option")[0].click()
+        _wait(
+            d,
+            lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == "retrieval_heads"],
+            10,
+            "score option",
+        )[0].click()
         _wait(d, lambda d: _text(d, f"#{ids.HEAD_MAP} .gtitle").startswith("retrieval_heads"), 10, "retrieval head map")
         k = d.find_element("id", ids.ABL_K)
         k.clear()
         k.send_keys("8")
         d.find_element("id", ids.ABL_RUN).click()
-        _wait(d, lambda d: _text(d, f"#{ids.ABL_FIGURE} .gtitle").startswith("drop of NIAH accuracy"), 60, "ablation bars")
+        _wait(
+            d, lambda d: _text(d, f"#{ids.ABL_FIGURE} .gtitle").startswith("drop of NIAH accuracy"), 60, "ablation bars"
+        )
         assert "top_k" in _text(d, f"#{ids.ABL_TABLE}") and _text(d, f"#{ids.ABL_STATUS}") == ""
-        assert "p = 0.250" in _text(d, f"#{ids.ABL_FIGURE} .gtitle")  # the top set drops more than each of 3 random sets
+        assert "p = 0.250" in _text(
+            d, f"#{ids.ABL_FIGURE} .gtitle"
+        )  # the top set drops more than each of 3 random sets
         _shot(d, ids.ABLATION_VIEW, "ablation")
         ablation_title = _text(d, f"#{ids.ABL_FIGURE} .gtitle")
         # switch to the VLM run: the vision view appears with the overlay of the selected head
         _pick(d, _wait, ids.RUN_SELECT, "shapes")
         _wait(d, lambda d: d.find_element("id", ids.VISION_VIEW).is_displayed(), 10, "vision view shown")
-        _wait(d, lambda d: "attention over the image patches" in _text(d, f"#{ids.VISION_FIGURE} .gtitle"), 60, "image overlay")
+        _wait(
+            d,
+            lambda d: "attention over the image patches" in _text(d, f"#{ids.VISION_FIGURE} .gtitle"),
+            60,
+            "image overlay",
+        )
         assert _text(d, f"#{ids.VISION_STATUS}") == ""
         _shot(d, ids.VISION_VIEW, "vision")
         assert _text(d, f"#{ids.ABL_STATUS}") == ""  # the VLM run can be scored: no "why not" line
@@ -325,13 +396,33 @@ def _browser_session(url, _text, _wait, _shot, token_result):
         # the preplan/anchor run: switch the token score to a prompt's WAAD/FAI result, its marks are drawn
         _pick(d, _wait, ids.RUN_SELECT, "preplan")
         _wait(d, lambda d: not d.find_element("id", ids.VISION_VIEW).is_displayed(), 10, "vision view hidden")
-        _wait(d, lambda d: _text(d, f"#{ids.TOKEN_STRIP} .gtitle").startswith("preplan_anchor_tokens_"), 30, "first token score")
+        _wait(
+            d,
+            lambda d: _text(d, f"#{ids.TOKEN_STRIP} .gtitle").startswith("preplan_anchor_tokens_"),
+            30,
+            "first token score",
+        )
         _pick(d, _wait, ids.TOKEN_RESULT, token_result)
-        _wait(d, lambda d: _text(d, f"#{ids.TOKEN_STRIP} .gtitle").startswith(token_result), 30, f"token strip of {token_result}")
+        _wait(
+            d,
+            lambda d: _text(d, f"#{ids.TOKEN_STRIP} .gtitle").startswith(token_result),
+            30,
+            f"token strip of {token_result}",
+        )
         rows = [t.text for t in d.find_elements("css selector", f"#{ids.TOKEN_STRIP} .ytick")]
         assert "WAAD" in rows and "FAI" in rows, rows
-        marks = _wait(d, lambda d: [t.text for t in d.find_elements("css selector", f"#{ids.TOKEN_STRIP} .legendtext")], 10, "mark legend")
+        marks = _wait(
+            d,
+            lambda d: [t.text for t in d.find_elements("css selector", f"#{ids.TOKEN_STRIP} .legendtext")],
+            10,
+            "mark legend",
+        )
         assert _text(d, f"#{ids.TOKEN_STATUS}") == ""
         _shot(d, ids.TOKENS_VIEW, "tokens_preplan")
         assert "Traceback" not in d.page_source
-        return {"ablation": ablation_title, "vision": vision_title, "tokens": _text(d, f"#{ids.TOKEN_STRIP} .gtitle"), "marks": marks}
+        return {
+            "ablation": ablation_title,
+            "vision": vision_title,
+            "tokens": _text(d, f"#{ids.TOKEN_STRIP} .gtitle"),
+            "marks": marks,
+        }

@@ -1,12 +1,13 @@
 """The capture engine: eager and fused attention paths agree; GQA, padding and chunking are handled."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ALL_ARCHS, SHORT_SENTENCES
 
 import attnlab
 from attnlab.capture import Capture, KeptLogits, attention_rows
-from conftest import ALL_ARCHS, SHORT_SENTENCES
 
 
 def _batch(m, padding_side="right"):
@@ -101,8 +102,8 @@ def test_left_padding_gives_the_same_scores_as_unpadded(loaded):
     for name in ("first_token_sink", "act_first_score", "previous_token", "induction"):
         assert abs(right[name].scores - single[name].scores).max() < 1e-5, name
     # left padding through the batch builder
-    from attnlab.probes.first_token_sink import FirstTokenSink
     from attnlab.probes.base import ProbeContext
+    from attnlab.probes.first_token_sink import FirstTokenSink
 
     ids = [m.token_ids(p) for p in prompts]
     probe = FirstTokenSink()

@@ -1,4 +1,5 @@
 """Head catalog: exact save/load round trips, atomic writes, run directories, head labels."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,17 @@ def _head_scores(name="probe_a"):
     rng = np.random.default_rng(0)
     s = rng.random((3, 4))
     s[1, 2] = np.nan
-    return HeadScores(scores=s, name=name, probe="p", params={"k": 2, "mode": "x"}, model="m", dataset="abc", n_kv_heads=2, extra={"counts": np.arange(12).reshape(3, 4)}, summary={"note": [1, 2]})
+    return HeadScores(
+        scores=s,
+        name=name,
+        probe="p",
+        params={"k": 2, "mode": "x"},
+        model="m",
+        dataset="abc",
+        n_kv_heads=2,
+        extra={"counts": np.arange(12).reshape(3, 4)},
+        summary={"note": [1, 2]},
+    )
 
 
 def test_head_scores_round_trip_is_exact(tmp_path):
@@ -28,7 +39,14 @@ def test_head_scores_round_trip_is_exact(tmp_path):
 
 
 def test_token_scores_round_trip_is_exact(tmp_path):
-    ts = TokenScores(tokens=["<s>", " the", " cat"], values=np.array([[0.1, 0.2, np.nan], [1.0, 2.0, 3.0]]), name="tok", probe="p", row_labels=["a", "b"], marks={"sink": [0]})
+    ts = TokenScores(
+        tokens=["<s>", " the", " cat"],
+        values=np.array([[0.1, 0.2, np.nan], [1.0, 2.0, 3.0]]),
+        name="tok",
+        probe="p",
+        row_labels=["a", "b"],
+        marks={"sink": [0]},
+    )
     ts.save(tmp_path)
     back = load_result(tmp_path, "tok")
     assert isinstance(back, TokenScores)
@@ -95,7 +113,14 @@ def test_head_labels():
 def test_token_strip_scales_rows_and_keeps_overlapping_marks():
     """Rows on different scales each reach their own maximum colour; raw values stay in the hover; a token with
     two marks shows both (each mark is its own trace)."""
-    ts = TokenScores(tokens=["a", "b", "c", "d"], values=np.array([[0.0, 2.0, 4.0, 8.0], [0.001, 0.004, 0.0, -0.002]]), name="tok", probe="p", row_labels=["WAAD", "FAI"], marks={"preplan": [1, 2], "anchor": [2]})
+    ts = TokenScores(
+        tokens=["a", "b", "c", "d"],
+        values=np.array([[0.0, 2.0, 4.0, 8.0], [0.001, 0.004, 0.0, -0.002]]),
+        name="tok",
+        probe="p",
+        row_labels=["WAAD", "FAI"],
+        marks={"preplan": [1, 2], "anchor": [2]},
+    )
     fig = ts.plot()
     heat = fig.data[0]
     z = np.asarray(heat.z, dtype=float)

@@ -77,7 +77,9 @@ def test_only_selected_rows_and_heads_change(org):
     x, t, y = _inputs(1)
     captured = {}
     attn = m.transformer_blocks[1].attn1
-    handle = attn.to_out[0].register_forward_pre_hook(lambda mod, args: captured.__setitem__("z", args[0].detach().clone()))
+    handle = attn.to_out[0].register_forward_pre_hook(
+        lambda mod, args: captured.__setitem__("z", args[0].detach().clone())
+    )
     try:
         rows = torch.tensor([False, True])
         with torch.no_grad(), perturbed(m, [(1, 2)], 1.0, rows=rows):
@@ -178,8 +180,14 @@ def test_variant_is_passed_to_softpag_in_search_guidance_and_save(org, tmp_path)
     hunter = _hunter(rounds=1, k=1, n_candidates=2, variant="uniform").fit(org)
     labels = search_labels((1, 8), 1)
     l, h, s = hunter.history_[0]["scores"][0]
-    probs = {v: dit.get_scorer().prob_of(SoftPAG([(l, h)], u=1.0, scale=3.0, variant=v).sample(org, labels, num_steps=STEPS, seed=0),
-                                         labels.numpy()).mean() for v in ("uniform", "identity")}
+    probs = {
+        v: dit.get_scorer()
+        .prob_of(
+            SoftPAG([(l, h)], u=1.0, scale=3.0, variant=v).sample(org, labels, num_steps=STEPS, seed=0), labels.numpy()
+        )
+        .mean()
+        for v in ("uniform", "identity")
+    }
     assert np.isclose(probs["uniform"], s)
     assert not np.isclose(probs["identity"], s)
     assert hunter.guidance().variant == "uniform" and hunter.guidance(u=0.5).u == 0.5

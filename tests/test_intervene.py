@@ -1,4 +1,5 @@
 """The intervention evaluation harness (paired bootstrap, fit/test hygiene) and ``attnlab intervene`` end to end."""
+
 from __future__ import annotations
 
 import json
@@ -100,8 +101,27 @@ def test_cli_zerotuning_on_function_vector_files(checkpoint_dir, tmp_path, capsy
     fit = write_fv(tmp_path / "fit.json", FIT_PAIRS)
     ev = write_fv(tmp_path / "eval.json", EVAL_PAIRS)
     out = tmp_path / "run"
-    rc = main(["intervene", "--model", str(checkpoint_dir / "llama-gqa"), "--method", "zerotuning", "--fit", str(fit), "--eval", f"{ev}:1",
-               "--out", str(out), "--param", "grid=[0.5,2.0,0.5]", "--param", "profile=false", "--n-boot", "200"])
+    rc = main(
+        [
+            "intervene",
+            "--model",
+            str(checkpoint_dir / "llama-gqa"),
+            "--method",
+            "zerotuning",
+            "--fit",
+            str(fit),
+            "--eval",
+            f"{ev}:1",
+            "--out",
+            str(out),
+            "--param",
+            "grid=[0.5,2.0,0.5]",
+            "--param",
+            "profile=false",
+            "--n-boot",
+            "200",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "exact_match" in printed and "invalid_rate" in printed and "fit on fit.json:0" in printed
@@ -111,23 +131,68 @@ def test_cli_zerotuning_on_function_vector_files(checkpoint_dir, tmp_path, capsy
     assert [r["metric"] for r in report["metrics"]] == ["exact_match", "invalid_rate"]
     assert (out / "report.csv").read_text().startswith("metric,")
     back = Intervention.load(out / "intervention")
-    assert isinstance(back, ZeroTuning) and back.gamma_ in (0.5, 1.0, 1.5, 2.0) and back.gamma_ == report["fitted"]["gamma"]
+    assert (
+        isinstance(back, ZeroTuning)
+        and back.gamma_ in (0.5, 1.0, 1.5, 2.0)
+        and back.gamma_ == report["fitted"]["gamma"]
+    )
     # the same file as fit and eval data is refused, before anything is written
-    rc = main(["intervene", "--model", str(checkpoint_dir / "llama-gqa"), "--method", "zerotuning", "--fit", str(fit), "--eval", f"{fit}:1",
-               "--out", str(tmp_path / "bad"), "--param", "gamma=2"])
+    rc = main(
+        [
+            "intervene",
+            "--model",
+            str(checkpoint_dir / "llama-gqa"),
+            "--method",
+            "zerotuning",
+            "--fit",
+            str(fit),
+            "--eval",
+            f"{fit}:1",
+            "--out",
+            str(tmp_path / "bad"),
+            "--param",
+            "gamma=2",
+        ]
+    )
     err = capsys.readouterr().err
-    assert rc == 2 and "overlap" in err and err.startswith("attnlab: error:") and len(err.strip().splitlines()) == 1  # refused before loading
+    assert (
+        rc == 2 and "overlap" in err and err.startswith("attnlab: error:") and len(err.strip().splitlines()) == 1
+    )  # refused before loading
     assert not (tmp_path / "bad").exists()
 
 
 def test_cli_act_on_organism_classification(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["intervene", "--model", "organism-lm", "--method", "act", "--fit", "classify:sentiment:valid", "--eval", "classify:sentiment:test",
-               "--out", str(out), "--param", "heads=[[3,0],[3,1],[4,2]]", "--param", "beta=0.3", "--n", "6", "--n-boot", "200"])
+    rc = main(
+        [
+            "intervene",
+            "--model",
+            "organism-lm",
+            "--method",
+            "act",
+            "--fit",
+            "classify:sentiment:valid",
+            "--eval",
+            "classify:sentiment:test",
+            "--out",
+            str(out),
+            "--param",
+            "heads=[[3,0],[3,1],[4,2]]",
+            "--param",
+            "beta=0.3",
+            "--n",
+            "6",
+            "--n-boot",
+            "200",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     report = json.loads((out / "report.json").read_text())
-    assert report["fit_split"]["name"] == "classify:sentiment:valid:0" and report["eval_split"]["name"] == "classify:sentiment:test:0"
+    assert (
+        report["fit_split"]["name"] == "classify:sentiment:valid:0"
+        and report["eval_split"]["name"] == "classify:sentiment:test:0"
+    )
     (row,) = report["metrics"]
     assert row["metric"] == "accuracy" and row["n"] == 6
     assert row["baseline_lo"] <= row["baseline"] <= row["baseline_hi"]
@@ -135,21 +200,28 @@ def test_cli_act_on_organism_classification(tmp_path, capsys):
     assert Intervention.load(out / "intervention").heads_ == tuple(tuple(h) for h in report["fitted"]["heads"])
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--method", "nope", "--eval", "classify:sentiment:test"], "unknown method"),
-    (["--method", "act", "--eval", "classify:sentiment:test", "--param", "gama=2"], "no parameter gama"),
-    (["--method", "act", "--eval", "classify:sentiment:test", "--param", "beta"], "name=value"),
-    (["--method", "act", "--eval", "classify:nope:test"], "classification task"),
-    (["--method", "act", "--eval", "icl:uppercase:later"], "split"),
-    (["--method", "act", "--eval", "missing.json"], "neither"),
-    (["--method", "zerotuning", "--eval", "classify:sentiment:test"], "gamma=None"),
-    (["--method", "zerotuning", "--eval", "classify:sentiment:test", "--param", "gamma=-1"], "gamma must be"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--method", "nope", "--eval", "classify:sentiment:test"], "unknown method"),
+        (["--method", "act", "--eval", "classify:sentiment:test", "--param", "gama=2"], "no parameter gama"),
+        (["--method", "act", "--eval", "classify:sentiment:test", "--param", "beta"], "name=value"),
+        (["--method", "act", "--eval", "classify:nope:test"], "classification task"),
+        (["--method", "act", "--eval", "icl:uppercase:later"], "split"),
+        (["--method", "act", "--eval", "missing.json"], "neither"),
+        (["--method", "zerotuning", "--eval", "classify:sentiment:test"], "gamma=None"),
+        (["--method", "zerotuning", "--eval", "classify:sentiment:test", "--param", "gamma=-1"], "gamma must be"),
+    ],
+)
 def test_cli_bad_inputs_exit_2_with_one_line(checkpoint_dir, tmp_path, capsys, extra, needle):
-    rc = main(["intervene", "--model", str(checkpoint_dir / "llama-gqa"), "--out", str(tmp_path / "run"), "--n", "2", *extra])
+    rc = main(
+        ["intervene", "--model", str(checkpoint_dir / "llama-gqa"), "--out", str(tmp_path / "run"), "--n", "2", *extra]
+    )
     err = capsys.readouterr().err
     assert rc == 2, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("attnlab:")]  # (the loader may draw a progress bar)
+    lines = [
+        line for line in err.strip().splitlines() if line.startswith("attnlab:")
+    ]  # (the loader may draw a progress bar)
     assert lines == [err.strip().splitlines()[-1]] and lines[0].startswith("attnlab: error:") and needle in lines[0]
 
 
@@ -165,16 +237,73 @@ def test_cli_vision_interventions_on_pope_questions(checkpoint_dir, tmp_path, ca
     llava = str(checkpoint_dir / "llava")
     for method, params in (("vhr", ["--param", "alpha=2"]), ("var", ["--param", "p=0.4", "--param", "tau=0.5"])):
         out = tmp_path / method
-        rc = main(["intervene", "--model", llava, "--method", method, "--fit", "pope:random:1", "--eval", "pope:adversarial:2", "--n", "6", "--n-boot", "100", "--out", str(out), *params])
+        rc = main(
+            [
+                "intervene",
+                "--model",
+                llava,
+                "--method",
+                method,
+                "--fit",
+                "pope:random:1",
+                "--eval",
+                "pope:adversarial:2",
+                "--n",
+                "6",
+                "--n-boot",
+                "100",
+                "--out",
+                str(out),
+                *params,
+            ]
+        )
         printed = capsys.readouterr().out
         assert rc == 0, printed
         report = json.loads((out / "report.json").read_text())
-        assert report["fit_split"]["name"] == "pope:random:1" and report["eval_split"] == {**report["eval_split"], "name": "pope:adversarial:2", "n": 6}
+        assert report["fit_split"]["name"] == "pope:random:1" and report["eval_split"] == {
+            **report["eval_split"],
+            "name": "pope:adversarial:2",
+            "n": 6,
+        }
         assert [r["metric"] for r in report["metrics"]] == ["accuracy"]
-    rc = main(["intervene", "--model", llava, "--method", "vhr", "--fit", "pope:random:1", "--eval", "pope:random:1", "--n", "6", "--out", str(tmp_path / "same")])
+    rc = main(
+        [
+            "intervene",
+            "--model",
+            llava,
+            "--method",
+            "vhr",
+            "--fit",
+            "pope:random:1",
+            "--eval",
+            "pope:random:1",
+            "--n",
+            "6",
+            "--out",
+            str(tmp_path / "same"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "overlap" in err and len(err.strip().splitlines()) == 1
-    rc = main(["intervene", "--model", str(checkpoint_dir / "gpt2"), "--method", "act", "--param", "beta=1", "--eval", "pope:random:3", "--n", "4", "--out", str(tmp_path / "text")])
+    rc = main(
+        [
+            "intervene",
+            "--model",
+            str(checkpoint_dir / "gpt2"),
+            "--method",
+            "act",
+            "--param",
+            "beta=1",
+            "--eval",
+            "pope:random:3",
+            "--n",
+            "4",
+            "--out",
+            str(tmp_path / "text"),
+        ]
+    )
     err = capsys.readouterr().err
-    ours = [line for line in err.splitlines() if line.startswith("attnlab:")]  # (transformers' loading bar also writes to stderr)
+    ours = [
+        line for line in err.splitlines() if line.startswith("attnlab:")
+    ]  # (transformers' loading bar also writes to stderr)
     assert rc == 2 and len(ours) == 1 and "takes no images" in ours[0] and "Traceback" not in err

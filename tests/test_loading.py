@@ -1,14 +1,15 @@
 """attnlab.load on tiny checkpoints of real architectures, and the user errors it must report in one line."""
+
 from __future__ import annotations
 
 import time
 
 import pytest
+from conftest import ALL_ARCHS
 
 import attnlab
 from attnlab.cli import main
 from attnlab.errors import AttnlabError
-from conftest import ALL_ARCHS
 
 EXPECTED = {
     # name: (architecture, n_layers, n_heads, n_kv_heads, causal, modality)
@@ -24,7 +25,14 @@ EXPECTED = {
 def test_tiny_checkpoints_load_with_the_right_shape(loaded, name):
     m = loaded(name)
     arch, n_layers, n_heads, n_kv, causal, modality = EXPECTED[name]
-    assert (m.architecture, m.n_layers, m.n_heads, m.n_kv_heads, m.causal, m.modality) == (arch, n_layers, n_heads, n_kv, causal, modality)
+    assert (m.architecture, m.n_layers, m.n_heads, m.n_kv_heads, m.causal, m.modality) == (
+        arch,
+        n_layers,
+        n_heads,
+        n_kv,
+        causal,
+        modality,
+    )
     assert m.d_head * m.n_heads == m.d_model
 
 
@@ -75,7 +83,9 @@ def test_path_that_is_not_a_checkpoint(tmp_path):
 def test_unsupported_architecture(tmp_path):
     from transformers import CTRLConfig, CTRLLMHeadModel
 
-    CTRLLMHeadModel(CTRLConfig(vocab_size=50, n_embd=16, n_layer=1, n_head=2, dff=32, n_positions=32)).save_pretrained(tmp_path)
+    CTRLLMHeadModel(CTRLConfig(vocab_size=50, n_embd=16, n_layer=1, n_head=2, dff=32, n_positions=32)).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(AttnlabError, match="unsupported architecture CTRLLMHeadModel"):
         attnlab.load(str(tmp_path))
 
@@ -95,9 +105,42 @@ def test_cli_overlong_prompt_needs_truncate(checkpoint_dir, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("the cat sat on the mat " * 200 + "\nshort one\n")
     out = tmp_path / "run"
-    assert main(["scan", "--model", str(checkpoint_dir / "gpt2"), "--probes", "first_token_sink", "--prompts", str(prompts), "--out", str(out), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "scan",
+                "--model",
+                str(checkpoint_dir / "gpt2"),
+                "--probes",
+                "first_token_sink",
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "--truncate" in capsys.readouterr().err
-    assert main(["scan", "--model", str(checkpoint_dir / "gpt2"), "--probes", "first_token_sink", "--prompts", str(prompts), "--out", str(out), "--quiet", "--truncate"]) == 0
+    assert (
+        main(
+            [
+                "scan",
+                "--model",
+                str(checkpoint_dir / "gpt2"),
+                "--probes",
+                "first_token_sink",
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--quiet",
+                "--truncate",
+            ]
+        )
+        == 0
+    )
 
 
 def test_cuda_without_gpu_is_a_user_error(checkpoint_dir, capsys):
@@ -105,7 +148,22 @@ def test_cuda_without_gpu_is_a_user_error(checkpoint_dir, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert main(["scan", "--model", str(checkpoint_dir / "gpt2"), "--dataset", "prose", "--out", "unused", "--device", "cuda"]) == 2
+    assert (
+        main(
+            [
+                "scan",
+                "--model",
+                str(checkpoint_dir / "gpt2"),
+                "--dataset",
+                "prose",
+                "--out",
+                "unused",
+                "--device",
+                "cuda",
+            ]
+        )
+        == 2
+    )
     assert "no CUDA GPU" in capsys.readouterr().err
 
 

@@ -106,8 +106,15 @@ def smoke_dir(tmp_path_factory):
 
 
 def test_smoke_run_writes_expected_files(smoke_dir):
-    for rel in ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
-                "scheduler/scheduler_config.json", "train_log.jsonl", "metrics.json", "MODEL_CARD.md", "samples.png"):
+    for rel in (
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        "train_log.jsonl",
+        "metrics.json",
+        "MODEL_CARD.md",
+        "samples.png",
+    ):
         assert (smoke_dir / rel).is_file(), rel
     assert not list(smoke_dir.rglob("*.bin")) and not list(smoke_dir.rglob("*.pkl"))
     log = [json.loads(line) for line in (smoke_dir / "train_log.jsonl").read_text().splitlines()]
@@ -173,8 +180,7 @@ def test_custom_noise_fn_replaces_guidance(smoke_dir):
     org = dit.load(smoke_dir)
     labels = [2, 5]
     guided = dit.sample(org, labels, guidance_scale=1.0, num_steps=3, seed=7)
-    same = dit.sample(org, labels, num_steps=3, seed=7,
-                      noise_fn=lambda m, x, t, y: dit.guided_noise(m, x, t, y, 1.0))
+    same = dit.sample(org, labels, num_steps=3, seed=7, noise_fn=lambda m, x, t, y: dit.guided_noise(m, x, t, y, 1.0))
     torch.testing.assert_close(guided, same, rtol=0, atol=0)
     zero = dit.sample(org, labels, num_steps=3, seed=7, noise_fn=lambda m, x, t, y: torch.zeros_like(x))
     assert not torch.equal(zero, guided)

@@ -3,6 +3,7 @@
 Ground truth (issue #4): the heads the ``induction`` probe finds are the heads whose ablation breaks copying of
 repeated random sequences, and ablating them hurts copying far more than ablating random heads.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,14 @@ LENGTH = 30  # tokens per copy in the test sequences
 def test_smoke_training_writes_outputs_and_reloads(tmp_path):
     torch.set_num_threads(1)
     assert induction.main(["--preset", "smoke", "--out", str(tmp_path), "--max-steps", "5"]) == 0
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "train_log.jsonl", "metrics.json", "MODEL_CARD.md"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "train_log.jsonl",
+        "metrics.json",
+        "MODEL_CARD.md",
+    ):
         assert (tmp_path / name).is_file(), name
     m = induction.evaluate(str(tmp_path), "copy", n=4)
     assert set(m) >= {"copy_loss_first_half", "copy_loss_second_half", "copy_acc_second_half"}
@@ -95,7 +103,9 @@ def _found(ind) -> list[tuple[int, int]]:
 @shipped
 def test_induction_heads_are_the_heads_whose_ablation_breaks_copying(ground_truth):
     ind, prev, drop, _ = ground_truth
-    print(f"\ninduction:\n{np.round(ind.scores, 2)}\nprevious token:\n{np.round(prev.scores, 2)}\nablation drop:\n{np.round(drop, 2)}")
+    print(
+        f"\ninduction:\n{np.round(ind.scores, 2)}\nprevious token:\n{np.round(prev.scores, 2)}\nablation drop:\n{np.round(drop, 2)}"
+    )
     found = _found(ind)
     assert np.nanmax(ind.scores) > 0.3 and 1 <= len(found) <= ind.scores.size // 2
     assert all(l > 0 for l, _ in found)  # layer 0 has no earlier previous-token head to compose with
@@ -117,7 +127,9 @@ def test_ablating_induction_heads_hurts_copying_more_than_random_heads(organism,
     k = len(_found(ind))
     evaluate = ablation_evaluator(organism, [""] * len(metric.ids), metric, mode="mean")
     table = causal_test(ind, k, evaluate, n_seeds=5, seed=0, layer_matched=True).set_index("condition")
-    print(f"\n{table[['metric', 'drop', 'p_value', 'heads']]}\nrandom drops: {[round(table.loc['baseline', 'metric'] - v, 2) for v in table.attrs['random_values']]}")
+    print(
+        f"\n{table[['metric', 'drop', 'p_value', 'heads']]}\nrandom drops: {[round(table.loc['baseline', 'metric'] - v, 2) for v in table.attrs['random_values']]}"
+    )
     top = table.loc["top_k", "drop"]
     random_drops = [table.loc["baseline", "metric"] - v for v in table.attrs["random_values"]]
     # copying collapses (clean loss ~0.03 nats/token); the spec's pass criterion (top-k drop above every random

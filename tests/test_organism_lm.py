@@ -30,9 +30,15 @@ def gpt2_style_tok():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(prose.prose_paragraphs()[:1500]) + ["The secret code is 123. Question: Answer:"], trainer=trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(
+        list(prose.prose_paragraphs()[:1500]) + ["The secret code is 123. Question: Answer:"], trainer=trainer
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
@@ -117,7 +123,10 @@ def test_recall_arithmetic_classification():
         assert steps and all(int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) for a, op, b, c in steps)
         assert arithmetic.parse_answer(p.solution) == p.answer == int(steps[-1][3])
     for task in classification.LABELS:
-        texts = {s: {classification.make_example(task, s, random.Random(i)).text for i in range(150)} for s in ("train", "test")}
+        texts = {
+            s: {classification.make_example(task, s, random.Random(i)).text for i in range(150)}
+            for s in ("train", "test")
+        }
         assert not texts["train"] & texts["test"]
         cp = classification.make_prompt(task, "test", 3, rng)
         assert cp.prompt.count("Label:") == 4 and cp.label in cp.labels
@@ -143,7 +152,14 @@ def test_smoke_training_writes_reloadable_checkpoint(tmp_path):
 
     out = tmp_path / "lm"
     assert lm.main(["--preset", "smoke", "--out", str(out), "--threads", "1"]) == 0
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_log.jsonl", "metrics.json", "MODEL_CARD.md"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "train_log.jsonl",
+        "metrics.json",
+        "MODEL_CARD.md",
+    ):
         assert (out / name).is_file(), name
     model = LlamaForCausalLM.from_pretrained(str(out))
     cfg = model.config
@@ -156,9 +172,19 @@ def test_smoke_training_writes_reloadable_checkpoint(tmp_path):
     assert any("loss" in r for r in log) and any("eval" in r for r in log)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6
-    for key in ("niah_exact_match", "icl_0shot", "icl_5shot", "arith_accuracy", "classify_accuracy", "sink_frac_gt_0.3", "sink_frac_gt_0.5"):
+    for key in (
+        "niah_exact_match",
+        "icl_0shot",
+        "icl_5shot",
+        "arith_accuracy",
+        "classify_accuracy",
+        "sink_frac_gt_0.3",
+        "sink_frac_gt_0.5",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
-    assert len(metrics["sink_mass"]) == cfg.num_hidden_layers and len(metrics["sink_mass"][0]) == cfg.num_attention_heads
+    assert (
+        len(metrics["sink_mass"]) == cfg.num_hidden_layers and len(metrics["sink_mass"][0]) == cfg.num_attention_heads
+    )
     assert "--preset smoke" in (out / "MODEL_CARD.md").read_text()
 
 
@@ -167,8 +193,15 @@ def test_first_token_mass_matches_attention_weights():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 50, (3, 20))
     mass = lm.first_token_mass(model, ids)
@@ -183,13 +216,21 @@ def test_first_token_mass_matches_attention_weights():
 
 def test_select_runs_prefers_runs_meeting_targets(tmp_path):
     base = dict(icl_0shot=0.3, arith_accuracy=0.1, classify_accuracy=0.5, steps=10, sink_frac_gt_0_5=0.0)
-    runs = {"a": dict(niah_exact_match=1.0, icl_5shot=0.9, sink=0.2), "b": dict(niah_exact_match=0.5, icl_5shot=0.9, sink=0.9),
-            "c": dict(niah_exact_match=0.95, icl_5shot=0.8, sink=0.6)}
+    runs = {
+        "a": dict(niah_exact_match=1.0, icl_5shot=0.9, sink=0.2),
+        "b": dict(niah_exact_match=0.5, icl_5shot=0.9, sink=0.9),
+        "c": dict(niah_exact_match=0.95, icl_5shot=0.8, sink=0.6),
+    }
     for name, r in runs.items():
         d = tmp_path / name
         d.mkdir()
-        m = dict(base, niah_exact_match=r["niah_exact_match"], icl_5shot=r["icl_5shot"], score=1.0,
-                 **{"sink_frac_gt_0.3": r["sink"], "sink_frac_gt_0.5": 0.0, "sink_max": 0.9})
+        m = dict(
+            base,
+            niah_exact_match=r["niah_exact_match"],
+            icl_5shot=r["icl_5shot"],
+            score=1.0,
+            **{"sink_frac_gt_0.3": r["sink"], "sink_frac_gt_0.5": 0.0, "sink_max": 0.9},
+        )
         (d / "metrics.json").write_text(json.dumps(m))
         (d / "model.safetensors").write_text("x")
     best = lm.select_runs([str(tmp_path / n) for n in runs], prune=True)

@@ -143,8 +143,10 @@ def test_pope_metrics_and_parsing_match_hand_counts():
     assert vlm.pope_answer_is_yes("Yes, there is a dog.")
     assert not vlm.pope_answer_is_yes("No, there is not.")
     assert not vlm.pope_answer_is_yes("no")
-    qs = [shapes.Question("exist", "", a, ("red", "circle"), neg) for a, neg in
-          [("yes", ""), ("yes", ""), ("no", "random"), ("no", "cooccur"), ("no", "cooccur")]]
+    qs = [
+        shapes.Question("exist", "", a, ("red", "circle"), neg)
+        for a, neg in [("yes", ""), ("yes", ""), ("no", "random"), ("no", "cooccur"), ("no", "cooccur")]
+    ]
     m = vlm.pope_metrics([True, False, False, True, False], qs)
     # tp=1 fn=1 tn=2 fp=1
     assert m["accuracy"] == pytest.approx(3 / 5)
@@ -222,8 +224,16 @@ def smoke_dir(tmp_path_factory):
 
 def test_smoke_run_writes_expected_files(smoke_dir):
     names = {p.name for p in smoke_dir.iterdir()}
-    for expected in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
-                     "train_log.jsonl", "metrics.json", "MODEL_CARD.md", "scene_config.json"):
+    for expected in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "processor_config.json",
+        "train_log.jsonl",
+        "metrics.json",
+        "MODEL_CARD.md",
+        "scene_config.json",
+    ):
         assert expected in names
     log = [json.loads(line) for line in (smoke_dir / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]

@@ -1,6 +1,7 @@
 """The bundled organisms load through the same ``attnlab.load`` path as a user's model, and the probes see what
 their model cards report (organism-lm: NIAH-trained Llama with GQA and a partial first-token sink;
 organism-vlm: LLaVA whose image tokens soak up attention)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Previous-token, duplicate-token and induction scores equal TransformerLens' head_detector on the same inputs."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,11 @@ from transformer_lens.head_detector import detect_head
 import attnlab
 from attnlab.datasets.base import PromptSet
 
-TL_NAMES = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head", "induction": "induction_head"}
+TL_NAMES = {
+    "previous_token": "previous_token_head",
+    "duplicate_token": "duplicate_token_head",
+    "induction": "induction_head",
+}
 PROMPTS = ["The cat sat on the mat. The cat sat on the mat.", "one two three one two three one two three"]
 
 
@@ -17,8 +22,14 @@ def _tl_scores(model, name, ids, **kw):
     for seq in ids:
         tokens = torch.tensor([seq])
         _, cache = model.bridge.run_with_cache(tokens, remove_batch_dim=True)
-        tl_pattern = eval(f"__import__('transformer_lens.head_detector', fromlist=['x']).get_{TL_NAMES[name]}_detection_pattern")(tokens)
-        per_prompt.append(detect_head(model.bridge, "unused", tl_pattern, cache=cache, **kw) if False else _score_with_cache(model, cache, tl_pattern, **kw))
+        tl_pattern = eval(
+            f"__import__('transformer_lens.head_detector', fromlist=['x']).get_{TL_NAMES[name]}_detection_pattern"
+        )(tokens)
+        per_prompt.append(
+            detect_head(model.bridge, "unused", tl_pattern, cache=cache, **kw)
+            if False
+            else _score_with_cache(model, cache, tl_pattern, **kw)
+        )
     return torch.stack(per_prompt).mean(0).numpy()
 
 
@@ -34,7 +45,15 @@ def _score_with_cache(model, cache, pattern, **kw):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "minilm"])
-@pytest.mark.parametrize("flags", [dict(), dict(exclude_bos=True), dict(exclude_current_token=True), dict(exclude_bos=True, exclude_current_token=True)])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(),
+        dict(exclude_bos=True),
+        dict(exclude_current_token=True),
+        dict(exclude_bos=True, exclude_current_token=True),
+    ],
+)
 def test_mul_scores_match_head_detector(loaded, arch, flags):
     m = loaded(arch)
     ids = [m.token_ids(p) for p in PROMPTS]
@@ -44,7 +63,14 @@ def test_mul_scores_match_head_detector(loaded, arch, flags):
     res = attnlab.scan(m, probes, PromptSet(name="p", token_ids=ids), progress=False, batch_size=2)
     for name in TL_NAMES:
         ours = res[name].scores
-        theirs = _tl_scores(m, name, ids, exclude_bos=flags.get("exclude_bos", False), exclude_current_token=flags.get("exclude_current_token", False), error_measure="mul")
+        theirs = _tl_scores(
+            m,
+            name,
+            ids,
+            exclude_bos=flags.get("exclude_bos", False),
+            exclude_current_token=flags.get("exclude_current_token", False),
+            error_measure="mul",
+        )
         assert abs(ours - theirs).max() < 1e-5, (name, flags)
 
 
@@ -63,7 +89,9 @@ def test_abs_measure_matches_head_detector_up_to_its_rounding(loaded):
     ids = [m.token_ids(PROMPTS[1])]
     from attnlab.probes.previous_token import PreviousTokenHeads
 
-    ours = attnlab.scan(m, [PreviousTokenHeads(error_measure="abs")], PromptSet(name="p", token_ids=ids), progress=False)["previous_token"].scores
+    ours = attnlab.scan(
+        m, [PreviousTokenHeads(error_measure="abs")], PromptSet(name="p", token_ids=ids), progress=False
+    )["previous_token"].scores
     theirs = _tl_scores(m, "previous_token", ids, exclude_bos=False, exclude_current_token=False, error_measure="abs")
     assert abs(ours - theirs).max() <= 5e-4 + 1e-6
 
@@ -80,12 +108,14 @@ def test_planted_previous_token_head_scores_as_the_spec_says():
     for i in range(1, s):
         a[i, i - 1] = 1
     assert run_planted(PreviousTokenHeads(), a[None, None])["previous_token"].scores[0, 0] == pytest.approx((s - 1) / s)
-    assert run_planted(PreviousTokenHeads(exclude_current_token=True), a[None, None])["previous_token"].scores[0, 0] == pytest.approx(1.0)
+    assert run_planted(PreviousTokenHeads(exclude_current_token=True), a[None, None])["previous_token"].scores[
+        0, 0
+    ] == pytest.approx(1.0)
 
 
 def test_induction_heads_light_up_on_repeated_tokens_when_planted():
-    from attnlab.probes.induction import InductionHeads
     from attnlab.models.loading import Batch
+    from attnlab.probes.induction import InductionHeads
 
     # tokens 0..4 then the same again: an induction head at i >= 5 attends to i - 5 + 1
     s = 10
@@ -96,8 +126,9 @@ def test_induction_heads_light_up_on_repeated_tokens_when_planted():
         else:
             a[i, 0] = 1
     probe = InductionHeads()
-    from attnlab.probes.base import ProbeContext
     from test_sink_probes import FakeCapture, fake_model
+
+    from attnlab.probes.base import ProbeContext
 
     cap = FakeCapture()
     ctx = ProbeContext(model=fake_model(n_heads=1))

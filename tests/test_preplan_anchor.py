@@ -1,6 +1,7 @@
 """Preplan / anchor probe (shared/methods/preplan_anchor.md): acceptance checks on planted attention maps with known
 head groups, preplan tokens, anchors and coupled (dominated anchor, intro) pairs; smoke runs on a tiny Llama and on
 organism-lm with an arithmetic problem."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -43,7 +44,14 @@ def run_planted(probe, maps: torch.Tensor, prompt_len: int, *, pad: int = 0, chu
         padded = torch.zeros(n_layers, n_heads, s + pad, s + pad)
         padded[:, :, pad:, pad:] = maps
         maps = padded
-    model = SimpleNamespace(n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, causal=True, name="planted", tokens_as_text=lambda ids: [f"t{i}" for i in ids])
+    model = SimpleNamespace(
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        causal=True,
+        name="planted",
+        tokens_as_text=lambda ids: [f"t{i}" for i in ids],
+    )
     ctx = ProbeContext(model=model, meta=[{"prompt_len": prompt_len}])
     cap = FakeCapture()
     probe.attach(cap, ctx)
@@ -177,7 +185,9 @@ def test_planted_trace_is_the_same_with_left_padding_and_other_chunks():
 
 def test_backward_distance_self_and_previous_token_heads():
     s = 12
-    maps = torch.stack([offset_map(s, 0), offset_map(s, 1), torch.tril(torch.ones(s, s)) / torch.arange(1, s + 1)[:, None]])[None]
+    maps = torch.stack(
+        [offset_map(s, 0), offset_map(s, 1), torch.tril(torch.ones(s, s)) / torch.arange(1, s + 1)[:, None]]
+    )[None]
     res = run_planted(PreplanAnchor(q_h=0.3), maps, 1)  # response = all rows but the first
     d = res["preplan_anchor_distance"].scores[0]
     assert d[0] == 0 and d[1] == pytest.approx(1.0) and (d >= 0).all()
@@ -201,7 +211,9 @@ def test_waad_of_previous_token_and_first_token_maps():
     s, p = 30, 4
     prev = run_planted(PreplanAnchor(), offset_map(s, 1)[None, None].repeat(1, 2, 1, 1), p)["preplan_anchor_tokens_0"]
     np.testing.assert_allclose(prev.values[0], 1.0)
-    first = run_planted(PreplanAnchor(window=8), offset_map(s, s)[None, None].repeat(1, 2, 1, 1), p, pad=2)["preplan_anchor_tokens_0"]
+    first = run_planted(PreplanAnchor(window=8), offset_map(s, s)[None, None].repeat(1, 2, 1, 1), p, pad=2)[
+        "preplan_anchor_tokens_0"
+    ]
     np.testing.assert_allclose(first.values[0], [min(t, 8) for t in range(p, s)])  # min(t - 1, W) 1-indexed
     assert (first.values[0] >= 0).all() and (first.values[0] <= 8).all()
 
@@ -229,7 +241,9 @@ def test_top_q_and_gamma_rules():
     assert top_q(x, 0.4) == [1, 2] == top_q(x.copy(), 0.4)  # ceil(0.4 * 5) = 2; ties: earlier first
     assert top_q(np.arange(10.0), 0.3) == [7, 8, 9]
     assert len(top_q(np.arange(50.0), 0.14)) == 7  # 0.14 * 50 = 7.000000000000001 in floating point, ceil = 7
-    ident = Identification(preplan=[0, 1], anchor=[2, 5, 7], coupled=[5, 7], intro={5: 3, 7: 3}, tau_waad=0, tau_delta=0)
+    ident = Identification(
+        preplan=[0, 1], anchor=[2, 5, 7], coupled=[5, 7], intro={5: 3, 7: 3}, tau_waad=0, tau_delta=0
+    )
     n = 9
     assert (gamma_weights(n, ident, gamma_amp=1.0) == 1).all()
     np.testing.assert_allclose(gamma_weights(n, ident, alpha=0.0), gamma_weights(n, ident, strategy="anchor"))
@@ -286,12 +300,17 @@ def check_results(res, m, n_response):
 def test_smoke_tiny_llama_eager_equals_fused(loaded):
     torch.set_num_threads(1)
     m = loaded("llama-gqa")
-    prompt, response = "The cat sat on the mat and then it", " walked to the door, looked outside and came back in again to sleep on the warm mat."
+    prompt, response = (
+        "The cat sat on the mat and then it",
+        " walked to the door, looked outside and came back in again to sleep on the warm mat.",
+    )
     eager = preplan_anchor(m, prompt, response, attention="eager", layers="all", h_lo=2, h_hi=8)
     n_response = len(reasoning_prompt_set(m, [(prompt, response)]).token_ids[0]) - len(m.token_ids(prompt))
     tok = check_results(eager, m, n_response)
     fused = preplan_anchor(m, prompt, response, attention="fused", layers="all", h_lo=2, h_hi=8)
-    np.testing.assert_allclose(eager["preplan_anchor_distance"].scores, fused["preplan_anchor_distance"].scores, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        eager["preplan_anchor_distance"].scores, fused["preplan_anchor_distance"].scores, rtol=1e-4, atol=1e-4
+    )
     np.testing.assert_allclose(tok.values, fused["preplan_anchor_tokens_0"].values, rtol=1e-4, atol=1e-4)
 
 
@@ -305,8 +324,12 @@ def test_registered_and_runs_through_scan_on_organism_lm():
     ps = reasoning_prompt_set(m, [(p.prompt, p.solution) for p in probs])
     assert len(ps.token_ids[0]) != len(ps.token_ids[1])  # padded batch: per-prompt response spans
     res = attnlab.scan(m, "preplan_anchor", ps, progress=False, batch_size=2)
-    alone = attnlab.scan(m, "preplan_anchor", reasoning_prompt_set(m, [(probs[1].prompt, probs[1].solution)]), progress=False)
-    np.testing.assert_allclose(res["preplan_anchor_tokens_1"].values, alone["preplan_anchor_tokens_0"].values, rtol=1e-4, atol=1e-5)
+    alone = attnlab.scan(
+        m, "preplan_anchor", reasoning_prompt_set(m, [(probs[1].prompt, probs[1].solution)]), progress=False
+    )
+    np.testing.assert_allclose(
+        res["preplan_anchor_tokens_1"].values, alone["preplan_anchor_tokens_0"].values, rtol=1e-4, atol=1e-5
+    )
     n_response = ps.meta[0]["response_len"]
     tok = check_results(res.results, m, n_response)
     assert res["preplan_anchor_distance"].summary["layers"] == middle_layers(m.n_layers)

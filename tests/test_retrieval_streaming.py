@@ -1,5 +1,6 @@
 """Retrieval heads, streaming heads and RazorAttention echo/induction: planted patterns (acceptance checks of
 shared/methods/retrieval_streaming_heads.md), reference file formats, the real organism-lm, tiny checkpoints."""
+
 from __future__ import annotations
 
 import warnings
@@ -37,7 +38,14 @@ class FakeTokenizer:
 
 
 def fake_model(n_layers=1, n_heads=4, n_kv_heads=2):
-    return SimpleNamespace(n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=True, name="planted", tokenizer=FakeTokenizer())
+    return SimpleNamespace(
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        causal=True,
+        name="planted",
+        tokenizer=FakeTokenizer(),
+    )
 
 
 def feed(probe, patterns, ids, meta=None, logits=None, n_kv_heads=None):
@@ -88,7 +96,10 @@ def niah_case(n_heads=4, predictions_correct=(True, True)):
     for k, ok in enumerate(predictions_correct):
         for t, y in enumerate(ANSWER):
             logits[k, n_prompt - 1 + t, y if ok else 9] = 5.0
-    meta = [{"prompt_len": n_prompt, "answer_ids": ANSWER, "answer": " ".join(map(str, ANSWER)), "needle_span": [3, 6]} for _ in range(b)]
+    meta = [
+        {"prompt_len": n_prompt, "answer_ids": ANSWER, "answer": " ".join(map(str, ANSWER)), "needle_span": [3, 6]}
+        for _ in range(b)
+    ]
     return pat[None].repeat(b, 1, 1, 1), torch.tensor([ids] * b), meta, logits
 
 
@@ -137,7 +148,9 @@ def test_step_with_wrong_prediction_does_not_count_and_dedup():
     # no dedup (reference) lets a head re-visiting one position exceed one position's worth; dedup caps it
     rep = np.array([[3, 3, 3]])
     assert trial_retrieval_scores(rep, [1, 9, 9, 50, 50, 50], [50, 50, 50], (3, 6))[0] == pytest.approx(1.0)
-    assert trial_retrieval_scores(rep, [1, 9, 9, 50, 50, 50], [50, 50, 50], (3, 6), dedup=True)[0] == pytest.approx(1 / 3)
+    assert trial_retrieval_scores(rep, [1, 9, 9, 50, 50, 50], [50, 50, 50], (3, 6), dedup=True)[0] == pytest.approx(
+        1 / 3
+    )
 
 
 def test_needle_span_and_rouge():
@@ -149,6 +162,7 @@ def test_needle_span_and_rouge():
 
 
 # ---- streaming heads -------------------------------------------------------------------------------------------
+
 
 def causal_uniform(s):
     return torch.tril(torch.ones(s, s)) / torch.arange(1, s + 1)[:, None]
@@ -165,7 +179,9 @@ def sink_recent_only(s, sink, recent):
 def test_distant_mass_planted():
     s, sink, recent = 16, 2, 3
     g = torch.Generator().manual_seed(0)
-    rand = torch.softmax(torch.randn(s, s, generator=g).masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), -1e9), -1)
+    rand = torch.softmax(
+        torch.randn(s, s, generator=g).masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), -1e9), -1
+    )
     pat = torch.stack([causal_uniform(s), sink_recent_only(s, sink, recent), rand])[None]
     res = feed(StreamingHeads(sink=sink, recent=recent), pat, torch.arange(s)[None], n_kv_heads=3)["streaming_heads"]
     uniform = np.mean([(i + 1 - sink - recent) / (i + 1) for i in range(sink + recent, s)])
@@ -186,6 +202,7 @@ def test_classify_streaming_rule_and_gqa_max():
 
 
 # ---- RazorAttention echo / induction ---------------------------------------------------------------------------
+
 
 def test_echo_induction_masks_disjoint_and_period():
     period = 5
@@ -220,11 +237,14 @@ def test_row_normalised_induction_mask_ranks_first():
     ind_scores, echo_scores = res["razor_induction"].scores[0], res["razor_echo"].scores[0]
     assert int(np.argmax(ind_scores)) == 2 and int(np.argmax(echo_scores)) == 1
     assert echo_scores[2] == 0 and ind_scores[1] == 0  # disjoint masks
-    sel = razor_selection(res["razor_echo"].scores, res["razor_induction"].scores, echo_fraction=0.25, induction_fraction=0.25)
+    sel = razor_selection(
+        res["razor_echo"].scores, res["razor_induction"].scores, echo_fraction=0.25, induction_fraction=0.25
+    )
     assert sel == {"0": [1, 2]}
 
 
 # ---- reference formats -----------------------------------------------------------------------------------------
+
 
 def test_retrieval_json_round_trip(tmp_path):
     trials = np.random.default_rng(0).random((3, 2, 4))
@@ -248,6 +268,7 @@ def test_duo_tsv_round_trip_and_validation(tmp_path):
 
 
 # ---- real models -----------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def organism():
@@ -286,9 +307,8 @@ def test_organism_lm_has_retrieval_heads(organism, tmp_path):
     mean, _ = read_retrieval_head_json(tmp_path / "ref.json")
     assert np.allclose(mean, h.scores)
     # generation mode (greedy decoding, the paper's procedure) agrees where the model answers every trial right
-    from attnlab.probes.retrieval_heads import retrieval_scores_generate
-
     from attnlab.datasets.base import PromptSet
+    from attnlab.probes.retrieval_heads import retrieval_scores_generate
 
     sub = PromptSet(name="niah[:3]", token_ids=ps.token_ids[:3], meta=ps.meta[:3])
     g = retrieval_scores_generate(organism, sub, max_new_tokens=5)

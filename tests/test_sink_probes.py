@@ -1,5 +1,6 @@
 """Sink probes on planted attention patterns (acceptance checks of shared/methods/attention_sinks.md) and on the
 real pretrained MiniLM."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import SHORT_SENTENCES
 
 import attnlab
 from attnlab.models.loading import Batch
@@ -14,7 +16,6 @@ from attnlab.probes.act_sinks import ActSinks
 from attnlab.probes.base import ProbeContext
 from attnlab.probes.first_token_sink import FirstTokenSink
 from attnlab.probes.massive_activations import MassiveActivations
-from conftest import SHORT_SENTENCES
 
 
 class FakeCapture:
@@ -29,7 +30,14 @@ class FakeCapture:
 
 
 def fake_model(n_layers=1, n_heads=2, causal=True):
-    return SimpleNamespace(n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, causal=causal, name="planted", tokens_as_text=lambda ids: [f"t{i}" for i in ids])
+    return SimpleNamespace(
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        causal=causal,
+        name="planted",
+        tokens_as_text=lambda ids: [f"t{i}" for i in ids],
+    )
 
 
 def run_planted(probe, pattern: torch.Tensor, mask: torch.Tensor | None = None, causal=True):
@@ -157,11 +165,22 @@ def test_every_probe_runs_on_each_architecture(loaded, name):
     if m.modality == "vision-language":
         from PIL import Image
 
-        prompts = PromptSet(name="img", texts=["<image>\nIs there a red square?", "<image> Describe it."], images=[Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (48, 40), (0, 0, 255))])
+        prompts = PromptSet(
+            name="img",
+            texts=["<image>\nIs there a red square?", "<image> Describe it."],
+            images=[Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (48, 40), (0, 0, 255))],
+        )
     else:
         prompts = SHORT_SENTENCES[:3]
     res = attnlab.scan(m, "sinks,induction", prompts, progress=False, batch_size=2)
-    for key in ("first_token_sink", "act_first_score", "act_hidden_sinks", "previous_token", "duplicate_token", "induction"):
+    for key in (
+        "first_token_sink",
+        "act_first_score",
+        "act_hidden_sinks",
+        "previous_token",
+        "duplicate_token",
+        "induction",
+    ):
         scores = res[key].scores
         assert scores.shape == (m.n_layers, m.n_heads)
         assert np.isfinite(scores).all(), key

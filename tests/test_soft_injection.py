@@ -2,6 +2,7 @@
 with ``position="answer"``), the hooked z is what ``o_proj`` maps, gradients reach theta only, e_bar deterministic,
 the answer loss reduces to the first-token loss on one-token answers, save/load round trip, data loading, and small
 fits on organism-lm that must beat plain 0-shot."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,11 @@ def organism():
 
 
 def tiny_task(n=24):
-    return {"name": "succ", "train": [(str(i), str(i + 1)) for i in range(n)], "valid": [(str(i), str(i + 1)) for i in range(100, 108)]}
+    return {
+        "name": "succ",
+        "train": [(str(i), str(i + 1)) for i in range(n)],
+        "valid": [(str(i), str(i + 1)) for i in range(100, 108)],
+    }
 
 
 def fitted(model, **kw):
@@ -49,7 +54,17 @@ def test_last_occurrence_finds_the_cue_or_minus_one():
     assert last_occurrence(ids, [1, 2]).tolist() == [5, -1]
 
 
-@pytest.mark.parametrize("name,position", [("gpt2", "cue"), ("llama-gqa", "cue"), ("organism", "cue"), ("organism", "answer"), ("qwen2", "last"), ("llava", "cue")])
+@pytest.mark.parametrize(
+    "name,position",
+    [
+        ("gpt2", "cue"),
+        ("llama-gqa", "cue"),
+        ("organism", "cue"),
+        ("organism", "answer"),
+        ("qwen2", "last"),
+        ("llava", "cue"),
+    ],
+)
 def test_alpha_zero_is_the_identity(name, position, loaded, organism):
     m = organism if name == "organism" else loaded(name)
     si = fitted(m, alpha_scale=0.0, position=position)
@@ -132,12 +147,16 @@ def test_answer_position_injects_the_cue_and_the_answer_tokens_only(organism):
     changed = (diff[0] > 1e-4).nonzero().flatten().tolist()
     assert changed == [cue, cue + 1, cue + 2], changed  # the cue and the two span offsets; not before, not after
     assert (diff[1, : cue + 1] > 1e-4).tolist() == [False] * cue + [True]
-    expected = (1 - torch.sigmoid(torch.tensor(3.0))) * seen["clean"][0, cue + 2] + torch.sigmoid(torch.tensor(3.0)) * torch.as_tensor(span[1, 0])
+    expected = (1 - torch.sigmoid(torch.tensor(3.0))) * seen["clean"][0, cue + 2] + torch.sigmoid(
+        torch.tensor(3.0)
+    ) * torch.as_tensor(span[1, 0])
     assert torch.allclose(seen["inj"][0, cue + 2], expected, atol=1e-5)
 
 
 def _o_proj_weight(m, layer):
-    (w,) = [p for n, p in m.bridge.named_parameters() if f"layers.{layer}." in n and "o_proj" in n and n.endswith("weight")]
+    (w,) = [
+        p for n, p in m.bridge.named_parameters() if f"layers.{layer}." in n and "o_proj" in n and n.endswith("weight")
+    ]
     return w
 
 
@@ -158,7 +177,10 @@ def test_the_hooked_z_is_what_o_proj_maps(organism):
 
         return hook
 
-    hooks = lambda tag: [(attn_hook(layer, "hook_z"), grab(tag + "_z")), (block_hook(layer, "hook_attn_out"), grab(tag + "_out"))]  # noqa: E731
+    hooks = lambda tag: [
+        (attn_hook(layer, "hook_z"), grab(tag + "_z")),
+        (block_hook(layer, "hook_attn_out"), grab(tag + "_out")),
+    ]  # noqa: E731
     with torch.no_grad():
         with m.bridge.hooks(fwd_hooks=hooks("clean")):
             m.forward(batch)
@@ -175,7 +197,11 @@ def test_the_hooked_z_is_what_o_proj_maps(organism):
 
 def test_answer_loss_equals_first_token_loss_for_one_token_answers(organism):
     m = organism
-    letters = {"name": "first", "train": [(f"{a} q z", a) for a in "abcdefghijklmnop"], "valid": [(f"{a} k r", a) for a in "qrstuvw"]}
+    letters = {
+        "name": "first",
+        "train": [(f"{a} q z", a) for a in "abcdefghijklmnop"],
+        "valid": [(f"{a} k r", a) for a in "qrstuvw"],
+    }
     si = SoftInjection(n_prompts=4, n_shots=2, n_steps=0, n_val=4, loss="first_token").fit(m, letters)
     assert all(len(m.tokenizer(" " + y, add_special_tokens=False)["input_ids"]) == 1 for _, y in letters["valid"])
     theta = torch.randn(m.n_layers, m.n_heads, generator=torch.Generator().manual_seed(0))
@@ -252,7 +278,9 @@ def test_answer_injection_beats_zero_shot_on_successor(organism):
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     m = organism
-    si = SoftInjection(n_steps=10, val_every=5, n_val=16, n_prompts=8, position="answer", loss="answer").fit(m, "icl:successor")
+    si = SoftInjection(n_steps=10, val_every=5, n_val=16, n_prompts=8, position="answer", loss="answer").fit(
+        m, "icl:successor"
+    )
     rep = evaluate_intervention(m, si, load_data("icl:successor:test:0", n=24), n_boot=200)
     row = rep.table.set_index("metric").loc["exact_match"]
     assert row["intervened"] >= row["baseline"] + 0.25, rep.table

@@ -1,16 +1,17 @@
 """SoftPAG variants (shared operator), perturbation-guided decoding on causal LMs, and the LM HeadHunter search."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from conftest import SHORT_SENTENCES
 
 from attnlab.hooks import attn_hook
 from attnlab.interventions.base import Intervention
 from attnlab.interventions.headhunter import greedy_head_search
 from attnlab.interventions.softpag import VARIANTS, soft_perturb, target_map
 from attnlab.interventions.softpag_lm import AnswerLogprob, SoftPAGDecoding, perturbed_lm
-from conftest import SHORT_SENTENCES
 
 LM_ARCHS = ("gpt2", "llama-gqa", "qwen2")
 
@@ -61,7 +62,9 @@ def test_targets_are_what_the_docstring_says():
     torch.testing.assert_close(uni[0, 0, 3], torch.tensor([0.25] * 4 + [0.0] * (n - 4)))  # uniform over keys <= 3
     torch.testing.assert_close(uni[1, 0, 3], torch.tensor([0.0, 0.0, 0.5, 0.5, 0.0, 0.0]))  # not over padding keys
     mx = target_map(a, "max", visible=vis)
-    assert torch.equal(mx.argmax(-1)[live], a.argmax(-1)[live]) and torch.equal(mx.sum(-1)[live], torch.ones(int(live.sum())))
+    assert torch.equal(mx.argmax(-1)[live], a.argmax(-1)[live]) and torch.equal(
+        mx.sum(-1)[live], torch.ones(int(live.sum()))
+    )
     # mean-query: row i uses the running mean of queries <= i (causal), softmax over visible keys
     mq = target_map(a, "mean-query", visible=vis, q=q, k=k, causal=True)
     i = 4
@@ -96,7 +99,11 @@ def test_neutral_guidance_equals_the_model(name, loaded, organism):
     heads = [(0, 1), (m.n_layers - 1, m.n_heads - 1)]
     with torch.no_grad():
         ref = m.forward(batch)
-        for params in (dict(heads=heads, u=0.0, scale=2.0), dict(heads=heads, u=1.0, scale=0.0), dict(heads=[], u=1.0, scale=2.0)):
+        for params in (
+            dict(heads=heads, u=0.0, scale=2.0),
+            dict(heads=heads, u=1.0, scale=0.0),
+            dict(heads=[], u=1.0, scale=2.0),
+        ):
             iv = SoftPAGDecoding(**params).fit(m)
             with iv.apply(m):
                 out = m.forward(batch)
@@ -156,7 +163,10 @@ def test_only_selected_heads_change_in_the_perturbed_pass(loaded):
 # ---- search ----------------------------------------------------------------------------------------------------
 
 
-DATA = [{"prompt": s.rsplit(" ", 1)[0], "label": s.rsplit(" ", 1)[1], "labels": [s.rsplit(" ", 1)[1]]} for s in SHORT_SENTENCES[:4]]
+DATA = [
+    {"prompt": s.rsplit(" ", 1)[0], "label": s.rsplit(" ", 1)[1], "labels": [s.rsplit(" ", 1)[1]]}
+    for s in SHORT_SENTENCES[:4]
+]
 
 
 def test_greedy_search_invariants_and_determinism(loaded, tmp_path):
@@ -212,12 +222,37 @@ def test_search_pool_restricted_to_layers(loaded):
 def test_cli_softpag_search_on_organism(tmp_path, capsys):
     from attnlab.cli import main
 
-    rc = main(["intervene", "--model", "organism-lm", "--method", "softpag", "--fit", "icl:choose_last:valid", "--eval", "icl:choose_last:test",
-               "--n", "4", "--param", "layers=[3]", "--param", "k=1", "--param", "n_candidates=2", "--n-boot", "200", "--out", str(tmp_path / "run")])
+    rc = main(
+        [
+            "intervene",
+            "--model",
+            "organism-lm",
+            "--method",
+            "softpag",
+            "--fit",
+            "icl:choose_last:valid",
+            "--eval",
+            "icl:choose_last:test",
+            "--n",
+            "4",
+            "--param",
+            "layers=[3]",
+            "--param",
+            "k=1",
+            "--param",
+            "n_candidates=2",
+            "--n-boot",
+            "200",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "exact_match" in out and "softpag on organism-lm" in out
     import json
 
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert rep["fitted"]["searched"] and len(rep["fitted"]["heads"]) == 1 and rep["fitted"]["heads"][0][0] == 3
-    assert rep["fit_split"]["name"].startswith("icl:choose_last:valid") and rep["eval_split"]["name"].startswith("icl:choose_last:test")
+    assert rep["fit_split"]["name"].startswith("icl:choose_last:valid") and rep["eval_split"]["name"].startswith(
+        "icl:choose_last:test"
+    )

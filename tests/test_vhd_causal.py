@@ -1,6 +1,7 @@
 """VHD causal check on organism-vlm: the image-question evaluator used for it sees the images, the causal table is
 built from the probe's own top heads, and the measured structure behind the (negative) result holds: on this
 organism the heads whose ablation hurts image questions sit in layer 0, where most heads have VHD = 0."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """VHR and VAR interventions: identity at the neutral parameter (tiny LLaVA and organism-vlm), exact planted
 redistribution / head scaling, and fit/test hygiene (spec shared/methods/vision_heads.md §1-2)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,15 +20,24 @@ needs_organism = pytest.mark.skipif(bundled_path("organism-vlm") is None, reason
 def shape_prompts(n_scenes: int, seed: int) -> list[VisualPrompt]:
     from attnlab.datasets.shapes import pope_questions, render_scene
 
-    return [VisualPrompt(f"USER: <image>\n{q.text} ASSISTANT:", render_scene(s)) for s, q in pope_questions("adversarial", n_scenes, seed)]
+    return [
+        VisualPrompt(f"USER: <image>\n{q.text} ASSISTANT:", render_scene(s))
+        for s, q in pope_questions("adversarial", n_scenes, seed)
+    ]
 
 
 def noise_prompts(n: int = 2) -> list[VisualPrompt]:
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    texts = ["USER: <image>\nWhat is in the picture? ASSISTANT:", "USER: <image>\nIs it red? ASSISTANT:", "USER: <image>\nIs there a dog? ASSISTANT:"]
-    return [VisualPrompt(texts[i % 3], Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8))) for i in range(n)]
+    texts = [
+        "USER: <image>\nWhat is in the picture? ASSISTANT:",
+        "USER: <image>\nIs it red? ASSISTANT:",
+        "USER: <image>\nIs there a dog? ASSISTANT:",
+    ]
+    return [
+        VisualPrompt(texts[i % 3], Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8))) for i in range(n)
+    ]
 
 
 def logits(model, items):
@@ -131,7 +141,10 @@ def test_identity_and_effect_on_organism_vlm(organism):
     m = organism
     fit, test = shape_prompts(2, 1), shape_prompts(1, 2)[:4]
     base = logits(m, test)
-    for neutral, active in ((VHR(alpha=1.0), VHR(alpha=2.0)), (VAR(p=0.0, tau=2.5, dim_tau=4.0), VAR(p=0.5, tau=2.5, dim_tau=4.0))):
+    for neutral, active in (
+        (VHR(alpha=1.0), VHR(alpha=2.0)),
+        (VAR(p=0.0, tau=2.5, dim_tau=4.0), VAR(p=0.5, tau=2.5, dim_tau=4.0)),
+    ):
         neutral.fit(m, fit)
         with neutral.apply(m):
             torch.testing.assert_close(logits(m, test), base, rtol=0, atol=1e-5)
@@ -150,8 +163,13 @@ def test_vhr_changes_layer_output_by_exactly_the_scaled_selected_heads(organism)
     vhr = VHR(alpha=3.0).fit(m, shape_prompts(2, 1))
     items = shape_prompts(1, 3)[:2]
     first = min(vhr.layers_)  # layers before it are untouched, so its o_proj input is the same in both runs
+
     def o_proj(layer):
-        (hit,) = [(n, mod) for n, mod in m.hf_model.named_modules() if f"language_model.layers.{layer}." in n and "o_proj" in n and isinstance(mod, torch.nn.Linear)]
+        (hit,) = [
+            (n, mod)
+            for n, mod in m.hf_model.named_modules()
+            if f"language_model.layers.{layer}." in n and "o_proj" in n and isinstance(mod, torch.nn.Linear)
+        ]
         return hit
 
     mods = dict([o_proj(first), o_proj(0)])
@@ -182,8 +200,13 @@ def test_vhr_changes_layer_output_by_exactly_the_scaled_selected_heads(organism)
     W = mods[n1].weight
     heads = [h for l, h in vhr.heads_ if l == first]
     assert 0 < len(heads) < m.n_heads
-    expected = sum((vhr.alpha - 1) * x0[..., h * m.d_head : (h + 1) * m.d_head] @ W[:, h * m.d_head : (h + 1) * m.d_head].T for h in heads)
-    torch.testing.assert_close(y1 - y0, expected, rtol=1e-4, atol=1e-5 * float(y0.abs().max()) * 10)  # float32 round-off of two matmuls
+    expected = sum(
+        (vhr.alpha - 1) * x0[..., h * m.d_head : (h + 1) * m.d_head] @ W[:, h * m.d_head : (h + 1) * m.d_head].T
+        for h in heads
+    )
+    torch.testing.assert_close(
+        y1 - y0, expected, rtol=1e-4, atol=1e-5 * float(y0.abs().max()) * 10
+    )  # float32 round-off of two matmuls
 
 
 # ---- fit/test hygiene, persistence, registry -------------------------------------------------------------------

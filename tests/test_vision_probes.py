@@ -2,6 +2,7 @@
 the image patch grid. Planted patterns are recovered exactly; the acceptance checks of
 shared/methods/attention_sinks.md §4 and vision_heads.md §1-2 hold; the probes run on the tiny LLaVA and on
 organism-vlm."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -33,7 +34,9 @@ class FakeCapture:
         self.handlers = []
 
     def on(self, site, fn, layers=None, queries=None, **kw):
-        self.handlers.append(SimpleNamespace(site=site, fn=fn, layers=None if layers is None else set(layers), queries=queries))
+        self.handlers.append(
+            SimpleNamespace(site=site, fn=fn, layers=None if layers is None else set(layers), queries=queries)
+        )
         return self
 
     def of(self, site):
@@ -41,7 +44,15 @@ class FakeCapture:
 
 
 def fake_model(n_layers, n_heads, d_model=8):
-    return SimpleNamespace(n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, d_model=d_model, causal=True, name="planted", tokens_as_text=lambda ids: [f"t{i}" for i in ids])
+    return SimpleNamespace(
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        d_model=d_model,
+        causal=True,
+        name="planted",
+        tokens_as_text=lambda ids: [f"t{i}" for i in ids],
+    )
 
 
 # ---- VHD -------------------------------------------------------------------------------------------------------
@@ -57,7 +68,9 @@ def run_planted_vhd(probe, z_image, z_text, has_image=True):
     image_mask = torch.zeros(b, s, dtype=torch.bool)
     if has_image:
         image_mask[:, 1:3] = True
-    batch = Batch(torch.arange(s).repeat(b, 1), torch.ones(b, s, dtype=torch.long), list(range(b)), image_mask=image_mask)
+    batch = Batch(
+        torch.arange(s).repeat(b, 1), torch.ones(b, s, dtype=torch.long), list(range(b)), image_mask=image_mask
+    )
     last = s - 1
     probe._text_branch = lambda _batch: {l: z_text[l][:, last] for l in range(L)}
     for l in range(L):
@@ -264,7 +277,9 @@ def test_vision_group_on_tiny_llava(loaded):
     assert vhd.shape == (m.n_layers, m.n_heads) and np.isfinite(vhd).all() and (vhd >= 0).all() and vhd.max() > 0
     assert res["vhd"].summary["prompts_without_image"] == []
     fused = attnlab.scan(m, VisionAwareHeads(attention="fused"), ps, attention="fused", progress=False)
-    np.testing.assert_allclose(fused["vhd"].scores, vhd, rtol=1e-4, atol=1e-5)  # z from SDPA equals z from the eager path
+    np.testing.assert_allclose(
+        fused["vhd"].scores, vhd, rtol=1e-4, atol=1e-5
+    )  # z from SDPA equals z from the eager path
     # the tiny LLaVA has 2 layers: VAR never reports layers 0 and 1, even when every token would be a sink
     var = attnlab.scan(m, ImageCentricHeads(sink_dims=list(range(m.d_model)), tau=0.0), ps, progress=False)
     assert np.isnan(var["image_centric"].scores).all()
@@ -280,7 +295,9 @@ def test_image_attention_grid_matches_the_full_pattern(loaded):
     grid = image_attention_grid(m, ps.texts[0], ps.images[0], layer=layer, head=head)
     batch = m.encode(ps.texts, images=ps.images)
     got = {}
-    Capture(m, attention="eager", progress=False).on("pattern", lambda l, p, b: got.setdefault("p", p.clone()), layers=[layer]).run([batch])
+    Capture(m, attention="eager", progress=False).on(
+        "pattern", lambda l, p, b: got.setdefault("p", p.clone()), layers=[layer]
+    ).run([batch])
     img_pos = torch.nonzero(batch.image_mask[0]).flatten()
     last = int(batch.lengths[0]) - 1
     expected = got["p"][0, head, last, img_pos].numpy()
@@ -288,7 +305,9 @@ def test_image_attention_grid_matches_the_full_pattern(loaded):
     assert grid.shape == (side, side)
     np.testing.assert_allclose(grid.ravel(), expected, atol=1e-6)
     fig = image_attention_overlay(ps.images[0], grid, layer=layer, head=head)
-    assert fig.layout.meta["grid_shape"] == [side, side] and fig.layout.meta["total"] == pytest.approx(float(expected.sum()), abs=1e-6)
+    assert fig.layout.meta["grid_shape"] == [side, side] and fig.layout.meta["total"] == pytest.approx(
+        float(expected.sum()), abs=1e-6
+    )
     assert [t.type for t in fig.data] == ["image", "heatmap"]
 
 

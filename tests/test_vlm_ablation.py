@@ -1,6 +1,7 @@
 """Ablation scoring and the causal test on a vision-language model (tiny random LLaVA): every prompt runs with its
 own image through every sub-batch, the batched evaluator equals a one-prompt-at-a-time loop, `attnlab ablate`
 scores image questions on a VLM run, and text / image metrics on the wrong kind of model fail with one line."""
+
 from __future__ import annotations
 
 import json
@@ -50,9 +51,20 @@ def test_batched_vlm_scores_equal_the_one_at_a_time_loop(loaded, questions, mode
     texts, answers, images = questions
     heads = [(0, 1), (1, 2)]
     ref = model.encode(texts[:4], images=images[:4]) if mode == "mean" else None
-    evaluate = ablation_evaluator(model, texts, AnswerTokens(answers), images=images, mode=mode, reference=texts[:4] if ref is not None else None, reference_images=images[:4] if ref is not None else None, batch_size=4)  # sub-batches of 4 and 2
+    evaluate = ablation_evaluator(
+        model,
+        texts,
+        AnswerTokens(answers),
+        images=images,
+        mode=mode,
+        reference=texts[:4] if ref is not None else None,
+        reference_images=images[:4] if ref is not None else None,
+        batch_size=4,
+    )  # sub-batches of 4 and 2
     for hs in ([], heads):
-        assert evaluate(hs) == pytest.approx(loop_logprob(model, texts, answers, images, hs, mode=mode, reference=ref), abs=1e-4)
+        assert evaluate(hs) == pytest.approx(
+            loop_logprob(model, texts, answers, images, hs, mode=mode, reference=ref), abs=1e-4
+        )
     assert abs(evaluate(heads) - evaluate([])) > 1e-4  # the ablation did something
 
 
@@ -78,9 +90,13 @@ def test_the_images_are_really_used(loaded, questions):
 def test_several_metrics_from_one_forward(loaded, questions):
     model = loaded("llava")
     texts, answers, images = questions
-    both = ablation_evaluator(model, texts, {"acc": AnswerTokens(answers, reduce="exact_match"), "lp": AnswerTokens(answers)}, images=images)([(1, 0)])
+    both = ablation_evaluator(
+        model, texts, {"acc": AnswerTokens(answers, reduce="exact_match"), "lp": AnswerTokens(answers)}, images=images
+    )([(1, 0)])
     assert set(both) == {"acc", "lp"} and 0.0 <= both["acc"] <= 1.0
-    assert both["lp"] == pytest.approx(ablation_evaluator(model, texts, AnswerTokens(answers), images=images)([(1, 0)]), abs=1e-6)
+    assert both["lp"] == pytest.approx(
+        ablation_evaluator(model, texts, AnswerTokens(answers), images=images)([(1, 0)]), abs=1e-6
+    )
     with pytest.raises(ValueError, match="same token ids"):
         ablation_evaluator(model, texts, {"a": AnswerTokens(answers), "b": AnswerTokens(" yes")}, images=images)
 
@@ -102,7 +118,12 @@ def test_wrong_modality_is_a_one_line_error(loaded, questions):
         ablation_evaluator(gpt2, ["a b c"], AnswerTokens(" d"), images=images[:1])
     with pytest.raises(AttnlabError, match="2 prompts but 1 images"):
         ablation_evaluator(llava, texts[:2], AnswerTokens(answers[:2]), images=images[:1])
-    for model, metric, expect in ((llava, "niah", "vision-language model"), (llava, "logprob", "vision-language model"), (gpt2, "shapes", "text model"), (gpt2, "shapes-logprob", "text model")):
+    for model, metric, expect in (
+        (llava, "niah", "vision-language model"),
+        (llava, "logprob", "vision-language model"),
+        (gpt2, "shapes", "text model"),
+        (gpt2, "shapes-logprob", "text model"),
+    ):
         with pytest.raises(AttnlabError, match=expect) as e:
             check_metric_modality(model, metric)
         assert "\n" not in str(e.value)
@@ -116,10 +137,47 @@ def test_cli_ablate_on_a_vlm_run(checkpoint_dir, tmp_path, capsys):
     torch.set_num_threads(1)
     llava, gpt2 = str(checkpoint_dir / "llava"), str(checkpoint_dir / "gpt2")
     run = tmp_path / "vlm-run"
-    assert main(["scan", "--model", llava, "--probes", "vision_aware_heads", "--dataset", "shapes", "--n-prompts", "2", "--out", str(run), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "scan",
+                "--model",
+                llava,
+                "--probes",
+                "vision_aware_heads",
+                "--dataset",
+                "shapes",
+                "--n-prompts",
+                "2",
+                "--out",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     out = tmp_path / "tables"
-    assert main(["ablate", "--model", llava, "--heads", f"{run}:vhd", "--k", "2", "--metric", "shapes", "--n-seeds", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--model",
+                llava,
+                "--heads",
+                f"{run}:vhd",
+                "--k",
+                "2",
+                "--metric",
+                "shapes",
+                "--n-seeds",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "top_k" in printed and "random" in printed
     record = json.loads((out / "causal_test_vhd_k2_shapes.json").read_text())
@@ -127,13 +185,56 @@ def test_cli_ablate_on_a_vlm_run(checkpoint_dir, tmp_path, capsys):
     assert record["metric"] == "shapes" and len(record["random_values"]) == 2
     assert all(0.0 <= rows[c]["metric"] <= 1.0 for c in rows) and len(rows["top_k"]["heads"].split()) == 2
     # the log-prob variant on the same run: a real (negative) log-prob, the table differs from accuracy
-    assert main(["ablate", "--model", llava, "--heads", f"{run}:vhd", "--k", "2", "--metric", "shapes-logprob", "--n-seeds", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--model",
+                llava,
+                "--heads",
+                f"{run}:vhd",
+                "--k",
+                "2",
+                "--metric",
+                "shapes-logprob",
+                "--n-seeds",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     lp = json.loads((out / "causal_test_vhd_k2_shapes-logprob.json").read_text())["rows"][0]["metric"]
     assert lp < 0
     capsys.readouterr()
     for model, metric, expect in ((llava, "niah", "vision-language model"), (gpt2, "shapes", "text model")):
-        assert main(["ablate", "--model", model, "--heads", f"{run}:vhd", "--k", "2", "--metric", metric, "--out", str(out)]) == 2
-        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attnlab:")]  # (the loader's progress bar aside)
+        assert (
+            main(
+                ["ablate", "--model", model, "--heads", f"{run}:vhd", "--k", "2", "--metric", metric, "--out", str(out)]
+            )
+            == 2
+        )
+        err = [
+            line for line in capsys.readouterr().err.splitlines() if line.startswith("attnlab:")
+        ]  # (the loader's progress bar aside)
         assert len(err) == 1 and err[0].startswith("attnlab: error:") and expect in err[0]
-    assert main(["ablate", "--model", llava, "--heads", f"{run}:vision_aware_heads", "--k", "2", "--metric", "shapes", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "ablate",
+                "--model",
+                llava,
+                "--heads",
+                f"{run}:vision_aware_heads",
+                "--k",
+                "2",
+                "--metric",
+                "shapes",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "have ['vhd'" in capsys.readouterr().err  # the probe name is not a result name: the run's names are listed

@@ -11,9 +11,11 @@ Metrics:
   offered for runs whose dataset is ``niah`` (organism-lm style runs).
 Runs through ``LiveModels.exclusive``: one live computation at a time.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -102,7 +104,9 @@ def run_prompts(model, info: dict) -> tuple[list[tuple[list[int], int]], list | 
     if images is not None:
         answers = [list(model.tokenizer(" " + str(m["answer"]), add_special_tokens=False)["input_ids"]) for m in meta]
         return [(x + a, len(x)) for x, a in zip(ids, answers)], images
-    return [(x, int(m.get("prompt_len", len(x) - 1)) if isinstance(m, dict) else len(x) - 1) for x, m in zip(ids, meta)], None
+    return [
+        (x, int(m.get("prompt_len", len(x) - 1)) if isinstance(m, dict) else len(x) - 1) for x, m in zip(ids, meta)
+    ], None
 
 
 def selected_scores(model, heads: Sequence[tuple[int, int]]):
@@ -131,7 +135,18 @@ def evaluator(model, info: dict, metric: str):
     raise AttnlabError(f"unknown metric {str(metric)[:40]!r}; choose one of {', '.join(METRICS)}")
 
 
-def run_ablation(live, info: dict, *, source: str, selected: dict | None, scores=None, k: Any = 3, metric: str = "logprob", n_seeds: Any = 3, seed: int = 0):
+def run_ablation(
+    live,
+    info: dict,
+    *,
+    source: str,
+    selected: dict | None,
+    scores=None,
+    k: Any = 3,
+    metric: str = "logprob",
+    n_seeds: Any = 3,
+    seed: int = 0,
+):
     """Causal test of a head set on the run's model -> the ``causal_test`` table (``attrs`` hold the metric).
 
     ``source="selected"``: the selected head (k = 1); ``source="top"``: the top-k heads of ``scores``.
@@ -147,7 +162,9 @@ def run_ablation(live, info: dict, *, source: str, selected: dict | None, scores
     if unavailable_reason(info):
         raise AttnlabError(unavailable_reason(info))
     if metric not in metrics_for(info):
-        raise AttnlabError(f"metric {str(metric)[:40]!r} is not available for this run (available: {', '.join(metrics_for(info)) or 'none'})")
+        raise AttnlabError(
+            f"metric {str(metric)[:40]!r} is not available for this run (available: {', '.join(metrics_for(info)) or 'none'})"
+        )
     with live.exclusive(info["model"]["name"]) as model:
         if source == "selected":
             if not selected:
@@ -159,7 +176,9 @@ def run_ablation(live, info: dict, *, source: str, selected: dict | None, scores
             if not 1 <= k <= MAX_K:
                 raise AttnlabError(f"k must be between 1 and {MAX_K}")
             if scores.scores.shape != (model.n_layers, model.n_heads):
-                raise AttnlabError(f"{scores.name} has a {scores.scores.shape} grid but {model.name} has {model.n_layers} x {model.n_heads} heads")
+                raise AttnlabError(
+                    f"{scores.name} has a {scores.scores.shape} grid but {model.name} has {model.n_layers} x {model.n_heads} heads"
+                )
             result = scores
         else:
             raise AttnlabError(f"unknown head source {str(source)[:40]!r}")

@@ -2,6 +2,7 @@
 
 Serve it with ``attnlab app --runs DIR`` (127.0.0.1 by default) or ``create_app(DIR).run()``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +28,9 @@ def create_app(runs_dir: str | Path, *, live_model: LiveModels | None = None, ma
     from attnlab.apps.callbacks import register_all
     from attnlab.apps.layout import build_layout
 
-    state = AppState(catalog=RunCatalog.at(runs_dir), live=live_model or LiveModels(), max_pattern_size=max_pattern_size)
+    state = AppState(
+        catalog=RunCatalog.at(runs_dir), live=live_model or LiveModels(), max_pattern_size=max_pattern_size
+    )
     app = dash.Dash(__name__, title="attnlab", serve_locally=True, update_title=None)
     app.layout = lambda: build_layout(state)
     register_all(app, state)

@@ -5,6 +5,7 @@ The browser sends run *names* (a direct child directory of ``runs_dir`` that hol
 Fitted interventions (``attnlab intervene --out NAME``) are named the same way: a direct child ``NAME`` holding
 ``intervention/``.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,7 +26,7 @@ class RunCatalog:
     runs_dir: Path
 
     @classmethod
-    def at(cls, runs_dir: str | Path) -> "RunCatalog":
+    def at(cls, runs_dir: str | Path) -> RunCatalog:
         d = Path(runs_dir).expanduser().resolve()
         if not d.is_dir():
             raise AttnlabError(f"runs directory {runs_dir} does not exist")
@@ -91,4 +92,7 @@ class RunCatalog:
 
 
 FITTED_DIR = "intervention"  # what ``attnlab intervene --out`` writes (``Intervention.save``)
-FITTED_FILES = ("intervention.json", "arrays.safetensors")  # base.JSON_NAME, base.ARRAYS_NAME (not imported: no torch here)
+FITTED_FILES = (
+    "intervention.json",
+    "arrays.safetensors",
+)  # base.JSON_NAME, base.ARRAYS_NAME (not imported: no torch here)

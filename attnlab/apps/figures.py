@@ -1,5 +1,6 @@
 """Plotly figures of results. ``HeadScores.plot()`` / ``TokenScores.plot()`` return these, and the app shows the
 same figures, so a notebook and the app never disagree. Figures take results, not models."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,7 +48,11 @@ def token_strip(tokens, title: str | None = None, max_tokens: int = 400, row_sca
     raw = np.asarray(tokens.values[:, keep], dtype=float)
     z = raw
     if row_scale:
-        peak = np.abs(np.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)).max(axis=1, keepdims=True) if raw.size else np.ones((raw.shape[0], 1))
+        peak = (
+            np.abs(np.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)).max(axis=1, keepdims=True)
+            if raw.size
+            else np.ones((raw.shape[0], 1))
+        )
         z = raw / np.where(peak > 0, peak, 1.0)  # NaN stays NaN (blank cell); an all-NaN or all-zero row is left as is
     fig = go.Figure(
         go.Heatmap(
@@ -64,12 +69,26 @@ def token_strip(tokens, title: str | None = None, max_tokens: int = 400, row_sca
     for i, (mark, pos) in enumerate(m for m in marks if m[1]):
         size = max(5, 14 - 3 * i)
         symbol = MARK_SYMBOLS[i % len(MARK_SYMBOLS)]
-        fig.add_trace(go.Scatter(x=[labels[p] for p in pos], y=[tokens.row_labels[-1]] * len(pos), mode="markers", marker={"symbol": symbol, "size": size, "line": {"width": 1, "color": "white"}}, name=mark))
+        fig.add_trace(
+            go.Scatter(
+                x=[labels[p] for p in pos],
+                y=[tokens.row_labels[-1]] * len(pos),
+                mode="markers",
+                marker={"symbol": symbol, "size": size, "line": {"width": 1, "color": "white"}},
+                name=mark,
+            )
+        )
     fig.update_layout(
         title=title or f"{tokens.name} — {tokens.model}",
         xaxis={"tickangle": -60},
         margin={"l": 80, "r": 20, "t": 50, "b": 120},
-        legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"},  # clear of the colorbar
+        legend={
+            "orientation": "h",
+            "x": 1,
+            "xanchor": "right",
+            "y": 1.02,
+            "yanchor": "bottom",
+        },  # clear of the colorbar
     )
     return fig
 
@@ -101,7 +120,17 @@ def downsample_pattern(weights: np.ndarray, max_size: int = 256) -> tuple[np.nda
     return np.add.reduceat(rows, bk[:-1], axis=1), bq, bk
 
 
-def attention_pattern(weights, tokens, *, layer: int, head: int, model: str = "", window: tuple[int, int] | None = None, max_size: int = 256, title: str | None = None) -> go.Figure:
+def attention_pattern(
+    weights,
+    tokens,
+    *,
+    layer: int,
+    head: int,
+    model: str = "",
+    window: tuple[int, int] | None = None,
+    max_size: int = 256,
+    title: str | None = None,
+) -> go.Figure:
     """Query x key heatmap of one head's attention with token labels (long inputs windowed, then downsampled).
 
     Parameters
@@ -147,7 +176,9 @@ def attention_pattern(weights, tokens, *, layer: int, head: int, model: str = ""
     return fig
 
 
-def head_map_difference(scores_a, scores_b, labels: tuple[str, str] = ("A", "B"), title: str | None = None) -> go.Figure:
+def head_map_difference(
+    scores_a, scores_b, labels: tuple[str, str] = ("A", "B"), title: str | None = None
+) -> go.Figure:
     """Layers x heads heatmap of ``scores_a - scores_b`` (two ``HeadScores`` of the same grid, e.g. the same probe
     in two runs); a diverging colour scale centred on 0, hover shows both scores and the difference.
 
@@ -190,7 +221,17 @@ def head_map_difference(scores_a, scores_b, labels: tuple[str, str] = ("A", "B")
     return fig
 
 
-def query_row_strip(weights, tokens, *, query: int, layer: int, head: int, model: str = "", max_tokens: int = 256, title: str | None = None) -> go.Figure:
+def query_row_strip(
+    weights,
+    tokens,
+    *,
+    query: int,
+    layer: int,
+    head: int,
+    model: str = "",
+    max_tokens: int = 256,
+    title: str | None = None,
+) -> go.Figure:
     """One query's attention over the keys as a token strip (1 x keys heatmap with token labels).
 
     Parameters
@@ -240,7 +281,16 @@ def query_row_strip(weights, tokens, *, query: int, layer: int, head: int, model
     return fig
 
 
-def image_attention_overlay(image, grid, *, opacity: float = 0.55, colorscale: str = "Hot", title: str | None = None, layer: int | None = None, head: int | None = None) -> go.Figure:
+def image_attention_overlay(
+    image,
+    grid,
+    *,
+    opacity: float = 0.55,
+    colorscale: str = "Hot",
+    title: str | None = None,
+    layer: int | None = None,
+    head: int | None = None,
+) -> go.Figure:
     """Attention over the image patch grid drawn on top of the image.
 
     Parameters
@@ -311,7 +361,12 @@ def ablation_bars(table, title: str | None = None) -> go.Figure:
         go.Bar(
             x=labels,
             y=[top_drop, rnd_drop],
-            error_y={"type": "data", "symmetric": False, "array": [0.0, max(0.0, ci[1] - rnd_drop)], "arrayminus": [0.0, max(0.0, rnd_drop - ci[0])]},
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": [0.0, max(0.0, ci[1] - rnd_drop)],
+                "arrayminus": [0.0, max(0.0, rnd_drop - ci[0])],
+            },
             marker_color=["#c0392b", "#7f8c8d"],
             customdata=[[top, heads], [rnd, f"CI of drop {ci[0]:.4f} to {ci[1]:.4f}"]],
             hovertemplate="%{x}<br>drop %{y:.4f}<br>ablated metric %{customdata[0]:.4f}<br>%{customdata[1]}<extra></extra>",
@@ -320,7 +375,16 @@ def ablation_bars(table, title: str | None = None) -> go.Figure:
     )
     values = [float(v) for v in table.attrs.get("random_values", [])]
     if values:
-        fig.add_trace(go.Scatter(x=[labels[1]] * len(values), y=[base - v for v in values], mode="markers", marker={"color": "#2c3e50", "size": 7}, name="random sets", hovertemplate="random set<br>drop %{y:.4f}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=[labels[1]] * len(values),
+                y=[base - v for v in values],
+                mode="markers",
+                marker={"color": "#2c3e50", "size": 7},
+                name="random sets",
+                hovertemplate="random set<br>drop %{y:.4f}<extra></extra>",
+            )
+        )
     metric = table.attrs.get("metric", "metric")
     fig.update_layout(
         title=title or f"drop of {metric} (baseline {base:.4f}); p = {p:.3f}",
@@ -328,12 +392,31 @@ def ablation_bars(table, title: str | None = None) -> go.Figure:
         showlegend=False,
         margin={"l": 60, "r": 20, "t": 50, "b": 60},
         height=380,
-        meta={"baseline": base, "top_drop": top_drop, "random_drop": rnd_drop, "random_ci": list(ci), "p_value": p, "k": k, "n_seeds": n_seeds},
+        meta={
+            "baseline": base,
+            "top_drop": top_drop,
+            "random_drop": rnd_drop,
+            "random_ci": list(ci),
+            "p_value": p,
+            "k": k,
+            "n_seeds": n_seeds,
+        },
     )
     return fig
 
 
-def attention_difference(baseline, intervened, tokens, *, layer: int, head: int, model: str = "", method: str = "", max_size: int = 192, title: str | None = None) -> go.Figure:
+def attention_difference(
+    baseline,
+    intervened,
+    tokens,
+    *,
+    layer: int,
+    head: int,
+    model: str = "",
+    method: str = "",
+    max_size: int = 192,
+    title: str | None = None,
+) -> go.Figure:
     """Query x key heatmap of ``intervened - baseline`` attention of one head (diverging colours centred on 0).
 
     Parameters
@@ -374,10 +457,19 @@ def attention_difference(baseline, intervened, tokens, *, layer: int, head: int,
         )
     )
     fig.update_layout(
-        title=title or f"{head_label} attention, {method or 'intervened'} − baseline — {model} ({n} tokens{shown}; max |Δ| {span:.4f})",
+        title=title
+        or f"{head_label} attention, {method or 'intervened'} − baseline — {model} ({n} tokens{shown}; max |Δ| {span:.4f})",
         xaxis={"title": "key", "tickangle": -60, "type": "category"},
         yaxis={"title": "query", "autorange": "reversed", "type": "category"},
         margin={"l": 120, "r": 20, "t": 50, "b": 120},
-        meta={"kind": "attention_difference", "layer": int(layer), "head": int(head), "head_label": head_label, "n_tokens": int(n), "method": method, "max_abs_difference": span},
+        meta={
+            "kind": "attention_difference",
+            "layer": int(layer),
+            "head": int(head),
+            "head_label": head_label,
+            "n_tokens": int(n),
+            "method": method,
+            "max_abs_difference": span,
+        },
     )
     return fig

@@ -62,7 +62,9 @@ VISION_BUSY = "vision-busy"
 
 # interventions view (a prompt on the run's model without and with an intervention)
 IV_VIEW = "interventions-view"
-IV_METHOD = "iv-method"  # dropdown: registry method names, and "fitted:RUN" for fitted interventions in the runs directory
+IV_METHOD = (
+    "iv-method"  # dropdown: registry method names, and "fitted:RUN" for fitted interventions in the runs directory
+)
 IV_PARAMS = "iv-params"  # k=v pairs (registry.build), whitespace-separated
 IV_INFO = "iv-info"  # the method's one-line description and whether it runs on this model
 IV_PROMPT = "iv-prompt"

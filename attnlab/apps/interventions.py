@@ -30,12 +30,14 @@ at ``blocks.{l}.attn.hook_pattern`` of the first pass, after the intervention's 
 intervened model used. If an intervention runs the model more than once per forward (SoftPAG guidance: a clean and
 a head-perturbed pass), the last pass is shown, i.e. the perturbed map that guidance contrasts with the clean one.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,13 +85,17 @@ def _read_meta(catalog, name: str) -> dict[str, Any]:
     path = catalog.fitted_dir(name) / "intervention.json"
     try:
         if path.stat().st_size > MAX_FITTED_JSON_BYTES:
-            raise AttnlabError(f"fitted intervention {name!r}: intervention.json is larger than {MAX_FITTED_JSON_BYTES >> 20} MiB")
+            raise AttnlabError(
+                f"fitted intervention {name!r}: intervention.json is larger than {MAX_FITTED_JSON_BYTES >> 20} MiB"
+            )
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except AttnlabError:
         raise
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise AttnlabError(f"fitted intervention {name!r} cannot be read: intervention.json is not valid JSON ({type(e).__name__})") from None
+        raise AttnlabError(
+            f"fitted intervention {name!r} cannot be read: intervention.json is not valid JSON ({type(e).__name__})"
+        ) from None
     if not isinstance(meta, dict):
         raise AttnlabError(f"fitted intervention {name!r} cannot be read: intervention.json is not an object")
     return meta
@@ -103,14 +109,20 @@ def _registry_class(meta: dict[str, Any], name: str):
     method = meta.get("method")
     cls = INTERVENTIONS.get(method) if isinstance(method, str) else None
     if cls is None or meta.get("class") != f"{cls.__module__}.{cls.__qualname__}":
-        raise AttnlabError(f"fitted intervention {name!r} does not hold an intervention of the registry (method {str(method)[:40]!r}, class {str(meta.get('class'))[:80]!r})")
+        raise AttnlabError(
+            f"fitted intervention {name!r} does not hold an intervention of the registry (method {str(method)[:40]!r}, class {str(meta.get('class'))[:80]!r})"
+        )
     params, fitted, arrays = meta.get("params"), meta.get("fitted"), meta.get("arrays")
     if not (isinstance(params, dict) and isinstance(fitted, dict) and isinstance(arrays, list)):
-        raise AttnlabError(f"fitted intervention {name!r} cannot be read: intervention.json lacks params, fitted or arrays")
+        raise AttnlabError(
+            f"fitted intervention {name!r} cannot be read: intervention.json lacks params, fitted or arrays"
+        )
     unknown = sorted(set(params) - set(cls._param_names()))
     bad = [k for k in [*fitted, *arrays] if not (isinstance(k, str) and k.endswith("_") and not k.startswith("_"))]
     if unknown or bad:
-        raise AttnlabError(f"fitted intervention {name!r} cannot be read: unexpected entries {', '.join(map(str, (unknown + bad)[:5]))}")
+        raise AttnlabError(
+            f"fitted intervention {name!r} cannot be read: unexpected entries {', '.join(map(str, (unknown + bad)[:5]))}"
+        )
     if not isinstance(fitted.get("model_"), dict) or "fit_split_" not in fitted:
         raise AttnlabError(f"fitted intervention {name!r} cannot be read: it records no fitted model")
     return cls
@@ -142,10 +154,14 @@ def load_fitted(catalog, name: str, model_name: str | None = None):
         iv = cls.load(catalog.fitted_dir(name))
     except Exception as e:  # malformed safetensors, wrong parameter types, missing arrays ...
         text = str(e).replace(str(catalog.runs_dir), "").strip().splitlines()
-        raise AttnlabError(f"fitted intervention {name!r} cannot be read: {type(e).__name__}{': ' + text[0][:200] if text else ''}") from None
+        raise AttnlabError(
+            f"fitted intervention {name!r} cannot be read: {type(e).__name__}{': ' + text[0][:200] if text else ''}"
+        ) from None
     fitted_on = iv.model_.get("name")
     if model_name is not None and fitted_on != model_name:
-        raise AttnlabError(f"fitted intervention {name!r} was fitted on {_model_label(fitted_on)}, not on this run's model {_model_label(model_name)}")
+        raise AttnlabError(
+            f"fitted intervention {name!r} was fitted on {_model_label(fitted_on)}, not on this run's model {_model_label(model_name)}"
+        )
     return iv
 
 
@@ -154,7 +170,9 @@ def fitted_summary(iv, name: str) -> str:
     import json
 
     split = getattr(iv, "fit_split_", {}) or {}
-    params = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in iv.get_params().items())  # a str may hold "\n"
+    params = " ".join(
+        f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in iv.get_params().items()
+    )  # a str may hold "\n"
     return f"{iv.name} fitted by 'attnlab intervene' (run {name}) on {split.get('name', '?')} (n={split.get('n', '?')}) for {_model_label(iv.model_.get('name'))}; parameters: {params}."
 
 
@@ -163,7 +181,10 @@ def method_options(catalog=None) -> list[dict[str, str]]:
     directory, labelled ``"METHOD (fitted: NAME)"``."""
     opts = [{"label": n, "value": n} for n in methods()]
     if catalog is not None:
-        opts += [{"label": f"{fitted_method(catalog, n)} (fitted: {n})", "value": FITTED_PREFIX + n} for n in catalog.fitted_names()]
+        opts += [
+            {"label": f"{fitted_method(catalog, n)} (fitted: {n})", "value": FITTED_PREFIX + n}
+            for n in catalog.fitted_names()
+        ]
     return opts
 
 
@@ -253,8 +274,22 @@ class ComparisonResult:
 
         return pd.DataFrame(
             [
-                {"run": "baseline", "output": self.output_baseline, "top_token": self.top_baseline, "answer_token": self.answer_token, "p_answer": self.p_baseline, "delta_p": 0.0},
-                {"run": f"{self.method}", "output": self.output_intervened, "top_token": self.top_intervened, "answer_token": self.answer_token, "p_answer": self.p_intervened, "delta_p": self.delta_p},
+                {
+                    "run": "baseline",
+                    "output": self.output_baseline,
+                    "top_token": self.top_baseline,
+                    "answer_token": self.answer_token,
+                    "p_answer": self.p_baseline,
+                    "delta_p": 0.0,
+                },
+                {
+                    "run": f"{self.method}",
+                    "output": self.output_intervened,
+                    "top_token": self.top_intervened,
+                    "answer_token": self.answer_token,
+                    "p_answer": self.p_intervened,
+                    "delta_p": self.delta_p,
+                },
             ]
         )
 
@@ -262,7 +297,16 @@ class ComparisonResult:
         """Intervened minus baseline attention of the head (``figures.attention_difference``)."""
         from attnlab.apps import figures
 
-        return figures.attention_difference(self.pattern_baseline, self.pattern_intervened, self.tokens, layer=self.layer, head=self.head, model=self.model, method=self.method, max_size=max_size)
+        return figures.attention_difference(
+            self.pattern_baseline,
+            self.pattern_intervened,
+            self.tokens,
+            layer=self.layer,
+            head=self.head,
+            model=self.model,
+            method=self.method,
+            max_size=max_size,
+        )
 
 
 def answer_token_id(model, prompt: str, answer: str) -> int:
@@ -330,7 +374,16 @@ def _greedy(model, ids: list[int], layer: int, n_new: int) -> tuple[list[int], A
     return new, probs, seen[-1].numpy()
 
 
-def compare(model, intervention, prompt: str, answer: str | None = None, head: tuple[int, int] | None = None, *, max_new_tokens: int = MAX_NEW_TOKENS, max_tokens: int | None = None) -> ComparisonResult:
+def compare(
+    model,
+    intervention,
+    prompt: str,
+    answer: str | None = None,
+    head: tuple[int, int] | None = None,
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_tokens: int | None = None,
+) -> ComparisonResult:
     """Run ``prompt`` without and with the fitted ``intervention`` (``intervention.apply(model)``).
 
     Parameters
@@ -394,11 +447,24 @@ def _fitted_for(catalog, name: str, model_name: str, params: str | None):
     if catalog is None:
         raise AttnlabError("fitted interventions need the app's runs directory")
     if split_params(params):
-        raise AttnlabError(f"fitted intervention {name!r} runs with the parameters it was fitted with; clear the parameters box")
+        raise AttnlabError(
+            f"fitted intervention {name!r} runs with the parameters it was fitted with; clear the parameters box"
+        )
     return load_fitted(catalog, name, model_name)
 
 
-def run_comparison(live, model_name: str, method: str, params: str | None, prompt: str | None, answer: str | None, head: tuple[int, int] | None, *, max_new_tokens: int = MAX_NEW_TOKENS, catalog=None) -> ComparisonResult:
+def run_comparison(
+    live,
+    model_name: str,
+    method: str,
+    params: str | None,
+    prompt: str | None,
+    answer: str | None,
+    head: tuple[int, int] | None,
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    catalog=None,
+) -> ComparisonResult:
     """``prepare`` + ``compare`` on a model of the app's ``LiveModels``: prompt size limits checked first, then the
     live-run lock held (one live run at a time; "busy" after ``live.wait_s``). ``method`` ``"fitted:NAME"``: the
     intervention saved in ``catalog``'s run ``NAME`` (``load_fitted``, checked against ``model_name`` before the
@@ -435,4 +501,20 @@ def availability(live, model_name: str, method: str, params: str | None, *, cata
     return "available on this model"
 
 
-__all__ = ["ComparisonResult", "compare", "prepare", "run_comparison", "availability", "methods", "method_summary", "split_params", "answer_token_id", "DEFAULT_PARAMS", "FITTED_PREFIX", "fitted_name", "load_fitted", "fitted_summary", "method_options"]
+__all__ = [
+    "ComparisonResult",
+    "compare",
+    "prepare",
+    "run_comparison",
+    "availability",
+    "methods",
+    "method_summary",
+    "split_params",
+    "answer_token_id",
+    "DEFAULT_PARAMS",
+    "FITTED_PREFIX",
+    "fitted_name",
+    "load_fitted",
+    "fitted_summary",
+    "method_options",
+]

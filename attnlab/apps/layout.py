@@ -2,6 +2,7 @@
 
 ``build_layout`` is called on every page load (``app.layout`` is a function), so new runs appear on refresh.
 """
+
 from __future__ import annotations
 
 from dash import dcc, html
@@ -9,8 +10,8 @@ from dash import dcc, html
 from attnlab.apps import ids
 from attnlab.apps.ablation import MAX_K, MAX_SEEDS
 from attnlab.apps.interventions import DEFAULT_PARAMS, MAX_PARAMS_CHARS, method_options
-from attnlab.apps.vision import MAX_UPLOAD_BYTES, UPLOAD_QUESTION
 from attnlab.apps.state import AppState, failure_message
+from attnlab.apps.vision import MAX_UPLOAD_BYTES, UPLOAD_QUESTION
 
 _SECTION = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "10px", "margin": "10px 0"}
 _STATUS = {"color": "#a33", "minHeight": "1.2em", "fontSize": "90%"}
@@ -38,7 +39,11 @@ def runs_table(state: AppState) -> html.Table:
         except Exception as e:  # a broken run.json: list it with its problem instead of failing the page
             s = {"run": name, "model": failure_message(e)}
         rows.append(html.Tr([html.Td(str(s.get(c, "")), style=_CELL) for c in cols]))
-    return html.Table([html.Thead(html.Tr([html.Th(c, style=_CELL) for c in cols])), html.Tbody(rows)], id=ids.RUNS_TABLE, style={"borderCollapse": "collapse", "fontSize": "90%"})
+    return html.Table(
+        [html.Thead(html.Tr([html.Th(c, style=_CELL) for c in cols])), html.Tbody(rows)],
+        id=ids.RUNS_TABLE,
+        style={"borderCollapse": "collapse", "fontSize": "90%"},
+    )
 
 
 def build_layout(state: AppState) -> html.Div:
@@ -53,9 +58,40 @@ def build_layout(state: AppState) -> html.Div:
                 ids.RUNS_VIEW,
                 [
                     runs_table(state),
-                    html.Div(["run: ", dcc.Dropdown(id=ids.RUN_SELECT, options=[{"label": n, "value": n} for n in names], value=names[0] if names else None, clearable=False, style=_inline("400px"))], style={"marginTop": "8px"}),
-                    html.Div(["compare with: ", dcc.Dropdown(id=ids.COMPARE_SELECT, options=[{"label": n, "value": n} for n in names], value=None, clearable=True, placeholder="(none: one run)", style=_inline("400px"))], style={"marginTop": "4px"}),
-                    html.Div(id=ids.RUN_INFO, style={"fontSize": "90%", "marginTop": "4px"}, children="" if names else f"no runs in {state.catalog.runs_dir.name}/ yet: write one with `attnlab scan --out`"),
+                    html.Div(
+                        [
+                            "run: ",
+                            dcc.Dropdown(
+                                id=ids.RUN_SELECT,
+                                options=[{"label": n, "value": n} for n in names],
+                                value=names[0] if names else None,
+                                clearable=False,
+                                style=_inline("400px"),
+                            ),
+                        ],
+                        style={"marginTop": "8px"},
+                    ),
+                    html.Div(
+                        [
+                            "compare with: ",
+                            dcc.Dropdown(
+                                id=ids.COMPARE_SELECT,
+                                options=[{"label": n, "value": n} for n in names],
+                                value=None,
+                                clearable=True,
+                                placeholder="(none: one run)",
+                                style=_inline("400px"),
+                            ),
+                        ],
+                        style={"marginTop": "4px"},
+                    ),
+                    html.Div(
+                        id=ids.RUN_INFO,
+                        style={"fontSize": "90%", "marginTop": "4px"},
+                        children=""
+                        if names
+                        else f"no runs in {state.catalog.runs_dir.name}/ yet: write one with `attnlab scan --out`",
+                    ),
                 ],
             ),
             _section(
@@ -77,18 +113,59 @@ def build_layout(state: AppState) -> html.Div:
                             "prompt: ",
                             dcc.Dropdown(id=ids.PROMPT_SELECT, clearable=False, style=_inline("250px")),
                             " queries from ",
-                            dcc.Input(id=ids.WINDOW_START, type="number", min=0, value=0, debounce=True, style={"width": "80px"}),
+                            dcc.Input(
+                                id=ids.WINDOW_START,
+                                type="number",
+                                min=0,
+                                value=0,
+                                debounce=True,
+                                style={"width": "80px"},
+                            ),
                             " count ",
-                            dcc.Input(id=ids.WINDOW_SIZE, type="number", min=1, value=None, placeholder="all", debounce=True, style={"width": "80px"}),
-                            dcc.RadioItems(id=ids.PATTERN_MODE, options=[{"label": " pattern", "value": "pattern"}, {"label": " query row", "value": "row"}], value="pattern", inline=True, style={"display": "inline-block", "marginLeft": "12px"}, inputStyle={"marginLeft": "8px"}),
+                            dcc.Input(
+                                id=ids.WINDOW_SIZE,
+                                type="number",
+                                min=1,
+                                value=None,
+                                placeholder="all",
+                                debounce=True,
+                                style={"width": "80px"},
+                            ),
+                            dcc.RadioItems(
+                                id=ids.PATTERN_MODE,
+                                options=[
+                                    {"label": " pattern", "value": "pattern"},
+                                    {"label": " query row", "value": "row"},
+                                ],
+                                value="pattern",
+                                inline=True,
+                                style={"display": "inline-block", "marginLeft": "12px"},
+                                inputStyle={"marginLeft": "8px"},
+                            ),
                             " row ",
-                            dcc.Input(id=ids.QUERY_ROW, type="number", value=None, placeholder="last", debounce=True, style={"width": "80px"}),
+                            dcc.Input(
+                                id=ids.QUERY_ROW,
+                                type="number",
+                                value=None,
+                                placeholder="last",
+                                debounce=True,
+                                style={"width": "80px"},
+                            ),
                             html.Span(" computing…", id=ids.PATTERN_BUSY, style={"display": "none", "color": "#06c"}),
                         ]
                     ),
-                    dcc.Textarea(id=ids.CUSTOM_PROMPT, placeholder=f"or type a prompt here choose 'typed prompt' and press 'run typed prompt' (at most {state.live.max_chars} characters)", maxLength=state.live.max_chars, style={"width": "100%", "height": "60px"}),
+                    dcc.Textarea(
+                        id=ids.CUSTOM_PROMPT,
+                        placeholder=f"or type a prompt here choose 'typed prompt' and press 'run typed prompt' (at most {state.live.max_chars} characters)",
+                        maxLength=state.live.max_chars,
+                        style={"width": "100%", "height": "60px"},
+                    ),
                     html.Button("run typed prompt", id=ids.RUN_PROMPT, n_clicks=0),
-                    dcc.Loading(dcc.Graph(id=ids.PATTERN, config={"displaylogo": False}, style={"height": "650px"}), id=ids.PATTERN_LOADING, type="default"),
+                    dcc.Loading(
+                        dcc.Graph(id=ids.PATTERN, config={"displaylogo": False}, style={"height": "650px"}),
+                        id=ids.PATTERN_LOADING,
+                        type="default",
+                    ),
                     html.Div(id=ids.PATTERN_STATUS, style=_STATUS),
                 ],
             ),
@@ -96,7 +173,9 @@ def build_layout(state: AppState) -> html.Div:
                 "Tokens",
                 ids.TOKENS_VIEW,
                 [
-                    html.Div(["token score: ", dcc.Dropdown(id=ids.TOKEN_RESULT, clearable=False, style=_inline("400px"))]),
+                    html.Div(
+                        ["token score: ", dcc.Dropdown(id=ids.TOKEN_RESULT, clearable=False, style=_inline("400px"))]
+                    ),
                     dcc.Graph(id=ids.TOKEN_STRIP, config={"displaylogo": False}),
                     html.Div(id=ids.TOKEN_STATUS, style=_STATUS),
                 ],
@@ -109,12 +188,30 @@ def build_layout(state: AppState) -> html.Div:
                         [
                             "image: ",
                             dcc.Dropdown(id=ids.VISION_SOURCE, clearable=False, style=_inline("250px")),
-                            dcc.Upload(html.Button("upload an image"), id=ids.VISION_UPLOAD, max_size=MAX_UPLOAD_BYTES, accept="image/*", multiple=False, style={"display": "inline-block", "marginLeft": "12px"}),
+                            dcc.Upload(
+                                html.Button("upload an image"),
+                                id=ids.VISION_UPLOAD,
+                                max_size=MAX_UPLOAD_BYTES,
+                                accept="image/*",
+                                multiple=False,
+                                style={"display": "inline-block", "marginLeft": "12px"},
+                            ),
                             html.Span(" computing…", id=ids.VISION_BUSY, style={"display": "none", "color": "#06c"}),
                         ]
                     ),
-                    html.Div("question asked with an uploaded image (the run's images use their own questions):", style={"fontSize": "90%", "marginTop": "6px"}),
-                    dcc.Input(id=ids.VISION_QUESTION, type="text", value=UPLOAD_QUESTION, debounce=True, maxLength=500, style={"width": "100%"}, placeholder="question for an uploaded image (with <image>)"),
+                    html.Div(
+                        "question asked with an uploaded image (the run's images use their own questions):",
+                        style={"fontSize": "90%", "marginTop": "6px"},
+                    ),
+                    dcc.Input(
+                        id=ids.VISION_QUESTION,
+                        type="text",
+                        value=UPLOAD_QUESTION,
+                        debounce=True,
+                        maxLength=500,
+                        style={"width": "100%"},
+                        placeholder="question for an uploaded image (with <image>)",
+                    ),
                     dcc.Graph(id=ids.VISION_FIGURE, config={"displaylogo": False}, style={"height": "520px"}),
                     html.Div(id=ids.VISION_STATUS, style=_STATUS),
                 ],
@@ -127,11 +224,23 @@ def build_layout(state: AppState) -> html.Div:
                 [
                     html.Div(
                         [
-                            dcc.RadioItems(id=ids.ABL_SOURCE, options=[{"label": " selected head", "value": "selected"}, {"label": " top-k of the head score", "value": "top"}], value="top", inline=True, style={"display": "inline-block"}, inputStyle={"marginLeft": "8px"}),
+                            dcc.RadioItems(
+                                id=ids.ABL_SOURCE,
+                                options=[
+                                    {"label": " selected head", "value": "selected"},
+                                    {"label": " top-k of the head score", "value": "top"},
+                                ],
+                                value="top",
+                                inline=True,
+                                style={"display": "inline-block"},
+                                inputStyle={"marginLeft": "8px"},
+                            ),
                             " k ",
                             dcc.Input(id=ids.ABL_K, type="number", min=1, max=MAX_K, value=3, style={"width": "60px"}),
                             " random seeds ",
-                            dcc.Input(id=ids.ABL_SEEDS, type="number", min=1, max=MAX_SEEDS, value=3, style={"width": "60px"}),
+                            dcc.Input(
+                                id=ids.ABL_SEEDS, type="number", min=1, max=MAX_SEEDS, value=3, style={"width": "60px"}
+                            ),
                             " metric: ",
                             dcc.Dropdown(id=ids.ABL_METRIC, clearable=False, style=_inline("260px")),
                             html.Button("run ablation", id=ids.ABL_RUN, n_clicks=0, style={"marginLeft": "12px"}),
@@ -159,17 +268,38 @@ def interventions_view(state: AppState) -> html.Div:
             html.Div(
                 [
                     "method: ",
-                    dcc.Dropdown(id=ids.IV_METHOD, options=options, value=first, clearable=False, style=_inline("320px")),
+                    dcc.Dropdown(
+                        id=ids.IV_METHOD, options=options, value=first, clearable=False, style=_inline("320px")
+                    ),
                     " parameters (k=v, space-separated): ",
-                    dcc.Input(id=ids.IV_PARAMS, type="text", value=DEFAULT_PARAMS.get(first, ""), maxLength=MAX_PARAMS_CHARS, placeholder="e.g. beta=0.4 heads=[[3,0],[3,1]]", style={"width": "380px"}),
+                    dcc.Input(
+                        id=ids.IV_PARAMS,
+                        type="text",
+                        value=DEFAULT_PARAMS.get(first, ""),
+                        maxLength=MAX_PARAMS_CHARS,
+                        placeholder="e.g. beta=0.4 heads=[[3,0],[3,1]]",
+                        style={"width": "380px"},
+                    ),
                 ]
             ),
             html.Div(id=ids.IV_INFO, style={"fontSize": "85%", "color": "#555", "marginTop": "4px"}),
-            dcc.Textarea(id=ids.IV_PROMPT, placeholder=f"prompt run without and with the intervention (at most {state.live.max_chars} characters)", maxLength=state.live.max_chars, style={"width": "100%", "height": "60px", "marginTop": "6px"}),
+            dcc.Textarea(
+                id=ids.IV_PROMPT,
+                placeholder=f"prompt run without and with the intervention (at most {state.live.max_chars} characters)",
+                maxLength=state.live.max_chars,
+                style={"width": "100%", "height": "60px", "marginTop": "6px"},
+            ),
             html.Div(
                 [
                     "expected answer (optional): ",
-                    dcc.Input(id=ids.IV_ANSWER, type="text", value="", maxLength=200, placeholder="default: the baseline's top token", style={"width": "260px"}),
+                    dcc.Input(
+                        id=ids.IV_ANSWER,
+                        type="text",
+                        value="",
+                        maxLength=200,
+                        placeholder="default: the baseline's top token",
+                        style={"width": "260px"},
+                    ),
                     html.Button("run intervention", id=ids.IV_RUN, n_clicks=0, style={"marginLeft": "12px"}),
                     html.Span(" running…", id=ids.IV_BUSY, style={"display": "none", "color": "#06c"}),
                 ]

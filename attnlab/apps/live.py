@@ -7,13 +7,15 @@ pattern is then one ``[seq, d] x [d, seq]`` product and a softmax (``attnlab.cap
 Live runs are serialised by one lock: a second request waits up to ``wait_s`` and then gets a "busy" error rather
 than queueing without bound. Prompts are limited to ``max_chars`` characters and the model's context.
 """
+
 from __future__ import annotations
 
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +67,17 @@ class LiveModels:
         long inputs as the eager path; q/k are the same either way.
     """
 
-    def __init__(self, loader: Callable[[str], Any] | None = None, *, max_models: int = 2, max_prompts: int = 8, max_chars: int = 20000, max_tokens: int = 4096, wait_s: float = 30.0, fused_min_len: int = 512):
+    def __init__(
+        self,
+        loader: Callable[[str], Any] | None = None,
+        *,
+        max_models: int = 2,
+        max_prompts: int = 8,
+        max_chars: int = 20000,
+        max_tokens: int = 4096,
+        wait_s: float = 30.0,
+        fused_min_len: int = 512,
+    ):
         self.loader = loader or _loader
         self.max_models = max_models
         self.max_prompts = max_prompts
@@ -120,7 +132,9 @@ class LiveModels:
                 prompts = DATASETS[key](model, int(ds.get("n_prompts", 1)), int(ds.get("seed", 0) or 0))
                 ids = prompt_token_ids(model, prompts, truncate=True)
             if fingerprint(ids) != ds.get("fingerprint"):
-                raise AttnlabError(f"regenerating {ds.get('name')} gave other prompts than the run used (fingerprint differs); type a prompt instead")
+                raise AttnlabError(
+                    f"regenerating {ds.get('name')} gave other prompts than the run used (fingerprint differs); type a prompt instead"
+                )
             self._remember(self._run_ids, cache_key, ids, 16)
         ids = self._run_ids[cache_key]
         if not 0 <= index < len(ids):
@@ -165,8 +179,14 @@ class LiveModels:
         with self._acquire():
             model = self.model(model_name)
             if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
-                raise AttnlabError(f"{model_name} has no head L{layer}H{head} ({model.n_layers} layers x {model.n_heads} heads)")
-            ids = model.token_ids(prompt) if isinstance(prompt, str) else model.check_length([int(t) for t in prompt], truncate=False, index=0)
+                raise AttnlabError(
+                    f"{model_name} has no head L{layer}H{head} ({model.n_layers} layers x {model.n_heads} heads)"
+                )
+            ids = (
+                model.token_ids(prompt)
+                if isinstance(prompt, str)
+                else model.check_length([int(t) for t in prompt], truncate=False, index=0)
+            )
             if len(ids) > self.max_tokens:
                 raise AttnlabError(f"the prompt has {len(ids)} tokens; the limit is {self.max_tokens}")
             key = (model_name, hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest())

@@ -9,6 +9,7 @@ A callback request is the body the dash renderer posts to ``/_dash-update-compon
 views, ``view_bodies`` for the live views behind buttons (interventions, ablation scoring, vision). A response
 counts as an error when it is not HTTP 200, when the request fails, or when a callback's response carries a traceback or an ``internal error`` message.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,13 +69,24 @@ class LoadReport:
             "p50_ms": round(1000 * self.quantile(0.5), 1),
             "p95_ms": round(1000 * self.quantile(0.95), 1),
             "max_ms": round(1000 * max((s.seconds for s in self.samples), default=float("nan")), 1),
-            "by_request": {k: {"n": sum(s.what == k for s in self.samples), "p50_ms": round(1000 * self.quantile(0.5, k), 1), "p95_ms": round(1000 * self.quantile(0.95, k), 1)} for k in kinds},
+            "by_request": {
+                k: {
+                    "n": sum(s.what == k for s in self.samples),
+                    "p50_ms": round(1000 * self.quantile(0.5, k), 1),
+                    "p95_ms": round(1000 * self.quantile(0.95, k), 1),
+                }
+                for k in kinds
+            },
         }
 
     def lines(self) -> list[str]:
         s = self.summary()
-        out = [f"{s['clients']} clients: {s['requests']} requests, {s['errors']} errors, {s['busy']} busy answers, wall {s['wall_s']} s, p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms, max {s['max_ms']} ms"]
-        out += [f"  {k or '/'}: n={v['n']} p50 {v['p50_ms']} ms p95 {v['p95_ms']} ms" for k, v in s["by_request"].items()]
+        out = [
+            f"{s['clients']} clients: {s['requests']} requests, {s['errors']} errors, {s['busy']} busy answers, wall {s['wall_s']} s, p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms, max {s['max_ms']} ms"
+        ]
+        out += [
+            f"  {k or '/'}: n={v['n']} p50 {v['p50_ms']} ms p95 {v['p95_ms']} ms" for k, v in s["by_request"].items()
+        ]
         out += [f"  error: {e.what} status {e.status}: {e.error}" for e in self.errors[:5]]
         return out
 
@@ -129,7 +141,9 @@ def timed(what: str, url: str, body: dict | None, timeout: float) -> Sample:
     return Sample(what, status, dt)
 
 
-def run_load(base_url: str, bodies: dict[str, dict], *, clients: int = 20, rounds: int = 2, timeout: float = 30.0) -> LoadReport:
+def run_load(
+    base_url: str, bodies: dict[str, dict], *, clients: int = 20, rounds: int = 2, timeout: float = 30.0
+) -> LoadReport:
     """``clients`` threads start together; each GETs the page, layout and dependencies, then posts every body of
     ``bodies`` (name -> callback body) ``rounds`` times. Returns every request's sample.
 
@@ -169,7 +183,15 @@ def dependencies(base_url: str, timeout: float = 30.0) -> list[dict]:
     return json.loads(payload)
 
 
-def page_bodies(deps: list[dict], run: str, result: str, *, compare: str | None = None, head: dict | None = None, prompt: str | None = "0") -> dict[str, dict]:
+def page_bodies(
+    deps: list[dict],
+    run: str,
+    result: str,
+    *,
+    compare: str | None = None,
+    head: dict | None = None,
+    prompt: str | None = "0",
+) -> dict[str, dict]:
     """The callbacks a visitor's page posts: pick a run, draw the head map (and its difference with ``compare``),
     and the selected head's pattern and query row on a run prompt (live; served from the q/k cache once warm)."""
     from attnlab.apps import ids
@@ -190,10 +212,17 @@ def page_bodies(deps: list[dict], run: str, result: str, *, compare: str | None 
         "head_map": callback_body(deps, f"{ids.HEAD_MAP}.figure", v, [f"{ids.HEAD_RESULT}.value"]),
     }
     if compare is not None:
-        bodies["head_map_difference"] = callback_body(deps, f"{ids.HEAD_MAP}.figure", {**v, f"{ids.COMPARE_SELECT}.value": compare}, [f"{ids.COMPARE_SELECT}.value"])
+        bodies["head_map_difference"] = callback_body(
+            deps,
+            f"{ids.HEAD_MAP}.figure",
+            {**v, f"{ids.COMPARE_SELECT}.value": compare},
+            [f"{ids.COMPARE_SELECT}.value"],
+        )
     if prompt is not None:
         bodies["pattern"] = callback_body(deps, f"{ids.PATTERN}.figure", v, [f"{ids.SELECTED_HEAD}.data"])
-        bodies["query_row"] = callback_body(deps, f"{ids.PATTERN}.figure", {**v, f"{ids.PATTERN_MODE}.value": "row"}, [f"{ids.PATTERN_MODE}.value"])
+        bodies["query_row"] = callback_body(
+            deps, f"{ids.PATTERN}.figure", {**v, f"{ids.PATTERN_MODE}.value": "row"}, [f"{ids.PATTERN_MODE}.value"]
+        )
     return bodies
 
 
@@ -204,7 +233,16 @@ def callback_response(base_url: str, body: dict, timeout: float = 30.0) -> dict:
     return json.loads(payload).get("response", {})
 
 
-def view_bodies(deps: list[dict], run: str, *, head: dict | None = None, intervention: dict | None = None, ablation: dict | None = None, vision_run: str | None = None, vision_image: str = "0") -> dict[str, dict]:
+def view_bodies(
+    deps: list[dict],
+    run: str,
+    *,
+    head: dict | None = None,
+    intervention: dict | None = None,
+    ablation: dict | None = None,
+    vision_run: str | None = None,
+    vision_image: str = "0",
+) -> dict[str, dict]:
     """Callbacks of the live views a visitor presses buttons in (each runs the model, one at a time):
 
     - ``intervention`` (``{"method", "params", "prompt", "answer"}``): the method's info line
@@ -265,7 +303,7 @@ class ServedApp:
     def _record(self, sender, exception, **extra) -> None:
         self.exceptions.append(f"{type(exception).__name__}: {exception}")
 
-    def __enter__(self) -> "ServedApp":
+    def __enter__(self) -> ServedApp:
         import logging
 
         from flask import got_request_exception

@@ -1,4 +1,5 @@
 """What the app's callbacks share: the run catalog, the live-model runner, display limits, and failure messages."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ def failure_message(exc: BaseException) -> str:
 def empty_figure(message: str = "") -> go.Figure:
     """A blank figure carrying a message (shown where a view has nothing to draw)."""
     fig = go.Figure()
-    fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, margin={"l": 20, "r": 20, "t": 30, "b": 20}, height=300)
+    fig.update_layout(
+        xaxis={"visible": False}, yaxis={"visible": False}, margin={"l": 20, "r": 20, "t": 30, "b": 20}, height=300
+    )
     if message:
         fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
     return fig

@@ -6,6 +6,7 @@ Shape-scene runs of organism-vlm record their dataset as ``shapes-<kind>(n=N,see
 the app regenerates those scenes and checks the run's fingerprint before showing them. Uploads
 are decoded in memory with PIL (size and pixel limits), never written to disk.
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,12 +35,16 @@ def run_image_prompts(model, info: dict):
     ds = info.get("dataset", {})
     m = _SHAPES.match(str(ds.get("name", "")))
     if not m:
-        raise AttnlabError(f"this run's images ({str(ds.get('name'))[:60]!r}) cannot be regenerated; upload an image instead")
+        raise AttnlabError(
+            f"this run's images ({str(ds.get('name'))[:60]!r}) cannot be regenerated; upload an image instead"
+        )
     prompts = shape_prompt_set(m.group(1), int(m.group(2)), int(m.group(3)))
     batch = model.encode(prompts.texts, images=prompts.images)
     ids = [batch.input_ids[i, batch.real_slice(i)].tolist() for i in range(batch.size)]
     if fingerprint(ids) != ds.get("fingerprint"):
-        raise AttnlabError(f"regenerating {ds.get('name')} gave other inputs than the run used (fingerprint differs); upload an image instead")
+        raise AttnlabError(
+            f"regenerating {ds.get('name')} gave other inputs than the run used (fingerprint differs); upload an image instead"
+        )
     return prompts.texts, prompts.images
 
 

@@ -10,9 +10,10 @@
   (``meta["prompt_len"]``), for the ``preplan_anchor`` probe. The response is the reference solution,
   teacher-forced, not a sample of the model.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from attnlab.datasets.base import PromptSet, fingerprint
 
@@ -66,7 +67,9 @@ def _shapes(kind: str) -> Callable[..., PromptSet]:
         from attnlab.errors import AttnlabError
 
         if getattr(model, "processor", None) is None:
-            raise AttnlabError(f"dataset shapes-{kind} is image + question prompts; {model.name} is not a vision-language model")
+            raise AttnlabError(
+                f"dataset shapes-{kind} is image + question prompts; {model.name} is not a vision-language model"
+            )
         return shape_prompt_set(kind, n_prompts, seed)
 
     build.__doc__ = f"Shape scenes with {kind} questions (vision-language models)."
@@ -79,7 +82,9 @@ def _arithmetic(model, n_prompts: int, seed: int) -> PromptSet:
     from attnlab.probes.preplan_anchor import reasoning_prompt_set
 
     problems = build_eval_problems(n_prompts, split="test", seed=seed)
-    ps = reasoning_prompt_set(model, [(p.prompt, p.solution) for p in problems], name=f"arithmetic(n={n_prompts},seed={seed})")
+    ps = reasoning_prompt_set(
+        model, [(p.prompt, p.solution) for p in problems], name=f"arithmetic(n={n_prompts},seed={seed})"
+    )
     ps.seed = seed
     return ps
 

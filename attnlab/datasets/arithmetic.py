@@ -66,11 +66,15 @@ def make_problem(rng: random.Random, split: Split = "train") -> ArithProblem:
     total = start
     for op, k in ops:
         if op == "+":
-            story.append(rng.choice([f"{a} finds {k} more {item}.", f"{b} gives {a} {k} {item}.", f"{a} buys {k} {item}."]))
+            story.append(
+                rng.choice([f"{a} finds {k} more {item}.", f"{b} gives {a} {k} {item}.", f"{a} buys {k} {item}."])
+            )
             steps.append(f"{total} + {k} = {total + k}.")
             total += k
         else:
-            story.append(rng.choice([f"{a} gives {k} {item} to {b}.", f"{a} loses {k} {item}.", f"{a} sells {k} {item}."]))
+            story.append(
+                rng.choice([f"{a} gives {k} {item} to {b}.", f"{a} loses {k} {item}.", f"{a} sells {k} {item}."])
+            )
             steps.append(f"{total} - {k} = {total - k}.")
             total -= k
     story.append(f"How many {item} does {a} have now?")

@@ -1,4 +1,5 @@
 """``PromptSet``: the inputs of a scan — texts or token ids (and images for VLMs) plus per-prompt metadata."""
+
 from __future__ import annotations
 
 import hashlib

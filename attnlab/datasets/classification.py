@@ -34,24 +34,74 @@ LABELS: dict[str, tuple[str, ...]] = {
     "topic": ("sports", "food", "weather", "music"),
 }
 
-_SENT_NOUNS = ("soup", "room", "staff", "film", "book", "service", "trip", "game", "music", "meal", "hotel", "show", "car", "phone", "class")
+_SENT_NOUNS = (
+    "soup",
+    "room",
+    "staff",
+    "film",
+    "book",
+    "service",
+    "trip",
+    "game",
+    "music",
+    "meal",
+    "hotel",
+    "show",
+    "car",
+    "phone",
+    "class",
+)
 _SENT_ADJ = {
-    "positive": ("wonderful", "great", "lovely", "excellent", "kind", "clean", "delightful", "superb", "pleasant", "fun", "bright", "warm"),
-    "negative": ("awful", "terrible", "dirty", "rude", "boring", "bad", "dull", "broken", "poor", "cold", "slow", "noisy"),
+    "positive": (
+        "wonderful",
+        "great",
+        "lovely",
+        "excellent",
+        "kind",
+        "clean",
+        "delightful",
+        "superb",
+        "pleasant",
+        "fun",
+        "bright",
+        "warm",
+    ),
+    "negative": (
+        "awful",
+        "terrible",
+        "dirty",
+        "rude",
+        "boring",
+        "bad",
+        "dull",
+        "broken",
+        "poor",
+        "cold",
+        "slow",
+        "noisy",
+    ),
 }
 _TOPIC_PARTS = {
-    "sports": (("the striker", "the team", "the coach", "the runner", "the keeper", "the captain"),
-               ("scored twice in", "won", "lost", "trained hard for", "was injured before", "celebrated"),
-               ("the final", "the match", "the race", "the league game", "the tournament", "the derby")),
-    "food": (("the chef", "the baker", "the cook", "my aunt", "the waiter", "the kitchen"),
-             ("baked", "served", "burned", "seasoned", "tasted", "prepared"),
-             ("the bread", "a spicy stew", "the cake", "fresh pasta", "the soup", "a salad")),
-    "weather": (("the storm", "heavy rain", "the wind", "a cold front", "the fog", "the heat"),
-                ("flooded", "covered", "hit", "swept across", "lingered over", "cooled"),
-                ("the valley", "the coast", "the city", "the hills", "the harbor", "the plains")),
-    "music": (("the band", "the singer", "the pianist", "the choir", "the drummer", "the orchestra"),
-              ("played", "recorded", "rehearsed", "performed", "released", "sang"),
-              ("a new album", "the symphony", "a slow ballad", "the encore", "a jazz set", "the anthem")),
+    "sports": (
+        ("the striker", "the team", "the coach", "the runner", "the keeper", "the captain"),
+        ("scored twice in", "won", "lost", "trained hard for", "was injured before", "celebrated"),
+        ("the final", "the match", "the race", "the league game", "the tournament", "the derby"),
+    ),
+    "food": (
+        ("the chef", "the baker", "the cook", "my aunt", "the waiter", "the kitchen"),
+        ("baked", "served", "burned", "seasoned", "tasted", "prepared"),
+        ("the bread", "a spicy stew", "the cake", "fresh pasta", "the soup", "a salad"),
+    ),
+    "weather": (
+        ("the storm", "heavy rain", "the wind", "a cold front", "the fog", "the heat"),
+        ("flooded", "covered", "hit", "swept across", "lingered over", "cooled"),
+        ("the valley", "the coast", "the city", "the hills", "the harbor", "the plains"),
+    ),
+    "music": (
+        ("the band", "the singer", "the pianist", "the choir", "the drummer", "the orchestra"),
+        ("played", "recorded", "rehearsed", "performed", "released", "sang"),
+        ("a new album", "the symphony", "a slow ballad", "the encore", "a jazz set", "the anthem"),
+    ),
 }
 _TOPIC_TAILS = ("", " last night", " on sunday", " again", " this week", " at dawn")
 

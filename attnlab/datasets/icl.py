@@ -32,8 +32,9 @@ import json
 import random
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 from attnlab.datasets.prose import corpus_vocabulary, prose_paragraphs, stable_bucket
 
@@ -48,12 +49,12 @@ def split_of(item: str) -> Split:
     return "train" if b < 70 else "valid" if b < 85 else "test"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _words(split: Split) -> tuple[str, ...]:
     return tuple(w for w in corpus_vocabulary() if len(w) <= 7 and split_of(w) == split)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _numbers(split: Split) -> tuple[str, ...]:
     return tuple(str(n) for n in range(1, 1000) if split_of(str(n)) == split)
 
@@ -100,7 +101,7 @@ class IclTask:
     fn: Callable[[str], str]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _next_word_pool(split: Split) -> tuple[str, ...]:
     return tuple(w for w in corpus_next_word_map() if split_of(w) == split)
 
@@ -146,7 +147,9 @@ def _check(task: str, split: str) -> IclTask:
     return TASKS[task]
 
 
-def sample_pairs(task: str, split: Split, n: int, rng: random.Random, *, distinct: bool = True) -> list[tuple[str, str]]:
+def sample_pairs(
+    task: str, split: Split, n: int, rng: random.Random, *, distinct: bool = True
+) -> list[tuple[str, str]]:
     """``n`` (input, output) pairs of ``task`` from ``split`` (distinct inputs where the pool allows)."""
     t = _check(task, split)
     out: list[tuple[str, str]] = []
@@ -209,7 +212,9 @@ def icl_document(rng: random.Random, *, split: Split = "train", max_shots: int =
     return f"{p.prompt} {p.answer}"
 
 
-def export_function_vectors(task: str, split: Split, n: int | None = None, *, seed: int = 0, path: str | None = None) -> list[dict[str, str]]:
+def export_function_vectors(
+    task: str, split: Split, n: int | None = None, *, seed: int = 0, path: str | None = None
+) -> list[dict[str, str]]:
     """Task split in the function-vectors JSON format ``[{"input": x, "output": y}, ...]``.
 
     With ``n=None`` the whole input pool of the split is exported for finite pools (words, numbers,

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from attnlab.datasets.prose import corpus_vocabulary, prose_sentences
 
@@ -207,7 +208,9 @@ def build_niah_trials(
     return trials
 
 
-def _build_one(tokenizer: Any, rng: random.Random, length: int, depth: float, n_needles: int, n_digits: int) -> NiahTrial:
+def _build_one(
+    tokenizer: Any, rng: random.Random, length: int, depth: float, n_needles: int, n_digits: int
+) -> NiahTrial:
     needles: list[tuple[str, str, str, str]] = []
     for _ in range(n_needles):
         needles.append(make_needle(rng, [n[0] for n in needles], n_digits))
@@ -236,7 +239,9 @@ def _build_one(tokenizer: Any, rng: random.Random, length: int, depth: float, n_
     )
 
 
-def needle_token_span(prompt_ids: Sequence[int], answer_ids: Sequence[int], threshold: float = 0.9) -> tuple[int, int] | None:
+def needle_token_span(
+    prompt_ids: Sequence[int], answer_ids: Sequence[int], threshold: float = 0.9
+) -> tuple[int, int] | None:
     """First window ``[s, s + len(answer_ids))`` of ``prompt_ids`` whose token-set overlap exceeds ``threshold``.
 
     Overlap is ``|set(window) & set(answer)| / |set(answer)|`` (Wu et al.). Tokenize the answer as it

@@ -10,9 +10,10 @@ the retrieval probe needs:
   whose token-set overlap with the answer ids exceeds 0.9; None when the tokenizer splits it differently);
 - ``length``, ``depth``, ``key``: the grid cell.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,7 +33,9 @@ def niah_prompt_set(
 ) -> PromptSet:
     """Grid of ``lengths x depths x trials_per_cell`` NIAH trials with answers appended (see module docstring)."""
     tok = model.tokenizer
-    trials = build_niah_trials(tok, lengths, depths, n_needles=n_needles, trials_per_cell=trials_per_cell, seed=seed, n_digits=n_digits)
+    trials = build_niah_trials(
+        tok, lengths, depths, n_needles=n_needles, trials_per_cell=trials_per_cell, seed=seed, n_digits=n_digits
+    )
     ids, meta = [], []
     for i, t in enumerate(trials):
         prompt_ids = model.token_ids(t.prompt, index=i)
@@ -70,5 +73,7 @@ def niah_dataset(model, n_prompts: int, seed: int) -> PromptSet:
     lengths, depths = default_grid(model, n_prompts)
     ps = niah_prompt_set(model, lengths=lengths, depths=depths, seed=seed)
     if len(ps) > n_prompts:
-        ps = PromptSet(name=ps.name + f"[:{n_prompts}]", token_ids=ps.token_ids[:n_prompts], meta=ps.meta[:n_prompts], seed=seed)
+        ps = PromptSet(
+            name=ps.name + f"[:{n_prompts}]", token_ids=ps.token_ids[:n_prompts], meta=ps.meta[:n_prompts], seed=seed
+        )
     return ps

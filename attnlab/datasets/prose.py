@@ -43,8 +43,18 @@ MIN_CHARS = 40
 
 _SKIP_TOP = frozenset(
     {
-        "test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "site-packages",
-        "dist-packages", "__phello__", "__pycache__", "venv", "pydoc_data",
+        "test",
+        "tests",
+        "idlelib",
+        "turtledemo",
+        "lib2to3",
+        "ensurepip",
+        "site-packages",
+        "dist-packages",
+        "__phello__",
+        "__pycache__",
+        "venv",
+        "pydoc_data",
     }
 )
 # Extension modules whose import changes process state (terminal, signals) or needs a display/GUI.
@@ -88,9 +98,7 @@ def _docstrings_from_source(path: str) -> list[str]:
     except (SyntaxError, ValueError, OSError, UnicodeDecodeError):
         return []
     docs: list[str] = []
-    nodes = [tree] + [
-        n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-    ]
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
     nodes[1:] = sorted(nodes[1:], key=lambda n: (n.lineno, n.col_offset))
     for node in nodes:
         doc = ast.get_docstring(node, clean=True)
@@ -104,10 +112,7 @@ def _builtin_module_names() -> list[str]:
     dynload = os.path.join(_stdlib_dir(), "lib-dynload")
     if os.path.isdir(dynload):
         names.update(m.name for m in pkgutil.iter_modules([dynload]))
-    keep = [
-        n for n in names
-        if n not in _SKIP_BUILTIN and not n.startswith(_SKIP_BUILTIN_PREFIX) and n != "__main__"
-    ]
+    keep = [n for n in names if n not in _SKIP_BUILTIN and not n.startswith(_SKIP_BUILTIN_PREFIX) and n != "__main__"]
     return sorted(keep)
 
 

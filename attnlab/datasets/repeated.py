@@ -1,5 +1,6 @@
 """Repeated random-token sequences: BOS + r random tokens + the same r tokens again (the standard probe for
 induction heads: on the second copy an induction head attends to the token after the earlier occurrence)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,9 @@ import numpy as np
 from attnlab.datasets.base import PromptSet
 
 
-def repeated_random_tokens(model, *, n_prompts: int = 8, length: int = 50, n_repeats: int = 2, seed: int = 0) -> PromptSet:
+def repeated_random_tokens(
+    model, *, n_prompts: int = 8, length: int = 50, n_repeats: int = 2, seed: int = 0
+) -> PromptSet:
     """``n_prompts`` sequences of ``length`` random ordinary (non-special) token ids repeated ``n_repeats`` times.
 
     A BOS/CLS token is put first when the model's BOS policy adds one.
@@ -25,4 +28,6 @@ def repeated_random_tokens(model, *, n_prompts: int = 8, length: int = 50, n_rep
     for _ in range(n_prompts):
         block = rng.choice(vocab, size=length, replace=False if len(vocab) >= length else True).tolist()
         seqs.append(prefix + block * n_repeats)
-    return PromptSet(name=f"repeated-random(n={n_prompts},len={length},x{n_repeats},seed={seed})", token_ids=seqs, seed=seed)
+    return PromptSet(
+        name=f"repeated-random(n={n_prompts},len={length},x{n_repeats},seed={seed})", token_ids=seqs, seed=seed
+    )

@@ -41,7 +41,11 @@ from PIL import Image, ImageDraw
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 PLURALS: dict[str, str] = {
-    "circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses",
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "star": "stars",
+    "cross": "crosses",
 }
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (225, 45, 45),
@@ -53,9 +57,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 # Cell index (row-major over the 3x3 grid) -> answer to "Where is ...?".
 CELL_NAMES: tuple[str, ...] = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 ANSWER_YES, ANSWER_NO = "yes", "no"
 QUESTION_KINDS: tuple[str, ...] = ("exist", "attribute", "count", "position")
@@ -67,9 +77,12 @@ ObjectKey = tuple[str, str]  # (color, shape), e.g. ("red", "circle")
 # The six paired objects sit in the upper half so that the bias is seen often in training.
 _ALL_OBJECTS: tuple[ObjectKey, ...] = tuple((c, s) for s in SHAPES for c in COLORS)
 _PAIR_OBJECTS: tuple[ObjectKey, ...] = (
-    ("red", "circle"), ("blue", "square"),
-    ("green", "triangle"), ("yellow", "star"),
-    ("purple", "cross"), ("white", "circle"),
+    ("red", "circle"),
+    ("blue", "square"),
+    ("green", "triangle"),
+    ("yellow", "star"),
+    ("purple", "cross"),
+    ("white", "circle"),
 )
 DEFAULT_PAIRS: tuple[tuple[ObjectKey, ObjectKey], ...] = (
     (("red", "circle"), ("blue", "square")),
@@ -253,8 +266,18 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "cross":
         w = r * 0.36
         return [
-            (cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx + w, cy + w),
-            (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w),
+            (cx - w, cy - r),
+            (cx + w, cy - r),
+            (cx + w, cy - w),
+            (cx + r, cy - w),
+            (cx + r, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + r),
+            (cx - w, cy + r),
+            (cx - w, cy + w),
+            (cx - r, cy + w),
+            (cx - r, cy - w),
+            (cx - w, cy - w),
         ]
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
@@ -291,8 +314,11 @@ def exist_question(key: ObjectKey, present: bool, negative: str = "") -> Questio
     """``Is there a <color> <shape> in the image?`` (POPE phrasing)."""
     color, shape = key
     return Question(
-        "exist", f"Is there a {color} {shape} in the image?", ANSWER_YES if present else ANSWER_NO,
-        (color, shape), "" if present else negative,
+        "exist",
+        f"Is there a {color} {shape} in the image?",
+        ANSWER_YES if present else ANSWER_NO,
+        (color, shape),
+        "" if present else negative,
     )
 
 
@@ -420,8 +446,24 @@ def task_questions(kind: str, n: int, seed: int, cfg: SceneConfig = SceneConfig(
 def vocabulary() -> list[str]:
     """Every lower-cased word the questions and answers use (for a closed word-level tokenizer)."""
     words: set[str] = {
-        "is", "there", "a", "in", "the", "image", "what", "color", "how", "many", "are", "where",
-        ANSWER_YES, ANSWER_NO, "?", ".", ",", ":",
+        "is",
+        "there",
+        "a",
+        "in",
+        "the",
+        "image",
+        "what",
+        "color",
+        "how",
+        "many",
+        "are",
+        "where",
+        ANSWER_YES,
+        ANSWER_NO,
+        "?",
+        ".",
+        ",",
+        ":",
     }
     words.update(SHAPES)
     words.update(PLURALS.values())

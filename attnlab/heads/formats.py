@@ -1,4 +1,5 @@
 """Head labels: ``"L3H7"`` <-> ``(3, 7)``; also the ``"3-7"`` form used by the Retrieval_Head reference files."""
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,9 @@ def write_retrieval_head_json(path, trial_scores) -> None:
     arr = np.asarray(trial_scores, dtype=np.float64)
     if arr.ndim != 3:
         raise ValueError(f"trial scores must be (n_trials, n_layers, n_heads), got shape {arr.shape}")
-    write_json(path, {f"{l}-{h}": [float(x) for x in arr[:, l, h]] for l in range(arr.shape[1]) for h in range(arr.shape[2])})
+    write_json(
+        path, {f"{l}-{h}": [float(x) for x in arr[:, l, h]] for l in range(arr.shape[1]) for h in range(arr.shape[2])}
+    )
 
 
 def read_retrieval_head_json(path, n_layers: int | None = None, n_heads: int | None = None):

@@ -1,4 +1,5 @@
 """Atomic writes: a result file either exists whole or not at all (temp file in the same directory, then rename)."""
+
 from __future__ import annotations
 
 import json

@@ -8,6 +8,7 @@ Both carry their provenance (probe, parameters, model id, dataset fingerprint, a
 ``NAME.json`` (metadata) + ``NAME.safetensors`` (arrays); both are written atomically, arrays first, so a
 metadata file always points at complete arrays.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -23,7 +24,7 @@ from attnlab.heads.io import read_arrays, read_json, write_arrays, write_json
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _version() -> str:
@@ -150,12 +151,15 @@ class HeadScores:
     def save(self, directory: str | Path) -> Path:
         """Write ``NAME.safetensors`` then ``NAME.json`` into ``directory``; returns the JSON path."""
         d = Path(directory)
-        write_arrays(d / f"{self.name}.safetensors", {"scores": self.scores, **{f"extra.{k}": np.asarray(v) for k, v in self.extra.items()}})
+        write_arrays(
+            d / f"{self.name}.safetensors",
+            {"scores": self.scores, **{f"extra.{k}": np.asarray(v) for k, v in self.extra.items()}},
+        )
         write_json(d / f"{self.name}.json", self._meta())
         return d / f"{self.name}.json"
 
     @classmethod
-    def load(cls, directory: str | Path, name: str) -> "HeadScores":
+    def load(cls, directory: str | Path, name: str) -> HeadScores:
         meta, arrays = _read(directory, name, cls.kind)
         return cls(
             scores=arrays["scores"],
@@ -228,14 +232,27 @@ class TokenScores:
                 mark_of.setdefault(p, []).append(mark)
         for r, label in enumerate(self.row_labels):
             for pos, tok in enumerate(self.tokens):
-                records.append({"row": label, "position": pos, "token": tok, "value": self.values[r, pos], "marks": ",".join(mark_of.get(pos, []))})
+                records.append(
+                    {
+                        "row": label,
+                        "position": pos,
+                        "token": tok,
+                        "value": self.values[r, pos],
+                        "marks": ",".join(mark_of.get(pos, [])),
+                    }
+                )
         return pd.DataFrame.from_records(records)
 
     def top(self, k: int = 10, row: int | str = -1) -> pd.DataFrame:
         """The k highest-valued tokens of one row (default: the last row)."""
         r = self.row_labels.index(row) if isinstance(row, str) else row
         df = pd.DataFrame({"position": np.arange(len(self.tokens)), "token": self.tokens, "value": self.values[r]})
-        return df.dropna(subset=["value"]).sort_values("value", ascending=False, kind="stable").head(k).reset_index(drop=True)
+        return (
+            df.dropna(subset=["value"])
+            .sort_values("value", ascending=False, kind="stable")
+            .head(k)
+            .reset_index(drop=True)
+        )
 
     def plot(self, title: str | None = None):
         """Plotly token strip (rows x tokens); the same figure the app shows."""
@@ -268,7 +285,7 @@ class TokenScores:
         return d / f"{self.name}.json"
 
     @classmethod
-    def load(cls, directory: str | Path, name: str) -> "TokenScores":
+    def load(cls, directory: str | Path, name: str) -> TokenScores:
         meta, arrays = _read(directory, name, cls.kind)
         return cls(
             tokens=meta["tokens"],

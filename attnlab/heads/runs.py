@@ -1,4 +1,5 @@
 """A run directory: the results of one scan plus ``run.json``, an index of what they are and how they were made."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -25,10 +26,10 @@ class Run:
     results: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, directory: str | Path, **info: Any) -> "Run":
+    def create(cls, directory: str | Path, **info: Any) -> Run:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        info.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        info.setdefault("created", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         run = cls(directory=d, info=info)
         if (d / INDEX).exists():  # add to an existing run rather than forgetting its results
             old = read_json(d / INDEX)
@@ -37,7 +38,7 @@ class Run:
         return run
 
     @classmethod
-    def open(cls, directory: str | Path) -> "Run":
+    def open(cls, directory: str | Path) -> Run:
         d = Path(directory)
         if not (d / INDEX).is_file():
             from attnlab.errors import AttnlabError

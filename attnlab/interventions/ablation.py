@@ -23,10 +23,11 @@ Usage (sklearn-style: parameters in ``__init__``, learned state ending in ``_`` 
 
 Spec: ``shared/methods/ablation_scoring.md`` §1.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +49,9 @@ def as_batch(model, prompts):
     return model.encode(list(prompts))
 
 
-def uniform_pattern(attention_mask: torch.Tensor | None, n_rows: int, seq: int, *, causal: bool = True, device=None, dtype=torch.float32) -> torch.Tensor:
+def uniform_pattern(
+    attention_mask: torch.Tensor | None, n_rows: int, seq: int, *, causal: bool = True, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """Uniform attention ``[rows, seq_q, seq_k]`` over visible real keys (causal, padding excluded).
 
     Padded *queries* get a row over their causally visible real keys too (their output is never read); a row
@@ -108,7 +111,9 @@ class HeadAblation:
         Resample mode: which reference each input row uses.
     """
 
-    def __init__(self, heads: Sequence[tuple[int, int]] = (), *, mode: str = "zero", per_position: bool = False, seed: int = 0):
+    def __init__(
+        self, heads: Sequence[tuple[int, int]] = (), *, mode: str = "zero", per_position: bool = False, seed: int = 0
+    ):
         self.heads = heads
         self.mode = mode
         self.per_position = per_position
@@ -116,7 +121,7 @@ class HeadAblation:
 
     # ---- fitting ---------------------------------------------------------------------------------------------
 
-    def fit(self, model, prompts=None, *, layers: Sequence[int] | None = None) -> "HeadAblation":
+    def fit(self, model, prompts=None, *, layers: Sequence[int] | None = None) -> HeadAblation:
         """Validate parameters against the model and learn what the mode needs from the reference ``prompts``.
 
         ``layers`` (default: the ablated heads' layers) lets a scorer fit replacement values for every layer.
@@ -174,7 +179,9 @@ class HeadAblation:
         if self.mode == "resample":
             ref = self._fitted(self.reference_z_, layer).to(device=z.device, dtype=z.dtype)
             if ref.shape[1] != seq:
-                raise ValueError(f"resample references have {ref.shape[1]} positions, input has {seq}: pad them to the same length")
+                raise ValueError(
+                    f"resample references have {ref.shape[1]} positions, input has {seq}: pad them to the same length"
+                )
             src = torch.as_tensor(self.perm_, device=z.device)[rows % ref.shape[0]]
             return ref[src, :, heads]
         raise ValueError(f"mode {self.mode!r} has no z replacement (uniform edits the attention pattern)")
@@ -186,7 +193,13 @@ class HeadAblation:
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
-    def row_hooks(self, layer: int, heads_of_rows: torch.Tensor, attention_mask: torch.Tensor | None = None, prompt_of_rows: torch.Tensor | None = None) -> list:
+    def row_hooks(
+        self,
+        layer: int,
+        heads_of_rows: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_of_rows: torch.Tensor | None = None,
+    ) -> list:
         """Hooks that ablate head ``heads_of_rows[b]`` in batch row b of ``layer`` (a negative head = none).
 
         This is the batched-scoring primitive: one different single-head ablation per batch row.
@@ -204,11 +217,14 @@ class HeadAblation:
             return rows if prompt_of_rows is None else prompt_of_rows.to(rows.device)[rows]
 
         if mode == "uniform":
+
             def pattern_hook(pattern, hook=None):
                 rows, heads = select(pattern)
                 out = pattern.clone()  # never modify a tensor we did not allocate
                 mask = None if attention_mask is None else attention_mask.to(pattern.device)[rows]
-                out[rows, heads] = uniform_pattern(mask, len(rows), pattern.shape[-1], causal=self.causal_, device=pattern.device, dtype=pattern.dtype)
+                out[rows, heads] = uniform_pattern(
+                    mask, len(rows), pattern.shape[-1], causal=self.causal_, device=pattern.device, dtype=pattern.dtype
+                )
                 return out
 
             return [(attn_hook(layer, "hook_pattern"), pattern_hook)]
@@ -262,7 +278,7 @@ def _any_batch(abl: HeadAblation, name: str):
 
     def hook(x, hook=None):
         for h in heads:
-            (_, fn), = abl.row_hooks(layer, torch.full((x.shape[0],), h, dtype=torch.long))
+            ((_, fn),) = abl.row_hooks(layer, torch.full((x.shape[0],), h, dtype=torch.long))
             x = fn(x, hook=hook)
         return x
 

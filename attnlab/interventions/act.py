@@ -22,10 +22,12 @@ prefill + one decoding step equals the full forward whenever both see the same S
 Head filtering (``fit`` with labelled prompts): every candidate head is calibrated alone and the calibration set's
 accuracy measured; heads strictly above the uncalibrated baseline are kept (the spec's recommended rule).
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -115,7 +117,17 @@ class ACT(Intervention):
     name = "act"
     _head_fields = ("heads_", "candidates_")
 
-    def __init__(self, heads: Sequence[tuple[int, int]] | None = None, *, beta: float = 0.4, threshold: float = 0.1, layers: Sequence[int] | None = None, filter_heads: bool = True, sinks: Sequence[int] | None = None, batch_size: int = 32):
+    def __init__(
+        self,
+        heads: Sequence[tuple[int, int]] | None = None,
+        *,
+        beta: float = 0.4,
+        threshold: float = 0.1,
+        layers: Sequence[int] | None = None,
+        filter_heads: bool = True,
+        sinks: Sequence[int] | None = None,
+        batch_size: int = 32,
+    ):
         self.heads = heads
         self.beta = beta
         self.threshold = threshold
@@ -202,7 +214,9 @@ class ACT(Intervention):
             return s
         prev = self._sink_cache.get(layer)
         if prev is None or prev.shape[:2] != (b, h):
-            raise RuntimeError("ACT got a cached decoding step without its prefill in the same apply() context; run the prefill inside it")
+            raise RuntimeError(
+                "ACT got a cached decoding step without its prefill in the same apply() context; run the prefill inside it"
+            )
         if prev.shape[-1] >= k:
             return prev[..., :k]
         return torch.cat([prev, prev.new_zeros(b, h, k - prev.shape[-1])], -1)  # new tokens are never sinks
@@ -225,7 +239,15 @@ class ACT(Intervention):
     def summary(self) -> dict[str, Any]:
         """What was fitted, for reports."""
         self._check_fitted()
-        out = {"method": self.name, "beta": self.beta, "threshold": self.threshold, "n_candidates": len(self.candidates_), "n_heads": len(self.heads_), "heads": [list(h) for h in self.heads_], "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"}}
+        out = {
+            "method": self.name,
+            "beta": self.beta,
+            "threshold": self.threshold,
+            "n_candidates": len(self.candidates_),
+            "n_heads": len(self.heads_),
+            "heads": [list(h) for h in self.heads_],
+            "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"},
+        }
         if hasattr(self, "baseline_"):
             out["fit_baseline_accuracy"] = self.baseline_["accuracy"]
             out["fit_combined_accuracy"] = self.combined_["accuracy"]

@@ -15,15 +15,17 @@ No pickle anywhere.
 Fit/test hygiene: ``fit`` records which prompts it saw (``fit_split_``: a name plus SHA-256 digests of the
 prompts); ``check_disjoint(prompts)`` raises when a test set shares a prompt with the fit set.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import importlib
 import inspect
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,7 +144,9 @@ def validate_heads(model, heads: Sequence[tuple[int, int]]) -> tuple[tuple[int, 
         except (TypeError, ValueError):
             raise TypeError(f"a head must be a (layer, head) pair, got {item!r}") from None
         if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
-            raise ValueError(f"head {(layer, head)} outside {model.name}'s grid of {model.n_layers} layers x {model.n_heads} heads")
+            raise ValueError(
+                f"head {(layer, head)} outside {model.name}'s grid of {model.n_layers} layers x {model.n_heads} heads"
+            )
         out.add((layer, head))
     return tuple(sorted(out))
 
@@ -168,7 +172,12 @@ class Intervention:
     @classmethod
     def _param_names(cls) -> list[str]:
         sig = inspect.signature(cls.__init__)
-        return [p for p in sig.parameters if p != "self" and sig.parameters[p].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        return [
+            p
+            for p in sig.parameters
+            if p != "self"
+            and sig.parameters[p].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        ]
 
     def get_params(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._param_names()}
@@ -179,7 +188,7 @@ class Intervention:
 
     # ---- fitting ---------------------------------------------------------------------------------------------
 
-    def fit(self, model, data=None, *, split: str = "fit") -> "Intervention":
+    def fit(self, model, data=None, *, split: str = "fit") -> Intervention:
         """Learn what the method needs from ``data`` (labelled prompts where needed); returns ``self``.
 
         ``split`` names the data (e.g. ``"classification/valid"``); it is recorded with the prompts' digests in
@@ -226,7 +235,9 @@ class Intervention:
         """Forward passes inside run with the intervention; its hooks are removed on exit, whatever happens."""
         self._check_fitted()
         if self.model_["n_layers"] != model.n_layers or self.model_["n_heads"] != model.n_heads:
-            raise ValueError(f"{type(self).__name__} was fitted on {self.model_['name']} ({self.model_['n_layers']}x{self.model_['n_heads']}), not {model.name}")
+            raise ValueError(
+                f"{type(self).__name__} was fitted on {self.model_['name']} ({self.model_['n_layers']}x{self.model_['n_heads']}), not {model.name}"
+            )
         self._reset_state()
         try:
             with model.bridge.hooks(fwd_hooks=self.hooks(model)):
@@ -250,13 +261,19 @@ class Intervention:
                 arrays[k] = v
             else:
                 fitted[k] = v
-        meta = {"class": f"{type(self).__module__}.{type(self).__qualname__}", "method": self.name, "params": self.get_params(), "fitted": fitted, "arrays": sorted(arrays)}
+        meta = {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "method": self.name,
+            "params": self.get_params(),
+            "fitted": fitted,
+            "arrays": sorted(arrays),
+        }
         write_arrays(d / ARRAYS_NAME, arrays)
         write_json(d / JSON_NAME, meta)
         return d
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Intervention":
+    def load(cls, directory: str | Path) -> Intervention:
         """Restore a saved intervention (of this class, or of the class it names when called on the base)."""
         d = Path(directory)
         meta = read_json(d / JSON_NAME)
@@ -278,7 +295,10 @@ def _prompt_texts(data) -> list[str]:
     if data is None:
         return []
     items = list(data)
-    return [it if isinstance(it, str) else it.prompt for it in (items if all(isinstance(i, str) for i in items) else as_labeled(items))]
+    return [
+        it if isinstance(it, str) else it.prompt
+        for it in (items if all(isinstance(i, str) for i in items) else as_labeled(items))
+    ]
 
 
 def _tuplify(v: Any) -> Any:

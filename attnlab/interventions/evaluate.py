@@ -31,14 +31,16 @@ items are generation tasks in the ``Q: x\\nA:`` format (demonstrations of a file
 items of the same file, never its own query); their ``labels`` are the distinct outputs of the set (per task),
 so label-scored fitting (ZeroTuning's gamma search, ACT's head filter) can run on them.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -117,7 +119,9 @@ def _shots(raw: str | None, default: int, spec: str) -> int:
     return int(raw)
 
 
-def _task_split_shots(spec: str, parts: list[str], kind: str, what: str, names: list[str], *, default_shots: int) -> tuple[str, str, list[str], int]:
+def _task_split_shots(
+    spec: str, parts: list[str], kind: str, what: str, names: list[str], *, default_shots: int
+) -> tuple[str, str, list[str], int]:
     """``KIND:TASK:SPLIT[:SHOTS]`` -> (task, split, tasks, shots); TASK ``all`` means every name; one-line errors."""
     if len(parts) not in (3, 4):
         raise AttnlabError(f"bad data spec {spec!r}: expected {kind}:TASK:SPLIT[:SHOTS]")
@@ -133,7 +137,9 @@ def _task_split_shots(spec: str, parts: list[str], kind: str, what: str, names: 
 def _classify(spec: str, parts: list[str], n: int, seed: int) -> EvalSet:
     from attnlab.datasets import classification as C
 
-    task, split, tasks, k = _task_split_shots(spec, parts, "classify", "classification task", list(C.LABELS), default_shots=0)
+    task, split, tasks, k = _task_split_shots(
+        spec, parts, "classify", "classification task", list(C.LABELS), default_shots=0
+    )
     items = [p for t in tasks for p in C.build_eval_prompts(t, k, n, split=split, seed=seed)]
     return EvalSet(f"classify:{task}:{split}:{k}", "label", items, [p.prompt.rsplit("Text: ", 1)[-1] for p in items])
 
@@ -148,7 +154,9 @@ def _icl(spec: str, parts: list[str], n: int, seed: int) -> EvalSet:
     for t in tasks:
         ps = icl.build_eval_prompts(t, k, n, split=split, seed=seed)
         labels = tuple(sorted({p.answer for p in ps}))
-        items += [GenerationPrompt(p.prompt, p.answer, labels, p.prompt.rsplit("Q: ", 1)[-1][: -len("\nA:")], t) for p in ps]
+        items += [
+            GenerationPrompt(p.prompt, p.answer, labels, p.prompt.rsplit("Q: ", 1)[-1][: -len("\nA:")], t) for p in ps
+        ]
     return EvalSet(f"icl:{task}:{split}:{k}", "generation", items, [it.query for it in items])
 
 
@@ -157,13 +165,24 @@ def _pope(spec: str, parts: list[str], n: int, seed: int) -> EvalSet:
     from attnlab.datasets.shapes import POPE_SPLITS, pope_questions, render_scene
 
     if len(parts) not in (2, 3) or parts[1] not in POPE_SPLITS:
-        raise AttnlabError(f"bad data spec {spec!r}: expected pope:SPLIT[:SEED] with SPLIT one of {', '.join(POPE_SPLITS)}")
+        raise AttnlabError(
+            f"bad data spec {spec!r}: expected pope:SPLIT[:SEED] with SPLIT one of {', '.join(POPE_SPLITS)}"
+        )
     if len(parts) == 3 and not parts[2].isdigit():
         raise AttnlabError(f"bad data spec {spec!r}: SEED must be a non-negative integer")
     split, scene_seed = parts[1], int(parts[2]) if len(parts) == 3 else seed
     pairs = pope_questions(split, n_scenes=n // 2 + 1, seed=scene_seed)[:n]  # up to 6 questions a scene
     images = {}
-    items = [ImageQuestion(SHAPE_TEMPLATE.format(question=q.text), q.answer, ("yes", "no"), images.setdefault(id(s), render_scene(s)), q.negative) for s, q in pairs]
+    items = [
+        ImageQuestion(
+            SHAPE_TEMPLATE.format(question=q.text),
+            q.answer,
+            ("yes", "no"),
+            images.setdefault(id(s), render_scene(s)),
+            q.negative,
+        )
+        for s, q in pairs
+    ]
     return EvalSet(f"pope:{split}:{scene_seed}", "label", items, [it.key for it in items])
 
 
@@ -175,7 +194,7 @@ def read_function_vectors(path: str | Path) -> list[tuple[str, str]]:
     except json.JSONDecodeError as e:
         raise AttnlabError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
     if not isinstance(rows, list) or not rows:
-        raise AttnlabError(f"{path} must hold a non-empty JSON list of {{\"input\": ..., \"output\": ...}} records")
+        raise AttnlabError(f'{path} must hold a non-empty JSON list of {{"input": ..., "output": ...}} records')
     pairs = []
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or "input" not in r or "output" not in r:
@@ -219,7 +238,9 @@ def load_data(spec: str, *, n: int = 32, seed: int = 0) -> EvalSet:
     if not path.is_file() and len(parts) > 1 and parts[-1].isdigit():
         path, k = Path(spec.rsplit(":", 1)[0]), int(parts[-1])
     if not path.is_file():
-        raise AttnlabError(f"data {spec!r} is neither classify:TASK:SPLIT[:SHOTS], icl:TASK:SPLIT[:SHOTS], pope:SPLIT[:SEED] nor an existing function-vectors JSON file")
+        raise AttnlabError(
+            f"data {spec!r} is neither classify:TASK:SPLIT[:SHOTS], icl:TASK:SPLIT[:SHOTS], pope:SPLIT[:SEED] nor an existing function-vectors JSON file"
+        )
     return _file(spec, path, k, n, seed)
 
 
@@ -228,7 +249,9 @@ def check_sets_disjoint(fit: EvalSet, test: EvalSet) -> None:
     shared_p = len(set(fit.prompts) & set(test.prompts))
     shared_q = len(set(fit.queries) & set(test.queries))
     if shared_p or shared_q:
-        raise ValueError(f"fit data {fit.name!r} and eval data {test.name!r} overlap ({shared_p} prompts, {shared_q} queries in common): measure on a held-out split")
+        raise ValueError(
+            f"fit data {fit.name!r} and eval data {test.name!r} overlap ({shared_p} prompts, {shared_q} queries in common): measure on a held-out split"
+        )
 
 
 # ---- scoring --------------------------------------------------------------------------------------------------
@@ -243,7 +266,9 @@ def label_scores(model, items: Sequence[Any], *, batch_size: int = 32) -> tuple[
 
 
 @torch.no_grad()
-def greedy_continuations(model, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 32) -> list[tuple[str, bool]]:
+def greedy_continuations(
+    model, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 32
+) -> list[tuple[str, bool]]:
     """Greedy continuation text of each prompt and whether its first line finished (newline or EOS).
 
     Every step is a full forward pass over the right-padded prompt + generated tokens (no KV cache), so
@@ -276,9 +301,13 @@ def greedy_continuations(model, prompts: Sequence[str], *, max_new_tokens: int, 
     return out
 
 
-def generation_scores(model, items: Sequence[GenerationPrompt], *, max_new_tokens: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def generation_scores(
+    model, items: Sequence[GenerationPrompt], *, max_new_tokens: int, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Per-item exact match, invalid flag (empty or unfinished first line) and the answer read."""
-    gens = greedy_continuations(model, [it.prompt for it in items], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    gens = greedy_continuations(
+        model, [it.prompt for it in items], max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     answers = [g.split("\n", 1)[0].strip() for g, _ in gens]
     invalid = np.array([float((not a) or (not finished)) for a, (_, finished) in zip(answers, gens)])
     exact = np.array([float(a == it.label and not bad) for a, it, bad in zip(answers, items, invalid)])
@@ -293,7 +322,9 @@ def default_max_new_tokens(model, items: Sequence[GenerationPrompt]) -> int:
 # ---- statistics -----------------------------------------------------------------------------------------------
 
 
-def paired_bootstrap(baseline: Sequence[float], intervened: Sequence[float], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+def paired_bootstrap(
+    baseline: Sequence[float], intervened: Sequence[float], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
     """Means of two paired per-item scores, their difference, and seeded percentile bootstrap intervals.
 
     One draw resamples item indices with replacement and uses them for both arms, so the difference's interval
@@ -311,9 +342,15 @@ def paired_bootstrap(baseline: Sequence[float], intervened: Sequence[float], *, 
     lo_b, hi_b = np.percentile(mb, q)
     lo_d, hi_d = np.percentile(mb - ma, q)
     return {
-        "baseline": float(a.mean()), "baseline_lo": float(lo_a), "baseline_hi": float(hi_a),
-        "intervened": float(b.mean()), "intervened_lo": float(lo_b), "intervened_hi": float(hi_b),
-        "diff": float(b.mean() - a.mean()), "diff_lo": float(lo_d), "diff_hi": float(hi_d),
+        "baseline": float(a.mean()),
+        "baseline_lo": float(lo_a),
+        "baseline_hi": float(hi_a),
+        "intervened": float(b.mean()),
+        "intervened_lo": float(lo_b),
+        "intervened_hi": float(hi_b),
+        "diff": float(b.mean() - a.mean()),
+        "diff_lo": float(lo_d),
+        "diff_hi": float(hi_d),
         "n": int(len(a)),
     }
 
@@ -341,7 +378,9 @@ class InterventionReport:
         return d
 
 
-def _score(model, data: EvalSet, max_new_tokens: int | None, batch_size: int) -> tuple[dict[str, np.ndarray], list[str]]:
+def _score(
+    model, data: EvalSet, max_new_tokens: int | None, batch_size: int
+) -> tuple[dict[str, np.ndarray], list[str]]:
     if data.kind == "label":
         acc, preds = label_scores(model, data.items, batch_size=batch_size)
         return {"accuracy": acc}, preds
@@ -349,7 +388,17 @@ def _score(model, data: EvalSet, max_new_tokens: int | None, batch_size: int) ->
     return {"exact_match": exact, "invalid_rate": invalid}, answers
 
 
-def evaluate_intervention(model, intervention, data: EvalSet, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95, max_new_tokens: int | None = None, batch_size: int = 32) -> InterventionReport:
+def evaluate_intervention(
+    model,
+    intervention,
+    data: EvalSet,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+) -> InterventionReport:
     """Score ``data`` without and with the fitted ``intervention``; refuses test prompts seen by ``fit``."""
     if data.kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {data.kind!r}")
@@ -370,13 +419,24 @@ def evaluate_intervention(model, intervention, data: EvalSet, *, n_boot: int = 1
         "params": intervention.get_params(),
         "fitted": summary,
         "fit_split": fit_split,
-        "eval_split": {"name": data.name, "n": len(data), "kind": data.kind,
-                       "digest": hashlib.sha256("\n".join(data.prompts).encode("utf-8")).hexdigest()},
+        "eval_split": {
+            "name": data.name,
+            "n": len(data),
+            "kind": data.kind,
+            "digest": hashlib.sha256("\n".join(data.prompts).encode("utf-8")).hexdigest(),
+        },
         "bootstrap": {"n_boot": n_boot, "seed": seed, "level": level, "kind": "paired percentile"},
         "max_new_tokens": max_new_tokens,
     }
-    items = [{"prompt_sha256": hashlib.sha256(it.prompt.encode("utf-8")).hexdigest()[:16], "expected": it.label, "baseline": b, "intervened": t}
-             for it, b, t in zip(data.items, base_out, treated_out)]
+    items = [
+        {
+            "prompt_sha256": hashlib.sha256(it.prompt.encode("utf-8")).hexdigest()[:16],
+            "expected": it.label,
+            "baseline": b,
+            "intervened": t,
+        }
+        for it, b, t in zip(data.items, base_out, treated_out)
+    ]
     return InterventionReport(pd.DataFrame(rows), info, items)
 
 
@@ -385,8 +445,10 @@ def format_table(report: InterventionReport) -> str:
     f = lambda v, lo, hi: f"{v:.3f} [{lo:.3f}, {hi:.3f}]"  # noqa: E731
     lines = [f"{'metric':<13} {'baseline':<22} {'intervened':<22} {'difference':<24} n"]
     for r in report.table.itertuples():
-        lines.append(f"{r.metric:<13} {f(r.baseline, r.baseline_lo, r.baseline_hi):<22} {f(r.intervened, r.intervened_lo, r.intervened_hi):<22} "
-                     f"{f'{r.diff:+.3f} [{r.diff_lo:+.3f}, {r.diff_hi:+.3f}]':<24} {r.n}")
+        lines.append(
+            f"{r.metric:<13} {f(r.baseline, r.baseline_lo, r.baseline_hi):<22} {f(r.intervened, r.intervened_lo, r.intervened_hi):<22} "
+            f"{f'{r.diff:+.3f} [{r.diff_lo:+.3f}, {r.diff_hi:+.3f}]':<24} {r.n}"
+        )
     return "\n".join(lines)
 
 

@@ -31,12 +31,14 @@ each layer and k random heads on held-out noise, every condition on the same lab
 Like `SoftPAG`, this is not a TransformerBridge `Intervention` (the DiT has no bridge hooks); it keeps the
 shape: explicit parameters, ``fit`` setting attributes ending in ``_``, JSON ``save`` / ``load``.
 """
+
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,16 +67,24 @@ def search_labels(classes: Sequence[int], n_per_class: int) -> torch.Tensor:
     return torch.as_tensor(list(classes), dtype=torch.long).repeat_interleave(int(n_per_class))
 
 
-def score_guidance(organism, guidance: SoftPAG, objective, labels: torch.Tensor, *, num_steps: int, seed: int,
-                   device: str = "cpu") -> np.ndarray:
+def score_guidance(
+    organism, guidance: SoftPAG, objective, labels: torch.Tensor, *, num_steps: int, seed: int, device: str = "cpu"
+) -> np.ndarray:
     """Per-image objective of images sampled with ``guidance`` (labels given, seed fixed)."""
     images = guidance.sample(organism, labels, num_steps=num_steps, seed=seed, device=device)
     return np.asarray(objective_fn(objective)(images, labels.numpy()), dtype=np.float64)
 
 
-def greedy_head_search(pool: Sequence[tuple[int, int]], score: Callable[[list[tuple[int, int]]], float], *, rounds: int,
-                       k: int, n_candidates: int | None = None, candidate_seed: int = 0,
-                       log: Callable[[str], None] | None = None) -> tuple[list[tuple[int, int]], list[dict[str, Any]]]:
+def greedy_head_search(
+    pool: Sequence[tuple[int, int]],
+    score: Callable[[list[tuple[int, int]]], float],
+    *,
+    rounds: int,
+    k: int,
+    n_candidates: int | None = None,
+    candidate_seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[tuple[int, int]], list[dict[str, Any]]]:
     """Alg. 1 with any objective: ``rounds`` times, score ``S + {h}`` for each candidate ``h`` of ``pool \\ S``
     (all of them, or ``n_candidates`` drawn with ``candidate_seed`` and the round) and add the top ``k``.
 
@@ -95,8 +105,13 @@ def greedy_head_search(pool: Sequence[tuple[int, int]], score: Callable[[list[tu
         remaining = [p for p in pool if p not in set(chosen)]
         if n_candidates is not None and n_candidates < len(remaining):
             rng = np.random.default_rng([candidate_seed, rnd])
-            remaining = [remaining[i] for i in sorted(rng.choice(len(remaining), size=max(int(n_candidates), k), replace=False).tolist())]
-        scored = sorted(((l, h, float(score(chosen + [(l, h)]))) for l, h in remaining), key=lambda r: (-r[2], r[0], r[1]))
+            remaining = [
+                remaining[i]
+                for i in sorted(rng.choice(len(remaining), size=max(int(n_candidates), k), replace=False).tolist())
+            ]
+        scored = sorted(
+            ((l, h, float(score(chosen + [(l, h)]))) for l, h in remaining), key=lambda r: (-r[2], r[0], r[1])
+        )
         new = [(l, h) for l, h, _ in scored[:k]]
         chosen.extend(new)
         history.append({"round": rnd, "scores": [[l, h, s] for l, h, s in scored], "chosen": [list(p) for p in new]})
@@ -145,10 +160,22 @@ class HeadHunter:
 
     name = "headhunter"
 
-    def __init__(self, objective: str = "classifier", rounds: int = 1, k: int = 3, n_candidates: int | None = None,
-                 scale: float = 3.0, u: float = 1.0, cfg_scale: float = 1.0, classes: Sequence[int] = tuple(range(10)),
-                 n_per_class: int = 1, num_steps: int = 10, seed: int = 0, candidate_seed: int = 0,
-                 variant: str = "identity"):
+    def __init__(
+        self,
+        objective: str = "classifier",
+        rounds: int = 1,
+        k: int = 3,
+        n_candidates: int | None = None,
+        scale: float = 3.0,
+        u: float = 1.0,
+        cfg_scale: float = 1.0,
+        classes: Sequence[int] = tuple(range(10)),
+        n_per_class: int = 1,
+        num_steps: int = 10,
+        seed: int = 0,
+        candidate_seed: int = 0,
+        variant: str = "identity",
+    ):
         self.objective = objective
         self.rounds = int(rounds)
         self.k = int(k)
@@ -168,15 +195,28 @@ class HeadHunter:
     def get_params(self) -> dict[str, Any]:
         if callable(self.objective):
             raise TypeError("a HeadHunter with a callable objective cannot be saved; use a named objective")
-        return {"objective": self.objective, "rounds": self.rounds, "k": self.k, "n_candidates": self.n_candidates,
-                "scale": self.scale, "u": self.u, "cfg_scale": self.cfg_scale, "classes": list(self.classes),
-                "n_per_class": self.n_per_class, "num_steps": self.num_steps, "seed": self.seed,
-                "candidate_seed": self.candidate_seed, "variant": self.variant}
+        return {
+            "objective": self.objective,
+            "rounds": self.rounds,
+            "k": self.k,
+            "n_candidates": self.n_candidates,
+            "scale": self.scale,
+            "u": self.u,
+            "cfg_scale": self.cfg_scale,
+            "classes": list(self.classes),
+            "n_per_class": self.n_per_class,
+            "num_steps": self.num_steps,
+            "seed": self.seed,
+            "candidate_seed": self.candidate_seed,
+            "variant": self.variant,
+        }
 
     def _guidance(self, heads) -> SoftPAG:
         return SoftPAG(heads=heads, u=self.u, scale=self.scale, cfg_scale=self.cfg_scale, variant=self.variant)
 
-    def _candidates(self, pool: list[tuple[int, int]], chosen: list[tuple[int, int]], rnd: int) -> list[tuple[int, int]]:
+    def _candidates(
+        self, pool: list[tuple[int, int]], chosen: list[tuple[int, int]], rnd: int
+    ) -> list[tuple[int, int]]:
         remaining = [p for p in pool if p not in set(chosen)]
         if self.n_candidates is None or self.n_candidates >= len(remaining):
             return remaining
@@ -184,7 +224,7 @@ class HeadHunter:
         pick = sorted(rng.choice(len(remaining), size=self.n_candidates, replace=False).tolist())
         return [remaining[i] for i in pick]
 
-    def fit(self, organism, *, device: str = "cpu", log: Callable[[str], None] | None = None) -> "HeadHunter":
+    def fit(self, organism, *, device: str = "cpu", log: Callable[[str], None] | None = None) -> HeadHunter:
         """Run the greedy search on ``organism`` (a `dit.DiTOrganism` or a model directory); returns ``self``."""
         from attnlab.models.training import dit
 
@@ -206,28 +246,45 @@ class HeadHunter:
             scored.sort(key=lambda r: (-r[2], r[0], r[1]))
             new = [(l, h) for l, h, _ in scored[: self.k]]
             chosen.extend(new)
-            history.append({"round": rnd, "scores": [[l, h, s] for l, h, s in scored], "chosen": [list(p) for p in new]})
+            history.append(
+                {"round": rnd, "scores": [[l, h, s] for l, h, s in scored], "chosen": [list(p) for p in new]}
+            )
             if log:
                 log(f"round {rnd}: chose {new}, best {scored[0][2]:.4f}, baseline {self.baseline_score_:.4f}")
         self.heads_ = tuple(chosen)
         self.history_ = history
         return self
 
-    def guidance(self, *, u: float | None = None, scale: float | None = None, cfg_scale: float | None = None) -> SoftPAG:
+    def guidance(
+        self, *, u: float | None = None, scale: float | None = None, cfg_scale: float | None = None
+    ) -> SoftPAG:
         """SoftPAG on the found heads (optionally a lower ``u`` at inference, as the paper recommends)."""
         if not hasattr(self, "heads_"):
             raise RuntimeError("HeadHunter is not fitted; call fit(organism) first")
-        return SoftPAG(self.heads_, u=self.u if u is None else u, scale=self.scale if scale is None else scale,
-                       cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale, variant=self.variant)
+        return SoftPAG(
+            self.heads_,
+            u=self.u if u is None else u,
+            scale=self.scale if scale is None else scale,
+            cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
+            variant=self.variant,
+        )
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
-        write_json(d / JSON_NAME, {"method": self.name, "params": self.get_params(), "heads_": [list(p) for p in self.heads_],
-                                   "history_": self.history_, "baseline_score_": self.baseline_score_})
+        write_json(
+            d / JSON_NAME,
+            {
+                "method": self.name,
+                "params": self.get_params(),
+                "heads_": [list(p) for p in self.heads_],
+                "history_": self.history_,
+                "baseline_score_": self.baseline_score_,
+            },
+        )
         return d
 
     @classmethod
-    def load(cls, directory: str | Path) -> "HeadHunter":
+    def load(cls, directory: str | Path) -> HeadHunter:
         meta = read_json(Path(directory) / JSON_NAME)
         obj = cls(**meta["params"])
         obj.heads_ = tuple((int(l), int(h)) for l, h in meta["heads_"])
@@ -253,8 +310,16 @@ def bootstrap_ci(values: np.ndarray, *, n_boot: int = 2000, seed: int = 0, alpha
     return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
 
 
-def per_image_metrics(organism, guidance: SoftPAG, objective, *, n_per_class: int = 20, num_steps: int = 10,
-                      seed: int = 1000, device: str = "cpu") -> dict[str, np.ndarray]:
+def per_image_metrics(
+    organism,
+    guidance: SoftPAG,
+    objective,
+    *,
+    n_per_class: int = 20,
+    num_steps: int = 10,
+    seed: int = 1000,
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
     """Per image (``n_per_class`` digits of each class, noise ``seed``): ``objective``, the classifier's clipped
     ``logp`` of the intended digit, and ``correct`` (argmax == intended)."""
     from attnlab.models.training import dit
@@ -263,9 +328,11 @@ def per_image_metrics(organism, guidance: SoftPAG, objective, *, n_per_class: in
     images = guidance.sample(organism, labels, num_steps=num_steps, seed=seed, device=device)
     proba = dit.get_scorer().predict_proba(images)
     y = labels.numpy()
-    return {"objective": np.asarray(objective_fn(objective)(images, y), dtype=np.float64),
-            "logp": np.log(np.clip(proba[np.arange(len(y)), y], LOGP_FLOOR, 1.0)),
-            "correct": (proba.argmax(axis=1) == y).astype(np.float64)}
+    return {
+        "objective": np.asarray(objective_fn(objective)(images, y), dtype=np.float64),
+        "logp": np.log(np.clip(proba[np.arange(len(y)), y], LOGP_FLOOR, 1.0)),
+        "correct": (proba.argmax(axis=1) == y).astype(np.float64),
+    }
 
 
 def _summary(v: np.ndarray) -> dict[str, Any]:
@@ -273,10 +340,20 @@ def _summary(v: np.ndarray) -> dict[str, Any]:
     return {"mean": float(np.mean(v)), "ci95": [lo, hi]}
 
 
-def evaluate_guidance(organism, guidance: SoftPAG, objective, *, n_per_class: int = 8, num_steps: int = 10,
-                      seed: int = 1000, device: str = "cpu") -> dict[str, Any]:
+def evaluate_guidance(
+    organism,
+    guidance: SoftPAG,
+    objective,
+    *,
+    n_per_class: int = 8,
+    num_steps: int = 10,
+    seed: int = 1000,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Objective mean with a bootstrap CI (and classification accuracy) on ``n_per_class`` digits per class."""
-    m = per_image_metrics(organism, guidance, objective, n_per_class=n_per_class, num_steps=num_steps, seed=seed, device=device)
+    m = per_image_metrics(
+        organism, guidance, objective, n_per_class=n_per_class, num_steps=num_steps, seed=seed, device=device
+    )
     s = _summary(m["objective"])
     return {"mean": s["mean"], "ci95": s["ci95"], "acc": float(m["correct"].mean()), "n": int(len(m["objective"]))}
 
@@ -291,9 +368,20 @@ def verdict(diff: dict[str, Any], what: str) -> str:
     return f"no significant difference from {what}"
 
 
-def compare(organism, hunter: HeadHunter, *, n_per_class: int = 20, num_steps: int = 10, seed: int = 1000,
-            layers: Sequence[int] | None = None, random_draws: int = 5, eval_u: Sequence[float] = (),
-            random_seed: int = 12345, device: str = "cpu", log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def compare(
+    organism,
+    hunter: HeadHunter,
+    *,
+    n_per_class: int = 20,
+    num_steps: int = 10,
+    seed: int = 1000,
+    layers: Sequence[int] | None = None,
+    random_draws: int = 5,
+    eval_u: Sequence[float] = (),
+    random_seed: int = 12345,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Found heads vs no guidance vs all heads of one layer vs k random heads, paired, on held-out noise seeds.
 
     All conditions use the hunter's ``scale``, ``cfg_scale``, ``variant`` and (main table) ``u``; the images of
@@ -320,14 +408,21 @@ def compare(organism, hunter: HeadHunter, *, n_per_class: int = 20, num_steps: i
 
     def run(name: str, kind: str, heads: list, u: float) -> None:
         per[name] = per_image_metrics(org, mk(heads, u), hunter.objective, **kw)
-        rows.append({"name": name, "kind": kind, "heads": [list(p) for p in heads], "u": u,
-                     **{m: _summary(per[name][m]) for m in ("objective", "logp", "correct")}})
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "heads": [list(p) for p in heads],
+                "u": u,
+                **{m: _summary(per[name][m]) for m in ("objective", "logp", "correct")},
+            }
+        )
         if log:
             log(f"{name}: objective {rows[-1]['objective']['mean']:.4f} ({time.time() - t0:.0f} s)")
 
     run("found", "found", found, hunter.u)
     run("none", "none", [], hunter.u)
-    for l in (range(len(mods)) if layers is None else layers):
+    for l in range(len(mods)) if layers is None else layers:
         run(f"layer {int(l)}", "layer", [(int(l), h) for h in range(mods[int(l)].heads)], hunter.u)
     pool = [(l, h) for l in range(len(mods)) for h in range(mods[l].heads)]
     rng = np.random.default_rng(random_seed)
@@ -346,10 +441,23 @@ def compare(organism, hunter: HeadHunter, *, n_per_class: int = 20, num_steps: i
         r["compared_with"] = ref
         if r["name"] != ref:
             r["found_minus"] = {m: _summary(per[ref][m] - per[r["name"]][m]) for m in ("objective", "logp")}
-    out: dict[str, Any] = {"objective": hunter.objective, "heads": found, "search_seed": hunter.seed, "eval_seed": seed,
-                           "n": int(n_per_class) * dit.NUM_CLASSES, "n_per_class": int(n_per_class), "num_steps": num_steps,
-                           "scale": hunter.scale, "u": hunter.u, "cfg_scale": hunter.cfg_scale, "variant": hunter.variant,
-                           "random_seed": random_seed, "rows": rows, "best_layer": best, "eval_seconds": time.time() - t0}
+    out: dict[str, Any] = {
+        "objective": hunter.objective,
+        "heads": found,
+        "search_seed": hunter.seed,
+        "eval_seed": seed,
+        "n": int(n_per_class) * dit.NUM_CLASSES,
+        "n_per_class": int(n_per_class),
+        "num_steps": num_steps,
+        "scale": hunter.scale,
+        "u": hunter.u,
+        "cfg_scale": hunter.cfg_scale,
+        "variant": hunter.variant,
+        "random_seed": random_seed,
+        "rows": rows,
+        "best_layer": best,
+        "eval_seconds": time.time() - t0,
+    }
     verdicts = {}
     by = {r["name"]: r for r in rows}
     verdicts["none"] = verdict(by["none"]["found_minus"]["objective"], "no guidance")
@@ -357,10 +465,14 @@ def compare(organism, hunter: HeadHunter, *, n_per_class: int = 20, num_steps: i
         verdicts["best_layer"] = verdict(by[best]["found_minus"]["objective"], f"the best whole layer ({best})")
     rand = [r for r in rows if r["kind"] == "random"]
     if rand:
-        verdicts["random"] = f"{sum(r['found_minus']['objective']['ci95'][0] > 0 for r in rand)} of {len(rand)} random {k}-head draws beaten"
+        verdicts["random"] = (
+            f"{sum(r['found_minus']['objective']['ci95'][0] > 0 for r in rand)} of {len(rand)} random {k}-head draws beaten"
+        )
     for u in eval_u:
         if float(u) != hunter.u and best is not None:
-            verdicts[f"best_layer u={u:g}"] = verdict(by[f"{best} u={u:g}"]["found_minus"]["objective"], f"{best} at u={u:g}")
+            verdicts[f"best_layer u={u:g}"] = verdict(
+                by[f"{best} u={u:g}"]["found_minus"]["objective"], f"{best} at u={u:g}"
+            )
     out["verdicts"] = verdicts
     out["per_image"] = {name: {m: v.tolist() for m, v in d.items()} for name, d in per.items()}
     return out
@@ -374,17 +486,21 @@ def _fmt(s: dict[str, Any], d: int = 3, sign: bool = False) -> str:
 def comparison_table(res: dict[str, Any]) -> str:
     """Markdown table of `compare`'s result, with the paired differences and the verdicts."""
     obj = res["objective"] if res["objective"] != "classifier" else "p(intended)"
-    lines = [f"objective {res['objective']}; found heads {res['heads']}; s={res['scale']:g}, u={res['u']:g}, "
-             f"variant {res['variant']}, cfg {res['cfg_scale']:g}; {res['n']} held-out images (noise seed {res['eval_seed']}, "
-             f"search seed {res['search_seed']}), {res['num_steps']} DDIM steps; paired 95% bootstrap CIs",
-             "",
-             f"| condition | u | {obj} [95% CI] | log p(intended) | accuracy | found - this, {obj} [paired CI] | found - this, log p [paired CI] |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"objective {res['objective']}; found heads {res['heads']}; s={res['scale']:g}, u={res['u']:g}, "
+        f"variant {res['variant']}, cfg {res['cfg_scale']:g}; {res['n']} held-out images (noise seed {res['eval_seed']}, "
+        f"search seed {res['search_seed']}), {res['num_steps']} DDIM steps; paired 95% bootstrap CIs",
+        "",
+        f"| condition | u | {obj} [95% CI] | log p(intended) | accuracy | found - this, {obj} [paired CI] | found - this, log p [paired CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         name = r["name"] if r["kind"] != "random" else f"{r['name']} {r['heads']}"
         fm = r.get("found_minus")
         diff = (_fmt(fm["objective"], 4, True), _fmt(fm["logp"], 3, True)) if fm else ("(reference)", "")
-        lines.append(f"| {name} | {r['u']:g} | {_fmt(r['objective'], 4)} | {_fmt(r['logp'])} | {r['correct']['mean']:.3f} | {diff[0]} | {diff[1]} |")
+        lines.append(
+            f"| {name} | {r['u']:g} | {_fmt(r['objective'], 4)} | {_fmt(r['logp'])} | {r['correct']['mean']:.3f} | {diff[0]} | {diff[1]} |"
+        )
     lines.append("")
     lines.append(f"best whole layer (of those evaluated, chosen on these evaluation images): {res['best_layer']}")
     for key, v in res["verdicts"].items():
@@ -412,7 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", default=None, help="directory with a saved headhunter.json: skip the search")
     p.add_argument("--eval-n-per-class", type=int, default=20)
     p.add_argument("--eval-seed", type=int, default=1000)
-    p.add_argument("--eval-u", type=float, nargs="*", default=[], help="extra u values for found heads vs the best layer")
+    p.add_argument(
+        "--eval-u", type=float, nargs="*", default=[], help="extra u values for found heads vs the best layer"
+    )
     p.add_argument("--layers", type=int, nargs="*", default=None, help="layers for the all-heads-of-a-layer baseline")
     p.add_argument("--random-draws", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
@@ -426,12 +544,33 @@ def main(argv: list[str] | None = None) -> int:
     if a.load:
         hunter = HeadHunter.load(a.load)
     else:
-        hunter = HeadHunter(a.objective, a.rounds, a.k, a.n_candidates, a.scale, a.u, a.cfg_scale, n_per_class=a.n_per_class,
-                            num_steps=a.steps, seed=a.seed, candidate_seed=a.candidate_seed, variant=a.variant).fit(org, log=print)
+        hunter = HeadHunter(
+            a.objective,
+            a.rounds,
+            a.k,
+            a.n_candidates,
+            a.scale,
+            a.u,
+            a.cfg_scale,
+            n_per_class=a.n_per_class,
+            num_steps=a.steps,
+            seed=a.seed,
+            candidate_seed=a.candidate_seed,
+            variant=a.variant,
+        ).fit(org, log=print)
     search_s = time.time() - t0
     print(f"search: {search_s:.1f} s, heads {list(hunter.heads_)}", flush=True)
-    res = compare(org, hunter, n_per_class=a.eval_n_per_class, num_steps=hunter.num_steps, seed=a.eval_seed, layers=a.layers,
-                  random_draws=a.random_draws, eval_u=a.eval_u, log=lambda m: print(m, flush=True))
+    res = compare(
+        org,
+        hunter,
+        n_per_class=a.eval_n_per_class,
+        num_steps=hunter.num_steps,
+        seed=a.eval_seed,
+        layers=a.layers,
+        random_draws=a.random_draws,
+        eval_u=a.eval_u,
+        log=lambda m: print(m, flush=True),
+    )
     res["search_seconds"] = search_s
     table = comparison_table(res)
     if a.out:

@@ -5,10 +5,12 @@
 (numbers, booleans ``true``/``false``, ``null``, lists) and kept as a plain string when it is not JSON. Only
 names in the class's ``__init__`` signature are accepted; values are validated by ``fit`` (sklearn style).
 """
+
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from attnlab.errors import AttnlabError
 from attnlab.interventions.act import ACT
@@ -19,7 +21,14 @@ from attnlab.interventions.var import VAR
 from attnlab.interventions.vhr import VHR
 from attnlab.interventions.zerotuning import ZeroTuning
 
-INTERVENTIONS: dict[str, type[Intervention]] = {"act": ACT, "zerotuning": ZeroTuning, "var": VAR, "vhr": VHR, "soft-injection": SoftInjection, "softpag": SoftPAGDecoding}
+INTERVENTIONS: dict[str, type[Intervention]] = {
+    "act": ACT,
+    "zerotuning": ZeroTuning,
+    "var": VAR,
+    "vhr": VHR,
+    "soft-injection": SoftInjection,
+    "softpag": SoftPAGDecoding,
+}
 
 
 def parse_params(pairs: Sequence[str]) -> dict[str, Any]:

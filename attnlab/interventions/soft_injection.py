@@ -27,12 +27,14 @@ Data (``load_task``): ``"icl:TASK"`` (attnlab's ICL train / valid pools), a func
 Only train (embedding, steps) and valid (selection) items are seen by ``fit``; ``fit_split_`` records the 0-shot
 prompts of both so ``check_disjoint`` refuses a test set that shares one.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +82,9 @@ def _pairs(rows: Any, where: str) -> list[tuple[str, str]]:
     return out
 
 
-def split_pairs(pairs: Sequence[tuple[str, str]], *, seed: int = 42, fractions: tuple[float, float] = (0.70, 0.09)) -> tuple[list, list, list]:
+def split_pairs(
+    pairs: Sequence[tuple[str, str]], *, seed: int = 42, fractions: tuple[float, float] = (0.70, 0.09)
+) -> tuple[list, list, list]:
     """Seeded train / valid / test split of one file's pairs (70 / 9 / 21 by default, as FV's files)."""
     order = list(range(len(pairs)))
     random.Random(f"site-split:{seed}").shuffle(order)
@@ -95,9 +99,18 @@ def load_task(source: Any, *, seed: int = 42) -> TaskData:
     if isinstance(source, TaskData):
         return source
     if isinstance(source, dict):
-        return TaskData(str(source.get("name", "task")), _pairs(source["train"], "train"), _pairs(source["valid"], "valid"), _pairs(source["test"], "test") if source.get("test") else [])
+        return TaskData(
+            str(source.get("name", "task")),
+            _pairs(source["train"], "train"),
+            _pairs(source["valid"], "valid"),
+            _pairs(source["test"], "test") if source.get("test") else [],
+        )
     items = getattr(source, "items", source)
-    if isinstance(items, (list, tuple)) and items and all(hasattr(it, "query") and hasattr(it, "label") for it in items):
+    if (
+        isinstance(items, (list, tuple))
+        and items
+        and all(hasattr(it, "query") and hasattr(it, "label") for it in items)
+    ):
         # an EvalSet / GenerationPrompt list (the CLI's --fit data): its queries, 85% steps + 15% selection
         tr, va, _ = split_pairs([(it.query, it.label) for it in items], seed=seed, fractions=(0.85, 0.15))
         return TaskData(str(getattr(source, "name", "fit")), tr, va, [])
@@ -107,18 +120,27 @@ def load_task(source: Any, *, seed: int = 42) -> TaskData:
         task = source.split(":")[1]
         if task not in icl.TASKS:
             raise ValueError(f"unknown ICL task {task!r}; known: {', '.join(icl.TASK_NAMES)}")
-        sp = {s: [(r["input"], r["output"]) for r in icl.export_function_vectors(task, s, seed=seed)] for s in icl.SPLITS}
+        sp = {
+            s: [(r["input"], r["output"]) for r in icl.export_function_vectors(task, s, seed=seed)] for s in icl.SPLITS
+        }
         return TaskData(task, sp["train"], sp["valid"], sp["test"])
     p = Path(source)
     if p.is_dir():
         files = {s: p / f"{s}.json" for s in ("train", "valid", "test")}
         if not files["train"].is_file() or not files["valid"].is_file():
             raise ValueError(f"{p} must hold train.json and valid.json (function-vectors format)")
-        return TaskData(p.name, _pairs(files["train"], "train"), _pairs(files["valid"], "valid"), _pairs(files["test"], "test") if files["test"].is_file() else [])
+        return TaskData(
+            p.name,
+            _pairs(files["train"], "train"),
+            _pairs(files["valid"], "valid"),
+            _pairs(files["test"], "test") if files["test"].is_file() else [],
+        )
     if p.is_file():
         tr, va, te = split_pairs(_pairs(p, str(p)), seed=seed)
         return TaskData(p.stem, tr, va, te)
-    raise ValueError(f"task data {source!r} is neither icl:TASK, a function-vectors JSON file, a directory of split files nor a dict")
+    raise ValueError(
+        f"task data {source!r} is neither icl:TASK, a function-vectors JSON file, a directory of split files nor a dict"
+    )
 
 
 def zero_shot(x: str) -> str:
@@ -146,7 +168,9 @@ def inject(z: torch.Tensor, pos: torch.Tensor, e: torch.Tensor, alpha: torch.Ten
     return out
 
 
-def inject_span(z: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor | None, e_span: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def inject_span(
+    z: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor | None, e_span: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
     """``z`` with positions ``pos[b] + 1 + j`` (``j < len(e_span)``, inside row b's ``lengths[b]``) mixed toward
     ``e_span[j]`` ``[heads, d_head]``: the answer tokens after the cue (``position="answer"``)."""
     for j in range(e_span.shape[0]):
@@ -243,7 +267,26 @@ class SoftInjection(Intervention):
 
     name = "soft-injection"
 
-    def __init__(self, *, n_prompts: int = 50, n_shots: int = 10, lr: float = 0.2, n_steps: int = 400, batch_size: int = 1, val_every: int = 50, n_val: int = 100, select: str = "best", theta_init: float = 0.0, alpha_scale: float = 1.0, position: str = "cue", cue: str = "\nA:", loss: str = "first_token", top_k: int = 10, seed: int = 0, data_seed: int = 42):
+    def __init__(
+        self,
+        *,
+        n_prompts: int = 50,
+        n_shots: int = 10,
+        lr: float = 0.2,
+        n_steps: int = 400,
+        batch_size: int = 1,
+        val_every: int = 50,
+        n_val: int = 100,
+        select: str = "best",
+        theta_init: float = 0.0,
+        alpha_scale: float = 1.0,
+        position: str = "cue",
+        cue: str = "\nA:",
+        loss: str = "first_token",
+        top_k: int = 10,
+        seed: int = 0,
+        data_seed: int = 42,
+    ):
         self.n_prompts = n_prompts
         self.n_shots = n_shots
         self.lr = lr
@@ -264,25 +307,42 @@ class SoftInjection(Intervention):
 
     # ---- fitting ---------------------------------------------------------------------------------------------
 
-    def fit(self, model, data=None, *, split: str | None = None) -> "SoftInjection":
+    def fit(self, model, data=None, *, split: str | None = None) -> SoftInjection:
         """Fit on ``data`` (anything ``load_task`` reads): embedding and steps from train, selection from valid."""
         if data is None:
-            raise ValueError("SoftInjection.fit needs task data (icl:TASK, a function-vectors JSON path, a directory or a dict)")
+            raise ValueError(
+                "SoftInjection.fit needs task data (icl:TASK, a function-vectors JSON path, a directory or a dict)"
+            )
         if self.select not in SELECTS:
             raise ValueError(f"select must be one of {SELECTS}, got {self.select!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
-        if self.n_shots < 0 or self.n_prompts < 1 or self.n_steps < 0 or self.batch_size < 1 or self.val_every < 1 or self.n_val < 1:
+        if (
+            self.n_shots < 0
+            or self.n_prompts < 1
+            or self.n_steps < 0
+            or self.batch_size < 1
+            or self.val_every < 1
+            or self.n_val < 1
+        ):
             raise ValueError("n_prompts, batch_size, val_every and n_val must be >= 1; n_shots and n_steps >= 0")
         for k in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
             delattr(self, k)
         task = load_task(data, seed=self.data_seed)
         if len(task.train) <= self.n_shots:
-            raise ValueError(f"{task.name}: {self.n_shots}-shot prompts need more than {self.n_shots} train items, got {len(task.train)}")
+            raise ValueError(
+                f"{task.name}: {self.n_shots}-shot prompts need more than {self.n_shots} train items, got {len(task.train)}"
+            )
         seen = [zero_shot(x) for x, _ in task.train + task.valid[: self.n_val]]
-        self.fit_split_ = {"name": split or f"{task.name}: train (embedding, steps) + valid (selection)", "n": len(seen), "n_train": len(task.train), "n_valid": min(len(task.valid), self.n_val), "digests": [prompt_digest(p) for p in seen]}
+        self.fit_split_ = {
+            "name": split or f"{task.name}: train (embedding, steps) + valid (selection)",
+            "n": len(seen),
+            "n_train": len(task.train),
+            "n_valid": min(len(task.valid), self.n_val),
+            "digests": [prompt_digest(p) for p in seen],
+        }
         self.model_ = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads}
         self.task_ = task.name
         self._fit(model, task)
@@ -305,7 +365,9 @@ class SoftInjection(Intervention):
                 p.requires_grad_(w)
         alpha = self.alpha_scale / (1 + np.exp(-self.theta_.astype(np.float64)))
         order = np.argsort(-alpha, axis=None, kind="stable")[: self.top_k]
-        self.selected_heads_ = [[int(i // alpha.shape[1]), int(i % alpha.shape[1]), float(alpha.flat[i])] for i in order]
+        self.selected_heads_ = [
+            [int(i // alpha.shape[1]), int(i % alpha.shape[1]), float(alpha.flat[i])] for i in order
+        ]
 
     @torch.no_grad()
     def task_embedding(self, model, train: Sequence[tuple[str, str]], *, batch_size: int = 16) -> torch.Tensor:
@@ -343,7 +405,9 @@ class SoftInjection(Intervention):
             pos = last.unsqueeze(1) + torch.arange(1 + span)
             valid = (pos < torch.tensor([len(r) for r in chunk]).unsqueeze(1)).float()
             count += valid.sum(0)
-            with model.bridge.hooks(fwd_hooks=[(attn_hook(l, "hook_z"), keep(l, pos, valid)) for l in range(model.n_layers)]):
+            with model.bridge.hooks(
+                fwd_hooks=[(attn_hook(l, "hook_z"), keep(l, pos, valid)) for l in range(model.n_layers)]
+            ):
                 model.forward(batch)
         total = torch.stack([sums[l] for l in range(model.n_layers)], 1)  # [1 + span, L, H, d]
         return total / count.clamp(min=1).view(-1, 1, 1, 1)
@@ -364,19 +428,25 @@ class SoftInjection(Intervention):
         if self.loss == "first_token":
             answers = [a[:1] for a in answers]
         ids = [model.token_ids(p) for p in prompts]
-        batch = model.batch_from_ids([i + a[:-1] for i, a in zip(ids, answers)], list(range(len(pairs))), padding_side="right").to(model.device)
+        batch = model.batch_from_ids(
+            [i + a[:-1] for i, a in zip(ids, answers)], list(range(len(pairs))), padding_side="right"
+        ).to(model.device)
         with model.bridge.hooks(fwd_hooks=self._hooks_for(model, theta, e)):
             logits = model.forward(batch)
         self._reset_state()
         rows = torch.cat([torch.full((len(a),), b) for b, a in enumerate(answers)]).to(logits.device)
-        cols = torch.cat([torch.arange(len(i) - 1, len(i) - 1 + len(a)) for i, a in zip(ids, answers)]).to(logits.device)
+        cols = torch.cat([torch.arange(len(i) - 1, len(i) - 1 + len(a)) for i, a in zip(ids, answers)]).to(
+            logits.device
+        )
         targets = torch.tensor([t for a in answers for t in a], device=logits.device)
         return torch.nn.functional.cross_entropy(logits[rows, cols].float(), targets)
 
     def _optimise(self, model, task: TaskData, e: torch.Tensor) -> None:
         torch.manual_seed(self.seed)
         rng = random.Random(f"site-steps:{self.seed}")
-        theta = torch.full((model.n_layers, model.n_heads), float(self.theta_init), device=model.device, requires_grad=True)
+        theta = torch.full(
+            (model.n_layers, model.n_heads), float(self.theta_init), device=model.device, requires_grad=True
+        )
         opt = torch.optim.Adam([theta], lr=self.lr)
         valid = task.valid[: self.n_val]
 
@@ -431,7 +501,11 @@ class SoftInjection(Intervention):
             if self.position == "last":
                 valid = real_keys_from_scores(scores)
                 idx = torch.arange(valid.shape[1], device=valid.device)
-                state["pos"] = torch.where(valid.any(1), (valid.long() * (idx + 1)).argmax(1), torch.full_like(idx[:1], -1).expand(valid.shape[0]))
+                state["pos"] = torch.where(
+                    valid.any(1),
+                    (valid.long() * (idx + 1)).argmax(1),
+                    torch.full_like(idx[:1], -1).expand(valid.shape[0]),
+                )
             return None
 
         def z_hook(layer):
@@ -460,10 +534,17 @@ class SoftInjection(Intervention):
         self._check_fitted()
         a = self.alpha_
         return {
-            "method": self.name, "task": self.task_, "select": self.select, "best_step": self.best_step_,
-            "best_val_loss": self.best_val_loss_, "baseline_val_loss": self.baseline_val_loss_,
-            "selected_heads": self.selected_heads_, "mean_alpha": float(a.mean()), "n_alpha_above_half": int((a > 0.5).sum()),
-            "history": self.history_, "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"},
+            "method": self.name,
+            "task": self.task_,
+            "select": self.select,
+            "best_step": self.best_step_,
+            "best_val_loss": self.best_val_loss_,
+            "baseline_val_loss": self.baseline_val_loss_,
+            "selected_heads": self.selected_heads_,
+            "mean_alpha": float(a.mean()),
+            "n_alpha_above_half": int((a > 0.5).sum()),
+            "history": self.history_,
+            "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"},
         }
 
 
@@ -473,4 +554,14 @@ def head_overlap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> floa
     return len(sa & sb) / max(1, len(sa | sb))
 
 
-__all__ = ["SoftInjection", "TaskData", "load_task", "split_pairs", "inject", "inject_span", "last_occurrence", "cue_ids", "head_overlap"]
+__all__ = [
+    "SoftInjection",
+    "TaskData",
+    "load_task",
+    "split_pairs",
+    "inject",
+    "inject_span",
+    "last_occurrence",
+    "cue_ids",
+    "head_overlap",
+]

@@ -32,11 +32,13 @@ This is not a TransformerBridge `Intervention` (the DiT is not a bridge model an
 that class's shape instead: explicit parameters, ``apply(transformer)`` as a context manager that swaps the
 processors and always restores them, and JSON ``save`` / ``load``.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,9 +82,18 @@ def _kept_rows(attn_map: torch.Tensor, variant: str, visible: torch.Tensor | Non
     return keep
 
 
-def target_map(attn_map: torch.Tensor, variant: str = "identity", *, visible: torch.Tensor | None = None,
-               q: torch.Tensor | None = None, k: torch.Tensor | None = None, scale: float | None = None,
-               causal: bool = False, query_valid: torch.Tensor | None = None, eps: float = LOG_EPS) -> torch.Tensor:
+def target_map(
+    attn_map: torch.Tensor,
+    variant: str = "identity",
+    *,
+    visible: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    query_valid: torch.Tensor | None = None,
+    eps: float = LOG_EPS,
+) -> torch.Tensor:
     """The map a variant moves ``attn_map`` ``[..., n_q, n_k]`` toward (its value at ``u = 1``).
 
     - ``identity``, ``fisher-rao``, ``slerp``: the identity (each query attends to its own position; causal-valid).
@@ -115,7 +126,11 @@ def target_map(attn_map: torch.Tensor, variant: str = "identity", *, visible: to
         if q is None or k is None:
             raise ValueError("variant 'mean-query' (SoftSEG) needs the queries q and keys k of the perturbed heads")
         q, k = q.to(attn_map.dtype), k.to(attn_map.dtype)
-        w = torch.ones(q.shape[:-1], dtype=q.dtype, device=q.device) if query_valid is None else query_valid.to(q.dtype).expand(q.shape[:-1])
+        w = (
+            torch.ones(q.shape[:-1], dtype=q.dtype, device=q.device)
+            if query_valid is None
+            else query_valid.to(q.dtype).expand(q.shape[:-1])
+        )
         qw = q * w.unsqueeze(-1)
         if causal:
             q_mean = qw.cumsum(-2) / w.cumsum(-1).clamp_min(1.0).unsqueeze(-1)
@@ -128,10 +143,21 @@ def target_map(attn_map: torch.Tensor, variant: str = "identity", *, visible: to
     return out if keep is None else torch.where(keep, attn_map, out)
 
 
-def soft_perturb(attn_map: torch.Tensor, u: float, variant: str = "identity", *, visible: torch.Tensor | None = None,
-                 q: torch.Tensor | None = None, k: torch.Tensor | None = None, scale: float | None = None,
-                 causal: bool = False, query_valid: torch.Tensor | None = None, eps: float = LOG_EPS,
-                 n_text_tokens: int = 0, scope: str = "joint") -> torch.Tensor:
+def soft_perturb(
+    attn_map: torch.Tensor,
+    u: float,
+    variant: str = "identity",
+    *,
+    visible: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    query_valid: torch.Tensor | None = None,
+    eps: float = LOG_EPS,
+    n_text_tokens: int = 0,
+    scope: str = "joint",
+) -> torch.Tensor:
     """SoftPAG map of strength ``u`` in [0, 1] for one variant; used by the DiT processor and the causal-LM hooks.
 
     With ``T = target_map(...)`` (see there for the targets and arguments), ``I`` the identity:
@@ -156,10 +182,14 @@ def soft_perturb(attn_map: torch.Tensor, u: float, variant: str = "identity", *,
         out = soft_identity(attn_map, u, n_text_tokens=n_text_tokens, scope=scope)
         return out if keep is None else torch.where(keep, attn_map, out)
     if scope == "image_only" and n_text_tokens > 0:
-        raise NotImplementedError(f"scope='image_only' with text tokens is implemented for variant 'identity' only, not {variant!r}")
+        raise NotImplementedError(
+            f"scope='image_only' with text tokens is implemented for variant 'identity' only, not {variant!r}"
+        )
     if u == 0.0:
         return attn_map.clone()
-    tgt = target_map(attn_map, variant, visible=visible, q=q, k=k, scale=scale, causal=causal, query_valid=query_valid, eps=eps)
+    tgt = target_map(
+        attn_map, variant, visible=visible, q=q, k=k, scale=scale, causal=causal, query_valid=query_valid, eps=eps
+    )
     if u == 1.0:
         return tgt
     a = attn_map.clamp_min(0.0)
@@ -215,8 +245,22 @@ class SoftPAGProcessor:
         self.state = state
         self.base = base  # the processor it replaces (restored on exit)
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
-        if encoder_hidden_states is not None or hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if (
+            encoder_hidden_states is not None
+            or hidden_states.ndim != 3
+            or attn.spatial_norm is not None
+            or attn.group_norm is not None
+        ):
             raise NotImplementedError("SoftPAGProcessor handles plain 3-D self-attention only (organism-dit's attn1)")
         b, n, _ = hidden_states.shape
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
@@ -239,8 +283,16 @@ class SoftPAGProcessor:
             scores = (qs @ ks.transpose(-1, -2)) * attn.scale
             if mask is not None:
                 scores = scores + mask[idx][:, hsel]
-            amap = soft_perturb(scores.softmax(-1), u, self.state.get("variant", "identity"), q=qs, k=ks, scale=attn.scale,
-                                n_text_tokens=self.state.get("n_text_tokens", 0), scope=self.state.get("scope", "joint"))
+            amap = soft_perturb(
+                scores.softmax(-1),
+                u,
+                self.state.get("variant", "identity"),
+                q=qs,
+                k=ks,
+                scale=attn.scale,
+                n_text_tokens=self.state.get("n_text_tokens", 0),
+                scope=self.state.get("scope", "joint"),
+            )
             if self.state.get("record"):
                 self.state.setdefault("maps", {})[self.layer] = amap.detach().clone()
             sub = out[idx]
@@ -273,8 +325,17 @@ def validate_dit_heads(transformer, heads: Sequence[Sequence[int]]) -> tuple[tup
 
 
 @contextlib.contextmanager
-def perturbed(transformer, heads: Sequence[Sequence[int]], u: float, *, rows: torch.Tensor | None = None,
-              scope: str = "joint", n_text_tokens: int = 0, record: bool = False, variant: str = "identity") -> Iterator[dict]:
+def perturbed(
+    transformer,
+    heads: Sequence[Sequence[int]],
+    u: float,
+    *,
+    rows: torch.Tensor | None = None,
+    scope: str = "joint",
+    n_text_tokens: int = 0,
+    record: bool = False,
+    variant: str = "identity",
+) -> Iterator[dict]:
     """Install `SoftPAGProcessor` on the layers of ``heads``; yields the shared state, restores processors on exit.
 
     ``rows`` (bool ``[batch]``) picks the batch rows to perturb; None perturbs every row. The state's ``"rows"``
@@ -287,7 +348,16 @@ def perturbed(transformer, heads: Sequence[Sequence[int]], u: float, *, rows: to
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     heads = validate_dit_heads(transformer, heads)
-    state: dict = {"variant": variant, "u": float(u), "rows": rows, "all_rows": rows is None, "scope": scope, "n_text_tokens": int(n_text_tokens), "record": record, "maps": {}}
+    state: dict = {
+        "variant": variant,
+        "u": float(u),
+        "rows": rows,
+        "all_rows": rows is None,
+        "scope": scope,
+        "n_text_tokens": int(n_text_tokens),
+        "record": record,
+        "maps": {},
+    }
     mods = attention_modules(transformer)
     by_layer: dict[int, list[int]] = {}
     for l, h in heads:
@@ -337,7 +407,15 @@ class SoftPAG:
 
     name = "softpag"
 
-    def __init__(self, heads: Sequence[Sequence[int]] = (), u: float = 1.0, scale: float = 3.0, cfg_scale: float = 1.0, scope: str = "joint", variant: str = "identity"):
+    def __init__(
+        self,
+        heads: Sequence[Sequence[int]] = (),
+        u: float = 1.0,
+        scale: float = 3.0,
+        cfg_scale: float = 1.0,
+        scope: str = "joint",
+        variant: str = "identity",
+    ):
         self.heads = _heads_tuple(heads)
         self.u = float(u)
         self.scale = float(scale)
@@ -350,7 +428,14 @@ class SoftPAG:
         self.variant = variant
 
     def get_params(self) -> dict[str, Any]:
-        return {"heads": [list(p) for p in self.heads], "u": self.u, "scale": self.scale, "cfg_scale": self.cfg_scale, "scope": self.scope, "variant": self.variant}
+        return {
+            "heads": [list(p) for p in self.heads],
+            "u": self.u,
+            "scale": self.scale,
+            "cfg_scale": self.cfg_scale,
+            "scope": self.scope,
+            "variant": self.variant,
+        }
 
     def __repr__(self) -> str:
         return f"SoftPAG(heads={self.heads!r}, u={self.u}, scale={self.scale}, cfg_scale={self.cfg_scale}, scope={self.scope!r}, variant={self.variant!r})"
@@ -382,7 +467,9 @@ class SoftPAG:
 
         return fn
 
-    def sample(self, organism, labels, num_steps: int = 10, seed: int = 0, device: str = "cpu", **kwargs) -> torch.Tensor:
+    def sample(
+        self, organism, labels, num_steps: int = 10, seed: int = 0, device: str = "cpu", **kwargs
+    ) -> torch.Tensor:
         """`dit.sample` with this guidance; images (N, 1, S, S) in [0, 1]."""
         from attnlab.models.training import dit
 
@@ -400,8 +487,18 @@ class SoftPAG:
         return d
 
     @classmethod
-    def load(cls, directory: str | Path) -> "SoftPAG":
+    def load(cls, directory: str | Path) -> SoftPAG:
         return cls(**read_json(Path(directory) / JSON_NAME)["params"])
 
 
-__all__ = ["SoftPAG", "SoftPAGProcessor", "perturbed", "soft_identity", "soft_perturb", "target_map", "VARIANTS", "attention_modules", "validate_dit_heads"]
+__all__ = [
+    "SoftPAG",
+    "SoftPAGProcessor",
+    "perturbed",
+    "soft_identity",
+    "soft_perturb",
+    "target_map",
+    "VARIANTS",
+    "attention_modules",
+    "validate_dit_heads",
+]

@@ -27,11 +27,13 @@ Fit data for the vision interventions are ``VisualPrompt``s (text + PIL image); 
 disjointness check is the SHA-256 of the text together with the image's pixels, so two splits that ask the same
 question about different scenes do not collide.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +75,9 @@ def as_visual(items: Sequence[Any]) -> list[VisualPrompt]:
         elif getattr(it, "image", None) is not None and hasattr(it, "prompt"):  # e.g. an evaluate.ImageQuestion
             out.append(VisualPrompt(str(it.prompt), it.image))
         else:
-            raise TypeError(f"a vision fit item is a VisualPrompt, (text, image) or a dict with text and image; got {it!r}")
+            raise TypeError(
+                f"a vision fit item is a VisualPrompt, (text, image) or a dict with text and image; got {it!r}"
+            )
     return out
 
 
@@ -99,7 +103,10 @@ class VisualFitMixin:
 
     def check_disjoint(self, prompts) -> None:
         items = list(prompts)
-        keys = [it if isinstance(it, str) else it.key for it in (items if all(isinstance(i, str) for i in items) else as_visual(items))]
+        keys = [
+            it if isinstance(it, str) else it.key
+            for it in (items if all(isinstance(i, str) for i in items) else as_visual(items))
+        ]
         Intervention.check_disjoint(self, keys)
 
 
@@ -112,7 +119,9 @@ def auto_layers(n_layers: int) -> list[int]:
     return sorted({l for l in [1, *range(n_layers - n_last, n_layers)] if 0 <= l < n_layers})
 
 
-def vhr_selection(vhd: np.ndarray, outlier_rate: np.ndarray, layers: Sequence[int], *, max_outlier_rate: float = 0.5) -> np.ndarray:
+def vhr_selection(
+    vhd: np.ndarray, outlier_rate: np.ndarray, layers: Sequence[int], *, max_outlier_rate: float = 0.5
+) -> np.ndarray:
     """Selected heads ``[L, H]`` bool from mean filtered VHD ``[L, H]``: per layer in ``layers``, the heads strictly
     above the layer's median after zeroing heads that were outliers in at least ``max_outlier_rate`` of prompts."""
     v = np.where(np.asarray(outlier_rate) >= max_outlier_rate, 0.0, np.nan_to_num(np.asarray(vhd, float)))
@@ -174,7 +183,9 @@ class VHR(VisualFitMixin, Intervention):
         layers = auto_layers(model.n_layers) if self.layers == "auto" else sorted({int(l) for l in self.layers})
         if any(not 0 <= l < model.n_layers for l in layers):
             raise ValueError(f"layers {layers} outside {model.name}'s {model.n_layers} layers")
-        res = attnlab.scan(model, VisionAwareHeads(), prompt_set(self._items), batch_size=self.batch_size, progress=False)
+        res = attnlab.scan(
+            model, VisionAwareHeads(), prompt_set(self._items), batch_size=self.batch_size, progress=False
+        )
         vhd = np.asarray(res["vhd"].scores, float)
         rate = np.asarray(res["vhd"].extra["outlier_rate"], float)
         sel = vhr_selection(vhd, rate, layers, max_outlier_rate=self.max_outlier_rate)
@@ -184,7 +195,9 @@ class VHR(VisualFitMixin, Intervention):
         self.heads_ = tuple((int(l), int(h)) for l, h in zip(*np.nonzero(sel)))
 
     def hooks(self, model) -> list:
-        return [(attn_hook(l, "hook_z"), self._z_hook(hs, model.n_heads)) for l, hs in heads_by_layer(self.heads_).items()]
+        return [
+            (attn_hook(l, "hook_z"), self._z_hook(hs, model.n_heads)) for l, hs in heads_by_layer(self.heads_).items()
+        ]
 
     def _z_hook(self, heads: list[int], n_heads: int):
         alpha = float(self.alpha)
@@ -196,7 +209,15 @@ class VHR(VisualFitMixin, Intervention):
 
     def summary(self) -> dict[str, Any]:
         self._check_fitted()
-        return {"method": self.name, "alpha": self.alpha, "layers": self.layers_, "heads": [list(p) for p in self.heads_], "n_heads": len(self.heads_), "selection": "fixed from the fit split (mean VHD at t = 0)", "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"}}
+        return {
+            "method": self.name,
+            "alpha": self.alpha,
+            "layers": self.layers_,
+            "heads": [list(p) for p in self.heads_],
+            "n_heads": len(self.heads_),
+            "selection": "fixed from the fit split (mean VHD at t = 0)",
+            "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"},
+        }
 
 
 __all__ = ["VHR", "VisualPrompt", "as_visual", "auto_layers", "vhr_selection", "scale_heads"]

@@ -26,10 +26,12 @@ label-restricted next-token distribution, lower is better):
 2. Gamma: when ``gamma`` is None, the grid ``np.arange(lo, hi + step/2, step)`` is swept on the kept heads and
    the best value taken (ties: the gamma closest to 1). Predicted-label histograms are logged against collapse.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +64,9 @@ def zerotune_pattern(pattern: torch.Tensor, first: torch.Tensor, gamma: float) -
 def zerotune_scores(scores: torch.Tensor, first: torch.Tensor, gamma: float) -> torch.Tensor:
     """Logit-bias form: ``scores`` ``[batch, heads, q, k]`` with ``ln(gamma)`` added at each row's initial key."""
     bias = torch.zeros(scores.shape[0], 1, 1, scores.shape[-1], dtype=scores.dtype, device=scores.device)
-    bias[torch.arange(scores.shape[0], device=scores.device), 0, 0, first.to(scores.device)] = math.log(gamma) if gamma > 0 else float("-inf")
+    bias[torch.arange(scores.shape[0], device=scores.device), 0, 0, first.to(scores.device)] = (
+        math.log(gamma) if gamma > 0 else float("-inf")
+    )
     return scores + bias
 
 
@@ -105,7 +109,21 @@ class ZeroTuning(Intervention):
     name = "zerotuning"
     _head_fields = ("heads_", "candidates_")
 
-    def __init__(self, gamma: float | None = None, heads: Sequence[tuple[int, int]] | None = None, *, form: str = "softmax", profile: bool = True, gamma_up: float = 2.0, gamma_down: float = 0.5, margin: float = 0.0, profile_unit: str = "head_index", grid: Sequence[float] = (0.1, 4.0, 0.1), criterion: str = "accuracy", batch_size: int = 32):
+    def __init__(
+        self,
+        gamma: float | None = None,
+        heads: Sequence[tuple[int, int]] | None = None,
+        *,
+        form: str = "softmax",
+        profile: bool = True,
+        gamma_up: float = 2.0,
+        gamma_down: float = 0.5,
+        margin: float = 0.0,
+        profile_unit: str = "head_index",
+        grid: Sequence[float] = (0.1, 4.0, 0.1),
+        criterion: str = "accuracy",
+        batch_size: int = 32,
+    ):
         self.gamma = gamma
         self.heads = heads
         self.form = form
@@ -139,7 +157,11 @@ class ZeroTuning(Intervention):
             raise ValueError(f"profile_unit must be 'head_index' or 'layer_head', got {self.profile_unit!r}")
         if self.gamma is not None and self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
-        self.candidates_ = validate_heads(model, self.heads) if self.heads is not None else tuple((l, h) for l in range(model.n_layers) for h in range(model.n_heads))
+        self.candidates_ = (
+            validate_heads(model, self.heads)
+            if self.heads is not None
+            else tuple((l, h) for l in range(model.n_layers) for h in range(model.n_heads))
+        )
         self.heads_ = self.candidates_
         self.head_type_ = "given"
         if data is None:
@@ -149,7 +171,9 @@ class ZeroTuning(Intervention):
             return
         items = as_labeled(data)
         if self.criterion == "accuracy" and any(it.label is None for it in items):
-            raise ValueError("criterion='accuracy' needs labelled fit data; use criterion='entropy' for unlabelled prompts")
+            raise ValueError(
+                "criterion='accuracy' needs labelled fit data; use criterion='entropy' for unlabelled prompts"
+            )
         base, base_scores = self._value(model, items)
         self.baseline_ = base_scores
         if self.profile:
@@ -161,7 +185,15 @@ class ZeroTuning(Intervention):
         search = []
         for g in np.round(np.arange(lo, hi + step / 2, step), 10):
             v, s = (base, base_scores) if g == 1.0 else self._run(model, items, self.heads_, float(g))
-            search.append({"gamma": float(g), "value": v, "accuracy": s["accuracy"], "entropy": s["entropy"], "predicted": s["predicted"]})
+            search.append(
+                {
+                    "gamma": float(g),
+                    "value": v,
+                    "accuracy": s["accuracy"],
+                    "entropy": s["entropy"],
+                    "predicted": s["predicted"],
+                }
+            )
         self.gamma_search_ = search
         best = max(search, key=lambda r: (r["value"], -abs(math.log(r["gamma"]))))
         self.gamma_ = best["gamma"]
@@ -249,7 +281,15 @@ class ZeroTuning(Intervention):
     def summary(self) -> dict[str, Any]:
         """What was fitted, for reports."""
         self._check_fitted()
-        out = {"method": self.name, "form": self.form, "gamma": self.gamma_, "head_type": self.head_type_, "n_heads": len(self.heads_), "criterion": self.criterion, "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"}}
+        out = {
+            "method": self.name,
+            "form": self.form,
+            "gamma": self.gamma_,
+            "head_type": self.head_type_,
+            "n_heads": len(self.heads_),
+            "criterion": self.criterion,
+            "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"},
+        }
         if hasattr(self, "baseline_"):
             out["fit_baseline"] = {k: self.baseline_[k] for k in ("accuracy", "entropy")}
         return out

@@ -1,4 +1,5 @@
 """Loading models (hub id, local checkpoint, bundled alias) into a TransformerLens bridge, and the bundled models."""
+
 from attnlab.models.bundled import BUNDLED, bundled_path, list_models
 
 __all__ = ["BUNDLED", "bundled_path", "list_models", "load", "LoadedModel"]

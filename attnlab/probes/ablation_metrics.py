@@ -5,9 +5,10 @@ for teacher forcing) and ``__call__(logits, batch) -> Tensor[rows]``. Rows may r
 ablation repeats each prompt once per ablated head): per-prompt targets are looked up through
 ``batch.prompt_indices``, so ``encode`` must be called first. Spec: ``shared/methods/ablation_scoring.md`` §2.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -99,7 +100,10 @@ class LogitDifference:
         last = (batch.first_real + batch.lengths - 1).to(logits.device)
         final = logits[torch.arange(logits.shape[0], device=logits.device), last].float()
         rows = torch.arange(final.shape[0], device=final.device)
-        return final[rows, self.correct_ids_[idx].to(final.device)] - final[rows, self.incorrect_ids_[idx].to(final.device)]
+        return (
+            final[rows, self.correct_ids_[idx].to(final.device)]
+            - final[rows, self.incorrect_ids_[idx].to(final.device)]
+        )
 
 
 class CallableMetric:

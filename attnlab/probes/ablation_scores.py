@@ -43,12 +43,13 @@ heads); ``ablation_scores(..., attribution=True)`` records its Spearman correlat
 
 Spec: ``shared/methods/ablation_scoring.md`` §1-3.
 """
+
 from __future__ import annotations
 
 import contextlib
 import time
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -116,7 +117,9 @@ def _read_positions(metric, batch: Batch) -> torch.Tensor | None:
     from attnlab.probes.ablation_metrics import AnswerTokens, LogitDifference
 
     if isinstance(metric, AnswerTokens) and hasattr(metric, "spans_"):
-        pos = sorted({t for p in set(batch.prompt_indices) for t in range(metric.spans_[p][0] - 1, metric.spans_[p][1] - 1)})
+        pos = sorted(
+            {t for p in set(batch.prompt_indices) for t in range(metric.spans_[p][0] - 1, metric.spans_[p][1] - 1)}
+        )
     elif isinstance(metric, LogitDifference):
         pos = sorted(set((batch.first_real + batch.lengths - 1).tolist()))
     else:
@@ -149,7 +152,11 @@ def _only_positions(bridge, positions: torch.Tensor | None):
     if positions is None:
         yield
         return
-    targets = [t for t in (getattr(bridge.blocks[len(bridge.blocks) - 1], "mlp", None), getattr(bridge, "unembed", None)) if t is not None]
+    targets = [
+        t
+        for t in (getattr(bridge.blocks[len(bridge.blocks) - 1], "mlp", None), getattr(bridge, "unembed", None))
+        if t is not None
+    ]
     with _replaced_forwards(targets, lambda t: _at_positions(t, positions)):
         yield
 
@@ -159,7 +166,9 @@ _Z_EDITS: list[dict] = []  # stack of {id(HF attention submodule): fn(z) -> z} f
 _QUERY_POSITIONS: list[dict] = []  # stack of {id(HF attention submodule): query positions} (causal models only)
 
 
-def _ablate_attention_fn(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+def _ablate_attention_fn(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     """``transformers`` attention function: fused SDPA, then the active z edit of this layer (if any).
 
     Where ``_QUERY_POSITIONS`` names this module, only those query rows are computed (keys and values at all
@@ -169,9 +178,13 @@ def _ablate_attention_fn(module, query, key, value, attention_mask, dropout=0.0,
 
     pos = _QUERY_POSITIONS[-1].get(id(module)) if _QUERY_POSITIONS else None
     if pos is not None:
-        out = _attention_at_queries(module, query, key, value, attention_mask, pos.to(query.device), dropout=dropout, scaling=scaling, **kwargs)
+        out = _attention_at_queries(
+            module, query, key, value, attention_mask, pos.to(query.device), dropout=dropout, scaling=scaling, **kwargs
+        )
     else:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     edit = _Z_EDITS[-1].get(id(module)) if _Z_EDITS else None
     return (out if edit is None else edit(out)), None  # out: [batch, seq, heads, d_head], the layout of hook_z
 
@@ -220,7 +233,9 @@ def _sdpa_z_edits(model, edits: dict[int, object]):
     AttentionInterface.register(ABLATE_IMPL, _ablate_attention_fn)
     AttentionMaskInterface.register(ABLATE_IMPL, sdpa_mask)
     with hf_attention(model, ABLATE_IMPL) as slots:
-        _Z_EDITS.append({id(sub): edits[layer] for _, _, orig, layer in slots if layer in edits for sub in orig.modules()})
+        _Z_EDITS.append(
+            {id(sub): edits[layer] for _, _, orig, layer in slots if layer in edits for sub in orig.modules()}
+        )
         try:
             yield
         finally:
@@ -306,7 +321,11 @@ def _last_attention_at(original: torch.nn.Module, positions: torch.Tensor | None
         yield
         return
     w_o_name = next((n for n in _O_PROJ_NAMES if isinstance(getattr(original, n, None), torch.nn.Module)), None)
-    targets = [getattr(original, n) for n in ("q_proj", w_o_name) if n is not None and isinstance(getattr(original, n, None), torch.nn.Module)]
+    targets = [
+        getattr(original, n)
+        for n in ("q_proj", w_o_name)
+        if n is not None and isinstance(getattr(original, n, None), torch.nn.Module)
+    ]
     _QUERY_POSITIONS.append({id(sub): positions for sub in original.modules()})
     try:
         with _replaced_forwards(targets, lambda t: _at_positions(t, positions)):
@@ -315,7 +334,18 @@ def _last_attention_at(original: torch.nn.Module, positions: torch.Tensor | None
         _QUERY_POSITIONS.pop()
 
 
-def _clean_attention_forward(model, layer: int, rep: Batch, resid: list[torch.Tensor], attn: dict, abl: HeadAblation, heads_of_rows: torch.Tensor, prompt_of_rows: torch.Tensor, positions: torch.Tensor | None, returns_tuple: bool) -> torch.Tensor:
+def _clean_attention_forward(
+    model,
+    layer: int,
+    rep: Batch,
+    resid: list[torch.Tensor],
+    attn: dict,
+    abl: HeadAblation,
+    heads_of_rows: torch.Tensor,
+    prompt_of_rows: torch.Tensor,
+    positions: torch.Tensor | None,
+    returns_tuple: bool,
+) -> torch.Tensor:
     """Logits of rows that each ablate head ``heads_of_rows[r]`` of ``layer``, reusing layer's clean attention.
 
     With z replaced, layer's attention output is the clean one plus ``(z~ - z)[h] @ W_O[h]`` (the output
@@ -330,18 +360,30 @@ def _clean_attention_forward(model, layer: int, rep: Batch, resid: list[torch.Te
     z = attn["z"][layer]
     hr, pr = heads_of_rows.to(z.device), prompt_of_rows.to(z.device)
     diff = abl.replacement(layer, hr, pr, z).to(z.dtype) - z[pr, :, hr]  # [rows, seq, d_head]
-    output = attn["out"][layer][pr] + torch.bmm(diff, attn["w_o"][layer][hr].to(diff.dtype)).to(attn["out"][layer].dtype)
+    output = attn["out"][layer][pr] + torch.bmm(diff, attn["w_o"][layer][hr].to(diff.dtype)).to(
+        attn["out"][layer].dtype
+    )
     slots = {l: (parent, attr, orig) for parent, attr, orig, l in _bridge_attention_slots(model)}
     parent, attr, _ = slots[layer]
     last = model.n_layers - 1
-    with _sdpa_z_edits(model, {}), _swap_child(parent, attr, _FixedAttention(output)), \
-            _last_attention_at(slots[last][2], positions if layer < last else None), \
-            _only_positions(model.bridge, positions), _skip_blocks(model.bridge, layer, returns_tuple):
-        return model.bridge(resid[layer].repeat(rep.size // resid[layer].shape[0], 1, 1), start_at_layer=layer, attention_mask=rep.attention_mask)
+    with (
+        _sdpa_z_edits(model, {}),
+        _swap_child(parent, attr, _FixedAttention(output)),
+        _last_attention_at(slots[last][2], positions if layer < last else None),
+        _only_positions(model.bridge, positions),
+        _skip_blocks(model.bridge, layer, returns_tuple),
+    ):
+        return model.bridge(
+            resid[layer].repeat(rep.size // resid[layer].shape[0], 1, 1),
+            start_at_layer=layer,
+            attention_mask=rep.attention_mask,
+        )
 
 
 @torch.no_grad()
-def _clean_pass(model, batch: Batch, metric, *, attention: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], bool, dict | None]:
+def _clean_pass(
+    model, batch: Batch, metric, *, attention: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor], bool, dict | None]:
     """Metric per prompt on the clean run, the residual entering every block, the blocks' output kind, and
     (``attention=True``) every layer's clean z and attention-module output (``{"z": [...], "out": [...]}``)."""
     resid: dict[int, torch.Tensor] = {}
@@ -379,7 +421,9 @@ def _clean_pass(model, batch: Batch, metric, *, attention: bool = False) -> tupl
 
 
 @torch.inference_mode()
-def _prefix_reuse_matches(model, batch: Batch, metric, clean: torch.Tensor, resid: list[torch.Tensor], returns_tuple: bool, atol: float = 1e-4) -> bool:
+def _prefix_reuse_matches(
+    model, batch: Batch, metric, clean: torch.Tensor, resid: list[torch.Tensor], returns_tuple: bool, atol: float = 1e-4
+) -> bool:
     """Whether the bridge, started at layer 1 from the cached residual, reproduces the clean metric.
 
     Prefix reuse relies on ``start_at_layer`` feeding the cached residual to block 1 exactly as the full forward
@@ -400,10 +444,25 @@ def _fit(model, mode: str, batch: Batch, reference, seed: int) -> HeadAblation:
     if mode == "resample" and reference is None:
         raise ValueError("resample ablation needs reference prompts (other prompts of the same padded length)")
     ref = batch if reference is None else reference
-    return HeadAblation(mode=mode, seed=seed).fit(model, ref if mode in ("mean", "resample") else None, layers=range(model.n_layers))
+    return HeadAblation(mode=mode, seed=seed).fit(
+        model, ref if mode in ("mean", "resample") else None, layers=range(model.n_layers)
+    )
 
 
-def _hooked_forward(model, layer: int, rep: Batch, resid: list[torch.Tensor], abl: HeadAblation, heads_of_rows: torch.Tensor, prompt_of_rows: torch.Tensor, positions: torch.Tensor | None, returns_tuple: bool, *, fused: bool, prefix_reuse: bool) -> torch.Tensor:
+def _hooked_forward(
+    model,
+    layer: int,
+    rep: Batch,
+    resid: list[torch.Tensor],
+    abl: HeadAblation,
+    heads_of_rows: torch.Tensor,
+    prompt_of_rows: torch.Tensor,
+    positions: torch.Tensor | None,
+    returns_tuple: bool,
+    *,
+    fused: bool,
+    prefix_reuse: bool,
+) -> torch.Tensor:
     """Logits of rows that each ablate head ``heads_of_rows[r]`` of ``layer`` by a hook on its z (or pattern),
     recomputing layer's attention; from the residual entering ``layer`` when ``prefix_reuse`` (and layer > 0)."""
     hooks = abl.row_hooks(layer, heads_of_rows, rep.attention_mask, prompt_of_rows)
@@ -414,12 +473,30 @@ def _hooked_forward(model, layer: int, rep: Batch, resid: list[torch.Tensor], ab
     with ctx, _only_positions(model.bridge, positions):
         if prefix_reuse and layer > 0:
             with _skip_blocks(model.bridge, layer, returns_tuple):
-                return model.bridge(resid[layer].repeat(rep.size // resid[layer].shape[0], 1, 1), start_at_layer=layer, attention_mask=rep.attention_mask)
+                return model.bridge(
+                    resid[layer].repeat(rep.size // resid[layer].shape[0], 1, 1),
+                    start_at_layer=layer,
+                    attention_mask=rep.attention_mask,
+                )
         return model.forward(rep)
 
 
 @torch.inference_mode()
-def exact_ablation_grid(model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, layers: Sequence[int] | None = None, max_batch: int = 64, prefix_reuse: bool = True, read_positions: bool = True, attention: str = "auto", reuse_attention: bool = True, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def exact_ablation_grid(
+    model,
+    prompts: Sequence[str],
+    metric,
+    *,
+    mode: str = "zero",
+    reference=None,
+    layers: Sequence[int] | None = None,
+    max_batch: int = 64,
+    prefix_reuse: bool = True,
+    read_positions: bool = True,
+    attention: str = "auto",
+    reuse_attention: bool = True,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean metric over prompts with each single head ablated, ``(ablated [L, H], clean per prompt [P])``.
 
     Batched: ``max_batch`` rows per forward (heads x prompts). Layers not in ``layers`` stay NaN.
@@ -442,11 +519,16 @@ def exact_ablation_grid(model, prompts: Sequence[str], metric, *, mode: str = "z
         raise ValueError(f"attention must be 'auto', 'eager' or 'sdpa', got {attention!r}")
     fused = attention == "sdpa" or (attention == "auto" and sdpa_capable(model, mode))
     if fused and not sdpa_capable(model, mode):
-        raise ValueError("attention='sdpa' needs a z-replacing mode (zero, mean, resample) and a model whose attention calls transformers' attention interface")
+        raise ValueError(
+            "attention='sdpa' needs a z-replacing mode (zero, mean, resample) and a model whose attention calls transformers' attention interface"
+        )
     reuse = fused and prefix_reuse and reuse_attention and getattr(batch, "pixel_values", None) is None
     clean, resid, returns_tuple, attn = _clean_pass(model, batch, metric, attention=reuse)
     if prefix_reuse and not _prefix_reuse_matches(model, batch, metric, clean, resid, returns_tuple):
-        warnings.warn(f"{model.name}: a forward started at layer 1 from the cached residual does not reproduce the clean run; ablation scores use full forwards (slower)", stacklevel=2)
+        warnings.warn(
+            f"{model.name}: a forward started at layer 1 from the cached residual does not reproduce the clean run; ablation scores use full forwards (slower)",
+            stacklevel=2,
+        )
         prefix_reuse, attn = False, None
     if attn is not None:
         attn["w_o"] = _attention_reuse_weights(model, attn["z"], attn["out"])
@@ -455,30 +537,53 @@ def exact_ablation_grid(model, prompts: Sequence[str], metric, *, mode: str = "z
     n_prompts, H = batch.size, model.n_heads
     per_fwd = max(1, max_batch // n_prompts)
     grid = np.full((model.n_layers, H), np.nan)
-    for layer in (range(model.n_layers) if layers is None else layers):
+    for layer in range(model.n_layers) if layers is None else layers:
         for h0 in range(0, H, per_fwd):
             heads = torch.arange(h0, min(H, h0 + per_fwd))
             rep = _repeat(batch, len(heads)).to(model.device)
             heads_of_rows = heads.repeat_interleave(n_prompts)
             prompt_of_rows = torch.arange(n_prompts).repeat(len(heads))
             if attn is not None:
-                logits = _clean_attention_forward(model, layer, rep, resid, attn, abl, heads_of_rows, prompt_of_rows, positions, returns_tuple)
+                logits = _clean_attention_forward(
+                    model, layer, rep, resid, attn, abl, heads_of_rows, prompt_of_rows, positions, returns_tuple
+                )
             else:
-                logits = _hooked_forward(model, layer, rep, resid, abl, heads_of_rows, prompt_of_rows, positions, returns_tuple, fused=fused, prefix_reuse=prefix_reuse)
+                logits = _hooked_forward(
+                    model,
+                    layer,
+                    rep,
+                    resid,
+                    abl,
+                    heads_of_rows,
+                    prompt_of_rows,
+                    positions,
+                    returns_tuple,
+                    fused=fused,
+                    prefix_reuse=prefix_reuse,
+                )
             values = metric(logits, rep).float().view(len(heads), n_prompts)
             grid[layer, heads.numpy()] = values.mean(1).cpu().numpy()
     return grid, clean.cpu().numpy()
 
 
 @torch.no_grad()
-def loop_ablation_grid(model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, layers: Sequence[int] | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def loop_ablation_grid(
+    model,
+    prompts: Sequence[str],
+    metric,
+    *,
+    mode: str = "zero",
+    reference=None,
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Reference implementation: one full forward per head (all prompts in one batch), no prefix reuse."""
     metric = as_metric(metric)
     batch = metric.encode(model, list(prompts)).to(model.device)
     abl = _fit(model, mode, batch, reference, seed)
     clean = metric(model.forward(batch), batch).float().cpu().numpy()
     grid = np.full((model.n_layers, model.n_heads), np.nan)
-    for layer in (range(model.n_layers) if layers is None else layers):
+    for layer in range(model.n_layers) if layers is None else layers:
         for h in range(model.n_heads):
             hooks = abl.row_hooks(layer, torch.full((batch.size,), h), batch.attention_mask)
             with model.bridge.hooks(fwd_hooks=hooks):
@@ -486,7 +591,9 @@ def loop_ablation_grid(model, prompts: Sequence[str], metric, *, mode: str = "ze
     return grid, clean
 
 
-def attribution_grid(model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, seed: int = 0) -> np.ndarray:
+def attribution_grid(
+    model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, seed: int = 0
+) -> np.ndarray:
     """AtP estimate of each head's drop ``m_clean - m_ablated`` (mean over prompts), ``[L, H]``.
 
     One forward + one backward: a zero tensor requiring grad is added to every layer's z, so ``dm/dz`` keeps
@@ -526,8 +633,16 @@ def attribution_grid(model, prompts: Sequence[str], metric, *, mode: str = "zero
         if g is None:
             continue
         g = g.float()
-        tilde = _uniform_z(vs[layer], batch.attention_mask, model) if mode == "uniform" else torch.stack(
-            [abl.replacement(layer, torch.full((batch.size,), h, device=z.device), rows, z).float() for h in range(model.n_heads)], dim=2
+        tilde = (
+            _uniform_z(vs[layer], batch.attention_mask, model)
+            if mode == "uniform"
+            else torch.stack(
+                [
+                    abl.replacement(layer, torch.full((batch.size,), h, device=z.device), rows, z).float()
+                    for h in range(model.n_heads)
+                ],
+                dim=2,
+            )
         )
         effect = ((tilde - z) * g).sum(dim=(1, 3))  # [P, H]: first-order m_do - m_clean per prompt
         out[layer] = (-effect.mean(0)).detach().cpu().numpy()
@@ -543,7 +658,22 @@ def _uniform_z(v: torch.Tensor, mask: torch.Tensor, model) -> torch.Tensor:
     return mean.repeat_interleave(model.n_heads // v.shape[2], dim=2)
 
 
-def ablation_scores(model, prompts: Sequence[str], metric, *, mode: str = "zero", reference=None, layers: Sequence[int] | None = None, max_batch: int = 64, prefix_reuse: bool = True, attention: str = "auto", reuse_attention: bool = True, attribution: bool = False, seed: int = 0, name: str | None = None) -> HeadScores:
+def ablation_scores(
+    model,
+    prompts: Sequence[str],
+    metric,
+    *,
+    mode: str = "zero",
+    reference=None,
+    layers: Sequence[int] | None = None,
+    max_batch: int = 64,
+    prefix_reuse: bool = True,
+    attention: str = "auto",
+    reuse_attention: bool = True,
+    attribution: bool = False,
+    seed: int = 0,
+    name: str | None = None,
+) -> HeadScores:
     """Exact single-head ablation scores for all heads as ``HeadScores`` (score = drop of the metric).
 
     Parameters
@@ -576,9 +706,29 @@ def ablation_scores(model, prompts: Sequence[str], metric, *, mode: str = "zero"
     """
     metric = as_metric(metric)
     t0 = time.perf_counter()
-    ablated, clean = exact_ablation_grid(model, prompts, metric, mode=mode, reference=reference, layers=layers, max_batch=max_batch, prefix_reuse=prefix_reuse, attention=attention, reuse_attention=reuse_attention, seed=seed)
+    ablated, clean = exact_ablation_grid(
+        model,
+        prompts,
+        metric,
+        mode=mode,
+        reference=reference,
+        layers=layers,
+        max_batch=max_batch,
+        prefix_reuse=prefix_reuse,
+        attention=attention,
+        reuse_attention=reuse_attention,
+        seed=seed,
+    )
     scores = clean.mean() - ablated
-    summary = {"metric": metric.name, "baseline": float(clean.mean()), "mode": mode, "unit": "query head", "positions": "all", "n_prompts": len(prompts), "seconds_exact": time.perf_counter() - t0}
+    summary = {
+        "metric": metric.name,
+        "baseline": float(clean.mean()),
+        "mode": mode,
+        "unit": "query head",
+        "positions": "all",
+        "n_prompts": len(prompts),
+        "seconds_exact": time.perf_counter() - t0,
+    }
     extra = {"ablated": ablated, "baseline_per_prompt": clean[None, :]}
     if attribution:
         t1 = time.perf_counter()
@@ -588,8 +738,20 @@ def ablation_scores(model, prompts: Sequence[str], metric, *, mode: str = "zero"
         summary["atp_spearman"] = spearman(atp, scores)
         summary["seconds_atp"] = time.perf_counter() - t1
     return HeadScores(
-        scores=scores, name=name or f"ablation_{mode}_{metric.name}", probe="ablation_scores",
-        params={"mode": mode, "metric": metric.name, "max_batch": max_batch, "prefix_reuse": prefix_reuse, "reuse_attention": reuse_attention, "seed": seed},
-        model=model.name, n_kv_heads=model.n_kv_heads, description=f"drop of {metric.name} when one head is {mode}-ablated",
-        extra=extra, summary=summary,
+        scores=scores,
+        name=name or f"ablation_{mode}_{metric.name}",
+        probe="ablation_scores",
+        params={
+            "mode": mode,
+            "metric": metric.name,
+            "max_batch": max_batch,
+            "prefix_reuse": prefix_reuse,
+            "reuse_attention": reuse_attention,
+            "seed": seed,
+        },
+        model=model.name,
+        n_kv_heads=model.n_kv_heads,
+        description=f"drop of {metric.name} when one head is {mode}-ablated",
+        extra=extra,
+        summary=summary,
     )

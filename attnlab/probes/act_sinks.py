@@ -11,6 +11,7 @@ For bidirectional encoders (BERT) every query sees every key, so ``score_j = mea
 *hidden* sinks: delimiters, punctuation and separators that soak up attention mid-sequence. Unlike the reference
 code (which drops the first element of the sorted index list), position 0 is removed explicitly.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -42,7 +43,15 @@ class ActSinks(Probe):
 
     name = "act_sinks"
 
-    def __init__(self, *, threshold: float = 0.1, threshold_mode: str = "fixed", alpha: float = 5.0, min_heads: int = 1, n_examples: int = 3):
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.1,
+        threshold_mode: str = "fixed",
+        alpha: float = 5.0,
+        min_heads: int = 1,
+        n_examples: int = 3,
+    ):
         if threshold_mode not in ("fixed", "alpha_over_n"):
             raise ValueError("threshold_mode must be 'fixed' or 'alpha_over_n'")
         self.threshold = threshold
@@ -127,14 +136,21 @@ class ActSinks(Probe):
     def results(self, ctx: ProbeContext):
         m = ctx.model
         out = [
-            self.head_scores(ctx, "act_first_score", self._first.mean(), description="ACT score of the first real token (mean attention it receives)"),
+            self.head_scores(
+                ctx,
+                "act_first_score",
+                self._first.mean(),
+                description="ACT score of the first real token (mean attention it receives)",
+            ),
             self.head_scores(
                 ctx,
                 "act_hidden_sinks",
                 self._hidden.mean(),
                 description=f"mean number of hidden (non-initial) ACT sinks per prompt (score_j > {self.threshold if self.threshold_mode == 'fixed' else f'{self.alpha}/N'})",
                 summary={
-                    "hidden_sink_tokens": dict(self._token_counts.most_common(20)),  # token -> heads flagging it, summed over prompts
+                    "hidden_sink_tokens": dict(
+                        self._token_counts.most_common(20)
+                    ),  # token -> heads flagging it, summed over prompts
                     "prompts_with_hidden_sinks": self._prompts_with_hidden,
                     "n_prompts": self._n_prompts,
                 },
@@ -143,7 +159,12 @@ class ActSinks(Probe):
         for p, ex in sorted(self._examples.items()):
             out.append(
                 self.token_scores(
-                    ctx, f"act_sink_tokens_{p}", p, ex["tokens"], ex["values"], [f"layer {l}" for l in range(m.n_layers)] + ["all layers"],
+                    ctx,
+                    f"act_sink_tokens_{p}",
+                    p,
+                    ex["tokens"],
+                    ex["values"],
+                    [f"layer {l}" for l in range(m.n_layers)] + ["all layers"],
                     marks={"hidden_sink": ex["hidden"], "first": [0]},
                     description="fraction of heads in which each token is an ACT sink",
                 )

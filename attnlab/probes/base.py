@@ -4,6 +4,7 @@ A probe is an object with explicit parameters (set in ``__init__``) that ``attac
 and, after the batches have run, returns typed results (``HeadScores`` / ``TokenScores``). Several probes attach
 to one Capture so that one forward pass per batch serves them all.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,7 +46,17 @@ class Probe:
     def results(self, ctx: ProbeContext) -> list[HeadScores | TokenScores]:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def head_scores(self, ctx: ProbeContext, name: str, scores: np.ndarray, *, description: str = "", higher_is: str = "more", extra=None, summary=None) -> HeadScores:
+    def head_scores(
+        self,
+        ctx: ProbeContext,
+        name: str,
+        scores: np.ndarray,
+        *,
+        description: str = "",
+        higher_is: str = "more",
+        extra=None,
+        summary=None,
+    ) -> HeadScores:
         return HeadScores(
             scores=scores,
             name=name,
@@ -60,7 +71,19 @@ class Probe:
             summary=summary or {},
         )
 
-    def token_scores(self, ctx: ProbeContext, name: str, prompt_index: int, tokens: list[str], values: np.ndarray, row_labels: list[str], *, marks=None, description: str = "", summary=None) -> TokenScores:
+    def token_scores(
+        self,
+        ctx: ProbeContext,
+        name: str,
+        prompt_index: int,
+        tokens: list[str],
+        values: np.ndarray,
+        row_labels: list[str],
+        *,
+        marks=None,
+        description: str = "",
+        summary=None,
+    ) -> TokenScores:
         """A ``TokenScores`` of one prompt with this probe's provenance (the token-level twin of ``head_scores``)."""
         return TokenScores(
             tokens=tokens,

@@ -9,22 +9,32 @@ bootstrap confidence interval, and the empirical p-value ``(1 + #{random drop >=
 ``evaluate(heads) -> float`` is any metric of the model with those heads ablated; ``ablation_evaluator`` and
 ``niah_evaluator`` build the usual ones.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from attnlab.heads.results import HeadScores
 from attnlab.errors import AttnlabError
+from attnlab.heads.results import HeadScores
 from attnlab.interventions.ablation import HeadAblation, as_batch
 from attnlab.interventions.base import validate_heads
 from attnlab.probes.ablation_metrics import AnswerTokens, as_metric
 
 
-def random_head_sets(n_layers: int, n_heads: int, k: int, exclude: Sequence[tuple[int, int]], *, n_seeds: int, seed: int = 0, layer_matched: bool = False) -> list[list[tuple[int, int]]]:
+def random_head_sets(
+    n_layers: int,
+    n_heads: int,
+    k: int,
+    exclude: Sequence[tuple[int, int]],
+    *,
+    n_seeds: int,
+    seed: int = 0,
+    layer_matched: bool = False,
+) -> list[list[tuple[int, int]]]:
     """``n_seeds`` random sets of k heads from the grid minus ``exclude`` (seeded; optionally layer-matched)."""
     excluded = set(map(tuple, exclude))
     pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in excluded]
@@ -38,7 +48,9 @@ def random_head_sets(n_layers: int, n_heads: int, k: int, exclude: Sequence[tupl
             for layer, count in pd.Series([l for l, _ in excluded]).value_counts().items():
                 cands = [p for p in pool if p[0] == layer]
                 if len(cands) < count:
-                    raise ValueError(f"layer {layer} has only {len(cands)} heads outside the top set; cannot layer-match {count}")
+                    raise ValueError(
+                        f"layer {layer} has only {len(cands)} heads outside the top set; cannot layer-match {count}"
+                    )
                 chosen += [cands[i] for i in rng.choice(len(cands), count, replace=False)]
         else:
             chosen = [pool[i] for i in rng.choice(len(pool), k, replace=False)]
@@ -46,7 +58,9 @@ def random_head_sets(n_layers: int, n_heads: int, k: int, exclude: Sequence[tupl
     return sets
 
 
-def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], *, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean (a single value gives a zero-width interval)."""
     v = np.asarray(values, float)
     if len(v) == 0:
@@ -57,7 +71,16 @@ def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n_boot: int = 
     return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
-def causal_test(scores: HeadScores, k: int, evaluate: Callable[[list[tuple[int, int]]], float], *, n_seeds: int = 5, seed: int = 0, layer_matched: bool = False, level: float = 0.95) -> pd.DataFrame:
+def causal_test(
+    scores: HeadScores,
+    k: int,
+    evaluate: Callable[[list[tuple[int, int]]], float],
+    *,
+    n_seeds: int = 5,
+    seed: int = 0,
+    layer_matched: bool = False,
+    level: float = 0.95,
+) -> pd.DataFrame:
     """Ablate the top-k heads of ``scores`` vs ``n_seeds`` random k-sets; one row per condition.
 
     Columns: condition (baseline / top_k / random), k, n_sets, metric (mean over sets), ci_low, ci_high,
@@ -68,7 +91,9 @@ def causal_test(scores: HeadScores, k: int, evaluate: Callable[[list[tuple[int, 
     top = scores.top_heads(k)
     if len(top) < k:
         raise ValueError(f"{scores.name} has only {len(top)} scored heads; cannot take the top {k}")
-    randoms = random_head_sets(scores.n_layers, scores.n_heads, k, top, n_seeds=n_seeds, seed=seed, layer_matched=layer_matched)
+    randoms = random_head_sets(
+        scores.n_layers, scores.n_heads, k, top, n_seeds=n_seeds, seed=seed, layer_matched=layer_matched
+    )
     base = float(evaluate([]))
     top_value = float(evaluate(top))
     rand_values = [float(evaluate(s)) for s in randoms]
@@ -77,10 +102,39 @@ def causal_test(scores: HeadScores, k: int, evaluate: Callable[[list[tuple[int, 
     p = (1 + sum(base - v >= top_drop for v in rand_values)) / (1 + n_seeds)
     fmt = lambda hs: " ".join(f"L{l}H{h}" for l, h in hs)
     rows = [
-        {"condition": "baseline", "k": 0, "n_sets": 1, "metric": base, "ci_low": base, "ci_high": base, "drop": 0.0, "p_value": np.nan, "heads": ""},
-        {"condition": "top_k", "k": k, "n_sets": 1, "metric": top_value, "ci_low": top_value, "ci_high": top_value, "drop": top_drop, "p_value": p, "heads": fmt(top)},
-        {"condition": "random", "k": k, "n_sets": n_seeds, "metric": float(np.mean(rand_values)), "ci_low": lo, "ci_high": hi,
-         "drop": base - float(np.mean(rand_values)), "p_value": np.nan, "heads": " | ".join(fmt(s) for s in randoms)},
+        {
+            "condition": "baseline",
+            "k": 0,
+            "n_sets": 1,
+            "metric": base,
+            "ci_low": base,
+            "ci_high": base,
+            "drop": 0.0,
+            "p_value": np.nan,
+            "heads": "",
+        },
+        {
+            "condition": "top_k",
+            "k": k,
+            "n_sets": 1,
+            "metric": top_value,
+            "ci_low": top_value,
+            "ci_high": top_value,
+            "drop": top_drop,
+            "p_value": p,
+            "heads": fmt(top),
+        },
+        {
+            "condition": "random",
+            "k": k,
+            "n_sets": n_seeds,
+            "metric": float(np.mean(rand_values)),
+            "ci_low": lo,
+            "ci_high": hi,
+            "drop": base - float(np.mean(rand_values)),
+            "p_value": np.nan,
+            "heads": " | ".join(fmt(s) for s in randoms),
+        },
     ]
     table = pd.DataFrame(rows)
     table.attrs["random_values"] = rand_values
@@ -88,7 +142,17 @@ def causal_test(scores: HeadScores, k: int, evaluate: Callable[[list[tuple[int, 
     return table
 
 
-def ablation_evaluator(model, prompts, metric, *, images=None, mode: str = "zero", reference=None, reference_images=None, batch_size: int = 16) -> Callable[[list[tuple[int, int]]], object]:
+def ablation_evaluator(
+    model,
+    prompts,
+    metric,
+    *,
+    images=None,
+    mode: str = "zero",
+    reference=None,
+    reference_images=None,
+    batch_size: int = 16,
+) -> Callable[[list[tuple[int, int]]], object]:
     """``evaluate(heads)``: mean ``metric`` over ``prompts`` with ``heads`` ablated (``HeadAblation``).
 
     One code path for text and vision-language models: ``images`` (one PIL image per prompt, or the images of a
@@ -227,13 +291,24 @@ def _rows(batch, start: int, stop: int):
     pix = batch.pixel_values
     if pix is not None:
         if pix.shape[0] != batch.size:
-            raise AttnlabError(f"the batch has {batch.size} rows but {pix.shape[0]} images; sub-batching needs one image per row")
+            raise AttnlabError(
+                f"the batch has {batch.size} rows but {pix.shape[0]} images; sub-batching needs one image per row"
+            )
         pix = pix[sl]
     image_mask = None if batch.image_mask is None else batch.image_mask[sl]
     return Batch(batch.input_ids[sl], batch.attention_mask[sl], batch.prompt_indices[sl], pix, image_mask)
 
 
-def niah_evaluator(model, *, lengths: Sequence[int] = (160, 320), depths: Sequence[float] = (10, 50, 90), trials_per_cell: int = 2, seed: int = 1, mode: str = "zero", batch_size: int = 8) -> Callable[[list[tuple[int, int]]], float]:
+def niah_evaluator(
+    model,
+    *,
+    lengths: Sequence[int] = (160, 320),
+    depths: Sequence[float] = (10, 50, 90),
+    trials_per_cell: int = 2,
+    seed: int = 1,
+    mode: str = "zero",
+    batch_size: int = 8,
+) -> Callable[[list[tuple[int, int]]], float]:
     """``evaluate(heads)``: NIAH accuracy (teacher-forced exact match of the code) with ``heads`` ablated.
 
     Exact match here = every code token is the argmax given the prompt and the earlier code tokens, i.e.
@@ -266,9 +341,13 @@ def check_metric_modality(model, metric: str) -> None:
         raise AttnlabError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     is_vlm = getattr(model, "processor", None) is not None
     if metric in TEXT_METRICS and is_vlm:
-        raise AttnlabError(f"metric {metric} scores text-only NIAH prompts but {model.name} is a vision-language model; use --metric shapes or shapes-logprob (image questions)")
+        raise AttnlabError(
+            f"metric {metric} scores text-only NIAH prompts but {model.name} is a vision-language model; use --metric shapes or shapes-logprob (image questions)"
+        )
     if metric in IMAGE_METRICS and not is_vlm:
-        raise AttnlabError(f"metric {metric} scores image questions but {model.name} is a text model; use --metric niah or logprob")
+        raise AttnlabError(
+            f"metric {metric} scores image questions but {model.name} is a text model; use --metric niah or logprob"
+        )
 
 
 def metric_evaluator(model, metric: str, *, seed: int, n_trials: int = 2, mode: str = "zero"):
@@ -286,7 +365,9 @@ def metric_evaluator(model, metric: str, *, seed: int, n_trials: int = 2, mode: 
         return niah_evaluator(model, trials_per_cell=n_trials, seed=seed + 1, mode=mode)
     if metric == "logprob":
         trials = build_niah_trials(model.tokenizer, (160, 320), (10, 50, 90), trials_per_cell=n_trials, seed=seed + 1)
-        return ablation_evaluator(model, [t.prompt for t in trials], AnswerTokens([" " + t.answer for t in trials]), mode=mode)
+        return ablation_evaluator(
+            model, [t.prompt for t in trials], AnswerTokens([" " + t.answer for t in trials]), mode=mode
+        )
     from attnlab.probes.vhd_causal import image_question_evaluator, shape_question_items
 
     items = shape_question_items(24 * n_trials, seed + 1)
@@ -295,7 +376,18 @@ def metric_evaluator(model, metric: str, *, seed: int, n_trials: int = 2, mode: 
     return lambda heads: evaluate(heads)[key]
 
 
-def run_causal_test(model, heads_spec: str, *, k: int, metric: str, out: str, mode: str = "zero", n_seeds: int = 5, seed: int = 0, n_trials: int = 2) -> pd.DataFrame:
+def run_causal_test(
+    model,
+    heads_spec: str,
+    *,
+    k: int,
+    metric: str,
+    out: str,
+    mode: str = "zero",
+    n_seeds: int = 5,
+    seed: int = 0,
+    n_trials: int = 2,
+) -> pd.DataFrame:
     """The ``attnlab ablate`` command: causal test of a saved HeadScores on a named metric (``metric_evaluator``).
 
     Text models: NIAH accuracy or answer log-prob; vision-language models: image-question accuracy or answer
@@ -314,11 +406,13 @@ def run_causal_test(model, heads_spec: str, *, k: int, metric: str, out: str, mo
     if not isinstance(result, HeadScores):
         raise AttnlabError(f"{name} in {run_dir} is not a head-score result")
     if result.scores.shape != (model.n_layers, model.n_heads):
-        raise AttnlabError(f"{name} has a {result.scores.shape} grid but {model.name} has {model.n_layers} x {model.n_heads} heads")
+        raise AttnlabError(
+            f"{name} has a {result.scores.shape} grid but {model.name} has {model.n_layers} x {model.n_heads} heads"
+        )
     evaluate = metric_evaluator(model, metric, seed=seed, n_trials=n_trials, mode=mode)
     table = causal_test(result, k, evaluate, n_seeds=n_seeds, seed=seed)
-    from pathlib import Path
     import os
+    from pathlib import Path
 
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
@@ -326,6 +420,18 @@ def run_causal_test(model, heads_spec: str, *, k: int, metric: str, out: str, mo
     tmp = d / f".{stem}.csv.tmp"
     table.to_csv(tmp, index=False)
     os.replace(tmp, d / f"{stem}.csv")
-    write_json(d / f"{stem}.json", {"source": f"{run_dir}:{name}", "model": model.name, "k": k, "metric": metric, "mode": mode, "n_seeds": n_seeds, "seed": seed,
-                                    "random_values": table.attrs["random_values"], "rows": table.to_dict(orient="records")})
+    write_json(
+        d / f"{stem}.json",
+        {
+            "source": f"{run_dir}:{name}",
+            "model": model.name,
+            "k": k,
+            "metric": metric,
+            "mode": mode,
+            "n_seeds": n_seeds,
+            "seed": seed,
+            "random_values": table.attrs["random_values"],
+            "rows": table.to_dict(orient="records"),
+        },
+    )
     return table

@@ -1,5 +1,6 @@
 """Duplicate-token heads: attention from a token to earlier copies of itself (TransformerLens ``head_detector``
 pattern ``D[i, j] = 1`` if ``tok_i == tok_j`` and ``j < i``)."""
+
 from __future__ import annotations
 
 from attnlab.probes.pattern_match import PatternMatchProbe, duplicate_target

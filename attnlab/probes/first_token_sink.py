@@ -7,6 +7,7 @@ Positions count from each prompt's first real token (left padding is skipped), r
 trivially puts all its attention on itself), and the per-prompt values are averaged over prompts. ``k = 1`` is the
 classic first-token sink; StreamingLLM keeps ``k = 4`` sink tokens.
 """
+
 from __future__ import annotations
 
 import torch

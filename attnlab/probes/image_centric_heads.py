@@ -16,6 +16,7 @@ row is image-centric if ``r >= rho`` (paper convention; the reference code's ``r
 has visual sinks in that prompt. A head's image-centric score is the fraction of its text rows after the image that
 are image-centric, averaged over prompts.
 """
+
 from __future__ import annotations
 
 import math
@@ -96,7 +97,15 @@ def rows_after_image(batch, q_pos: torch.Tensor) -> torch.Tensor:
     return (q > last_image_position(batch)[:, None]) & (q < end)
 
 
-def image_centric_rows(rows: torch.Tensor, image_keys: torch.Tensor, visual_sinks: torch.Tensor, valid: torch.Tensor, *, min_image_attention: float = 0.2, rho: float = 0.5):
+def image_centric_rows(
+    rows: torch.Tensor,
+    image_keys: torch.Tensor,
+    visual_sinks: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    min_image_attention: float = 0.2,
+    rho: float = 0.5,
+):
     """Score attention rows ``[b, H, q, s]`` against the image span.
 
     ``image_keys`` / ``visual_sinks``: ``[b, s]`` bool; ``valid``: ``[b, q]`` bool (text rows after the image).
@@ -175,7 +184,11 @@ class ImageCentricHeads(Probe):
         self._model = m
         self._dims = list(self.sink_dims) if self.sink_dims is not None else None
         self._dims_source = "given" if self._dims is not None else "searched"
-        self._search = [l for l in (self.search_layers if self.search_layers is not None else middle_layers(m.n_layers)) if 0 <= l < m.n_layers]
+        self._search = [
+            l
+            for l in (self.search_layers if self.search_layers is not None else middle_layers(m.n_layers))
+            if 0 <= l < m.n_layers
+        ]
         self._anchor_max: dict[int, np.ndarray] = {}  # prompt -> [d] max ratio over search layers and anchor tokens
         self._ratios: dict[int, torch.Tensor] = {}  # layer -> [b, s, d] (only until the sink dims are known)
         self._phi: dict[int, torch.Tensor] = {}  # layer -> [b, s]
@@ -237,7 +250,13 @@ class ImageCentricHeads(Probe):
     def _on_batch_end(self, batch, logits) -> None:
         m = self._model
         if self._dims is None:
-            self._dims = find_sink_dims(np.stack([self._anchor_max[p] for p in batch.prompt_indices if p in self._anchor_max]) if self._anchor_max else np.zeros((0, m.d_model)), tau=self.tau, min_prompt_fraction=self.min_prompt_fraction)
+            self._dims = find_sink_dims(
+                np.stack([self._anchor_max[p] for p in batch.prompt_indices if p in self._anchor_max])
+                if self._anchor_max
+                else np.zeros((0, m.d_model)),
+                tau=self.tau,
+                min_prompt_fraction=self.min_prompt_fraction,
+            )
             self._dims_source = f"searched on the first batch ({batch.size} prompts)"
             for layer, r in self._ratios.items():
                 self._phi[layer] = r[..., self._dims].amax(-1) if self._dims else torch.zeros(r.shape[:2])
@@ -249,7 +268,9 @@ class ImageCentricHeads(Probe):
         for layer, chunks in self._rows.items():
             for q_pos, rows in chunks:
                 valid = rows_after_image(batch, q_pos)
-                vis, ratio, eligible, selected = image_centric_rows(rows, image, visual[layer], valid, min_image_attention=self.min_image_attention, rho=self.rho)
+                vis, ratio, eligible, selected = image_centric_rows(
+                    rows, image, visual[layer], valid, min_image_attention=self.min_image_attention, rho=self.rho
+                )
                 n_rows = valid.sum(-1).float()
                 self._icr.add(layer, batch.prompt_indices, selected.float().sum(-1), n_rows)
                 self._ratio.add(layer, batch.prompt_indices, torch.nan_to_num(ratio).sum(-1), eligible.float().sum(-1))
@@ -276,11 +297,17 @@ class ImageCentricHeads(Probe):
                 for l, ph in self._phi.items():
                     values[l] = ph[b, sl].numpy()
                 vis_pos = sorted({j for l in visual for j in torch.nonzero(visual[l][b, sl]).flatten().tolist()})
-                txt_pos = sorted({j for l in sinks for j in torch.nonzero((sinks[l][b] & ~image[b])[sl]).flatten().tolist()})
+                txt_pos = sorted(
+                    {j for l in sinks for j in torch.nonzero((sinks[l][b] & ~image[b])[sl]).flatten().tolist()}
+                )
                 self._examples[p] = {
                     "tokens": toks,
                     "values": values,
-                    "marks": {"visual_sink": vis_pos, "text_sink": txt_pos, "image": torch.nonzero(image[b, sl]).flatten().tolist()},
+                    "marks": {
+                        "visual_sink": vis_pos,
+                        "text_sink": txt_pos,
+                        "image": torch.nonzero(image[b, sl]).flatten().tolist(),
+                    },
                 }
 
     # ---- results -----------------------------------------------------------------------------------------------
@@ -291,7 +318,11 @@ class ImageCentricHeads(Probe):
 
     def results(self, ctx: ProbeContext):
         m = ctx.model
-        anchor = np.stack([self._anchor_max[p] for p in sorted(self._anchor_max)]) if self._anchor_max else np.zeros((0, m.d_model))
+        anchor = (
+            np.stack([self._anchor_max[p] for p in sorted(self._anchor_max)])
+            if self._anchor_max
+            else np.zeros((0, m.d_model))
+        )
         frac = (anchor >= self.tau).mean(0) if len(anchor) else np.zeros(m.d_model)
         top = np.argsort(-anchor.max(0))[:8] if len(anchor) else []
         n_img = max(self._n_images, 1)
@@ -300,9 +331,13 @@ class ImageCentricHeads(Probe):
             "sink_dims_source": self._dims_source,
             "sink_dims_all_prompts": find_sink_dims(anchor, tau=self.tau, min_prompt_fraction=self.min_prompt_fraction),
             "search_layers": self._search,
-            "top_dims": {int(d): {"max_ratio": float(anchor[:, d].max()), "prompt_fraction": float(frac[d])} for d in top},
+            "top_dims": {
+                int(d): {"max_ratio": float(anchor[:, d].max()), "prompt_fraction": float(frac[d])} for d in top
+            },
             "tau": self.tau,
-            "phi_max_possible": math.sqrt(m.d_model),  # |x[d]| / RMS(x) <= sqrt(d_model): no sink can reach a larger tau
+            "phi_max_possible": math.sqrt(
+                m.d_model
+            ),  # |x[d]| / RMS(x) <= sqrt(d_model): no sink can reach a larger tau
             "phi_layers": self.phi_layers(m.n_layers),
             "visual_sinks_per_image_by_layer": (self._visual_counts / n_img).tolist(),
             "text_sinks_per_prompt_by_layer": (self._text_counts / n_img).tolist(),
@@ -318,13 +353,28 @@ class ImageCentricHeads(Probe):
                 extra={"visual_nonsink_ratio": self._ratio.mean(), "image_attention": self._vis.mean()},
                 summary=summary,
             ),
-            self.head_scores(ctx, "visual_nonsink_ratio", self._ratio.mean(), description=f"mean visual non-sink ratio over text rows with image attention >= {self.min_image_attention}"),
-            self.head_scores(ctx, "image_attention", self._vis.mean(), description="mean attention of text rows after the image to the image tokens"),
+            self.head_scores(
+                ctx,
+                "visual_nonsink_ratio",
+                self._ratio.mean(),
+                description=f"mean visual non-sink ratio over text rows with image attention >= {self.min_image_attention}",
+            ),
+            self.head_scores(
+                ctx,
+                "image_attention",
+                self._vis.mean(),
+                description="mean attention of text rows after the image to the image tokens",
+            ),
         ]
         for p, ex in sorted(self._examples.items()):
             out.append(
                 self.token_scores(
-                    ctx, f"visual_sinks_{p}", p, ex["tokens"], ex["values"], [f"layer {l}" for l in range(m.n_layers)],
+                    ctx,
+                    f"visual_sinks_{p}",
+                    p,
+                    ex["tokens"],
+                    ex["values"],
+                    [f"layer {l}" for l in range(m.n_layers)],
                     marks=ex["marks"],
                     description=f"phi = max over sink dims {self.found_dims()} of |x[d]|/RMS(x) entering each layer (layers 0-1 not scored); sinks: phi >= {self.tau}",
                     summary={"sink_dims": self.found_dims(), "tau": self.tau},
@@ -353,12 +403,24 @@ def attention_to_grid(row, image_positions, grid_shape: tuple[int, int] | None =
     """One attention row ``[seq]`` -> its weights on the image tokens as a ``[grid_h, grid_w]`` array (row-major
     patch order, as vision towers flatten patches)."""
     row = np.asarray(row.detach().cpu() if isinstance(row, torch.Tensor) else row, dtype=np.float64)
-    pos = np.asarray(image_positions.cpu() if isinstance(image_positions, torch.Tensor) else image_positions, dtype=np.int64)
+    pos = np.asarray(
+        image_positions.cpu() if isinstance(image_positions, torch.Tensor) else image_positions, dtype=np.int64
+    )
     gh, gw = grid_shape_for(len(pos), grid_shape)
     return row[pos].reshape(gh, gw)
 
 
-def image_attention_grid(model, text: str, image, *, layer: int, head: int, query: int = -1, grid_shape: tuple[int, int] | None = None, attention: str = "auto") -> np.ndarray:
+def image_attention_grid(
+    model,
+    text: str,
+    image,
+    *,
+    layer: int,
+    head: int,
+    query: int = -1,
+    grid_shape: tuple[int, int] | None = None,
+    attention: str = "auto",
+) -> np.ndarray:
     """Attention of one head from one query position over the image patch grid, ready to overlay on the image
     (``attnlab.apps.figures.image_attention_overlay``).
 
@@ -380,14 +442,18 @@ def image_attention_grid(model, text: str, image, *, layer: int, head: int, quer
     def grab(l, rows, q_pos, b):
         got["row"] = rows[0, head, 0].float().cpu()
 
-    Capture(model, attention=attention, progress=False).on("rows", grab, layers=[layer], queries=lambda b: pos).run(iter([batch]))
+    Capture(model, attention=attention, progress=False).on("rows", grab, layers=[layer], queries=lambda b: pos).run(
+        iter([batch])
+    )
     image_positions = torch.nonzero(batch.image_mask[0]).flatten()
     if len(image_positions) == 0:
         raise ValueError("the prompt has no image tokens")
     return attention_to_grid(got["row"], image_positions, grid_shape)
 
 
-def write_image_overlays(model, prompts, results, directory, *, sources: tuple[str, ...] = ("vhd", "image_attention"), prompt: int = 0) -> list:
+def write_image_overlays(
+    model, prompts, results, directory, *, sources: tuple[str, ...] = ("vhd", "image_attention"), prompt: int = 0
+) -> list:
     """Overlay figures of a VLM scan: for each result in ``sources`` present in ``results``, its top head's
     attention from the last prompt token over the image patch grid of prompt ``prompt``, drawn on that image.
 
@@ -410,9 +476,15 @@ def write_image_overlays(model, prompts, results, directory, *, sources: tuple[s
         r = results.get(name)
         if not isinstance(r, HeadScores) or not r.top_heads(1):
             continue
-        (layer, head), = r.top_heads(1)
+        ((layer, head),) = r.top_heads(1)
         grid = image_attention_grid(model, text, image, layer=layer, head=head)
-        fig = image_attention_overlay(image, grid, layer=layer, head=head, title=f"prompt {prompt}: L{layer}H{head} (top by {name}), last prompt token -> image patches")
+        fig = image_attention_overlay(
+            image,
+            grid,
+            layer=layer,
+            head=head,
+            title=f"prompt {prompt}: L{layer}H{head} (top by {name}), last prompt token -> image patches",
+        )
         path, tmp = directory / f"image_overlay_{name}.html", directory / f".image_overlay_{name}.html.tmp"
         fig.write_html(str(tmp), include_plotlyjs="directory")
         os.replace(tmp, path)

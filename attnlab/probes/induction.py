@@ -2,6 +2,7 @@
 token that *followed* an earlier copy of it — ``I[i, j] = 1`` if ``tok_i == tok_{j-1}`` and ``j <= i``, the
 TransformerLens ``head_detector`` induction pattern. Strongest on repeated random-token sequences
 (``--dataset repeated-random``)."""
+
 from __future__ import annotations
 
 from attnlab.probes.pattern_match import PatternMatchProbe, duplicate_target

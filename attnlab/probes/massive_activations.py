@@ -8,6 +8,7 @@ An activation ``x^(l)[t, d]`` of the residual stream output by layer l is massiv
 They sit on the starting token and delimiters — the same tokens that act as attention sinks — in a few fixed
 dimensions. Both thresholds are parameters; the paper's "about 1,000x" is soft.
 """
+
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -68,7 +69,9 @@ class MassiveActivations(Probe):
                 toks = self._model.tokens_as_text(batch.input_ids[b, sl].tolist())
                 self._tokens.update(toks[i] for i in positions)
             if p < self.n_examples:
-                ex = self._examples.setdefault(p, {"ids": batch.input_ids[b, sl].tolist(), "rows": {}, "massive": set()})
+                ex = self._examples.setdefault(
+                    p, {"ids": batch.input_ids[b, sl].tolist(), "rows": {}, "massive": set()}
+                )
                 ex["rows"][layer] = t.numpy()
                 if len(hits):
                     ex["massive"].update(int(i) for i in hits[:, 0])
@@ -84,13 +87,22 @@ class MassiveActivations(Probe):
             }
             for l in range(m.n_layers)
         ]
-        summary = {"layers": layers, "massive_dims": dict(self._dims.most_common(10)), "massive_tokens": dict(self._tokens.most_common(10))}
+        summary = {
+            "layers": layers,
+            "massive_dims": dict(self._dims.most_common(10)),
+            "massive_tokens": dict(self._tokens.most_common(10)),
+        }
         out = []
         for p, ex in sorted(self._examples.items()):
             values = np.stack([ex["rows"].get(l, np.full(len(ex["ids"]), np.nan)) for l in range(m.n_layers)])
             out.append(
                 self.token_scores(
-                    ctx, f"massive_activations_{p}", p, m.tokens_as_text(ex["ids"]), values, [f"layer {l}" for l in range(m.n_layers)],
+                    ctx,
+                    f"massive_activations_{p}",
+                    p,
+                    m.tokens_as_text(ex["ids"]),
+                    values,
+                    [f"layer {l}" for l in range(m.n_layers)],
                     marks={"massive": sorted(ex["massive"])},
                     description="largest |residual activation| at each position after each layer",
                     summary=summary,

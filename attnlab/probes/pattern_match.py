@@ -9,6 +9,7 @@ Scores are computed per prompt and averaged over prompts. Unlike ``head_detector
 chunks (so long prompts work) and the caller's attention is never modified. The three patterns live in
 ``previous_token``, ``duplicate_token`` and ``induction``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -73,7 +74,9 @@ class PatternMatchProbe(Probe):
         return [self.head_scores(ctx, self.name, scores, description=type(self).__doc__.strip().splitlines()[0])]
 
 
-def duplicate_target(input_ids: torch.Tensor, q_pos: torch.Tensor, first: torch.Tensor, *, shift: int = 0) -> torch.Tensor:
+def duplicate_target(
+    input_ids: torch.Tensor, q_pos: torch.Tensor, first: torch.Tensor, *, shift: int = 0
+) -> torch.Tensor:
     """``T[b, c, j] = (tok[q_c] == tok[j - shift])`` for ``first + shift <= j`` and ``j - shift < q_c``."""
     s = input_ids.shape[1]
     keys = torch.arange(s, device=input_ids.device)

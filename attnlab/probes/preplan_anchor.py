@@ -44,11 +44,13 @@ the response; the response runs to the end, or for ``response_len`` tokens). Pro
 scored as all-response. ``reasoning_prompt_set`` builds such a set from (prompt, response) pairs and
 ``preplan_anchor`` runs the probe on one pair.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +114,11 @@ def backward_distance_rows(rows: torch.Tensor, q_pos: torch.Tensor) -> torch.Ten
 
 def waad_rows(rows: torch.Tensor, q_pos: torch.Tensor, window: int) -> torch.Tensor:
     """``sum_s A[t,s] min(t - s, W)`` per row (Def. 4.1), same shapes as ``backward_distance_rows``."""
-    dist = (q_pos[:, None] - torch.arange(rows.shape[-1], device=rows.device)[None, :]).clamp(min=0, max=window).to(rows.dtype)
+    dist = (
+        (q_pos[:, None] - torch.arange(rows.shape[-1], device=rows.device)[None, :])
+        .clamp(min=0, max=window)
+        .to(rows.dtype)
+    )
     return (rows * dist).sum(-1)
 
 
@@ -136,7 +142,16 @@ class Identification:
     tau_delta: float
 
 
-def identify(waad: np.ndarray, fai: np.ndarray, *, q_local: float = 0.4, q_global: float = 0.4, tau_waad: float | None = None, tau_delta: float | None = None, k: int = 3) -> Identification:
+def identify(
+    waad: np.ndarray,
+    fai: np.ndarray,
+    *,
+    q_local: float = 0.4,
+    q_global: float = 0.4,
+    tau_waad: float | None = None,
+    tau_delta: float | None = None,
+    k: int = 3,
+) -> Identification:
     """Preplan tokens TopQ(Delta), anchors TopQ(FAI), and the locally dominated anchors with their intro tokens."""
     waad = np.asarray(waad, dtype=np.float64)
     delta = delta_of(waad)
@@ -159,7 +174,9 @@ def identify(waad: np.ndarray, fai: np.ndarray, *, q_local: float = 0.4, q_globa
     return Identification(preplan, anchor, coupled, intro, tw, td)
 
 
-def gamma_weights(n: int, ident: Identification, *, strategy: str = "coupled", gamma_amp: float = 1.5, alpha: float = 0.5) -> np.ndarray:
+def gamma_weights(
+    n: int, ident: Identification, *, strategy: str = "coupled", gamma_amp: float = 1.5, alpha: float = 0.5
+) -> np.ndarray:
     """Credit weights gamma_t over the n response tokens for ``strategy`` in {"coupled", "anchor", "local"}.
 
     coupled: ``1 + (gamma_amp - 1) * (1{t in T_glob minus D} + (1 - alpha) 1{t in D} + alpha 1{t in I(D)})`` with
@@ -230,9 +247,24 @@ class PreplanAnchor(Probe):
 
     name = "preplan_anchor"
 
-    def __init__(self, *, layers: str | Sequence[int] = "middle", q_h: float = 0.3, window: int = 10, h_lo: int = 10, h_hi: int = 100, q_local: float = 0.4,
-                 q_global: float = 0.4, tau_waad: float | None = None, tau_delta: float | None = None, k: int = 3, alpha: float = 0.5, gamma_amp: float = 1.5,
-                 fixed_groups: dict | None = None, n_examples: int = 3):
+    def __init__(
+        self,
+        *,
+        layers: str | Sequence[int] = "middle",
+        q_h: float = 0.3,
+        window: int = 10,
+        h_lo: int = 10,
+        h_hi: int = 100,
+        q_local: float = 0.4,
+        q_global: float = 0.4,
+        tau_waad: float | None = None,
+        tau_delta: float | None = None,
+        k: int = 3,
+        alpha: float = 0.5,
+        gamma_amp: float = 1.5,
+        fixed_groups: dict | None = None,
+        n_examples: int = 3,
+    ):
         if not 0 < q_h <= 0.5:
             raise ValueError("q_h must be in (0, 0.5] so that the local and global groups are disjoint")
         if window < 1 or h_lo < 0 or h_hi < h_lo or k < 1:
@@ -302,8 +334,14 @@ class PreplanAnchor(Probe):
         in_r_k = (keys[None, :] >= spans[:, :1]) & (keys[None, :] < spans[:, 1:])  # [b, s]
         gap = q_pos[:, None] - keys[None, :]  # [c, s]
         band = ((gap >= self.h_lo) & (gap <= self.h_hi))[None] & in_r_q[:, :, None] & in_r_k[:, None, :]  # [b, c, s]
-        acc = self._acc.setdefault(layer, {"d": torch.zeros(b, h, device=dev, dtype=torch.float64), "waad": torch.zeros(b, h, s, device=dev, dtype=torch.float64),
-                                           "col": torch.zeros(b, h, s, device=dev, dtype=torch.float64)})
+        acc = self._acc.setdefault(
+            layer,
+            {
+                "d": torch.zeros(b, h, device=dev, dtype=torch.float64),
+                "waad": torch.zeros(b, h, s, device=dev, dtype=torch.float64),
+                "col": torch.zeros(b, h, s, device=dev, dtype=torch.float64),
+            },
+        )
         w = in_r_q.to(rows.dtype)[:, None, :]
         acc["d"] += (backward_distance_rows(rows, q_pos) * w).sum(-1).double()
         acc["waad"][:, :, q_pos] += (waad_rows(rows, q_pos, self.window) * w).double()
@@ -343,13 +381,32 @@ class PreplanAnchor(Probe):
             count = np.clip(np.minimum(end - 1, s_abs + self.h_hi) - (s_abs + self.h_lo) + 1, 0, None)
             with np.errstate(invalid="ignore", divide="ignore"):
                 fai = np.where(count > 0, col_h[glob].mean(0) / np.maximum(count, 1), np.nan)
-            ident = identify(waad, fai, q_local=self.q_local, q_global=self.q_global, tau_waad=self.tau_waad, tau_delta=self.tau_delta, k=self.k)
+            ident = identify(
+                waad,
+                fai,
+                q_local=self.q_local,
+                q_global=self.q_global,
+                tau_waad=self.tau_waad,
+                tau_delta=self.tau_delta,
+                k=self.k,
+            )
             gamma = gamma_weights(n_r, ident, strategy="coupled", gamma_amp=self.gamma_amp, alpha=self.alpha)
             ids = batch.input_ids[b, start:end].tolist()
-            self._prompts.append({
-                "prompt": p, "d": d, "local": loc, "global": glob, "waad": waad, "delta": delta_of(waad), "fai": fai, "gamma": gamma, "ident": ident,
-                "ids": ids, "response_start": start - first,
-            })
+            self._prompts.append(
+                {
+                    "prompt": p,
+                    "d": d,
+                    "local": loc,
+                    "global": glob,
+                    "waad": waad,
+                    "delta": delta_of(waad),
+                    "fai": fai,
+                    "gamma": gamma,
+                    "ident": ident,
+                    "ids": ids,
+                    "response_start": start - first,
+                }
+            )
 
     # -- results
 
@@ -368,11 +425,17 @@ class PreplanAnchor(Probe):
         labels = lambda mask: [format_head(int(l), int(h)) for l, h in zip(*np.nonzero(mask))]
         per_prompt = [
             {
-                "prompt": r["prompt"], "response_start": r["response_start"], "n_response": len(r["ids"]),
-                "local_heads": labels(r["local"]), "global_heads": labels(r["global"]),
-                "preplan": r["ident"].preplan, "anchor": r["ident"].anchor, "coupled": r["ident"].coupled,
+                "prompt": r["prompt"],
+                "response_start": r["response_start"],
+                "n_response": len(r["ids"]),
+                "local_heads": labels(r["local"]),
+                "global_heads": labels(r["global"]),
+                "preplan": r["ident"].preplan,
+                "anchor": r["ident"].anchor,
+                "coupled": r["ident"].coupled,
                 "intro": {str(t): u for t, u in r["ident"].intro.items()},
-                "tau_waad": r["ident"].tau_waad, "tau_delta": r["ident"].tau_delta,
+                "tau_waad": r["ident"].tau_waad,
+                "tau_delta": r["ident"].tau_delta,
             }
             for r in prompts
         ]
@@ -393,12 +456,25 @@ class PreplanAnchor(Probe):
             ident = r["ident"]
             out.append(
                 self.token_scores(
-                    ctx, f"preplan_anchor_tokens_{r['prompt']}", r["prompt"], m.tokens_as_text(r["ids"]),
-                    np.stack([r["waad"], r["delta"], r["fai"], r["gamma"]]), ["WAAD", "Delta", "FAI", "gamma (coupled)"],
-                    marks={"preplan": ident.preplan, "anchor": ident.anchor, "coupled": ident.coupled, "intro": sorted(set(ident.intro.values()))},
+                    ctx,
+                    f"preplan_anchor_tokens_{r['prompt']}",
+                    r["prompt"],
+                    m.tokens_as_text(r["ids"]),
+                    np.stack([r["waad"], r["delta"], r["fai"], r["gamma"]]),
+                    ["WAAD", "Delta", "FAI", "gamma (coupled)"],
+                    marks={
+                        "preplan": ident.preplan,
+                        "anchor": ident.anchor,
+                        "coupled": ident.coupled,
+                        "intro": sorted(set(ident.intro.values())),
+                    },
                     description="WAAD (local heads), Delta, FAI (global heads) and coupled credit weights over the response tokens",
-                    summary={"response_start": r["response_start"], "intro": {str(t): u for t, u in ident.intro.items()},
-                             "local_heads": labels(r["local"]), "global_heads": labels(r["global"])},
+                    summary={
+                        "response_start": r["response_start"],
+                        "intro": {str(t): u for t, u in ident.intro.items()},
+                        "local_heads": labels(r["local"]),
+                        "global_heads": labels(r["global"]),
+                    },
                 )
             )
         return out
@@ -438,5 +514,12 @@ def preplan_anchor(model, prompt, response, *, attention: str = "auto", **params
     """Run ``PreplanAnchor(**params)`` on one (prompt, response) pair; returns the scan's results by name."""
     from attnlab.probes.scan import scan
 
-    res = scan(model, PreplanAnchor(**params), reasoning_prompt_set(model, [(prompt, response)]), batch_size=1, attention=attention, progress=False)
+    res = scan(
+        model,
+        PreplanAnchor(**params),
+        reasoning_prompt_set(model, [(prompt, response)]),
+        batch_size=1,
+        attention=attention,
+        progress=False,
+    )
     return res.results

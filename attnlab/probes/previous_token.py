@@ -1,5 +1,6 @@
 """Previous-token heads: attention from each token to the one before it (Elhage et al. 2021; TransformerLens
 ``head_detector`` pattern ``P[i, i-1] = 1``)."""
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ skipped and counted. Echo and induction masks are disjoint for P > 1. RazorAtten
 (layer, KV head) pairs by echo and the top 14% by induction as retrieval heads (GQA: max over the group's query
 heads); the union is reported in the induction result's summary.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,7 +45,9 @@ def echo_induction_masks(rel_q: torch.Tensor, rel_k: torch.Tensor, period: int) 
     return echo, induction
 
 
-def razor_selection(echo_kv: np.ndarray, induction_kv: np.ndarray, *, echo_fraction: float = 0.01, induction_fraction: float = 0.14) -> dict[str, list[int]]:
+def razor_selection(
+    echo_kv: np.ndarray, induction_kv: np.ndarray, *, echo_fraction: float = 0.01, induction_fraction: float = 0.14
+) -> dict[str, list[int]]:
     """RazorAttention's retrieval heads: union of the top ``round(N*echo_fraction)`` (layer, KV head) pairs by echo
     and top ``round(N*induction_fraction)`` by induction -> ``{layer: [kv_head, ...]}`` (layers as strings)."""
     n = echo_kv.size
@@ -112,11 +115,23 @@ class RazorEchoInduction(Probe):
         n_kv = ctx.model.n_kv_heads
         skipped = sorted(p for p, v in self._periods.items() if v is None)
         out = []
-        for name, scores, what in (("razor_echo", echo, "echo (earlier copies of the current token)"), ("razor_induction", ind, "induction (token after an earlier copy)")):
-            out.append(self.head_scores(ctx, name, scores, description=f"RazorAttention {what}: mean(A * mask) over S x S on repeated random tokens",
-                                        summary={"n_prompts_scored": len(self._periods) - len(skipped), "prompts_without_period": skipped}))
+        for name, scores, what in (
+            ("razor_echo", echo, "echo (earlier copies of the current token)"),
+            ("razor_induction", ind, "induction (token after an earlier copy)"),
+        ):
+            out.append(
+                self.head_scores(
+                    ctx,
+                    name,
+                    scores,
+                    description=f"RazorAttention {what}: mean(A * mask) over S x S on repeated random tokens",
+                    summary={"n_prompts_scored": len(self._periods) - len(skipped), "prompts_without_period": skipped},
+                )
+            )
         if np.isfinite(echo).any():
             echo_kv = out[0].per_kv_head("max") if n_kv else echo
             ind_kv = out[1].per_kv_head("max") if n_kv else ind
-            out[1].summary["razor_retrieval_kv_heads"] = razor_selection(echo_kv, ind_kv, echo_fraction=self.echo_fraction, induction_fraction=self.induction_fraction)
+            out[1].summary["razor_retrieval_kv_heads"] = razor_selection(
+                echo_kv, ind_kv, echo_fraction=self.echo_fraction, induction_fraction=self.induction_fraction
+            )
         return out

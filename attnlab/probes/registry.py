@@ -1,4 +1,5 @@
 """Probe registry: names the CLI and ``attnlab.scan`` accept, and groups of probes that run together."""
+
 from __future__ import annotations
 
 from attnlab.probes.act_sinks import ActSinks
@@ -14,7 +15,10 @@ from attnlab.probes.retrieval_heads import RetrievalHeads
 from attnlab.probes.streaming_heads import StreamingHeads
 from attnlab.probes.vision_aware_heads import VisionAwareHeads
 
-PROBES = {cls.name: cls for cls in (FirstTokenSink, ActSinks, MassiveActivations, PreviousTokenHeads, DuplicateTokenHeads, InductionHeads)}
+PROBES = {
+    cls.name: cls
+    for cls in (FirstTokenSink, ActSinks, MassiveActivations, PreviousTokenHeads, DuplicateTokenHeads, InductionHeads)
+}
 PROBES.update({cls.name: cls for cls in (RetrievalHeads, StreamingHeads, RazorEchoInduction)})
 PROBES[PreplanAnchor.name] = PreplanAnchor
 PROBES.update({cls.name: cls for cls in (VisionAwareHeads, ImageCentricHeads)})

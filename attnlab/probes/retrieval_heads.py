@@ -30,11 +30,12 @@ counted and reported in the result's ``summary`` (per-trial ROUGE), a warning is
 reference silently writes an empty file), runs never merge into earlier results, and ``dedup=True`` counts each
 needle position at most once per head and trial (the reference does not, so scores can exceed 1; default off).
 """
+
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -187,8 +188,14 @@ class RetrievalHeads(Probe):
             preds = logits[b, steps.to(logits.device)].argmax(-1).cpu().numpy()
             response = _decode(self._model, preds)
             rouge = rouge1_recall(m["answer"], response)
-            trial = {"prompt": p, "rouge1_recall": round(rouge, 4), "response": response, "steps_correct": int((preds == targets).sum()), "n_steps": len(targets),
-                     **{k: m[k] for k in ("length", "depth") if k in m}}
+            trial = {
+                "prompt": p,
+                "rouge1_recall": round(rouge, 4),
+                "response": response,
+                "steps_correct": int((preds == targets).sum()),
+                "n_steps": len(targets),
+                **{k: m[k] for k in ("length", "depth") if k in m},
+            }
             span = m["needle_span"]
             trial["passed"] = bool(rouge > self.rouge_threshold and span is not None)
             if span is None:
@@ -199,7 +206,14 @@ class RetrievalHeads(Probe):
                 jstar[layer] = (j_all[b][:, idx] - first).numpy()
             if span is not None:
                 prompt_ids = ids[first : first + int(m["prompt_len"])].numpy()
-                scores = trial_retrieval_scores(jstar, prompt_ids, targets, tuple(span), predictions=preds if self.require_correct else None, dedup=self.dedup)
+                scores = trial_retrieval_scores(
+                    jstar,
+                    prompt_ids,
+                    targets,
+                    tuple(span),
+                    predictions=preds if self.require_correct else None,
+                    dedup=self.dedup,
+                )
             else:
                 scores = np.zeros((n_layers, n_heads))
             self._trials.append(trial)
@@ -275,7 +289,11 @@ def retrieval_scores_generate(
         seq = [int(t) for t in ids[: int(m["prompt_len"])]]
         rows: dict[int, torch.Tensor] = {}
         capture = Capture(model, attention=attention, progress=False)
-        capture.on("rows", lambda layer, r, q, b: rows.__setitem__(layer, r[0, :, -1].argmax(-1).cpu()), queries=lambda b: torch.tensor([b.seq_len - 1]))
+        capture.on(
+            "rows",
+            lambda layer, r, q, b: rows.__setitem__(layer, r[0, :, -1].argmax(-1).cpu()),
+            queries=lambda b: torch.tensor([b.seq_len - 1]),
+        )
         jstar, generated = [], []
         with torch.inference_mode():
             for _ in range(max_new_tokens):
@@ -289,8 +307,14 @@ def retrieval_scores_generate(
         response = _decode(model, generated)
         rouge = rouge1_recall(m["answer"], response)
         span = m["needle_span"]
-        trial = {"prompt": p, "rouge1_recall": round(rouge, 4), "response": response, "n_steps": len(generated), "passed": bool(rouge > rouge_threshold and span is not None),
-                 **{k: m[k] for k in ("length", "depth") if k in m}}
+        trial = {
+            "prompt": p,
+            "rouge1_recall": round(rouge, 4),
+            "response": response,
+            "n_steps": len(generated),
+            "passed": bool(rouge > rouge_threshold and span is not None),
+            **{k: m[k] for k in ("length", "depth") if k in m},
+        }
         if span is None:
             trial["reason"] = "needle span not found in the prompt ids"
             scores = np.zeros(shape)
@@ -303,9 +327,20 @@ def retrieval_scores_generate(
     scores, none_passed = aggregate_trials(per_trial, passed, shape)
     n_pass = int(np.sum(passed))
     summary = {
-        "n_trials": len(trials), "n_passed": n_pass, "n_failed": len(trials) - n_pass, "none_passed": none_passed,
-        "retrieval_threshold": RETRIEVAL_THRESHOLD, "n_retrieval_heads": 0 if none_passed else int(np.sum(scores > RETRIEVAL_THRESHOLD)),
-        "mode": "generate", "trials": trials,
+        "n_trials": len(trials),
+        "n_passed": n_pass,
+        "n_failed": len(trials) - n_pass,
+        "none_passed": none_passed,
+        "retrieval_threshold": RETRIEVAL_THRESHOLD,
+        "n_retrieval_heads": 0 if none_passed else int(np.sum(scores > RETRIEVAL_THRESHOLD)),
+        "mode": "generate",
+        "trials": trials,
     }
-    return probe.head_scores(ctx, "retrieval_heads_generate", scores, description=f"copy-paste retrieval score (Wu et al. 2024, greedy generation), mean over {n_pass} of {len(trials)} trials",
-                             extra={"trial_scores": per_trial[np.asarray(passed, dtype=bool)]}, summary=summary)
+    return probe.head_scores(
+        ctx,
+        "retrieval_heads_generate",
+        scores,
+        description=f"copy-paste retrieval score (Wu et al. 2024, greedy generation), mean over {n_pass} of {len(trials)} trials",
+        extra={"trial_scores": per_trial[np.asarray(passed, dtype=bool)]},
+        summary=summary,
+    )

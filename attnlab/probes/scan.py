@@ -1,9 +1,11 @@
 """``attnlab.scan``: run several probes over a set of prompts with one forward pass per batch."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from attnlab.capture import Capture
 from attnlab.datasets.base import PromptSet, fingerprint
@@ -55,7 +57,15 @@ def _batches(model, prompts: PromptSet, batch_size: int, truncate: bool) -> list
     if prompts.images is not None:
         if prompts.texts is None:
             raise AttnlabError("image prompts need text prompts beside them")
-        return [model.encode(prompts.texts[i : i + batch_size], images=prompts.images[i : i + batch_size], truncate=truncate, start_index=i) for i in starts]
+        return [
+            model.encode(
+                prompts.texts[i : i + batch_size],
+                images=prompts.images[i : i + batch_size],
+                truncate=truncate,
+                start_index=i,
+            )
+            for i in starts
+        ]
     ids = prompt_token_ids(model, prompts, truncate)
     return [model.batch_from_ids(ids[i : i + batch_size], list(range(i, min(i + batch_size, n)))) for i in starts]
 

@@ -11,6 +11,7 @@ recommended rule: a head is *full* iff it is in the top ``retrieval_fraction`` b
 ``min_distant_ratio``; under GQA the KV group's query heads are aggregated by max first (a KV head stays full if
 any of its query heads needs long range).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,9 @@ from attnlab.heads.formats import format_head
 from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, query_validity
 
 
-def distant_mass_rows(rows: torch.Tensor, rel_q: torch.Tensor, rel_k: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+def distant_mass_rows(
+    rows: torch.Tensor, rel_q: torch.Tensor, rel_k: torch.Tensor, sink: int, recent: int
+) -> torch.Tensor:
     """Distant mass of each row: ``rows [..., c, seq]``, relative query / key positions ``rel_q [c]`` (or
     ``[b, c]``) and ``rel_k [seq]`` (or ``[b, seq]``) -> ``[..., c]`` (mass on keys ``s <= j <= i - r``)."""
     if rel_q.dim() == 1:
@@ -31,7 +34,9 @@ def distant_mass_rows(rows: torch.Tensor, rel_q: torch.Tensor, rel_k: torch.Tens
     return (rows * distant).sum(-1)
 
 
-def classify_streaming(scores, *, retrieval_fraction: float = 0.25, min_distant_ratio: float = 0.35, n_kv_heads: int | None = None) -> np.ndarray:
+def classify_streaming(
+    scores, *, retrieval_fraction: float = 0.25, min_distant_ratio: float = 0.35, n_kv_heads: int | None = None
+) -> np.ndarray:
     """Boolean "full head" mask: top ``retrieval_fraction`` of heads by score AND score >= ``min_distant_ratio``.
 
     ``scores``: ``HeadScores`` or array ``(n_layers, n_heads)``. With ``n_kv_heads`` (taken from a HeadScores when
@@ -72,7 +77,9 @@ class StreamingHeads(Probe):
 
     name = "streaming_heads"
 
-    def __init__(self, *, sink: int = 4, recent: int = 64, retrieval_fraction: float = 0.25, min_distant_ratio: float = 0.35):
+    def __init__(
+        self, *, sink: int = 4, recent: int = 64, retrieval_fraction: float = 0.25, min_distant_ratio: float = 0.35
+    ):
         if sink < 0 or recent < 1:
             raise ValueError("sink must be >= 0 and recent >= 1")
         self.sink = sink
@@ -96,13 +103,21 @@ class StreamingHeads(Probe):
         scores = self._acc.mean()
         n_kv = ctx.model.n_kv_heads
         scored = bool(np.isfinite(scores).any())
-        full_kv = classify_streaming(scores, retrieval_fraction=self.retrieval_fraction, min_distant_ratio=self.min_distant_ratio, n_kv_heads=n_kv)
+        full_kv = classify_streaming(
+            scores,
+            retrieval_fraction=self.retrieval_fraction,
+            min_distant_ratio=self.min_distant_ratio,
+            n_kv_heads=n_kv,
+        )
         summary = {
             "scored": scored,
             "full_kv_heads": {str(l): [int(k) for k in np.flatnonzero(full_kv[l])] for l in range(full_kv.shape[0])},
             "n_full_kv_heads": int(full_kv.sum()),
             "n_kv_heads_total": int(full_kv.size),
-            "top_query_heads": [format_head(l, h) for l, h in zip(*np.unravel_index(np.argsort(-np.nan_to_num(scores, nan=-1).ravel())[:5], scores.shape))],
+            "top_query_heads": [
+                format_head(l, h)
+                for l, h in zip(*np.unravel_index(np.argsort(-np.nan_to_num(scores, nan=-1).ravel())[:5], scores.shape))
+            ],
         }
         if not scored:
             summary["note"] = f"no prompt longer than sink + recent = {self.sink + self.recent} tokens; nothing scored"

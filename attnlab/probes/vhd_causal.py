@@ -14,10 +14,11 @@ Measured on organism-vlm (2026-11-23, ``/work/notes/vision.md``): no VHD variant
 normalised, all text positions) beats random heads; single-head ablations show the heads that matter for these
 questions are layer-0 heads, most of which have VHD = 0 at the last prompt token.
 """
+
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,9 @@ def shape_question_items(n: int, seed: int) -> list:
     return exist + [x for kind in ("attribute", "count", "position") for x in task_questions(kind, per, seed)]
 
 
-def image_question_evaluator(model, items: Sequence, *, mode: str = "zero", reference_items: Sequence | None = None, batch_size: int = 48):
+def image_question_evaluator(
+    model, items: Sequence, *, mode: str = "zero", reference_items: Sequence | None = None, batch_size: int = 48
+):
     """``evaluate(heads) -> {"accuracy": ..., "logprob": ...}``: teacher-forced answer metrics with ``heads`` ablated.
 
     The shared ablation path (``causal_test.ablation_evaluator``): each question ``USER: <image>\\n{q} ASSISTANT:``
@@ -56,10 +59,31 @@ def image_question_evaluator(model, items: Sequence, *, mode: str = "zero", refe
     if mode in ("mean", "resample"):
         ref = [SHAPE_TEMPLATE.format(question=q.text) for _, q in reference_items]
         ref_images = [render_scene(s) for s, _ in reference_items]
-    return ablation_evaluator(model, texts, metrics, images=[render_scene(s) for s, _ in items], mode=mode, reference=ref, reference_images=ref_images, batch_size=batch_size)
+    return ablation_evaluator(
+        model,
+        texts,
+        metrics,
+        images=[render_scene(s) for s, _ in items],
+        mode=mode,
+        reference=ref,
+        reference_images=ref_images,
+        batch_size=batch_size,
+    )
 
 
-def vhd_causal_tables(model, *, k: int = 4, mode: str = "zero", n_seeds: int = 8, n_detect: int = 32, n_eval: int = 96, detect_seed: int = 101, eval_seed: int = 202, layer_matched: bool = False, variants: dict | None = None) -> dict:
+def vhd_causal_tables(
+    model,
+    *,
+    k: int = 4,
+    mode: str = "zero",
+    n_seeds: int = 8,
+    n_detect: int = 32,
+    n_eval: int = 96,
+    detect_seed: int = 101,
+    eval_seed: int = 202,
+    layer_matched: bool = False,
+    variants: dict | None = None,
+) -> dict:
     """Causal-test tables (accuracy and log-prob) for each VHD variant: ``{variant: {metric: DataFrame}}``.
 
     ``variants`` maps a label to ``VisionAwareHeads`` keyword arguments (default: the spec, no outlier filter,
@@ -71,14 +95,28 @@ def vhd_causal_tables(model, *, k: int = 4, mode: str = "zero", n_seeds: int = 8
     from attnlab.probes.causal_test import causal_test
     from attnlab.probes.vision_aware_heads import VisionAwareHeads
 
-    variants = variants or {"spec": {}, "unfiltered": {"outlier_filter": False}, "layer_mean": {"normalize": "layer_mean"}, "text_positions": {"positions": "text"}}
+    variants = variants or {
+        "spec": {},
+        "unfiltered": {"outlier_filter": False},
+        "layer_mean": {"normalize": "layer_mean"},
+        "text_positions": {"positions": "text"},
+    }
     det = shape_question_items(n_detect, detect_seed)
-    ps = PromptSet(name="vhd-detect", texts=[SHAPE_TEMPLATE.format(question=q.text) for _, q in det], images=[render_scene(s) for s, _ in det])
+    ps = PromptSet(
+        name="vhd-detect",
+        texts=[SHAPE_TEMPLATE.format(question=q.text) for _, q in det],
+        images=[render_scene(s) for s, _ in det],
+    )
     evaluate = image_question_evaluator(model, shape_question_items(n_eval, eval_seed), mode=mode, reference_items=det)
     out = {}
     for label, kw in variants.items():
         scores = attnlab.scan(model, VisionAwareHeads(**kw), ps, progress=False)["vhd"]
-        out[label] = {m: causal_test(scores, k, lambda hs, m=m: evaluate(hs)[m], n_seeds=n_seeds, seed=0, layer_matched=layer_matched) for m in ("accuracy", "logprob")}
+        out[label] = {
+            m: causal_test(
+                scores, k, lambda hs, m=m: evaluate(hs)[m], n_seeds=n_seeds, seed=0, layer_matched=layer_matched
+            )
+            for m in ("accuracy", "logprob")
+        }
     return out
 
 
@@ -98,12 +136,20 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     model = attnlab.load(a.model)
-    tables = vhd_causal_tables(model, k=a.k, mode=a.mode, n_seeds=a.n_seeds, n_eval=a.n_eval, layer_matched=a.layer_matched)
+    tables = vhd_causal_tables(
+        model, k=a.k, mode=a.mode, n_seeds=a.n_seeds, n_eval=a.n_eval, layer_matched=a.layer_matched
+    )
     record = {}
     for label, by_metric in tables.items():
         for metric, t in by_metric.items():
-            print(f"--- {label} / {metric} (k={a.k}, mode={a.mode}, {'layer-matched' if a.layer_matched else 'uniform'} random sets)")
-            print(t[["condition", "metric", "ci_low", "ci_high", "drop", "p_value", "heads"]].to_string(index=False, max_colwidth=60))
+            print(
+                f"--- {label} / {metric} (k={a.k}, mode={a.mode}, {'layer-matched' if a.layer_matched else 'uniform'} random sets)"
+            )
+            print(
+                t[["condition", "metric", "ci_low", "ci_high", "drop", "p_value", "heads"]].to_string(
+                    index=False, max_colwidth=60
+                )
+            )
             record[f"{label}/{metric}"] = t.to_dict(orient="records")
     if a.out:
         from attnlab.heads.io import write_json

@@ -21,6 +21,7 @@ ranked against their own layer (VHR selects per layer; raw VHD grows with a laye
 none of these variants makes the top VHD heads hurt image questions more than random heads (see
 ``attnlab.probes.vhd_causal``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -83,7 +84,11 @@ def text_only_batch(model, batch):
     ids = []
     for b in range(batch.size):
         sl = batch.real_slice(b)
-        keep = ~batch.image_mask[b, sl].cpu() if batch.image_mask is not None else torch.ones(sl.stop - sl.start, dtype=torch.bool)
+        keep = (
+            ~batch.image_mask[b, sl].cpu()
+            if batch.image_mask is not None
+            else torch.ones(sl.stop - sl.start, dtype=torch.bool)
+        )
         ids.append(batch.input_ids[b, sl].cpu()[keep].tolist())
     return model.batch_from_ids(ids, batch.prompt_indices, padding_side="right")
 
@@ -111,7 +116,16 @@ class VisionAwareHeads(Probe):
 
     name = "vision_aware_heads"
 
-    def __init__(self, *, outlier_filter: bool = True, std_ddof: int = 0, top_k: int | None = None, attention: str = "auto", positions: str = "last", normalize: str = "none"):
+    def __init__(
+        self,
+        *,
+        outlier_filter: bool = True,
+        std_ddof: int = 0,
+        top_k: int | None = None,
+        attention: str = "auto",
+        positions: str = "last",
+        normalize: str = "none",
+    ):
         self.outlier_filter = outlier_filter
         self.std_ddof = std_ddof
         self.top_k = top_k
@@ -160,9 +174,17 @@ class VisionAwareHeads(Probe):
         vhd, ta = [], []
         for b in range(batch.size):
             sl = batch.real_slice(b)
-            img = batch.image_mask[b, sl].cpu() if batch.image_mask is not None else torch.zeros(sl.stop - sl.start, dtype=torch.bool)
+            img = (
+                batch.image_mask[b, sl].cpu()
+                if batch.image_mask is not None
+                else torch.zeros(sl.stop - sl.start, dtype=torch.bool)
+            )
             text_idx = torch.nonzero(~img).flatten()  # real positions kept in the image-free branch, in order
-            after = torch.nonzero(text_idx > int(torch.nonzero(img).max())).flatten() if img.any() else torch.arange(len(text_idx))
+            after = (
+                torch.nonzero(text_idx > int(torch.nonzero(img).max())).flatten()
+                if img.any()
+                else torch.arange(len(text_idx))
+            )
             a, t = zi[b][:, sl.start + text_idx[after]], zt[b][:, after]  # image-free branch is right-padded from 0
             vhd.append(head_divergence(a, t).mean(1).numpy())
             ta.append(text_activation(t).mean(1).numpy())
@@ -171,7 +193,9 @@ class VisionAwareHeads(Probe):
     def _on_batch_end(self, batch, logits) -> None:
         z_img = self._z_image
         self._z_image = {}
-        has_image = batch.image_mask.any(1).cpu() if batch.image_mask is not None else torch.zeros(batch.size, dtype=torch.bool)
+        has_image = (
+            batch.image_mask.any(1).cpu() if batch.image_mask is not None else torch.zeros(batch.size, dtype=torch.bool)
+        )
         z_txt = self._text_branch(batch)
         layers = range(self._model.n_layers)
         zi = torch.stack([z_img[l] for l in layers], 1)  # [b, L, H, d] ([b, L, s, H, d] for positions="text")
@@ -206,13 +230,17 @@ class VisionAwareHeads(Probe):
         k = self.top_k if self.top_k is not None else max(1, m.n_heads // 4)
         nan = np.full((m.n_layers, m.n_heads), np.nan)
         mean = lambda a: a.mean(0) if len(a) else nan
-        selected = np.stack([select_heads(v) for v in main]) if len(main) else np.zeros((0, m.n_layers, m.n_heads), bool)
+        selected = (
+            np.stack([select_heads(v) for v in main]) if len(main) else np.zeros((0, m.n_layers, m.n_heads), bool)
+        )
         t_vhd = [total_vhd(v, k) for v in main]
         summary = {
             "t_vhd": t_vhd,
             "t_vhd_mean": float(np.mean(t_vhd)) if t_vhd else None,
             "t_vhd_k": int(k),
-            "position": "last prompt token (predicts the first answer token, t = 0)" if self.positions == "last" else "mean over the text tokens after the image",
+            "position": "last prompt token (predicts the first answer token, t = 0)"
+            if self.positions == "last"
+            else "mean over the text tokens after the image",
             "normalize": self.normalize,
             "n_prompts": len(main),
             "prompts_without_image": self._skipped,  # left out of the means unless no prompt has an image
@@ -220,7 +248,9 @@ class VisionAwareHeads(Probe):
         extra = {
             "outlier_rate": mean(mask.astype(float)),
             "selected_rate": mean(selected.astype(float)),
-            "text_activation": mean(np.stack([self._ta[k_] for k_ in sorted(self._ta)])) if self._ta else nan,  # all prompts
+            "text_activation": mean(np.stack([self._ta[k_] for k_ in sorted(self._ta)]))
+            if self._ta
+            else nan,  # all prompts
         }
         return [
             self.head_scores(
@@ -228,12 +258,22 @@ class VisionAwareHeads(Probe):
                 "vhd",
                 mean(main),
                 description="vision-aware head divergence ||A(image, text) - A(text)|| "
-                + ("at the last prompt token" if self.positions == "last" else "averaged over the text tokens after the image")
+                + (
+                    "at the last prompt token"
+                    if self.positions == "last"
+                    else "averaged over the text tokens after the image"
+                )
                 + (", divided by the layer's mean" if self.normalize == "layer_mean" else "")
                 + ", mean over prompts"
                 + (" (outlier heads zeroed per prompt, Eq. 6)" if self.outlier_filter else ""),
                 extra=extra,
                 summary=summary,
             ),
-            self.head_scores(ctx, "vhd_raw", mean(raw), description="VHD without the outlier filter, mean over prompts", summary={"n_prompts": len(raw)}),
+            self.head_scores(
+                ctx,
+                "vhd_raw",
+                mean(raw),
+                description="VHD without the outlier filter, mean over prompts",
+                summary={"n_prompts": len(raw)},
+            ),
         ]

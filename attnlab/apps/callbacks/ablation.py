@@ -1,6 +1,7 @@
 """Ablation scoring view: the selected head or the top-k of the head map's score, ablated against k random heads
 over a few seeds (``attnlab.apps.ablation.run_ablation``), drawn by ``figures.ablation_bars``; only on a click.
 Switching the run clears the last result and, where the run cannot be scored, says why in the status line."""
+
 from __future__ import annotations
 
 from dash import Input, Output, State, ctx, html
@@ -27,10 +28,15 @@ def table_component(table) -> html.Table:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     body = [html.Tr([html.Td(fmt(r[c]), style=_CELL) for c in COLUMNS]) for r in table.to_dict(orient="records")]
-    return html.Table([html.Thead(html.Tr([html.Th(c, style=_CELL) for c in COLUMNS])), html.Tbody(body)], style={"borderCollapse": "collapse"})
+    return html.Table(
+        [html.Thead(html.Tr([html.Th(c, style=_CELL) for c in COLUMNS])), html.Tbody(body)],
+        style={"borderCollapse": "collapse"},
+    )
 
 
-def ablation_result(n_clicks, run_name, selected, result_name, source, k, metric, n_seeds, state: AppState, trigger=None) -> tuple:
+def ablation_result(
+    n_clicks, run_name, selected, result_name, source, k, metric, n_seeds, state: AppState, trigger=None
+) -> tuple:
     """-> (figure, table component, status). Nothing runs before the button is pressed; a run switch
     (``trigger`` = the run selector) only clears the view and names why the new run cannot be scored, if so."""
     if not n_clicks or trigger == ids.RUN_SELECT:
@@ -42,14 +48,18 @@ def ablation_result(n_clicks, run_name, selected, result_name, source, k, metric
     try:
         info = state.catalog.open(run_name).info
         scores = state.catalog.result(run_name, result_name, "head_scores") if source == "top" else None
-        table = run_ablation(state.live, info, source=source, selected=selected, scores=scores, k=k, metric=metric, n_seeds=n_seeds)
+        table = run_ablation(
+            state.live, info, source=source, selected=selected, scores=scores, k=k, metric=metric, n_seeds=n_seeds
+        )
         return figures.ablation_bars(table), table_component(table), ""
     except Exception as e:
         return empty_figure(), None, failure_message(e)
 
 
 def register(app, state: AppState) -> None:
-    app.callback(Output(ids.ABL_METRIC, "options"), Output(ids.ABL_METRIC, "value"), Input(ids.RUN_SELECT, "value"))(lambda run_name: metric_options(run_name, state))
+    app.callback(Output(ids.ABL_METRIC, "options"), Output(ids.ABL_METRIC, "value"), Input(ids.RUN_SELECT, "value"))(
+        lambda run_name: metric_options(run_name, state)
+    )
     app.callback(
         Output(ids.ABL_FIGURE, "figure"),
         Output(ids.ABL_TABLE, "children"),
@@ -62,5 +72,12 @@ def register(app, state: AppState) -> None:
         State(ids.ABL_K, "value"),
         State(ids.ABL_METRIC, "value"),
         State(ids.ABL_SEEDS, "value"),
-        running=[(Output(ids.ABL_BUSY, "style"), {"display": "inline", "color": "#06c"}, {"display": "none"}), (Output(ids.ABL_RUN, "disabled"), True, False)],
-    )(lambda n, run_name, selected, result_name, source, k, metric, seeds: ablation_result(n, run_name, selected, result_name, source, k, metric, seeds, state, ctx.triggered_id))
+        running=[
+            (Output(ids.ABL_BUSY, "style"), {"display": "inline", "color": "#06c"}, {"display": "none"}),
+            (Output(ids.ABL_RUN, "disabled"), True, False),
+        ],
+    )(
+        lambda n, run_name, selected, result_name, source, k, metric, seeds: ablation_result(
+            n, run_name, selected, result_name, source, k, metric, seeds, state, ctx.triggered_id
+        )
+    )

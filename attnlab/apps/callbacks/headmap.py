@@ -1,5 +1,6 @@
 """Head map view: a probe's layers x heads heatmap (``figures.head_map``), or its difference between two runs
 (``figures.head_map_difference``); a click selects a head."""
+
 from __future__ import annotations
 
 import re
@@ -78,5 +79,9 @@ def register(app, state: AppState) -> None:
         Input(ids.HEAD_RESULT, "value"),
         State(ids.RUN_SELECT, "value"),
         State(ids.SELECTED_HEAD, "data"),
-    )(lambda click, result_name, run_name, current: select_head(ctx.triggered_id, click, run_name, result_name, current, state))
+    )(
+        lambda click, result_name, run_name, current: select_head(
+            ctx.triggered_id, click, run_name, result_name, current, state
+        )
+    )
     app.callback(Output(ids.HEAD_LABEL, "children"), Input(ids.SELECTED_HEAD, "data"))(head_label)

@@ -4,12 +4,21 @@ table, and the selected head's attention difference (``ComparisonResult.plot()``
 Nothing runs before the button; methods that cannot run without fit data say why in the page. Fitted interventions
 of the runs directory (``attnlab intervene --out NAME``) are dropdown entries ``"fitted:NAME"``: picking one clears the
 parameters box (it runs as fitted) and says what it was fitted on, or why it cannot run on this run's model."""
+
 from __future__ import annotations
 
 from dash import Input, Output, State, html
 
 from attnlab.apps import ids
-from attnlab.apps.interventions import DEFAULT_PARAMS, availability, fitted_name, fitted_summary, load_fitted, method_summary, run_comparison
+from attnlab.apps.interventions import (
+    DEFAULT_PARAMS,
+    availability,
+    fitted_name,
+    fitted_summary,
+    load_fitted,
+    method_summary,
+    run_comparison,
+)
 from attnlab.apps.state import AppState, empty_figure, failure_message
 
 _CELL = {"padding": "2px 10px", "borderBottom": "1px solid #eee", "textAlign": "left", "whiteSpace": "pre-wrap"}
@@ -59,13 +68,18 @@ def table_component(result) -> html.Table:
 
     rows = result.to_frame().to_dict(orient="records")
     body = [html.Tr([html.Td(fmt(c, r[c]), style=_CELL) for c in COLUMNS]) for r in rows]
-    return html.Table([html.Thead(html.Tr([html.Th(c, style=_CELL) for c in COLUMNS])), html.Tbody(body)], style={"borderCollapse": "collapse", "fontSize": "90%"})
+    return html.Table(
+        [html.Thead(html.Tr([html.Th(c, style=_CELL) for c in COLUMNS])), html.Tbody(body)],
+        style={"borderCollapse": "collapse", "fontSize": "90%"},
+    )
 
 
 def summary_line(result) -> str:
     """One line under the table: the answer, its probability change, and which head is drawn."""
     which = "expected answer" if result.answer_given else "baseline's top token"
-    touched = {True: "a head the intervention edits", False: "not a head the intervention edits directly", None: ""}[result.head_touched]
+    touched = {True: "a head the intervention edits", False: "not a head the intervention edits directly", None: ""}[
+        result.head_touched
+    ]
     return f"{which} {result.answer_token!r}: p {result.p_baseline:.4f} → {result.p_intervened:.4f} (Δ {result.delta_p:+.4f}); pattern of L{result.layer}H{result.head}{', ' + touched if touched else ''}"
 
 
@@ -76,14 +90,25 @@ def comparison(n_clicks, run_name, selected, method, params, prompt, answer, sta
     try:
         info = state.catalog.open(run_name).info
         head = (int(selected["layer"]), int(selected["head"])) if selected else None
-        result = run_comparison(state.live, info["model"]["name"], method, params, prompt, answer, head, catalog=state.catalog)
-        return result.plot(max_size=state.max_pattern_size), html.Div([table_component(result), html.Div(summary_line(result), style={"marginTop": "4px"})]), ""
+        result = run_comparison(
+            state.live, info["model"]["name"], method, params, prompt, answer, head, catalog=state.catalog
+        )
+        return (
+            result.plot(max_size=state.max_pattern_size),
+            html.Div([table_component(result), html.Div(summary_line(result), style={"marginTop": "4px"})]),
+            "",
+        )
     except Exception as e:
         return empty_figure(), None, failure_message(e)
 
 
 def register(app, state: AppState) -> None:
-    app.callback(Output(ids.IV_PARAMS, "value"), Output(ids.IV_INFO, "children"), Input(ids.IV_METHOD, "value"), Input(ids.RUN_SELECT, "value"))(lambda method, run_name: method_info(method, run_name, state))
+    app.callback(
+        Output(ids.IV_PARAMS, "value"),
+        Output(ids.IV_INFO, "children"),
+        Input(ids.IV_METHOD, "value"),
+        Input(ids.RUN_SELECT, "value"),
+    )(lambda method, run_name: method_info(method, run_name, state))
     app.callback(
         Output(ids.IV_FIGURE, "figure"),
         Output(ids.IV_OUTPUTS, "children"),
@@ -95,5 +120,12 @@ def register(app, state: AppState) -> None:
         State(ids.IV_PARAMS, "value"),
         State(ids.IV_PROMPT, "value"),
         State(ids.IV_ANSWER, "value"),
-        running=[(Output(ids.IV_BUSY, "style"), {"display": "inline", "color": "#06c"}, {"display": "none"}), (Output(ids.IV_RUN, "disabled"), True, False)],
-    )(lambda n, run_name, selected, method, params, prompt, answer: comparison(n, run_name, selected, method, params, prompt, answer, state))
+        running=[
+            (Output(ids.IV_BUSY, "style"), {"display": "inline", "color": "#06c"}, {"display": "none"}),
+            (Output(ids.IV_RUN, "disabled"), True, False),
+        ],
+    )(
+        lambda n, run_name, selected, method, params, prompt, answer: comparison(
+            n, run_name, selected, method, params, prompt, answer, state
+        )
+    )

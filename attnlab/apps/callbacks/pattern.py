@@ -3,6 +3,7 @@ it as a token strip (a click on a pattern row picks that row).
 
 The run's model is loaded by the name the run recorded (``attnlab.load``), never by anything the browser sends.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,9 @@ def _window(start, size, n: int) -> tuple[int, int] | None:
     return s, n if not size else min(n, s + max(1, int(size)))
 
 
-def pattern_figure(run_name, selected, choice, typed, start, size, state: AppState, mode: str = "pattern", query=None) -> tuple:
+def pattern_figure(
+    run_name, selected, choice, typed, start, size, state: AppState, mode: str = "pattern", query=None
+) -> tuple:
     """-> (figure, status message). ``mode="row"`` shows query row ``query`` (None = the last token) as a token
     strip (``figures.query_row_strip``) instead of the windowed pattern. Failures give an empty figure and a
     one-line message."""
@@ -55,10 +58,26 @@ def pattern_figure(run_name, selected, choice, typed, start, size, state: AppSta
             q = n - 1 if query is None else int(query)
             if not 0 <= q < n:
                 raise AttnlabError(f"query row {q} is outside the prompt's {n} tokens (0-{n - 1})")
-            fig = figures.query_row_strip(data.weights, data.tokens, query=q, layer=layer, head=head, model=data.model, max_tokens=4 * state.max_pattern_size)  # one row is cheap: more keys than a pattern's side
+            fig = figures.query_row_strip(
+                data.weights,
+                data.tokens,
+                query=q,
+                layer=layer,
+                head=head,
+                model=data.model,
+                max_tokens=4 * state.max_pattern_size,
+            )  # one row is cheap: more keys than a pattern's side
             return fig, ""
         window = _window(start, size, n)
-        fig = figures.attention_pattern(data.weights, data.tokens, layer=layer, head=head, model=data.model, window=window, max_size=state.max_pattern_size)
+        fig = figures.attention_pattern(
+            data.weights,
+            data.tokens,
+            layer=layer,
+            head=head,
+            model=data.model,
+            window=window,
+            max_size=state.max_pattern_size,
+        )
         return fig, ""
     except Exception as e:
         return empty_figure(), failure_message(e)
@@ -90,5 +109,15 @@ def register(app, state: AppState) -> None:
         Input(ids.QUERY_ROW, "value"),
         State(ids.CUSTOM_PROMPT, "value"),  # read when something else fires: keystrokes never start a live run
         running=[(Output(ids.PATTERN_BUSY, "style"), {"display": "inline", "color": "#06c"}, {"display": "none"})],
-    )(lambda run_name, selected, choice, _clicks, start, size, mode, query, typed: pattern_figure(run_name, selected, choice, typed, start, size, state, mode, query))
-    app.callback(Output(ids.QUERY_ROW, "value"), Input(ids.PATTERN, "clickData"), State(ids.PATTERN_MODE, "value"), State(ids.QUERY_ROW, "value"), prevent_initial_call=True)(row_from_click)
+    )(
+        lambda run_name, selected, choice, _clicks, start, size, mode, query, typed: pattern_figure(
+            run_name, selected, choice, typed, start, size, state, mode, query
+        )
+    )
+    app.callback(
+        Output(ids.QUERY_ROW, "value"),
+        Input(ids.PATTERN, "clickData"),
+        State(ids.PATTERN_MODE, "value"),
+        State(ids.QUERY_ROW, "value"),
+        prevent_initial_call=True,
+    )(row_from_click)

@@ -1,4 +1,5 @@
 """Runs view: picking a run fills the result and prompt choices of the other views."""
+
 from __future__ import annotations
 
 from dash import Input, Output
@@ -29,9 +30,19 @@ def run_selected(run_name, state: AppState) -> tuple:
     heads = run.names("head_scores")
     toks = run.names("token_scores")
     n_prompts = int(ds.get("n_prompts", 0) or 0)
-    prompts = [{"label": f"run prompt {i}", "value": str(i)} for i in range(n_prompts)] + [{"label": "typed prompt", "value": TYPED}]
+    prompts = [{"label": f"run prompt {i}", "value": str(i)} for i in range(n_prompts)] + [
+        {"label": "typed prompt", "value": TYPED}
+    ]
     line = f"{model.get('name')} ({model.get('architecture')}, {model.get('n_layers')} layers x {model.get('n_heads')} heads), dataset {ds.get('name')}, created {info.get('created')}"
-    return (line, _options(heads), heads[0] if heads else None, _options(toks), toks[0] if toks else None, prompts, prompts[0]["value"])
+    return (
+        line,
+        _options(heads),
+        heads[0] if heads else None,
+        _options(toks),
+        toks[0] if toks else None,
+        prompts,
+        prompts[0]["value"],
+    )
 
 
 def register(app, state: AppState) -> None:

@@ -1,4 +1,5 @@
 """Tokens view: a TokenScores result as a token strip with its marks (``figures.token_strip``)."""
+
 from __future__ import annotations
 
 from dash import Input, Output
@@ -18,6 +19,9 @@ def token_figure(run_name, result_name, state: AppState) -> tuple:
 
 
 def register(app, state: AppState) -> None:
-    app.callback(Output(ids.TOKEN_STRIP, "figure"), Output(ids.TOKEN_STATUS, "children"), Input(ids.RUN_SELECT, "value"), Input(ids.TOKEN_RESULT, "value"))(
-        lambda run_name, result_name: token_figure(run_name, result_name, state)
-    )
+    app.callback(
+        Output(ids.TOKEN_STRIP, "figure"),
+        Output(ids.TOKEN_STATUS, "children"),
+        Input(ids.RUN_SELECT, "value"),
+        Input(ids.TOKEN_RESULT, "value"),
+    )(lambda run_name, result_name: token_figure(run_name, result_name, state))

@@ -1,5 +1,6 @@
 """Vision view (VLM runs only; hidden for text runs): the run's image, or an uploaded one, with the selected head's
 attention from the last prompt token over the patch grid overlaid (``figures.image_attention_overlay``)."""
+
 from __future__ import annotations
 
 from dash import Input, Output, State
@@ -21,7 +22,9 @@ def vision_visibility(run_name, state: AppState) -> tuple:
     if not is_vision_run(info):
         return {**_SECTION, "display": "none"}, [], None
     n = int(info.get("dataset", {}).get("n_prompts", 0) or 0)
-    options = [{"label": f"run image {i}", "value": str(i)} for i in range(n)] + [{"label": "uploaded image", "value": UPLOAD}]
+    options = [{"label": f"run image {i}", "value": str(i)} for i in range(n)] + [
+        {"label": "uploaded image", "value": UPLOAD}
+    ]
     return {**_SECTION, "display": "block"}, options, options[0]["value"]
 
 
@@ -33,7 +36,9 @@ def vision_figure(run_name, selected, choice, upload, question, state: AppState)
             return empty_figure(), ""
         if choice == UPLOAD and not upload:
             return empty_figure("upload an image"), ""
-        image, grid, layer, head = head_image_grid(state.live, info, selected, choice, upload, question if choice == UPLOAD else None)
+        image, grid, layer, head = head_image_grid(
+            state.live, info, selected, choice, upload, question if choice == UPLOAD else None
+        )
         return figures.image_attention_overlay(image, grid, layer=layer, head=head), ""
     except Exception as e:
         return empty_figure(), failure_message(e)
@@ -45,8 +50,18 @@ def uploaded(contents, current):
 
 
 def register(app, state: AppState) -> None:
-    app.callback(Output(ids.VISION_VIEW, "style"), Output(ids.VISION_SOURCE, "options"), Output(ids.VISION_SOURCE, "value"), Input(ids.RUN_SELECT, "value"))(lambda run_name: vision_visibility(run_name, state))
-    app.callback(Output(ids.VISION_SOURCE, "value", allow_duplicate=True), Input(ids.VISION_UPLOAD, "contents"), State(ids.VISION_SOURCE, "value"), prevent_initial_call=True)(uploaded)
+    app.callback(
+        Output(ids.VISION_VIEW, "style"),
+        Output(ids.VISION_SOURCE, "options"),
+        Output(ids.VISION_SOURCE, "value"),
+        Input(ids.RUN_SELECT, "value"),
+    )(lambda run_name: vision_visibility(run_name, state))
+    app.callback(
+        Output(ids.VISION_SOURCE, "value", allow_duplicate=True),
+        Input(ids.VISION_UPLOAD, "contents"),
+        State(ids.VISION_SOURCE, "value"),
+        prevent_initial_call=True,
+    )(uploaded)
     app.callback(
         Output(ids.VISION_FIGURE, "figure"),
         Output(ids.VISION_STATUS, "children"),
@@ -56,4 +71,8 @@ def register(app, state: AppState) -> None:
         Input(ids.VISION_UPLOAD, "contents"),
         Input(ids.VISION_QUESTION, "value"),
         running=[(Output(ids.VISION_BUSY, "style"), {"display": "inline", "color": "#06c"}, {"display": "none"})],
-    )(lambda run_name, selected, choice, upload, question: vision_figure(run_name, selected, choice, upload, question, state))
+    )(
+        lambda run_name, selected, choice, upload, question: vision_figure(
+            run_name, selected, choice, upload, question, state
+        )
+    )

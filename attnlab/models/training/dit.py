@@ -63,9 +63,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,15 +120,50 @@ class TrainConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a few steps of a tiny model: exercises every code path in < 60 s on one core
-    "smoke": dict(num_layers=2, num_heads=2, head_dim=16, steps=20, batch_size=32, warmup_steps=5,
-                  ema_decay=0.9, max_minutes=1.0, eval_every=10, eval_n=1, final_eval_n=2, log_every=5),
+    "smoke": dict(
+        num_layers=2,
+        num_heads=2,
+        head_dim=16,
+        steps=20,
+        batch_size=32,
+        warmup_steps=5,
+        ema_decay=0.9,
+        max_minutes=1.0,
+        eval_every=10,
+        eval_n=1,
+        final_eval_n=2,
+        log_every=5,
+    ),
     # CPU fallback: 10 minutes of training (~0.3 s/step on one busy core, faster on a free machine)
-    "cpu": dict(num_layers=4, num_heads=4, head_dim=24, steps=4000, batch_size=64, lr=1e-3,
-                ema_decay=0.998, max_minutes=10.0, eval_every=1000, eval_n=3, final_eval_n=20),
+    "cpu": dict(
+        num_layers=4,
+        num_heads=4,
+        head_dim=24,
+        steps=4000,
+        batch_size=64,
+        lr=1e-3,
+        ema_decay=0.998,
+        max_minutes=10.0,
+        eval_every=1000,
+        eval_n=3,
+        final_eval_n=20,
+    ),
     # shipping run: same family, wider/deeper and much longer (batch 256, ~25k steps on an H100)
-    "gpu": dict(num_layers=8, num_heads=8, head_dim=16, steps=25000, batch_size=256, lr=6e-4,
-                warmup_steps=500, ema_decay=0.9995, max_minutes=6.0, eval_every=2500, eval_n=10,
-                final_eval_n=100, log_every=250),
+    "gpu": dict(
+        num_layers=8,
+        num_heads=8,
+        head_dim=16,
+        steps=25000,
+        batch_size=256,
+        lr=6e-4,
+        warmup_steps=500,
+        ema_decay=0.9995,
+        max_minutes=6.0,
+        eval_every=2500,
+        eval_n=10,
+        final_eval_n=100,
+        log_every=250,
+    ),
 }
 
 
@@ -343,7 +379,9 @@ def sample(
     return torch.cat(outs) if outs else torch.empty(shape)
 
 
-def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, *, ncol: int = 10, scale: int = 4, pad: int = 2) -> None:
+def save_grid(
+    images: torch.Tensor | np.ndarray, path: str | os.PathLike, *, ncol: int = 10, scale: int = 4, pad: int = 2
+) -> None:
     """Write (N, 1, S, S) images in [0, 1] as a PNG grid (white digits on black, ``ncol`` per row)."""
     from PIL import Image
 
@@ -356,8 +394,8 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, *, nco
         r, c = divmod(i, ncol)
         tile = np.kron(arr[i], np.ones((scale, scale)))
         canvas[pad + r * cell : pad + r * cell + s * scale, pad + c * cell : pad + c * cell + s * scale] = (
-            np.clip(tile, 0, 1) * 255
-        ).round().astype(np.uint8)
+            (np.clip(tile, 0, 1) * 255).round().astype(np.uint8)
+        )
     _atomic_write(Path(path), lambda p: Image.fromarray(canvas, mode="L").save(p, format="PNG"))
 
 
@@ -399,7 +437,7 @@ class DigitScorer:
         self.C = C
         self.roundtrip_size = roundtrip_size
 
-    def fit(self) -> "DigitScorer":
+    def fit(self) -> DigitScorer:
         from sklearn.linear_model import LogisticRegression
 
         x, y = digits_data.load_digit_features("train")
@@ -511,8 +549,14 @@ def evaluate(
     org = _as_organism(model_dir, device)
     labels = _balanced_labels(n)
     scorer = get_scorer()
-    out: dict[str, Any] = {"task": task, "n_per_class": n, "n_total": int(labels.numel()),
-                           "guidance_scale": guidance_scale, "num_steps": num_steps, "seed": seed}
+    out: dict[str, Any] = {
+        "task": task,
+        "n_per_class": n,
+        "n_total": int(labels.numel()),
+        "guidance_scale": guidance_scale,
+        "num_steps": num_steps,
+        "seed": seed,
+    }
     if task == "classify":
         settings = [("guided", guidance_scale)] + ([("unguided", 1.0)] if include_unguided else [])
         for name, scale in settings:
@@ -609,8 +653,9 @@ def train(cfg: TrainConfig, out: Path, *, device: str, seed: int, log=print) -> 
     n_params = sum(p.numel() for p in params)
     noise_sched = build_train_scheduler()
     alphas = noise_sched.alphas_cumprod.to(dev)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                            fused=dev.type == "cuda")
+    opt = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=dev.type == "cuda"
+    )
     # All training randomness except the init comes from this generator. It lives on the training device
     # so that a CUDA step never waits for a host-to-device copy (runs are reproducible per device type).
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -663,8 +708,15 @@ def train(cfg: TrainConfig, out: Path, *, device: str, seed: int, log=print) -> 
                 loss_acc, loss_count = 0.0, 0
                 rec = {"step": step, "loss": last_loss, "lr": lr, "elapsed": round(time.time() - t0, 2)}
                 if is_eval:
-                    ev = evaluate(DiTOrganism(ema, dict(noise_sched.config)), "classify", device=device,
-                                  n=cfg.eval_n, seed=10_000 + step, num_steps=20, include_unguided=False)
+                    ev = evaluate(
+                        DiTOrganism(ema, dict(noise_sched.config)),
+                        "classify",
+                        device=device,
+                        n=cfg.eval_n,
+                        seed=10_000 + step,
+                        num_steps=20,
+                        include_unguided=False,
+                    )
                     rec["acc_guided"] = ev["acc_guided"]
                     rec["p_intended_guided"] = ev["p_intended_guided"]
                 log_file.write(json.dumps(rec) + "\n")
@@ -712,7 +764,7 @@ SoftPAG): every attention head is a standard diffusers `Attention` module whose 
 ## Architecture
 - diffusers `DiTTransformer2DModel`: {cfg.num_layers} layers x {cfg.num_heads} heads x head dim {cfg.head_dim}
   (width {width}), adaLN-Zero, patch {cfg.patch_size}, 1 channel, {cfg.sample_size}x{cfg.sample_size} images
-  = {tokens} image tokens, {summary['n_params']:,} parameters (EMA weights, float32, safetensors).
+  = {tokens} image tokens, {summary["n_params"]:,} parameters (EMA weights, float32, safetensors).
 - Classes: `num_embeds_ada_norm = 10`; label 10 is the null class for classifier-free guidance
   (eps = eps_null + s (eps_class - eps_null); s = 1 means no guidance).
 - Scheduler (`scheduler/`): DDPM, 1000 steps, cosine betas, epsilon prediction, trailing spacing, clip_sample.
@@ -721,25 +773,25 @@ SoftPAG): every attention head is a standard diffusers `Attention` module whose 
 
 ## Data
 `sklearn.datasets.load_digits` (1,797 digits, 8x8, 0-16), mapped to [-1, 1] and upsampled 2x bilinearly to
-16x16 (`attnlab/datasets/digits.py`); fixed stratified split, {summary['n_train_images']} training digits, 360 held out.
+16x16 (`attnlab/datasets/digits.py`); fixed stratified split, {summary["n_train_images"]} training digits, 360 held out.
 Label dropped to the null class with probability {cfg.p_uncond}. Loss: epsilon MSE with Min-SNR weighting
 (gamma {cfg.min_snr_gamma}); class embeddings initialised with std {cfg.label_init_std}.
 
 ## Training
 AdamW lr {cfg.lr} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_frac}x), batch {cfg.batch_size},
-{summary['steps_done']} steps of {cfg.steps} planned in {summary['train_seconds']} s on `{device}`
-(stopped by time cap: {summary['stopped_by_time_cap']}), EMA {cfg.ema_decay}, seed {seed}, final loss
-{summary['final_loss']:.4f}. Loss curve: `train_log.jsonl`.
+{summary["steps_done"]} steps of {cfg.steps} planned in {summary["train_seconds"]} s on `{device}`
+(stopped by time cap: {summary["stopped_by_time_cap"]}), EMA {cfg.ema_decay}, seed {seed}, final loss
+{summary["final_loss"]:.4f}. Loss curve: `train_log.jsonl`.
 
 ## Measured metrics
 Scorer: logistic regression on 8x8 pixels refit from the bundled train split (held-out accuracy
-{metrics.get('scorer_test_accuracy', float('nan')):.3f}). {cls.get('n_per_class', '?')} digits per class, DDIM
-{cls.get('num_steps', '?')} steps, seed {cls.get('seed', '?')}:
+{metrics.get("scorer_test_accuracy", float("nan")):.3f}). {cls.get("n_per_class", "?")} digits per class, DDIM
+{cls.get("num_steps", "?")} steps, seed {cls.get("seed", "?")}:
 
 | setting | classified as intended | mean p(intended) | worst class |
 |---|---|---|---|
-| guided (s = {cls.get('guidance_scale', '?')}) | {cls.get('acc_guided', float('nan')):.3f} | {cls.get('p_intended_guided', float('nan')):.3f} | {cls.get('acc_guided_min_class', float('nan')):.3f} |
-| unguided (s = 1) | {cls.get('acc_unguided', float('nan')):.3f} | {cls.get('p_intended_unguided', float('nan')):.3f} | {cls.get('acc_unguided_min_class', float('nan')):.3f} |
+| guided (s = {cls.get("guidance_scale", "?")}) | {cls.get("acc_guided", float("nan")):.3f} | {cls.get("p_intended_guided", float("nan")):.3f} | {cls.get("acc_guided_min_class", float("nan")):.3f} |
+| unguided (s = 1) | {cls.get("acc_unguided", float("nan")):.3f} | {cls.get("p_intended_unguided", float("nan")):.3f} | {cls.get("acc_unguided_min_class", float("nan")):.3f} |
 
 Style scores of guided samples vs. real held-out digits (mean ± std):
 
@@ -772,8 +824,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_results(out: Path, cfg: TrainConfig, summary: dict, *, preset: str, seed: int, device: str,
-                  command: str) -> dict[str, Any]:
+def write_results(
+    out: Path, cfg: TrainConfig, summary: dict, *, preset: str, seed: int, device: str, command: str
+) -> dict[str, Any]:
     """Evaluate the model saved in ``out`` and (re)write metrics.json, samples.png and MODEL_CARD.md."""
     t0 = time.time()
     org = load(out, device)
@@ -808,19 +861,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    cfg = build_config(args.preset, max_minutes=args.max_minutes, steps=args.steps, batch_size=args.batch_size,
-                       lr=args.lr, eval_every=args.eval_every, final_eval_n=args.final_eval_n)
+    cfg = build_config(
+        args.preset,
+        max_minutes=args.max_minutes,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        final_eval_n=args.final_eval_n,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = "PYTHONPATH=. python -m attnlab.models.train dit " + " ".join(argv_list)
     t0 = time.time()
     summary = train(cfg, out, device=args.device, seed=args.seed)
-    metrics = write_results(out, cfg, summary, preset=args.preset, seed=args.seed, device=args.device,
-                            command=command)
+    metrics = write_results(out, cfg, summary, preset=args.preset, seed=args.seed, device=args.device, command=command)
     cls = metrics["classify"]
-    print(f"[dit] done in {time.time() - t0:.1f} s: acc_guided={cls['acc_guided']:.3f} "
-          f"acc_unguided={cls['acc_unguided']:.3f} checkpoint={metrics['checkpoint_mb']} MB -> {out}")
+    print(
+        f"[dit] done in {time.time() - t0:.1f} s: acc_guided={cls['acc_guided']:.3f} "
+        f"acc_unguided={cls['acc_unguided']:.3f} checkpoint={metrics['checkpoint_mb']} MB -> {out}"
+    )
     return 0
 
 

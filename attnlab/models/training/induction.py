@@ -32,6 +32,7 @@ What it builds
 Evaluation (``EVAL_TASKS``): ``copy`` — BOS + 50 random tokens + the same 50 again (the
 ``repeated-random`` probe dataset's shape): loss and top-1 accuracy on the second copy vs the first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,12 +51,60 @@ EVAL_TASKS = ("copy",)
 SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>")
 
 PRESETS: dict[str, dict] = {
-    "smoke": dict(vocab=64, n_layers=2, n_heads=4, d_model=32, d_ff=64, seq_len=64, min_block=4, max_block=20, noise=0.2,
-                  batch_size=8, lr=3e-3, warmup=5, max_steps=30, max_minutes=1.0, eval_every=10, eval_n=16),
-    "cpu": dict(vocab=64, n_layers=2, n_heads=8, d_model=128, d_ff=128, seq_len=128, min_block=4, max_block=56, noise=0.0,
-                batch_size=16, lr=3e-3, warmup=30, max_steps=4000, max_minutes=10.0, eval_every=250, eval_n=32),
-    "gpu": dict(vocab=64, n_layers=2, n_heads=8, d_model=128, d_ff=128, seq_len=128, min_block=4, max_block=56, noise=0.0,
-                batch_size=16, lr=3e-3, warmup=30, max_steps=4000, max_minutes=10.0, eval_every=250, eval_n=32),
+    "smoke": dict(
+        vocab=64,
+        n_layers=2,
+        n_heads=4,
+        d_model=32,
+        d_ff=64,
+        seq_len=64,
+        min_block=4,
+        max_block=20,
+        noise=0.2,
+        batch_size=8,
+        lr=3e-3,
+        warmup=5,
+        max_steps=30,
+        max_minutes=1.0,
+        eval_every=10,
+        eval_n=16,
+    ),
+    "cpu": dict(
+        vocab=64,
+        n_layers=2,
+        n_heads=8,
+        d_model=128,
+        d_ff=128,
+        seq_len=128,
+        min_block=4,
+        max_block=56,
+        noise=0.0,
+        batch_size=16,
+        lr=3e-3,
+        warmup=30,
+        max_steps=4000,
+        max_minutes=10.0,
+        eval_every=250,
+        eval_n=32,
+    ),
+    "gpu": dict(
+        vocab=64,
+        n_layers=2,
+        n_heads=8,
+        d_model=128,
+        d_ff=128,
+        seq_len=128,
+        min_block=4,
+        max_block=56,
+        noise=0.0,
+        batch_size=16,
+        lr=3e-3,
+        warmup=30,
+        max_steps=4000,
+        max_minutes=10.0,
+        eval_every=250,
+        eval_n=32,
+    ),
 }
 
 
@@ -64,16 +113,25 @@ PRESETS: dict[str, dict] = {
 
 def build_tokenizer(vocab: int):
     """Word-level tokenizer over ``t0..t{vocab-1}`` with BOS prepended (a ``PreTrainedTokenizerFast``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     table = {s: i for i, s in enumerate(SPECIALS)}
     table.update({f"t{i}": len(SPECIALS) + i for i in range(vocab)})
     tk = Tokenizer(models.WordLevel(table, unk_token="<|unk|>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", table["<|bos|>"])])
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", table["<|bos|>"])]
+    )
     tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>", unk_token="<|unk|>", model_max_length=1 << 30)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        unk_token="<|unk|>",
+        model_max_length=1 << 30,
+    )
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -114,9 +172,13 @@ def eval_copy(model, *, n: int = 64, length: int = 50, seed: int = 0, device: st
     hit = (lp.argmax(-1) == tgt).float()
     first, second = slice(0, length), slice(length + 1, 2 * length)  # second copy's first token is unpredictable
     return {
-        "copy_loss_first_half": float(nll[:, first].mean()), "copy_loss_second_half": float(nll[:, second].mean()),
-        "copy_acc_first_half": float(hit[:, first].mean()), "copy_acc_second_half": float(hit[:, second].mean()),
-        "copy_n": n, "copy_length": length, "uniform_loss": math.log(vocab),
+        "copy_loss_first_half": float(nll[:, first].mean()),
+        "copy_loss_second_half": float(nll[:, second].mean()),
+        "copy_acc_first_half": float(hit[:, first].mean()),
+        "copy_acc_second_half": float(hit[:, second].mean()),
+        "copy_n": n,
+        "copy_length": length,
+        "uniform_loss": math.log(vocab),
     }
 
 
@@ -137,11 +199,23 @@ def build_config(p: dict, tok):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tok), hidden_size=p["d_model"], intermediate_size=p["d_ff"], num_hidden_layers=p["n_layers"],
-        num_attention_heads=p["n_heads"], num_key_value_heads=p["n_heads"], max_position_embeddings=max(256, p["seq_len"]),
-        rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=p.get("tied", True),
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        initializer_range=0.02, attention_bias=False, mlp_bias=False,
+        vocab_size=len(tok),
+        hidden_size=p["d_model"],
+        intermediate_size=p["d_ff"],
+        num_hidden_layers=p["n_layers"],
+        num_attention_heads=p["n_heads"],
+        num_key_value_heads=p["n_heads"],
+        max_position_embeddings=max(256, p["seq_len"]),
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        tie_word_embeddings=p.get("tied", True),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.02,
+        attention_bias=False,
+        mlp_bias=False,
     )
 
 
@@ -167,7 +241,11 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
     n_params = sum(x.numel() for x in model.parameters())
     decay = [x for x in model.parameters() if x.dim() >= 2]
     no_decay = [x for x in model.parameters() if x.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=p["lr"], betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=p["lr"],
+        betas=(0.9, 0.95),
+    )
     log_path = out_dir / "train_log.jsonl"
     log = open(log_path, "w")
     deadline = t_start + 60.0 * p["max_minutes"]
@@ -175,7 +253,11 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
     for step in range(p["max_steps"]):
         if time.perf_counter() > deadline:
             break
-        lr = p["lr"] * min(1.0, (step + 1) / p["warmup"]) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / p["max_steps"])))
+        lr = (
+            p["lr"]
+            * min(1.0, (step + 1) / p["warmup"])
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / p["max_steps"])))
+        )
         for g in opt.param_groups:
             g["lr"] = lr
         ids = torch.from_numpy(np.stack([window(rng, p) for _ in range(p["batch_size"])])).to(p["device"])
@@ -198,8 +280,17 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
     tok.save_pretrained(str(out_dir))
     reload = LlamaForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).to(p["device"]).eval()
     metrics = eval_copy(reload, n=2 * p["eval_n"], seed=p["seed"] + 1, device=p["device"])
-    metrics.update({"steps": step + 1, "final_train_loss": loss_val, "train_seconds": round(train_s, 1),
-                    "total_seconds": round(time.perf_counter() - t_start, 1), "n_params": n_params, "preset": p["preset"], "seed": p["seed"]})
+    metrics.update(
+        {
+            "steps": step + 1,
+            "final_train_loss": loss_val,
+            "train_seconds": round(train_s, 1),
+            "total_seconds": round(time.perf_counter() - t_start, 1),
+            "n_params": n_params,
+            "preset": p["preset"],
+            "seed": p["seed"],
+        }
+    )
     _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     _atomic_write(out_dir / "MODEL_CARD.md", model_card(p, metrics, config, n_params, command))
     print(f"[induction] done: {json.dumps(metrics)}", flush=True)
@@ -212,7 +303,7 @@ def model_card(p: dict, m: dict, config, n_params: int, command: str) -> str:
 A tiny Llama (`LlamaForCausalLM`) trained from scratch by `attnlab.models.training.induction` on repeated random
 tokens, so that it has real induction heads (organism-lm has none in general). Used as ground truth for the
 `induction` probe: its top heads are the heads whose ablation breaks repeated-sequence copying
-(`tests/test_organism_induction.py`). Float32 safetensors; word-level tokenizer over `t0 .. t{p['vocab'] - 1}`
+(`tests/test_organism_induction.py`). Float32 safetensors; word-level tokenizer over `t0 .. t{p["vocab"] - 1}`
 (whitespace-separated) with `<|bos|>` prepended.
 
 ## Architecture
@@ -221,23 +312,23 @@ tokens, so that it has real induction heads (organism-lm has none in general). U
 {config.max_position_embeddings}, tied embeddings, {n_params / 1e3:.1f}k parameters.
 
 ## Data
-Windows of {p['seq_len']} tokens: BOS, then segments of r random distinct tokens (r in [{p['min_block']}, {p['max_block']}])
-repeated 2-3 times; {p['noise']:.0%} of segments are unrepeated noise. Vocabulary {p['vocab']} ordinary tokens.
+Windows of {p["seq_len"]} tokens: BOS, then segments of r random distinct tokens (r in [{p["min_block"]}, {p["max_block"]}])
+repeated 2-3 times; {p["noise"]:.0%} of segments are unrepeated noise. Vocabulary {p["vocab"]} ordinary tokens.
 
 ## Training
-AdamW lr {p['lr']} (warm-up {p['warmup']} steps, cosine to 10%), weight decay 0.05 on matrices, betas (0.9, 0.95),
-batch {p['batch_size']} x {p['seq_len']}, grad clip 1.0, seed {p['seed']}, device {p['device']}, preset `{p['preset']}`.
-Steps: {m['steps']} ({m['train_seconds']} s).
+AdamW lr {p["lr"]} (warm-up {p["warmup"]} steps, cosine to 10%), weight decay 0.05 on matrices, betas (0.9, 0.95),
+batch {p["batch_size"]} x {p["seq_len"]}, grad clip 1.0, seed {p["seed"]}, device {p["device"]}, preset `{p["preset"]}`.
+Steps: {m["steps"]} ({m["train_seconds"]} s).
 
 Retrain (repository root):
 
     {command}
 
-## Measured metrics (this checkpoint; {m['copy_n']} sequences of BOS + {m['copy_length']} random tokens repeated twice)
-- second copy: loss {m['copy_loss_second_half']:.3f}, top-1 accuracy {m['copy_acc_second_half']:.3f}
-- first copy (unpredictable): loss {m['copy_loss_first_half']:.3f} (uniform over the vocabulary: {m['uniform_loss']:.3f}),
-  accuracy {m['copy_acc_first_half']:.3f}
-- final training loss {m['final_train_loss']:.3f}
+## Measured metrics (this checkpoint; {m["copy_n"]} sequences of BOS + {m["copy_length"]} random tokens repeated twice)
+- second copy: loss {m["copy_loss_second_half"]:.3f}, top-1 accuracy {m["copy_acc_second_half"]:.3f}
+- first copy (unpredictable): loss {m["copy_loss_first_half"]:.3f} (uniform over the vocabulary: {m["uniform_loss"]:.3f}),
+  accuracy {m["copy_acc_first_half"]:.3f}
+- final training loss {m["final_train_loss"]:.3f}
 
 Evaluate: `python -c "from attnlab.models.training.induction import evaluate; print(evaluate('DIR', 'copy'))"`.
 """
@@ -245,14 +336,25 @@ Evaluate: `python -c "from attnlab.models.training.induction import evaluate; pr
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="attnlab.models.training.induction", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output directory (model, tokenizer, train_log.jsonl, metrics.json, MODEL_CARD.md)")
+    ap.add_argument(
+        "--out", required=True, help="output directory (model, tokenizer, train_log.jsonl, metrics.json, MODEL_CARD.md)"
+    )
     ap.add_argument("--preset", choices=tuple(PRESETS), default="cpu")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-minutes", dest="max_minutes", type=float, default=None, help="wall-clock cap for the training loop")
+    ap.add_argument(
+        "--max-minutes", dest="max_minutes", type=float, default=None, help="wall-clock cap for the training loop"
+    )
     ap.add_argument("--max-steps", dest="max_steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=f"override a preset value, e.g. --set d_model=128 (keys: {', '.join(PRESETS['cpu'])})")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a preset value, e.g. --set d_model=128 (keys: {', '.join(PRESETS['cpu'])})",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -265,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         if key not in PRESETS["cpu"]:
             ap.error(f"unknown preset key {key!r}")
         p[key] = type(PRESETS["cpu"][key])(value)
-    command = "PYTHONPATH=. python -m attnlab.models.train induction " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "PYTHONPATH=. python -m attnlab.models.train induction " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     train(p, Path(args.out), command)
     return 0
 

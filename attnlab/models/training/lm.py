@@ -58,8 +58,9 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,20 +81,73 @@ DEFAULT_MIX = {"prose": 0.20, "niah": 0.44, "icl": 0.26, "recall": 0.04, "arith"
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(  # a few steps for tests: < 60 s on one CPU core including data
-        n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, seq_len=128, batch_size=4,
-        lr=2e-3, wd=0.1, warmup=2, max_steps=6, max_minutes=2.0, eval_every_steps=3, eval_every_s=0,
-        workers=0, niah_lengths=(48, 96, 120), niah_depths=(0, 50, 100), eval_n=2, final_n=2, niah_trials_per_cell=1, compile="off",
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=128,
+        seq_len=128,
+        batch_size=4,
+        lr=2e-3,
+        wd=0.1,
+        warmup=2,
+        max_steps=6,
+        max_minutes=2.0,
+        eval_every_steps=3,
+        eval_every_s=0,
+        workers=0,
+        niah_lengths=(48, 96, 120),
+        niah_depths=(0, 50, 100),
+        eval_n=2,
+        final_n=2,
+        niah_trials_per_cell=1,
+        compile="off",
     ),
     "cpu": dict(  # a few minutes on one core: checks that the loss goes down
-        n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, d_ff=352, seq_len=256, batch_size=8,
-        lr=3e-3, wd=0.1, warmup=20, max_steps=None, max_minutes=4.0, eval_every_steps=0, eval_every_s=60,
-        workers=1, niah_lengths=(64, 128, 192, 240), niah_depths=(0, 50, 100), eval_n=4, final_n=8, niah_trials_per_cell=1, compile="off",
+        n_layers=4,
+        d_model=128,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=352,
+        seq_len=256,
+        batch_size=8,
+        lr=3e-3,
+        wd=0.1,
+        warmup=20,
+        max_steps=None,
+        max_minutes=4.0,
+        eval_every_steps=0,
+        eval_every_s=60,
+        workers=1,
+        niah_lengths=(64, 128, 192, 240),
+        niah_depths=(0, 50, 100),
+        eval_n=4,
+        final_n=8,
+        niah_trials_per_cell=1,
+        compile="off",
     ),
     "gpu": dict(  # the shipping run (feasibility recipe: 8 x 384, 12/6 heads, ctx 1024, lr 2e-3, wd 0.1)
-        n_layers=8, d_model=384, n_heads=12, n_kv_heads=6, d_ff=1024, seq_len=1024, batch_size=32,
-        lr=2e-3, wd=0.1, warmup=150, max_steps=None, max_minutes=8.0, eval_every_steps=0, eval_every_s=45,
-        workers=3, niah_lengths=(128, 304, 480, 656, 832, 1008), niah_depths=(0, 25, 50, 75, 100),
-        eval_n=8, final_n=40, niah_trials_per_cell=2, compile="off",
+        n_layers=8,
+        d_model=384,
+        n_heads=12,
+        n_kv_heads=6,
+        d_ff=1024,
+        seq_len=1024,
+        batch_size=32,
+        lr=2e-3,
+        wd=0.1,
+        warmup=150,
+        max_steps=None,
+        max_minutes=8.0,
+        eval_every_steps=0,
+        eval_every_s=45,
+        workers=3,
+        niah_lengths=(128, 304, 480, 656, 832, 1008),
+        niah_depths=(0, 25, 50, 75, 100),
+        eval_n=8,
+        final_n=40,
+        niah_trials_per_cell=2,
+        compile="off",
     ),
 }
 
@@ -103,12 +157,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "a": dict(lr=2e-3, wd=0.1, bos="window", mix=dict(DEFAULT_MIX)),
     # b: Gu et al.'s strongest sink lever, weight decay 0.5 (41% sink heads vs 18% at 0.1), plus more
     #    prose: heads with nothing to retrieve in prose need a no-op, which the sink provides.
-    "b": dict(lr=2e-3, wd=0.5, bos="window",
-              mix={"prose": 0.30, "niah": 0.40, "icl": 0.20, "recall": 0.04, "arith": 0.03, "classify": 0.03}),
+    "b": dict(
+        lr=2e-3,
+        wd=0.5,
+        bos="window",
+        mix={"prose": 0.30, "niah": 0.40, "icl": 0.20, "recall": 0.04, "arith": 0.03, "classify": 0.03},
+    ),
     # c: larger learning rate (sinks grow with lr) and moderate wd, with BOS at the start of every packed
     #    document (the "consistent first token" hypothesis).
-    "c": dict(lr=3e-3, wd=0.3, bos="doc",
-              mix={"prose": 0.25, "niah": 0.42, "icl": 0.23, "recall": 0.04, "arith": 0.03, "classify": 0.03}),
+    "c": dict(
+        lr=3e-3,
+        wd=0.3,
+        bos="doc",
+        mix={"prose": 0.25, "niah": 0.42, "icl": 0.23, "recall": 0.04, "arith": 0.03, "classify": 0.03},
+    ),
 }
 
 
@@ -154,8 +216,14 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = 4096, seed: int = 0):
         single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        add_bos_token=True, add_eos_token=False, model_max_length=1024, padding_side="left",
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        add_bos_token=True,
+        add_eos_token=False,
+        model_max_length=1024,
+        padding_side="left",
     )
     save_tokenizer(fast, out_dir)
     return load_tokenizer(out_dir)
@@ -232,7 +300,9 @@ class WindowStream:
         if kind == "niah":
             n_sent = max(1, int(r.uniform(1, max(1.0, (room - 40) / 22.0))))
             n_needles = r.choice((1, 1, 2, 2, 3, 4))
-            return niah.niah_document(r, n_sent, n_needles=n_needles, n_questions=r.randint(1, n_needles), exclude_keys=keys)
+            return niah.niah_document(
+                r, n_sent, n_needles=n_needles, n_questions=r.randint(1, n_needles), exclude_keys=keys
+            )
         if kind == "icl":
             return icl.icl_document(r), []
         if kind == "recall":
@@ -252,7 +322,11 @@ class WindowStream:
             piece: list[int] = []
             for _attempt in range(3):
                 text, used = self._doc(kind, room, keys)
-                piece = ([self.bos_id] if self.bos_policy == "doc" and len(ids) > 1 else []) + self._encode(text) + [self.eos_id]
+                piece = (
+                    ([self.bos_id] if self.bos_policy == "doc" and len(ids) > 1 else [])
+                    + self._encode(text)
+                    + [self.eos_id]
+                )
                 if len(piece) <= room:
                     keys.update(used)
                     break
@@ -287,7 +361,9 @@ class _BatchDataset(torch.utils.data.IterableDataset):
             yield torch.from_numpy(stream.batch(self.batch_size))
 
 
-def make_loader(tokenizer: Any, seq_len: int, batch_size: int, mix: dict[str, float], bos: str, seed: int, workers: int):
+def make_loader(
+    tokenizer: Any, seq_len: int, batch_size: int, mix: dict[str, float], bos: str, seed: int, workers: int
+):
     ds = _BatchDataset(tokenizer, seq_len, batch_size, mix, bos, seed)
     kwargs: dict[str, Any] = dict(batch_size=None, num_workers=workers)
     if workers > 0:
@@ -305,7 +381,9 @@ def _autocast(device: str):
 
 
 @torch.no_grad()
-def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int, device: str, batch_size: int = 64) -> list[str]:
+def greedy_generate(
+    model, tok, prompts: list[str], max_new_tokens: int, device: str, batch_size: int = 64
+) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of left-padded prompt batches."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     result: dict[int, str] = {}
@@ -314,8 +392,11 @@ def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int, device:
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
         with _autocast(device):
             gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
             )
         texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         result.update(zip(idx, texts))
@@ -326,11 +407,15 @@ def _first_line(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-def eval_niah(model, tok, device: str, *, lengths, depths, trials_per_cell: int = 1, seed: int = 0, trials=None) -> dict:
+def eval_niah(
+    model, tok, device: str, *, lengths, depths, trials_per_cell: int = 1, seed: int = 0, trials=None
+) -> dict:
     """Exact match of the 3-digit code over a lengths x depths grid (continuation's leading digits)."""
     trials = trials or niah.build_niah_trials(tok, lengths, depths, trials_per_cell=trials_per_cell, seed=seed)
     gens = greedy_generate(model, tok, [t.prompt for t in trials], 5, device, batch_size=16)
-    hits = [bool(re.match(r"\s*(\d+)", g)) and re.match(r"\s*(\d+)", g).group(1) == t.answer for g, t in zip(gens, trials)]
+    hits = [
+        bool(re.match(r"\s*(\d+)", g)) and re.match(r"\s*(\d+)", g).group(1) == t.answer for g, t in zip(gens, trials)
+    ]
     by_len: dict[str, list[bool]] = {}
     by_depth: dict[str, list[bool]] = {}
     for t, h in zip(trials, hits):
@@ -405,7 +490,9 @@ def _prose_windows(tok, seq_len: int, n: int, seed: int) -> torch.Tensor:
         i = rng.randrange(len(docs))
         ids: list[int] = []
         while len(ids) < seq_len - 1:
-            ids += tok("\n\n" + docs[i % len(docs)] if ids else docs[i % len(docs)], add_special_tokens=False)["input_ids"]
+            ids += tok("\n\n" + docs[i % len(docs)] if ids else docs[i % len(docs)], add_special_tokens=False)[
+                "input_ids"
+            ]
             i += 1
         rows.append([tok.bos_token_id] + ids[: seq_len - 1])
     return torch.tensor(rows)
@@ -460,7 +547,9 @@ def run_eval(model, tok, task: str, device: str, *, n: int | None, seed: int, pr
     if task == "niah":
         max_len = model.config.max_position_embeddings
         lengths = [x for x in p["niah_lengths"] if x <= max_len]
-        return eval_niah(model, tok, device, lengths=lengths, depths=p["niah_depths"], trials_per_cell=n or 2, seed=seed)
+        return eval_niah(
+            model, tok, device, lengths=lengths, depths=p["niah_depths"], trials_per_cell=n or 2, seed=seed
+        )
     if task == "icl":
         return eval_icl(model, tok, device, n=n or p["final_n"], seed=seed)
     if task == "arith":
@@ -498,11 +587,23 @@ def build_config(p: dict, tok):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tok), hidden_size=p["d_model"], intermediate_size=p["d_ff"],
-        num_hidden_layers=p["n_layers"], num_attention_heads=p["n_heads"], num_key_value_heads=p["n_kv_heads"],
-        max_position_embeddings=p["seq_len"], rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, initializer_range=0.02, attention_bias=False, mlp_bias=False,
+        vocab_size=len(tok),
+        hidden_size=p["d_model"],
+        intermediate_size=p["d_ff"],
+        num_hidden_layers=p["n_layers"],
+        num_attention_heads=p["n_heads"],
+        num_key_value_heads=p["n_kv_heads"],
+        max_position_embeddings=p["seq_len"],
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.02,
+        attention_bias=False,
+        mlp_bias=False,
     )
 
 
@@ -544,8 +645,23 @@ def resolve_params(args: argparse.Namespace) -> dict:
         if args.variant not in VARIANTS:
             raise ValueError(f"unknown variant {args.variant!r}; known: {', '.join(VARIANTS)}")
         p.update(copy.deepcopy(VARIANTS[args.variant]))
-    for key in ("lr", "wd", "bos", "batch_size", "max_steps", "max_minutes", "workers", "compile", "warmup",
-                "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "seq_len"):
+    for key in (
+        "lr",
+        "wd",
+        "bos",
+        "batch_size",
+        "max_steps",
+        "max_minutes",
+        "workers",
+        "compile",
+        "warmup",
+        "n_layers",
+        "d_model",
+        "n_heads",
+        "n_kv_heads",
+        "d_ff",
+        "seq_len",
+    ):
         val = getattr(args, key)
         if val is not None:
             p[key] = val
@@ -596,12 +712,17 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
     no_decay = [t for n, t in model.named_parameters() if t.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": p["wd"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=p["lr"], betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if device.startswith("cuda") else {}),
+        lr=p["lr"],
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        **({"fused": True} if device.startswith("cuda") else {}),
     )
     fwd = model
     if p["compile"] == "on" or (p["compile"] == "auto" and device.startswith("cuda")):
         fwd = torch.compile(model)
-    niah_trials = niah.build_niah_trials(tok, [x for x in p["niah_lengths"] if x <= p["seq_len"]], p["niah_depths"], seed=1)
+    niah_trials = niah.build_niah_trials(
+        tok, [x for x in p["niah_lengths"] if x <= p["seq_len"]], p["niah_depths"], seed=1
+    )
 
     log_path = out_dir / "train_log.jsonl"
     log = open(log_path, "w")
@@ -611,7 +732,10 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
     train_budget = budget_s - reserve_s - (t_train0 - t_start)
     compiled_ok = fwd is model
     loss_ema = None
-    print(f"[lm] params={n_params/1e6:.2f}M preset={p.get('variant') or ''} data+setup {t_train0 - t_start:.1f}s", flush=True)
+    print(
+        f"[lm] params={n_params / 1e6:.2f}M preset={p.get('variant') or ''} data+setup {t_train0 - t_start:.1f}s",
+        flush=True,
+    )
     while True:
         elapsed_train = time.time() - t_train0
         if p["max_steps"] is not None and step >= p["max_steps"]:
@@ -646,9 +770,15 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
         if step % 10 == 0 or step <= 3:
             lv = loss.item()  # CPU-GPU sync point, only every 10 steps
             loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
-            rec = {"step": step, "loss": round(lv, 4), "lr": lr, "grad_norm": round(float(gnorm), 3),
-                   "elapsed": round(time.time() - t_start, 1), "tokens": tokens,
-                   "tok_per_s": round(tokens / max(time.time() - t_train0, 1e-9))}
+            rec = {
+                "step": step,
+                "loss": round(lv, 4),
+                "lr": lr,
+                "grad_norm": round(float(gnorm), 3),
+                "elapsed": round(time.time() - t_start, 1),
+                "tokens": tokens,
+                "tok_per_s": round(tokens / max(time.time() - t_train0, 1e-9)),
+            }
             log.write(json.dumps(rec) + "\n")
             log.flush()
             if step % 100 == 0 or step <= 3:
@@ -664,11 +794,16 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
             log.flush()
             print(f"[lm] eval {json.dumps(rec)}", flush=True)
             if m["score"] > best:
-                best, best_state = m["score"], {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best, best_state = (
+                    m["score"],
+                    {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+                )
                 best_step = step
     # the last state is a candidate too (the end of the cosine is usually best)
     m_last = _light_eval(model, tok, device, p, niah_trials)
-    log.write(json.dumps({"step": step, "elapsed": round(time.time() - t_start, 1), "eval": m_last, "final": True}) + "\n")
+    log.write(
+        json.dumps({"step": step, "elapsed": round(time.time() - t_start, 1), "eval": m_last, "final": True}) + "\n"
+    )
     chosen_step = step
     if best_state is not None and best > m_last["score"]:
         model.load_state_dict(best_state)
@@ -687,19 +822,31 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
             f.chmod(0o644)
 
     metrics: dict[str, Any] = {}
-    reload = LlamaForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32 if device == "cpu" else torch.bfloat16).to(device).eval()
+    reload = (
+        LlamaForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+        .to(device)
+        .eval()
+    )
     for task in EVAL_TASKS:
         n = p["niah_trials_per_cell"] if task == "niah" else 16 if task == "sink" else p["final_n"]
         metrics.update(run_eval(reload, tok, task, device, n=n, seed=0, preset=p))
     metrics.update(
-        steps=step, chosen_step=chosen_step, tokens=tokens, train_seconds=round(train_seconds, 1),
-        total_seconds=round(time.time() - t_start, 1), n_params=n_params, score=combined_score(metrics),
+        steps=step,
+        chosen_step=chosen_step,
+        tokens=tokens,
+        train_seconds=round(train_seconds, 1),
+        total_seconds=round(time.time() - t_start, 1),
+        n_params=n_params,
+        score=combined_score(metrics),
         config={k: v for k, v in p.items() if k != "niah_lengths"} | {"niah_lengths": list(p["niah_lengths"])},
         command=command,
     )
     _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=1, default=str))
     _atomic_write(out_dir / "MODEL_CARD.md", model_card(p, metrics, config, n_params, command))
-    print(f"[lm] done: {json.dumps({k: metrics[k] for k in ('niah_exact_match', 'icl_0shot', 'icl_5shot', 'arith_accuracy', 'classify_accuracy', 'recall_accuracy', 'sink_frac_gt_0.3', 'sink_frac_gt_0.5', 'sink_max', 'steps', 'total_seconds')})}", flush=True)
+    print(
+        f"[lm] done: {json.dumps({k: metrics[k] for k in ('niah_exact_match', 'icl_0shot', 'icl_5shot', 'arith_accuracy', 'classify_accuracy', 'recall_accuracy', 'sink_frac_gt_0.3', 'sink_frac_gt_0.5', 'sink_max', 'steps', 'total_seconds')})}",
+        flush=True,
+    )
     return metrics
 
 
@@ -709,7 +856,9 @@ def model_card(p: dict, m: dict, config, n_params: int, command: str) -> str:
         f"| {t} | {m['icl_0shot_by_task'].get(t, float('nan')):.2f} | {m['icl_5shot_by_task'].get(t, float('nan')):.2f} |"
         for t in icl.TASK_NAMES
     )
-    sink_rows = "\n".join(f"| {i} | " + " ".join(f"{x:.2f}" for x in row) + " |" for i, row in enumerate(m["sink_mass"]))
+    sink_rows = "\n".join(
+        f"| {i} | " + " ".join(f"{x:.2f}" for x in row) + " |" for i, row in enumerate(m["sink_mass"])
+    )
     return f"""# organism-lm
 
 A small Llama (`LlamaForCausalLM`) trained from scratch by `attnlab.models.training.lm` on procedurally
@@ -719,34 +868,34 @@ digits split, `<|bos|>` always prepended).
 
 ## Architecture
 {config.num_hidden_layers} layers, d_model {config.hidden_size}, {config.num_attention_heads} query heads / {config.num_key_value_heads} KV heads (GQA),
-head dim {config.hidden_size // config.num_attention_heads}, SwiGLU d_ff {config.intermediate_size}, RMSNorm, RoPE (theta {config.rope_theta if hasattr(config, 'rope_theta') else 10000}),
+head dim {config.hidden_size // config.num_attention_heads}, SwiGLU d_ff {config.intermediate_size}, RMSNorm, RoPE (theta {config.rope_theta if hasattr(config, "rope_theta") else 10000}),
 context {config.max_position_embeddings}, tied embeddings, {n_params / 1e6:.2f}M parameters.
 
 ## Data
 Generated on the fly by `attnlab.datasets` (stdlib docstrings and `pydoc_data` topics for prose): token
 shares {mix}. Needle documents: prose haystacks with 1-4 needles "The secret KEY code is 123." and 1-4
 answered questions "Question: What is the secret KEY code?\\nAnswer: 123". ICL: {len(icl.TASK_NAMES)} tasks, 0-10 shots,
-train split only. BOS policy: `{p['bos']}` (every window starts with BOS{'; every document too' if p['bos'] == 'doc' else '; documents separated by EOS'}).
+train split only. BOS policy: `{p["bos"]}` (every window starts with BOS{"; every document too" if p["bos"] == "doc" else "; documents separated by EOS"}).
 
 ## Training
-AdamW lr {p['lr']}, weight decay {p['wd']} (matrices only), betas (0.9, 0.95), warm-up {p['warmup']} steps, cosine to 10%,
-batch {p['batch_size']} x {p['seq_len']}, bf16 autocast on CUDA, grad clip 1.0, seed {p['seed']}, device {p['device']}.
-Steps: {m['steps']} ({m['tokens'] / 1e6:.1f}M tokens, {m['train_seconds']} s); checkpoint kept: step {m['chosen_step']}
-(criterion NIAH + ICL 5-shot + 0.5 x sink fraction, evaluated every {p['eval_every_s'] or p['eval_every_steps']} {'s' if p['eval_every_s'] else 'steps'}).
+AdamW lr {p["lr"]}, weight decay {p["wd"]} (matrices only), betas (0.9, 0.95), warm-up {p["warmup"]} steps, cosine to 10%,
+batch {p["batch_size"]} x {p["seq_len"]}, bf16 autocast on CUDA, grad clip 1.0, seed {p["seed"]}, device {p["device"]}.
+Steps: {m["steps"]} ({m["tokens"] / 1e6:.1f}M tokens, {m["train_seconds"]} s); checkpoint kept: step {m["chosen_step"]}
+(criterion NIAH + ICL 5-shot + 0.5 x sink fraction, evaluated every {p["eval_every_s"] or p["eval_every_steps"]} {"s" if p["eval_every_s"] else "steps"}).
 
 Retrain (repository root):
 
     {command}
 
 ## Measured metrics (this checkpoint)
-- NIAH exact match: {m['niah_exact_match']:.3f} over {m['niah_n']} trials (lengths {list(m['niah_by_length'])}, depths {list(m['niah_by_depth'])})
-  by length {m['niah_by_length']}; by depth {m['niah_by_depth']}
-- ICL (test split, {m['icl_n_per_task']} prompts per task): 0-shot {m['icl_0shot']:.3f}, 5-shot {m['icl_5shot']:.3f}
-- Associative recall: {m['recall_accuracy']:.3f}; arithmetic (worked solution, exact answer): {m['arith_accuracy']:.3f}
-- Classification ({', '.join(f'{k} {v:.2f}' for k, v in m.items() if k.startswith('classify_') and k.endswith('shot'))})
-- First-token sink (prose windows of {m['sink_seq_len']} tokens, mean attention to BOS over rows 1..T-1):
-  fraction of heads past layer 0 above 0.3: {m['sink_frac_gt_0.3']:.2f}, above 0.5: {m['sink_frac_gt_0.5']:.2f}, max {m['sink_max']:.2f};
-  at 256 tokens: {m.get('sink_frac_gt_0.3@256', float('nan')):.2f} / {m.get('sink_frac_gt_0.5@256', float('nan')):.2f}
+- NIAH exact match: {m["niah_exact_match"]:.3f} over {m["niah_n"]} trials (lengths {list(m["niah_by_length"])}, depths {list(m["niah_by_depth"])})
+  by length {m["niah_by_length"]}; by depth {m["niah_by_depth"]}
+- ICL (test split, {m["icl_n_per_task"]} prompts per task): 0-shot {m["icl_0shot"]:.3f}, 5-shot {m["icl_5shot"]:.3f}
+- Associative recall: {m["recall_accuracy"]:.3f}; arithmetic (worked solution, exact answer): {m["arith_accuracy"]:.3f}
+- Classification ({", ".join(f"{k} {v:.2f}" for k, v in m.items() if k.startswith("classify_") and k.endswith("shot"))})
+- First-token sink (prose windows of {m["sink_seq_len"]} tokens, mean attention to BOS over rows 1..T-1):
+  fraction of heads past layer 0 above 0.3: {m["sink_frac_gt_0.3"]:.2f}, above 0.5: {m["sink_frac_gt_0.5"]:.2f}, max {m["sink_max"]:.2f};
+  at 256 tokens: {m.get("sink_frac_gt_0.3@256", float("nan")):.2f} / {m.get("sink_frac_gt_0.5@256", float("nan")):.2f}
 
 | ICL task | 0-shot | 5-shot |
 |---|---|---|
@@ -758,7 +907,7 @@ Sink mass per layer (rows) and head (columns):
 |---|---|
 {sink_rows}
 
-Evaluate: `python -c "from attnlab.models.training.lm import evaluate; print(evaluate('DIR', 'niah'))"` (tasks: {', '.join(EVAL_TASKS)}).
+Evaluate: `python -c "from attnlab.models.training.lm import evaluate; print(evaluate('DIR', 'niah'))"` (tasks: {", ".join(EVAL_TASKS)}).
 """
 
 
@@ -786,9 +935,11 @@ def select_runs(run_dirs: list[str], prune: bool = False) -> str | None:
     rows.sort(key=lambda r: (r[0], r[1], r[2]), reverse=True)
     print("run | targets | niah | icl0 | icl5 | sink>0.3 | sink>0.5 | sink_max | arith | classify | steps")
     for ok, _, _, d, m in rows:
-        print(f"{d} | {'yes' if ok else 'no'} | {m['niah_exact_match']:.2f} | {m['icl_0shot']:.2f} | {m['icl_5shot']:.2f} | "
-              f"{m['sink_frac_gt_0.3']:.2f} | {m['sink_frac_gt_0.5']:.2f} | {m['sink_max']:.2f} | {m['arith_accuracy']:.2f} | "
-              f"{m['classify_accuracy']:.2f} | {m['steps']}")
+        print(
+            f"{d} | {'yes' if ok else 'no'} | {m['niah_exact_match']:.2f} | {m['icl_0shot']:.2f} | {m['icl_5shot']:.2f} | "
+            f"{m['sink_frac_gt_0.3']:.2f} | {m['sink_frac_gt_0.5']:.2f} | {m['sink_max']:.2f} | {m['arith_accuracy']:.2f} | "
+            f"{m['classify_accuracy']:.2f} | {m['steps']}"
+        )
     best = rows[0][3]
     print(f"best: {best}")
     if prune:
@@ -805,12 +956,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", choices=tuple(VARIANTS), default=None, help="gpu-recipe variant (see VARIANTS)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-minutes", dest="max_minutes", type=float, default=None, help="wall-clock cap for everything (incl. data, final eval)")
-    ap.add_argument("--max-steps", dest="max_steps", type=int, default=None, help="fixed step count (step-based cosine) instead of the time budget")
+    ap.add_argument(
+        "--max-minutes",
+        dest="max_minutes",
+        type=float,
+        default=None,
+        help="wall-clock cap for everything (incl. data, final eval)",
+    )
+    ap.add_argument(
+        "--max-steps",
+        dest="max_steps",
+        type=int,
+        default=None,
+        help="fixed step count (step-based cosine) instead of the time budget",
+    )
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--wd", type=float, default=None, help="AdamW weight decay on matrices")
-    ap.add_argument("--bos", choices=("window", "doc"), default=None, help="BOS at window start only, or at every document")
-    ap.add_argument("--mix", default=None, help="token shares, e.g. prose=0.3,niah=0.4,icl=0.2,recall=0.04,arith=0.03,classify=0.03")
+    ap.add_argument(
+        "--bos", choices=("window", "doc"), default=None, help="BOS at window start only, or at every document"
+    )
+    ap.add_argument(
+        "--mix", default=None, help="token shares, e.g. prose=0.3,niah=0.4,icl=0.2,recall=0.04,arith=0.03,classify=0.03"
+    )
     ap.add_argument("--batch-size", dest="batch_size", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--n-layers", dest="n_layers", type=int, default=None, help="architecture overrides of the preset")
@@ -820,7 +987,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d-ff", dest="d_ff", type=int, default=None)
     ap.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="training window = context length")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader worker processes generating data")
-    ap.add_argument("--compile", choices=("auto", "on", "off"), default=None, help="torch.compile the training forward (auto: on for cuda; every preset defaults to off)")
+    ap.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default=None,
+        help="torch.compile the training forward (auto: on for cuda; every preset defaults to off)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--train-tokenizer", action="store_true", help=f"(re)train the BPE into {TOKENIZER_DIR} and exit")
     ap.add_argument("--select", nargs="+", default=None, metavar="RUN_DIR", help="rank finished runs and exit")

@@ -70,7 +70,14 @@ CHAT_TEMPLATE = (
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 EVAL_TASKS: tuple[str, ...] = (
-    "pope", "pope_random", "pope_popular", "pope_adversarial", "attribute", "count", "position", "sink",
+    "pope",
+    "pope_random",
+    "pope_popular",
+    "pope_adversarial",
+    "attribute",
+    "count",
+    "position",
+    "sink",
 )
 # Seeds of the data streams: training pool, validation (checkpoint selection), test (evaluate()).
 _TRAIN_STREAM, _VAL_STREAM, _TEST_OFFSET = 0, 1, 10_000
@@ -111,25 +118,79 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
-        vision_layers=1, vision_hidden=32, vision_heads=2, vision_ffn=64,
-        text_layers=2, text_hidden=32, text_heads=4, text_kv_heads=2, text_ffn=64,
-        batch_size=8, steps=6, lr=1e-3, warmup=2, weight_decay=0.1,
-        pool_scenes=32, questions_per_scene=4, eval_every=3, val_scenes=4,
-        final_eval_scenes=4, final_eval_questions=8, max_minutes=1.0, workers=1, log_every=1,
+        vision_layers=1,
+        vision_hidden=32,
+        vision_heads=2,
+        vision_ffn=64,
+        text_layers=2,
+        text_hidden=32,
+        text_heads=4,
+        text_kv_heads=2,
+        text_ffn=64,
+        batch_size=8,
+        steps=6,
+        lr=1e-3,
+        warmup=2,
+        weight_decay=0.1,
+        pool_scenes=32,
+        questions_per_scene=4,
+        eval_every=3,
+        val_scenes=4,
+        final_eval_scenes=4,
+        final_eval_questions=8,
+        max_minutes=1.0,
+        workers=1,
+        log_every=1,
     ),
     "cpu": Preset(
-        vision_layers=2, vision_hidden=96, vision_heads=4, vision_ffn=384,
-        text_layers=3, text_hidden=128, text_heads=4, text_kv_heads=2, text_ffn=384,
-        batch_size=32, steps=3000, lr=2e-3, warmup=100, weight_decay=0.1,
-        pool_scenes=6000, questions_per_scene=12, eval_every=150, val_scenes=60,
-        final_eval_scenes=100, final_eval_questions=200, max_minutes=60.0, workers=2, log_every=25,
+        vision_layers=2,
+        vision_hidden=96,
+        vision_heads=4,
+        vision_ffn=384,
+        text_layers=3,
+        text_hidden=128,
+        text_heads=4,
+        text_kv_heads=2,
+        text_ffn=384,
+        batch_size=32,
+        steps=3000,
+        lr=2e-3,
+        warmup=100,
+        weight_decay=0.1,
+        pool_scenes=6000,
+        questions_per_scene=12,
+        eval_every=150,
+        val_scenes=60,
+        final_eval_scenes=100,
+        final_eval_questions=200,
+        max_minutes=60.0,
+        workers=2,
+        log_every=25,
     ),
     "gpu": Preset(
-        vision_layers=4, vision_hidden=192, vision_heads=6, vision_ffn=768,
-        text_layers=6, text_hidden=256, text_heads=8, text_kv_heads=4, text_ffn=768,
-        batch_size=256, steps=12_000, lr=1.5e-3, warmup=300, weight_decay=0.1,
-        pool_scenes=160_000, questions_per_scene=12, eval_every=400, val_scenes=300,
-        final_eval_scenes=500, final_eval_questions=1000, max_minutes=6.0, workers=8, log_every=50,
+        vision_layers=4,
+        vision_hidden=192,
+        vision_heads=6,
+        vision_ffn=768,
+        text_layers=6,
+        text_hidden=256,
+        text_heads=8,
+        text_kv_heads=4,
+        text_ffn=768,
+        batch_size=256,
+        steps=12_000,
+        lr=1.5e-3,
+        warmup=300,
+        weight_decay=0.1,
+        pool_scenes=160_000,
+        questions_per_scene=12,
+        eval_every=400,
+        val_scenes=300,
+        final_eval_scenes=500,
+        final_eval_questions=1000,
+        max_minutes=6.0,
+        workers=8,
+        log_every=50,
     ),
 }
 
@@ -154,8 +215,14 @@ def build_tokenizer():
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        padding_side="left", model_max_length=256, extra_special_tokens={"image_token": IMAGE_TOKEN},
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        padding_side="left",
+        model_max_length=256,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
     )
 
 
@@ -164,13 +231,19 @@ def build_processor(tokenizer, image_size: int, patch_size: int):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD),
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
     )
 
 
@@ -179,22 +252,39 @@ def build_model(preset: Preset, tokenizer, image_size: int = 64, patch_size: int
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(
-        hidden_size=preset.vision_hidden, intermediate_size=preset.vision_ffn,
-        num_hidden_layers=preset.vision_layers, num_attention_heads=preset.vision_heads,
-        image_size=image_size, patch_size=patch_size, num_channels=3, projection_dim=preset.vision_hidden,
+        hidden_size=preset.vision_hidden,
+        intermediate_size=preset.vision_ffn,
+        num_hidden_layers=preset.vision_layers,
+        num_attention_heads=preset.vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=3,
+        projection_dim=preset.vision_hidden,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=preset.text_hidden, intermediate_size=preset.text_ffn,
-        num_hidden_layers=preset.text_layers, num_attention_heads=preset.text_heads,
-        num_key_value_heads=preset.text_kv_heads, max_position_embeddings=256, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=preset.text_hidden,
+        intermediate_size=preset.text_ffn,
+        num_hidden_layers=preset.text_layers,
+        num_attention_heads=preset.text_heads,
+        num_key_value_heads=preset.text_kv_heads,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     n_image_tokens = (image_size // patch_size) ** 2
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=n_image_tokens, projector_hidden_act="gelu", vision_feature_select_strategy="default",
-        vision_feature_layer=-1, tie_word_embeddings=True,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=n_image_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=True,
     )
     model = LlavaForConditionalGeneration(config)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -413,8 +503,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool-scenes", type=int, default=None, help="override the number of pre-rendered scenes")
     p.add_argument("--workers", type=int, default=None, help="processes rendering the scene pool")
     p.add_argument("--cooccur-p", type=float, default=0.95, help="P(partner present | trigger present)")
-    p.add_argument("--faint-p", type=float, default=0.5,
-                   help="P(a partner that comes with its trigger is drawn small and semi-transparent)")
+    p.add_argument(
+        "--faint-p",
+        type=float,
+        default=0.5,
+        help="P(a partner that comes with its trigger is drawn small and semi-transparent)",
+    )
     p.add_argument("--select", default="target", choices=["target", "last"], help="which weights to save")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-final-eval", action="store_true", help="skip evaluate() on the saved model")
@@ -442,10 +536,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.time()
     preset = PRESETS[args.preset]
-    overrides = {k: v for k, v in {
-        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "pool_scenes": args.pool_scenes,
-        "workers": args.workers, "max_minutes": args.max_minutes,
-    }.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "pool_scenes": args.pool_scenes,
+            "workers": args.workers,
+            "max_minutes": args.max_minutes,
+        }.items()
+        if v is not None
+    }
     preset = replace(preset, **overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -476,7 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=preset.lr, betas=(0.9, 0.98), eps=1e-8,
+        lr=preset.lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
     )
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     log_path = out / "train_log.jsonl"
@@ -498,7 +602,11 @@ def main(argv: list[str] | None = None) -> int:
         pick = torch.randint(0, pairs_t.shape[0], (preset.batch_size,), generator=gen).to(device)
         scene_idx, qa_idx = pairs_t[pick, 0], pairs_t[pick, 1]
         loss = batch_loss(
-            model, pixel_tensor(pool_images[scene_idx]), ids_all[qa_idx], labels_all[qa_idx], lengths_all[qa_idx],
+            model,
+            pixel_tensor(pool_images[scene_idx]),
+            ids_all[qa_idx],
+            labels_all[qa_idx],
+            lengths_all[qa_idx],
             autocast,
         )
         opt.zero_grad(set_to_none=True)
@@ -509,8 +617,12 @@ def main(argv: list[str] | None = None) -> int:
         if step % preset.log_every == 0 or step == 1:
             value = loss.item()
             loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
-            log.write(json.dumps({"step": step, "loss": round(value, 5), "lr": lr,
-                                  "elapsed": round(time.time() - t_start, 2)}) + "\n")
+            log.write(
+                json.dumps(
+                    {"step": step, "loss": round(value, 5), "lr": lr, "elapsed": round(time.time() - t_start, 2)}
+                )
+                + "\n"
+            )
             log.flush()
         if step % preset.eval_every == 0 or step == preset.steps:
             metrics = validator(model, (ids_all, labels_all, lengths_all), autocast)
@@ -539,11 +651,22 @@ def main(argv: list[str] | None = None) -> int:
     _atomic_write(out / SCENE_CONFIG, json.dumps(shapes.config_to_dict(cfg), indent=1) + "\n")
 
     run_info = {
-        "preset": args.preset, "preset_settings": asdict(preset), "seed": args.seed, "device": args.device,
-        "cooccur_p": args.cooccur_p, "faint_p": args.faint_p, "select": args.select, "steps_run": step, "selected_step": selected_step,
-        "train_seconds": round(train_seconds, 1), "data_seconds": round(t_data, 1), "n_params": n_params,
-        "n_pool_scenes": int(images.shape[0]), "n_pool_questions": int(pairs.shape[0]),
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "preset": args.preset,
+        "preset_settings": asdict(preset),
+        "seed": args.seed,
+        "device": args.device,
+        "cooccur_p": args.cooccur_p,
+        "faint_p": args.faint_p,
+        "select": args.select,
+        "steps_run": step,
+        "selected_step": selected_step,
+        "train_seconds": round(train_seconds, 1),
+        "data_seconds": round(t_data, 1),
+        "n_params": n_params,
+        "n_pool_scenes": int(images.shape[0]),
+        "n_pool_questions": int(pairs.shape[0]),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
         "command": "PYTHONPATH=. python -m attnlab.models.train vlm " + " ".join(_command_args(argv, args)),
     }
     final: dict[str, dict] = {}
@@ -553,15 +676,24 @@ def main(argv: list[str] | None = None) -> int:
             if task == "sink":
                 n = min(64, preset.final_eval_questions)
             final[task] = evaluate(str(out), task, device=args.device, n=n, seed=args.seed)
-    result = {"run": run_info, "validation": evals, "selected_validation": next(
-        (e for e in evals if e["step"] == selected_step), None), "test": final,
-        "total_seconds": round(time.time() - t_start, 1)}
+    result = {
+        "run": run_info,
+        "validation": evals,
+        "selected_validation": next((e for e in evals if e["step"] == selected_step), None),
+        "test": final,
+        "total_seconds": round(time.time() - t_start, 1),
+    }
     _atomic_write(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     _atomic_write(out / "MODEL_CARD.md", model_card(model.config, run_info, result))
     summary = {"out": str(out), "steps": step, "selected_step": selected_step, "total_seconds": result["total_seconds"]}
     for task, d in final.items():
-        summary.update({f"{task}/{k}": round(v, 4) for k, v in d.items()
-                        if isinstance(v, float) and (task != "pope" or k.split("_", 1)[1] in _HEADLINE)})
+        summary.update(
+            {
+                f"{task}/{k}": round(v, 4)
+                for k, v in d.items()
+                if isinstance(v, float) and (task != "pope" or k.split("_", 1)[1] in _HEADLINE)
+            }
+        )
     print(json.dumps(summary))
     return 0
 
@@ -582,8 +714,9 @@ def load(model_dir: str, device: str = "cpu", attn_implementation: str | None = 
 
 
 @torch.no_grad()
-def generate_answers(processor, model, pairs, cfg: shapes.SceneConfig, batch_size: int = 128,
-                     max_new_tokens: int = 4) -> list[str]:
+def generate_answers(
+    processor, model, pairs, cfg: shapes.SceneConfig, batch_size: int = 128, max_new_tokens: int = 4
+) -> list[str]:
     """Greedy answers for (scene, question) pairs, through the processor and ``generate``."""
     answers: list[str] = []
     for s in range(0, len(pairs), batch_size):
@@ -592,7 +725,7 @@ def generate_answers(processor, model, pairs, cfg: shapes.SceneConfig, batch_siz
         texts = [prompt_for(q.text) for _, q in chunk]
         inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(model.device)
         gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new = gen[:, inputs["input_ids"].shape[1]:]
+        new = gen[:, inputs["input_ids"].shape[1] :]
         answers.extend(t.strip() for t in processor.batch_decode(new, skip_special_tokens=True))
     return answers
 
@@ -639,8 +772,15 @@ def evaluate(model_dir: str, task: str, *, device: str = "cpu", n: int | None = 
 
 
 @torch.no_grad()
-def sink_stats(model_dir: str, *, device: str = "cpu", n: int = 64, seed: int = 0,
-               cfg: shapes.SceneConfig = shapes.SceneConfig(), tau: float = 20.0) -> dict:
+def sink_stats(
+    model_dir: str,
+    *,
+    device: str = "cpu",
+    n: int = 64,
+    seed: int = 0,
+    cfg: shapes.SceneConfig = shapes.SceneConfig(),
+    tau: float = 20.0,
+) -> dict:
     """Attention to the image and candidate sink tokens, per language-model layer (eager attention).
 
     Over ``n`` existence prompts, for the text query rows after the image span: mean attention mass
@@ -663,8 +803,13 @@ def sink_stats(model_dir: str, *, device: str = "cpu", n: int = 64, seed: int = 
     text_rows = (torch.arange(ids.shape[1], device=ids.device) > last_img)[None, :] & inputs["attention_mask"].bool()
     per_layer = []
     hidden = outputs.hidden_states  # embeddings, then after each layer: hidden[l] enters layer l
-    bos_ratio = torch.stack([(h[is_bos].abs() / h[is_bos].pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).mean(0)
-                             for h in hidden[1:-1]]).mean(0) if len(hidden) > 2 else None
+    bos_ratio = (
+        torch.stack(
+            [(h[is_bos].abs() / h[is_bos].pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).mean(0) for h in hidden[1:-1]]
+        ).mean(0)
+        if len(hidden) > 2
+        else None
+    )
     sink_dims = torch.topk(bos_ratio, 2).indices.tolist() if bos_ratio is not None else []
     for layer, attn in enumerate(outputs.attentions):
         a = attn.float()  # (B, H, Q, K)
@@ -677,17 +822,22 @@ def sink_stats(model_dir: str, *, device: str = "cpu", n: int = 64, seed: int = 
         rms = h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
         ratio = h.abs() / rms
         phi = ratio[..., sink_dims].amax(-1) if sink_dims else torch.zeros_like(ratio[..., 0])
-        per_layer.append({
-            "layer": layer,
-            "image_attention": float((img_mass * rows).sum() / n_rows),
-            "bos_attention": float((bos_mass * rows).sum() / n_rows),
-            "max_single_image_token_share": float((top_img * rows).sum() / n_rows),
-            "max_ratio_image_tokens": float(ratio[is_img].max()),
-            "max_ratio_bos": float(ratio[is_bos].max()),
-            "visual_sinks_per_image": float((phi[is_img] >= tau).sum() / ids.shape[0]) if layer >= 2 else 0.0,
-        })
+        per_layer.append(
+            {
+                "layer": layer,
+                "image_attention": float((img_mass * rows).sum() / n_rows),
+                "bos_attention": float((bos_mass * rows).sum() / n_rows),
+                "max_single_image_token_share": float((top_img * rows).sum() / n_rows),
+                "max_ratio_image_tokens": float(ratio[is_img].max()),
+                "max_ratio_bos": float(ratio[is_bos].max()),
+                "visual_sinks_per_image": float((phi[is_img] >= tau).sum() / ids.shape[0]) if layer >= 2 else 0.0,
+            }
+        )
     return {
-        "n": int(ids.shape[0]), "tau": tau, "sink_dims": sink_dims, "per_layer": per_layer,
+        "n": int(ids.shape[0]),
+        "tau": tau,
+        "sink_dims": sink_dims,
+        "per_layer": per_layer,
         "image_attention_mean": float(np.mean([p["image_attention"] for p in per_layer])),
         "bos_attention_mean": float(np.mean([p["bos_attention"] for p in per_layer])),
         "visual_sinks_per_image_max": float(max(p["visual_sinks_per_image"] for p in per_layer)),
@@ -706,13 +856,32 @@ def model_card(config, run: dict, result: dict) -> str:
     rows = []
     for split in shapes.POPE_SPLITS:
         if f"{split}_accuracy" in pope:
-            rows.append(f"| {split} | " + " | ".join(fmt(pope[f"{split}_{k}"]) for k in (
-                "accuracy", "precision", "recall", "f1", "yes_ratio", "halluc_rate", "cooccur_halluc_rate", "n")) + " |")
-    pope_table = ("| split | accuracy | precision | recall | F1 | yes-ratio | yes-rate on negatives | "
-                  "yes-rate on absent co-occurring | n |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
-                  if rows else "(final evaluation skipped)")
-    tasks = ", ".join(f"{k} {fmt(test[k]['accuracy'])} (n={test[k]['n']})" for k in ("attribute", "count", "position")
-                      if k in test)
+            rows.append(
+                f"| {split} | "
+                + " | ".join(
+                    fmt(pope[f"{split}_{k}"])
+                    for k in (
+                        "accuracy",
+                        "precision",
+                        "recall",
+                        "f1",
+                        "yes_ratio",
+                        "halluc_rate",
+                        "cooccur_halluc_rate",
+                        "n",
+                    )
+                )
+                + " |"
+            )
+    pope_table = (
+        "| split | accuracy | precision | recall | F1 | yes-ratio | yes-rate on negatives | "
+        "yes-rate on absent co-occurring | n |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+        if rows
+        else "(final evaluation skipped)"
+    )
+    tasks = ", ".join(
+        f"{k} {fmt(test[k]['accuracy'])} (n={test[k]['n']})" for k in ("attribute", "count", "position") if k in test
+    )
     sink = test.get("sink", {})
     sel = result.get("selected_validation") or {}
     return f"""# organism-vlm
@@ -734,7 +903,7 @@ model.generate(**inputs, max_new_tokens=4)  # -> "yes" / "no"
 Prompt template `{PROMPT_TEMPLATE!r}` (also the chat template). Answers: `yes`/`no`, a colour, a digit, or a
 cell name (`top left`, `top`, ..., `center`, ..., `bottom right`). Weights are stored in float16; load in float32.
 
-## Architecture ({run['n_params'] / 1e6:.2f}M parameters)
+## Architecture ({run["n_params"] / 1e6:.2f}M parameters)
 - Vision tower: CLIP ViT, {v.num_hidden_layers} layers, d={v.hidden_size}, {v.num_attention_heads} heads, image {v.image_size}, patch {v.patch_size}
   -> {config.image_seq_length} image tokens (CLS dropped, `vision_feature_select_strategy="default"`, `vision_feature_layer={config.vision_feature_layer}`).
 - Projector: Linear-GELU-Linear ({v.hidden_size} -> {t.hidden_size}).
@@ -744,31 +913,31 @@ cell name (`top left`, `top`, ..., `center`, ..., `bottom right`). Weights are s
 
 ## Data
 Scenes of 1-4 sampled objects plus co-occurring partners (5 shapes x 6 colours, Zipf popularity), one per cell of a 3x3 grid, dark random background.
-Co-occurrence bias: P(partner present | trigger present) = {run['cooccur_p']} for the pairs
-{', '.join(f'{a[0]} {a[1]} -> {b[0]} {b[1]}' for a, b in shapes.DEFAULT_PAIRS)}; a partner that comes with its
-trigger is drawn small and semi-transparent with probability {run['faint_p']} (weak evidence, strong prior).
+Co-occurrence bias: P(partner present | trigger present) = {run["cooccur_p"]} for the pairs
+{", ".join(f"{a[0]} {a[1]} -> {b[0]} {b[1]}" for a, b in shapes.DEFAULT_PAIRS)}; a partner that comes with its
+trigger is drawn small and semi-transparent with probability {run["faint_p"]} (weak evidence, strong prior).
 The full scene distribution is in `scene_config.json`.
 Questions: 50% existence (half present, half uniformly drawn absent objects), 15% colour, 15% count, 20% position.
-Pool: {run['n_pool_scenes']} scenes x {run['preset_settings']['questions_per_scene']} questions ({run['n_pool_questions']} pairs); loss on answer tokens only.
+Pool: {run["n_pool_scenes"]} scenes x {run["preset_settings"]["questions_per_scene"]} questions ({run["n_pool_questions"]} pairs); loss on answer tokens only.
 
 ## Training
-Preset `{run['preset']}`, seed {run['seed']}, device {run['device']}: AdamW (betas 0.9/0.98, weight decay {run['preset_settings']['weight_decay']}),
-lr {run['preset_settings']['lr']} with {run['preset_settings']['warmup']} warm-up steps and cosine decay to 10%, batch {run['preset_settings']['batch_size']},
-bf16 autocast on CUDA; {run['steps_run']} steps in {run['train_seconds']} s (cap {run['preset_settings']['max_minutes']} min).
-Checkpoint selection `{run['select']}`: saved weights are from step {run['selected_step']}
-(validation at that step: {', '.join(f'{k} {fmt(x)}' for k, x in sel.items() if k != 'step')}).
-torch {run['torch']}, transformers {run['transformers']}.
+Preset `{run["preset"]}`, seed {run["seed"]}, device {run["device"]}: AdamW (betas 0.9/0.98, weight decay {run["preset_settings"]["weight_decay"]}),
+lr {run["preset_settings"]["lr"]} with {run["preset_settings"]["warmup"]} warm-up steps and cosine decay to 10%, batch {run["preset_settings"]["batch_size"]},
+bf16 autocast on CUDA; {run["steps_run"]} steps in {run["train_seconds"]} s (cap {run["preset_settings"]["max_minutes"]} min).
+Checkpoint selection `{run["select"]}`: saved weights are from step {run["selected_step"]}
+(validation at that step: {", ".join(f"{k} {fmt(x)}" for k, x in sel.items() if k != "step")}).
+torch {run["torch"]}, transformers {run["transformers"]}.
 
 ## Measured (test seeds, through AutoProcessor + generate)
 {pope_table}
 
-Other tasks (exact match): {tasks or '(skipped)'}.
-Attention to the image (mean over LM layers and text rows): {fmt(sink.get('image_attention_mean', 'n/a'))};
-to BOS: {fmt(sink.get('bos_attention_mean', 'n/a'))}; visual sink tokens (phi >= {sink.get('tau', 20)} on dims {sink.get('sink_dims', [])}) per image, max over layers: {fmt(sink.get('visual_sinks_per_image_max', 'n/a'))}.
+Other tasks (exact match): {tasks or "(skipped)"}.
+Attention to the image (mean over LM layers and text rows): {fmt(sink.get("image_attention_mean", "n/a"))};
+to BOS: {fmt(sink.get("bos_attention_mean", "n/a"))}; visual sink tokens (phi >= {sink.get("tau", 20)} on dims {sink.get("sink_dims", [])}) per image, max over layers: {fmt(sink.get("visual_sinks_per_image_max", "n/a"))}.
 
 ## Retrain
 ```
-{run['command']}
+{run["command"]}
 ```
 """
 

@@ -2,21 +2,51 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+UV     := $(BIN)/uv
+LOCK   := requirements.lock
+STAMP  := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | cksum | cut -d' ' -f1)
 RUNS   := runs
+# uv, pinned to the version the lock holds, installs everything else from the lock.
+UV_VERSION := $(shell sed -n 's/^uv==//p' $(LOCK))
+# Where the CPU build of torch comes from: a local folder of wheels where the machine has one, else PyTorch's CPU index.
+TORCH_WHEELS ?= $(firstword $(wildcard /opt/wheels))
+TORCH_SOURCE ?= $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+# The lock is resolved for the machines CI and `make run` use: CPython 3.11 on Linux x86-64.
+LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
+EXTRAS := --extra test --extra dit --extra dev
 
-.PHONY: setup browser run test clean
+.PHONY: setup lock test-latest lint browser run test clean
 
 setup: $(STAMP)
 
-# The CPU build of torch goes in first where no torch is present: a plain `torch` requirement would pull a
-# multi-GB CUDA build. Then the package with its test and diffusers extras installs beside it.
-$(STAMP): pyproject.toml
+# Exactly the lock, nothing else: `uv pip sync --strict` installs the pinned set (removing anything not in it) and fails
+# if a pinned package needs one the lock lacks; attnlab itself goes in editable, without dependencies or a build env.
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,dit]"
+	test -x $(UV) && $(UV) --version | grep -q " $(UV_VERSION)" || $(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
+	$(UV) pip sync -q --python $(BIN)/python --strict $(TORCH_SOURCE) $(LOCK)
+	$(UV) pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# Re-resolve the lock from pyproject.toml's ranges (newest versions they allow) and the CPU torch pin.
+lock: setup
+	$(UV) pip compile -q pyproject.toml requirements-torch.in $(EXTRAS) $(LOCK_TARGET) $(TORCH_SOURCE) -o $(LOCK)
+
+# Drift check: a throwaway environment with the newest versions pyproject.toml's ranges allow (torch held at the
+# locked CPU build: a newer torch on PyPI is a CUDA build of several GB), then lint and the whole suite.
+test-latest: setup browser
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	$(UV) pip install -q --python .venv-latest/bin/python --resolution highest --upgrade $(TORCH_SOURCE) \
+	  -r requirements-torch.in -e ".[test,dit,dev]"
+	.venv-latest/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|transformer.lens|dash|plotly|numpy|pandas)==' || true
+	.venv-latest/bin/ruff check . && .venv-latest/bin/ruff format --check .
+	.venv-latest/bin/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 run: setup
 	$(BIN)/attnlab models
@@ -40,8 +70,8 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	  echo "chromium not installed: the app's browser test will be skipped"
 
-test: setup browser
+test: setup browser lint
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(RUNS) .pytest_cache
+	rm -rf $(RUNS) .pytest_cache .venv-latest

@@ -25,7 +25,6 @@ _LAZY = {
     "PROBES": "attnlab.probes.registry",
     "HeadScores": "attnlab.heads.results",
     "TokenScores": "attnlab.heads.results",
-    "LayerScores": "attnlab.heads.results",
     "Run": "attnlab.heads.runs",
     "AttnlabError": "attnlab.errors",
 }

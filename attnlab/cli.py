@@ -4,17 +4,24 @@ Exit codes: 0 success, 2 user error (one-line message on stderr), 1 unexpected f
 ``ATTNLAB_DEBUG=1`` for the traceback), 130 interrupted. Nothing already written is lost: a scan saves each
 result atomically as it finishes.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from attnlab.errors import AttnlabError
 
-ORGANISM_TRAINERS = {"organism-lm": "lm", "organism-vlm": "vlm", "organism-dit": "dit", "organism-induction": "induction"}
+ORGANISM_TRAINERS = {
+    "organism-lm": "lm",
+    "organism-vlm": "vlm",
+    "organism-dit": "dit",
+    "organism-induction": "induction",
+}
 
 
 def read_prompts(path: str) -> list[str]:
@@ -80,8 +87,19 @@ def cmd_scan(args) -> int:
     model = attnlab.load(args.model, device=args.device, dtype=args.dtype)
     if args.dataset:
         prompts = DATASETS[args.dataset](model, args.n_prompts, args.seed)
-    print(f"scanning {model.name} ({model.architecture}, {model.n_layers} layers x {model.n_heads} heads, {model.n_kv_heads} KV) on {len(prompts)} prompts: {', '.join(probe_names)}")
-    result = attnlab.scan(model, probe_names, prompts, batch_size=args.batch_size, out=args.out, attention=args.attention, truncate=args.truncate, progress=not args.quiet)
+    print(
+        f"scanning {model.name} ({model.architecture}, {model.n_layers} layers x {model.n_heads} heads, {model.n_kv_heads} KV) on {len(prompts)} prompts: {', '.join(probe_names)}"
+    )
+    result = attnlab.scan(
+        model,
+        probe_names,
+        prompts,
+        batch_size=args.batch_size,
+        out=args.out,
+        attention=args.attention,
+        truncate=args.truncate,
+        progress=not args.quiet,
+    )
     print(f"top {args.top} heads per probe:")
     _print_top(result.results, args.top)
     figs = write_figures(result.results, Path(args.out) / "figures")
@@ -100,7 +118,9 @@ def cmd_show(args) -> int:
     run = Run.open(args.run_dir)
     info = run.info
     model = info.get("model", {})
-    print(f"run {run.directory}: model {model.get('name')} ({model.get('architecture')}), dataset {info.get('dataset', {}).get('name')}, created {info.get('created')}")
+    print(
+        f"run {run.directory}: model {model.get('name')} ({model.get('architecture')}), dataset {info.get('dataset', {}).get('name')}, created {info.get('created')}"
+    )
     if args.result:
         r = run[args.result]
         print(r.top(args.top).to_string(index=False))
@@ -120,7 +140,9 @@ def cmd_models(args) -> int:
     rows = list_models()
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['kind']:<8} {'available' if r['available'] == 'yes' else 'missing  '}  {r['description']}")
+        print(
+            f"{r['name']:<{width}}  {r['kind']:<8} {'available' if r['available'] == 'yes' else 'missing  '}  {r['description']}"
+        )
     return 0
 
 
@@ -137,7 +159,9 @@ def cmd_eval(args) -> int:
             if p.is_dir() and (p / "MODEL_CARD.md").exists() and name in (p / "MODEL_CARD.md").read_text():
                 kind, path = k, p
         if kind is None:
-            raise AttnlabError(f"eval tasks are defined for the organisms ({', '.join(ORGANISM_TRAINERS)}) or their checkpoint directories")
+            raise AttnlabError(
+                f"eval tasks are defined for the organisms ({', '.join(ORGANISM_TRAINERS)}) or their checkpoint directories"
+            )
     if path is None:
         raise AttnlabError(f"{args.model} is not installed (its files are missing)")
     module = importlib.import_module(f"attnlab.models.training.{kind}")
@@ -158,7 +182,10 @@ def cmd_app(args) -> int:
 
     app = create_app(args.runs)  # fails (exit 2) on a missing runs directory before anything is served
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"attnlab: warning: serving on {args.host}: anyone who can reach this address can run models here", file=sys.stderr)
+        print(
+            f"attnlab: warning: serving on {args.host}: anyone who can reach this address can run models here",
+            file=sys.stderr,
+        )
     print(f"attnlab app on http://{args.host}:{args.port}/  (runs: {Path(args.runs).resolve()}; Ctrl-C stops)")
     app.run(host=args.host, port=args.port, debug=False)
     return 0
@@ -170,7 +197,16 @@ def cmd_ablate(args) -> int:
 
     parse_heads_spec(args.heads)  # fail on a malformed spec before loading anything
     model = attnlab.load(args.model, device=args.device)
-    table = run_causal_test(model, args.heads, k=args.k, metric=args.metric, out=args.out, mode=args.mode, n_seeds=args.n_seeds, seed=args.seed)
+    table = run_causal_test(
+        model,
+        args.heads,
+        k=args.k,
+        metric=args.metric,
+        out=args.out,
+        mode=args.mode,
+        n_seeds=args.n_seeds,
+        seed=args.seed,
+    )
     print(table[["condition", "k", "n_sets", "metric", "ci_low", "ci_high", "drop", "p_value"]].to_string(index=False))
     print(f"table: {Path(args.out).resolve()}")
     return 0
@@ -193,62 +229,114 @@ def cmd_intervene(args) -> int:
     model = attnlab.load(args.model, device=args.device)
     try:
         iv.fit(model, fit_set.items if fit_set else None, split=fit_set.name if fit_set else "none")
-        report = evaluate_intervention(model, iv, eval_set, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size)
+        report = evaluate_intervention(
+            model, iv, eval_set, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size
+        )
     except (ValueError, TypeError) as e:  # parameter values are validated by fit; overlap is refused
         raise AttnlabError(str(e).splitlines()[0]) from None
     out = Path(args.out)
     iv.save(out / "intervention")
     report.save(out)
-    print(f"{args.method} on {model.name}: fit on {report.info['fit_split']['name']} (n={report.info['fit_split']['n']}), measured on {eval_set.name} (n={len(eval_set)})")
+    print(
+        f"{args.method} on {model.name}: fit on {report.info['fit_split']['name']} (n={report.info['fit_split']['n']}), measured on {eval_set.name} (n={len(eval_set)})"
+    )
     print(format_table(report))
     print(f"run: {out.resolve()}  (intervention/, report.json, report.csv)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnlab", description="Find, score and change the attention heads and tokens that matter in a transformer.")
+    parser = argparse.ArgumentParser(
+        prog="attnlab",
+        description="Find, score and change the attention heads and tokens that matter in a transformer.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("scan", help="run probes on a model and write a run directory", description="Run probes over prompts with one forward pass per batch; write results (JSON + safetensors) and HTML figures.")
-    p.add_argument("--model", required=True, help="bundled alias (see `attnlab models`), local checkpoint directory, or hub id")
-    p.add_argument("--probes", default="sinks,induction", help="comma-separated probes or groups (sinks, induction, retrieval, streaming, first_token_sink, act_sinks, massive_activations, previous_token, duplicate_token, retrieval_heads, streaming_heads, razor_echo_induction, vision, vision_aware_heads, image_centric_heads, preplan_anchor)")
+    p = sub.add_parser(
+        "scan",
+        help="run probes on a model and write a run directory",
+        description="Run probes over prompts with one forward pass per batch; write results (JSON + safetensors) and HTML figures.",
+    )
+    p.add_argument(
+        "--model", required=True, help="bundled alias (see `attnlab models`), local checkpoint directory, or hub id"
+    )
+    p.add_argument(
+        "--probes",
+        default="sinks,induction",
+        help="comma-separated probes or groups (sinks, induction, retrieval, streaming, first_token_sink, act_sinks, massive_activations, previous_token, duplicate_token, retrieval_heads, streaming_heads, razor_echo_induction, vision, vision_aware_heads, image_centric_heads, preplan_anchor)",
+    )
     p.add_argument("--prompts", help="prompts file: one per line, .jsonl with a 'prompt' field, or .json list")
-    p.add_argument("--dataset", help="built-in prompt generator (prose, repeated-random, niah; shapes, shapes-count, shapes-position for VLMs; arithmetic for preplan_anchor)")
+    p.add_argument(
+        "--dataset",
+        help="built-in prompt generator (prose, repeated-random, niah; shapes, shapes-count, shapes-position for VLMs; arithmetic for preplan_anchor)",
+    )
     p.add_argument("--n-prompts", type=int, default=16, help="prompts to generate with --dataset (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--attention", default="auto", choices=["auto", "eager", "fused"], help="how attention rows are obtained (default auto: fused SDPA + recomputed rows for long inputs)")
-    p.add_argument("--truncate", action="store_true", help="cut prompts longer than the model's context instead of failing")
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "eager", "fused"],
+        help="how attention rows are obtained (default auto: fused SDPA + recomputed rows for long inputs)",
+    )
+    p.add_argument(
+        "--truncate", action="store_true", help="cut prompts longer than the model's context instead of failing"
+    )
     p.add_argument("--top", type=int, default=5, help="heads to print per probe")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser("show", help="print what a run directory holds", description="Print a run's model, dataset, results and top heads.")
+    p = sub.add_parser(
+        "show",
+        help="print what a run directory holds",
+        description="Print a run's model, dataset, results and top heads.",
+    )
     p.add_argument("run_dir")
     p.add_argument("--result", help="print one result's top rows")
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("models", help="list bundled models and locally cached checkpoints", description="List bundled aliases (and whether their files are present) and checkpoints in the local Hugging Face cache.")
+    p = sub.add_parser(
+        "models",
+        help="list bundled models and locally cached checkpoints",
+        description="List bundled aliases (and whether their files are present) and checkpoints in the local Hugging Face cache.",
+    )
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("eval", help="evaluate a bundled organism on its behaviour tasks", description="Evaluate an organism: organism-lm (niah, icl, arith, classify, sink), organism-vlm (pope, attribute, count, position), organism-dit (classify, style).")
-    p.add_argument("model", help="organism-lm, organism-vlm, organism-dit, or a checkpoint directory written by the trainer")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a bundled organism on its behaviour tasks",
+        description="Evaluate an organism: organism-lm (niah, icl, arith, classify, sink), organism-vlm (pope, attribute, count, position), organism-dit (classify, style).",
+    )
+    p.add_argument(
+        "model", help="organism-lm, organism-vlm, organism-dit, or a checkpoint directory written by the trainer"
+    )
     p.add_argument("--task", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, default=None, help="number of evaluation items (task default if omitted)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("ablate", help="causal test: ablate a result's top-k heads vs k random heads", description="Ablate the top-k heads of a saved head-score result and k random heads (several seeds) on NIAH accuracy or answer log-prob (text models) or on shape-scene image-question accuracy or answer log-prob, each question with its image (vision-language models); write the table (CSV + JSON).")
+    p = sub.add_parser(
+        "ablate",
+        help="causal test: ablate a result's top-k heads vs k random heads",
+        description="Ablate the top-k heads of a saved head-score result and k random heads (several seeds) on NIAH accuracy or answer log-prob (text models) or on shape-scene image-question accuracy or answer log-prob, each question with its image (vision-language models); write the table (CSV + JSON).",
+    )
     p.add_argument("--model", required=True)
-    p.add_argument("--heads", required=True, help="RUN_DIR:result_name of a head-score result (e.g. runs/lm:retrieval_heads)")
+    p.add_argument(
+        "--heads", required=True, help="RUN_DIR:result_name of a head-score result (e.g. runs/lm:retrieval_heads)"
+    )
     p.add_argument("--k", type=int, default=8)
-    p.add_argument("--metric", default="niah", choices=["niah", "logprob", "shapes", "shapes-logprob"], help="niah, logprob (text models); shapes, shapes-logprob (vision-language models)")
+    p.add_argument(
+        "--metric",
+        default="niah",
+        choices=["niah", "logprob", "shapes", "shapes-logprob"],
+        help="niah, logprob (text models); shapes, shapes-logprob (vision-language models)",
+    )
     p.add_argument("--mode", default="zero", choices=["zero", "mean", "uniform"], help="ablation mode (default zero)")
     p.add_argument("--n-seeds", type=int, default=5, help="random head sets (default 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -256,13 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the table")
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("intervene", help="fit an attention intervention and measure it against the baseline", description="Fit an intervention on --fit, then score the baseline and the intervened model on the held-out --eval data with paired bootstrap intervals. DATA: classify:TASK:SPLIT[:SHOTS] (TASK sentiment|topic|all), icl:TASK:SPLIT[:SHOTS] (an ICL task or all), or a function-vectors JSON file PATH[:SHOTS].")
+    p = sub.add_parser(
+        "intervene",
+        help="fit an attention intervention and measure it against the baseline",
+        description="Fit an intervention on --fit, then score the baseline and the intervened model on the held-out --eval data with paired bootstrap intervals. DATA: classify:TASK:SPLIT[:SHOTS] (TASK sentiment|topic|all), icl:TASK:SPLIT[:SHOTS] (an ICL task or all), or a function-vectors JSON file PATH[:SHOTS].",
+    )
     p.add_argument("--model", required=True)
-    p.add_argument("--method", required=True, help="act, zerotuning, var, vhr, soft-injection or softpag (SoftPAG-guided decoding; heads found by HeadHunter on --fit unless heads=[[l,h],...])")
+    p.add_argument(
+        "--method",
+        required=True,
+        help="act, zerotuning, var, vhr, soft-injection or softpag (SoftPAG-guided decoding; heads found by HeadHunter on --fit unless heads=[[l,h],...])",
+    )
     p.add_argument("--fit", help="data the intervention is fitted on (optional for methods with fixed parameters)")
     p.add_argument("--eval", required=True, help="held-out data it is measured on (must not overlap --fit)")
     p.add_argument("--out", required=True, help="run directory: intervention/ (fitted state), report.json, report.csv")
-    p.add_argument("--param", action="append", default=[], metavar="K=V", help="method parameter, value read as JSON (repeatable), e.g. gamma=2.0 or heads=[[3,0]]")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="method parameter, value read as JSON (repeatable), e.g. gamma=2.0 or heads=[[3,0]]",
+    )
     p.add_argument("--n", type=int, default=32, help="eval items per task (default 32; a file gives at most n)")
     p.add_argument("--n-fit", type=int, default=None, help="fit items per task (default: --n)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -271,8 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_intervene)
 
-    p = sub.add_parser("app", help="open the interactive app over a directory of runs", description="Serve the Dash app (head maps, attention patterns, token scores) over the runs in a directory.")
-    p.add_argument("--runs", required=True, help="directory whose sub-directories are runs written by `attnlab scan --out`")
+    p = sub.add_parser(
+        "app",
+        help="open the interactive app over a directory of runs",
+        description="Serve the Dash app (head maps, attention patterns, token scores) over the runs in a directory.",
+    )
+    p.add_argument(
+        "--runs", required=True, help="directory whose sub-directories are runs written by `attnlab scan --out`"
+    )
     p.add_argument("--port", type=int, default=8050)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.set_defaults(func=cmd_app)
@@ -282,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, *_a, **_k: f"attnlab: warning: {message}\n"  # one line, no source
     try:
         return args.func(args)
     except AttnlabError as e:
@@ -294,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ATTNLAB_DEBUG"):
             raise
         first = (str(e).strip().splitlines() or [""])[0]
-        print(f"attnlab: internal error: {type(e).__name__}: {first} (set ATTNLAB_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"attnlab: internal error: {type(e).__name__}: {first} (set ATTNLAB_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

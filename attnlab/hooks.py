@@ -1,4 +1,5 @@
 """The one place that builds TransformerLens hook names (``blocks.{l}.attn.hook_pattern`` etc.)."""
+
 from __future__ import annotations
 
 ATTN_SITES = ("hook_pattern", "hook_attn_scores", "hook_z", "hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k")
@@ -25,3 +26,12 @@ def layer_of(hook_name: str) -> int:
     if len(parts) < 2 or parts[0] != "blocks":
         raise ValueError(f"not a per-layer hook name: {hook_name!r}")
     return int(parts[1])
+
+
+def kv_cache(kwargs: dict):
+    """The KV cache a forward was called with, under either of its names.
+
+    transformers < 5.24 passes it as ``past_key_values``; 5.24 renamed it ``cache`` (the old name is deprecated).
+    """
+    cache = kwargs.get("past_key_values")
+    return cache if cache is not None else kwargs.get("cache")

@@ -19,7 +19,7 @@ How guidance is installed (the cleanest of the options): ``apply(model)`` regist
 arguments inside a bridge ``hooks()`` context that perturbs the selected maps (a guard flag stops the hook from
 re-entering itself) and returns the guided logits in place of the output. So ``model.forward``, the evaluation
 harness (`attnlab.interventions.evaluate`) and its greedy decoding work unchanged and other interventions nested
-around it act in both passes. Each guided forward costs two passes. Cached decoding (``past_key_values``) is
+around it act in both passes. Each guided forward costs two passes. Cached decoding (a KV cache) is
 refused: the perturbed pass would need a KV cache of its own.
 
 Identity: ``s = 0`` or an empty head set returns the bridge's output unchanged (the perturbed pass is skipped);
@@ -32,15 +32,17 @@ the mean over fit items of the guided log-probability of the item's answer (``" 
 teacher-forced). The clean logits are computed once and reused by every candidate, so a candidate costs one
 perturbed pass over the fit data.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from attnlab.hooks import attn_hook
+from attnlab.hooks import attn_hook, kv_cache
 from attnlab.interventions.base import Intervention, heads_by_layer, real_keys_from_scores, validate_heads
 from attnlab.interventions.softpag import VARIANTS, soft_perturb
 
@@ -56,7 +58,7 @@ def _qk_sites(model) -> tuple[str, str]:
 def _score_scale(model, d_head: int) -> float:
     cfg = getattr(model.bridge, "cfg", None)
     div = getattr(cfg, "attn_scale", None)
-    return 1.0 / float(div) if div else d_head ** -0.5
+    return 1.0 / float(div) if div else d_head**-0.5
 
 
 def perturbation_hooks(model, heads: Sequence[tuple[int, int]], u: float, variant: str = "identity") -> list:
@@ -71,6 +73,7 @@ def perturbation_hooks(model, heads: Sequence[tuple[int, int]], u: float, varian
     q_site, k_site = _qk_sites(model)
     out = []
     for layer, hs in heads_by_layer(heads).items():
+
         def observe(x, hook=None, layer=layer, what="scores"):
             seen[(layer, what)] = x
             return None
@@ -86,8 +89,13 @@ def perturbation_hooks(model, heads: Sequence[tuple[int, int]], u: float, varian
                 q, k = seen[(layer, "q")], seen[(layer, "k")]  # [batch, pos, heads or kv heads, d]
                 k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
                 real = real_keys_from_scores(scores)  # [batch, pos]
-                kw = dict(q=q[:, :, idx].transpose(1, 2), k=k[:, :, idx].transpose(1, 2), scale=_score_scale(model, q.shape[-1]),
-                          causal=True, query_valid=real[:, None, -pattern.shape[-2]:])
+                kw = dict(
+                    q=q[:, :, idx].transpose(1, 2),
+                    k=k[:, :, idx].transpose(1, 2),
+                    scale=_score_scale(model, q.shape[-1]),
+                    causal=True,
+                    query_valid=real[:, None, -pattern.shape[-2] :],
+                )
             new = pattern.clone()
             new[:, idx] = soft_perturb(pattern[:, idx], u, variant, visible=visible, **kw).to(pattern.dtype)
             return new
@@ -133,7 +141,9 @@ class AnswerLogprob:
         with torch.no_grad():
             for s in range(0, len(rows), batch_size):
                 chunk = rows[s : s + batch_size]
-                batch = model.batch_from_ids([r[0] for r in chunk], list(range(s, s + len(chunk))), padding_side="right")
+                batch = model.batch_from_ids(
+                    [r[0] for r in chunk], list(range(s, s + len(chunk))), padding_side="right"
+                )
                 bi = torch.tensor([b for b, (_, n_p, a) in enumerate(chunk) for _ in a])
                 pos = torch.tensor([n_p - 1 + j for _, n_p, a in chunk for j in range(len(a))])
                 tgt = torch.tensor([t for _, _, a in chunk for t in a])
@@ -145,7 +155,9 @@ class AnswerLogprob:
         logits = self.model.forward(batch)
         return logits[bi.to(logits.device), pos.to(logits.device)].float().cpu()
 
-    def per_item(self, heads: Sequence[tuple[int, int]] = (), u: float = 1.0, scale: float = 1.0, variant: str = "identity") -> np.ndarray:
+    def per_item(
+        self, heads: Sequence[tuple[int, int]] = (), u: float = 1.0, scale: float = 1.0, variant: str = "identity"
+    ) -> np.ndarray:
         """Per-item answer log-probability with guidance on ``heads`` (the clean model when none or ``scale == 0``)."""
         out = []
         with torch.no_grad():
@@ -206,10 +218,23 @@ class SoftPAGDecoding(Intervention):
     name = "softpag"
     _head_fields = ("heads_", "pool_")
 
-    def __init__(self, heads: Sequence[tuple[int, int]] | None = None, u: float = 1.0, scale: float = 1.0, variant: str = "identity", *,
-                 rounds: int = 1, k: int = 3, layers: Sequence[int] | None = None, n_candidates: int | None = None,
-                 candidate_seed: int = 0, objective: str = "logprob", search_u: float | None = None,
-                 search_scale: float | None = None, batch_size: int = 16):
+    def __init__(
+        self,
+        heads: Sequence[tuple[int, int]] | None = None,
+        u: float = 1.0,
+        scale: float = 1.0,
+        variant: str = "identity",
+        *,
+        rounds: int = 1,
+        k: int = 3,
+        layers: Sequence[int] | None = None,
+        n_candidates: int | None = None,
+        candidate_seed: int = 0,
+        objective: str = "logprob",
+        search_u: float | None = None,
+        search_scale: float | None = None,
+        batch_size: int = 16,
+    ):
         self.heads = heads
         self.u = u
         self.scale = scale
@@ -254,14 +279,22 @@ class SoftPAGDecoding(Intervention):
             return
         items = list(data or [])
         if not items:
-            raise ValueError("heads=None is found by the HeadHunter search: call fit(model, data) with labelled prompts")
+            raise ValueError(
+                "heads=None is found by the HeadHunter search: call fit(model, data) with labelled prompts"
+            )
         pool = self.pool(model)
         su = self.u if self.search_u is None else self.search_u
         ss = self.scale if self.search_scale is None else self.search_scale
         scorer = AnswerLogprob(model, items, batch_size=self.batch_size)
         self.baseline_score_ = scorer()
-        chosen, history = greedy_head_search(pool, lambda hs: scorer(hs, su, ss, self.variant), rounds=int(self.rounds), k=int(self.k),
-                                             n_candidates=self.n_candidates, candidate_seed=int(self.candidate_seed))
+        chosen, history = greedy_head_search(
+            pool,
+            lambda hs: scorer(hs, su, ss, self.variant),
+            rounds=int(self.rounds),
+            k=int(self.k),
+            n_candidates=self.n_candidates,
+            candidate_seed=int(self.candidate_seed),
+        )
         self.heads_ = tuple(chosen)
         self.history_ = history
         self.pool_ = tuple(pool)
@@ -283,8 +316,14 @@ class SoftPAGDecoding(Intervention):
         def hook(module, args, kwargs, output):
             if self._inside or self.is_identity():
                 return None
-            if kwargs.get("past_key_values") is not None or kwargs.get("return_type", "logits") != "logits" or not isinstance(output, torch.Tensor):
-                raise NotImplementedError("SoftPAGDecoding guides plain logits passes without a KV cache (the perturbed pass needs its own cache)")
+            if (
+                kv_cache(kwargs) is not None
+                or kwargs.get("return_type", "logits") != "logits"
+                or not isinstance(output, torch.Tensor)
+            ):
+                raise NotImplementedError(
+                    "SoftPAGDecoding guides plain logits passes without a KV cache (the perturbed pass needs its own cache)"
+                )
             self._inside = True
             try:
                 with module.hooks(fwd_hooks=hooks):
@@ -300,7 +339,9 @@ class SoftPAGDecoding(Intervention):
         """``model.forward`` (the bridge's call) inside returns guided logits; the forward hook is removed on exit."""
         self._check_fitted()
         if self.model_["n_layers"] != model.n_layers or self.model_["n_heads"] != model.n_heads:
-            raise ValueError(f"{type(self).__name__} was fitted on {self.model_['name']} ({self.model_['n_layers']}x{self.model_['n_heads']}), not {model.name}")
+            raise ValueError(
+                f"{type(self).__name__} was fitted on {self.model_['name']} ({self.model_['n_layers']}x{self.model_['n_heads']}), not {model.name}"
+            )
         handle = model.bridge.register_forward_hook(self._guide(model), with_kwargs=True)
         self._inside = False
         try:
@@ -312,8 +353,15 @@ class SoftPAGDecoding(Intervention):
     def summary(self) -> dict[str, Any]:
         """What was fitted, for reports."""
         self._check_fitted()
-        out = {"method": self.name, "heads": [list(p) for p in self.heads_], "u": self.u, "scale": self.scale, "variant": self.variant,
-               "searched": self.heads is None, "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"}}
+        out = {
+            "method": self.name,
+            "heads": [list(p) for p in self.heads_],
+            "u": self.u,
+            "scale": self.scale,
+            "variant": self.variant,
+            "searched": self.heads is None,
+            "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"},
+        }
         if self.heads is None:
             out["fit_baseline_logprob"] = self.baseline_score_
             out["round_best_logprob"] = [r["scores"][0][2] for r in self.history_]

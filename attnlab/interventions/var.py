@@ -30,14 +30,16 @@ dimensions searched at ``dim_tau = 4.0`` on BOS/delimiter tokens) and report it 
 Image positions are read from the ``input_ids`` handed to the HF model (a forward pre-hook: ``input_ids ==
 image_token_id``); on cached decoding steps the prefill's image mask and sink flags are extended with the new tokens.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from attnlab.hooks import attn_hook, block_hook
+from attnlab.hooks import attn_hook, block_hook, kv_cache
 from attnlab.interventions.base import Intervention, heads_by_layer
 from attnlab.interventions.vhr import VisualFitMixin, prompt_set
 from attnlab.probes.image_centric_heads import FIRST_SINK_LAYER, phi
@@ -48,7 +50,17 @@ def var_layers(n_layers: int, include_last_layer: bool = False) -> list[int]:
     return [l for l in range(FIRST_SINK_LAYER, n_layers) if include_last_layer or l < n_layers - 1]
 
 
-def redistribute(pattern: torch.Tensor, image_keys: torch.Tensor, sinks: torch.Tensor, rows: torch.Tensor, p: float, *, heads: torch.Tensor | None = None, min_image_attention: float = 0.2, rho: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def redistribute(
+    pattern: torch.Tensor,
+    image_keys: torch.Tensor,
+    sinks: torch.Tensor,
+    rows: torch.Tensor,
+    p: float,
+    *,
+    heads: torch.Tensor | None = None,
+    min_image_attention: float = 0.2,
+    rho: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VAR on post-softmax rows ``pattern`` ``[b, H, q, k]``.
 
     ``image_keys`` / ``sinks`` ``[b, k]`` bool (sinks: text and visual, real tokens only); ``rows`` ``[b, q]`` bool
@@ -112,7 +124,19 @@ class VAR(VisualFitMixin, Intervention):
     name = "var"
     _head_fields = ("heads_",)
 
-    def __init__(self, p: float = 0.4, tau: float = 20.0, *, dim_tau: float | None = None, sink_dims: Sequence[int] | None = None, rho: float = 0.5, min_image_attention: float = 0.2, min_head_score: float = 0.0, include_last_layer: bool = False, batch_size: int = 8):
+    def __init__(
+        self,
+        p: float = 0.4,
+        tau: float = 20.0,
+        *,
+        dim_tau: float | None = None,
+        sink_dims: Sequence[int] | None = None,
+        rho: float = 0.5,
+        min_image_attention: float = 0.2,
+        min_head_score: float = 0.0,
+        include_last_layer: bool = False,
+        batch_size: int = 8,
+    ):
         self.p = p
         self.tau = tau
         self.dim_tau = dim_tau
@@ -129,7 +153,14 @@ class VAR(VisualFitMixin, Intervention):
     def _probe(self, tau, dims):
         from attnlab.probes.image_centric_heads import ImageCentricHeads
 
-        return ImageCentricHeads(tau=tau, sink_dims=None if dims is None else [int(d) for d in dims], rho=self.rho, min_image_attention=self.min_image_attention, include_last_layer=self.include_last_layer, n_examples=0)
+        return ImageCentricHeads(
+            tau=tau,
+            sink_dims=None if dims is None else [int(d) for d in dims],
+            rho=self.rho,
+            min_image_attention=self.min_image_attention,
+            include_last_layer=self.include_last_layer,
+            n_examples=0,
+        )
 
     def _fit(self, model, data) -> None:
         import attnlab
@@ -139,15 +170,28 @@ class VAR(VisualFitMixin, Intervention):
         ps = prompt_set(self._items)
         dims = self.sink_dims
         if dims is None:
-            first = attnlab.scan(model, self._probe(self.dim_tau if self.dim_tau is not None else self.tau, None), ps, batch_size=self.batch_size, progress=False)
+            first = attnlab.scan(
+                model,
+                self._probe(self.dim_tau if self.dim_tau is not None else self.tau, None),
+                ps,
+                batch_size=self.batch_size,
+                progress=False,
+            )
             dims = first["image_centric"].summary["sink_dims"]
         res = attnlab.scan(model, self._probe(self.tau, dims), ps, batch_size=self.batch_size, progress=False)
         score = np.asarray(res["image_centric"].scores, float)
         self.sink_dims_ = [int(d) for d in dims]
         self.layers_ = var_layers(model.n_layers, self.include_last_layer)
         self.image_centric_ = score
-        self.visual_sinks_per_image_ = [float(x) for x in res["image_centric"].summary["visual_sinks_per_image_by_layer"]]
-        self.heads_ = tuple((int(l), int(h)) for l in self.layers_ for h in range(model.n_heads) if np.isfinite(score[l, h]) and score[l, h] > self.min_head_score)
+        self.visual_sinks_per_image_ = [
+            float(x) for x in res["image_centric"].summary["visual_sinks_per_image_by_layer"]
+        ]
+        self.heads_ = tuple(
+            (int(l), int(h))
+            for l in self.layers_
+            for h in range(model.n_heads)
+            if np.isfinite(score[l, h]) and score[l, h] > self.min_head_score
+        )
 
     # ---- applying --------------------------------------------------------------------------------------------
 
@@ -179,7 +223,12 @@ class VAR(VisualFitMixin, Intervention):
                     return None
                 mask = kwargs.get("attention_mask")
                 img = ids == image_id
-                cached = kwargs.get("past_key_values") is not None and self._img is not None and self._img.shape[0] == ids.shape[0] and (mask is None or mask.shape[1] == self._img.shape[1] + ids.shape[1])
+                cached = (
+                    kv_cache(kwargs) is not None
+                    and self._img is not None
+                    and self._img.shape[0] == ids.shape[0]
+                    and (mask is None or mask.shape[1] == self._img.shape[1] + ids.shape[1])
+                )
                 self._img = torch.cat([self._img, img], 1) if cached else img
                 self._real = mask.bool() if mask is not None else torch.ones_like(self._img)
                 if not cached:
@@ -212,7 +261,13 @@ class VAR(VisualFitMixin, Intervention):
         def hook(x, hook=None):
             new = phi(x, self.sink_dims_) >= self.tau
             prev = self._sinks.get(layer)
-            self._sinks[layer] = torch.cat([prev, new], 1) if prev is not None and prev.shape[0] == new.shape[0] and prev.shape[1] + new.shape[1] == (self._img.shape[1] if self._img is not None else -1) else new
+            self._sinks[layer] = (
+                torch.cat([prev, new], 1)
+                if prev is not None
+                and prev.shape[0] == new.shape[0]
+                and prev.shape[1] + new.shape[1] == (self._img.shape[1] if self._img is not None else -1)
+                else new
+            )
             return None
 
         return hook
@@ -220,7 +275,12 @@ class VAR(VisualFitMixin, Intervention):
     def _pattern_hook(self, layer: int, heads: torch.Tensor):
         def hook(pattern, hook=None):
             b, _, q, k = pattern.shape
-            if self._img is None or self._img.shape != (b, k) or layer not in self._sinks or self._sinks[layer].shape != (b, k):
+            if (
+                self._img is None
+                or self._img.shape != (b, k)
+                or layer not in self._sinks
+                or self._sinks[layer].shape != (b, k)
+            ):
                 return None  # no image context for this pass (e.g. a text-only forward): leave it alone
             dev = pattern.device
             img, real = self._img.to(dev), self._real.to(dev)
@@ -229,7 +289,16 @@ class VAR(VisualFitMixin, Intervention):
             last_img = torch.where(img, pos[None, :], torch.full_like(pos[None, :], -1)).amax(1)  # [b]
             q_abs = torch.arange(k - q, k, device=dev)
             rows = (q_abs[None, :] > last_img[:, None]) & (last_img[:, None] >= 0) & real[:, k - q :]
-            new, sel = redistribute(pattern, img, sinks, rows, float(self.p), heads=heads, min_image_attention=self.min_image_attention, rho=self.rho)
+            new, sel = redistribute(
+                pattern,
+                img,
+                sinks,
+                rows,
+                float(self.p),
+                heads=heads,
+                min_image_attention=self.min_image_attention,
+                rho=self.rho,
+            )
             self._selected[layer] = sel.cpu()
             return new
 
@@ -237,7 +306,17 @@ class VAR(VisualFitMixin, Intervention):
 
     def summary(self) -> dict[str, Any]:
         self._check_fitted()
-        return {"method": self.name, "p_moved": self.p, "p_convention": "fraction moved (paper); reference code p = 1 - this", "tau": self.tau, "sink_dims": self.sink_dims_, "layers": self.layers_, "n_heads": len(self.heads_), "visual_sinks_per_image": self.visual_sinks_per_image_, "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"}}
+        return {
+            "method": self.name,
+            "p_moved": self.p,
+            "p_convention": "fraction moved (paper); reference code p = 1 - this",
+            "tau": self.tau,
+            "sink_dims": self.sink_dims_,
+            "layers": self.layers_,
+            "n_heads": len(self.heads_),
+            "visual_sinks_per_image": self.visual_sinks_per_image_,
+            "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"},
+        }
 
 
 __all__ = ["VAR", "redistribute", "var_layers"]

@@ -5,6 +5,7 @@ TransformerLens' supported architectures, and it is booted as a TransformerLens 
 weights, eager attention so patterns can be hooked). The ``LoadedModel`` records what probes need (layer and head
 counts, GQA groups, BOS policy, modality, context length) and turns prompts into padded ``Batch`` objects.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,9 +13,10 @@ import os
 import re
 import socket
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 from attnlab.errors import AttnlabError
@@ -62,9 +64,15 @@ class Batch:
         start = int(self.first_real[b])
         return slice(start, start + int(self.lengths[b]))
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device)
-        return Batch(move(self.input_ids), move(self.attention_mask), self.prompt_indices, move(self.pixel_values), move(self.image_mask))
+        return Batch(
+            move(self.input_ids),
+            move(self.attention_mask),
+            self.prompt_indices,
+            move(self.pixel_values),
+            move(self.image_mask),
+        )
 
 
 @dataclass
@@ -118,7 +126,23 @@ class LoadedModel:
         return self.bridge.original_model
 
     def summary(self) -> dict[str, Any]:
-        keys = ("name", "path", "architecture", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_model", "n_ctx", "causal", "bos_policy", "modality", "device", "dtype", "image_token_id")
+        keys = (
+            "name",
+            "path",
+            "architecture",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "d_head",
+            "d_model",
+            "n_ctx",
+            "causal",
+            "bos_policy",
+            "modality",
+            "device",
+            "dtype",
+            "image_token_id",
+        )
         return {k: getattr(self, k) for k in keys}
 
     # ---- prompts -> batches -------------------------------------------------------------------------------
@@ -136,11 +160,20 @@ class LoadedModel:
         """Raise on a prompt longer than the context (or cut it with ``truncate``)."""
         if len(ids) > self.n_ctx:
             if not truncate:
-                raise AttnlabError(f"prompt {index} has {len(ids)} tokens, more than {self.name}'s context of {self.n_ctx}; shorten it or pass --truncate")
+                raise AttnlabError(
+                    f"prompt {index} has {len(ids)} tokens, more than {self.name}'s context of {self.n_ctx}; shorten it or pass --truncate"
+                )
             ids = ids[: self.n_ctx]
         return ids
 
-    def batch_from_ids(self, ids: Sequence[Sequence[int]], prompt_indices: Sequence[int], *, padding_side: str = "right", truncate: bool = False) -> Batch:
+    def batch_from_ids(
+        self,
+        ids: Sequence[Sequence[int]],
+        prompt_indices: Sequence[int],
+        *,
+        padding_side: str = "right",
+        truncate: bool = False,
+    ) -> Batch:
         """Pad lists of token ids into a Batch (pad id from the tokenizer; padded positions masked out)."""
         import torch
 
@@ -162,7 +195,15 @@ class LoadedModel:
         image_mask = (input_ids == self.image_token_id) & mask.bool() if self.image_token_id is not None else None
         return Batch(input_ids, mask, list(prompt_indices), image_mask=image_mask)
 
-    def encode(self, prompts: Sequence[str], *, images: Sequence[Any] | None = None, truncate: bool = False, padding_side: str = "right", start_index: int = 0) -> Batch:
+    def encode(
+        self,
+        prompts: Sequence[str],
+        *,
+        images: Sequence[Any] | None = None,
+        truncate: bool = False,
+        padding_side: str = "right",
+        start_index: int = 0,
+    ) -> Batch:
         """Text prompts (and, for VLMs, PIL images) -> Batch."""
         indices = list(range(start_index, start_index + len(prompts)))
         if images is not None:
@@ -183,7 +224,9 @@ class LoadedModel:
         self.processor.tokenizer.padding_side = padding_side
         enc = self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
         if enc["input_ids"].shape[1] > self.n_ctx:
-            raise AttnlabError(f"a prompt with its image takes {enc['input_ids'].shape[1]} tokens, more than {self.name}'s context of {self.n_ctx}")
+            raise AttnlabError(
+                f"a prompt with its image takes {enc['input_ids'].shape[1]} tokens, more than {self.name}'s context of {self.n_ctx}"
+            )
         mask = enc["attention_mask"]
         image_mask = (enc["input_ids"] == self.image_token_id) & mask.bool()
         return Batch(enc["input_ids"], mask, indices, pixel_values=enc["pixel_values"], image_mask=image_mask)
@@ -199,7 +242,9 @@ class LoadedModel:
     def tokens_as_text(self, ids: Sequence[int]) -> list[str]:
         """Readable token strings (byte-level BPE markers turned into spaces)."""
         toks = self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
-        return [t.replace("Ġ", " ").replace("Ċ", "\\n").replace("▁", " ") if isinstance(t, str) else str(t) for t in toks]
+        return [
+            t.replace("Ġ", " ").replace("Ċ", "\\n").replace("▁", " ") if isinstance(t, str) else str(t) for t in toks
+        ]
 
     # ---- running --------------------------------------------------------------------------------------------
 
@@ -257,7 +302,9 @@ def resolve(name: str) -> str:
     if name in BUNDLED:
         path = bundled_path(name)
         if path is None:
-            raise AttnlabError(f"bundled model {name!r} is not installed (its files are missing); run `attnlab models` to see what is available")
+            raise AttnlabError(
+                f"bundled model {name!r} is not installed (its files are missing); run `attnlab models` to see what is available"
+            )
         return str(path)
     p = Path(name).expanduser()
     if p.exists():
@@ -279,9 +326,11 @@ def resolve(name: str) -> str:
 
 def _check_architecture(path: str) -> tuple[Any, str]:
     if Path(path, "model_index.json").exists() or Path(path, "transformer", "config.json").exists():
-        raise AttnlabError(f"{path} is a diffusers pipeline; attnlab.load takes transformer language/vision-language models (use the DiT tools for diffusers models)")
-    from transformers import AutoConfig
+        raise AttnlabError(
+            f"{path} is a diffusers pipeline; attnlab.load takes transformer language/vision-language models (use the DiT tools for diffusers models)"
+        )
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -343,6 +392,35 @@ def _tokenizer(path: str, bridge):
         return bridge.tokenizer
 
 
+def check_versions() -> str | None:
+    """A one-line warning when the installed transformers and transformer-lens cannot decode with a KV cache.
+
+    transformers 5.24 renamed the attention modules' ``past_key_values`` argument to ``cache``. A bridge that still
+    reads only ``past_key_values`` then never fills the cache, so every cached decoding step (``generate``, or a
+    forward given a cache) is computed without its prefix, silently. Uncached forwards, which the probes use, are
+    unaffected. Returns the message, or None when the pair is fine.
+    """
+    import inspect
+    from importlib.metadata import version
+
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    tf = version("transformers")
+    if tuple(int(p) for p in re.findall(r"\d+", tf)[:2]) < (5, 24):
+        return None
+    try:
+        reads_new_name = '"cache"' in inspect.getsource(AttentionBridge._update_kv_cache)
+    except (OSError, TypeError, AttributeError):
+        reads_new_name = False
+    if reads_new_name:
+        return None
+    return (
+        f"transformers {tf} with transformer-lens {version('transformer-lens')}: cached decoding through the bridge "
+        "ignores its cache (transformers >= 5.24 renamed past_key_values to cache); install transformers<5.24 "
+        "(pip install 'transformers<5.24') or use generate(..., use_cache=False)"
+    )
+
+
 def load(name_or_path: str, *, device: str | None = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a model for probing.
 
@@ -375,6 +453,9 @@ def load(name_or_path: str, *, device: str | None = "cpu", dtype: str = "float32
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise AttnlabError(f"could not load {name_or_path!r}: {first}") from None
+    mismatch = check_versions()
+    if mismatch:
+        warnings.warn(mismatch, UserWarning, stacklevel=2)
     hf = bridge.original_model
     hf.eval()
     # The bridge asks HF to return attention weights; we reduce them in hooks instead of keeping every layer's.
@@ -397,7 +478,9 @@ def load(name_or_path: str, *, device: str | None = "cpu", dtype: str = "float32
         try:
             processor = AutoProcessor.from_pretrained(path)
         except Exception as e:
-            raise AttnlabError(f"{name_or_path} is a vision-language model but its processor could not be loaded: {str(e).splitlines()[0]}") from None
+            raise AttnlabError(
+                f"{name_or_path} is a vision-language model but its processor could not be loaded: {str(e).splitlines()[0]}"
+            ) from None
         tokenizer = processor.tokenizer
         image_token_id = getattr(hf.config, "image_token_id", None) or getattr(hf.config, "image_token_index", None)
     if tokenizer is None:

@@ -16,12 +16,58 @@ from pathlib import Path
 
 from attnlab.errors import AttnlabError
 
-ORGANISM_TRAINERS = {
-    "organism-lm": "lm",
-    "organism-vlm": "vlm",
-    "organism-dit": "dit",
-    "organism-induction": "induction",
-}
+# ---- help made from the registries -----------------------------------------------------------------------------
+
+
+def _organisms() -> dict:
+    """Bundled models that have eval tasks: alias -> BundledModel."""
+    from attnlab.models.bundled import BUNDLED
+
+    return {a: m for a, m in BUNDLED.items() if m.eval_module}
+
+
+def help_texts() -> dict[str, str]:
+    """The registry-made parts of the help: probes and groups, datasets, eval tasks per organism, intervention
+    methods, data specs, ablation metrics. Imported only when help is shown (the registries import torch)."""
+    from attnlab.datasets import describe_datasets
+    from attnlab.interventions.evaluate import data_spec_forms
+    from attnlab.interventions.registry import INTERVENTIONS
+    from attnlab.probes.causal_test import IMAGE_METRICS, TEXT_METRICS
+    from attnlab.probes.registry import GROUPS, PROBES
+
+    def first_line(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0].rstrip(".") if cls.__doc__ else ""
+
+    groups = "; ".join(f"{g} = {', '.join(members)}" for g, members in GROUPS.items())
+    return {
+        "probes": f"groups: {groups}. Probes: {', '.join(PROBES)}",
+        "datasets": "; ".join(f"{name}: {doc.rstrip('.')}" for name, doc in describe_datasets().items()),
+        "eval_tasks": "; ".join(f"{a} ({', '.join(m.eval_tasks())})" for a, m in _organisms().items()),
+        "organisms": ", ".join(_organisms()),
+        "methods": "; ".join(f"{name}: {first_line(cls)}" for name, cls in INTERVENTIONS.items()),
+        "data_specs": "; ".join(f"{form} ({meaning})" for form, meaning in data_spec_forms().items()),
+        "metrics": f"{', '.join(TEXT_METRICS)} (text models); {', '.join(IMAGE_METRICS)} (vision-language models)",
+    }
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``{name}`` placeholders in descriptions and argument help are filled from
+    ``help_texts()`` when help is printed, so the lists come from the registries and stay cheap to build."""
+
+    def format_help(self) -> str:
+        texts = help_texts()
+
+        def fill(text):
+            if not text:
+                return text
+            for key, value in texts.items():
+                text = text.replace("{" + key + "}", value)
+            return text
+
+        self.description = fill(self.description)
+        for action in self._actions:
+            action.help = fill(action.help)
+        return super().format_help()
 
 
 def read_prompts(path: str) -> list[str]:
@@ -33,7 +79,7 @@ def read_prompts(path: str) -> list[str]:
     try:
         if p.suffix == ".jsonl":
             prompts = []
-            for n, line in enumerate(text.splitlines(), 1):
+            for line in text.splitlines():
                 if line.strip():
                     rec = json.loads(line)
                     prompts.append(rec if isinstance(rec, str) else rec.get("prompt", rec.get("text", "")))
@@ -88,7 +134,8 @@ def cmd_scan(args) -> int:
     if args.dataset:
         prompts = DATASETS[args.dataset](model, args.n_prompts, args.seed)
     print(
-        f"scanning {model.name} ({model.architecture}, {model.n_layers} layers x {model.n_heads} heads, {model.n_kv_heads} KV) on {len(prompts)} prompts: {', '.join(probe_names)}"
+        f"scanning {model.name} ({model.architecture}, {model.n_layers} layers x {model.n_heads} heads, "
+        f"{model.n_kv_heads} KV) on {len(prompts)} prompts: {', '.join(probe_names)}"
     )
     result = attnlab.scan(
         model,
@@ -119,7 +166,8 @@ def cmd_show(args) -> int:
     info = run.info
     model = info.get("model", {})
     print(
-        f"run {run.directory}: model {model.get('name')} ({model.get('architecture')}), dataset {info.get('dataset', {}).get('name')}, created {info.get('created')}"
+        f"run {run.directory}: model {model.get('name')} ({model.get('architecture')}), "
+        f"dataset {info.get('dataset', {}).get('name')}, created {info.get('created')}"
     )
     if args.result:
         r = run[args.result]
@@ -140,31 +188,30 @@ def cmd_models(args) -> int:
     rows = list_models()
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        print(
-            f"{r['name']:<{width}}  {r['kind']:<8} {'available' if r['available'] == 'yes' else 'missing  '}  {r['description']}"
-        )
+        available = "available" if r["available"] == "yes" else "missing  "
+        print(f"{r['name']:<{width}}  {r['kind']:<8} {available}  {r['description']}")
     return 0
 
 
 def cmd_eval(args) -> int:
     import importlib
 
-    from attnlab.models.bundled import bundled_path
-
-    kind = ORGANISM_TRAINERS.get(args.model)
-    path = bundled_path(args.model) if kind else None
-    if kind is None:
+    organisms = _organisms()
+    organism = organisms.get(args.model)
+    path = organism.path if organism else None
+    if organism is None:
         p = Path(args.model)
-        for name, k in ORGANISM_TRAINERS.items():
-            if p.is_dir() and (p / "MODEL_CARD.md").exists() and name in (p / "MODEL_CARD.md").read_text():
-                kind, path = k, p
-        if kind is None:
+        card = p / "MODEL_CARD.md"
+        for alias, m in organisms.items():
+            if p.is_dir() and card.is_file() and alias in card.read_text(errors="replace"):
+                organism, path = m, p
+        if organism is None:
             raise AttnlabError(
-                f"eval tasks are defined for the organisms ({', '.join(ORGANISM_TRAINERS)}) or their checkpoint directories"
+                f"eval tasks are defined for the organisms ({', '.join(organisms)}) or their checkpoint directories"
             )
     if path is None:
         raise AttnlabError(f"{args.model} is not installed (its files are missing)")
-    module = importlib.import_module(f"attnlab.models.training.{kind}")
+    module = importlib.import_module(organism.eval_module)
     if args.task not in module.EVAL_TASKS:
         raise AttnlabError(f"unknown task {args.task!r} for {args.model}; tasks: {', '.join(module.EVAL_TASKS)}")
     if args.device.startswith("cuda"):
@@ -193,9 +240,11 @@ def cmd_app(args) -> int:
 
 def cmd_ablate(args) -> int:
     import attnlab
-    from attnlab.probes.causal_test import parse_heads_spec, run_causal_test
+    from attnlab.probes.causal_test import METRICS, parse_heads_spec, run_causal_test
 
-    parse_heads_spec(args.heads)  # fail on a malformed spec before loading anything
+    parse_heads_spec(args.heads)  # fail on a malformed spec or metric before loading anything
+    if args.metric not in METRICS:
+        raise AttnlabError(f"--metric must be one of {', '.join(METRICS)}, got {args.metric!r}")
     model = attnlab.load(args.model, device=args.device)
     table = run_causal_test(
         model,
@@ -238,7 +287,8 @@ def cmd_intervene(args) -> int:
     iv.save(out / "intervention")
     report.save(out)
     print(
-        f"{args.method} on {model.name}: fit on {report.info['fit_split']['name']} (n={report.info['fit_split']['n']}), measured on {eval_set.name} (n={len(eval_set)})"
+        f"{args.method} on {model.name}: fit on {report.info['fit_split']['name']} "
+        f"(n={report.info['fit_split']['n']}), measured on {eval_set.name} (n={len(eval_set)})"
     )
     print(format_table(report))
     print(f"run: {out.resolve()}  (intervention/, report.json, report.csv)")
@@ -246,7 +296,7 @@ def cmd_intervene(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="attnlab",
         description="Find, score and change the attention heads and tokens that matter in a transformer.",
     )
@@ -256,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "scan",
         help="run probes on a model and write a run directory",
-        description="Run probes over prompts with one forward pass per batch; write results (JSON + safetensors) and HTML figures.",
+        description="Run probes over prompts with one forward pass per batch; write results (JSON + safetensors) "
+        "and HTML figures.",
     )
     p.add_argument(
         "--model", required=True, help="bundled alias (see `attnlab models`), local checkpoint directory, or hub id"
@@ -264,12 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--probes",
         default="sinks,induction",
-        help="comma-separated probes or groups (sinks, induction, retrieval, streaming, first_token_sink, act_sinks, massive_activations, previous_token, duplicate_token, retrieval_heads, streaming_heads, razor_echo_induction, vision, vision_aware_heads, image_centric_heads, preplan_anchor)",
+        help="comma-separated probes or groups (default sinks,induction); {probes}",
     )
     p.add_argument("--prompts", help="prompts file: one per line, .jsonl with a 'prompt' field, or .json list")
     p.add_argument(
         "--dataset",
-        help="built-in prompt generator (prose, repeated-random, niah; shapes, shapes-count, shapes-position for VLMs; arithmetic for preplan_anchor)",
+        help="built-in prompt generator: {datasets}",
     )
     p.add_argument("--n-prompts", type=int, default=16, help="prompts to generate with --dataset (default 16)")
     p.add_argument("--seed", type=int, default=0)
@@ -303,19 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "models",
         help="list bundled models and locally cached checkpoints",
-        description="List bundled aliases (and whether their files are present) and checkpoints in the local Hugging Face cache.",
+        description="List bundled aliases (whether their files are present, their shape from their config) and "
+        "checkpoints in the local Hugging Face cache.",
     )
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
         "eval",
         help="evaluate a bundled organism on its behaviour tasks",
-        description="Evaluate an organism: organism-lm (niah, icl, arith, classify, sink), organism-vlm (pope, attribute, count, position), organism-dit (classify, style).",
+        description="Evaluate an organism on its tasks: {eval_tasks}.",
     )
-    p.add_argument(
-        "model", help="organism-lm, organism-vlm, organism-dit, or a checkpoint directory written by the trainer"
-    )
-    p.add_argument("--task", required=True)
+    p.add_argument("model", help="{organisms}, or a checkpoint directory written by the trainer")
+    p.add_argument("--task", required=True, help="one of the organism's tasks: {eval_tasks}")
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, default=None, help="number of evaluation items (task default if omitted)")
     p.add_argument("--seed", type=int, default=0)
@@ -324,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "ablate",
         help="causal test: ablate a result's top-k heads vs k random heads",
-        description="Ablate the top-k heads of a saved head-score result and k random heads (several seeds) on NIAH accuracy or answer log-prob (text models) or on shape-scene image-question accuracy or answer log-prob, each question with its image (vision-language models); write the table (CSV + JSON).",
+        description="Ablate the top-k heads of a saved head-score result and k random heads (several seeds) on "
+        "NIAH accuracy or answer log-prob (text models) or on shape-scene image-question accuracy or answer "
+        "log-prob, each question with its image (vision-language models); write the table (CSV + JSON).",
     )
     p.add_argument("--model", required=True)
     p.add_argument(
@@ -334,8 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metric",
         default="niah",
-        choices=["niah", "logprob", "shapes", "shapes-logprob"],
-        help="niah, logprob (text models); shapes, shapes-logprob (vision-language models)",
+        help="{metrics}",
     )
     p.add_argument("--mode", default="zero", choices=["zero", "mean", "uniform"], help="ablation mode (default zero)")
     p.add_argument("--n-seeds", type=int, default=5, help="random head sets (default 5)")
@@ -347,16 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "intervene",
         help="fit an attention intervention and measure it against the baseline",
-        description="Fit an intervention on --fit, then score the baseline and the intervened model on the held-out --eval data with paired bootstrap intervals. DATA: classify:TASK:SPLIT[:SHOTS] (TASK sentiment|topic|all), icl:TASK:SPLIT[:SHOTS] (an ICL task or all), or a function-vectors JSON file PATH[:SHOTS].",
+        description="Fit an intervention on --fit, then score the baseline and the intervened model on the "
+        "held-out --eval data with paired bootstrap intervals. DATA is one of: {data_specs}.",
     )
     p.add_argument("--model", required=True)
     p.add_argument(
         "--method",
         required=True,
-        help="act, zerotuning, var, vhr, soft-injection or softpag (SoftPAG-guided decoding; heads found by HeadHunter on --fit unless heads=[[l,h],...])",
+        help="{methods}",
     )
-    p.add_argument("--fit", help="data the intervention is fitted on (optional for methods with fixed parameters)")
-    p.add_argument("--eval", required=True, help="held-out data it is measured on (must not overlap --fit)")
+    p.add_argument("--fit", help="DATA the intervention is fitted on (optional for methods with fixed parameters)")
+    p.add_argument("--eval", required=True, help="held-out DATA it is measured on (must not overlap --fit)")
     p.add_argument("--out", required=True, help="run directory: intervention/ (fitted state), report.json, report.csv")
     p.add_argument(
         "--param",

@@ -19,6 +19,7 @@ from attnlab.datasets.base import PromptSet, fingerprint
 
 
 def _prose(model, n_prompts: int, seed: int) -> PromptSet:
+    """Paragraphs of the standard library's docstrings (any language model)."""
     import random
 
     from attnlab.datasets.prose import prose_paragraphs
@@ -30,12 +31,14 @@ def _prose(model, n_prompts: int, seed: int) -> PromptSet:
 
 
 def _repeated(model, n_prompts: int, seed: int) -> PromptSet:
+    """Random tokens repeated once, for induction heads (any language model)."""
     from attnlab.datasets.repeated import repeated_random_tokens
 
     return repeated_random_tokens(model, n_prompts=n_prompts, seed=seed)
 
 
 def _niah(model, n_prompts: int, seed: int) -> PromptSet:
+    """Needle-in-a-haystack prompts with their answers, for retrieval and streaming heads."""
     from attnlab.datasets.niah_set import niah_dataset
 
     return niah_dataset(model, n_prompts, seed)
@@ -72,12 +75,12 @@ def _shapes(kind: str) -> Callable[..., PromptSet]:
             )
         return shape_prompt_set(kind, n_prompts, seed)
 
-    build.__doc__ = f"Shape scenes with {kind} questions (vision-language models)."
+    build.__doc__ = f"A rendered shape scene with one {kind} question (vision-language models)."
     return build
 
 
 def _arithmetic(model, n_prompts: int, seed: int) -> PromptSet:
-    """Arithmetic word problems (prompt ending in ``Solution:``) + worked solution as the response span."""
+    """Arithmetic word problems with their worked solution as the response, for preplan_anchor."""
     from attnlab.datasets.arithmetic import build_eval_problems
     from attnlab.probes.preplan_anchor import reasoning_prompt_set
 
@@ -100,4 +103,11 @@ DATASETS: dict[str, Callable[..., PromptSet]] = {
     "arithmetic": _arithmetic,
 }
 
-__all__ = ["PromptSet", "fingerprint", "DATASETS", "shape_prompt_set"]
+
+
+def describe_datasets() -> dict[str, str]:
+    """``--dataset`` name -> the first line of its builder's docstring (what the CLI's help lists)."""
+    return {name: (build.__doc__ or "").strip().splitlines()[0] for name, build in DATASETS.items()}
+
+
+__all__ = ["PromptSet", "fingerprint", "DATASETS", "describe_datasets", "shape_prompt_set"]

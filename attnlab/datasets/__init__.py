@@ -104,7 +104,6 @@ DATASETS: dict[str, Callable[..., PromptSet]] = {
 }
 
 
-
 def describe_datasets() -> dict[str, str]:
     """``--dataset`` name -> the first line of its builder's docstring (what the CLI's help lists)."""
     return {name: (build.__doc__ or "").strip().splitlines()[0] for name, build in DATASETS.items()}

@@ -1,0 +1,245 @@
+"""Exact attention statistics without a ``T x T`` pattern: everything from q, k, v and each row's log-sum-exp.
+
+A post-softmax attention weight is ``A[i, j] = exp(s[i, j] - lse[i])`` with ``s[i, j]`` the masked, scaled score
+(``q_i . k_j * scale``, optionally soft-capped) and ``lse[i] = log sum_j exp(s[i, j])`` the row's log-sum-exp.
+Given ``lse`` (which fused kernels compute anyway), these are exact and never build a ``T x T`` matrix:
+
+==========================  ============================================  ===========================
+statistic                   formula                                       cost per head
+==========================  ============================================  ===========================
+mass on a key set S         ``sum_{j in S} exp(s[i, j] - lse[i])``        O(T |S| d)
+weight of chosen pairs      ``exp(s[i, j] - lse[i])`` for listed (i, j)   O(pairs d)
+expectation of key values   ``sum_j A[i, j] f(j)`` = SDPA with values f   one fused attention call
+row entropy                 ``lse[i] - sum_j A[i, j] s[i, j]``            one fused attention call
+                            ``= lse[i] - scale * q_i . (sum_j A k_j)``    (values = keys)
+mean and 2nd moment of      ``E[j]``, ``E[j^2]`` as expectations of key   one fused attention call
+the attended position       positions (``i - E[j]`` is the mean distance)
+==========================  ============================================  ===========================
+
+Statistics that need whole rows (an argmax, a maximum logit, column sums) use ``score_rows`` in query chunks:
+memory ``chunk x T`` per head, compute ``T^2 d`` like attention itself.
+
+Shapes: ``q`` ``[batch, n_heads, Tq, d]``; ``k``, ``v`` ``[batch, n_kv_heads, Tk, d]`` (grouped-query attention:
+KV head ``g`` serves query heads ``g * group ... (g + 1) * group - 1``, consecutive, as in every HF model);
+``key_mask`` ``[batch, Tk]`` (1 = real key). Queries sit at the last ``Tq`` key positions (``Tq == Tk`` for a
+prefill). Everything is computed in float32 (float64 on request) whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG = -1e30  # masked score: exp(NEG - lse) == 0 exactly in float32, and no inf - inf NaN
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """How one layer turns q, k into masked scores: the pieces a model's attention function was called with."""
+
+    scaling: float
+    causal: bool = True
+    softcap: float | None = None  # Gemma-2: s -> softcap * tanh(s / softcap)
+    sliding_window: int | None = None  # keys older than the window are masked (Mistral, Gemma-2 local layers)
+    key_mask: torch.Tensor | None = None  # [batch, Tk] 1 = real key
+
+
+def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``[b, n_kv, T, d]`` -> ``[b, n_heads, T, d]``: each KV head repeated for its group of query heads."""
+    n_kv = x.shape[1]
+    if n_kv == n_heads:
+        return x
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv} KV heads evenly")
+    return x.repeat_interleave(n_heads // n_kv, dim=1)
+
+
+def _allowed(spec: ScoreSpec, q_pos: torch.Tensor, k_pos: torch.Tensor, batch: int, tq: int, tk: int, device):
+    """``[batch or 1, 1, len(q_pos), len(k_pos)]`` bool: key ``k_pos`` is visible to query ``q_pos``."""
+    qa = q_pos.to(device)[:, None] + (tk - tq)  # absolute key index of each query
+    ka = k_pos.to(device)[None, :]
+    ok = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=device)
+    if spec.causal:
+        ok = ok & (ka <= qa)
+    if spec.sliding_window is not None:
+        ok = ok & (qa - ka < spec.sliding_window)
+    ok = ok[None, None]
+    if spec.key_mask is not None:
+        ok = ok & spec.key_mask.to(device).bool()[:, None, None, -tk:][..., k_pos.to(device)]
+    return ok
+
+
+def score_rows(
+    q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, q_pos: torch.Tensor, *, dtype=torch.float32
+) -> torch.Tensor:
+    """Masked scores ``[b, n_heads, len(q_pos), Tk]`` of chosen query rows (masked entries ``NEG``)."""
+    b, n_heads, tq, _ = q.shape
+    tk = k.shape[2]
+    kx = expand_kv(k, n_heads).to(dtype)
+    s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, q_pos.to(q.device)].to(dtype), kx) * spec.scaling
+    if spec.softcap is not None:
+        s = spec.softcap * torch.tanh(s / spec.softcap)
+    ok = _allowed(spec, q_pos, torch.arange(tk, device=q.device), b, tq, tk, q.device)
+    return s.masked_fill(~ok, NEG)
+
+
+def row_lse(q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, *, chunk: int = 256, dtype=torch.float32):
+    """``lse[b, h, i] = log sum_j exp(s[i, j])`` in query chunks; rows with no visible key get ``NEG``."""
+    tq = q.shape[2]
+    out = []
+    for start in range(0, tq, chunk):
+        q_pos = torch.arange(start, min(start + chunk, tq), device=q.device)
+        out.append(torch.logsumexp(score_rows(q, k, spec, q_pos, dtype=dtype), dim=-1))
+    return torch.cat(out, dim=-1)
+
+
+def pair_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    spec: ScoreSpec,
+    b_idx: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    *,
+    dtype=torch.float32,
+) -> torch.Tensor:
+    """Attention weights ``[n_pairs, n_heads]`` of listed (prompt ``b_idx``, query ``q_idx``, key ``k_idx``) pairs.
+
+    ``q_idx`` indexes ``q``'s rows; ``k_idx`` absolute key positions. Masked pairs (a key after its query, padding,
+    outside the window) weigh exactly 0.
+    """
+    n_heads = q.shape[1]
+    tq, tk = q.shape[2], k.shape[2]
+    dev = q.device
+    b_idx, q_idx, k_idx = (t.to(dev).long() for t in (b_idx, q_idx, k_idx))
+    if b_idx.numel() == 0:
+        return torch.zeros(0, n_heads, dtype=dtype, device=dev)
+    group = n_heads // k.shape[1]
+    qv = q[b_idx, :, q_idx].to(dtype)  # [P, H, d]
+    kv = k[b_idx, :, k_idx].to(dtype).repeat_interleave(group, dim=1)  # [P, H, d]
+    s = (qv * kv).sum(-1) * spec.scaling
+    if spec.softcap is not None:
+        s = spec.softcap * torch.tanh(s / spec.softcap)
+    qa = q_idx + (tk - tq)
+    ok = torch.ones_like(q_idx, dtype=torch.bool)
+    if spec.causal:
+        ok &= k_idx <= qa
+    if spec.sliding_window is not None:
+        ok &= qa - k_idx < spec.sliding_window
+    if spec.key_mask is not None:
+        ok &= spec.key_mask.to(dev).bool()[b_idx, k_idx - tk + spec.key_mask.shape[1]]
+    w = torch.exp(s - lse[b_idx, :, q_idx].to(dtype))
+    return torch.where(ok[:, None], w, torch.zeros_like(w))
+
+
+def mass_on_columns(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, spec: ScoreSpec, keys: torch.Tensor, *, dtype=torch.float32
+) -> torch.Tensor:
+    """``[b, n_heads, Tq]``: each row's attention mass on the key positions ``keys`` (``[b, m]``, one set per
+    prompt, e.g. its first real token; entries ``-1`` are ignored)."""
+    b, n_heads, tq, _ = q.shape
+    tk = k.shape[2]
+    keys = keys.to(q.device).long()
+    valid = keys >= 0
+    kk = keys.clamp(min=0)
+    group = n_heads // k.shape[1]
+    kx = torch.gather(k, 2, kk[:, None, :, None].expand(b, k.shape[1], kk.shape[1], k.shape[3]))
+    kx = kx.repeat_interleave(group, dim=1).to(dtype)  # [b, H, m, d]
+    s = torch.einsum("bhqd,bhmd->bhqm", q.to(dtype), kx) * spec.scaling
+    if spec.softcap is not None:
+        s = spec.softcap * torch.tanh(s / spec.softcap)
+    qa = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+    ok = valid[:, None, None, :].expand(b, 1, tq, kk.shape[1])
+    if spec.causal:
+        ok = ok & (kk[:, None, None, :] <= qa[None, None])
+    if spec.sliding_window is not None:
+        ok = ok & (qa[None, None] - kk[:, None, None, :] < spec.sliding_window)
+    if spec.key_mask is not None:
+        ok = ok & torch.gather(spec.key_mask.to(q.device).bool()[:, -tk:], 1, kk)[:, None, None, :]
+    w = torch.exp(s - lse.to(dtype)[..., None]).masked_fill(~ok, 0.0)
+    return w.sum(-1)
+
+
+def expectation(
+    q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, spec: ScoreSpec, *, dtype=torch.float32
+) -> torch.Tensor:
+    """``sum_j A[i, j] values[j]`` for every row, ``[b, n_heads, Tq, c]``, by one fused SDPA call.
+
+    ``values``: ``[b, n_kv_heads or 1, Tk, c]`` (broadcast over heads when 1). Softcapped scores have no fused
+    kernel: they go through ``score_rows`` in chunks (exact, slower).
+    """
+    b, n_heads, tq, _ = q.shape
+    tk = k.shape[2]
+    vals = values.to(dtype)
+    vals = vals.expand(b, n_heads, tk, vals.shape[-1]) if vals.shape[1] == 1 else expand_kv(vals, n_heads)
+    if spec.softcap is not None:
+        out = []
+        for start in range(0, tq, 256):
+            q_pos = torch.arange(start, min(start + 256, tq), device=q.device)
+            a = torch.softmax(score_rows(q, k, spec, q_pos, dtype=dtype), -1)
+            out.append(a @ vals)
+        return torch.cat(out, dim=2)
+    ok = _allowed(spec, torch.arange(tq, device=q.device), torch.arange(tk, device=q.device), b, tq, tk, q.device)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.to(dtype), expand_kv(k, n_heads).to(dtype), vals, attn_mask=ok, scale=spec.scaling
+    )
+
+
+def entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, spec: ScoreSpec, *, dtype=torch.float32):
+    """Row entropy ``-sum_j A log A = lse - E_A[s]`` ``[b, n_heads, Tq]``; ``E_A[s] = scale * q . E_A[k]``.
+
+    With a soft cap, ``s`` is not linear in ``k`` and the rows are recomputed in chunks.
+    """
+    if spec.softcap is not None:
+        out = []
+        for start in range(0, q.shape[2], 256):
+            q_pos = torch.arange(start, min(start + 256, q.shape[2]), device=q.device)
+            s = score_rows(q, k, spec, q_pos, dtype=dtype)
+            a = torch.softmax(s, -1)
+            out.append(-(a * torch.log(a.clamp_min(torch.finfo(dtype).tiny))).sum(-1))
+        return torch.cat(out, dim=-1)
+    mean_k = expectation(q, k, k, spec, dtype=dtype)  # [b, H, Tq, d]
+    return lse.to(dtype) - (q.to(dtype) * mean_k).sum(-1) * spec.scaling
+
+
+def distance_moments(q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, *, dtype=torch.float32):
+    """Per row, the attention-weighted mean of ``|i - j|`` and of ``|i - j|^2``: two ``[b, n_heads, Tq]``.
+
+    Causal rows attend to ``j <= i``, so ``|i - j| = i - j`` and both follow from ``E[j]``, ``E[j^2]`` (one fused
+    call with the key positions as values). Bidirectional rows need ``E|i - j|``: chunked rows.
+    """
+    b, n_heads, tq, _ = q.shape
+    tk = k.shape[2]
+    pos = torch.arange(tk, device=q.device, dtype=dtype)
+    qa = torch.arange(tq, device=q.device, dtype=dtype) + (tk - tq)
+    if not spec.causal:
+        d1, d2 = [], []
+        for start in range(0, tq, 256):
+            q_pos = torch.arange(start, min(start + 256, tq), device=q.device)
+            a = torch.softmax(score_rows(q, k, spec, q_pos, dtype=dtype), -1)
+            dist = (qa[q_pos][:, None] - pos[None, :]).abs()
+            d1.append((a * dist).sum(-1))
+            d2.append((a * dist.square()).sum(-1))
+        return torch.cat(d1, -1), torch.cat(d2, -1)
+    m = expectation(q, k, torch.stack([pos, pos.square()], -1)[None, None], spec, dtype=dtype)
+    e1, e2 = m[..., 0], m[..., 1]
+    return qa - e1, qa.square() - 2 * qa * e1 + e2
+
+
+def max_logit(q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, *, chunk: int = 256, real_queries=None):
+    """Largest pre-softmax score ``q . k * scale`` (before any soft cap) per head over visible pairs: ``[b, H]``.
+
+    ``real_queries`` ``[b, Tq]`` bool limits the rows (padding queries excluded).
+    """
+    raw = ScoreSpec(spec.scaling, spec.causal, None, spec.sliding_window, spec.key_mask)
+    b, n_heads, tq, _ = q.shape
+    best = torch.full((b, n_heads), NEG, device=q.device)
+    for start in range(0, tq, chunk):
+        q_pos = torch.arange(start, min(start + chunk, tq), device=q.device)
+        s = score_rows(q, k, raw, q_pos)
+        if real_queries is not None:
+            s = s.masked_fill(~real_queries.to(q.device)[:, None, q_pos, None], NEG)
+        best = torch.maximum(best, s.amax(dim=(-2, -1)))
+    return best

@@ -1,0 +1,109 @@
+"""attnlab.lse: every statistic computed from q, k and the row log-sum-exp equals the same statistic read off the
+eager softmax pattern (float64 reference), under GQA, left padding, causal and bidirectional masks, a sliding
+window and a soft cap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnlab import lse as L
+
+
+def eager(q, k, spec):
+    """The reference: the full masked softmax pattern in float64, ``[b, H, Tq, Tk]``."""
+    s = L.score_rows(q.double(), k.double(), spec, torch.arange(q.shape[2]), dtype=torch.float64)
+    return torch.softmax(s, -1) * (s > L.NEG / 2)
+
+
+CASES = {
+    "causal-gqa-padded": dict(causal=True, key_mask=True),
+    "bidirectional": dict(causal=False, key_mask=True),
+    "sliding-window": dict(causal=True, key_mask=False, sliding_window=3),
+    "softcap": dict(causal=True, key_mask=True, softcap=5.0),
+}
+
+
+def make(case, seed=0, b=2, h=4, kv=2, t=9, d=8):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, t, d, generator=g) * 1.5
+    k = torch.randn(b, kv, t, d, generator=g) * 1.5
+    v = torch.randn(b, kv, t, d, generator=g)
+    cfg = dict(CASES[case])
+    mask = None
+    if cfg.pop("key_mask"):
+        mask = torch.ones(b, t, dtype=torch.long)
+        mask[1, :3] = 0  # prompt 1 is left-padded by 3
+    spec = L.ScoreSpec(scaling=d**-0.5, key_mask=mask, **cfg)
+    return q, k, v, spec, mask
+
+
+def real_rows(mask, b, t):
+    return torch.ones(b, t, dtype=torch.bool) if mask is None else mask.bool()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lse_and_statistics_equal_the_eager_pattern(case):
+    q, k, v, spec, mask = make(case)
+    b, h, t = q.shape[0], q.shape[1], q.shape[2]
+    a = eager(q, k, spec)
+    lse = L.row_lse(q, k, spec, chunk=4)
+    rows = real_rows(mask, b, t)[:, None, :].expand(b, h, t)
+
+    # mass on a key set: each prompt's first real token and one more key
+    first = torch.tensor([0, 3])
+    keys = torch.stack([first, first + 2], 1)
+    got = L.mass_on_columns(q, k, lse, spec, keys)
+    want = torch.stack([a[i, :, :, keys[i]].sum(-1) for i in range(b)])
+    torch.testing.assert_close(got[rows].double(), want[rows], atol=1e-5, rtol=0)
+
+    # listed pairs: every (prompt, query, key) of the grid, masked ones included (they weigh 0)
+    bi, qi, ki = torch.meshgrid(torch.arange(b), torch.arange(t), torch.arange(t), indexing="ij")
+    w = L.pair_weights(q, k, lse, spec, bi.flatten(), qi.flatten(), ki.flatten())
+    want_pairs = a.permute(0, 2, 3, 1).reshape(-1, h)
+    keep = real_rows(mask, b, t)[bi.flatten(), qi.flatten()]
+    torch.testing.assert_close(w[keep].double(), want_pairs[keep], atol=1e-5, rtol=0)
+
+    # expectation of values, entropy, distance moments
+    vv = L.expand_kv(v, h).double()
+    torch.testing.assert_close(L.expectation(q, k, v, spec)[rows].double(), (a @ vv)[rows], atol=1e-5, rtol=0)
+    ent = -(a * torch.log(a.clamp_min(1e-300))).sum(-1)
+    torch.testing.assert_close(L.entropy(q, k, lse, spec)[rows].double(), ent[rows], atol=1e-4, rtol=0)
+    pos = torch.arange(t, dtype=torch.float64)
+    dist = (pos[:, None] - pos[None, :]).abs()
+    d1, d2 = L.distance_moments(q, k, spec)
+    torch.testing.assert_close(d1[rows].double(), (a * dist).sum(-1)[rows], atol=1e-4, rtol=0)
+    torch.testing.assert_close(d2[rows].double(), (a * dist.square()).sum(-1)[rows], atol=1e-3, rtol=0)
+
+    # the largest raw score over visible pairs of real rows
+    raw = L.ScoreSpec(spec.scaling, spec.causal, None, spec.sliding_window, spec.key_mask)
+    s = L.score_rows(q.double(), k.double(), raw, torch.arange(t), dtype=torch.float64)
+    s = s.masked_fill(~real_rows(mask, b, t)[:, None, :, None], L.NEG)
+    torch.testing.assert_close(
+        L.max_logit(q, k, spec, chunk=4, real_queries=real_rows(mask, b, t)).double(),
+        s.amax(dim=(-2, -1)),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_planted_rows():
+    """One head that attends only to key 0 and one uniform head: mass, entropy and distances known in closed form."""
+    t, d = 6, 4
+    q = torch.zeros(1, 2, t, d)
+    k = torch.zeros(1, 2, t, d)
+    q[0, 0, :, 0] = 100.0  # head 0: a huge score on key 0 only
+    k[0, 0, 0, 0] = 1.0
+    spec = L.ScoreSpec(scaling=1.0)
+    lse = L.row_lse(q, k, spec)
+    mass = L.mass_on_columns(q, k, lse, spec, torch.tensor([[0]]))
+    torch.testing.assert_close(mass[0, 0], torch.ones(t))
+    n = torch.arange(1, t + 1, dtype=torch.float32)
+    torch.testing.assert_close(mass[0, 1], 1 / n)  # uniform over the i + 1 visible keys
+    ent = L.entropy(q, k, lse, spec)
+    torch.testing.assert_close(ent[0, 0], torch.zeros(t), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent[0, 1], torch.log(n), atol=1e-5, rtol=0)
+    d1, _ = L.distance_moments(q, k, spec)
+    torch.testing.assert_close(d1[0, 0], torch.arange(t, dtype=torch.float32), atol=1e-5, rtol=0)
+    torch.testing.assert_close(d1[0, 1], torch.arange(t, dtype=torch.float32) / 2, atol=1e-5, rtol=0)
+    assert L.max_logit(q, k, spec)[0, 0] == pytest.approx(100.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from attnlab.probes.act_sinks import ActSinks
 from attnlab.probes.duplicate_token import DuplicateTokenHeads
 from attnlab.probes.first_token_sink import FirstTokenSink
+from attnlab.probes.headvis import HeadVisMetrics
 from attnlab.probes.image_centric_heads import ImageCentricHeads
 from attnlab.probes.induction import InductionHeads
 from attnlab.probes.massive_activations import MassiveActivations
@@ -21,6 +22,7 @@ PROBES = {
 }
 PROBES.update({cls.name: cls for cls in (RetrievalHeads, StreamingHeads, RazorEchoInduction)})
 PROBES[PreplanAnchor.name] = PreplanAnchor
+PROBES[HeadVisMetrics.name] = HeadVisMetrics
 PROBES.update({cls.name: cls for cls in (VisionAwareHeads, ImageCentricHeads)})
 
 GROUPS = {

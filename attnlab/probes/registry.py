@@ -9,6 +9,7 @@ from attnlab.probes.headvis import HeadVisMetrics
 from attnlab.probes.image_centric_heads import ImageCentricHeads
 from attnlab.probes.induction import InductionHeads
 from attnlab.probes.massive_activations import MassiveActivations
+from attnlab.probes.max_attention_logit import MaxAttentionLogit
 from attnlab.probes.preplan_anchor import PreplanAnchor
 from attnlab.probes.previous_token import PreviousTokenHeads
 from attnlab.probes.razor_echo import RazorEchoInduction
@@ -23,6 +24,7 @@ PROBES = {
 PROBES.update({cls.name: cls for cls in (RetrievalHeads, StreamingHeads, RazorEchoInduction)})
 PROBES[PreplanAnchor.name] = PreplanAnchor
 PROBES[HeadVisMetrics.name] = HeadVisMetrics
+PROBES[MaxAttentionLogit.name] = MaxAttentionLogit
 PROBES.update({cls.name: cls for cls in (VisionAwareHeads, ImageCentricHeads)})
 
 GROUPS = {

@@ -1,4 +1,4 @@
-"""Command line: ``attnlab scan | show | models | eval | ablate | intervene | app``.
+"""Command line: ``attnlab scan | census | show | models | eval | ablate | intervene | app``.
 
 Exit codes: 0 success, 2 user error (one-line message on stderr), 1 unexpected failure (one line; set
 ``ATTNLAB_DEBUG=1`` for the traceback), 130 interrupted. Nothing already written is lost: a scan saves each
@@ -238,6 +238,51 @@ def cmd_app(args) -> int:
     return 0
 
 
+def cmd_census(args) -> int:
+    """Every head statistic of a model in one sweep: correlational in one capture pass, then the causal ablation."""
+    import pandas as pd
+
+    import attnlab
+    from attnlab.census import _probe_names, census
+    from attnlab.datasets import DATASETS
+
+    _probe_names(args.statistics)  # fail on a bad statistic name before loading anything
+    if bool(args.prompts) == bool(args.dataset):
+        raise AttnlabError("give exactly one of --prompts FILE and --dataset NAME")
+    if args.dataset and args.dataset not in DATASETS:
+        raise AttnlabError(f"unknown dataset {args.dataset!r}; available: {', '.join(DATASETS)}")
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    model = attnlab.load(args.model, device=args.device, dtype=args.dtype)
+    if args.dataset:
+        prompts = DATASETS[args.dataset](model, args.n_prompts, args.seed)
+    print(
+        f"census of {model.name} ({model.architecture}, {model.n_layers} layers x {model.n_heads} heads, "
+        f"{model.n_kv_heads} KV) on {len(prompts)} prompts"
+    )
+    result = census(
+        model,
+        prompts,
+        statistics=args.statistics,
+        causal_prompts=args.causal_prompts,
+        attribution=not args.no_attribution,
+        batch_size=args.batch_size,
+        attention=args.attention,
+        truncate=args.truncate,
+        out=args.out,
+        progress=not args.quiet,
+    )
+    table = result.summary(k=3)
+    with pd.option_context("display.width", 200, "display.max_colwidth", 90):
+        for row in table.itertuples():
+            what = row.top if row.status == "scored" else f"not scored: {row.reason}"
+            print(f"  {row.statistic:<34} {what}")
+    causal = result.info.get("causal")
+    if causal and causal.get("atp_spearman") is not None:
+        print(f"attribution patching vs exact ablation: Spearman {causal['atp_spearman']:.3f}")
+    print(f"census: {Path(args.out).resolve()}  ({len(result.scores)} statistics, census.json)")
+    return 0
+
+
 def cmd_ablate(args) -> int:
     import attnlab
     from attnlab.probes.causal_test import METRICS, parse_heads_spec, run_causal_test
@@ -340,6 +385,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="heads to print per probe")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser(
+        "census",
+        help="every head statistic of a model in one sweep (correlational and causal)",
+        description="Run a head census: sinks, HeadVis's six metrics, pattern scores, retrieval / vision where the "
+        "prompts allow, in one capture pass; then exact single-head ablation of every head on the prompts' "
+        "next-token log-prob with attribution patching beside it. Statistics the model or prompts cannot give "
+        "are listed as not scored, with the reason.",
+    )
+    p.add_argument(
+        "--model", required=True, help="bundled alias (see `attnlab models`), local checkpoint directory, or hub id"
+    )
+    p.add_argument("--prompts", help="prompts file: one per line, .jsonl with a 'prompt' field, or .json list")
+    p.add_argument("--dataset", help="built-in prompt generator: {datasets}")
+    p.add_argument("--n-prompts", type=int, default=64, help="prompts to generate with --dataset (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--statistics",
+        default="all",
+        help="all (default), or comma-separated groups (sinks, headvis, patterns, retrieval, vision, causal) "
+        "and probe names",
+    )
+    p.add_argument("--causal-prompts", type=int, default=16, help="prompts the all-heads ablation runs on (default 16)")
+    p.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
+    p.add_argument("--out", required=True, help="run directory to write (a run plus census.json)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--attention", default="auto", choices=["auto", "eager", "fused"])
+    p.add_argument(
+        "--truncate", action="store_true", help="cut prompts longer than the model's context instead of failing"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_census)
 
     p = sub.add_parser(
         "show",

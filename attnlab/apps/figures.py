@@ -473,3 +473,39 @@ def attention_difference(
         },
     )
     return fig
+
+
+def census_scatter(frame, x: str, y: str, title: str | None = None) -> go.Figure:
+    """Every head of a census as a point on statistics ``x`` and ``y``, coloured by layer; the hover names the head
+    and lists all its statistics. ``frame`` is ``Census.to_frame()`` (columns layer, head, label, statistics)."""
+    stats = [c for c in frame.columns if c not in ("layer", "head", "label")]
+    hover = [
+        "<br>".join([f"<b>{row['label']}</b>"] + [f"{s}: {row[s]:.4g}" for s in stats if np.isfinite(row[s])])
+        for _, row in frame.iterrows()
+    ]
+    fig = go.Figure(
+        go.Scatter(
+            x=frame[x],
+            y=frame[y],
+            mode="markers",
+            marker={
+                "color": frame["layer"],
+                "colorscale": "Viridis",
+                "size": 8,
+                "colorbar": {"title": "layer"},
+                "line": {"width": 0.5, "color": "#333"},
+            },
+            text=hover,
+            customdata=np.stack([frame["layer"], frame["head"]], axis=1),
+            hovertemplate="%{text}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title or f"{y} vs {x}",
+        xaxis_title=x,
+        yaxis_title=y,
+        height=560,
+        margin={"l": 60, "r": 20, "t": 50, "b": 50},
+        template="plotly_white",
+    )
+    return fig

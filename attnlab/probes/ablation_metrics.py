@@ -106,6 +106,35 @@ class LogitDifference:
         )
 
 
+class NextTokenLogprob:
+    """Mean next-token log-prob of each prompt: ``1/(n-1) sum_{t<n-1} log p(x_{t+1} | x_{<=t})`` (teacher forced).
+
+    The census's default causal metric: it needs no answers, so any prompts score every head. Prompts may be
+    strings (tokenized under the model's BOS policy) or token-id lists (used as given).
+    """
+
+    name = "next_token_logprob"
+
+    def encode(self, model, prompts: Sequence):
+        if all(isinstance(p, (list, tuple)) for p in prompts):
+            ids = [list(p) for p in prompts]
+        else:
+            ids = [model.token_ids(p, index=i) for i, p in enumerate(prompts)]
+        short = [i for i, x in enumerate(ids) if len(x) < 2]
+        if short:
+            raise ValueError(f"prompt {short[0]} has fewer than two tokens: no next token to predict")
+        return model.batch_from_ids(ids, list(range(len(ids))))
+
+    def __call__(self, logits: torch.Tensor, batch) -> torch.Tensor:
+        out = []
+        for row in range(batch.size):
+            sl = batch.real_slice(row)
+            pred = logits[row, sl.start : sl.stop - 1].float().log_softmax(-1)
+            tgt = batch.input_ids[row, sl.start + 1 : sl.stop].to(pred.device)
+            out.append(pred.gather(-1, tgt[:, None]).mean())
+        return torch.stack(out)
+
+
 class CallableMetric:
     """Any ``fn(logits, batch) -> Tensor[rows]``; prompts encoded with ``model.encode``."""
 

@@ -496,6 +496,7 @@ def exact_ablation_grid(
     attention: str = "auto",
     reuse_attention: bool = True,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean metric over prompts with each single head ablated, ``(ablated [L, H], clean per prompt [P])``.
 
@@ -537,7 +538,11 @@ def exact_ablation_grid(
     n_prompts, H = batch.size, model.n_heads
     per_fwd = max(1, max_batch // n_prompts)
     grid = np.full((model.n_layers, H), np.nan)
-    for layer in range(model.n_layers) if layers is None else layers:
+    todo = list(range(model.n_layers) if layers is None else layers)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo) * H, desc="ablation", unit="head", disable=not progress, leave=False)
+    for layer in todo:
         for h0 in range(0, H, per_fwd):
             heads = torch.arange(h0, min(H, h0 + per_fwd))
             rep = _repeat(batch, len(heads)).to(model.device)
@@ -563,6 +568,8 @@ def exact_ablation_grid(
                 )
             values = metric(logits, rep).float().view(len(heads), n_prompts)
             grid[layer, heads.numpy()] = values.mean(1).cpu().numpy()
+            bar.update(len(heads))
+    bar.close()
     return grid, clean.cpu().numpy()
 
 
@@ -673,6 +680,7 @@ def ablation_scores(
     attribution: bool = False,
     seed: int = 0,
     name: str | None = None,
+    progress: bool = False,
 ) -> HeadScores:
     """Exact single-head ablation scores for all heads as ``HeadScores`` (score = drop of the metric).
 
@@ -698,6 +706,8 @@ def ablation_scores(
     attribution : bool, default=False
         Also compute AtP estimates (``extra["atp"]``) and their Spearman correlation with the exact scores
         (``summary["atp_spearman"]``).
+    progress : bool, default=False
+        A progress bar (with an ETA) over the heads ablated.
 
     Returns
     -------
@@ -718,6 +728,7 @@ def ablation_scores(
         attention=attention,
         reuse_attention=reuse_attention,
         seed=seed,
+        progress=progress,
     )
     scores = clean.mean() - ablated
     summary = {

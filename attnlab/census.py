@@ -1,0 +1,383 @@
+"""``attnlab.census``: every head statistic of a model in one sweep, correlational and causal, in one table.
+
+One capture pass (one forward per batch, all probes reducing in flight) gives the correlational statistics:
+
+- sinks: ``first_token_sink``, ``act_sinks`` (hidden-sink scores), ``massive_activations`` (per layer / position),
+  and the value-state drain when that probe is installed;
+- HeadVis's six (``self_attention_score``, ``prev_token_score``, ``pattern_entropy``, ``qk_distance``,
+  ``qk_distance_variance``, ``induction_score``: Neuronpedia's definitions, so a census compares number for number
+  with the published grids);
+- ``duplicate_token``, RazorAttention's echo / induction scores, ``max_attention_logit``;
+- ``streaming_heads`` (sink + recent-window mass); on NIAH prompts ``retrieval_heads``; on VLM prompts the
+  vision-aware (VHD) and image-centric heads.
+
+Then the causal statistic: exact single-head ablation of every head (batched, prefix reuse) on a metric — by
+default the prompts' mean next-token log-prob — on the first ``causal_prompts`` prompts, with attribution
+patching (AtP) as a pre-screen and its Spearman correlation with the exact scores.
+
+A statistic whose inputs the model or the prompts lack (retrieval without NIAH prompts, vision statistics on a
+text model, next-token log-prob on a bidirectional encoder) is *not scored*: ``Census.not_scored`` holds the reason,
+and it appears in ``summary()`` and the CLI output, never as zeros. Every census records the model, dtype,
+attention path, sequence lengths and dataset with its results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from attnlab.datasets.base import PromptSet, fingerprint
+from attnlab.errors import AttnlabError
+from attnlab.heads.io import read_json, write_json
+from attnlab.heads.results import HeadScores, TokenScores
+from attnlab.heads.runs import Run
+from attnlab.probes.base import ProbeContext
+
+CENSUS_JSON = "census.json"
+
+# statistic groups -> probe names (a probe may give several statistics: headvis gives six)
+GROUPS: dict[str, tuple[str, ...]] = {
+    "sinks": ("first_token_sink", "act_sinks", "value_drain", "massive_activations"),
+    "headvis": ("headvis",),
+    "patterns": ("duplicate_token", "razor_echo_induction", "max_attention_logit", "streaming_heads"),
+    "retrieval": ("retrieval_heads",),
+    "vision": ("vision_aware_heads", "image_centric_heads"),
+}
+VISION_PROBES = frozenset(GROUPS["vision"])
+CAUSAL = "causal"
+
+
+@dataclass
+class Census:
+    """A head census: one ``HeadScores`` per statistic, the statistics that could not be scored and why, the
+    per-layer / per-position results (massive activations) and the provenance of the sweep.
+
+    ``to_frame()`` is one tidy table (a row per head, a column per statistic); ``summary()`` a row per statistic
+    (scored or the reason it was not, its top heads); ``plot(x, y)`` a scatter of all heads on two statistics.
+    """
+
+    scores: dict[str, HeadScores] = field(default_factory=dict)
+    not_scored: dict[str, str] = field(default_factory=dict)
+    tokens: dict[str, TokenScores] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    run: Run | None = None
+
+    @property
+    def statistics(self) -> list[str]:
+        return list(self.scores)
+
+    def __getitem__(self, name: str) -> HeadScores:
+        if name in self.not_scored:
+            raise KeyError(f"{name} was not scored: {self.not_scored[name]}")
+        return self.scores[name]
+
+    def __repr__(self) -> str:
+        m = self.info.get("model", {})
+        shape = f"{m.get('n_layers', '?')} x {m.get('n_heads', '?')} heads"
+        return (
+            f"Census({m.get('name', '?')}, {shape}, {self.info.get('n_prompts', '?')} prompts: "
+            f"{len(self.scores)} statistics scored, {len(self.not_scored)} not scored)"
+        )
+
+    def to_frame(self, per_kv_head: str | None = None) -> pd.DataFrame:
+        """One row per head (``layer``, ``head``, ``label``) and one column per scored statistic.
+
+        ``per_kv_head="max"|"mean"``: rows per KV head (grouped-query attention), each statistic aggregated over
+        the query heads sharing that KV head.
+        """
+        if not self.scores:
+            return pd.DataFrame(columns=["layer", "head", "label"])
+        first = next(iter(self.scores.values()))
+        grids = {
+            name: (s.per_kv_head(per_kv_head) if per_kv_head else np.asarray(s.scores, float))
+            for name, s in self.scores.items()
+        }
+        n_layers, n_heads = next(iter(grids.values())).shape
+        rows = {
+            "layer": np.repeat(np.arange(n_layers), n_heads),
+            "head": np.tile(np.arange(n_heads), n_layers),
+        }
+        prefix = "KV" if per_kv_head else "H"
+        df = pd.DataFrame(rows)
+        df["label"] = [f"L{l}{prefix}{h}" for l, h in zip(df["layer"], df["head"])]
+        for name, g in grids.items():
+            df[name] = g.ravel()
+        df.attrs["not_scored"] = dict(self.not_scored)
+        df.attrs["model"] = first.model
+        return df
+
+    def summary(self, k: int = 3) -> pd.DataFrame:
+        """A row per statistic: ``status`` (scored / not scored), ``reason``, ``higher_is``, and its top-k heads."""
+        rows = []
+        for name, s in self.scores.items():
+            finite = np.isfinite(np.asarray(s.scores, float))
+            top = ", ".join(f"{r.label} {r.score:.3g}" for r in s.top(k).itertuples()) if finite.any() else ""
+            rows.append({"statistic": name, "status": "scored", "reason": "", "higher_is": s.higher_is, "top": top})
+        for name, reason in self.not_scored.items():
+            rows.append({"statistic": name, "status": "not scored", "reason": reason, "higher_is": "", "top": ""})
+        return pd.DataFrame(rows, columns=["statistic", "status", "reason", "higher_is", "top"])
+
+    def plot(self, x: str | None = None, y: str | None = None, *, title: str | None = None):
+        """Plotly scatter of every head on statistics ``x`` and ``y`` (default: the first two), coloured by layer;
+        the hover names the head and gives every statistic."""
+        from attnlab.apps.figures import census_scatter
+
+        names = self.statistics
+        if len(names) < 1:
+            raise AttnlabError("the census has no scored statistic to plot")
+        x = x or names[0]
+        y = y or (names[1] if len(names) > 1 else names[0])
+        for s in (x, y):
+            if s not in self.scores:
+                why = f": {self.not_scored[s]}" if s in self.not_scored else f"; scored: {', '.join(names)}"
+                raise AttnlabError(f"statistic {s!r} is not in this census{why}")
+        return census_scatter(self.to_frame(), x, y, title=title or f"{self.info.get('model', {}).get('name')}")
+
+    # ---- persistence ------------------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Run:
+        """Write the census as a run directory: each statistic a result (JSON + safetensors, atomically) that
+        ``attnlab show`` and the app read, plus ``census.json`` (statistics, not-scored reasons, provenance)."""
+        run = Run.create(directory, **self.info)
+        for s in self.scores.values():
+            run.add(s)
+        for t in self.tokens.values():
+            run.add(t)
+        write_json(
+            Path(directory) / CENSUS_JSON,
+            {
+                "statistics": list(self.scores),
+                "token_results": list(self.tokens),
+                "not_scored": self.not_scored,
+                "info": self.info,
+            },
+        )
+        self.run = run
+        return run
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Census:
+        d = Path(directory)
+        path = d / CENSUS_JSON
+        if not path.is_file():
+            raise AttnlabError(f"{d} holds no census ({CENSUS_JSON} missing)")
+        try:
+            meta = read_json(path)
+        except (OSError, ValueError) as e:
+            raise AttnlabError(f"{path} cannot be read: {e}") from None
+        run = Run.open(d)
+        scores = {name: run[name] for name in meta.get("statistics", [])}
+        tokens = {name: run[name] for name in meta.get("token_results", [])}
+        return cls(scores, dict(meta.get("not_scored", {})), tokens, dict(meta.get("info", {})), run)
+
+
+# ---- the sweep -------------------------------------------------------------------------------------------------
+
+
+def _probe_names(statistics: str | Sequence[str]) -> tuple[list[str], bool]:
+    """``"all"`` / group names / probe names (comma-separated or a list) -> probe names and whether the causal
+    statistic is wanted."""
+    from attnlab.probes.registry import PROBES
+
+    items = statistics.split(",") if isinstance(statistics, str) else list(statistics)
+    items = [s.strip() for s in items if s.strip()]
+    if not items:
+        raise AttnlabError("no statistics asked for")
+    names: list[str] = []
+    causal = False
+    for item in items:
+        if item == "all":
+            members = [p for g in GROUPS.values() for p in g]
+            causal = True
+        elif item == CAUSAL:
+            causal, members = True, []
+        elif item in GROUPS:
+            members = list(GROUPS[item])
+        elif item in PROBES:
+            members = [item]
+        else:
+            known = sorted({*GROUPS, *PROBES, CAUSAL, "all"})
+            raise AttnlabError(f"unknown statistic {item!r}; available: {', '.join(known)}")
+        for m in members:
+            if m in PROBES and m not in names:
+                names.append(m)
+    return names, causal
+
+
+def _unavailable(name: str, model, prompts: PromptSet, ids: list[list[int]]) -> str | None:
+    """Why probe ``name`` cannot score this model on these prompts (None when it can)."""
+    if name == "razor_echo_induction":
+        from attnlab.probes.razor_echo import find_period
+
+        if not any(find_period(x) for x in ids):
+            return "needs prompts made of a repeated block (--dataset repeated-random)"
+    if name in VISION_PROBES:
+        if model.modality != "vision-language":
+            return "text model: no image tokens"
+        if prompts.images is None:
+            return "no image prompts (use a shapes dataset or prompts with images)"
+    if name == "retrieval_heads":
+        need = ("prompt_len", "answer_ids", "answer", "needle_span")
+        if not prompts.meta or not all(isinstance(m, dict) and all(k in m for k in need) for m in prompts.meta):
+            return "needs NIAH prompts with needles and answers (--dataset niah)"
+        if not model.causal:
+            return "bidirectional encoder: no next-token retrieval"
+    return None
+
+
+def census(
+    model,
+    prompts: Sequence[str] | PromptSet,
+    *,
+    statistics: str | Sequence[str] = "all",
+    causal_prompts: int = 16,
+    ablation_mode: str = "zero",
+    attribution: bool = True,
+    batch_size: int = 8,
+    attention: str = "auto",
+    chunk_size: int = 256,
+    truncate: bool = False,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> Census:
+    """Run a head census of ``model`` on ``prompts``.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    prompts : list of str or PromptSet
+    statistics : "all", group names (sinks, headvis, patterns, retrieval, vision, causal), probe names, or a list
+    causal_prompts : int, default=16
+        Prompts (the first ones) the exact all-heads ablation and attribution patching run on.
+    ablation_mode : {"zero", "mean", "uniform", "resample"}, default="zero"
+    attribution : bool, default=True
+        Also run attribution patching and report its Spearman correlation with the exact ablation scores.
+    batch_size, attention, chunk_size, truncate : as in ``attnlab.scan``
+    out : directory to write the census to (a run directory with ``census.json``), or None
+    progress : bool, default=True
+        Progress bars with an ETA for the capture pass and the ablation.
+    """
+    from attnlab.capture import Capture
+    from attnlab.probes.registry import PROBES
+    from attnlab.probes.scan import _batches
+
+    if not isinstance(prompts, PromptSet):
+        prompts = PromptSet(name="prompts", texts=list(prompts))
+    if len(prompts) == 0:
+        raise AttnlabError("no prompts to run")
+    if int(causal_prompts) < 1:
+        raise AttnlabError(f"causal_prompts must be >= 1, got {causal_prompts}")
+    names, want_causal = _probe_names(statistics)
+    t0 = time.perf_counter()
+    batches = _batches(model, prompts, batch_size, truncate)
+    ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
+    ctx = ProbeContext(model=model, dataset=fingerprint(ids), n_prompts=len(ids), meta=list(prompts.meta))
+    capture = Capture(model, attention=attention, chunk_size=chunk_size, progress=progress)
+    not_scored: dict[str, str] = {}
+    attached = []
+    for name in names:
+        reason = _unavailable(name, model, prompts, ids)
+        if reason is None:
+            probe = PROBES[name]()
+            try:
+                probe.attach(capture, ctx)
+            except AttnlabError as e:
+                reason = str(e)
+            else:
+                attached.append(probe)
+        if reason is not None:
+            not_scored[name] = reason
+    if attached:
+        capture.run(batches, total=len(batches), desc="census")
+    lengths = [len(x) for x in ids]
+    info = {
+        "model": model.summary(),
+        "census": True,
+        "statistics_asked": list(names) + ([CAUSAL] if want_causal else []),
+        "probes": [{"name": p.name, "params": p.params()} for p in attached],
+        "dataset": {"name": prompts.name, "fingerprint": ctx.dataset, "n_prompts": len(ids), "seed": prompts.seed},
+        "n_prompts": len(ids),
+        "seq_len": {"min": min(lengths), "max": max(lengths), "mean": float(np.mean(lengths))},
+        "dtype": str(getattr(model, "dtype", "")),
+        "attention_path": capture.last_path if attached else "",
+        "batch_size": batch_size,
+    }
+    result = Census(info=info)
+    for probe in attached:
+        for r in probe.results(ctx):
+            if isinstance(r, HeadScores):
+                if not np.isfinite(np.asarray(r.scores, float)).any():
+                    result.not_scored[r.name] = "no head could be scored on these prompts (every value undefined)"
+                else:
+                    result.scores[r.name] = r
+            else:
+                result.tokens[r.name] = r
+    result.not_scored = {**not_scored, **result.not_scored}
+    info["seconds_correlational"] = round(time.perf_counter() - t0, 3)
+    if want_causal:
+        _causal(result, model, prompts, ids, causal_prompts, ablation_mode, attribution, progress)
+    info["seconds_total"] = round(time.perf_counter() - t0, 3)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def _causal(result: Census, model, prompts, ids, n: int, mode: str, attribution: bool, progress: bool) -> None:
+    from attnlab.probes.ablation_metrics import NextTokenLogprob
+    from attnlab.probes.ablation_scores import ablation_scores
+
+    name = f"ablation_{mode}_next_token_logprob"
+    if not model.causal:
+        result.not_scored[name] = "bidirectional encoder: no next-token log-prob to ablate against"
+        return
+    if model.modality == "vision-language" and prompts.images is not None:
+        result.not_scored[name] = "vision-language prompts: the census ablates text prompts only (attnlab ablate)"
+        return
+    chosen = [x for x in ids if len(x) >= 2][: int(n)]
+    if not chosen:
+        result.not_scored[name] = "no prompt has two tokens"
+        return
+    t1 = time.perf_counter()
+    scores = ablation_scores(
+        model, chosen, NextTokenLogprob(), mode=mode, attribution=attribution, name=name, progress=progress
+    )
+    scores.summary["n_prompts"] = len(chosen)
+    result.scores[name] = scores
+    result.info["causal"] = {
+        "statistic": name,
+        "metric": "mean next-token log-prob of each prompt",
+        "mode": mode,
+        "n_prompts": len(chosen),
+        "atp_spearman": scores.summary.get("atp_spearman"),
+        "seconds": round(time.perf_counter() - t1, 3),
+    }
+    if attribution and "atp" in scores.extra:
+        atp = HeadScores(
+            scores=scores.extra["atp"],
+            name=f"atp_{mode}_next_token_logprob",
+            probe="attribution_patching",
+            params={"mode": mode, "metric": "next_token_logprob"},
+            model=model.name,
+            n_kv_heads=model.n_kv_heads,
+            description="attribution-patching estimate of the ablation drop (first-order pre-screen)",
+            summary={"spearman_with_exact": scores.summary.get("atp_spearman")},
+        )
+        result.scores[atp.name] = atp
+
+
+def census_json(directory: str | Path) -> dict | None:
+    """The ``census.json`` of a run directory, or None when the run is not a census."""
+    p = Path(directory) / CENSUS_JSON
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None

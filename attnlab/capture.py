@@ -184,7 +184,8 @@ class Capture:
                 )
             if not supports_fused(self.model):
                 raise ValueError(
-                    f"{self.model.architecture} does not route attention through transformers' AttentionInterface; use attention='eager'"
+                    f"{self.model.architecture} does not route attention through transformers' AttentionInterface; "
+                    "use attention='eager'"
                 )
             return "fused"
         if needs_pattern or batch.seq_len < self.fused_min_len or not supports_fused(self.model):

@@ -6,13 +6,15 @@ clean-attention reuse (``reuse_attention=False``).
     # CPU figure (bundled organism)
     .venv/bin/python benchmarks/ablation_speed.py --model organism-lm --n-prompts 2 --length 160 --threads 1 --repeats 3
     # GPU figure: random-weight Llama-3.2-1B-shaped model (16 layers x 32 heads, 8 KV heads, d_model 2048), no download
-    PYTHONPATH=. python benchmarks/ablation_speed.py --shape llama-1b --device cuda --dtype bfloat16 --length 256 --n-prompts 1 --max-batch 64
+    PYTHONPATH=. python benchmarks/ablation_speed.py --shape llama-1b --device cuda --dtype bfloat16 --length 256 \
+        --n-prompts 1 --max-batch 64
     # smoke check of the shape path on CPU
     .venv/bin/python benchmarks/ablation_speed.py --shape tiny --length 128 --threads 1
 
-Prints one JSON line: median wall seconds over ``--repeats`` (variants interleaved within each repeat) (and, on CPU, process CPU seconds, which other processes on a shared
-machine disturb less) of each variant, the speed-ups (median of per-repeat ratios), and the largest score difference
-between the batched scorer and the loop (exit status 1 if above 1e-4).
+Prints one JSON line: median wall seconds over ``--repeats`` (variants interleaved within each repeat) (and, on CPU,
+process CPU seconds, which other processes on a shared machine disturb less) of each variant, the speed-ups (median
+of per-repeat ratios), and the largest score difference between the batched scorer and the loop (exit status 1 if
+above 1e-4).
 """
 
 from __future__ import annotations
@@ -108,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         default="batched,previous,eager,no_reuse,loop",
-        help="comma list of: batched (default path), previous (default before clean-attention reuse), eager, no_reuse, loop",
+        help=(
+            "comma list of: batched (default path), previous (default before clean-attention reuse), eager, no_reuse, "
+            "loop"
+        ),
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

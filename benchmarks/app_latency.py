@@ -146,7 +146,9 @@ def browser_latency(app, model, prompt: str, heads) -> dict | None:
             dy = (layer + 0.5) / model.n_layers * h - h / 2
             t0 = time.perf_counter()
             ActionChains(d).move_to_element_with_offset(drag, int(dx), int(dy)).click().perform()
-            wait(lambda: title().startswith(f"L{layer}H{head} ") and f"({n} tokens" in title(), 30)
+            wait(
+                lambda layer=layer, head=head: title().startswith(f"L{layer}H{head} ") and f"({n} tokens" in title(), 30
+            )
             times.append(time.perf_counter() - t0)
             last = (layer, head)
         return {

@@ -133,7 +133,10 @@ def main() -> None:
         "device": args.device,
         "seq": args.seq,
         "chunk": args.chunk,
-        "model": f"Llama random weights, {args.layers} layers, d_model {args.d_model}, {args.heads} heads / {args.kv_heads} KV heads",
+        "model": (
+            f"Llama random weights, {args.layers} layers, d_model {args.d_model}, "
+            f"{args.heads} heads / {args.kv_heads} KV heads"
+        ),
         "one_layer_pattern_bytes": one_layer,
         "all_layers_pattern_bytes": one_layer * args.layers,
         "chunk_rows_bytes": args.heads * args.chunk * args.seq * 4,

@@ -4,7 +4,8 @@ attention rows rebuilt only for the answer queries) vs a plain SDPA forward and 
 Llama-3.2-1B-shaped model (16 layers x 32 heads, 8 KV heads, d_model 2048; built from a config, no download).
 
     # GPU figure (issue #4): 4k / 16k / 32k tokens
-    PYTHONPATH=. python benchmarks/retrieval_long_context.py --shape llama-1b --device cuda --dtype bfloat16 --lengths 4096,16384,32768
+    PYTHONPATH=. python benchmarks/retrieval_long_context.py --shape llama-1b --device cuda --dtype bfloat16 \
+        --lengths 4096,16384,32768
     # CPU smoke check of the script
     .venv/bin/python benchmarks/retrieval_long_context.py --shape tiny --lengths 512 --threads 1
 
@@ -168,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup",
         choices=["each", "first"],
         default="each",
-        help="unmeasured warm-up trial before each length's trials, or only before the first length's (saves a long forward on a slow CPU)",
+        help=(
+            "unmeasured warm-up trial before each length's trials, or only before the first length's "
+            "(saves a long forward on a slow CPU)"
+        ),
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

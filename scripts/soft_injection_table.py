@@ -99,14 +99,16 @@ def table(results: dict, args) -> str:
 
     ci = lambda v, c: f"{v:.2f} [{c[0]:.2f}, {c[1]:.2f}]"  # noqa: E731
     lines = [
-        f"| task | 0-shot | {args.shots}-shot ICL | 0-shot + injection | injection - {args.shots}-shot | top heads (alpha) |",
+        f"| task | 0-shot | {args.shots}-shot ICL | 0-shot + injection | injection - {args.shots}-shot "
+        "| top heads (alpha) |",
         "|---|---|---|---|---|---|",
     ]
     for t, r in results.items():
         heads = ", ".join(f"L{h[0]}H{h[1]} {h[2]:.2f}" for h in r["selected_heads"][:5])
         lines.append(
-            f"| {t} | {ci(r['zero_shot'], r['zero_shot_ci'])} | {ci(r['few_shot'], r['few_shot_ci'])} | {ci(r['injected'], r['injected_ci'])} | "
-            f"{r['injected_minus_few']:+.2f} [{r['injected_minus_few_ci'][0]:+.2f}, {r['injected_minus_few_ci'][1]:+.2f}] | {heads} |"
+            f"| {t} | {ci(r['zero_shot'], r['zero_shot_ci'])} | {ci(r['few_shot'], r['few_shot_ci'])} "
+            f"| {ci(r['injected'], r['injected_ci'])} | {r['injected_minus_few']:+.2f} "
+            f"[{r['injected_minus_few_ci'][0]:+.2f}, {r['injected_minus_few_ci'][1]:+.2f}] | {heads} |"
         )
     if results:
         # task average: items pooled (equal n per task, so the pooled mean is the mean of task means)
@@ -115,14 +117,17 @@ def table(results: dict, args) -> str:
         few = np.concatenate([r["per_item"]["few"] for r in results.values()])
         a, b = paired_bootstrap(z, inj, n_boot=args.n_boot), paired_bootstrap(few, inj, n_boot=args.n_boot)
         lines.append(
-            f"| **average ({len(results)} tasks)** | {ci(a['baseline'], [a['baseline_lo'], a['baseline_hi']])} | {ci(b['baseline'], [b['baseline_lo'], b['baseline_hi']])} | "
-            f"{ci(a['intervened'], [a['intervened_lo'], a['intervened_hi']])} | {b['diff']:+.2f} [{b['diff_lo']:+.2f}, {b['diff_hi']:+.2f}] | |"
+            f"| **average ({len(results)} tasks)** | {ci(a['baseline'], [a['baseline_lo'], a['baseline_hi']])} "
+            f"| {ci(b['baseline'], [b['baseline_lo'], b['baseline_hi']])} "
+            f"| {ci(a['intervened'], [a['intervened_lo'], a['intervened_hi']])} "
+            f"| {b['diff']:+.2f} [{b['diff_lo']:+.2f}, {b['diff_hi']:+.2f}] | |"
         )
         reached = b["diff"] >= 0
         lines.append("")
         lines.append(
             f"Average injected {a['intervened']:.3f} vs {args.shots}-shot {b['baseline']:.3f}: "
-            f"{'reaches' if reached else 'does NOT reach'} {args.shots}-shot ICL (difference {b['diff']:+.3f}, 95% CI [{b['diff_lo']:+.3f}, {b['diff_hi']:+.3f}])."
+            f"{'reaches' if reached else 'does NOT reach'} {args.shots}-shot ICL "
+            f"(difference {b['diff']:+.3f}, 95% CI [{b['diff_lo']:+.3f}, {b['diff_hi']:+.3f}])."
         )
     lines.append("")
     lines.append(f"Jaccard overlap of the top-{args.top_k} heads by alpha:")
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     tasks = list(icl.TASK_NAMES) if args.tasks == "all" else args.tasks.split(",")
     progress = lambda t, r: (
-        f"[{t}] 0-shot {r['zero_shot']:.2f}  {args.shots}-shot {r['few_shot']:.2f}  injected {r['injected']:.2f}  (fit {r['fit_seconds']} s)"
+        f"[{t}] 0-shot {r['zero_shot']:.2f}  {args.shots}-shot {r['few_shot']:.2f}  injected {r['injected']:.2f}  "
+        f"(fit {r['fit_seconds']} s)"
     )  # noqa: E731
     return run_resumable("scripts/soft_injection_table.py", argv, args, tasks, run_task, table, progress)
 

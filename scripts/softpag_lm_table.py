@@ -16,7 +16,8 @@ Metrics: greedy exact match and invalid rate (``attnlab.interventions.evaluate.g
 every decoding step) and the summed log-prob of the answer tokens (teacher-forced). Intervals: seeded paired
 percentile bootstrap over items (``paired_bootstrap``), also pooled over tasks.
 
-    python scripts/softpag_lm_table.py --tasks choose_last,choose_middle,reverse_words,corpus_next_word --out /tmp/softpag_lm.json
+    python scripts/softpag_lm_table.py --tasks choose_last,choose_middle,reverse_words,corpus_next_word \
+        --out /tmp/softpag_lm.json
 
 Results are written (atomically, after every task) to ``--out`` as JSON; ``--resume`` skips tasks already there.
 """
@@ -72,7 +73,7 @@ class CachedLogprob:
 
         perts = self._pert(heads, u) if heads and scale != 0.0 else [None] * len(self.scorer.batches)
         out = []
-        for (batch, bi, pos, tgt, owner, n, clean), pert in zip(self.scorer.batches, perts):
+        for (_batch, _bi, _pos, tgt, owner, n, clean), pert in zip(self.scorer.batches, perts):
             guided = clean if pert is None else clean + scale * (clean - pert)
             lp = guided.log_softmax(-1).gather(-1, tgt[:, None])[:, 0]
             out.append(torch.zeros(n, dtype=lp.dtype).index_add_(0, owner, lp).numpy())
@@ -175,9 +176,12 @@ def run_task(model, task: str, args) -> dict:
             res["settings"].append(row)
             a = row["arms"]
             print(
-                f"[{task}] u={u} s={s} EM none {none_exact.mean():.3f} found {a['found']['exact_vs_none']['intervened']:.3f} "
-                f"layer{best} {a['layer']['exact_vs_none']['intervened']:.3f} random {a['random']['exact_vs_none']['intervened']:.3f} | "
-                f"logprob none {none_lp.mean():.3f} found {a['found']['logprob_vs_none']['diff']:+.3f} layer {a['layer']['logprob_vs_none']['diff']:+.3f} "
+                f"[{task}] u={u} s={s} EM none {none_exact.mean():.3f} "
+                f"found {a['found']['exact_vs_none']['intervened']:.3f} "
+                f"layer{best} {a['layer']['exact_vs_none']['intervened']:.3f} "
+                f"random {a['random']['exact_vs_none']['intervened']:.3f} | "
+                f"logprob none {none_lp.mean():.3f} found {a['found']['logprob_vs_none']['diff']:+.3f} "
+                f"layer {a['layer']['logprob_vs_none']['diff']:+.3f} "
                 f"random {a['random']['logprob_vs_none']['diff']:+.3f}  ({time.time() - t0:.0f} s)",
                 file=sys.stderr,
                 flush=True,

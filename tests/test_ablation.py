@@ -170,6 +170,15 @@ def test_random_head_sets_exclude_top_and_are_seeded():
     assert all(sorted(l for l, _ in s) == [0, 2] for s in lm)
 
 
+def _needle_mass_hook(grid: np.ndarray, l: int, span: tuple[int, int]):
+    """Pattern hook adding each head's attention from the last query to the key positions ``span`` into ``grid[l]``."""
+
+    def add(p, hook=None):
+        grid[l] = grid[l] + p[0, :, -1, span[0] : span[1]].sum(-1).float().numpy()
+
+    return add
+
+
 def _needle_attention(model, trials) -> np.ndarray:
     """Retrieval proxy: mean attention from the answer-predicting position to the needle's code tokens."""
     from attnlab.datasets.niah import needle_token_span
@@ -183,13 +192,7 @@ def _needle_attention(model, trials) -> np.ndarray:
         hooks = [
             (
                 attn_hook(l, "hook_pattern"),
-                (
-                    lambda l: (
-                        lambda p, hook=None: grid.__setitem__(
-                            l, grid[l] + p[0, :, -1, span[0] : span[1]].sum(-1).float().numpy()
-                        )
-                    )
-                )(l),
+                _needle_mass_hook(grid, l, span),
             )
             for l in range(model.n_layers)
         ]
@@ -212,7 +215,8 @@ def test_organism_lm_needle_heads_matter_more_than_random_heads():
     evaluate = niah_evaluator(model, lengths=(160, 288), depths=(10, 50, 90), trials_per_cell=1, seed=1)
     table = causal_test(scores, 4, evaluate, n_seeds=3, seed=0).set_index("condition")
     print(
-        f"\nneedle layer {layer}; proxy max {proxy.max():.2f}\n{table[['metric', 'ci_low', 'ci_high', 'drop', 'p_value', 'heads']]}"
+        f"\nneedle layer {layer}; proxy max {proxy.max():.2f}\n"
+        f"{table[['metric', 'ci_low', 'ci_high', 'drop', 'p_value', 'heads']]}"
     )
     assert table.loc["baseline", "metric"] >= 0.8
     assert table.loc["top_k", "drop"] >= 0.5

@@ -151,7 +151,7 @@ def test_zerotuning_monotone_and_ratio_preserving():
     assert torch.allclose(r, r[..., :1].expand_as(r), atol=1e-6)
 
 
-# ---- on real architectures ---------------------------------------------------------------------------------------------
+# ---- on real architectures -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "qwen2", "llava", "organism-lm"])
@@ -276,7 +276,7 @@ def test_apply_removes_hooks_on_error_and_composes(loaded):
             pass
 
 
-# ---- fitting, splits, persistence --------------------------------------------------------------------------------------
+# ---- fitting, splits, persistence ------------------------------------------------------------------------------------
 
 
 def _cls_items(split, n, seed):

@@ -232,7 +232,7 @@ def test_no_run_before_the_button_and_busy_while_another_runs(iv_state):
     assert msg.startswith("busy") and outputs is None
 
 
-# ---- a real browser ----------------------------------------------------------------------------------------------------
+# ---- a real browser --------------------------------------------------------------------------------------------------
 
 
 def test_browser_interventions_view(tmp_path_factory):
@@ -317,7 +317,8 @@ def _browser_session(url, _text, _wait, _shot):
             _wait(d, lambda d: "baseline" in _text(d, f"#{ids.IV_FIGURE} .gtitle"), 60, "attention difference")
         except AssertionError:
             raise AssertionError(
-                f"no attention difference; status {_text(d, f'#{ids.IV_STATUS}')!r}, info {_text(d, f'#{ids.IV_INFO}')!r}"
+                f"no attention difference; status {_text(d, f'#{ids.IV_STATUS}')!r}, "
+                f"info {_text(d, f'#{ids.IV_INFO}')!r}"
             ) from None
         assert _text(d, f"#{ids.IV_STATUS}") == ""
         outputs = _text(d, f"#{ids.IV_OUTPUTS}")

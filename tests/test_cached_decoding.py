@@ -97,8 +97,9 @@ def test_act_cached_generate_equals_uncached_on_tiny_architectures(loaded, arch)
 def test_var_cached_generate_equals_uncached_and_edits_every_step():
     """VAR keeps the image-token mask across cached steps, so every generated token is edited as without a cache.
     (organism-vlm: the tiny LLaVA has 2 layers and VAR edits layers 2..L-2, none of them.)"""
-    import attnlab
     from test_vhr_var import shape_prompts
+
+    import attnlab
 
     m = attnlab.load("organism-vlm")
     fit = shape_prompts(2, 1)
@@ -136,8 +137,9 @@ def test_version_check_names_both_versions(monkeypatch):
     real = md.version
     monkeypatch.setattr(md, "version", lambda name: "5.25.0" if name == "transformers" else real(name))
     msg = loading.check_versions()
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
     import inspect
+
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
     if '"cache"' in inspect.getsource(AttentionBridge._update_kv_cache):
         assert msg is None

@@ -104,7 +104,8 @@ def _found(ind) -> list[tuple[int, int]]:
 def test_induction_heads_are_the_heads_whose_ablation_breaks_copying(ground_truth):
     ind, prev, drop, _ = ground_truth
     print(
-        f"\ninduction:\n{np.round(ind.scores, 2)}\nprevious token:\n{np.round(prev.scores, 2)}\nablation drop:\n{np.round(drop, 2)}"
+        f"\ninduction:\n{np.round(ind.scores, 2)}\nprevious token:\n{np.round(prev.scores, 2)}"
+        f"\nablation drop:\n{np.round(drop, 2)}"
     )
     found = _found(ind)
     assert np.nanmax(ind.scores) > 0.3 and 1 <= len(found) <= ind.scores.size // 2
@@ -128,7 +129,8 @@ def test_ablating_induction_heads_hurts_copying_more_than_random_heads(organism,
     evaluate = ablation_evaluator(organism, [""] * len(metric.ids), metric, mode="mean")
     table = causal_test(ind, k, evaluate, n_seeds=5, seed=0, layer_matched=True).set_index("condition")
     print(
-        f"\n{table[['metric', 'drop', 'p_value', 'heads']]}\nrandom drops: {[round(table.loc['baseline', 'metric'] - v, 2) for v in table.attrs['random_values']]}"
+        f"\n{table[['metric', 'drop', 'p_value', 'heads']]}\nrandom drops: "
+        f"{[round(table.loc['baseline', 'metric'] - v, 2) for v in table.attrs['random_values']]}"
     )
     top = table.loc["top_k", "drop"]
     random_drops = [table.loc["baseline", "metric"] - v for v in table.attrs["random_values"]]

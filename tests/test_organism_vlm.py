@@ -1,4 +1,5 @@
-"""organism-vlm: the shape-scene generator, the LLaVA processor/tokenizer, a smoke training run, and the shipped model."""
+"""organism-vlm: the shape-scene generator, the LLaVA processor/tokenizer, a smoke training run, and the shipped
+model."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from attnlab.datasets import shapes
 from attnlab.models.training import vlm
 
 BUNDLED = Path(__file__).resolve().parents[1] / "attnlab" / "models" / "bundled" / "organism-vlm"
+_DEFAULT_SCENES = shapes.SceneConfig()  # frozen, so one shared default is safe
 
 
-def _scenes(n: int, seed: int = 0, cfg: shapes.SceneConfig = shapes.SceneConfig(), **kw):
+def _scenes(n: int, seed: int = 0, cfg: shapes.SceneConfig = _DEFAULT_SCENES, **kw):
     rng = np.random.default_rng(seed)
     return [shapes.sample_scene(rng, cfg, **kw) for _ in range(n)]
 

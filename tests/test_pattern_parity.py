@@ -97,7 +97,8 @@ def test_abs_measure_matches_head_detector_up_to_its_rounding(loaded):
 
 
 def test_planted_previous_token_head_scores_as_the_spec_says():
-    """A perfect previous-token map scores (S-1)/S with mul (row 0 attends to itself), 1.0 excluding the current token."""
+    """A perfect previous-token map scores (S-1)/S with mul (row 0 attends to itself), 1.0 excluding the current
+    token."""
     from test_sink_probes import run_planted
 
     from attnlab.probes.previous_token import PreviousTokenHeads

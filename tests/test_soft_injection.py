@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from attnlab.errors import AttnlabError
 from attnlab.hooks import attn_hook, block_hook
 from attnlab.interventions.base import Intervention
 from attnlab.interventions.soft_injection import SoftInjection, inject, last_occurrence, load_task
@@ -267,7 +268,7 @@ def test_load_task_reads_function_vector_files(tmp_path):
     t = load_task(str(d))
     assert len(t.train) == 50 and len(t.valid) == 10 and t.test == []
     (tmp_path / "bad.json").write_text(json.dumps([{"input": "a"}]))
-    with pytest.raises(Exception):
+    with pytest.raises(AttnlabError, match="record 0 needs 'input' and 'output'"):
         load_task(str(tmp_path / "bad.json"))
 
 

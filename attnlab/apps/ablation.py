@@ -43,9 +43,15 @@ def unavailable_reason(info: dict) -> str:
     vision = info.get("model", {}).get("modality") == "vision-language"
     if key not in DATASETS:
         what = "its prompts and images" if vision else "its prompts"
-        return f"ablation scoring needs the run's prompts, but {what} ({name!r}) cannot be regenerated; scan a built-in dataset ({'shapes' if vision else 'niah, prose'}) to score ablations"
+        return (
+            f"ablation scoring needs the run's prompts, but {what} ({name!r}) cannot be regenerated; "
+            f"scan a built-in dataset ({'shapes' if vision else 'niah, prose'}) to score ablations"
+        )
     if vision and not key.startswith("shapes"):
-        return f"ablation scoring on a vision-language run needs image questions with answers (a shapes dataset), not {name!r}"
+        return (
+            "ablation scoring on a vision-language run needs image questions with answers (a shapes dataset), "
+            f"not {name!r}"
+        )
     return ""
 
 
@@ -163,7 +169,8 @@ def run_ablation(
         raise AttnlabError(unavailable_reason(info))
     if metric not in metrics_for(info):
         raise AttnlabError(
-            f"metric {str(metric)[:40]!r} is not available for this run (available: {', '.join(metrics_for(info)) or 'none'})"
+            f"metric {str(metric)[:40]!r} is not available for this run "
+            f"(available: {', '.join(metrics_for(info)) or 'none'})"
         )
     with live.exclusive(info["model"]["name"]) as model:
         if source == "selected":
@@ -177,7 +184,8 @@ def run_ablation(
                 raise AttnlabError(f"k must be between 1 and {MAX_K}")
             if scores.scores.shape != (model.n_layers, model.n_heads):
                 raise AttnlabError(
-                    f"{scores.name} has a {scores.scores.shape} grid but {model.name} has {model.n_layers} x {model.n_heads} heads"
+                    f"{scores.name} has a {scores.scores.shape} grid "
+                    f"but {model.name} has {model.n_layers} x {model.n_heads} heads"
                 )
             result = scores
         else:

@@ -205,7 +205,10 @@ def head_map_difference(
             colorscale="RdBu",
             reversescale=True,  # red = higher in A
             zmid=0.0,
-            hovertemplate=f"%{{y}}%{{x}}<br>{labels[0]} %{{customdata[0]:.4f}}<br>{labels[1]} %{{customdata[1]:.4f}}<br>difference %{{z:.4f}}<extra></extra>",
+            hovertemplate=(
+                f"%{{y}}%{{x}}<br>{labels[0]} %{{customdata[0]:.4f}}<br>{labels[1]} %{{customdata[1]:.4f}}"
+                "<br>difference %{z:.4f}<extra></extra>"
+            ),
             colorbar={"title": "A − B"},
         )
     )
@@ -369,7 +372,9 @@ def ablation_bars(table, title: str | None = None) -> go.Figure:
             },
             marker_color=["#c0392b", "#7f8c8d"],
             customdata=[[top, heads], [rnd, f"CI of drop {ci[0]:.4f} to {ci[1]:.4f}"]],
-            hovertemplate="%{x}<br>drop %{y:.4f}<br>ablated metric %{customdata[0]:.4f}<br>%{customdata[1]}<extra></extra>",
+            hovertemplate=(
+                "%{x}<br>drop %{y:.4f}<br>ablated metric %{customdata[0]:.4f}<br>%{customdata[1]}<extra></extra>"
+            ),
             name="drop",
         )
     )
@@ -452,13 +457,19 @@ def attention_difference(
             colorscale="RdBu",
             reversescale=True,  # red = more attention with the intervention
             zmid=0.0,
-            hovertemplate="query %{y}<br>key %{x}<br>baseline %{customdata[0]:.4f}<br>intervened %{customdata[1]:.4f}<br>difference %{z:.4f}<extra></extra>",
+            hovertemplate=(
+                "query %{y}<br>key %{x}<br>baseline %{customdata[0]:.4f}<br>intervened %{customdata[1]:.4f}"
+                "<br>difference %{z:.4f}<extra></extra>"
+            ),
             colorbar={"title": "Δ attention"},
         )
     )
     fig.update_layout(
         title=title
-        or f"{head_label} attention, {method or 'intervened'} − baseline — {model} ({n} tokens{shown}; max |Δ| {span:.4f})",
+        or (
+            f"{head_label} attention, {method or 'intervened'} − baseline — {model} "
+            f"({n} tokens{shown}; max |Δ| {span:.4f})"
+        ),
         xaxis={"title": "key", "tickangle": -60, "type": "category"},
         yaxis={"title": "query", "autorange": "reversed", "type": "category"},
         margin={"l": 120, "r": 20, "t": 50, "b": 120},

@@ -10,9 +10,9 @@ Which interventions run live (``prepare``): methods come from ``attnlab.interven
 parameters. **A method is fitted with no data** (``fit(model, None)``): methods with fixed parameters (ACT without
 head filtering, ZeroTuning with a given ``gamma``) run; methods that need fitting data or images the live model
 cannot provide here (VAR and VHR need image prompts, soft injection task data, ZeroTuning without ``gamma`` its
-gamma search) are **shown as unavailable with a one-line reason** ("cannot run here: " + their own ``fit`` error, also used
-for parameter values that ``fit`` rejects); the app never fits
-on a data set behind the user's back. Fit them with ``attnlab intervene --fit`` instead.
+gamma search) are **shown as unavailable with a one-line reason** ("cannot run here: " + their own ``fit`` error,
+also used for parameter values that ``fit`` rejects); the app never fits on a data set behind the user's back. Fit
+them with ``attnlab intervene --fit`` instead.
 
 Fitted interventions (``load_fitted``): the directories of the app's runs directory that ``attnlab intervene --out
 NAME`` wrote (``NAME/intervention/``, ``RunCatalog.fitted_names``) are offered too, as the dropdown value
@@ -110,7 +110,8 @@ def _registry_class(meta: dict[str, Any], name: str):
     cls = INTERVENTIONS.get(method) if isinstance(method, str) else None
     if cls is None or meta.get("class") != f"{cls.__module__}.{cls.__qualname__}":
         raise AttnlabError(
-            f"fitted intervention {name!r} does not hold an intervention of the registry (method {str(method)[:40]!r}, class {str(meta.get('class'))[:80]!r})"
+            f"fitted intervention {name!r} does not hold an intervention of the registry "
+            f"(method {str(method)[:40]!r}, class {str(meta.get('class'))[:80]!r})"
         )
     params, fitted, arrays = meta.get("params"), meta.get("fitted"), meta.get("arrays")
     if not (isinstance(params, dict) and isinstance(fitted, dict) and isinstance(arrays, list)):
@@ -121,7 +122,8 @@ def _registry_class(meta: dict[str, Any], name: str):
     bad = [k for k in [*fitted, *arrays] if not (isinstance(k, str) and k.endswith("_") and not k.startswith("_"))]
     if unknown or bad:
         raise AttnlabError(
-            f"fitted intervention {name!r} cannot be read: unexpected entries {', '.join(map(str, (unknown + bad)[:5]))}"
+            f"fitted intervention {name!r} cannot be read: "
+            f"unexpected entries {', '.join(map(str, (unknown + bad)[:5]))}"
         )
     if not isinstance(fitted.get("model_"), dict) or "fit_split_" not in fitted:
         raise AttnlabError(f"fitted intervention {name!r} cannot be read: it records no fitted model")
@@ -160,7 +162,8 @@ def load_fitted(catalog, name: str, model_name: str | None = None):
     fitted_on = iv.model_.get("name")
     if model_name is not None and fitted_on != model_name:
         raise AttnlabError(
-            f"fitted intervention {name!r} was fitted on {_model_label(fitted_on)}, not on this run's model {_model_label(model_name)}"
+            f"fitted intervention {name!r} was fitted on {_model_label(fitted_on)}, "
+            f"not on this run's model {_model_label(model_name)}"
         )
     return iv
 
@@ -173,7 +176,10 @@ def fitted_summary(iv, name: str) -> str:
     params = " ".join(
         f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in iv.get_params().items()
     )  # a str may hold "\n"
-    return f"{iv.name} fitted by 'attnlab intervene' (run {name}) on {split.get('name', '?')} (n={split.get('n', '?')}) for {_model_label(iv.model_.get('name'))}; parameters: {params}."
+    return (
+        f"{iv.name} fitted by 'attnlab intervene' (run {name}) on {split.get('name', '?')} "
+        f"(n={split.get('n', '?')}) for {_model_label(iv.model_.get('name'))}; parameters: {params}."
+    )
 
 
 def method_options(catalog=None) -> list[dict[str, str]]:

@@ -1,4 +1,5 @@
-"""The page: seven views (runs, head map, attention pattern, tokens, vision for VLM runs, interventions, ablation scoring) in one column. Ids come from ``ids.py``.
+"""The page: seven views (runs, head map, attention pattern, tokens, vision for VLM runs, interventions, ablation
+scoring) in one column. Ids come from ``ids.py``.
 
 ``build_layout`` is called on every page load (``app.layout`` is a function), so new runs appear on refresh.
 """
@@ -156,7 +157,10 @@ def build_layout(state: AppState) -> html.Div:
                     ),
                     dcc.Textarea(
                         id=ids.CUSTOM_PROMPT,
-                        placeholder=f"or type a prompt here choose 'typed prompt' and press 'run typed prompt' (at most {state.live.max_chars} characters)",
+                        placeholder=(
+                            "or type a prompt here choose 'typed prompt' and press 'run typed prompt' "
+                            f"(at most {state.live.max_chars} characters)"
+                        ),
                         maxLength=state.live.max_chars,
                         style={"width": "100%", "height": "60px"},
                     ),

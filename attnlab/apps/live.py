@@ -133,7 +133,8 @@ class LiveModels:
                 ids = prompt_token_ids(model, prompts, truncate=True)
             if fingerprint(ids) != ds.get("fingerprint"):
                 raise AttnlabError(
-                    f"regenerating {ds.get('name')} gave other prompts than the run used (fingerprint differs); type a prompt instead"
+                    f"regenerating {ds.get('name')} gave other prompts than the run used (fingerprint differs); "
+                    "type a prompt instead"
                 )
             self._remember(self._run_ids, cache_key, ids, 16)
         ids = self._run_ids[cache_key]

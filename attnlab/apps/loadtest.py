@@ -7,7 +7,8 @@ fixed number of requests, so a run always ends by itself.
 A callback request is the body the dash renderer posts to ``/_dash-update-component``, built from the app's own
 ``/_dash-dependencies`` (so it tracks the page's callbacks): ``page_bodies`` for the runs, head-map and pattern
 views, ``view_bodies`` for the live views behind buttons (interventions, ablation scoring, vision). A response
-counts as an error when it is not HTTP 200, when the request fails, or when a callback's response carries a traceback or an ``internal error`` message.
+counts as an error when it is not HTTP 200, when the request fails, or when a callback's response carries a traceback
+or an ``internal error`` message.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class LoadReport:
     def lines(self) -> list[str]:
         s = self.summary()
         out = [
-            f"{s['clients']} clients: {s['requests']} requests, {s['errors']} errors, {s['busy']} busy answers, wall {s['wall_s']} s, p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms, max {s['max_ms']} ms"
+            f"{s['clients']} clients: {s['requests']} requests, {s['errors']} errors, {s['busy']} busy answers, "
+            f"wall {s['wall_s']} s, p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms, max {s['max_ms']} ms"
         ]
         out += [
             f"  {k or '/'}: n={v['n']} p50 {v['p50_ms']} ms p95 {v['p95_ms']} ms" for k, v in s["by_request"].items()

@@ -43,7 +43,8 @@ def run_image_prompts(model, info: dict):
     ids = [batch.input_ids[i, batch.real_slice(i)].tolist() for i in range(batch.size)]
     if fingerprint(ids) != ds.get("fingerprint"):
         raise AttnlabError(
-            f"regenerating {ds.get('name')} gave other inputs than the run used (fingerprint differs); upload an image instead"
+            f"regenerating {ds.get('name')} gave other inputs than the run used (fingerprint differs); "
+            "upload an image instead"
         )
     return prompts.texts, prompts.images
 

@@ -53,7 +53,10 @@ def niah_prompt_set(
                 "key": t.key,
             }
         )
-    name = f"niah(lengths={list(lengths)},depths={[round(d, 1) for d in depths]},x{trials_per_cell},needles={n_needles},seed={seed})"
+    name = (
+        f"niah(lengths={list(lengths)},depths={[round(d, 1) for d in depths]},"
+        f"x{trials_per_cell},needles={n_needles},seed={seed})"
+    )
     return PromptSet(name=name, token_ids=ids, meta=meta, seed=seed)
 
 

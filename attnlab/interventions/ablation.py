@@ -164,7 +164,8 @@ class HeadAblation:
         """Replacement z ``[len(rows), seq, d_head]`` for head ``heads[i]`` in batch row ``rows[i]`` of ``z``.
 
         ``rows`` are prompt indices (resample picks reference ``perm_[row % n_ref]``); ``z`` is the current
-        ``[batch, seq, n_heads, d_head]`` activation (only its shape, device and dtype are used). Not used by the uniform mode, which edits patterns instead.
+        ``[batch, seq, n_heads, d_head]`` activation (only its shape, device and dtype are used). Not used by the
+        uniform mode, which edits patterns instead.
         """
         n, seq, d = len(rows), z.shape[1], z.shape[-1]
         if self.mode == "zero":

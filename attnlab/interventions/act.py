@@ -66,7 +66,8 @@ def act_sink_set(pattern: torch.Tensor, valid: torch.Tensor, threshold: float, *
 
 
 def act_calibrate(pattern: torch.Tensor, sinks: torch.Tensor, beta: float) -> torch.Tensor:
-    """Calibrated rows ``A'`` of ``pattern`` ``[..., q, k]`` given sink masks ``sinks`` ``[..., k]`` (same for every row).
+    """Calibrated rows ``A'`` of ``pattern`` ``[..., q, k]`` given sink masks ``sinks`` ``[..., k]`` (same for every
+    row).
 
     Works on any number of query rows (a prefill square or a single cached-decoding row): rows are only rescaled
     within themselves, so no row index is special.
@@ -215,7 +216,8 @@ class ACT(Intervention):
         prev = self._sink_cache.get(layer)
         if prev is None or prev.shape[:2] != (b, h):
             raise RuntimeError(
-                "ACT got a cached decoding step without its prefill in the same apply() context; run the prefill inside it"
+                "ACT got a cached decoding step without its prefill in the same apply() context; "
+                "run the prefill inside it"
             )
         if prev.shape[-1] >= k:
             return prev[..., :k]

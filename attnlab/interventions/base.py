@@ -236,7 +236,8 @@ class Intervention:
         self._check_fitted()
         if self.model_["n_layers"] != model.n_layers or self.model_["n_heads"] != model.n_heads:
             raise ValueError(
-                f"{type(self).__name__} was fitted on {self.model_['name']} ({self.model_['n_layers']}x{self.model_['n_heads']}), not {model.name}"
+                f"{type(self).__name__} was fitted on {self.model_['name']} "
+                f"({self.model_['n_layers']}x{self.model_['n_heads']}), not {model.name}"
             )
         self._reset_state()
         try:

@@ -269,7 +269,8 @@ def check_sets_disjoint(fit: EvalSet, test: EvalSet) -> None:
     shared_q = len(set(fit.queries) & set(test.queries))
     if shared_p or shared_q:
         raise ValueError(
-            f"fit data {fit.name!r} and eval data {test.name!r} overlap ({shared_p} prompts, {shared_q} queries in common): measure on a held-out split"
+            f"fit data {fit.name!r} and eval data {test.name!r} overlap "
+            f"({shared_p} prompts, {shared_q} queries in common): measure on a held-out split"
         )
 
 
@@ -465,7 +466,8 @@ def format_table(report: InterventionReport) -> str:
     lines = [f"{'metric':<13} {'baseline':<22} {'intervened':<22} {'difference':<24} n"]
     for r in report.table.itertuples():
         lines.append(
-            f"{r.metric:<13} {f(r.baseline, r.baseline_lo, r.baseline_hi):<22} {f(r.intervened, r.intervened_lo, r.intervened_hi):<22} "
+            f"{r.metric:<13} {f(r.baseline, r.baseline_lo, r.baseline_hi):<22} "
+            f"{f(r.intervened, r.intervened_lo, r.intervened_hi):<22} "
             f"{f'{r.diff:+.3f} [{r.diff_lo:+.3f}, {r.diff_hi:+.3f}]':<24} {r.n}"
         )
     return "\n".join(lines)

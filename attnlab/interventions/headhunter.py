@@ -466,7 +466,8 @@ def compare(
     rand = [r for r in rows if r["kind"] == "random"]
     if rand:
         verdicts["random"] = (
-            f"{sum(r['found_minus']['objective']['ci95'][0] > 0 for r in rand)} of {len(rand)} random {k}-head draws beaten"
+            f"{sum(r['found_minus']['objective']['ci95'][0] > 0 for r in rand)} of {len(rand)} "
+            f"random {k}-head draws beaten"
         )
     for u in eval_u:
         if float(u) != hunter.u and best is not None:
@@ -488,10 +489,12 @@ def comparison_table(res: dict[str, Any]) -> str:
     obj = res["objective"] if res["objective"] != "classifier" else "p(intended)"
     lines = [
         f"objective {res['objective']}; found heads {res['heads']}; s={res['scale']:g}, u={res['u']:g}, "
-        f"variant {res['variant']}, cfg {res['cfg_scale']:g}; {res['n']} held-out images (noise seed {res['eval_seed']}, "
+        f"variant {res['variant']}, cfg {res['cfg_scale']:g}; {res['n']} held-out images "
+        f"(noise seed {res['eval_seed']}, "
         f"search seed {res['search_seed']}), {res['num_steps']} DDIM steps; paired 95% bootstrap CIs",
         "",
-        f"| condition | u | {obj} [95% CI] | log p(intended) | accuracy | found - this, {obj} [paired CI] | found - this, log p [paired CI] |",
+        f"| condition | u | {obj} [95% CI] | log p(intended) | accuracy | found - this, {obj} [paired CI] "
+        "| found - this, log p [paired CI] |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
@@ -499,7 +502,8 @@ def comparison_table(res: dict[str, Any]) -> str:
         fm = r.get("found_minus")
         diff = (_fmt(fm["objective"], 4, True), _fmt(fm["logp"], 3, True)) if fm else ("(reference)", "")
         lines.append(
-            f"| {name} | {r['u']:g} | {_fmt(r['objective'], 4)} | {_fmt(r['logp'])} | {r['correct']['mean']:.3f} | {diff[0]} | {diff[1]} |"
+            f"| {name} | {r['u']:g} | {_fmt(r['objective'], 4)} | {_fmt(r['logp'])} | {r['correct']['mean']:.3f} "
+            f"| {diff[0]} | {diff[1]} |"
         )
     lines.append("")
     lines.append(f"best whole layer (of those evaluated, chosen on these evaluation images): {res['best_layer']}")

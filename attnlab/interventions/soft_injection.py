@@ -333,7 +333,8 @@ class SoftInjection(Intervention):
         task = load_task(data, seed=self.data_seed)
         if len(task.train) <= self.n_shots:
             raise ValueError(
-                f"{task.name}: {self.n_shots}-shot prompts need more than {self.n_shots} train items, got {len(task.train)}"
+                f"{task.name}: {self.n_shots}-shot prompts need more than {self.n_shots} train items, "
+                f"got {len(task.train)}"
             )
         seen = [zero_shot(x) for x, _ in task.train + task.valid[: self.n_val]]
         self.fit_split_ = {

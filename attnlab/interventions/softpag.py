@@ -438,7 +438,10 @@ class SoftPAG:
         }
 
     def __repr__(self) -> str:
-        return f"SoftPAG(heads={self.heads!r}, u={self.u}, scale={self.scale}, cfg_scale={self.cfg_scale}, scope={self.scope!r}, variant={self.variant!r})"
+        return (
+            f"SoftPAG(heads={self.heads!r}, u={self.u}, scale={self.scale}, cfg_scale={self.cfg_scale}, "
+            f"scope={self.scope!r}, variant={self.variant!r})"
+        )
 
     def is_identity(self) -> bool:
         """True when guidance is a no-op (s = 0, u = 0 or no heads): sampling then skips the perturbed pass."""

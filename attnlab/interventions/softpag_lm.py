@@ -322,7 +322,8 @@ class SoftPAGDecoding(Intervention):
                 or not isinstance(output, torch.Tensor)
             ):
                 raise NotImplementedError(
-                    "SoftPAGDecoding guides plain logits passes without a KV cache (the perturbed pass needs its own cache)"
+                    "SoftPAGDecoding guides plain logits passes without a KV cache "
+                    "(the perturbed pass needs its own cache)"
                 )
             self._inside = True
             try:
@@ -340,7 +341,8 @@ class SoftPAGDecoding(Intervention):
         self._check_fitted()
         if self.model_["n_layers"] != model.n_layers or self.model_["n_heads"] != model.n_heads:
             raise ValueError(
-                f"{type(self).__name__} was fitted on {self.model_['name']} ({self.model_['n_layers']}x{self.model_['n_heads']}), not {model.name}"
+                f"{type(self).__name__} was fitted on {self.model_['name']} "
+                f"({self.model_['n_layers']}x{self.model_['n_heads']}), not {model.name}"
             )
         handle = model.bridge.register_forward_hook(self._guide(model), with_kwargs=True)
         self._inside = False

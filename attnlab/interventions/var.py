@@ -22,10 +22,11 @@ in that layer. Then, with S the sinks (text and visual) and V the visual non-sin
 
 so rows still sum to 1 and ratios among V are kept (rows with no mass on V are left alone).
 
-**tau on small models:** the paper's ``tau = 20`` assumes massive activations. Since ``|x[d]| / RMS(x) <= sqrt(d_model)``,
-organism-vlm (d_model 256) cannot reach phi >= 20 (phi <= 16; measured max about 4.9): at tau = 20 it has no sinks and
-VAR is the identity. Use a model-appropriate ``tau`` (the measurement on organism-vlm uses ``tau = 2.5`` with the sink
-dimensions searched at ``dim_tau = 4.0`` on BOS/delimiter tokens) and report it with the results.
+**tau on small models:** the paper's ``tau = 20`` assumes massive activations. Since
+``|x[d]| / RMS(x) <= sqrt(d_model)``, organism-vlm (d_model 256) cannot reach phi >= 20 (phi <= 16; measured max
+about 4.9): at tau = 20 it has no sinks and VAR is the identity. Use a model-appropriate ``tau`` (the measurement on
+organism-vlm uses ``tau = 2.5`` with the sink dimensions searched at ``dim_tau = 4.0`` on BOS/delimiter tokens) and
+report it with the results.
 
 Image positions are read from the ``input_ids`` handed to the HF model (a forward pre-hook: ``input_ids ==
 image_token_id``); on cached decoding steps the prefill's image mask and sink flags are extended with the new tokens.

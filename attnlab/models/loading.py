@@ -161,7 +161,8 @@ class LoadedModel:
         if len(ids) > self.n_ctx:
             if not truncate:
                 raise AttnlabError(
-                    f"prompt {index} has {len(ids)} tokens, more than {self.name}'s context of {self.n_ctx}; shorten it or pass --truncate"
+                    f"prompt {index} has {len(ids)} tokens, more than {self.name}'s context of {self.n_ctx}; "
+                    "shorten it or pass --truncate"
                 )
             ids = ids[: self.n_ctx]
         return ids
@@ -225,7 +226,8 @@ class LoadedModel:
         enc = self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
         if enc["input_ids"].shape[1] > self.n_ctx:
             raise AttnlabError(
-                f"a prompt with its image takes {enc['input_ids'].shape[1]} tokens, more than {self.name}'s context of {self.n_ctx}"
+                f"a prompt with its image takes {enc['input_ids'].shape[1]} tokens, "
+                f"more than {self.name}'s context of {self.n_ctx}"
             )
         mask = enc["attention_mask"]
         image_mask = (enc["input_ids"] == self.image_token_id) & mask.bool()
@@ -303,7 +305,8 @@ def resolve(name: str) -> str:
         path = bundled_path(name)
         if path is None:
             raise AttnlabError(
-                f"bundled model {name!r} is not installed (its files are missing); run `attnlab models` to see what is available"
+                f"bundled model {name!r} is not installed (its files are missing); "
+                "run `attnlab models` to see what is available"
             )
         return str(path)
     p = Path(name).expanduser()
@@ -327,7 +330,8 @@ def resolve(name: str) -> str:
 def _check_architecture(path: str) -> tuple[Any, str]:
     if Path(path, "model_index.json").exists() or Path(path, "transformer", "config.json").exists():
         raise AttnlabError(
-            f"{path} is a diffusers pipeline; attnlab.load takes transformer language/vision-language models (use the DiT tools for diffusers models)"
+            f"{path} is a diffusers pipeline; attnlab.load takes transformer language/vision-language models "
+            "(use the DiT tools for diffusers models)"
         )
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
     from transformers import AutoConfig
@@ -479,7 +483,8 @@ def load(name_or_path: str, *, device: str | None = "cpu", dtype: str = "float32
             processor = AutoProcessor.from_pretrained(path)
         except Exception as e:
             raise AttnlabError(
-                f"{name_or_path} is a vision-language model but its processor could not be loaded: {str(e).splitlines()[0]}"
+                f"{name_or_path} is a vision-language model but its processor could not be loaded: "
+                f"{str(e).splitlines()[0]}"
             ) from None
         tokenizer = processor.tokenizer
         image_token_id = getattr(hf.config, "image_token_id", None) or getattr(hf.config, "image_token_index", None)

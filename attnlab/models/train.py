@@ -1,4 +1,5 @@
-"""Train an organism: ``python -m attnlab.models.train lm|vlm|dit|induction [ARGS]`` (``--help`` after the kind for its options).
+"""Train an organism: ``python -m attnlab.models.train lm|vlm|dit|induction [ARGS]`` (``--help`` after the kind for
+its options).
 
 Each kind's script lives in ``attnlab.models.training.<kind>`` and writes ``save_pretrained`` files, a loss log,
 final metrics and a MODEL_CARD.md into ``--out``.
@@ -16,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in KINDS:
         print(
-            f"usage: python -m attnlab.models.train {{{'|'.join(KINDS)}}} [options]   (then --help for the kind's options)",
+            f"usage: python -m attnlab.models.train {{{'|'.join(KINDS)}}} [options]   "
+            "(then --help for the kind's options)",
             file=sys.stderr,
         )
         return 2

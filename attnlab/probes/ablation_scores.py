@@ -212,7 +212,8 @@ def _attention_at_queries(module, query, key, value, attention_mask, pos: torch.
 
 
 def sdpa_capable(model, mode: str) -> bool:
-    """Whether z-replacing ablations of this model can run on fused SDPA attention instead of the bridge's eager path."""
+    """Whether z-replacing ablations of this model can run on fused SDPA attention instead of the bridge's eager
+    path."""
     from attnlab.capture import supports_fused
 
     return mode in ("zero", "mean", "resample") and supports_fused(model)
@@ -521,13 +522,15 @@ def exact_ablation_grid(
     fused = attention == "sdpa" or (attention == "auto" and sdpa_capable(model, mode))
     if fused and not sdpa_capable(model, mode):
         raise ValueError(
-            "attention='sdpa' needs a z-replacing mode (zero, mean, resample) and a model whose attention calls transformers' attention interface"
+            "attention='sdpa' needs a z-replacing mode (zero, mean, resample) "
+            "and a model whose attention calls transformers' attention interface"
         )
     reuse = fused and prefix_reuse and reuse_attention and getattr(batch, "pixel_values", None) is None
     clean, resid, returns_tuple, attn = _clean_pass(model, batch, metric, attention=reuse)
     if prefix_reuse and not _prefix_reuse_matches(model, batch, metric, clean, resid, returns_tuple):
         warnings.warn(
-            f"{model.name}: a forward started at layer 1 from the cached residual does not reproduce the clean run; ablation scores use full forwards (slower)",
+            f"{model.name}: a forward started at layer 1 from the cached residual does not reproduce the clean run; "
+            "ablation scores use full forwards (slower)",
             stacklevel=2,
         )
         prefix_reuse, attn = False, None

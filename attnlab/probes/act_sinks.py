@@ -146,7 +146,10 @@ class ActSinks(Probe):
                 ctx,
                 "act_hidden_sinks",
                 self._hidden.mean(),
-                description=f"mean number of hidden (non-initial) ACT sinks per prompt (score_j > {self.threshold if self.threshold_mode == 'fixed' else f'{self.alpha}/N'})",
+                description=(
+                    "mean number of hidden (non-initial) ACT sinks per prompt "
+                    f"(score_j > {self.threshold if self.threshold_mode == 'fixed' else f'{self.alpha}/N'})"
+                ),
                 summary={
                     "hidden_sink_tokens": dict(
                         self._token_counts.most_common(20)

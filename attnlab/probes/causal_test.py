@@ -342,7 +342,8 @@ def check_metric_modality(model, metric: str) -> None:
     is_vlm = getattr(model, "processor", None) is not None
     if metric in TEXT_METRICS and is_vlm:
         raise AttnlabError(
-            f"metric {metric} scores text-only NIAH prompts but {model.name} is a vision-language model; use --metric shapes or shapes-logprob (image questions)"
+            f"metric {metric} scores text-only NIAH prompts but {model.name} is a vision-language model; "
+            "use --metric shapes or shapes-logprob (image questions)"
         )
     if metric in IMAGE_METRICS and not is_vlm:
         raise AttnlabError(

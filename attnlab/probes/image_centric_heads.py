@@ -349,7 +349,10 @@ class ImageCentricHeads(Probe):
                 ctx,
                 "image_centric",
                 self._icr.mean(),
-                description=f"share of text rows after the image that are image-centric (vis >= {self.min_image_attention}, visual non-sink ratio >= {self.rho}, layer has visual sinks)",
+                description=(
+                    "share of text rows after the image that are image-centric "
+                    f"(vis >= {self.min_image_attention}, visual non-sink ratio >= {self.rho}, layer has visual sinks)"
+                ),
                 extra={"visual_nonsink_ratio": self._ratio.mean(), "image_attention": self._vis.mean()},
                 summary=summary,
             ),
@@ -357,7 +360,9 @@ class ImageCentricHeads(Probe):
                 ctx,
                 "visual_nonsink_ratio",
                 self._ratio.mean(),
-                description=f"mean visual non-sink ratio over text rows with image attention >= {self.min_image_attention}",
+                description=(
+                    f"mean visual non-sink ratio over text rows with image attention >= {self.min_image_attention}"
+                ),
             ),
             self.head_scores(
                 ctx,
@@ -376,7 +381,10 @@ class ImageCentricHeads(Probe):
                     ex["values"],
                     [f"layer {l}" for l in range(m.n_layers)],
                     marks=ex["marks"],
-                    description=f"phi = max over sink dims {self.found_dims()} of |x[d]|/RMS(x) entering each layer (layers 0-1 not scored); sinks: phi >= {self.tau}",
+                    description=(
+                        f"phi = max over sink dims {self.found_dims()} of |x[d]|/RMS(x) entering each layer "
+                        f"(layers 0-1 not scored); sinks: phi >= {self.tau}"
+                    ),
                     summary={"sink_dims": self.found_dims(), "tau": self.tau},
                 )
             )

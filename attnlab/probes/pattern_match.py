@@ -39,7 +39,8 @@ class PatternMatchProbe(Probe):
         self.error_measure = error_measure
 
     def target(self, input_ids: torch.Tensor, q_pos: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """Target pattern rows ``[batch, chunk, seq]`` (bool) for query positions ``q_pos``; keys before ``first`` are padding."""
+        """Target pattern rows ``[batch, chunk, seq]`` (bool) for query positions ``q_pos``; keys before ``first``
+        are padding."""
         raise NotImplementedError
 
     def attach(self, capture, ctx: ProbeContext) -> None:

@@ -11,7 +11,8 @@ t in R (keys s <= t range over prompt and response). Positions count from the se
     FAI_s   = 1/|T(s)| sum_{t in T(s)} A_glob[t,s],  T(s) = {t in R : s + H_lo <= t <= s + H_hi}   s in R
     Delta_t = |WAAD_t - WAAD_{t+1}|                                       t, t+1 in R
     preplan = TopQ(Delta, q_local);  anchor = TopQ(FAI, q_global)
-    coupled (locally dominated anchors) D = {t in anchor : WAAD_t <= tau_waad and max_{u in [t-k,t-1]} Delta_u >= tau_delta}
+    coupled (locally dominated anchors)
+            D = {t in anchor : WAAD_t <= tau_waad and max_{u in [t-k,t-1]} Delta_u >= tau_delta}
     intro(t) = argmax_{u in [t-k, t-1]} Delta_u
 
 Everything is computed inside the capture engine's ``"rows"`` handler for the response queries only (so the fused
@@ -444,7 +445,10 @@ class PreplanAnchor(Probe):
                 ctx,
                 "preplan_anchor_distance",
                 d_mean,
-                description=f"mean backward distance d(l,h) over response rows (layers {self._sel}); bottom/top {self.q_h:.0%} = local/global heads",
+                description=(
+                    f"mean backward distance d(l,h) over response rows (layers {self._sel}); "
+                    f"bottom/top {self.q_h:.0%} = local/global heads"
+                ),
                 extra={"local_fraction": loc_frac, "global_fraction": glob_frac},
                 summary={"layers": self._sel, "n_prompts": len(prompts), "prompts": per_prompt},
                 higher_is="more",
@@ -468,7 +472,10 @@ class PreplanAnchor(Probe):
                         "coupled": ident.coupled,
                         "intro": sorted(set(ident.intro.values())),
                     },
-                    description="WAAD (local heads), Delta, FAI (global heads) and coupled credit weights over the response tokens",
+                    description=(
+                        "WAAD (local heads), Delta, FAI (global heads) and coupled credit weights over the response "
+                        "tokens"
+                    ),
                     summary={
                         "response_start": r["response_start"],
                         "intro": {str(t): u for t, u in ident.intro.items()},

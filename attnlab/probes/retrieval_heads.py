@@ -109,7 +109,9 @@ def trial_retrieval_scores(
 
 
 def aggregate_trials(per_trial: np.ndarray, passed: Sequence[bool], shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
-    """Mean of the passed trials' score grids; NaN grid and a warning when none passed. Returns (scores, none_passed)."""
+    """Mean of the passed trials' score grids; NaN grid and a warning when none passed.
+
+    Returns (scores, none_passed)."""
     passed = np.asarray(passed, dtype=bool)
     if len(passed) == 0 or not passed.any():
         warnings.warn(
@@ -243,7 +245,10 @@ class RetrievalHeads(Probe):
                 ctx,
                 "retrieval_heads",
                 scores,
-                description=f"copy-paste retrieval score (Wu et al. 2024), mean over {n_pass} of {len(trials)} NIAH trials passing ROUGE-1 > {self.rouge_threshold}",
+                description=(
+                    f"copy-paste retrieval score (Wu et al. 2024), mean over {n_pass} of {len(trials)} NIAH trials "
+                    f"passing ROUGE-1 > {self.rouge_threshold}"
+                ),
                 extra={"trial_scores": per_trial[np.asarray(passed, dtype=bool)] if trials else per_trial},
                 summary=summary,
             )
@@ -291,7 +296,7 @@ def retrieval_scores_generate(
         capture = Capture(model, attention=attention, progress=False)
         capture.on(
             "rows",
-            lambda layer, r, q, b: rows.__setitem__(layer, r[0, :, -1].argmax(-1).cpu()),
+            lambda layer, r, q, b, rows=rows: rows.__setitem__(layer, r[0, :, -1].argmax(-1).cpu()),
             queries=lambda b: torch.tensor([b.seq_len - 1]),
         )
         jstar, generated = [], []
@@ -340,7 +345,10 @@ def retrieval_scores_generate(
         ctx,
         "retrieval_heads_generate",
         scores,
-        description=f"copy-paste retrieval score (Wu et al. 2024, greedy generation), mean over {n_pass} of {len(trials)} trials",
+        description=(
+            "copy-paste retrieval score (Wu et al. 2024, greedy generation), "
+            f"mean over {n_pass} of {len(trials)} trials"
+        ),
         extra={"trial_scores": per_trial[np.asarray(passed, dtype=bool)]},
         summary=summary,
     )

@@ -27,7 +27,8 @@ from attnlab.datasets import SHAPE_TEMPLATE
 
 
 def shape_question_items(n: int, seed: int) -> list:
-    """About ``n`` (scene, question) pairs, a quarter of each kind (POPE-random existence, attribute, count, position)."""
+    """About ``n`` (scene, question) pairs, a quarter of each kind (POPE-random existence, attribute, count,
+    position)."""
     from attnlab.datasets.shapes import pope_questions, task_questions
 
     per = max(1, n // 4)
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, by_metric in tables.items():
         for metric, t in by_metric.items():
             print(
-                f"--- {label} / {metric} (k={a.k}, mode={a.mode}, {'layer-matched' if a.layer_matched else 'uniform'} random sets)"
+                f"--- {label} / {metric} (k={a.k}, mode={a.mode}, "
+                f"{'layer-matched' if a.layer_matched else 'uniform'} random sets)"
             )
             print(
                 t[["condition", "metric", "ci_low", "ci_high", "drop", "p_value", "heads"]].to_string(

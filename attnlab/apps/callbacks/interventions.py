@@ -80,7 +80,10 @@ def summary_line(result) -> str:
     touched = {True: "a head the intervention edits", False: "not a head the intervention edits directly", None: ""}[
         result.head_touched
     ]
-    return f"{which} {result.answer_token!r}: p {result.p_baseline:.4f} → {result.p_intervened:.4f} (Δ {result.delta_p:+.4f}); pattern of L{result.layer}H{result.head}{', ' + touched if touched else ''}"
+    return (
+        f"{which} {result.answer_token!r}: p {result.p_baseline:.4f} → {result.p_intervened:.4f} "
+        f"(Δ {result.delta_p:+.4f}); pattern of L{result.layer}H{result.head}{', ' + touched if touched else ''}"
+    )
 
 
 def comparison(n_clicks, run_name, selected, method, params, prompt, answer, state: AppState) -> tuple:

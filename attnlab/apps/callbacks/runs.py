@@ -33,7 +33,10 @@ def run_selected(run_name, state: AppState) -> tuple:
     prompts = [{"label": f"run prompt {i}", "value": str(i)} for i in range(n_prompts)] + [
         {"label": "typed prompt", "value": TYPED}
     ]
-    line = f"{model.get('name')} ({model.get('architecture')}, {model.get('n_layers')} layers x {model.get('n_heads')} heads), dataset {ds.get('name')}, created {info.get('created')}"
+    line = (
+        f"{model.get('name')} ({model.get('architecture')}, {model.get('n_layers')} layers x {model.get('n_heads')} "
+        f"heads), dataset {ds.get('name')}, created {info.get('created')}"
+    )
     return (
         line,
         _options(heads),

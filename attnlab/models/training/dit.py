@@ -790,8 +790,10 @@ Scorer: logistic regression on 8x8 pixels refit from the bundled train split (he
 
 | setting | classified as intended | mean p(intended) | worst class |
 |---|---|---|---|
-| guided (s = {cls.get("guidance_scale", "?")}) | {cls.get("acc_guided", float("nan")):.3f} | {cls.get("p_intended_guided", float("nan")):.3f} | {cls.get("acc_guided_min_class", float("nan")):.3f} |
-| unguided (s = 1) | {cls.get("acc_unguided", float("nan")):.3f} | {cls.get("p_intended_unguided", float("nan")):.3f} | {cls.get("acc_unguided_min_class", float("nan")):.3f} |
+| guided (s = {cls.get("guidance_scale", "?")}) | {cls.get("acc_guided", float("nan")):.3f} | \
+{cls.get("p_intended_guided", float("nan")):.3f} | {cls.get("acc_guided_min_class", float("nan")):.3f} |
+| unguided (s = 1) | {cls.get("acc_unguided", float("nan")):.3f} | \
+{cls.get("p_intended_unguided", float("nan")):.3f} | {cls.get("acc_unguided_min_class", float("nan")):.3f} |
 
 Style scores of guided samples vs. real held-out digits (mean ± std):
 

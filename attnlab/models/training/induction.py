@@ -312,7 +312,8 @@ tokens, so that it has real induction heads (organism-lm has none in general). U
 {config.max_position_embeddings}, tied embeddings, {n_params / 1e3:.1f}k parameters.
 
 ## Data
-Windows of {p["seq_len"]} tokens: BOS, then segments of r random distinct tokens (r in [{p["min_block"]}, {p["max_block"]}])
+Windows of {p["seq_len"]} tokens: BOS, then segments of r random distinct tokens \
+(r in [{p["min_block"]}, {p["max_block"]}])
 repeated 2-3 times; {p["noise"]:.0%} of segments are unrepeated noise. Vocabulary {p["vocab"]} ordinary tokens.
 
 ## Training
@@ -326,7 +327,8 @@ Retrain (repository root):
 
 ## Measured metrics (this checkpoint; {m["copy_n"]} sequences of BOS + {m["copy_length"]} random tokens repeated twice)
 - second copy: loss {m["copy_loss_second_half"]:.3f}, top-1 accuracy {m["copy_acc_second_half"]:.3f}
-- first copy (unpredictable): loss {m["copy_loss_first_half"]:.3f} (uniform over the vocabulary: {m["uniform_loss"]:.3f}),
+- first copy (unpredictable): loss {m["copy_loss_first_half"]:.3f} \
+(uniform over the vocabulary: {m["uniform_loss"]:.3f}),
   accuracy {m["copy_acc_first_half"]:.3f}
 - final training loss {m["final_train_loss"]:.3f}
 

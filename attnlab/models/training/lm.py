@@ -843,17 +843,28 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
     )
     _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=1, default=str))
     _atomic_write(out_dir / "MODEL_CARD.md", model_card(p, metrics, config, n_params, command))
-    print(
-        f"[lm] done: {json.dumps({k: metrics[k] for k in ('niah_exact_match', 'icl_0shot', 'icl_5shot', 'arith_accuracy', 'classify_accuracy', 'recall_accuracy', 'sink_frac_gt_0.3', 'sink_frac_gt_0.5', 'sink_max', 'steps', 'total_seconds')})}",
-        flush=True,
+    shown = (
+        "niah_exact_match",
+        "icl_0shot",
+        "icl_5shot",
+        "arith_accuracy",
+        "classify_accuracy",
+        "recall_accuracy",
+        "sink_frac_gt_0.3",
+        "sink_frac_gt_0.5",
+        "sink_max",
+        "steps",
+        "total_seconds",
     )
+    print(f"[lm] done: {json.dumps({k: metrics[k] for k in shown})}", flush=True)
     return metrics
 
 
 def model_card(p: dict, m: dict, config, n_params: int, command: str) -> str:
     mix = ", ".join(f"{k} {v:.0%}" for k, v in p["mix"].items())
     icl_rows = "\n".join(
-        f"| {t} | {m['icl_0shot_by_task'].get(t, float('nan')):.2f} | {m['icl_5shot_by_task'].get(t, float('nan')):.2f} |"
+        f"| {t} | {m['icl_0shot_by_task'].get(t, float('nan')):.2f} "
+        f"| {m['icl_5shot_by_task'].get(t, float('nan')):.2f} |"
         for t in icl.TASK_NAMES
     )
     sink_rows = "\n".join(
@@ -867,34 +878,41 @@ first-token attention sink. Weights in float16 safetensors; tokenizer: byte-leve
 digits split, `<|bos|>` always prepended).
 
 ## Architecture
-{config.num_hidden_layers} layers, d_model {config.hidden_size}, {config.num_attention_heads} query heads / {config.num_key_value_heads} KV heads (GQA),
-head dim {config.hidden_size // config.num_attention_heads}, SwiGLU d_ff {config.intermediate_size}, RMSNorm, RoPE (theta {config.rope_theta if hasattr(config, "rope_theta") else 10000}),
+{config.num_hidden_layers} layers, d_model {config.hidden_size}, {config.num_attention_heads} query heads / \
+{config.num_key_value_heads} KV heads (GQA),
+head dim {config.hidden_size // config.num_attention_heads}, SwiGLU d_ff {config.intermediate_size}, RMSNorm, \
+RoPE (theta {config.rope_theta if hasattr(config, "rope_theta") else 10000}),
 context {config.max_position_embeddings}, tied embeddings, {n_params / 1e6:.2f}M parameters.
 
 ## Data
 Generated on the fly by `attnlab.datasets` (stdlib docstrings and `pydoc_data` topics for prose): token
 shares {mix}. Needle documents: prose haystacks with 1-4 needles "The secret KEY code is 123." and 1-4
 answered questions "Question: What is the secret KEY code?\\nAnswer: 123". ICL: {len(icl.TASK_NAMES)} tasks, 0-10 shots,
-train split only. BOS policy: `{p["bos"]}` (every window starts with BOS{"; every document too" if p["bos"] == "doc" else "; documents separated by EOS"}).
+train split only. BOS policy: `{p["bos"]}` \
+(every window starts with BOS{"; every document too" if p["bos"] == "doc" else "; documents separated by EOS"}).
 
 ## Training
-AdamW lr {p["lr"]}, weight decay {p["wd"]} (matrices only), betas (0.9, 0.95), warm-up {p["warmup"]} steps, cosine to 10%,
+AdamW lr {p["lr"]}, weight decay {p["wd"]} (matrices only), betas (0.9, 0.95), warm-up {p["warmup"]} steps, \
+cosine to 10%,
 batch {p["batch_size"]} x {p["seq_len"]}, bf16 autocast on CUDA, grad clip 1.0, seed {p["seed"]}, device {p["device"]}.
 Steps: {m["steps"]} ({m["tokens"] / 1e6:.1f}M tokens, {m["train_seconds"]} s); checkpoint kept: step {m["chosen_step"]}
-(criterion NIAH + ICL 5-shot + 0.5 x sink fraction, evaluated every {p["eval_every_s"] or p["eval_every_steps"]} {"s" if p["eval_every_s"] else "steps"}).
+(criterion NIAH + ICL 5-shot + 0.5 x sink fraction, evaluated every \
+{p["eval_every_s"] or p["eval_every_steps"]} {"s" if p["eval_every_s"] else "steps"}).
 
 Retrain (repository root):
 
     {command}
 
 ## Measured metrics (this checkpoint)
-- NIAH exact match: {m["niah_exact_match"]:.3f} over {m["niah_n"]} trials (lengths {list(m["niah_by_length"])}, depths {list(m["niah_by_depth"])})
+- NIAH exact match: {m["niah_exact_match"]:.3f} over {m["niah_n"]} trials \
+(lengths {list(m["niah_by_length"])}, depths {list(m["niah_by_depth"])})
   by length {m["niah_by_length"]}; by depth {m["niah_by_depth"]}
 - ICL (test split, {m["icl_n_per_task"]} prompts per task): 0-shot {m["icl_0shot"]:.3f}, 5-shot {m["icl_5shot"]:.3f}
 - Associative recall: {m["recall_accuracy"]:.3f}; arithmetic (worked solution, exact answer): {m["arith_accuracy"]:.3f}
 - Classification ({", ".join(f"{k} {v:.2f}" for k, v in m.items() if k.startswith("classify_") and k.endswith("shot"))})
 - First-token sink (prose windows of {m["sink_seq_len"]} tokens, mean attention to BOS over rows 1..T-1):
-  fraction of heads past layer 0 above 0.3: {m["sink_frac_gt_0.3"]:.2f}, above 0.5: {m["sink_frac_gt_0.5"]:.2f}, max {m["sink_max"]:.2f};
+  fraction of heads past layer 0 above 0.3: {m["sink_frac_gt_0.3"]:.2f}, above 0.5: {m["sink_frac_gt_0.5"]:.2f}, \
+max {m["sink_max"]:.2f};
   at 256 tokens: {m.get("sink_frac_gt_0.3@256", float("nan")):.2f} / {m.get("sink_frac_gt_0.5@256", float("nan")):.2f}
 
 | ICL task | 0-shot | 5-shot |
@@ -907,7 +925,8 @@ Sink mass per layer (rows) and head (columns):
 |---|---|
 {sink_rows}
 
-Evaluate: `python -c "from attnlab.models.training.lm import evaluate; print(evaluate('DIR', 'niah'))"` (tasks: {", ".join(EVAL_TASKS)}).
+Evaluate: `python -c "from attnlab.models.training.lm import evaluate; print(evaluate('DIR', 'niah'))"` \
+(tasks: {", ".join(EVAL_TASKS)}).
 """
 
 
@@ -936,8 +955,9 @@ def select_runs(run_dirs: list[str], prune: bool = False) -> str | None:
     print("run | targets | niah | icl0 | icl5 | sink>0.3 | sink>0.5 | sink_max | arith | classify | steps")
     for ok, _, _, d, m in rows:
         print(
-            f"{d} | {'yes' if ok else 'no'} | {m['niah_exact_match']:.2f} | {m['icl_0shot']:.2f} | {m['icl_5shot']:.2f} | "
-            f"{m['sink_frac_gt_0.3']:.2f} | {m['sink_frac_gt_0.5']:.2f} | {m['sink_max']:.2f} | {m['arith_accuracy']:.2f} | "
+            f"{d} | {'yes' if ok else 'no'} | {m['niah_exact_match']:.2f} | {m['icl_0shot']:.2f} | "
+            f"{m['icl_5shot']:.2f} | {m['sink_frac_gt_0.3']:.2f} | {m['sink_frac_gt_0.5']:.2f} | "
+            f"{m['sink_max']:.2f} | {m['arith_accuracy']:.2f} | "
             f"{m['classify_accuracy']:.2f} | {m['steps']}"
         )
     best = rows[0][3]

@@ -63,7 +63,8 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
     "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'text' %}{{ content['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'text' %}{{ content['text'] + ' ' }}{% endif %}{% endfor %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
@@ -83,6 +84,7 @@ EVAL_TASKS: tuple[str, ...] = (
 _TRAIN_STREAM, _VAL_STREAM, _TEST_OFFSET = 0, 1, 10_000
 SCENE_CONFIG = "scene_config.json"  # the scene distribution, saved next to the weights for evaluate()
 _HEADLINE = ("accuracy", "yes_ratio", "cooccur_halluc_rate")
+_DEFAULT_SCENES = shapes.SceneConfig()  # the default scene distribution (frozen, so one shared instance is safe)
 # Selection margins over the behaviour targets (accuracy >= 0.90, hallucination >= 0.10).
 SELECT_MIN_ACC, SELECT_MIN_HALLUC = 0.93, 0.15
 
@@ -778,7 +780,7 @@ def sink_stats(
     device: str = "cpu",
     n: int = 64,
     seed: int = 0,
-    cfg: shapes.SceneConfig = shapes.SceneConfig(),
+    cfg: shapes.SceneConfig = _DEFAULT_SCENES,
     tau: float = 20.0,
 ) -> dict:
     """Attention to the image and candidate sink tokens, per language-model layer (eager attention).
@@ -897,33 +899,44 @@ with a present one: the object hallucination that VHR and VAR try to fix.
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 processor = AutoProcessor.from_pretrained(d)
 model = LlavaForConditionalGeneration.from_pretrained(d, dtype="float32")
-inputs = processor(images=pil_image, text="USER: <image>\\nIs there a red circle in the image? ASSISTANT:", return_tensors="pt")
+inputs = processor(images=pil_image, text="USER: <image>\\nIs there a red circle in the image? ASSISTANT:", \
+return_tensors="pt")
 model.generate(**inputs, max_new_tokens=4)  # -> "yes" / "no"
 ```
 Prompt template `{PROMPT_TEMPLATE!r}` (also the chat template). Answers: `yes`/`no`, a colour, a digit, or a
 cell name (`top left`, `top`, ..., `center`, ..., `bottom right`). Weights are stored in float16; load in float32.
 
 ## Architecture ({run["n_params"] / 1e6:.2f}M parameters)
-- Vision tower: CLIP ViT, {v.num_hidden_layers} layers, d={v.hidden_size}, {v.num_attention_heads} heads, image {v.image_size}, patch {v.patch_size}
-  -> {config.image_seq_length} image tokens (CLS dropped, `vision_feature_select_strategy="default"`, `vision_feature_layer={config.vision_feature_layer}`).
+- Vision tower: CLIP ViT, {v.num_hidden_layers} layers, d={v.hidden_size}, {v.num_attention_heads} heads, \
+image {v.image_size}, patch {v.patch_size}
+  -> {config.image_seq_length} image tokens (CLS dropped, `vision_feature_select_strategy="default"`, \
+`vision_feature_layer={config.vision_feature_layer}`).
 - Projector: Linear-GELU-Linear ({v.hidden_size} -> {t.hidden_size}).
-- Language model: Llama, {t.num_hidden_layers} layers, d={t.hidden_size}, {t.num_attention_heads} query / {t.num_key_value_heads} KV heads,
-  SwiGLU {t.intermediate_size}, RoPE, RMSNorm, tied embeddings, vocabulary {t.vocab_size} (closed word-level tokenizer, BOS prepended).
-- Processor: `LlavaProcessor` + `CLIPImageProcessorPil` (mean/std 0.5) + the tokenizer; `<image>` expands to {config.image_seq_length} tokens.
+- Language model: Llama, {t.num_hidden_layers} layers, d={t.hidden_size}, {t.num_attention_heads} query / \
+{t.num_key_value_heads} KV heads,
+  SwiGLU {t.intermediate_size}, RoPE, RMSNorm, tied embeddings, vocabulary {t.vocab_size} \
+(closed word-level tokenizer, BOS prepended).
+- Processor: `LlavaProcessor` + `CLIPImageProcessorPil` (mean/std 0.5) + the tokenizer; `<image>` expands to \
+{config.image_seq_length} tokens.
 
 ## Data
-Scenes of 1-4 sampled objects plus co-occurring partners (5 shapes x 6 colours, Zipf popularity), one per cell of a 3x3 grid, dark random background.
+Scenes of 1-4 sampled objects plus co-occurring partners (5 shapes x 6 colours, Zipf popularity), \
+one per cell of a 3x3 grid, dark random background.
 Co-occurrence bias: P(partner present | trigger present) = {run["cooccur_p"]} for the pairs
 {", ".join(f"{a[0]} {a[1]} -> {b[0]} {b[1]}" for a, b in shapes.DEFAULT_PAIRS)}; a partner that comes with its
 trigger is drawn small and semi-transparent with probability {run["faint_p"]} (weak evidence, strong prior).
 The full scene distribution is in `scene_config.json`.
 Questions: 50% existence (half present, half uniformly drawn absent objects), 15% colour, 15% count, 20% position.
-Pool: {run["n_pool_scenes"]} scenes x {run["preset_settings"]["questions_per_scene"]} questions ({run["n_pool_questions"]} pairs); loss on answer tokens only.
+Pool: {run["n_pool_scenes"]} scenes x {run["preset_settings"]["questions_per_scene"]} questions \
+({run["n_pool_questions"]} pairs); loss on answer tokens only.
 
 ## Training
-Preset `{run["preset"]}`, seed {run["seed"]}, device {run["device"]}: AdamW (betas 0.9/0.98, weight decay {run["preset_settings"]["weight_decay"]}),
-lr {run["preset_settings"]["lr"]} with {run["preset_settings"]["warmup"]} warm-up steps and cosine decay to 10%, batch {run["preset_settings"]["batch_size"]},
-bf16 autocast on CUDA; {run["steps_run"]} steps in {run["train_seconds"]} s (cap {run["preset_settings"]["max_minutes"]} min).
+Preset `{run["preset"]}`, seed {run["seed"]}, device {run["device"]}: AdamW (betas 0.9/0.98, \
+weight decay {run["preset_settings"]["weight_decay"]}),
+lr {run["preset_settings"]["lr"]} with {run["preset_settings"]["warmup"]} warm-up steps and cosine decay to 10%, \
+batch {run["preset_settings"]["batch_size"]},
+bf16 autocast on CUDA; {run["steps_run"]} steps in {run["train_seconds"]} s \
+(cap {run["preset_settings"]["max_minutes"]} min).
 Checkpoint selection `{run["select"]}`: saved weights are from step {run["selected_step"]}
 (validation at that step: {", ".join(f"{k} {fmt(x)}" for k, x in sel.items() if k != "step")}).
 torch {run["torch"]}, transformers {run["transformers"]}.
@@ -933,7 +946,9 @@ torch {run["torch"]}, transformers {run["transformers"]}.
 
 Other tasks (exact match): {tasks or "(skipped)"}.
 Attention to the image (mean over LM layers and text rows): {fmt(sink.get("image_attention_mean", "n/a"))};
-to BOS: {fmt(sink.get("bos_attention_mean", "n/a"))}; visual sink tokens (phi >= {sink.get("tau", 20)} on dims {sink.get("sink_dims", [])}) per image, max over layers: {fmt(sink.get("visual_sinks_per_image_max", "n/a"))}.
+to BOS: {fmt(sink.get("bos_attention_mean", "n/a"))}; visual sink tokens \
+(phi >= {sink.get("tau", 20)} on dims {sink.get("sink_dims", [])}) per image, max over layers: \
+{fmt(sink.get("visual_sinks_per_image_max", "n/a"))}.
 
 ## Retrain
 ```

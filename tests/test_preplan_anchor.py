@@ -1,4 +1,4 @@
-"""Preplan / anchor probe (shared/methods/preplan_anchor.md): acceptance checks on planted attention maps with known
+"""Preplan / anchor probe (docs/methods/preplan_anchor.md): checks on planted attention maps with known
 head groups, preplan tokens, anchors and coupled (dominated anchor, intro) pairs; smoke runs on a tiny Llama and on
 organism-lm with an arithmetic problem."""
 

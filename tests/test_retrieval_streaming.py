@@ -1,5 +1,5 @@
-"""Retrieval heads, streaming heads and RazorAttention echo/induction: planted patterns (acceptance checks of
-shared/methods/retrieval_streaming_heads.md), reference file formats, the real organism-lm, tiny checkpoints."""
+"""Retrieval heads, streaming heads and RazorAttention echo/induction: planted patterns (the formulas of
+docs/methods/retrieval_streaming_heads.md), reference file formats, the real organism-lm, tiny checkpoints."""
 
 from __future__ import annotations
 

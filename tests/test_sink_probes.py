@@ -1,4 +1,4 @@
-"""Sink probes on planted attention patterns (acceptance checks of shared/methods/attention_sinks.md) and on the
+"""Sink probes on planted attention patterns (the formulas of docs/methods/attention_sinks.md) and on the
 real pretrained MiniLM."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """VHR and VAR interventions: identity at the neutral parameter (tiny LLaVA and organism-vlm), exact planted
-redistribution / head scaling, and fit/test hygiene (spec shared/methods/vision_heads.md §1-2)."""
+redistribution / head scaling, and fit/test hygiene (docs/methods/vision_heads.md §1-2)."""
 
 from __future__ import annotations
 

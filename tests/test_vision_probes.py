@@ -1,6 +1,6 @@
 """Vision probes: VHD / T-VHD with the outlier filter, VAR visual sinks and image-centric heads, and attention over
-the image patch grid. Planted patterns are recovered exactly; the acceptance checks of
-shared/methods/attention_sinks.md §4 and vision_heads.md §1-2 hold; the probes run on the tiny LLaVA and on
+the image patch grid. Planted patterns are recovered exactly; the formulas of
+docs/methods/attention_sinks.md §4 and docs/methods/vision_heads.md §1-2 hold; the probes run on the tiny LLaVA and on
 organism-vlm."""
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Usage (sklearn-style: parameters in ``__init__``, learned state ending in ``_`` 
     with abl.apply(model, batch):
         logits = model.forward(batch)
 
-Spec: ``shared/methods/ablation_scoring.md`` §1.
+See ``docs/methods/ablation_scoring.md`` §1 (ablation modes).
 """
 
 from __future__ import annotations

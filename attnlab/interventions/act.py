@@ -1,5 +1,5 @@
-"""ACT: attention calibration on hidden sinks (Yu et al., ICML 2024, arXiv 2406.15765; spec
-``shared/methods/act_zerotuning.md`` §1).
+"""ACT: attention calibration on hidden sinks (Yu et al., ICML 2024, arXiv 2406.15765; see
+``docs/methods/act_zerotuning.md`` §1).
 
 Per sequence and selected head, the sink set S holds the keys whose ACT score (mean attention a key receives from
 the real queries that see it, ``score_j = sum_{i>=j} A[i,j] / (N - j)``) exceeds ``threshold``; the first real

@@ -1,6 +1,6 @@
 """HeadHunter: greedy iterative search for the attention heads whose SoftPAG perturbation best serves an objective.
 
-Spec: ``shared/methods/headhunter_softpag.md`` section 4 (Alg. 1), on organism-dit::
+See ``docs/methods/headhunter_softpag.md`` §4 (HeadHunter greedy head search, Alg. 1), on organism-dit::
 
     S = {}
     repeat rounds times:

@@ -1,4 +1,4 @@
-"""Soft injection of task embeddings (SITE; Park & Rhee, arXiv 2507.20906; spec ``shared/methods/soft_injection.md``).
+"""Soft injection of task embeddings (SITE; Park & Rhee, arXiv 2507.20906; see ``docs/methods/soft_injection.md``).
 
 1. **Task embedding** ``e_bar`` ``[L, H, d_head]``: the mean over ``n_prompts`` random ``n_shots``-shot prompts
    (``Q: x\\nA: y\\n\\n`` demonstrations from the task's *train* items) of every query head's output

@@ -1,6 +1,6 @@
 """SoftPAG: head-level perturbed-attention guidance on organism-dit through a diffusers attention processor.
 
-Spec: ``shared/methods/headhunter_softpag.md`` (Ahn et al., arXiv 2506.10978; PAG, arXiv 2403.17377).
+See ``docs/methods/headhunter_softpag.md`` §1-2 (Ahn et al., arXiv 2506.10978; PAG, arXiv 2403.17377).
 
 Perturbation (SoftPAG, Eq. 7): in each selected ``(layer, head)`` the self-attention map ``A`` is replaced by
 ``A' = (1 - u) * A + u * I`` before ``A' V``; ``u = 0`` is the unperturbed model, ``u = 1`` hard identity PAG.

@@ -1,6 +1,6 @@
 """SoftPAG perturbation-guided decoding for causal LMs, with a HeadHunter head search against a text objective.
 
-Spec: ``shared/methods/headhunter_softpag.md`` (Ahn et al., arXiv 2506.10978), carried from diffusion to next-token
+See ``docs/methods/headhunter_softpag.md`` §3-4 (Ahn et al., arXiv 2506.10978), carried from diffusion to next-token
 logits (issue 5)::
 
     logits_guided = logits + s * (logits - logits_perturbed)

@@ -1,5 +1,5 @@
 """VAR: visual attention redistribution (Kang et al., ICLR 2025, "See What You Are Told: Visual Attention Sink in
-Large Multimodal Models", arXiv 2503.03321; spec ``shared/methods/vision_heads.md`` §1).
+Large Multimodal Models", arXiv 2503.03321; see ``docs/methods/vision_heads.md`` §1).
 
 **p convention: paper convention, p = the fraction MOVED** (``p = 0`` is the identity). The reference code's ``p``
 is the fraction kept: reference ``p = 0.6`` is ``p = 0.4`` here.

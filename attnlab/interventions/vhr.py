@@ -1,5 +1,5 @@
 """VHR: vision-aware head reinforcement (He et al., ACL 2025, "Cracking the Code of Hallucination in LVLMs with
-Vision-aware Head Divergence", arXiv 2412.13949; spec ``shared/methods/vision_heads.md`` §2).
+Vision-aware Head Divergence", arXiv 2412.13949; see ``docs/methods/vision_heads.md`` §2).
 
 Head selection (``fit``), at the first generation step t = 0 (the last prompt token, which predicts the first answer
 token), with the VHD probe (``attnlab.probes.vision_aware_heads``) on a fit split of image prompts:

@@ -1,5 +1,5 @@
-"""ZeroTuning: head-specific scaling of the initial token's attention (Han et al., arXiv 2505.11739; spec
-``shared/methods/act_zerotuning.md`` §2).
+"""ZeroTuning: head-specific scaling of the initial token's attention (Han et al., arXiv 2505.11739; see
+``docs/methods/act_zerotuning.md`` §2).
 
 For a selected head with post-softmax row a and initial (first real) key 0:
 

@@ -3,7 +3,7 @@
 A metric has ``encode(model, prompts) -> Batch`` (how its prompts are tokenized, e.g. with the answer appended
 for teacher forcing) and ``__call__(logits, batch) -> Tensor[rows]``. Rows may repeat prompts (batched
 ablation repeats each prompt once per ablated head): per-prompt targets are looked up through
-``batch.prompt_indices``, so ``encode`` must be called first. Spec: ``shared/methods/ablation_scoring.md`` §2.
+``batch.prompt_indices``, so ``encode`` must be called first. See ``docs/methods/ablation_scoring.md`` §2 (Metrics).
 """
 
 from __future__ import annotations

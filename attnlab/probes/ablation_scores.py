@@ -41,7 +41,7 @@ backward on the clean prompts give ``dm/dz`` for every head; the estimated drop 
 ``-sum_{t,d} (z~ - z) * dm/dz``. A first-order pre-screen only (saturation and cancellation make it miss
 heads); ``ablation_scores(..., attribution=True)`` records its Spearman correlation with the exact scores.
 
-Spec: ``shared/methods/ablation_scoring.md`` §1-3.
+See ``docs/methods/ablation_scoring.md`` §3 (exact single-head scores) and §4 (attribution patching).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Causal test of a head detector: ablate its top-k heads vs k random heads (several seeds).
 
-Protocol (``shared/methods/ablation_scoring.md`` §4): T_k = the top-k heads of a ``HeadScores``; controls are
+Protocol (``docs/methods/ablation_scoring.md`` §5, causal test): T_k = the top-k heads of a ``HeadScores``; controls are
 ``n_seeds`` random sets of k heads drawn uniformly from the model's real head grid *excluding T_k* (optionally
 layer-matched: same count per layer as T_k), reproducible from the seed. Every set is ablated with the same mode
 on the same evaluation items; the table reports the baseline, the top-k value, the random sets' mean with a

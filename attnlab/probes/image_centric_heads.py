@@ -1,6 +1,6 @@
 """Visual sink tokens and image-centric heads (VAR: Kang et al., ICLR 2025, "See What You Are Told: Visual Attention
-Sink in Large Multimodal Models", arXiv 2503.03321; spec: shared/methods/attention_sinks.md §4 and
-shared/methods/vision_heads.md §1), plus per-head attention over the image patch grid.
+Sink in Large Multimodal Models", arXiv 2503.03321; docs/methods/attention_sinks.md §4 "Visual sink tokens" and
+docs/methods/vision_heads.md §1 "VAR"), plus per-head attention over the image patch grid.
 
 Sink dimensions ``D_sink`` are the model's own massive-activation dimensions, found by a search (or given):
 per dimension d, ``r_d(x) = |x[d]| / RMS(x)`` on the hidden states entering the middle layers; a dimension is a sink

@@ -1,6 +1,6 @@
 """Preplan and anchor tokens of a reasoning response from attention: head grouping by mean backward distance,
 WAAD and FAI ("Attention Illuminates LLM Reasoning: The Preplan-and-Anchor Rhythm Enables Fine-Grained Policy
-Optimization", arXiv 2510.13554; spec: ``shared/methods/preplan_anchor.md``). No official code is public.
+Optimization", arXiv 2510.13554; see ``docs/methods/preplan_anchor.md``). No official code is public.
 
 Prompt + response go through one forward pass; R is the set of response positions and every metric uses rows
 t in R (keys s <= t range over prompt and response). Positions count from the sequence's first real token.

@@ -25,7 +25,7 @@ difference from free generation).
 Every generated token is scored, the first one included. On organism-lm, where every answer is right, both modes
 give identical scores (tested).
 
-Differences from the reference code (see ``shared/methods/retrieval_streaming_heads.md``): failed trials are
+Differences from the reference code (see ``docs/methods/retrieval_streaming_heads.md`` §1): failed trials are
 counted and reported in the result's ``summary`` (per-trial ROUGE), a warning is raised when none pass (the
 reference silently writes an empty file), runs never merge into earlier results, and ``dedup=True`` counts each
 needle position at most once per head and trial (the reference does not, so scores can exceed 1; default off).

@@ -1,5 +1,5 @@
 """Streaming heads by distant attention mass (the DuoAttention / StreamingLLM split into full and streaming heads;
-criterion as in a public ``ml-explore/mlx-lm`` proposal, see ``shared/methods/retrieval_streaming_heads.md`` s.2).
+criterion as in a public ``ml-explore/mlx-lm`` proposal, see ``docs/methods/retrieval_streaming_heads.md`` §2).
 
 For sink size s and recent window r, query i's visible window is ``W_i = {0..s-1} U {i-r+1..i}`` and
 

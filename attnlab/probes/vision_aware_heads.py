@@ -1,5 +1,5 @@
 """Vision-aware heads by head divergence (VHD) and total VHD (T-VHD) (He et al., ACL 2025, "Cracking the Code of
-Hallucination in LVLMs with Vision-aware Head Divergence", arXiv 2412.13949; spec: shared/methods/vision_heads.md §2).
+Hallucination in LVLMs with Vision-aware Head Divergence", arXiv 2412.13949; docs/methods/vision_heads.md §2).
 
 Per prompt, at the position predicting the first answer token (the last real prompt token, t = 0, where VHR fixes its
 heads), with ``A_{l,i}`` the output of head i of layer l before ``W_O`` (capture site ``"z"``):

@@ -228,7 +228,7 @@ class Capture:
                     h.fn(layer, pattern, batch)
                 else:
                     for q_pos in _query_chunks(h, batch, self.chunk_size, pattern.device):
-                        h.fn(layer, pattern[:, :, q_pos, :], q_pos, batch)
+                        h.fn(layer, _rows_of(pattern, q_pos, contiguous=h.queries is None), q_pos, batch)
             return None
 
         return hook
@@ -330,6 +330,14 @@ def _as_bhsd(x: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
     if x.dim() == 4 and x.shape[2] == n_heads:  # [b, s, h, d]
         return x.transpose(1, 2)
     raise ValueError(f"unexpected q/k shape {tuple(x.shape)}")
+
+
+def _rows_of(pattern: torch.Tensor, q_pos: torch.Tensor, *, contiguous: bool) -> torch.Tensor:
+    """``pattern[:, :, q_pos, :]``: a view (no copy) when the chunk is a contiguous run of positions."""
+    if contiguous and len(q_pos):
+        start = int(q_pos[0])
+        return pattern[:, :, start : start + len(q_pos), :]
+    return pattern[:, :, q_pos, :]
 
 
 def _query_chunks(h: _Handler, batch: Batch, chunk: int, device) -> list[torch.Tensor]:

@@ -56,12 +56,23 @@ def induction_pairs(ids: torch.Tensor, first: int, length: int) -> tuple[torch.T
 
     A pair is ``(i, p + 1)`` for every earlier ``p < i`` with ``tok[p] == tok[i]`` (``p + 1 <= i`` always).
     """
-    tok = ids[first : first + length]
-    same = tok[:, None] == tok[None, :]  # [i, p]
-    earlier = torch.tril(torch.ones(length, length, dtype=torch.bool, device=ids.device), diagonal=-1)
-    qi, pi = torch.nonzero(same & earlier, as_tuple=True)
-    n_queries = int((same & earlier).any(1).sum())
-    return qi + first, pi + 1 + first, n_queries
+    b, q, k, n = batch_induction_pairs(ids[None], torch.tensor([first]), torch.tensor([length]))
+    return q, k, int(n[0])
+
+
+def batch_induction_pairs(input_ids: torch.Tensor, first: torch.Tensor, length: torch.Tensor):
+    """The induction pairs of every sequence of a batch at once: ``(b, query, key, n_queries[b])``, positions
+    absolute. Sequences of fewer than two tokens have none."""
+    dev = input_ids.device
+    t = input_ids.shape[1]
+    pos = torch.arange(t, device=dev)
+    first, length = first.to(dev), length.to(dev)
+    real = (pos[None] >= first[:, None]) & (pos[None] < (first + length)[:, None]) & (length >= 2)[:, None]
+    same = input_ids[:, :, None] == input_ids[:, None, :]  # [b, i, p]
+    earlier = pos[None, :, None] > pos[None, None, :]
+    hit = same & earlier & real[:, :, None] & real[:, None, :]
+    bi, qi, pi = torch.nonzero(hit, as_tuple=True)
+    return bi, qi, pi + 1, hit.any(-1).sum(-1)
 
 
 class HeadVisMetrics(Probe):
@@ -82,77 +93,83 @@ class HeadVisMetrics(Probe):
         if not 0.0 <= float(self.induction_threshold) < 1.0:
             raise ValueError(f"induction_threshold must be in [0, 1), got {self.induction_threshold!r}")
         m = ctx.model
-        self._sums = {k: np.zeros((m.n_layers, m.n_heads)) for k in ("self", "prev", "ent", "d1", "d2", "ind")}
+        self._shape = (m.n_layers, m.n_heads)
+        self._sums: dict[str, torch.Tensor] = {}  # on the rows' device, float64, moved to the CPU once at the end
         self._counts = {"rows": 0, "prev": 0, "ind": 0}
+        self._pairs: tuple | None = None  # the current batch's induction pairs
         capture.on("rows", self._on_rows)
+
+    def _add(self, key: str, layer: int, value: torch.Tensor) -> None:
+        acc = self._sums.get(key)
+        if acc is None:
+            acc = self._sums[key] = torch.zeros(self._shape, dtype=torch.float64, device=value.device)
+        acc[layer] += value.double()
 
     def _on_rows(self, layer: int, rows: torch.Tensor, q_pos: torch.Tensor, batch) -> None:
         dev = rows.device
         first = batch.first_real.to(dev)
         length = batch.lengths.to(dev)
-        ok_seq = length >= 2
         rel = q_pos[None, :] - first[:, None]  # [b, c] query position within its sequence
-        real_q = (rel >= 0) & (rel < length[:, None]) & ok_seq[:, None]
-        rq = real_q[:, None, :].float()  # [b, 1, c]
-        cols = torch.arange(rows.shape[-1], device=dev)
-        diag = rows.gather(-1, q_pos[None, None, :, None].expand(rows.shape[0], rows.shape[1], -1, 1))[..., 0]
-        prev_idx = (q_pos - 1).clamp(min=0)
-        prev = rows.gather(-1, prev_idx[None, None, :, None].expand(rows.shape[0], rows.shape[1], -1, 1))[..., 0]
-        has_prev = (real_q & (rel >= 1))[:, None, :].float()
-        ent = -(rows * torch.log(rows.clamp_min(torch.finfo(torch.float32).tiny))).sum(-1)
-        dist = (q_pos[:, None] - cols[None, :]).abs().float()  # [c, s]
-        d1 = (rows * dist).sum(-1)
-        d2 = (rows * dist.square()).sum(-1)
-        add = lambda key, x, w: self._sums[key].__setitem__(  # noqa: E731
-            layer, self._sums[key][layer] + (x * w).sum((0, 2)).double().cpu().numpy()
-        )
-        add("self", diag, rq)
-        add("prev", prev, has_prev)
-        add("ent", ent, rq)
-        add("d1", d1, rq)
-        add("d2", d2, rq)
-        # induction pairs whose query falls in this chunk
-        lo, hi = int(q_pos.min()), int(q_pos.max())
-        contiguous = hi - lo + 1 == len(q_pos)
-        for b in range(rows.shape[0]):
-            if not bool(ok_seq[b]):
-                continue
-            qi, ki, n_q = induction_pairs(batch.input_ids[b].to(dev), int(first[b]), int(length[b]))
-            sel = (qi >= lo) & (qi <= hi)
-            if contiguous:
-                ci = qi[sel] - lo
-            else:
-                pos = {int(p): c for c, p in enumerate(q_pos.tolist())}
-                keep = torch.tensor([int(x) in pos for x in qi.tolist()], dtype=torch.bool, device=dev)
-                sel = sel & keep
-                ci = torch.tensor([pos[int(x)] for x in qi[sel].tolist()], dtype=torch.long, device=dev)
-            w = rows[b][:, ci, ki[sel]]  # [H, pairs]
-            if self.induction_threshold > 0:
-                w = w.masked_fill(w < self.induction_threshold, 0.0)
-            self._sums["ind"][layer] += w.sum(-1).double().cpu().numpy()
-        if layer == 0:
-            # counts are per sequence, not per layer or chunk: count each chunk's share of real rows once
+        real_q = (rel >= 0) & (rel < length[:, None]) & (length >= 2)[:, None]
+        has_prev = real_q & (rel >= 1)
+        rq, hp = real_q[:, None, :].to(rows.dtype), has_prev[:, None, :].to(rows.dtype)
+        b, n_heads, c, t = rows.shape
+        idx = q_pos[None, None, :, None].expand(b, n_heads, c, 1)
+        diag = rows.gather(-1, idx)[..., 0]
+        prev = rows.gather(-1, (idx - 1).clamp(min=0))[..., 0]
+        ent = -(rows * torch.log(rows.clamp_min(torch.finfo(rows.dtype).tiny))).sum(-1)
+        dist = (q_pos[:, None] - torch.arange(t, device=dev)[None, :]).abs().to(rows.dtype)  # [c, t]
+        d1 = torch.einsum("bhct,ct->bhc", rows, dist)
+        d2 = torch.einsum("bhct,ct->bhc", rows, dist.square())
+        self._add("self", layer, (diag * rq).sum((0, 2)))
+        self._add("prev", layer, (prev * hp).sum((0, 2)))
+        self._add("ent", layer, (ent * rq).sum((0, 2)))
+        self._add("d1", layer, (d1 * rq).sum((0, 2)))
+        self._add("d2", layer, (d2 * rq).sum((0, 2)))
+        # induction: the batch's pairs (found once per batch), those whose query falls in this chunk
+        if self._pairs is None or self._pairs[0] is not batch:
+            self._pairs = (batch, *batch_induction_pairs(batch.input_ids.to(dev), first, length))
+            self._counts["ind"] += int(self._pairs[4].sum())
+        _, pb, pq, pk, _ = self._pairs
+        lo = int(q_pos[0])
+        contiguous = int(q_pos[-1]) - lo + 1 == len(q_pos)
+        if contiguous:
+            sel = (pq >= lo) & (pq < lo + len(q_pos))
+            ci = pq[sel] - lo
+        else:
+            where = torch.full((t,), -1, dtype=torch.long, device=dev)
+            where[q_pos] = torch.arange(len(q_pos), device=dev)
+            ci = where[pq]
+            sel = ci >= 0
+            ci = ci[sel]
+        w = rows[pb[sel], :, ci, pk[sel]]  # [pairs, H]
+        if self.induction_threshold > 0:
+            w = w.masked_fill(w < self.induction_threshold, 0.0)
+        self._add("ind", layer, w.sum(0))
+        if layer == 0:  # row counts are per sequence, not per layer: count each chunk's rows once
             self._counts["rows"] += int(real_q.sum())
-            self._counts["prev"] += int((real_q & (rel >= 1)).sum())
-            for b in range(rows.shape[0]):
-                if bool(ok_seq[b]) and int(first[b]) >= lo and int(first[b]) <= hi:  # the chunk holding row 0
-                    self._counts["ind"] += induction_pairs(batch.input_ids[b].to(dev), int(first[b]), int(length[b]))[2]
+            self._counts["prev"] += int(has_prev.sum())
 
     def grids(self) -> dict[str, np.ndarray]:
         """The six metric grids ``[n_layers, n_heads]`` (NaN where the denominator is zero)."""
         c = self._counts
+        zero = np.zeros(self._shape)
+        sums = {
+            k: self._sums[k].cpu().numpy() if k in self._sums else zero
+            for k in ("self", "prev", "ent", "d1", "d2", "ind")
+        }
 
         def div(x, n):
             return x / n if n > 0 else np.full_like(x, np.nan)
 
-        d1 = div(self._sums["d1"], c["rows"])
+        d1 = div(sums["d1"], c["rows"])
         return {
-            "self_attention_score": div(self._sums["self"], c["rows"]),
-            "prev_token_score": div(self._sums["prev"], c["prev"]),
-            "pattern_entropy": div(self._sums["ent"], c["rows"]),
+            "self_attention_score": div(sums["self"], c["rows"]),
+            "prev_token_score": div(sums["prev"], c["prev"]),
+            "pattern_entropy": div(sums["ent"], c["rows"]),
             "qk_distance": d1,
-            "qk_distance_variance": div(self._sums["d2"], c["rows"]) - d1**2,
-            "induction_score": div(self._sums["ind"], c["ind"]),
+            "qk_distance_variance": div(sums["d2"], c["rows"]) - d1**2,
+            "induction_score": div(sums["ind"], c["ind"]),
         }
 
     def results(self, ctx: ProbeContext):

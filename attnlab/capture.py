@@ -259,6 +259,7 @@ class Capture:
     def _fused_layer(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float, causal: bool, batch: Batch
     ) -> None:
+        shared = []  # "rows" handlers that read every query: each chunk's rows are computed once for all of them
         for h in self.handlers:
             if not h.wants(layer):
                 continue
@@ -266,6 +267,8 @@ class Capture:
                 h.fn(layer, q, batch)
             elif h.site == "k":
                 h.fn(layer, k, batch)
+            elif h.site == "rows" and h.queries is None:
+                shared.append(h)
             elif h.site == "rows":
                 for q_pos in _query_chunks(h, batch, self.chunk_size, q.device):
                     h.fn(
@@ -274,6 +277,11 @@ class Capture:
                         q_pos,
                         batch,
                     )
+        if shared:
+            for q_pos in _query_chunks(shared[0], batch, self.chunk_size, q.device):
+                rows = attention_rows(q, k, q_pos, scaling=scaling, key_mask=batch.attention_mask, causal=causal)
+                for h in shared:
+                    h.fn(layer, rows, q_pos, batch)
 
     def _fused_z(self, layer: int, z: torch.Tensor, batch: Batch) -> None:
         for h in self.handlers:

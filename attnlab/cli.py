@@ -521,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    saved_format = warnings.formatwarning
     warnings.formatwarning = lambda message, *_a, **_k: f"attnlab: warning: {message}\n"  # one line, no source
     try:
         return args.func(args)
@@ -539,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        warnings.formatwarning = saved_format
 
 
 if __name__ == "__main__":

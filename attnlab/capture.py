@@ -8,6 +8,10 @@ Sites a handler can listen on (``Capture.on(site, fn)``):
   ``[batch, n_heads, chunk, seq]`` (post-softmax, padding keys zero) and ``q_pos`` the chunk's query positions.
   This is the site for long inputs: in the *fused* path the forward pass runs a fused SDPA kernel and only the
   requested rows are recomputed, chunk by chunk, from the rotated q and k, so memory grows with chunk x seq.
+- ``"attention"``: ``fn(layer, view, batch)`` with ``view`` an ``attnlab.lse.AttentionView`` of the layer: row
+  entropies, distance moments, weights of listed (query, key) pairs, mass on key sets, column sums, the largest
+  logit. On the eager path the view reads the materialised pattern; on the fused path it answers the same
+  questions exactly from q, k and each row's log-sum-exp, without a ``seq x seq`` matrix (``attnlab.lse``).
 - ``"pattern"``: the full ``[batch, n_heads, seq, seq]`` pattern of one layer at a time (eager path only).
 - ``"q"``, ``"k"``: rotated queries / keys ``[batch, heads, seq, d_head]`` (k has n_kv_heads heads: GQA explicit).
 - ``"z"``: per-head attention output before the output projection ``[batch, seq, n_heads, d_head]``.
@@ -40,9 +44,10 @@ from typing import Literal
 import torch
 
 from attnlab.hooks import attn_hook, block_hook
+from attnlab.lse import AttentionView, ScoreSpec
 from attnlab.models.loading import Batch, LoadedModel
 
-ATTENTION_SITES = ("rows", "pattern", "q", "k", "z")
+ATTENTION_SITES = ("rows", "pattern", "q", "k", "z", "attention")
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 SITES = ATTENTION_SITES + RESID_SITES + ("batch_end",)
 FUSED_IMPL = "attnlab_fused"
@@ -87,6 +92,7 @@ class Capture:
     progress: bool = True
     handlers: list[_Handler] = field(default_factory=list)
     last_path: str = ""
+    _qk: dict = field(default_factory=dict, repr=False)  # eager path: this forward's q / k per layer for views
 
     def on(
         self,
@@ -207,12 +213,15 @@ class Capture:
         hooks = []
         has_rot = any(n.endswith("attn.hook_rot_q") for n in self.model.bridge.hook_dict)
         for layer in range(self.model.n_layers):
+            view_fns = [h for h in self.handlers if h.site == "attention" and h.wants(layer)]
             pattern_fns = [h for h in self.handlers if h.site in ("pattern", "rows") and h.wants(layer)]
-            if pattern_fns:
-                hooks.append((attn_hook(layer, "hook_pattern"), self._pattern_hook(pattern_fns, layer, batch)))
+            if pattern_fns or view_fns:
+                hooks.append(
+                    (attn_hook(layer, "hook_pattern"), self._pattern_hook(pattern_fns, layer, batch, view_fns))
+                )
             for site in ("q", "k"):
                 fns = [h for h in self.handlers if h.site == site and h.wants(layer)]
-                if fns:
+                if fns or view_fns:
                     name = attn_hook(layer, f"hook_rot_{site}" if has_rot else f"hook_{site}")
                     hooks.append((name, self._qk_hook(fns, layer, batch, site)))
             z_fns = [h for h in self.handlers if h.site == "z" and h.wants(layer)]
@@ -220,7 +229,7 @@ class Capture:
                 hooks.append((attn_hook(layer, "hook_z"), self._z_hook(z_fns, layer, batch)))
         return hooks
 
-    def _pattern_hook(self, handlers: list[_Handler], layer: int, batch: Batch):
+    def _pattern_hook(self, handlers: list[_Handler], layer: int, batch: Batch, view_fns=()):
         def hook(pattern, hook=None):
             pattern = pattern.float()
             for h in handlers:
@@ -229,6 +238,12 @@ class Capture:
                 else:
                     for q_pos in _query_chunks(h, batch, self.chunk_size, pattern.device):
                         h.fn(layer, _rows_of(pattern, q_pos, contiguous=h.queries is None), q_pos, batch)
+            if view_fns:
+                q, k = self._qk.pop((layer, "q")), self._qk.pop((layer, "k"))
+                spec = layer_score_spec(self.model, layer, batch.attention_mask.to(pattern.device))
+                view = AttentionView(q, k, spec, pattern=pattern, chunk=self.chunk_size)
+                for h in view_fns:
+                    h.fn(layer, view, batch)
             return None
 
         return hook
@@ -238,6 +253,8 @@ class Capture:
 
         def hook(x, hook=None):
             x = _as_bhsd(x, n_heads, self.model.d_head)
+            if any(h.site == "attention" and h.wants(layer) for h in self.handlers):
+                self._qk[(layer, site)] = x  # for this layer's AttentionView, built at its pattern hook
             for h in handlers:
                 h.fn(layer, x, batch)
             return None
@@ -257,8 +274,23 @@ class Capture:
     # ---- the fused path's per-layer work (called from the registered attention function) ------------------
 
     def _fused_layer(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float, causal: bool, batch: Batch
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        scaling: float,
+        causal: bool,
+        batch: Batch,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
+        view_fns = [h for h in self.handlers if h.site == "attention" and h.wants(layer)]
+        if view_fns:
+            spec = ScoreSpec(scaling, causal, softcap, sliding_window, batch.attention_mask.to(q.device))
+            view = AttentionView(q, k, spec, chunk=self.chunk_size)
+            for h in view_fns:
+                h.fn(layer, view, batch)
         shared = []  # "rows" handlers that read every query: each chunk's rows are computed once for all of them
         for h in self.handlers:
             if not h.wants(layer):
@@ -319,6 +351,34 @@ def accepts_logits_to_keep(model: LoadedModel) -> bool:
     """Whether the HF model's forward takes ``logits_to_keep`` (causal LMs and LLaVA in transformers 5; not BERT)."""
     hf = getattr(model.bridge, "original_model", None)
     return hf is not None and "logits_to_keep" in inspect.signature(hf.forward).parameters
+
+
+def attention_scaling(model: LoadedModel, layer: int) -> float:
+    """The scale the model's attention multiplies ``q . k`` by (its HF module's ``scaling``, else 1/sqrt(d_head))."""
+    attn = model.bridge.blocks[layer].attn
+    original = getattr(attn, "original_component", attn)
+    for sub in original.modules():
+        scaling = getattr(sub, "scaling", None)
+        if isinstance(scaling, (int, float)):
+            return float(scaling)
+    return float(model.d_head) ** -0.5
+
+
+def layer_score_spec(model: LoadedModel, layer: int, key_mask: torch.Tensor | None) -> ScoreSpec:
+    """How layer ``layer`` scores keys on the eager path: its scale, causality, sliding window and soft cap, read
+    from the HF attention module and config (the fused path takes them from the attention call itself)."""
+    attn = model.bridge.blocks[layer].attn
+    original = getattr(attn, "original_component", attn)
+    cfg = getattr(original, "config", None)
+    window = getattr(original, "sliding_window", None)
+    softcap = getattr(cfg, "attn_logit_softcapping", None) if cfg is not None else None
+    return ScoreSpec(
+        attention_scaling(model, layer),
+        bool(model.causal),
+        float(softcap) if softcap else None,
+        int(window) if isinstance(window, int) and window > 0 else None,
+        key_mask,
+    )
 
 
 def _observer(fn, layer, batch):
@@ -400,7 +460,16 @@ def _fused_attention_fn(module, query, key, value, attention_mask, dropout=0.0, 
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
-    capture._fused_layer(layer, query, key, scale, causal, batch)
+    capture._fused_layer(
+        layer,
+        query,
+        key,
+        scale,
+        causal,
+        batch,
+        sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"),
+    )
     out, _ = sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )

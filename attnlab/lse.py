@@ -243,3 +243,133 @@ def max_logit(q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, *, chunk: int =
             s = s.masked_fill(~real_queries.to(q.device)[:, None, q_pos, None], NEG)
         best = torch.maximum(best, s.amax(dim=(-2, -1)))
     return best
+
+
+# ---- one layer's attention, as the probes see it ---------------------------------------------------------------
+
+
+class AttentionView:
+    """One layer's attention in one forward pass, as the ``"attention"`` capture site hands it to probes.
+
+    The same questions are answered on both capture paths: on the eager path from the materialised pattern
+    (``pattern`` given), on the fused path from q, k and each row's log-sum-exp, exactly and without a ``T x T``
+    matrix (``pattern`` None). Positions are absolute batch positions; keys and queries of a prefill coincide.
+
+    Parameters
+    ----------
+    q : ``[b, n_heads, T, d]`` rotated queries; k : ``[b, n_kv_heads, T, d]`` rotated keys
+    spec : ScoreSpec (scale, causality, window, soft cap, key mask)
+    pattern : ``[b, n_heads, T, T]`` post-softmax weights, or None (fused path)
+    chunk : int, query rows per chunk where whole rows are scored
+    """
+
+    def __init__(self, q, k, spec: ScoreSpec, *, pattern=None, chunk: int = 256):
+        self.q, self.k, self.spec, self.pattern, self.chunk = q, k, spec, pattern, int(chunk)
+        self._lse = None
+        self._max = None
+
+    @property
+    def fused(self) -> bool:
+        return self.pattern is None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(batch, n_heads, T)``."""
+        return self.q.shape[0], self.q.shape[1], self.q.shape[2]
+
+    def _scores_pass(self) -> None:
+        """One chunked pass over the scores: every row's log-sum-exp and each head's largest raw score."""
+        b, h, t = self.shape
+        raw = ScoreSpec(self.spec.scaling, self.spec.causal, None, self.spec.sliding_window, self.spec.key_mask)
+        real_q = self.spec.key_mask.bool() if self.spec.key_mask is not None else None
+        lses, best = [], torch.full((b, h), NEG, device=self.q.device)
+        for start in range(0, t, self.chunk):
+            q_pos = torch.arange(start, min(start + self.chunk, t), device=self.q.device)
+            s = score_rows(self.q, self.k, raw, q_pos)
+            m = s if real_q is None else s.masked_fill(~real_q.to(s.device)[:, None, q_pos, None], NEG)
+            best = torch.maximum(best, m.amax(dim=(-2, -1)))
+            if self.spec.softcap is not None:
+                s = torch.where(s > NEG / 2, self.spec.softcap * torch.tanh(s / self.spec.softcap), s)
+            lses.append(torch.logsumexp(s, dim=-1))
+        self._lse, self._max = torch.cat(lses, dim=-1), best
+
+    def lse(self) -> torch.Tensor:
+        """``[b, n_heads, T]`` log-sum-exp of each row's masked scores (fused path; computed once per layer)."""
+        if self._lse is None:
+            self._scores_pass()
+        return self._lse
+
+    def max_logit(self) -> torch.Tensor:
+        """``[b, n_heads]`` largest raw score ``q . k * scale`` over real queries and visible keys."""
+        if self._max is None:
+            self._scores_pass()
+        return self._max
+
+    def pairs(self, b_idx, q_idx, k_idx) -> torch.Tensor:
+        """Weights ``[n_pairs, n_heads]`` of listed (prompt, query, key) pairs; masked pairs weigh 0."""
+        if self.pattern is not None:
+            dev = self.pattern.device
+            b_idx, q_idx, k_idx = (x.to(dev).long() for x in (b_idx, q_idx, k_idx))
+            return self.pattern[b_idx, :, q_idx, k_idx].float()
+        return pair_weights(self.q, self.k, self.lse(), self.spec, b_idx, q_idx, k_idx)
+
+    def diagonal(self, offset: int = 0) -> torch.Tensor:
+        """``[b, n_heads, T]``: each row's weight on key ``i - offset`` (0 where that key does not exist)."""
+        b, h, t = self.shape
+        dev = self.q.device
+        qi = torch.arange(t, device=dev)
+        ki = qi - offset
+        ok = (ki >= 0) & (ki < t)
+        bi = torch.arange(b, device=dev).repeat_interleave(int(ok.sum()))
+        w = self.pairs(bi, qi[ok].repeat(b), ki[ok].repeat(b)).view(b, -1, h).transpose(1, 2)
+        out = torch.zeros(b, h, t, device=w.device, dtype=w.dtype)
+        out[:, :, qi[ok]] = w
+        return out
+
+    def mass_on(self, keys: torch.Tensor) -> torch.Tensor:
+        """``[b, n_heads, T]``: each row's mass on the key positions ``keys`` ``[b, m]`` (-1 entries ignored)."""
+        if self.pattern is not None:
+            keys = keys.to(self.pattern.device).long()
+            valid = (keys >= 0).float()
+            idx = keys.clamp(min=0)[:, None, None, :].expand(-1, self.pattern.shape[1], self.pattern.shape[2], -1)
+            return (self.pattern.float().gather(-1, idx) * valid[:, None, None, :]).sum(-1)
+        return mass_on_columns(self.q, self.k, self.lse(), self.spec, keys)
+
+    def band_mass(self, offsets: range) -> torch.Tensor:
+        """``[b, n_heads, T]``: each row's mass on the keys ``i - o`` for ``o`` in ``offsets`` (a window)."""
+        total = None
+        for o in offsets:
+            d = self.diagonal(o)
+            total = d if total is None else total + d
+        return total
+
+    def entropy(self) -> torch.Tensor:
+        """``[b, n_heads, T]`` row entropy (nats)."""
+        if self.pattern is not None:
+            p = self.pattern.float()
+            return -(p * torch.log(p.clamp_min(torch.finfo(torch.float32).tiny))).sum(-1)
+        return entropy(self.q, self.k, self.lse(), self.spec)
+
+    def distance_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the attention-weighted mean of ``|i - j|`` and of ``|i - j|^2``: two ``[b, n_heads, T]``."""
+        if self.pattern is not None:
+            p = self.pattern.float()
+            t = p.shape[-1]
+            pos = torch.arange(t, device=p.device, dtype=torch.float32)
+            dist = (pos[:, None] - pos[None, :]).abs()
+            return torch.einsum("bhqk,qk->bhq", p, dist), torch.einsum("bhqk,qk->bhq", p, dist.square())
+        return distance_moments(self.q, self.k, self.spec)
+
+    def column_sums(self, real_queries: torch.Tensor) -> torch.Tensor:
+        """``[b, n_heads, T]``: attention each key receives, summed over the real queries ``[b, T]`` bool."""
+        rq = real_queries.to(self.q.device).float()
+        if self.pattern is not None:
+            return torch.einsum("bhqk,bq->bhk", self.pattern.float(), rq)
+        b, h, t = self.shape
+        lse = self.lse()
+        out = torch.zeros(b, h, t, device=self.q.device)
+        for start in range(0, t, self.chunk):
+            q_pos = torch.arange(start, min(start + self.chunk, t), device=self.q.device)
+            w = torch.exp(score_rows(self.q, self.k, self.spec, q_pos) - lse[:, :, q_pos, None])
+            out += torch.einsum("bhck,bc->bhk", w, rq[:, q_pos])
+        return out

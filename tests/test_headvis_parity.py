@@ -116,7 +116,7 @@ def test_headvis_induction_score_finds_organism_inductions_heads():
 
 def test_planted_patterns_give_closed_form_metrics():
     """A head that always attends to the previous token (row 0 to itself) and a uniform head, planted through the
-    probe's row handler: self, prev, entropy and distance moments are known exactly."""
+    probe's attention handler: self, prev, entropy and distance moments are known exactly."""
     from types import SimpleNamespace
 
     from attnlab.models.loading import Batch
@@ -133,8 +133,10 @@ def test_planted_patterns_give_closed_form_metrics():
     probe = HeadVisMetrics()
     capture = SimpleNamespace(on=lambda site, fn, **kw: setattr(capture, "fn", fn))
     probe.attach(capture, ProbeContext(model=model))
-    capture.fn(0, rows[:, :, :4], torch.arange(4), batch)  # two chunks, as the engine sends them
-    capture.fn(0, rows[:, :, 4:], torch.arange(4, t), batch)
+    from attnlab.lse import AttentionView, ScoreSpec
+
+    qk = torch.zeros(1, 2, t, 4)
+    capture.fn(0, AttentionView(qk, qk, ScoreSpec(1.0), pattern=rows), batch)  # the eager view of a planted pattern
     g = probe.grids()
     n = np.arange(1, t + 1)
     assert g["self_attention_score"][0, 0] == pytest.approx(1 / t)

@@ -47,7 +47,7 @@ def test_max_logit_equals_the_models_own_scores(loaded, checkpoint_dir, arch, at
     from transformers import AutoModelForCausalLM
 
     model = loaded(arch)
-    got = attnlab.scan(model, MaxAttentionLogit(chunk_size=4), PROMPTS, progress=False, attention=attention)
+    got = attnlab.scan(model, MaxAttentionLogit(), PROMPTS, progress=False, attention=attention, chunk_size=4)
     hf = AutoModelForCausalLM.from_pretrained(checkpoint_dir / arch).eval()
     batch = model.encode(PROMPTS)
     want = recorded_max_logits(hf, batch)

@@ -136,6 +136,9 @@ def test_induction_heads_light_up_on_repeated_tokens_when_planted():
     probe.attach(cap, ctx)
     ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
     batch = Batch(ids, torch.ones_like(ids), [0])
-    cap.handlers["rows"][0](0, a[None, None], torch.arange(s), batch)
+    from attnlab.lse import AttentionView, ScoreSpec
+
+    qk = torch.zeros(1, 1, s, 4)
+    cap.handlers["attention"][0](0, AttentionView(qk, qk, ScoreSpec(1.0), pattern=a[None, None]), batch)
     score = probe.results(ctx)[0].scores[0, 0]
     assert score == pytest.approx(5 / 10)  # rows 5..9 are perfect, rows 0..4 have nothing to copy

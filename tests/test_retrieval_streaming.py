@@ -61,6 +61,11 @@ def feed(probe, patterns, ids, meta=None, logits=None, n_kv_heads=None):
         for start in range(0, len(pos), 2):  # in chunks, as the engine delivers them
             q = pos[start : start + 2]
             fn(0, patterns[:, :, q, :], q, batch)
+    for fn, _ in cap.handlers.get("attention", []):  # the eager path's view of the planted patterns
+        from attnlab.lse import AttentionView, ScoreSpec
+
+        qk = torch.zeros(b, h, s, 4)
+        fn(0, AttentionView(qk, qk, ScoreSpec(1.0, key_mask=batch.attention_mask), pattern=patterns), batch)
     for fn, _ in cap.handlers.get("batch_end", []):
         fn(batch, logits)
     return {r.name: r for r in probe.results(ctx)}

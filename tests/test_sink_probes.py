@@ -53,6 +53,11 @@ def run_planted(probe, pattern: torch.Tensor, mask: torch.Tensor | None = None, 
         for start in range(0, s, 3):  # in chunks, as the engine delivers them
             q = torch.arange(start, min(s, start + 3))
             fn(0, pattern[:, :, q, :], q, batch)
+    for fn in cap.handlers.get("attention", []):  # the eager path's view of the planted pattern
+        from attnlab.lse import AttentionView, ScoreSpec
+
+        qk = torch.zeros(b, h, s, 4)
+        fn(0, AttentionView(qk, qk, ScoreSpec(1.0, causal, key_mask=mask), pattern=pattern), batch)
     for fn in cap.handlers.get("batch_end", []):
         fn(batch, None)
     return {r.name: r for r in probe.results(ctx)}

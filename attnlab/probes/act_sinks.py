@@ -71,13 +71,12 @@ class ActSinks(Probe):
         self._prompts_with_hidden = 0
         self._n_prompts = 0
         self._model = m
-        capture.on("rows", self._on_rows)
+        capture.on("attention", self._on_attention)
         capture.on("batch_end", self._on_batch_end, logits=None)  # reads no logits
 
-    def _on_rows(self, layer, rows, q_pos, batch) -> None:
-        valid = query_validity(batch, q_pos).float()
-        part = torch.einsum("bhcs,bc->bhs", rows, valid)
-        self._colsum[layer] = self._colsum[layer] + part if layer in self._colsum else part
+    def _on_attention(self, layer, view, batch) -> None:
+        valid = query_validity(batch, torch.arange(view.shape[2], device=view.q.device))
+        self._colsum[layer] = view.column_sums(valid)  # attention each key receives from the real queries
 
     def key_scores(self, colsum: torch.Tensor, batch) -> torch.Tensor:
         """``score_j`` ``[batch, heads, seq]`` from column sums; NaN at padded keys."""

@@ -27,21 +27,24 @@ class FirstTokenSink(Probe):
     name = "first_token_sink"
 
     def __init__(self, *, n_sink_tokens: int = 1):
-        if n_sink_tokens < 1:
-            raise ValueError("n_sink_tokens must be >= 1")
         self.n_sink_tokens = n_sink_tokens
 
     def attach(self, capture, ctx: ProbeContext) -> None:
+        if int(self.n_sink_tokens) < 1:
+            raise ValueError("n_sink_tokens must be >= 1")
         self._acc = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
-        capture.on("rows", self._on_rows)
+        capture.on("attention", self._on_attention)
 
-    def _on_rows(self, layer: int, rows: torch.Tensor, q_pos: torch.Tensor, batch) -> None:
-        valid = query_validity(batch, q_pos, skip_first=self.n_sink_tokens).float()  # [b, c]
-        keys = torch.arange(rows.shape[-1], device=rows.device)[None, :]
-        first = batch.first_real.to(rows.device)[:, None]
-        sink_cols = ((keys >= first) & (keys < first + self.n_sink_tokens)).float()  # [b, s]
-        mass = torch.einsum("bhcs,bs->bhc", rows, sink_cols)
-        self._acc.add(layer, batch.prompt_indices, (mass * valid[:, None, :]).sum(-1), valid.sum(-1))
+    def _on_attention(self, layer: int, view, batch) -> None:
+        dev = view.q.device
+        q_pos = torch.arange(view.shape[2], device=dev)
+        valid = query_validity(batch, q_pos, skip_first=self.n_sink_tokens).float()  # [b, T]
+        first = batch.first_real.to(dev)[:, None]
+        keys = first + torch.arange(self.n_sink_tokens, device=dev)[None, :]  # [b, k] the sink columns
+        keys = torch.where(keys < (first + batch.lengths.to(dev)[:, None]), keys, torch.full_like(keys, -1))
+        mass = view.mass_on(keys)  # [b, h, T]
+        mass = torch.where(valid[:, None, :] > 0, mass, torch.zeros_like(mass))
+        self._acc.add(layer, batch.prompt_indices, mass.sum(-1), valid.sum(-1))
 
     def results(self, ctx: ProbeContext):
         return [

@@ -19,9 +19,11 @@ and divides by the number of query positions that have an earlier occurrence of 
 number of earlier occurrences. Sequences of fewer than two tokens are skipped, as in the reference.
 
 Neuronpedia computes these from eager attention in bfloat16 (``attn_implementation="eager"``, sequences of up to
-512 tokens, right padding, the tokenizer's own special tokens). attnlab computes them in float32 from attention
-rows in query chunks (``"rows"`` capture site: exact on the eager and the fused path) — no ``T x T`` matrix per
-layer is kept. Differences from the published numbers therefore come from dtype and prompts, not the formulas.
+512 tokens, right padding, the tokenizer's own special tokens). attnlab computes them in float32 through the
+``"attention"`` capture site: on the eager path from the pattern, on the fused path exactly without a ``T x T``
+matrix (``attnlab.lse``): diagonals and induction pairs are single ``q . k`` products against each row's
+log-sum-exp, the entropy is ``lse - scale * q . E_A[k]`` and the distance moments ``E_A[j]``, ``E_A[j^2]`` — three
+fused attention calls. Differences from the published numbers therefore come from dtype and prompts, not formulas.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class HeadVisMetrics(Probe):
         self._sums: dict[str, torch.Tensor] = {}  # on the rows' device, float64, moved to the CPU once at the end
         self._counts = {"rows": 0, "prev": 0, "ind": 0}
         self._pairs: tuple | None = None  # the current batch's induction pairs
-        capture.on("rows", self._on_rows)
+        capture.on("attention", self._on_attention)
 
     def _add(self, key: str, layer: int, value: torch.Tensor) -> None:
         acc = self._sums.get(key)
@@ -105,48 +107,34 @@ class HeadVisMetrics(Probe):
             acc = self._sums[key] = torch.zeros(self._shape, dtype=torch.float64, device=value.device)
         acc[layer] += value.double()
 
-    def _on_rows(self, layer: int, rows: torch.Tensor, q_pos: torch.Tensor, batch) -> None:
-        dev = rows.device
+    def _on_attention(self, layer: int, view, batch) -> None:
+        dev = view.q.device
         first = batch.first_real.to(dev)
         length = batch.lengths.to(dev)
-        rel = q_pos[None, :] - first[:, None]  # [b, c] query position within its sequence
+        t = view.shape[2]
+        rel = torch.arange(t, device=dev)[None, :] - first[:, None]  # [b, T] position within its sequence
         real_q = (rel >= 0) & (rel < length[:, None]) & (length >= 2)[:, None]
         has_prev = real_q & (rel >= 1)
-        rq, hp = real_q[:, None, :].to(rows.dtype), has_prev[:, None, :].to(rows.dtype)
-        b, n_heads, c, t = rows.shape
-        idx = q_pos[None, None, :, None].expand(b, n_heads, c, 1)
-        diag = rows.gather(-1, idx)[..., 0]
-        prev = rows.gather(-1, (idx - 1).clamp(min=0))[..., 0]
-        ent = -(rows * torch.log(rows.clamp_min(torch.finfo(rows.dtype).tiny))).sum(-1)
-        dist = (q_pos[:, None] - torch.arange(t, device=dev)[None, :]).abs().to(rows.dtype)  # [c, t]
-        d1 = torch.einsum("bhct,ct->bhc", rows, dist)
-        d2 = torch.einsum("bhct,ct->bhc", rows, dist.square())
-        self._add("self", layer, (diag * rq).sum((0, 2)))
-        self._add("prev", layer, (prev * hp).sum((0, 2)))
-        self._add("ent", layer, (ent * rq).sum((0, 2)))
-        self._add("d1", layer, (d1 * rq).sum((0, 2)))
-        self._add("d2", layer, (d2 * rq).sum((0, 2)))
-        # induction: the batch's pairs (found once per batch), those whose query falls in this chunk
+        d1, d2 = view.distance_moments()
+
+        def total(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [b, H, T] summed over the given rows
+            return torch.where(rows[:, None, :], x, torch.zeros_like(x)).sum((0, 2))
+
+        self._add("self", layer, total(view.diagonal(0), real_q))
+        self._add("prev", layer, total(view.diagonal(1), has_prev))
+        self._add("ent", layer, total(view.entropy(), real_q))
+        self._add("d1", layer, total(d1, real_q))
+        self._add("d2", layer, total(d2, real_q))
+        # induction: the batch's pairs, found once per batch (the view is per layer)
         if self._pairs is None or self._pairs[0] is not batch:
             self._pairs = (batch, *batch_induction_pairs(batch.input_ids.to(dev), first, length))
             self._counts["ind"] += int(self._pairs[4].sum())
         _, pb, pq, pk, _ = self._pairs
-        lo = int(q_pos[0])
-        contiguous = int(q_pos[-1]) - lo + 1 == len(q_pos)
-        if contiguous:
-            sel = (pq >= lo) & (pq < lo + len(q_pos))
-            ci = pq[sel] - lo
-        else:
-            where = torch.full((t,), -1, dtype=torch.long, device=dev)
-            where[q_pos] = torch.arange(len(q_pos), device=dev)
-            ci = where[pq]
-            sel = ci >= 0
-            ci = ci[sel]
-        w = rows[pb[sel], :, ci, pk[sel]]  # [pairs, H]
+        w = view.pairs(pb, pq, pk)  # [pairs, H]
         if self.induction_threshold > 0:
             w = w.masked_fill(w < self.induction_threshold, 0.0)
         self._add("ind", layer, w.sum(0))
-        if layer == 0:  # row counts are per sequence, not per layer: count each chunk's rows once
+        if layer == 0:  # row counts are per sequence, not per layer
             self._counts["rows"] += int(real_q.sum())
             self._counts["prev"] += int(has_prev.sum())
 

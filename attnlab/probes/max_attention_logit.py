@@ -8,73 +8,35 @@ head's query and key weights whenever this maximum passes a threshold (100 in th
 logits destabilise training; a census shows which heads of a trained model sit near such a bound. Soft-capped
 models (Gemma-2) report the logit before the cap.
 
-Cost: the scores of every row, in query chunks (``attnlab.lse.max_logit``): memory ``chunk x T`` per head, compute
-like one attention pass; no pattern is built or kept.
+Cost: the scores of every row, in query chunks, in the same pass that finds each row's log-sum-exp on the fused
+path (``AttentionView.max_logit``): memory ``chunk x T`` per head, compute like one attention pass; no pattern is
+kept. The ``chunk_size`` parameter is the capture's (``Capture.chunk_size``).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from attnlab import lse
 from attnlab.probes.base import Probe, ProbeContext
-
-
-def attention_scaling(model, layer: int) -> float:
-    """The scale the model's attention multiplies ``q . k`` by (its HF module's ``scaling``, else 1/sqrt(d_head))."""
-    attn = model.bridge.blocks[layer].attn
-    original = getattr(attn, "original_component", attn)
-    for sub in original.modules():
-        scaling = getattr(sub, "scaling", None)
-        if isinstance(scaling, (int, float)):
-            return float(scaling)
-    return float(model.d_head) ** -0.5
 
 
 class MaxAttentionLogit(Probe):
     """Largest scaled ``q . k`` of each head over the prompts' real query positions and visible keys.
 
-    Parameters
-    ----------
-    chunk_size : int, default=256
-        Query rows scored at once.
+    No parameters: rows are scored in the capture's query chunks.
     """
 
     name = "max_attention_logit"
 
-    def __init__(self, *, chunk_size: int = 256):
-        self.chunk_size = chunk_size
-
     def attach(self, capture, ctx: ProbeContext) -> None:
-        if int(self.chunk_size) < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size!r}")
         m = ctx.model
         self._model = m
         self._max = np.full((m.n_layers, m.n_heads), -np.inf)
         self._per_prompt: dict[int, np.ndarray] = {}
-        self._q: dict[int, torch.Tensor] = {}
-        self._k: dict[int, torch.Tensor] = {}
-        capture.on("q", self._on_q)
-        capture.on("k", self._on_k)
+        capture.on("attention", self._on_attention)
 
-    def _on_q(self, layer, q, batch) -> None:
-        self._q[layer] = q
-        self._maybe_score(layer, batch)
-
-    def _on_k(self, layer, k, batch) -> None:
-        self._k[layer] = k
-        self._maybe_score(layer, batch)
-
-    def _maybe_score(self, layer, batch) -> None:
-        if layer not in self._q or layer not in self._k:
-            return
-        q, k = self._q.pop(layer), self._k.pop(layer)
-        mask = batch.attention_mask.to(q.device)
-        spec = lse.ScoreSpec(
-            scaling=attention_scaling(self._model, layer), causal=bool(self._model.causal), key_mask=mask
-        )
-        best = lse.max_logit(q, k, spec, chunk=int(self.chunk_size), real_queries=mask.bool()).cpu().double().numpy()
+    def _on_attention(self, layer, view, batch) -> None:
+        best = view.max_logit().cpu().double().numpy()
         self._max[layer] = np.maximum(self._max[layer], best.max(0))
         m = self._model
         for row, p in enumerate(batch.prompt_indices):

@@ -45,27 +45,51 @@ class PatternMatchProbe(Probe):
 
     def attach(self, capture, ctx: ProbeContext) -> None:
         self._acc = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
-        capture.on("rows", self._on_rows)
+        self._chunk = int(getattr(capture, "chunk_size", 256))
+        capture.on("attention", self._on_attention)
 
-    def _on_rows(self, layer, rows, q_pos, batch) -> None:
-        dev = rows.device
-        s = rows.shape[-1]
+    def _on_attention(self, layer, view, batch) -> None:
+        """Sums over the kept entries of each prompt: ``sum A P`` from the weights of the target's (sparse) pairs,
+        ``sum A`` as the real rows' total mass (1 each) less the excluded BOS column and diagonal."""
+        b, n_heads, s = view.shape
+        dev = view.q.device
         first = batch.first_real.to(dev)
         n = batch.lengths.to(dev)
         keys = torch.arange(s, device=dev)
         real_keys = (keys[None, :] >= first[:, None]) & (keys[None, :] < (first + n)[:, None])  # [b, s]
-        valid_q = query_validity(batch, q_pos)  # [b, c]
-        keep = real_keys[:, None, :] & valid_q[:, :, None]  # [b, c, s]
+        ids = batch.input_ids.to(dev)
+        sum_ap = torch.zeros(b, n_heads, device=dev)
+        n_target = torch.zeros(b, device=dev)
+        rows = torch.zeros(b, device=dev)
+        for start in range(0, s, self._chunk):
+            q_pos = torch.arange(start, min(start + self._chunk, s), device=dev)
+            valid_q = query_validity(batch, q_pos)  # [b, c]
+            keep = real_keys[:, None, :] & valid_q[:, :, None]  # [b, c, s]
+            if self.exclude_bos:
+                keep = keep & (keys[None, None, :] != first[:, None, None])
+            if self.exclude_current_token:
+                keep = keep & (keys[None, None, :] != q_pos[None, :, None])
+            target = self.target(ids, q_pos, first) & keep
+            bi, ci, ki = torch.nonzero(target, as_tuple=True)
+            sum_ap.index_add_(0, bi, view.pairs(bi, q_pos[ci], ki).to(sum_ap.dtype))
+            n_target += target.sum((1, 2)).to(n_target.dtype)
+            rows += valid_q.sum(1).to(rows.dtype)
+        excluded = torch.zeros(b, n_heads, device=dev)
+        all_q = torch.arange(s, device=dev)
+        valid_all = query_validity(batch, all_q)[:, None, :]  # [b, 1, s]
         if self.exclude_bos:
-            keep = keep & (keys[None, None, :] != first[:, None, None])
+            on_bos = view.mass_on(first[:, None])  # [b, h, s]
+            excluded += torch.where(valid_all, on_bos, torch.zeros_like(on_bos)).sum(-1)
         if self.exclude_current_token:
-            keep = keep & (keys[None, None, :] != q_pos[None, :, None])
-        a = rows * keep[:, None].float()
-        p = (self.target(batch.input_ids.to(dev), q_pos, first) & keep)[:, None].float()
+            diag = view.diagonal(0)
+            if self.exclude_bos:  # the first row's diagonal is the BOS entry, already excluded
+                diag = torch.where((all_q[None, :] == first[:, None])[:, None, :], torch.zeros_like(diag), diag)
+            excluded += torch.where(valid_all, diag, torch.zeros_like(diag)).sum(-1)
+        sum_a = rows[:, None] - excluded
         if self.error_measure == "mul":
-            num, den = (a * p).sum((-1, -2)), a.sum((-1, -2))
-        else:
-            num, den = (a - p).abs().sum((-1, -2)), n.float()
+            num, den = sum_ap, sum_a
+        else:  # sum |A' - P'| over kept entries = sum A' + |P'| - 2 sum A'P'  (P' is 0/1)
+            num, den = sum_a + n_target[:, None] - 2 * sum_ap, n.float()
         self._acc.add(layer, batch.prompt_indices, num, den)
 
     def results(self, ctx: ProbeContext):

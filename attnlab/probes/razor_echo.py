@@ -84,7 +84,8 @@ class RazorEchoInduction(Probe):
         self._echo = PerPromptRatio(m.n_layers, m.n_heads)
         self._ind = PerPromptRatio(m.n_layers, m.n_heads)
         self._periods: dict[int, tuple[int, int] | None] = {}
-        capture.on("rows", self._on_rows)
+        self._chunk = int(getattr(capture, "chunk_size", 256))
+        capture.on("attention", self._on_attention)
 
     def _period(self, batch, b: int):
         p = batch.prompt_indices[b]
@@ -92,7 +93,10 @@ class RazorEchoInduction(Probe):
             self._periods[p] = find_period(batch.input_ids[b, batch.real_slice(b)].tolist())
         return self._periods[p]
 
-    def _on_rows(self, layer: int, rows: torch.Tensor, q_pos: torch.Tensor, batch) -> None:
+    def _on_attention(self, layer: int, view, batch) -> None:
+        """Mass on the echo and induction masks from the weights of their (sparse) pairs, query chunk by chunk."""
+        dev = view.q.device
+        t = view.shape[2]
         for b in range(batch.size):
             found = self._period(batch, b)
             if found is None:
@@ -100,15 +104,21 @@ class RazorEchoInduction(Probe):
             offset, period = found
             start = int(batch.first_real[b]) + offset
             S = int(batch.lengths[b]) - offset
-            rel_q = q_pos.to(rows.device) - start
-            rel_k = torch.arange(rows.shape[-1], device=rows.device) - start
+            rel_k = torch.arange(t, device=dev) - start
             rel_k = torch.where(rel_k < S, rel_k, torch.full_like(rel_k, -1))  # padding keys never in a mask
-            echo, ind = echo_induction_masks(rel_q, rel_k, period)
-            valid = ((rel_q >= 0) & (rel_q < S)).float()
-            r = rows[b]  # [h, c, seq]
-            den = torch.full((1,), float(valid.sum()) * S)  # summed over all rows: S * S
-            self._echo.add(layer, [batch.prompt_indices[b]], (r * echo).sum((-1, -2))[None], den)
-            self._ind.add(layer, [batch.prompt_indices[b]], (r * ind).sum((-1, -2))[None], den)
+            sums = {}
+            for c0 in range(start, start + S, self._chunk):
+                q_pos = torch.arange(c0, min(c0 + self._chunk, start + S), device=dev)
+                masks = echo_induction_masks(q_pos - start, rel_k, period)
+                for name, mask in zip(("echo", "ind"), masks):
+                    ci, ki = torch.nonzero(mask, as_tuple=True)
+                    w = view.pairs(torch.full_like(ci, b), q_pos[ci], ki).sum(0)
+                    sums[name] = sums[name] + w if name in sums else w
+            if not sums:
+                continue
+            den = torch.full((1,), float(S) * S)  # summed over all S rows of S keys
+            for name, acc in (("echo", self._echo), ("ind", self._ind)):
+                acc.add(layer, [batch.prompt_indices[b]], sums[name][None], den)
 
     def results(self, ctx: ProbeContext):
         echo, ind = self._echo.mean(), self._ind.mean()

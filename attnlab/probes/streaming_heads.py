@@ -89,7 +89,21 @@ class StreamingHeads(Probe):
 
     def attach(self, capture, ctx: ProbeContext) -> None:
         self._acc = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
-        capture.on("rows", self._on_rows)
+        if ctx.model.causal:  # distant = 1 - sink mass - recent-window mass: exact from the view, no rows
+            capture.on("attention", self._on_attention)
+        else:  # a bidirectional row also attends ahead: the distant band needs whole rows
+            capture.on("rows", self._on_rows)
+
+    def _on_attention(self, layer: int, view, batch) -> None:
+        dev = view.q.device
+        q_pos = torch.arange(view.shape[2], device=dev)
+        valid = query_validity(batch, q_pos, skip_first=self.sink + self.recent)  # [b, T]
+        first = batch.first_real.to(dev)[:, None]
+        near = view.band_mass(range(self.recent))  # keys i - r + 1 .. i
+        if self.sink:
+            near = near + view.mass_on(first + torch.arange(self.sink, device=dev)[None, :])
+        mass = torch.where(valid[:, None, :], 1.0 - near, torch.zeros_like(near))
+        self._acc.add(layer, batch.prompt_indices, mass.sum(-1), valid.float().sum(-1))
 
     def _on_rows(self, layer: int, rows: torch.Tensor, q_pos: torch.Tensor, batch) -> None:
         first = batch.first_real.to(rows.device)[:, None]

@@ -259,7 +259,11 @@ def census(
     ablation_mode : {"zero", "mean", "uniform", "resample"}, default="zero"
     attribution : bool, default=True
         Also run attribution patching and report its Spearman correlation with the exact ablation scores.
-    batch_size, attention, chunk_size, truncate : as in ``attnlab.scan``
+    attention : {"auto", "eager", "fused"}, default="auto"
+        ``"auto"``: the fused path (HF attention with a fused kernel; statistics exact from q, k and each row's
+        log-sum-exp, no ``T x T`` matrix) wherever the model routes attention through transformers' attention
+        interface, else the eager path.
+    batch_size, chunk_size, truncate : as in ``attnlab.scan``
     out : directory to write the census to (a run directory with ``census.json``), or None
     progress : bool, default=True
         Progress bars with an ETA for the capture pass and the ablation.
@@ -275,6 +279,10 @@ def census(
     if int(causal_prompts) < 1:
         raise AttnlabError(f"causal_prompts must be >= 1, got {causal_prompts}")
     names, want_causal = _probe_names(statistics)
+    if attention == "auto":  # a census never needs the eager pattern: the fused path wherever the model allows it
+        from attnlab.capture import supports_fused
+
+        attention = "fused" if supports_fused(model) else "eager"
     t0 = time.perf_counter()
     batches = _batches(model, prompts, batch_size, truncate)
     ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]

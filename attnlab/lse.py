@@ -173,8 +173,11 @@ def expectation(
     b, n_heads, tq, _ = q.shape
     tk = k.shape[2]
     vals = values.to(dtype)
-    vals = vals.expand(b, n_heads, tk, vals.shape[-1]) if vals.shape[1] == 1 else expand_kv(vals, n_heads)
+    n_kv = k.shape[1]
+    if vals.shape[1] == 1:
+        vals = vals.expand(b, n_kv, tk, vals.shape[-1])
     if spec.softcap is not None:
+        vals = expand_kv(vals, n_heads)
         out = []
         for start in range(0, tq, 256):
             q_pos = torch.arange(start, min(start + 256, tq), device=q.device)
@@ -182,9 +185,10 @@ def expectation(
             out.append(a @ vals)
         return torch.cat(out, dim=2)
     ok = _allowed(spec, torch.arange(tq, device=q.device), torch.arange(tk, device=q.device), b, tq, tk, q.device)
-    return torch.nn.functional.scaled_dot_product_attention(
-        q.to(dtype), expand_kv(k, n_heads).to(dtype), vals, attn_mask=ok, scale=spec.scaling
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.to(dtype), k.to(dtype), vals, attn_mask=ok, scale=spec.scaling, enable_gqa=n_kv != n_heads
     )
+    return torch.nan_to_num(out)  # a row with no visible key (a padding query) gives 0, not NaN
 
 
 def entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, spec: ScoreSpec, *, dtype=torch.float32):
@@ -313,18 +317,46 @@ class AttentionView:
             return self.pattern[b_idx, :, q_idx, k_idx].float()
         return pair_weights(self.q, self.k, self.lse(), self.spec, b_idx, q_idx, k_idx)
 
-    def diagonal(self, offset: int = 0) -> torch.Tensor:
-        """``[b, n_heads, T]``: each row's weight on key ``i - offset`` (0 where that key does not exist)."""
+    def band(self, offsets: range) -> torch.Tensor:
+        """``[b, n_heads, T, len(offsets)]``: each row's weight on the keys ``i - o`` for ``o`` in ``offsets``
+        (0 where that key does not exist or is masked). One product per (row, offset): ``O(T |offsets| d)``."""
         b, h, t = self.shape
         dev = self.q.device
-        qi = torch.arange(t, device=dev)
-        ki = qi - offset
-        ok = (ki >= 0) & (ki < t)
-        bi = torch.arange(b, device=dev).repeat_interleave(int(ok.sum()))
-        w = self.pairs(bi, qi[ok].repeat(b), ki[ok].repeat(b)).view(b, -1, h).transpose(1, 2)
-        out = torch.zeros(b, h, t, device=w.device, dtype=w.dtype)
-        out[:, :, qi[ok]] = w
-        return out
+        offs = torch.tensor(list(offsets), device=dev, dtype=torch.long)
+        key = torch.arange(t, device=dev)[:, None] - offs[None, :]  # [T, r] absolute key of each band entry
+        inside = (key >= 0) & (key < t)
+        key_c = key.clamp(0, t - 1)
+        if self.pattern is not None:
+            p = self.pattern.float()
+            w = p.gather(-1, key_c[None, None].expand(b, p.shape[1], t, len(offs)))
+            return w * inside[None, None].to(w.dtype)
+        n_kv = self.k.shape[1]
+        g = h // n_kv
+        lse = self.lse()
+        key_ok = self.spec.key_mask.to(dev).bool()[:, -t:] if self.spec.key_mask is not None else None
+        out = []
+        for start in range(0, t, self.chunk):  # query chunks bound the [b, kv, c, r, d] gather
+            rows = slice(start, min(start + self.chunk, t))
+            kc = key_c[rows]
+            kx = self.k.float()[:, :, kc]  # [b, kv, c, r, d]
+            qc = self.q.float()[:, :, rows].reshape(b, n_kv, g, -1, self.q.shape[-1])
+            s = torch.einsum("bkgcd,bkcrd->bkgcr", qc, kx).reshape(b, h, -1, len(offs)) * self.spec.scaling
+            if self.spec.softcap is not None:
+                s = self.spec.softcap * torch.tanh(s / self.spec.softcap)
+            ok = inside[rows][None, None]
+            if self.spec.causal:
+                ok = ok & (offs >= 0)[None, None, None, :]
+            if self.spec.sliding_window is not None:
+                ok = ok & (offs < self.spec.sliding_window)[None, None, None, :]
+            if key_ok is not None:
+                ok = ok & key_ok[:, kc][:, None]
+            w = torch.exp(s - lse[:, :, rows, None])
+            out.append(torch.where(ok, w, torch.zeros_like(w)))
+        return torch.cat(out, dim=2)
+
+    def diagonal(self, offset: int = 0) -> torch.Tensor:
+        """``[b, n_heads, T]``: each row's weight on key ``i - offset`` (0 where that key does not exist)."""
+        return self.band(range(offset, offset + 1))[..., 0]
 
     def mass_on(self, keys: torch.Tensor) -> torch.Tensor:
         """``[b, n_heads, T]``: each row's mass on the key positions ``keys`` ``[b, m]`` (-1 entries ignored)."""
@@ -337,11 +369,7 @@ class AttentionView:
 
     def band_mass(self, offsets: range) -> torch.Tensor:
         """``[b, n_heads, T]``: each row's mass on the keys ``i - o`` for ``o`` in ``offsets`` (a window)."""
-        total = None
-        for o in offsets:
-            d = self.diagonal(o)
-            total = d if total is None else total + d
-        return total
+        return self.band(offsets).sum(-1)
 
     def entropy(self) -> torch.Tensor:
         """``[b, n_heads, T]`` row entropy (nats)."""

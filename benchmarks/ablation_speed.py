@@ -35,6 +35,7 @@ SHAPES = {
     "tiny": (2, 4, 2, 64, 128, 4096, 10000.0, 65536),
     "small": (8, 12, 6, 384, 1536, 4096, 10000.0, 65536),  # organism-lm's shape with a long context
     "llama-1b": (16, 32, 8, 2048, 8192, 128256, 500000.0, 131072),  # Llama-3.2-1B's shape
+    "llama-8b": (32, 32, 8, 4096, 14336, 128256, 500000.0, 131072),  # Llama-3.1-8B's shape (embeddings tied)
 }
 
 

@@ -141,9 +141,7 @@ def main() -> None:
             for p in probes:
                 sync(args.device)
                 t0 = time.perf_counter()
-                attnlab.scan(
-                    model, p, prompts, batch_size=args.batch_size, attention=args.attention, progress=False
-                )
+                attnlab.scan(model, p, prompts, batch_size=args.batch_size, attention=args.attention, progress=False)
                 sync(args.device)
                 t += time.perf_counter() - t0
             times["separate_scans"].append(t)

@@ -56,22 +56,25 @@ class MassiveActivations(Probe):
 
     def _on_resid(self, layer, x, batch) -> None:
         top, med, massive = self.flags(x)
+        # one transfer per layer: the per-position maxima and medians, and the (few) massive entries' indices
+        top, med, all_hits = top.cpu(), med.cpu(), torch.nonzero(massive).cpu()  # hits: (row, position, dim)
+        ids = batch.input_ids.cpu()
         for b, p in enumerate(batch.prompt_indices):
             sl = batch.real_slice(b)
-            t, m_, mv = top[b, sl].cpu(), med[b, sl].cpu(), massive[b, sl].cpu()
+            t, m_ = top[b, sl], med[b, sl]
             self._layer_top[layer].append(float(t.max()))
             self._layer_median[layer].append(float(m_.median()))
-            hits = torch.nonzero(mv)
+            mine = all_hits[all_hits[:, 0] == b]
+            mine = mine[(mine[:, 1] >= sl.start) & (mine[:, 1] < sl.stop)]
+            hits = torch.stack([mine[:, 1] - sl.start, mine[:, 2]], 1) if len(mine) else mine[:, 1:]
             if len(hits):
                 positions = sorted({int(i) for i in hits[:, 0]})
                 self._layer_flagged[layer] += len(positions)
                 self._dims.update(int(d) for d in hits[:, 1])
-                toks = self._model.tokens_as_text(batch.input_ids[b, sl].tolist())
+                toks = self._model.tokens_as_text(ids[b, sl].tolist())
                 self._tokens.update(toks[i] for i in positions)
             if p < self.n_examples:
-                ex = self._examples.setdefault(
-                    p, {"ids": batch.input_ids[b, sl].tolist(), "rows": {}, "massive": set()}
-                )
+                ex = self._examples.setdefault(p, {"ids": ids[b, sl].tolist(), "rows": {}, "massive": set()})
                 ex["rows"][layer] = t.numpy()
                 if len(hits):
                     ex["massive"].update(int(i) for i in hits[:, 0])

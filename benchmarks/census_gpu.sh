@@ -21,14 +21,14 @@ run() {  # name timeout args...
   timeout "$limit" python3 benchmarks/census_speed.py "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"
   echo "$name rc=$? ($(( $(date +%s) - T0 )) s)"; cat "$OUT/$name.json"; tail -2 "$OUT/$name.log"
 }
-run census_1b 150 --shape llama-1b --device cuda --dtype bfloat16 --seq-len 512 --n-prompts 512 \
+run census_1b 120 --shape llama-1b --device cuda --dtype bfloat16 --seq-len 512 --n-prompts 512 \
   --batch-size 16 --repeats 1 --statistics sinks,headvis,patterns --ablation-prompts 16
-run census_8b 240 --shape llama-8b --device cuda --dtype bfloat16 --seq-len 512 --n-prompts 256 \
+run census_8b 220 --shape llama-8b --device cuda --dtype bfloat16 --seq-len 512 --n-prompts 256 \
   --batch-size 16 --repeats 1 --statistics sinks,headvis,patterns --ablation-prompts 16
 # issue #4's figures: all-heads ablation (batched vs per-head loop) and the long-context retrieval scan, 1B shape
-timeout 90 python3 benchmarks/ablation_speed.py --shape llama-1b --device cuda --dtype bfloat16 --length 256 \
+timeout 80 python3 benchmarks/ablation_speed.py --shape llama-1b --device cuda --dtype bfloat16 --length 256 \
   --n-prompts 1 --variants batched,loop --repeats 1 > "$OUT/ablation.json" 2> "$OUT/ablation.log"
 echo "ablation rc=$? ($(( $(date +%s) - T0 )) s)"; cat "$OUT/ablation.json"; tail -2 "$OUT/ablation.log"
-timeout 110 python3 benchmarks/retrieval_long_context.py --shape llama-1b --device cuda --dtype bfloat16 \
+timeout 100 python3 benchmarks/retrieval_long_context.py --shape llama-1b --device cuda --dtype bfloat16 \
   --lengths 4096,16384,32768 --trials 1 > "$OUT/retrieval.json" 2> "$OUT/retrieval.log"
 echo "retrieval rc=$? ($(( $(date +%s) - T0 )) s)"; cat "$OUT/retrieval.json"; tail -2 "$OUT/retrieval.log"

@@ -22,7 +22,9 @@ memory ``chunk x T`` per head, compute ``T^2 d`` like attention itself.
 Shapes: ``q`` ``[batch, n_heads, Tq, d]``; ``k``, ``v`` ``[batch, n_kv_heads, Tk, d]`` (grouped-query attention:
 KV head ``g`` serves query heads ``g * group ... (g + 1) * group - 1``, consecutive, as in every HF model);
 ``key_mask`` ``[batch, Tk]`` (1 = real key). Queries sit at the last ``Tq`` key positions (``Tq == Tk`` for a
-prefill). Everything is computed in float32 (float64 on request) whatever the model's dtype.
+prefill). Score products run in the model's own dtype when it is a half type (bfloat16 / float16 matrix
+products accumulate in float32 on the tensor cores, as the model's attention does) and in float32 otherwise;
+softmax statistics, sums and the log-sum-exp are float32 (float64 on request).
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class ScoreSpec:
     softcap: float | None = None  # Gemma-2: s -> softcap * tanh(s / softcap)
     sliding_window: int | None = None  # keys older than the window are masked (Mistral, Gemma-2 local layers)
     key_mask: torch.Tensor | None = None  # [batch, Tk] 1 = real key
+
+
+def _mm_dtype(x: torch.Tensor, dtype) -> torch.dtype:
+    """The dtype score products run in: the tensors' own half type (tensor cores), else ``dtype``."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32 else dtype
 
 
 def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -74,10 +81,12 @@ def score_rows(
     q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, q_pos: torch.Tensor, *, dtype=torch.float32
 ) -> torch.Tensor:
     """Masked scores ``[b, n_heads, len(q_pos), Tk]`` of chosen query rows (masked entries ``NEG``)."""
-    b, n_heads, tq, _ = q.shape
-    tk = k.shape[2]
-    kx = expand_kv(k, n_heads).to(dtype)
-    s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, q_pos.to(q.device)].to(dtype), kx) * spec.scaling
+    b, n_heads, tq, d = q.shape
+    n_kv, tk = k.shape[1], k.shape[2]
+    mm = _mm_dtype(q, dtype)
+    qc = q[:, :, q_pos.to(q.device)].to(mm).reshape(b, n_kv, n_heads // n_kv, len(q_pos), d)
+    s = torch.matmul(qc, k.to(mm)[:, :, None].transpose(-1, -2)).reshape(b, n_heads, len(q_pos), tk)
+    s = s.to(dtype) * spec.scaling
     if spec.softcap is not None:
         s = spec.softcap * torch.tanh(s / spec.softcap)
     ok = _allowed(spec, q_pos, torch.arange(tk, device=q.device), b, tq, tk, q.device)
@@ -145,9 +154,10 @@ def mass_on_columns(
     valid = keys >= 0
     kk = keys.clamp(min=0)
     group = n_heads // k.shape[1]
+    mm = _mm_dtype(q, dtype)
     kx = torch.gather(k, 2, kk[:, None, :, None].expand(b, k.shape[1], kk.shape[1], k.shape[3]))
-    kx = kx.repeat_interleave(group, dim=1).to(dtype)  # [b, H, m, d]
-    s = torch.einsum("bhqd,bhmd->bhqm", q.to(dtype), kx) * spec.scaling
+    kx = kx.repeat_interleave(group, dim=1).to(mm)  # [b, H, m, d]
+    s = torch.einsum("bhqd,bhmd->bhqm", q.to(mm), kx).to(dtype) * spec.scaling
     if spec.softcap is not None:
         s = spec.softcap * torch.tanh(s / spec.softcap)
     qa = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
@@ -162,33 +172,57 @@ def mass_on_columns(
     return w.sum(-1)
 
 
+def _causal_suffices(spec: ScoreSpec, tq: int, tk: int) -> bool:
+    """True when a plain causal mask gives every *real* query row its exact visible keys: causal, no window, a
+    prefill, and padding (if any) only after each prompt's tokens (right padding). Such rows can run on the fused
+    kernels' ``is_causal`` path, with no materialised mask."""
+    if not spec.causal or spec.sliding_window is not None or tq != tk:
+        return False
+    if spec.key_mask is None:
+        return True
+    m = spec.key_mask[:, -tk:].bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())  # each row: ones, then zeros
+
+
 def expectation(
-    q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, spec: ScoreSpec, *, dtype=torch.float32
+    q: torch.Tensor,
+    k: torch.Tensor,
+    values: torch.Tensor,
+    spec: ScoreSpec,
+    *,
+    dtype=torch.float32,
+    native: bool = False,
 ) -> torch.Tensor:
     """``sum_j A[i, j] values[j]`` for every row, ``[b, n_heads, Tq, c]``, by one fused SDPA call.
 
-    ``values``: ``[b, n_kv_heads or 1, Tk, c]`` (broadcast over heads when 1). Softcapped scores have no fused
-    kernel: they go through ``score_rows`` in chunks (exact, slower).
+    ``values``: ``[b, n_kv_heads or 1, Tk, c]`` (broadcast over heads when 1). ``native``: run the kernel in the
+    model's half dtype (tensor cores; the model's own attention precision) instead of ``dtype``. Rows with no
+    visible key give 0. Softcapped scores have no fused kernel: they go through ``score_rows`` in chunks.
     """
     b, n_heads, tq, _ = q.shape
     tk = k.shape[2]
-    vals = values.to(dtype)
+    run = _mm_dtype(q, dtype) if native else dtype
+    vals = values.to(run)
     n_kv = k.shape[1]
     if vals.shape[1] == 1:
         vals = vals.expand(b, n_kv, tk, vals.shape[-1])
     if spec.softcap is not None:
-        vals = expand_kv(vals, n_heads)
+        vals = expand_kv(vals, n_heads).to(dtype)
         out = []
         for start in range(0, tq, 256):
             q_pos = torch.arange(start, min(start + 256, tq), device=q.device)
             a = torch.softmax(score_rows(q, k, spec, q_pos, dtype=dtype), -1)
             out.append(a @ vals)
         return torch.cat(out, dim=2)
-    ok = _allowed(spec, torch.arange(tq, device=q.device), torch.arange(tk, device=q.device), b, tq, tk, q.device)
+    if _causal_suffices(spec, tq, tk):
+        mask, causal = None, True
+    else:
+        mask = _allowed(spec, torch.arange(tq, device=q.device), torch.arange(tk, device=q.device), b, tq, tk, q.device)
+        causal = False
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.to(dtype), k.to(dtype), vals, attn_mask=ok, scale=spec.scaling, enable_gqa=n_kv != n_heads
+        q.to(run), k.to(run), vals, attn_mask=mask, is_causal=causal, scale=spec.scaling, enable_gqa=n_kv != n_heads
     )
-    return torch.nan_to_num(out)  # a row with no visible key (a padding query) gives 0, not NaN
+    return torch.nan_to_num(out.to(dtype))  # a row with no visible key (a padding query) gives 0, not NaN
 
 
 def entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, spec: ScoreSpec, *, dtype=torch.float32):
@@ -204,7 +238,7 @@ def entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, spec: ScoreSpec
             a = torch.softmax(s, -1)
             out.append(-(a * torch.log(a.clamp_min(torch.finfo(dtype).tiny))).sum(-1))
         return torch.cat(out, dim=-1)
-    mean_k = expectation(q, k, k, spec, dtype=dtype)  # [b, H, Tq, d]
+    mean_k = expectation(q, k, k, spec, dtype=dtype, native=True)  # [b, H, Tq, d], the model's precision
     return lse.to(dtype) - (q.to(dtype) * mean_k).sum(-1) * spec.scaling
 
 
@@ -338,9 +372,10 @@ class AttentionView:
         for start in range(0, t, self.chunk):  # query chunks bound the [b, kv, c, r, d] gather
             rows = slice(start, min(start + self.chunk, t))
             kc = key_c[rows]
-            kx = self.k.float()[:, :, kc]  # [b, kv, c, r, d]
-            qc = self.q.float()[:, :, rows].reshape(b, n_kv, g, -1, self.q.shape[-1])
-            s = torch.einsum("bkgcd,bkcrd->bkgcr", qc, kx).reshape(b, h, -1, len(offs)) * self.spec.scaling
+            mm = _mm_dtype(self.q, torch.float32)
+            kx = self.k.to(mm)[:, :, kc]  # [b, kv, c, r, d]
+            qc = self.q.to(mm)[:, :, rows].reshape(b, n_kv, g, -1, self.q.shape[-1])
+            s = torch.einsum("bkgcd,bkcrd->bkgcr", qc, kx).reshape(b, h, -1, len(offs)).float() * self.spec.scaling
             if self.spec.softcap is not None:
                 s = self.spec.softcap * torch.tanh(s / self.spec.softcap)
             ok = inside[rows][None, None]

@@ -43,7 +43,9 @@ def test_census_equals_the_separate_probes_and_ablation(loaded, arch):
         alone = attnlab.scan(model, probe, ps, progress=False, batch_size=2)
         for name, r in alone.head_scores().items():
             if name in c.scores:
-                np.testing.assert_allclose(c.scores[name].scores, r.scores, atol=1e-5, err_msg=f"{arch} {name}")
+                np.testing.assert_allclose(
+                    c.scores[name].scores, r.scores, atol=1e-5, rtol=1e-5, err_msg=f"{arch} {name}"
+                )
             else:
                 assert name in c.not_scored, name
     if model.causal and model.modality == "text":

@@ -99,8 +99,12 @@ class ActSinks(Probe):
         thr = self._threshold(batch)[:, None, None]
         first = batch.first_real.cpu()
         flags_all = []
-        for layer in layers:
-            scores = self.key_scores(self._colsum[layer], batch).cpu()
+        if not layers:
+            return
+        # every layer's key scores in one host transfer
+        all_scores = self.key_scores(torch.stack([self._colsum[l] for l in layers]), batch).cpu()
+        for i, layer in enumerate(layers):
+            scores = all_scores[i]
             flags = scores > thr  # NaN compares False
             b_idx = torch.arange(batch.size)
             self._first.add(layer, batch.prompt_indices, scores[b_idx, :, first], torch.ones(batch.size))

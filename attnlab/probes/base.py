@@ -111,28 +111,44 @@ class PerPromptRatio:
 
     The per-prompt ratio is formed first (so every prompt weighs the same, as TransformerLens' head detector
     does for a list of prompts); prompts with a zero denominator in a head are left out of that head's mean.
+    Partial sums stay on their device until the ratios are asked for (no host transfer per layer).
     """
 
     n_layers: int
     n_heads: int
     num: dict[int, torch.Tensor] = field(default_factory=dict)
     den: dict[int, torch.Tensor] = field(default_factory=dict)
+    _parts: list = field(default_factory=list, repr=False)
 
     def add(self, layer: int, prompt_indices: list[int], num: torch.Tensor, den: torch.Tensor) -> None:
         """``num``/``den``: ``[batch, n_heads]`` (den may be ``[batch]``) partial sums for this layer."""
-        num = num.detach().double().cpu()
-        den = den.detach().double().cpu()
+        wide = torch.float32 if num.device.type == "mps" else torch.float64  # MPS has no float64
+        num = num.detach().to(wide, copy=True)
+        den = den.detach().to(wide, copy=True).to(num.device)
         if den.dim() == 1:
             den = den[:, None].expand_as(num)
-        for b, p in enumerate(prompt_indices):
-            if p not in self.num:
-                self.num[p] = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)
-                self.den[p] = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)
-            self.num[p][layer] += num[b]
-            self.den[p][layer] += den[b]
+        self._parts.append((list(prompt_indices), layer, num, den))
+
+    def _settle(self) -> None:
+        """Move the pending partial sums to the host in one transfer and fold them into the per-prompt grids."""
+        if not self._parts:
+            return
+        nums = torch.cat([p[2] for p in self._parts]).double().cpu()
+        dens = torch.cat([p[3] for p in self._parts]).double().cpu()
+        row = 0
+        for prompts, layer, _, _ in self._parts:
+            for p in prompts:
+                if p not in self.num:
+                    self.num[p] = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)
+                    self.den[p] = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)
+                self.num[p][layer] += nums[row]
+                self.den[p][layer] += dens[row]
+                row += 1
+        self._parts.clear()
 
     def per_prompt(self) -> np.ndarray:
         """Array ``[n_prompts, n_layers, n_heads]`` of ratios (NaN where the denominator is zero)."""
+        self._settle()
         if not self.num:
             return np.full((0, self.n_layers, self.n_heads), np.nan)
         keys = sorted(self.num)

@@ -45,7 +45,9 @@ class MassiveActivations(Probe):
         self._dims: Counter = Counter()
         self._tokens: Counter = Counter()
         self._examples: dict[int, dict] = {}
+        self._pending: list = []
         capture.on("resid_post", self._on_resid)
+        capture.on("batch_end", self._on_batch_end, logits=None)  # reads no logits
 
     def flags(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For ``x`` ``[..., d]``: (max |x|, median |x|, bool mask of massive entries) over the last axis."""
@@ -56,28 +58,39 @@ class MassiveActivations(Probe):
 
     def _on_resid(self, layer, x, batch) -> None:
         top, med, massive = self.flags(x)
-        # one transfer per layer: the per-position maxima and medians, and the (few) massive entries' indices
-        top, med, all_hits = top.cpu(), med.cpu(), torch.nonzero(massive).cpu()  # hits: (row, position, dim)
+        # kept on the device until the batch ends: the per-position maxima and medians, the massive entries
+        self._pending.append((layer, top, med, torch.nonzero(massive)))  # hits: (row, position, dim)
+
+    def _on_batch_end(self, batch, logits) -> None:
+        if not self._pending:
+            return
+        layers = [p[0] for p in self._pending]
+        tops = torch.stack([p[1] for p in self._pending]).float().cpu()  # [L, b, seq]: one transfer per batch
+        meds = torch.stack([p[2] for p in self._pending]).float().cpu()
+        hits_by_layer = [p[3].cpu() for p in self._pending]
+        self._pending.clear()
         ids = batch.input_ids.cpu()
-        for b, p in enumerate(batch.prompt_indices):
-            sl = batch.real_slice(b)
-            t, m_ = top[b, sl], med[b, sl]
-            self._layer_top[layer].append(float(t.max()))
-            self._layer_median[layer].append(float(m_.median()))
-            mine = all_hits[all_hits[:, 0] == b]
-            mine = mine[(mine[:, 1] >= sl.start) & (mine[:, 1] < sl.stop)]
-            hits = torch.stack([mine[:, 1] - sl.start, mine[:, 2]], 1) if len(mine) else mine[:, 1:]
-            if len(hits):
-                positions = sorted({int(i) for i in hits[:, 0]})
-                self._layer_flagged[layer] += len(positions)
-                self._dims.update(int(d) for d in hits[:, 1])
-                toks = self._model.tokens_as_text(ids[b, sl].tolist())
-                self._tokens.update(toks[i] for i in positions)
-            if p < self.n_examples:
-                ex = self._examples.setdefault(p, {"ids": ids[b, sl].tolist(), "rows": {}, "massive": set()})
-                ex["rows"][layer] = t.numpy()
+        for i, layer in enumerate(layers):
+            top, med, all_hits = tops[i], meds[i], hits_by_layer[i]
+            for b, p in enumerate(batch.prompt_indices):
+                sl = batch.real_slice(b)
+                t, m_ = top[b, sl], med[b, sl]
+                self._layer_top[layer].append(float(t.max()))
+                self._layer_median[layer].append(float(m_.median()))
+                mine = all_hits[all_hits[:, 0] == b]
+                mine = mine[(mine[:, 1] >= sl.start) & (mine[:, 1] < sl.stop)]
+                hits = torch.stack([mine[:, 1] - sl.start, mine[:, 2]], 1) if len(mine) else mine[:, 1:]
                 if len(hits):
-                    ex["massive"].update(int(i) for i in hits[:, 0])
+                    positions = sorted({int(j) for j in hits[:, 0]})
+                    self._layer_flagged[layer] += len(positions)
+                    self._dims.update(int(d) for d in hits[:, 1])
+                    toks = self._model.tokens_as_text(ids[b, sl].tolist())
+                    self._tokens.update(toks[j] for j in positions)
+                if p < self.n_examples:
+                    ex = self._examples.setdefault(p, {"ids": ids[b, sl].tolist(), "rows": {}, "massive": set()})
+                    ex["rows"][layer] = t.numpy()
+                    if len(hits):
+                        ex["massive"].update(int(j) for j in hits[:, 0])
 
     def results(self, ctx: ProbeContext):
         m = ctx.model

@@ -46,21 +46,18 @@ class PatternMatchProbe(Probe):
     def attach(self, capture, ctx: ProbeContext) -> None:
         self._acc = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
         self._chunk = int(getattr(capture, "chunk_size", 256))
+        self._pairs = None  # the current batch's target pairs
         capture.on("attention", self._on_attention)
 
-    def _on_attention(self, layer, view, batch) -> None:
-        """Sums over the kept entries of each prompt: ``sum A P`` from the weights of the target's (sparse) pairs,
-        ``sum A`` as the real rows' total mass (1 each) less the excluded BOS column and diagonal."""
-        b, n_heads, s = view.shape
-        dev = view.q.device
+    def _target_pairs(self, batch, dev, s: int):
+        """The batch's kept target entries as (prompt, query, key) pairs, with per-prompt target sizes and real
+        row counts: the same for every layer, so found once per batch."""
         first = batch.first_real.to(dev)
         n = batch.lengths.to(dev)
         keys = torch.arange(s, device=dev)
         real_keys = (keys[None, :] >= first[:, None]) & (keys[None, :] < (first + n)[:, None])  # [b, s]
         ids = batch.input_ids.to(dev)
-        sum_ap = torch.zeros(b, n_heads, device=dev)
-        n_target = torch.zeros(b, device=dev)
-        rows = torch.zeros(b, device=dev)
+        parts, n_target, rows = [], torch.zeros(batch.size, device=dev), torch.zeros(batch.size, device=dev)
         for start in range(0, s, self._chunk):
             q_pos = torch.arange(start, min(start + self._chunk, s), device=dev)
             valid_q = query_validity(batch, q_pos)  # [b, c]
@@ -71,9 +68,24 @@ class PatternMatchProbe(Probe):
                 keep = keep & (keys[None, None, :] != q_pos[None, :, None])
             target = self.target(ids, q_pos, first) & keep
             bi, ci, ki = torch.nonzero(target, as_tuple=True)
-            sum_ap.index_add_(0, bi, view.pairs(bi, q_pos[ci], ki).to(sum_ap.dtype))
+            parts.append((bi, q_pos[ci], ki))
             n_target += target.sum((1, 2)).to(n_target.dtype)
             rows += valid_q.sum(1).to(rows.dtype)
+        bi, qi, ki = (torch.cat([p[i] for p in parts]) for i in range(3))
+        return batch, bi, qi, ki, n_target, rows
+
+    def _on_attention(self, layer, view, batch) -> None:
+        """Sums over the kept entries of each prompt: ``sum A P`` from the weights of the target's (sparse) pairs,
+        ``sum A`` as the real rows' total mass (1 each) less the excluded BOS column and diagonal."""
+        b, n_heads, s = view.shape
+        dev = view.q.device
+        first = batch.first_real.to(dev)
+        n = batch.lengths.to(dev)
+        if self._pairs is None or self._pairs[0] is not batch:
+            self._pairs = self._target_pairs(batch, dev, s)
+        _, bi, qi, ki, n_target, rows = self._pairs
+        sum_ap = torch.zeros(b, n_heads, device=dev)
+        sum_ap.index_add_(0, bi, view.pairs(bi, qi, ki).to(sum_ap.dtype))
         excluded = torch.zeros(b, n_heads, device=dev)
         all_q = torch.arange(s, device=dev)
         valid_all = query_validity(batch, all_q)[:, None, :]  # [b, 1, s]

@@ -172,24 +172,45 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, allow_nan=False) + "\n"
 
 
-def head_payload(samples: HeadVisSamples, layer: int, head: int) -> dict[str, Any]:
-    """The content of ``heads/L{layer}H{head}.json``."""
+class _TokenCodes:
+    """Token strings as integer codes (one table per tree), so per-head token sums are one ``bincount``."""
+
+    def __init__(self, tokens: dict[int, list[str]]):
+        self.table: list[str] = []
+        index: dict[str, int] = {}
+        self.codes: dict[int, np.ndarray] = {}
+        for seq, toks in tokens.items():
+            self.codes[seq] = np.array([index.setdefault(t, len(index)) for t in toks], dtype=np.int64)
+        self.table = list(index)
+
+    def top(self, codes: np.ndarray, weights: np.ndarray) -> list[dict[str, Any]]:
+        """The ``TOP_TOKENS`` token strings with the largest summed weight; ties rank by first appearance (the
+        order the entries come in), as the reference's insertion-ordered dict with a stable sort does."""
+        if codes.size == 0:
+            return []
+        total = np.bincount(codes, weights=weights, minlength=len(self.table))
+        present, first = np.unique(codes, return_index=True)
+        order = np.lexsort((first, -total[present]))[:TOP_TOKENS]
+        return [{"token": self.table[present[o]], "weight": round(float(total[present[o]]), 4)} for o in order]
+
+
+def head_payload(samples: HeadVisSamples, layer: int, head: int, codes: _TokenCodes | None = None) -> dict[str, Any]:
+    """The content of ``heads/L{layer}H{head}.json`` (``codes``: the tree's token table, built when not given)."""
+    codes = codes or _TokenCodes(samples.tokens)
     seqs = samples.sequences.get((layer, head), [])
     out_seqs = []
-    edges = np.asarray(QK_DISTANCE_EDGES)
-    qk_mass = np.zeros(len(edges) - 1)
-    by_side: dict[str, dict[str, float]] = {"query": {}, "key": {}}
+    dist, mass, q_codes, k_codes = [], [], [], []
     for s in seqs:
-        tokens = samples.tokens[s.sequence_id]
         idx = np.asarray(s.attention_indices, dtype=np.int64)
-        val = np.asarray(s.attention_values, dtype=np.float64)
+        # values were rounded to 4 decimals in float32: rounding the float64 again gives the short decimal
+        val = np.round(np.asarray(s.attention_values, dtype=np.float64), 4)
         out_seqs.append(
             {
                 "sequence_id": int(s.sequence_id),
                 "interval": int(s.interval),
-                "tokens": tokens,
+                "tokens": samples.tokens[s.sequence_id],
                 "attention_indices": idx.tolist(),
-                "attention_values": [round(float(v), 4) for v in val],
+                "attention_values": val.tolist(),
                 "seq_len": int(s.seq_len),
                 "max_activation": round4(s.max_activation),
             }
@@ -197,16 +218,18 @@ def head_payload(samples: HeadVisSamples, layer: int, head: int) -> dict[str, An
         if s.seq_len <= 0 or idx.size == 0:
             continue
         q, k = np.divmod(idx, s.seq_len)
-        val = np.round(val, 4)
-        # weight of the kept entries by |q - k|, in the log-spaced bins; distances past the last edge are dropped
-        b = np.searchsorted(edges, np.abs(q - k), side="right") - 1
-        inside = (b >= 0) & (b < len(qk_mass))
-        qk_mass += np.bincount(b[inside], weights=val[inside], minlength=len(qk_mass))
-        for side, pos in (("query", q), ("key", k)):
-            acc = by_side[side]
-            mass = np.bincount(pos, weights=val, minlength=len(tokens))
-            for p in np.unique(pos):  # positions in order, so ties among tokens rank by first appearance
-                acc[tokens[p]] = acc.get(tokens[p], 0.0) + float(mass[p])
+        seq_codes = codes.codes[s.sequence_id]
+        dist.append(np.abs(q - k))
+        mass.append(val)
+        q_codes.append(seq_codes[q])
+        k_codes.append(seq_codes[k])
+    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    dist, mass = cat(dist, np.int64), cat(mass, np.float64)
+    # weight of the kept entries by |q - k| in the log-spaced bins; distances past the last edge are dropped
+    edges = np.asarray(QK_DISTANCE_EDGES)
+    b = np.searchsorted(edges, dist, side="right") - 1
+    inside = (b >= 0) & (b < len(edges) - 1)
+    qk_mass = np.bincount(b[inside], weights=mass[inside], minlength=len(edges) - 1)
     count = int(samples.max_activation_count[layer, head])
     mean_max = samples.max_activation_sum[layer, head] / count if count > 0 else None
     hist_edges = np.linspace(0.0, 1.0, ACTIVATION_BINS + 1)
@@ -216,19 +239,14 @@ def head_payload(samples: HeadVisSamples, layer: int, head: int) -> dict[str, An
             "bin_edges": list(QK_DISTANCE_EDGES),
             "bin_values": [round(float(v), 4) for v in qk_mass],
         },
-        "top_query_tokens": _top_tokens(by_side["query"]),
-        "top_key_tokens": _top_tokens(by_side["key"]),
+        "top_query_tokens": codes.top(cat(q_codes, np.int64), mass),
+        "top_key_tokens": codes.top(cat(k_codes, np.int64), mass),
         "histogram": {
             "bin_edges": [round(float(e), 4) for e in hist_edges],
             "bin_values": [int(c) for c in samples.histogram[layer, head]],
         },
         "statistics": {"n_samples": len(out_seqs), "mean_max_activation": round4(mean_max)},
     }
-
-
-def _top_tokens(acc: dict[str, float]) -> list[dict[str, Any]]:
-    ranked = sorted(acc.items(), key=lambda kv: -kv[1])[:TOP_TOKENS]  # stable: ties keep first-seen order
-    return [{"token": t, "weight": round(w, 4)} for t, w in ranked]
 
 
 def check_headvis_target(directory: str | Path) -> Path:
@@ -276,11 +294,12 @@ def write_headvis_tree(
 
     heads_dir = d / "heads"
     wanted = set()
+    codes = _TokenCodes(examples.tokens)
     for layer in range(n_layers):
         for head in range(n_heads):
             name = HEAD_PATTERN.format(layer=layer, head=head)
             wanted.add(name)
-            write_text(heads_dir / name, _dump(head_payload(examples, layer, head)))
+            write_text(heads_dir / name, _dump(head_payload(examples, layer, head, codes)))
     for stale in heads_dir.iterdir():
         if HEAD_FILE_RE.match(stale.name) and stale.name not in wanted and stale.is_file():
             stale.unlink()

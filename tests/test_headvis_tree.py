@@ -223,6 +223,13 @@ def test_a_census_writes_the_reference_layout_and_its_scatter_is_the_census(load
                 assert len(s["attention_indices"]) == len(s["attention_values"])
                 assert s["attention_indices"] == sorted(s["attention_indices"])  # (q, k) order
             assert_aggregates_follow_the_sequences(hd)
+    # the probe alone (attnlab.scan) gives the mean max activation the head files report
+    alone = attnlab.scan(model, HeadVisExamples(), PromptSet(name="rand", token_ids=seqs), progress=False)
+    mean = alone["headvis_mean_max_activation"].scores
+    for l in range(L):
+        for h in range(H):
+            stats = json.loads((d / f"heads/L{l}H{h}.json").read_text())["statistics"]
+            assert stats["mean_max_activation"] == round(float(mean[l, h]), 4)
     back = read_headvis_tree(d)
     assert back.heads() == [(l, h) for l in range(L) for h in range(H)]
     np.testing.assert_allclose(back.grids()["qk_distance"], np.round(c["qk_distance"].scores, 4))

@@ -19,9 +19,11 @@ Sampling, per head:
 The 50-bin histogram and the mean of max activation cover every sequence, warmup included.
 
 How it runs: on the capture engine's ``"rows"`` site, per batch and layer, it keeps a running max per (sequence,
-head) and each chunk's top-k per row on the rows' device; at the layer's last chunk every head's sampler says which
-sequences it keeps *before* any sparse record is built, so memory stays at one layer of one batch plus what the
-samplers hold. The decisions are vectorised over (sequence, head); Python loops run only over kept sequences.
+head) and, for the chunks before the layer's last, each row's top-k on the rows' device (none at all for a batch of
+warmup sequences); at the layer's last chunk every head's sampler says which sequences it keeps *before* any sparse
+record is built, and that chunk's top-k is taken for the kept (sequence, head) pairs only. Memory stays at one
+layer of one batch plus what the samplers hold. The decisions are vectorised over (sequence, head) and the records
+over the heads of a sequence; Python loops run over the top interval's candidates and the kept sequences only.
 
 Where attnlab differs from the reference code (each a parameter or a note in the tree's ``pipeline_config``):
 
@@ -242,7 +244,7 @@ class HeadVisExamples(Probe):
     sparse_topk_per_row : int, default=8
         Keys kept per query row.
     sparse_threshold : float, default=0.005
-        Weights below this are dropped from the rows.
+        Weights below this are dropped from the rows (weights of exactly 0 are never stored).
     sample_seed : int, default=0
         Seed of the reservoirs.
     warmup : "auto" or int, default="auto"

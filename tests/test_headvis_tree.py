@@ -190,7 +190,9 @@ def test_a_census_writes_the_reference_layout_and_its_scatter_is_the_census(load
     assert_schema(pc, PIPELINE, "pipeline_config", extra_ok=True)  # attnlab adds its own provenance keys
     assert (pc["n_sequences"], pc["actual_sequences_processed"]) == (14, 14)
     assert pc["seq_len"] == max(len(s) for s in seqs)
-    assert (pc["dtype"], pc["attn_implementation"], pc["dataset_name"]) == ("float32", "eager", "rand")
+    impl = {"eager": "eager", "fused": "sdpa"}[c.info["attention_path"]]  # the model's forward in the census
+    assert (pc["dtype"], pc["attn_implementation"], pc["dataset_name"]) == ("float32", impl, "rand")
+    assert pc["attention_path"] == c.info["attention_path"]
     assert (pc["num_hidden_layers"], pc["num_attention_heads"]) == (L, H)
     assert pc["warmup_size"] == auto_warmup(14) == 7 and "n // 2" in pc["warmup_rule"]
     assert c.info["headvis_dir"] == str(d.resolve())

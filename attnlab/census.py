@@ -246,6 +246,7 @@ def census(
     truncate: bool = False,
     out: str | Path | None = None,
     progress: bool = True,
+    headvis_dir: str | Path | None = None,
 ) -> Census:
     """Run a head census of ``model`` on ``prompts``.
 
@@ -267,6 +268,9 @@ def census(
     out : directory to write the census to (a run directory with ``census.json``), or None
     progress : bool, default=True
         Progress bars with an ETA for the capture pass and the ablation.
+    headvis_dir : directory or None
+        Also sample example sequences per head in the same capture pass and write Neuronpedia's HeadVis tree
+        there (``attnlab.heads.headvis_tree``; adds the headvis statistics when not asked for).
     """
     from attnlab.capture import Capture
     from attnlab.probes.registry import PROBES
@@ -283,6 +287,12 @@ def census(
         from attnlab.capture import supports_fused
 
         attention = "fused" if supports_fused(model) else "eager"
+    if headvis_dir is not None:
+        from attnlab.heads.headvis_tree import check_headvis_target
+
+        check_headvis_target(headvis_dir)
+        if "headvis" not in names:
+            names.append("headvis")  # the HeadVis tree's scatter needs the six metrics
     t0 = time.perf_counter()
     batches = _batches(model, prompts, batch_size, truncate)
     ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
@@ -302,7 +312,13 @@ def census(
                 attached.append(probe)
         if reason is not None:
             not_scored[name] = reason
-    if attached:
+    examples = None
+    if headvis_dir is not None:
+        from attnlab.probes.headvis_examples import HeadVisExamples
+
+        examples = HeadVisExamples(n_sequences=sum(len(x) >= 2 for x in ids))
+        examples.attach(capture, ctx)
+    if attached or examples is not None:
         capture.run(batches, total=len(batches), desc="census")
     lengths = [len(x) for x in ids]
     info = {
@@ -328,6 +344,8 @@ def census(
             else:
                 result.tokens[r.name] = r
     result.not_scored = {**not_scored, **result.not_scored}
+    if examples is not None:
+        _write_headvis(headvis_dir, model, result, examples, ctx, batch_size)
     info["seconds_correlational"] = round(time.perf_counter() - t0, 3)
     if want_causal:
         _causal(result, model, prompts, ids, causal_prompts, ablation_mode, attribution, progress)
@@ -378,6 +396,30 @@ def _causal(result: Census, model, prompts, ids, n: int, mode: str, attribution:
             summary={"spearman_with_exact": scores.summary.get("atp_spearman")},
         )
         result.scores[atp.name] = atp
+
+
+def _write_headvis(directory, model, result: Census, examples, ctx, batch_size: int) -> None:
+    """Write the HeadVis tree of this census (its six metrics and the sampled examples) and note where."""
+    from attnlab.heads.headvis_tree import METRICS, write_headvis_tree
+
+    info = result.info
+    path = info["attention_path"] or "eager"
+    provenance = {
+        "dataset_name": info["dataset"]["name"],
+        "dataset_fingerprint": info["dataset"]["fingerprint"],
+        "batch_size": int(batch_size),
+        # the model's forward: eager attention, or SDPA with the rows recomputed exactly in float32 (fused path)
+        "attn_implementation": "eager" if path == "eager" else "sdpa",
+        "attention_path": path,
+        "rows_dtype": "float32",
+        "induction_attention_threshold": next(
+            (p["params"].get("induction_threshold") for p in info["probes"] if p["name"] == "headvis"), None
+        ),
+        "tool": "attnlab census",
+    }
+    metrics = {name: result.scores.get(name) for name in METRICS}
+    d = write_headvis_tree(directory, model.summary(), metrics, examples.examples(ctx), provenance)
+    info["headvis_dir"] = str(Path(d).resolve())
 
 
 def census_json(directory: str | Path) -> dict | None:

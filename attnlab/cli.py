@@ -270,6 +270,7 @@ def cmd_census(args) -> int:
         truncate=args.truncate,
         out=args.out,
         progress=not args.quiet,
+        headvis_dir=args.headvis,
     )
     table = result.summary(k=3)
     with pd.option_context("display.width", 200, "display.max_colwidth", 90):
@@ -280,6 +281,8 @@ def cmd_census(args) -> int:
     if causal and causal.get("atp_spearman") is not None:
         print(f"attribution patching vs exact ablation: Spearman {causal['atp_spearman']:.3f}")
     print(f"census: {Path(args.out).resolve()}  ({len(result.scores)} statistics, census.json)")
+    if args.headvis:
+        print(f"HeadVis tree: {result.info['headvis_dir']}  (config.json, scatter_data.json, heads/)")
     return 0
 
 
@@ -410,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--causal-prompts", type=int, default=16, help="prompts the all-heads ablation runs on (default 16)")
     p.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
     p.add_argument("--out", required=True, help="run directory to write (a run plus census.json)")
+    p.add_argument(
+        "--headvis",
+        metavar="DIR",
+        help="also write Neuronpedia's HeadVis tree (scatter_data.json, heads/L{l}H{h}.json with sampled examples) "
+        "to DIR, from the same pass",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=8)

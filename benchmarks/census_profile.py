@@ -1,6 +1,6 @@
 """Where a census pass spends its time: each handler's seconds (synchronised), per capture site and probe.
 
-    python benchmarks/census_profile.py --shape llama-1b --device cuda --dtype bfloat16 --n-prompts 64
+python benchmarks/census_profile.py --shape llama-1b --device cuda --dtype bfloat16 --n-prompts 64
 """
 
 from __future__ import annotations

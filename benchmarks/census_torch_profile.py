@@ -1,6 +1,6 @@
 """torch.profiler over one census pass (after a warm-up): the top operators by CPU and by device time.
 
-    python benchmarks/census_torch_profile.py --shape llama-1b --device cuda --dtype bfloat16 --n-prompts 32
+python benchmarks/census_torch_profile.py --shape llama-1b --device cuda --dtype bfloat16 --n-prompts 32
 """
 
 from __future__ import annotations

@@ -315,21 +315,45 @@ class AttentionView:
         """``(batch, n_heads, T)``."""
         return self.q.shape[0], self.q.shape[1], self.q.shape[2]
 
+    def _kernel_lse(self) -> torch.Tensor | None:
+        """Every row's log-sum-exp from PyTorch's flash-attention kernel (which computes it anyway), where the
+        kernel's plain causal mask gives every real row its exact keys (``_causal_suffices``); else None."""
+        if self.spec.softcap is not None or not _causal_suffices(self.spec, self.q.shape[2], self.k.shape[2]):
+            return None
+        q, k = self.q, expand_kv(self.k, self.q.shape[1])
+        try:
+            if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16):
+                out = torch.ops.aten._scaled_dot_product_flash_attention(
+                    q, k, k, 0.0, True, False, scale=self.spec.scaling
+                )
+            elif q.device.type == "cpu":
+                out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, k, 0.0, True, scale=self.spec.scaling
+                )
+            else:
+                return None
+        except (RuntimeError, AttributeError, TypeError):  # no such kernel for this shape / build: recompute
+            return None
+        return out[1].float()
+
     def _scores_pass(self) -> None:
-        """One chunked pass over the scores: every row's log-sum-exp and each head's largest raw score."""
+        """Every row's log-sum-exp (from the kernel where it can, else recomputed in the same chunked pass) and
+        each head's largest raw score (one chunked pass of score products)."""
         b, h, t = self.shape
         raw = ScoreSpec(self.spec.scaling, self.spec.causal, None, self.spec.sliding_window, self.spec.key_mask)
         real_q = self.spec.key_mask.bool() if self.spec.key_mask is not None else None
+        kernel = self._kernel_lse()
         lses, best = [], torch.full((b, h), NEG, device=self.q.device)
         for start in range(0, t, self.chunk):
             q_pos = torch.arange(start, min(start + self.chunk, t), device=self.q.device)
             s = score_rows(self.q, self.k, raw, q_pos)
             m = s if real_q is None else s.masked_fill(~real_q.to(s.device)[:, None, q_pos, None], NEG)
             best = torch.maximum(best, m.amax(dim=(-2, -1)))
-            if self.spec.softcap is not None:
-                s = torch.where(s > NEG / 2, self.spec.softcap * torch.tanh(s / self.spec.softcap), s)
-            lses.append(torch.logsumexp(s, dim=-1))
-        self._lse, self._max = torch.cat(lses, dim=-1), best
+            if kernel is None:
+                if self.spec.softcap is not None:
+                    s = torch.where(s > NEG / 2, self.spec.softcap * torch.tanh(s / self.spec.softcap), s)
+                lses.append(torch.logsumexp(s, dim=-1))
+        self._lse, self._max = (kernel if kernel is not None else torch.cat(lses, dim=-1)), best
 
     def lse(self) -> torch.Tensor:
         """``[b, n_heads, T]`` log-sum-exp of each row's masked scores (fused path; computed once per layer)."""

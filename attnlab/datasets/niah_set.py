@@ -97,7 +97,8 @@ def needle_prompt_set(model, records, *, name: str = "needles") -> PromptSet:
     ids, meta = [], []
     for i, rec in enumerate(records):
         if not is_needle_record(rec):
-            raise AttnlabError(f"{name}: record {i + 1} needs {', '.join(NEEDLE_FIELDS)} (and optionally answer, depth)")
+            need = ", ".join(NEEDLE_FIELDS)
+            raise AttnlabError(f"{name}: record {i + 1} needs {need} (and optionally answer, depth)")
         answer = str(rec.get("answer", rec.get("real_needle", rec["needle"]))).strip()
         depth = float(rec.get("depth", 50.0))
         if not answer:

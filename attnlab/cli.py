@@ -377,6 +377,8 @@ def cmd_intervene(args) -> int:
         f"(n={report.info['fit_split']['n']}), measured on {eval_set.name} (n={len(eval_set)})"
     )
     print(format_table(report))
+    for note in report.info.get("fitted", {}).get("notes", []):  # e.g. why the method changed nothing here
+        print(f"note: {note}")
     print(f"run: {out.resolve()}  (intervention/, report.json, report.csv)")
     return 0
 

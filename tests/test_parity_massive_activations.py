@@ -57,9 +57,7 @@ def test_massive_activations_equal_the_reference(loaded, checkpoint_dir, arch):
         assert row["max_abs"] == pytest.approx(max(float(x.max()) for x in xs), rel=1e-5)
         per_prompt = [float(x.median(-1).values.median()) for x in xs]
         assert row["median_abs"] == pytest.approx(float(np.median(per_prompt)), rel=1e-5)
-        flagged = sum(
-            int(((x > abs_t) & (x >= ratio_t * x.median(-1, keepdim=True).values)).any(-1).sum()) for x in xs
-        )
+        flagged = sum(int(((x > abs_t) & (x >= ratio_t * x.median(-1, keepdim=True).values)).any(-1).sum()) for x in xs)
         assert row["massive_positions"] == flagged
     for p, o in enumerate(outs):  # per-token largest |x| after each layer
         got = res[f"massive_activations_{p}"].values

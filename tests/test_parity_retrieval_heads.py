@@ -87,9 +87,7 @@ def test_rouge_gate_equals_rouge_score_with_porter_stemming(answer, response):
 
 def test_stemming_flips_the_gate_for_word_answers():
     flips = [
-        (a, r)
-        for a, r in CASES
-        if (rouge1_recall(a, r, stem=True) > 0.5) != (rouge1_recall(a, r, stem=False) > 0.5)
+        (a, r) for a, r in CASES if (rouge1_recall(a, r, stem=True) > 0.5) != (rouge1_recall(a, r, stem=False) > 0.5)
     ]
     assert len(flips) >= 2  # without stemming a different set of trials passes
     assert rouge1_recall("417", " 417\n", stem=True) == rouge1_recall("417", " 417\n", stem=False) == 1.0

@@ -25,8 +25,7 @@ def prompts(n: int = 3) -> list[VisualPrompt]:
     rng = np.random.default_rng(0)
     texts = ["USER: <image>\nWhat is in the picture? ASSISTANT:", "USER: <image>\nIs it red? ASSISTANT:"]
     return [
-        VisualPrompt(texts[i % 2], Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)))
-        for i in range(n)
+        VisualPrompt(texts[i % 2], Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8))) for i in range(n)
     ]
 
 

@@ -101,8 +101,9 @@ def target_map(
     """The map a variant moves ``attn_map`` ``[..., n_q, n_k]`` toward (its value at ``u = 1``).
 
     - ``identity``, ``fisher-rao``, ``slerp``: the identity (each query attends to its own position; causal-valid).
-    - ``log-linear``: the smoothed identity ``P``: ``dirac_eps`` on every visible off-diagonal key, the diagonal
-      ``1 - dirac_eps * (|visible| - 1)`` (the reference's ``dirac_eps``, default 1e-6).
+    - ``log-linear``: the smoothed identity ``P = (1 - dirac_eps (|visible| - 1)) I + dirac_eps`` on the visible
+      keys, so each off-diagonal entry holds ``dirac_eps`` (the reference's construction and value, 1e-6; its
+      diagonal gets ``dirac_eps`` on top too, which the row normalisation after the power absorbs).
     - ``uniform``: ``1 / |visible|`` over each row's visible keys; for a causal LM the visible keys are the
       causally visible (and non-padding) ones, so row ``i`` is uniform over keys ``<= i``, never over future keys.
     - ``mean-query`` (SoftSEG): ``softmax(q_mean K^T * scale)`` over the visible keys; needs ``q`` ``[..., n_q, d]``
@@ -124,10 +125,9 @@ def target_map(
     elif variant == "log-linear":
         if not 0.0 <= dirac_eps < 1.0:
             raise ValueError(f"dirac_eps must be in [0, 1), got {dirac_eps}")
-        eye = _diagonal(attn_map)
-        off = vis.to(attn_map.dtype) * (1.0 - eye)
+        # as the reference builds it: (1 - eps (n - 1)) I + eps on every visible key, the diagonal included
         diag = 1.0 - dirac_eps * (n_vis.to(attn_map.dtype) - 1.0).clamp_min(0.0)
-        out = eye * diag + dirac_eps * off
+        out = _diagonal(attn_map) * diag + dirac_eps * vis.to(attn_map.dtype)
     elif variant == "uniform":
         out = vis.to(attn_map.dtype) / n_vis.clamp_min(1).to(attn_map.dtype)
     elif variant == "max":

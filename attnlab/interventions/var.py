@@ -216,35 +216,35 @@ class VAR(VisualFitMixin, Intervention):
             warnings.warn(f"VAR: {note}", RuntimeWarning, stacklevel=3)
 
     def _notes(self, model, search) -> list[str]:
-        """Why VAR will change nothing (or little) on this model, in words, for reports and the CLI."""
-        notes = []
+        """Why VAR will change nothing on this model, in words, for reports and the CLI (empty when it can act)."""
         bound = float(np.sqrt(model.d_model))
         dim_tau = self.dim_tau if self.dim_tau is not None else self.tau
+        if not self.layers_:
+            return [
+                f"{model.name} has {model.n_layers} layers and VAR edits layers 2..L-2 (2..L-1 with "
+                f"include_last_layer), none of them here, so VAR changes nothing"
+            ]
         if not self.sink_dims_:
-            seen = max((v["max_ratio"] for v in (search or {}).get("top_dims", {}).values()), default=float("nan"))
-            notes.append(
-                f"no sink dimension reaches dim_tau={dim_tau:g} on the fit split (largest |x[d]|/RMS(x) on "
-                f"BOS/delimiter tokens {seen:.2f}; at most sqrt(d_model)={bound:.1f} on this model), so there are no "
-                f"sinks and VAR changes nothing; lower tau (and dim_tau), e.g. --param tau=2.5"
-            )
-        elif not any(v > 0 for v in self.visual_sinks_per_image_):
-            notes.append(
+            seen = [v["max_ratio"] for v in (search or {}).get("top_dims", {}).values()]
+            largest = f"largest |x[d]|/RMS(x) on BOS/delimiter tokens {max(seen):.2f}; " if seen else ""
+            return [
+                f"no sink dimension reaches dim_tau={dim_tau:g} on the fit split ({largest}at most "
+                f"sqrt(d_model)={bound:.1f} on this model), so there are no sinks and VAR changes nothing; lower tau "
+                f"(and dim_tau), e.g. --param tau=2.5"
+            ]
+        if not any(v > 0 for v in self.visual_sinks_per_image_):
+            return [
                 f"no image token reaches phi >= tau={self.tau:g} on the fit split in sink dimensions "
                 f"{self.sink_dims_} (phi <= sqrt(d_model)={bound:.1f} on this model), so no row can be edited and VAR "
                 f"changes nothing; lower tau"
-            )
-        if not self.layers_:
-            notes.append(
-                f"{model.name} has {model.n_layers} layers and VAR edits layers 2..L-2 (2..L-1 with "
-                f"include_last_layer), none of them here, so VAR changes nothing"
-            )
-        elif not self.heads_:
-            notes.append(
+            ]
+        if not self.heads_:
+            return [
                 f"no head of layers {self.layers_} is image-centric on the fit split (score > "
                 f"min_head_score={self.min_head_score:g}), so VAR edits nothing; lower tau, or use "
                 f"head_selection='per_forward' (the reference's per-forward row selection)"
-            )
-        return notes
+            ]
+        return []
 
     # ---- applying --------------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Command line: ``attnlab scan | census | show | models | eval | ablate | intervene | app``.
+"""Command line: ``attnlab scan | census | show | import | models | eval | ablate | intervene | app``.
 
 Exit codes: 0 success, 2 user error (one-line message on stderr), 1 unexpected failure (one line; set
 ``ATTNLAB_DEBUG=1`` for the traceback), 130 interrupted. Nothing already written is lost: a scan saves each
@@ -70,19 +70,24 @@ class _Parser(argparse.ArgumentParser):
         return super().format_help()
 
 
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a file: ``.jsonl`` (field "prompt" or "text"), ``.json`` (list of strings), else one per line."""
+def read_prompts(path: str) -> list:
+    """Prompts from a file: ``.jsonl`` (field "prompt" or "text"), ``.json`` (list of strings), else one per line.
+
+    A ``.jsonl`` whose records all give ``haystack``, ``needle`` and ``question`` is a file of needle-in-a-haystack
+    trials: its records are returned as dicts (``attnlab.datasets.niah_set.needle_prompt_set`` builds the prompts).
+    """
     p = Path(path)
     if not p.is_file():
         raise AttnlabError(f"prompts file {path} does not exist")
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix == ".jsonl":
-            prompts = []
-            for line in text.splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    prompts.append(rec if isinstance(rec, str) else rec.get("prompt", rec.get("text", "")))
+            from attnlab.datasets.niah_set import is_needle_record
+
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            if records and all(is_needle_record(r) for r in records):
+                return records
+            prompts = [rec if isinstance(rec, str) else rec.get("prompt", rec.get("text", "")) for rec in records]
         elif p.suffix == ".json":
             prompts = json.loads(text)
             if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
@@ -130,9 +135,14 @@ def cmd_scan(args) -> int:
     if args.dataset and args.dataset not in DATASETS:
         raise AttnlabError(f"unknown dataset {args.dataset!r}; available: {', '.join(DATASETS)}")
     prompts = read_prompts(args.prompts) if args.prompts else None
+    needles = prompts is not None and all(isinstance(p, dict) for p in prompts)
     model = attnlab.load(args.model, device=args.device, dtype=args.dtype)
     if args.dataset:
         prompts = DATASETS[args.dataset](model, args.n_prompts, args.seed)
+    elif needles:  # a .jsonl of NIAH records: haystack, needle, question (answer, depth optional)
+        from attnlab.datasets.niah_set import needle_prompt_set
+
+        prompts = needle_prompt_set(model, prompts, name=Path(args.prompts).stem)
     print(
         f"scanning {model.name} ({model.architecture}, {model.n_layers} layers x {model.n_heads} heads, "
         f"{model.n_kv_heads} KV) on {len(prompts)} prompts: {', '.join(probe_names)}"
@@ -169,6 +179,8 @@ def cmd_show(args) -> int:
         f"run {run.directory}: model {model.get('name')} ({model.get('architecture')}), "
         f"dataset {info.get('dataset', {}).get('name')}, created {info.get('created')}"
     )
+    if info.get("imported"):
+        print(f"  imported from {info['imported'].get('format')} file {info['imported'].get('source')}")
     if args.result:
         r = run[args.result]
         print(r.top(args.top).to_string(index=False))
@@ -179,6 +191,32 @@ def cmd_show(args) -> int:
     if results:
         print(f"top {args.top} heads per probe:")
         _print_top(results, args.top)
+    return 0
+
+
+def cmd_import(args) -> int:
+    """Turn a reference tool's published file into a run that ``show`` and the app open like any other."""
+    from attnlab.heads import formats
+
+    if args.format == "retrieval-head":
+        run = formats.import_retrieval_head(args.file, args.out, model=args.model, n_kv_heads=args.n_kv_heads)
+    elif args.format == "duo":
+        run = formats.import_duo(
+            args.file,
+            args.out,
+            config=args.config,
+            n_heads=args.n_heads,
+            model=args.model,
+            sparsity=args.sparsity,
+            threshold=args.threshold,
+            seed=args.seed,
+        )
+    else:
+        run = formats.import_headvis(args.file, args.out, model=args.model)
+    m = run.info["model"]
+    kv = f", {m['n_kv_heads']} KV" if m.get("n_kv_heads") else ""
+    print(f"imported {args.file} ({args.format}): {m['name']}, {m['n_layers']} layers x {m['n_heads']} heads{kv}")
+    print(f"run: {Path(args.out).resolve()}  ({len(run.results)} results: {', '.join(run.results)})")
     return 0
 
 
@@ -339,6 +377,8 @@ def cmd_intervene(args) -> int:
         f"(n={report.info['fit_split']['n']}), measured on {eval_set.name} (n={len(eval_set)})"
     )
     print(format_table(report))
+    for note in report.info.get("fitted", {}).get("notes", []):  # e.g. why the method changed nothing here
+        print(f"note: {note}")
     print(f"run: {out.resolve()}  (intervention/, report.json, report.csv)")
     return 0
 
@@ -365,7 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="sinks,induction",
         help="comma-separated probes or groups (default sinks,induction); {probes}",
     )
-    p.add_argument("--prompts", help="prompts file: one per line, .jsonl with a 'prompt' field, or .json list")
+    p.add_argument(
+        "--prompts",
+        help="prompts file: one per line, .jsonl with a 'prompt' field, or .json list; a .jsonl whose records give "
+        "'haystack', 'needle' and 'question' (optional 'answer', 'depth') holds needle-in-a-haystack trials for "
+        "the retrieval probe",
+    )
     p.add_argument(
         "--dataset",
         help="built-in prompt generator: {datasets}",
@@ -438,6 +483,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--result", help="print one result's top rows")
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser(
+        "import",
+        help="turn a reference tool's file into a run (Retrieval_Head, DuoAttention, Neuronpedia HeadVis)",
+        description="Read a file a reference tool published and write a run directory that `attnlab show` and "
+        "`attnlab app` open like any other: retrieval-head (Retrieval_Head's head_score/MODEL.json, one "
+        "{'L-H': [trial scores]} object), duo (DuoAttention's full_attention_heads.tsv, gates per KV head, with its "
+        "config.json), headvis (Neuronpedia's per-model head-metrics JSON: six statistics per head).",
+    )
+    p.add_argument("format", choices=["retrieval-head", "duo", "headvis"])
+    p.add_argument("file", help="the file to import")
+    p.add_argument("--out", required=True, help="run directory to write (must not hold a run yet)")
+    p.add_argument("--model", help="model name to record (default: from the file)")
+    p.add_argument("--n-kv-heads", type=int, help="retrieval-head: KV heads per layer (GQA), if known")
+    p.add_argument("--config", help="duo: the config.json written with the TSV (default: the one beside it)")
+    p.add_argument(
+        "--n-heads", type=int, help="duo: query heads per layer (known for the models DuoAttention publishes)"
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        help="duo: full/streaming heads by DuoAttention's quantile rule (about 1 - sparsity of KV heads full); "
+        "default: the threshold rule",
+    )
+    p.add_argument("--threshold", type=float, default=0.5, help="duo: threshold rule, full if gate >= this (0.5)")
+    p.add_argument("--seed", type=int, default=0, help="duo: seed of the quantile rule's tie-breaking noise")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
         "models",

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from attnlab.datasets.base import PromptSet
-from attnlab.datasets.niah import build_niah_trials, needle_token_span
+from attnlab.datasets.niah import _insert, build_niah_trials, needle_token_span
 
 
 def niah_prompt_set(
@@ -58,6 +58,74 @@ def niah_prompt_set(
         f"x{trials_per_cell},needles={n_needles},seed={seed})"
     )
     return PromptSet(name=name, token_ids=ids, meta=meta, seed=seed)
+
+
+# ---- a user's own needles ---------------------------------------------------------------------------------------
+
+NEEDLE_FIELDS = ("haystack", "needle", "question")
+USER_QUESTION = "\nBased on the content of the book, Question: {question}\nAnswer:"  # Retrieval_Head's question
+
+
+def _sentences(text: str) -> list[str]:
+    """Split a haystack into sentences (after ``.``, ``!`` or ``?`` followed by white space), spacing normalised."""
+    import re
+
+    return [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s]
+
+
+def is_needle_record(record) -> bool:
+    """A JSON record that describes a NIAH trial (has ``haystack``, ``needle`` and ``question``)."""
+    return isinstance(record, dict) and all(k in record for k in NEEDLE_FIELDS)
+
+
+def needle_prompt_set(model, records, *, name: str = "needles") -> PromptSet:
+    """NIAH trials from a user's own needles, one record each, as a ``PromptSet`` for the retrieval probe.
+
+    Record fields: ``haystack`` (text), ``needle`` (the sentence to insert), ``question``, and optionally
+    ``answer`` (the phrase the model should produce and the span to find; Retrieval_Head calls it ``real_needle``,
+    also accepted; default: the needle itself) and ``depth`` (percent of the haystack, default 50). The needle goes
+    in at ``depth`` moved back to a sentence boundary (in text space, whatever the tokenizer); the prompt ends with
+    Retrieval_Head's question line ``"Based on the content of the book, Question: ...\nAnswer:"``; the reference
+    answer (``" " + answer``) is appended for the teacher-forced pass. The needle span is the first prompt window
+    whose token set overlaps the answer's by more than 0.9, the answer tokenized with a leading space and, failing
+    that, without one (as the reference tokenizes it); None where neither is found (the trial then fails, with
+    that reason recorded).
+    """
+    from attnlab.errors import AttnlabError
+
+    tok = model.tokenizer
+    ids, meta = [], []
+    for i, rec in enumerate(records):
+        if not is_needle_record(rec):
+            need = ", ".join(NEEDLE_FIELDS)
+            raise AttnlabError(f"{name}: record {i + 1} needs {need} (and optionally answer, depth)")
+        answer = str(rec.get("answer", rec.get("real_needle", rec["needle"]))).strip()
+        depth = float(rec.get("depth", 50.0))
+        if not answer:
+            raise AttnlabError(f"{name}: record {i + 1} has an empty answer")
+        if not 0.0 <= depth <= 100.0:
+            raise AttnlabError(f"{name}: record {i + 1}: depth must be in [0, 100], got {depth}")
+        context, _ = _insert(_sentences(str(rec["haystack"])), [(depth, " ".join(str(rec["needle"]).split()))])
+        prompt = context + USER_QUESTION.format(question=" ".join(str(rec["question"]).split()))
+        prompt_ids = model.token_ids(prompt, index=i)
+        answer_ids = list(tok(" " + answer, add_special_tokens=False)["input_ids"])
+        span = needle_token_span(prompt_ids, answer_ids)
+        if span is None:
+            span = needle_token_span(prompt_ids, list(tok(answer, add_special_tokens=False)["input_ids"]))
+        ids.append(prompt_ids + answer_ids)
+        meta.append(
+            {
+                "prompt_len": len(prompt_ids),
+                "answer_ids": answer_ids,
+                "answer": answer,
+                "needle_span": list(span) if span is not None else None,
+                "depth": depth,
+                "length": len(prompt_ids),
+            }
+        )
+    if not ids:
+        raise AttnlabError(f"{name} holds no needle records")
+    return PromptSet(name=f"{name}(n={len(ids)})", token_ids=ids, meta=meta)
 
 
 def default_grid(model, n_prompts: int) -> tuple[list[int], list[float]]:

@@ -19,7 +19,10 @@ Which token is "the last prompt token" (``position``):
   from ``embed.hook_in``) in each row. The evaluation harness decodes greedily by re-running prompt + generated
   tokens, so the injection stays at the prompt's end instead of wandering to the newest token; a KV-cached
   decoding step (only new tokens, no cue) and rows without the cue are not modified.
-- ``"last"``: the last real token of every row of every forward pass (prompts in other formats; prefill only).
+- ``"last"``: the prompt's last real token (prompts in other formats), as the reference injects: a forward pass
+  that continues a prompt seen earlier inside the same ``apply`` (greedy decoding that re-runs prompt + generated
+  tokens) is injected at that prompt's last token, not at the newest token
+  (``attnlab.interventions.continuation``); KV-cached decoding steps are not modified.
 
 Data (``load_task``): ``"icl:TASK"`` (attnlab's ICL train / valid pools), a function-vectors JSON file
 ``[{"input": x, "output": y}, ...]`` (split seeded 70 / 9 / 21 like FV), a directory holding ``train.json`` and
@@ -41,6 +44,7 @@ import torch
 
 from attnlab.hooks import attn_hook
 from attnlab.interventions.base import Intervention, prompt_digest, real_keys_from_scores
+from attnlab.interventions.continuation import PromptMemory, prompt_mask
 
 POSITIONS = ("cue", "last", "answer")
 LOSSES = ("first_token", "answer")
@@ -494,13 +498,22 @@ class SoftInjection(Intervention):
         cue = cue_ids(model, self.cue) if by_cue else []
         state = self._state
 
+        memory = state.setdefault("memory", PromptMemory())
+
         def ids_hook(ids, hook=None):
+            state["ids"] = ids
             state["pos"] = last_occurrence(ids, cue) if by_cue else None
             return None
 
         def scores_hook(scores, hook=None):
             if self.position == "last":
                 valid = real_keys_from_scores(scores)
+                if scores.shape[-2] != scores.shape[-1]:  # a cached decoding step: never injected (reference)
+                    state["pos"] = torch.full((valid.shape[0],), -1, dtype=torch.long, device=valid.device)
+                    return None
+                ids = state.get("ids")
+                if ids is not None and ids.shape == valid.shape:  # the prompt's last token, also in continuations
+                    valid = prompt_mask(valid, memory.prompt_lengths(ids, valid))
                 idx = torch.arange(valid.shape[1], device=valid.device)
                 state["pos"] = torch.where(
                     valid.any(1),

@@ -50,7 +50,11 @@ JSON_NAME = "softpag.json"
 
 
 VARIANTS = ("identity", "fisher-rao", "slerp", "log-linear", "uniform", "mean-query", "max")
-LOG_EPS = 1e-3  # smoothing of the log-linear variant's identity target (our choice; the reference value is not stated)
+# Smoothing of the log-linear variant's identity target: mass on EACH visible off-diagonal entry, the diagonal keeping
+# the rest, as the reference does (cvlab-kaist/HeadHunter ``interpolate_log_linear_with_identity``, ``dirac_eps``).
+# The paper gives no value; a different epsilon moves the map by up to 0.33 at u = 0.5.
+DIRAC_EPS = 1e-6
+LOG_FLOOR = 1e-12  # visible weights are floored here before the power (the reference's clamp), so 0^(1-u) is never hit
 _RENORMALISED = ("fisher-rao", "slerp", "log-linear")
 
 
@@ -92,12 +96,14 @@ def target_map(
     scale: float | None = None,
     causal: bool = False,
     query_valid: torch.Tensor | None = None,
-    eps: float = LOG_EPS,
+    dirac_eps: float = DIRAC_EPS,
 ) -> torch.Tensor:
     """The map a variant moves ``attn_map`` ``[..., n_q, n_k]`` toward (its value at ``u = 1``).
 
     - ``identity``, ``fisher-rao``, ``slerp``: the identity (each query attends to its own position; causal-valid).
-    - ``log-linear``: the eps-smoothed identity ``P = (1 - eps) I + eps / |visible|`` over the visible keys.
+    - ``log-linear``: the smoothed identity ``P = (1 - dirac_eps (|visible| - 1)) I + dirac_eps`` on the visible
+      keys, so each off-diagonal entry holds ``dirac_eps`` (the reference's construction and value, 1e-6; its
+      diagonal gets ``dirac_eps`` on top too, which the row normalisation after the power absorbs).
     - ``uniform``: ``1 / |visible|`` over each row's visible keys; for a causal LM the visible keys are the
       causally visible (and non-padding) ones, so row ``i`` is uniform over keys ``<= i``, never over future keys.
     - ``mean-query`` (SoftSEG): ``softmax(q_mean K^T * scale)`` over the visible keys; needs ``q`` ``[..., n_q, d]``
@@ -117,7 +123,11 @@ def target_map(
     if variant in ("identity", "fisher-rao", "slerp"):
         out = _diagonal(attn_map).clone()
     elif variant == "log-linear":
-        out = (1.0 - eps) * _diagonal(attn_map) + eps * vis.to(attn_map.dtype) / n_vis.clamp_min(1).to(attn_map.dtype)
+        if not 0.0 <= dirac_eps < 1.0:
+            raise ValueError(f"dirac_eps must be in [0, 1), got {dirac_eps}")
+        # as the reference builds it: (1 - eps (n - 1)) I + eps on every visible key, the diagonal included
+        diag = 1.0 - dirac_eps * (n_vis.to(attn_map.dtype) - 1.0).clamp_min(0.0)
+        out = _diagonal(attn_map) * diag + dirac_eps * vis.to(attn_map.dtype)
     elif variant == "uniform":
         out = vis.to(attn_map.dtype) / n_vis.clamp_min(1).to(attn_map.dtype)
     elif variant == "max":
@@ -154,7 +164,7 @@ def soft_perturb(
     scale: float | None = None,
     causal: bool = False,
     query_valid: torch.Tensor | None = None,
-    eps: float = LOG_EPS,
+    dirac_eps: float = DIRAC_EPS,
     n_text_tokens: int = 0,
     scope: str = "joint",
 ) -> torch.Tensor:
@@ -165,7 +175,8 @@ def soft_perturb(
     - ``identity`` (default, Eq. 7): ``(1 - u) A + u I`` (exactly `soft_identity`, ``scope`` supported);
     - ``fisher-rao``: ``(u I + (1 - u) sqrt(A))^2``;
     - ``slerp``: spherical interpolation from ``sqrt(A)`` to ``sqrt(I)`` on each row's unit sphere, squared;
-    - ``log-linear``: ``P^u * A^(1 - u)`` elementwise, ``P`` the eps-smoothed identity;
+    - ``log-linear``: ``P^u * A^(1 - u)`` elementwise, ``P`` the identity smoothed by ``dirac_eps`` on each visible
+      off-diagonal entry (reference value 1e-6), visible weights of ``A`` floored at 1e-12 as the reference clamps;
     - ``uniform``, ``mean-query``, ``max``: ``(1 - u) A + u T``.
 
     The three non-linear ones are row-normalised after the formula; the linear ones are convex combinations of
@@ -188,7 +199,15 @@ def soft_perturb(
     if u == 0.0:
         return attn_map.clone()
     tgt = target_map(
-        attn_map, variant, visible=visible, q=q, k=k, scale=scale, causal=causal, query_valid=query_valid, eps=eps
+        attn_map,
+        variant,
+        visible=visible,
+        q=q,
+        k=k,
+        scale=scale,
+        causal=causal,
+        query_valid=query_valid,
+        dirac_eps=dirac_eps,
     )
     if u == 1.0:
         return tgt
@@ -204,7 +223,10 @@ def soft_perturb(
         sl = (torch.sin((1.0 - u) * omega) / safe) * x + (torch.sin(u * omega) / safe) * y
         out = torch.where(small, (1.0 - u) * x + u * y, sl) ** 2
     elif variant == "log-linear":
-        out = tgt.pow(u) * a.pow(1.0 - u)
+        floor = (
+            a.clamp_min(LOG_FLOOR) if visible is None else torch.where(_visible(a, visible), a.clamp_min(LOG_FLOOR), a)
+        )
+        out = tgt.pow(u) * floor.pow(1.0 - u)
     else:
         return (1.0 - u) * attn_map + u * tgt  # kept rows: tgt == attn_map there
     out = out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
@@ -292,6 +314,7 @@ class SoftPAGProcessor:
                 scale=attn.scale,
                 n_text_tokens=self.state.get("n_text_tokens", 0),
                 scope=self.state.get("scope", "joint"),
+                dirac_eps=self.state.get("dirac_eps", DIRAC_EPS),
             )
             if self.state.get("record"):
                 self.state.setdefault("maps", {})[self.layer] = amap.detach().clone()
@@ -335,6 +358,7 @@ def perturbed(
     n_text_tokens: int = 0,
     record: bool = False,
     variant: str = "identity",
+    dirac_eps: float = DIRAC_EPS,
 ) -> Iterator[dict]:
     """Install `SoftPAGProcessor` on the layers of ``heads``; yields the shared state, restores processors on exit.
 
@@ -350,6 +374,7 @@ def perturbed(
     heads = validate_dit_heads(transformer, heads)
     state: dict = {
         "variant": variant,
+        "dirac_eps": float(dirac_eps),
         "u": float(u),
         "rows": rows,
         "all_rows": rows is None,
@@ -403,6 +428,9 @@ class SoftPAG:
         Which block of the map becomes the identity (same for organism-dit, which has no text tokens).
     variant : one of `VARIANTS`, default="identity"
         SoftPAG interpolation / target (`soft_perturb`); "identity" is Eq. 7.
+    dirac_eps : float, default=1e-6
+        ``log-linear`` only: mass on each off-diagonal entry of the smoothed identity target (the reference's value;
+        the paper states none).
     """
 
     name = "softpag"
@@ -415,6 +443,7 @@ class SoftPAG:
         cfg_scale: float = 1.0,
         scope: str = "joint",
         variant: str = "identity",
+        dirac_eps: float = DIRAC_EPS,
     ):
         self.heads = _heads_tuple(heads)
         self.u = float(u)
@@ -426,6 +455,7 @@ class SoftPAG:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
+        self.dirac_eps = float(dirac_eps)
 
     def get_params(self) -> dict[str, Any]:
         return {
@@ -435,12 +465,13 @@ class SoftPAG:
             "cfg_scale": self.cfg_scale,
             "scope": self.scope,
             "variant": self.variant,
+            "dirac_eps": self.dirac_eps,
         }
 
     def __repr__(self) -> str:
         return (
             f"SoftPAG(heads={self.heads!r}, u={self.u}, scale={self.scale}, cfg_scale={self.cfg_scale}, "
-            f"scope={self.scope!r}, variant={self.variant!r})"
+            f"scope={self.scope!r}, variant={self.variant!r}, dirac_eps={self.dirac_eps})"
         )
 
     def is_identity(self) -> bool:
@@ -462,7 +493,9 @@ class SoftPAG:
             ys = [labels, labels] + ([torch.full_like(labels, NULL_CLASS)] if use_cfg else [])
             rows = torch.zeros(parts * n, dtype=torch.bool, device=x.device)
             rows[n : 2 * n] = True
-            with perturbed(model, self.heads, self.u, rows=rows, scope=self.scope, variant=self.variant):
+            with perturbed(
+                model, self.heads, self.u, rows=rows, scope=self.scope, variant=self.variant, dirac_eps=self.dirac_eps
+            ):
                 out = model(xs, timestep=torch.cat([tt] * parts), class_labels=torch.cat(ys)).sample
             eps_cond, eps_pert = out[:n], out[n : 2 * n]
             base = eps_cond if not use_cfg else out[2 * n :] + self.cfg_scale * (eps_cond - out[2 * n :])
@@ -481,7 +514,9 @@ class SoftPAG:
     @contextlib.contextmanager
     def apply(self, transformer) -> Iterator[dict]:
         """Every forward inside runs with the selected heads perturbed (all rows); yields the processor state."""
-        with perturbed(transformer, self.heads, self.u, scope=self.scope, variant=self.variant) as state:
+        with perturbed(
+            transformer, self.heads, self.u, scope=self.scope, variant=self.variant, dirac_eps=self.dirac_eps
+        ) as state:
             yield state
 
     def save(self, directory: str | Path) -> Path:

@@ -42,8 +42,11 @@ import torch
 
 from attnlab.hooks import attn_hook, block_hook, kv_cache
 from attnlab.interventions.base import Intervention, heads_by_layer
+from attnlab.interventions.continuation import PromptMemory, prompt_mask
 from attnlab.interventions.vhr import VisualFitMixin, prompt_set
 from attnlab.probes.image_centric_heads import FIRST_SINK_LAYER, phi
+
+HEAD_SELECTIONS = ("fitted", "per_forward")
 
 
 def var_layers(n_layers: int, include_last_layer: bool = False) -> list[int]:
@@ -106,8 +109,14 @@ class VAR(VisualFitMixin, Intervention):
     min_image_attention : float, default=0.2
         Rows giving the image less attention are never edited.
     min_head_score : float, default=0.0
-        A head is kept when its image-centric score on the fit split (share of rows selected) exceeds this.
+        With ``head_selection="fitted"``, a head is kept when its image-centric score on the fit split (share of
+        rows selected) exceeds this.
+    head_selection : {"fitted", "per_forward"}, default="fitted"
+        ``"fitted"``: edit only the heads the probe found image-centric on the fit split. ``"per_forward"``: the
+        reference code's behaviour, every head of the edited layers is eligible and rows are selected in each
+        forward pass.
     include_last_layer : bool, default=False
+        Also edit the last layer, as the released reference code does (the paper leaves it unmodified).
     batch_size : int, default=8
 
     Attributes
@@ -135,6 +144,7 @@ class VAR(VisualFitMixin, Intervention):
         rho: float = 0.5,
         min_image_attention: float = 0.2,
         min_head_score: float = 0.0,
+        head_selection: str = "fitted",
         include_last_layer: bool = False,
         batch_size: int = 8,
     ):
@@ -145,6 +155,7 @@ class VAR(VisualFitMixin, Intervention):
         self.rho = rho
         self.min_image_attention = min_image_attention
         self.min_head_score = min_head_score
+        self.head_selection = head_selection
         self.include_last_layer = include_last_layer
         self.batch_size = batch_size
         self._reset_state()
@@ -164,12 +175,17 @@ class VAR(VisualFitMixin, Intervention):
         )
 
     def _fit(self, model, data) -> None:
+        import warnings
+
         import attnlab
 
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"p (fraction moved) must be in [0, 1], got {self.p}")
+        if self.head_selection not in HEAD_SELECTIONS:
+            raise ValueError(f"head_selection must be one of {HEAD_SELECTIONS}, got {self.head_selection!r}")
         ps = prompt_set(self._items)
         dims = self.sink_dims
+        search = None
         if dims is None:
             first = attnlab.scan(
                 model,
@@ -178,7 +194,8 @@ class VAR(VisualFitMixin, Intervention):
                 batch_size=self.batch_size,
                 progress=False,
             )
-            dims = first["image_centric"].summary["sink_dims"]
+            search = first["image_centric"].summary
+            dims = search["sink_dims"]
         res = attnlab.scan(model, self._probe(self.tau, dims), ps, batch_size=self.batch_size, progress=False)
         score = np.asarray(res["image_centric"].scores, float)
         self.sink_dims_ = [int(d) for d in dims]
@@ -187,12 +204,47 @@ class VAR(VisualFitMixin, Intervention):
         self.visual_sinks_per_image_ = [
             float(x) for x in res["image_centric"].summary["visual_sinks_per_image_by_layer"]
         ]
+        floor = -np.inf if self.head_selection == "per_forward" else self.min_head_score
         self.heads_ = tuple(
             (int(l), int(h))
             for l in self.layers_
             for h in range(model.n_heads)
-            if np.isfinite(score[l, h]) and score[l, h] > self.min_head_score
+            if self.head_selection == "per_forward" or (np.isfinite(score[l, h]) and score[l, h] > floor)
         )
+        self.notes_ = self._notes(model, search)
+        for note in self.notes_:
+            warnings.warn(f"VAR: {note}", RuntimeWarning, stacklevel=3)
+
+    def _notes(self, model, search) -> list[str]:
+        """Why VAR will change nothing on this model, in words, for reports and the CLI (empty when it can act)."""
+        bound = float(np.sqrt(model.d_model))
+        dim_tau = self.dim_tau if self.dim_tau is not None else self.tau
+        if not self.layers_:
+            return [
+                f"{model.name} has {model.n_layers} layers and VAR edits layers 2..L-2 (2..L-1 with "
+                f"include_last_layer), none of them here, so VAR changes nothing"
+            ]
+        if not self.sink_dims_:
+            seen = [v["max_ratio"] for v in (search or {}).get("top_dims", {}).values()]
+            largest = f"largest |x[d]|/RMS(x) on BOS/delimiter tokens {max(seen):.2f}; " if seen else ""
+            return [
+                f"no sink dimension reaches dim_tau={dim_tau:g} on the fit split ({largest}at most "
+                f"sqrt(d_model)={bound:.1f} on this model), so there are no sinks and VAR changes nothing; lower tau "
+                f"(and dim_tau), e.g. --param tau=2.5"
+            ]
+        if not any(v > 0 for v in self.visual_sinks_per_image_):
+            return [
+                f"no image token reaches phi >= tau={self.tau:g} on the fit split in sink dimensions "
+                f"{self.sink_dims_} (phi <= sqrt(d_model)={bound:.1f} on this model), so no row can be edited and VAR "
+                f"changes nothing; lower tau"
+            ]
+        if not self.heads_:
+            return [
+                f"no head of layers {self.layers_} is image-centric on the fit split (score > "
+                f"min_head_score={self.min_head_score:g}), so VAR edits nothing; lower tau, or use "
+                f"head_selection='per_forward' (the reference's per-forward row selection)"
+            ]
+        return []
 
     # ---- applying --------------------------------------------------------------------------------------------
 
@@ -200,6 +252,8 @@ class VAR(VisualFitMixin, Intervention):
         self._img = None  # [b, k] image keys of the current forward (extended on cached steps)
         self._real = None  # [b, k] real keys
         self._sinks: dict[int, torch.Tensor] = {}  # layer -> [b, k]
+        self._prompt = None  # [b, k] the prompt's real tokens (generated tokens are never sinks)
+        self._memory = PromptMemory()
         self._pre_handle = None
         self._selected: dict[int, torch.Tensor] = {}
 
@@ -232,8 +286,12 @@ class VAR(VisualFitMixin, Intervention):
                 )
                 self._img = torch.cat([self._img, img], 1) if cached else img
                 self._real = mask.bool() if mask is not None else torch.ones_like(self._img)
-                if not cached:
+                if cached:  # new tokens of a cached decoding step are generated, never prompt
+                    self._prompt = torch.cat([self._prompt, torch.zeros_like(img)], 1)
+                else:
                     self._sinks = {}
+                    real = self._real.to(ids.device)
+                    self._prompt = prompt_mask(real, self._memory.prompt_lengths(ids, real).to(ids.device))
                 self._selected = {}
                 return None
 
@@ -285,7 +343,7 @@ class VAR(VisualFitMixin, Intervention):
                 return None  # no image context for this pass (e.g. a text-only forward): leave it alone
             dev = pattern.device
             img, real = self._img.to(dev), self._real.to(dev)
-            sinks = self._sinks[layer].to(dev) & real
+            sinks = self._sinks[layer].to(dev) & real & self._prompt.to(dev)  # sinks are prompt tokens (prefill)
             pos = torch.arange(k, device=dev)
             last_img = torch.where(img, pos[None, :], torch.full_like(pos[None, :], -1)).amax(1)  # [b]
             q_abs = torch.arange(k - q, k, device=dev)
@@ -314,8 +372,11 @@ class VAR(VisualFitMixin, Intervention):
             "tau": self.tau,
             "sink_dims": self.sink_dims_,
             "layers": self.layers_,
+            "head_selection": self.head_selection,
+            "include_last_layer": self.include_last_layer,
             "n_heads": len(self.heads_),
             "visual_sinks_per_image": self.visual_sinks_per_image_,
+            "notes": list(getattr(self, "notes_", [])),
             "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"},
         }
 

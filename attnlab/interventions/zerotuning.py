@@ -51,8 +51,19 @@ FORMS = ("softmax", "bias")
 CRITERIA = ("accuracy", "entropy")
 
 
+def check_gamma(gamma: float, name: str = "gamma") -> float:
+    """``gamma`` as a float, refused unless > 0: at 0 the softmax form divides 0 by 0 (NaN logits) wherever the
+    initial token holds all the attention, and the bias form's ``-inf`` on the initial key leaves a row with no
+    other visible key (position 0 itself) all ``-inf``, so its output depends on masked future keys."""
+    g = float(gamma)
+    if not g > 0.0 or not math.isfinite(g):
+        raise ValueError(f"{name} must be a finite number > 0, got {gamma} (gamma = 1 is the identity)")
+    return g
+
+
 def zerotune_pattern(pattern: torch.Tensor, first: torch.Tensor, gamma: float) -> torch.Tensor:
     """Post-softmax form on rows ``[batch, heads, q, k]``; ``first`` ``[batch]`` is each row's initial key."""
+    gamma = check_gamma(gamma)
     b = torch.arange(pattern.shape[0], device=pattern.device)
     a0 = pattern[b, :, :, first.to(pattern.device)]  # [batch, heads, q]
     d = (gamma - 1.0) * a0 + 1.0
@@ -63,6 +74,7 @@ def zerotune_pattern(pattern: torch.Tensor, first: torch.Tensor, gamma: float) -
 
 def zerotune_scores(scores: torch.Tensor, first: torch.Tensor, gamma: float) -> torch.Tensor:
     """Logit-bias form: ``scores`` ``[batch, heads, q, k]`` with ``ln(gamma)`` added at each row's initial key."""
+    gamma = check_gamma(gamma)
     bias = torch.zeros(scores.shape[0], 1, 1, scores.shape[-1], dtype=scores.dtype, device=scores.device)
     bias[torch.arange(scores.shape[0], device=scores.device), 0, 0, first.to(scores.device)] = (
         math.log(gamma) if gamma > 0 else float("-inf")
@@ -155,8 +167,12 @@ class ZeroTuning(Intervention):
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
         if self.profile_unit not in ("head_index", "layer_head"):
             raise ValueError(f"profile_unit must be 'head_index' or 'layer_head', got {self.profile_unit!r}")
-        if self.gamma is not None and self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        if self.gamma is not None:
+            check_gamma(self.gamma)
+        check_gamma(self.gamma_up, "gamma_up")
+        check_gamma(self.gamma_down, "gamma_down")
+        if self.gamma is None and float(self.grid[0]) <= 0:
+            raise ValueError(f"the gamma grid must start above 0, got grid={tuple(self.grid)}")
         self.candidates_ = (
             validate_heads(model, self.heads)
             if self.heads is not None

@@ -6,7 +6,8 @@ each answer step t producing token y_t, the attention row ``a = A[l,h][query of 
 
     j* = argmax_j a[j];   if n_s <= j* < n_e and prompt_ids[j*] == y_t:   score[l,h] += 1 / (n_e - n_s)
 
-A trial counts only if the model answered: ROUGE-1 recall of the reference answer by the response > 0.5. The
+A trial counts only if the model answered: ROUGE-1 recall of the reference answer by the response > 0.5, with
+Porter stemming as the reference scores it (``rouge_stemmer=True``, the ``rouge_score`` package). The
 head's retrieval score is the mean over the trials that passed; a head with score > 0.1 is a retrieval head.
 
 Modes
@@ -33,6 +34,7 @@ needle position at most once per head and trial (the reference does not, so scor
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Sequence
@@ -47,12 +49,16 @@ RETRIEVAL_THRESHOLD = 0.1
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-def rouge1_recall(reference: str, response: str) -> float:
+def rouge1_recall(reference: str, response: str, *, stem: bool = True) -> float:
     """ROUGE-1 recall in [0, 1]: clipped unigram overlap / unigrams of ``reference``.
 
-    Tokenisation as ``rouge_score``'s default (lower-case, runs of ``[a-z0-9]``), without stemming (the reference
-    uses Porter stemming, which does not change digit codes). An empty reference gives 0.
+    ``stem=True`` (default) is the reference's gate: ``rouge_score``'s ``RougeScorer(["rouge1"], use_stemmer=True)``
+    (lower-case, runs of ``[a-z0-9]``, Porter stemming of tokens longer than 3 characters), so "walking" matches
+    "walk". ``stem=False``: the same tokenisation without stemming. Digit answers score the same either way.
+    An empty reference gives 0.
     """
+    if stem:
+        return float(_stemmed_scorer().score(reference, response)["rouge1"].recall)
     from collections import Counter
 
     ref = Counter(_WORD.findall(reference.lower()))
@@ -60,6 +66,13 @@ def rouge1_recall(reference: str, response: str) -> float:
         return 0.0
     resp = Counter(_WORD.findall(response.lower()))
     return sum(min(c, resp[w]) for w, c in ref.items()) / sum(ref.values())
+
+
+@functools.lru_cache(maxsize=1)
+def _stemmed_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
 
 
 def trial_retrieval_scores(
@@ -138,14 +151,25 @@ class RetrievalHeads(Probe):
         Count a step only where the model's argmax equals the reference token.
     dedup : bool, default=False
         Count each needle position at most once per head and trial (reference behaviour: no dedup).
+    rouge_stemmer : bool, default=True
+        The gate's ROUGE-1 with Porter stemming (``rouge_score``, as the reference scores trials); ``False``
+        compares unstemmed words, under which word answers ("walking" vs "walk") pass a different set of trials.
     """
 
     name = "retrieval_heads"
 
-    def __init__(self, *, rouge_threshold: float = 0.5, require_correct: bool = True, dedup: bool = False):
+    def __init__(
+        self,
+        *,
+        rouge_threshold: float = 0.5,
+        require_correct: bool = True,
+        dedup: bool = False,
+        rouge_stemmer: bool = True,
+    ):
         self.rouge_threshold = rouge_threshold
         self.require_correct = require_correct
         self.dedup = dedup
+        self.rouge_stemmer = rouge_stemmer
 
     def attach(self, capture, ctx: ProbeContext) -> None:
         need = ("prompt_len", "answer_ids", "answer", "needle_span")
@@ -189,7 +213,7 @@ class RetrievalHeads(Probe):
             targets = ids[steps + 1].numpy()
             preds = logits[b, steps.to(logits.device)].argmax(-1).cpu().numpy()
             response = _decode(self._model, preds)
-            rouge = rouge1_recall(m["answer"], response)
+            rouge = rouge1_recall(m["answer"], response, stem=self.rouge_stemmer)
             trial = {
                 "prompt": p,
                 "rouge1_recall": round(rouge, 4),
@@ -268,6 +292,7 @@ def retrieval_scores_generate(
     max_new_tokens: int = 50,
     rouge_threshold: float = 0.5,
     dedup: bool = False,
+    rouge_stemmer: bool = True,
     attention: str = "auto",
     dataset: str = "",
 ):
@@ -282,7 +307,9 @@ def retrieval_scores_generate(
     """
     from attnlab.capture import Capture
 
-    probe = RetrievalHeads(rouge_threshold=rouge_threshold, require_correct=False, dedup=dedup)
+    probe = RetrievalHeads(
+        rouge_threshold=rouge_threshold, require_correct=False, dedup=dedup, rouge_stemmer=rouge_stemmer
+    )
     probe.mode = "generate"
     probe.max_new_tokens = max_new_tokens
     ctx = ProbeContext(model=model, dataset=dataset, n_prompts=len(prompts), meta=list(prompts.meta))
@@ -310,7 +337,7 @@ def retrieval_scores_generate(
                 if nxt == eos or "\n" in _decode(model, [nxt]):
                     break
         response = _decode(model, generated)
-        rouge = rouge1_recall(m["answer"], response)
+        rouge = rouge1_recall(m["answer"], response, stem=rouge_stemmer)
         span = m["needle_span"]
         trial = {
             "prompt": p,

@@ -14,6 +14,15 @@ import sys
 import warnings
 from pathlib import Path
 
+from attnlab.cli_args import (
+    check_fits,
+    finite_float,  # noqa: F401  (re-exported: the argument types live in attnlab.cli_args)
+    non_negative_int,
+    out_dir,
+    port,
+    positive_int,
+    read_prompts,
+)
 from attnlab.errors import AttnlabError
 
 # ---- help made from the registries -----------------------------------------------------------------------------
@@ -69,36 +78,10 @@ class _Parser(argparse.ArgumentParser):
             action.help = fill(action.help)
         return super().format_help()
 
-
-def read_prompts(path: str) -> list:
-    """Prompts from a file: ``.jsonl`` (field "prompt" or "text"), ``.json`` (list of strings), else one per line.
-
-    A ``.jsonl`` whose records all give ``haystack``, ``needle`` and ``question`` is a file of needle-in-a-haystack
-    trials: its records are returned as dicts (``attnlab.datasets.niah_set.needle_prompt_set`` builds the prompts).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise AttnlabError(f"prompts file {path} does not exist")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix == ".jsonl":
-            from attnlab.datasets.niah_set import is_needle_record
-
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-            if records and all(is_needle_record(r) for r in records):
-                return records
-            prompts = [rec if isinstance(rec, str) else rec.get("prompt", rec.get("text", "")) for rec in records]
-        elif p.suffix == ".json":
-            prompts = json.loads(text)
-            if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
-                raise AttnlabError(f"{path} must hold a JSON list of strings")
-        else:
-            prompts = [line for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise AttnlabError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
-    if not prompts:
-        raise AttnlabError(f"{path} holds no prompts")
-    return prompts
+    def error(self, message: str):
+        """A bad argument: one line (no usage block) and exit 2, like every other user error."""
+        first = (message.strip().splitlines() or ["bad arguments"])[0]
+        self.exit(2, f"{self.prog}: error: {first} (see {self.prog} --help)\n")
 
 
 def _print_top(results, k: int) -> None:
@@ -113,15 +96,43 @@ def _print_top(results, k: int) -> None:
 
 def write_figures(results, directory: Path) -> list[Path]:
     """Write each result's plotly figure as HTML (plotly.js once, beside them) atomically; returns the paths."""
+    from attnlab.heads.io import atomic_path
+
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, r in results.items():
         path = directory / f"{name}.html"
-        tmp = directory / f".{name}.html.tmp"
-        r.plot().write_html(str(tmp), include_plotlyjs="directory")
-        os.replace(tmp, path)
+        fig = r.plot()
+        atomic_path(path, lambda tmp, fig=fig: fig.write_html(tmp, include_plotlyjs="directory"))
         paths.append(path)
     return paths
+
+
+# Memory a scan holds per prompt token (token ids as Python ints, padded id and mask tensors, the text) and per
+# prompt and head (per-prompt float64 numerator/denominator statistics of a few probes), for the estimate that
+# refuses a --n-prompts that cannot fit before any prompt is generated.
+SCAN_BYTES_PER_TOKEN = 64
+SCAN_BYTES_PER_PROMPT_HEAD = 64
+
+
+def check_scan_fits(model, dataset: str, n_prompts: int, seed: int) -> None:
+    """Refuse (one line) a dataset scan whose prompts and per-prompt statistics cannot fit in memory: measured on
+    a sample of 4 of the dataset's prompts, scaled to ``n_prompts``."""
+    from attnlab.datasets import DATASETS
+    from attnlab.probes.scan import prompt_token_ids
+
+    sample = DATASETS[dataset](model, min(n_prompts, 4), seed)
+    ids = prompt_token_ids(model, sample, truncate=True)
+    per_prompt = SCAN_BYTES_PER_TOKEN * max(1, sum(map(len, ids)) // max(1, len(ids)))
+    per_prompt += SCAN_BYTES_PER_PROMPT_HEAD * model.n_layers * model.n_heads
+    if sample.images:
+        w, h = sample.images[0].size
+        per_prompt += 16 * w * h  # the image and its processed pixels
+    check_fits(
+        f"--n-prompts {n_prompts:,} ({dataset}, ~{per_prompt:,} bytes a prompt)",
+        n_prompts * per_prompt,
+        "use a smaller --n-prompts",
+    )
 
 
 def cmd_scan(args) -> int:
@@ -129,7 +140,14 @@ def cmd_scan(args) -> int:
     from attnlab.datasets import DATASETS
     from attnlab.probes.registry import expand
 
-    probe_names = expand(args.probes)  # fail on a bad probe name before loading anything
+    if args.resume and args.probes is None:
+        from attnlab.heads.runs import Run
+
+        pending = Run.open(args.out).pending
+        if not pending:
+            raise AttnlabError(f"run {args.out} is complete; nothing to resume")
+        args.probes = ",".join(pending)
+    probe_names = expand(args.probes or "sinks,induction")  # fail on a bad probe name before loading anything
     if bool(args.prompts) == bool(args.dataset):
         raise AttnlabError("give exactly one of --prompts FILE and --dataset NAME")
     if args.dataset and args.dataset not in DATASETS:
@@ -138,6 +156,7 @@ def cmd_scan(args) -> int:
     needles = prompts is not None and all(isinstance(p, dict) for p in prompts)
     model = attnlab.load(args.model, device=args.device, dtype=args.dtype)
     if args.dataset:
+        check_scan_fits(model, args.dataset, args.n_prompts, args.seed)
         prompts = DATASETS[args.dataset](model, args.n_prompts, args.seed)
     elif needles:  # a .jsonl of NIAH records: haystack, needle, question (answer, depth optional)
         from attnlab.datasets.niah_set import needle_prompt_set
@@ -146,6 +165,7 @@ def cmd_scan(args) -> int:
     print(
         f"scanning {model.name} ({model.architecture}, {model.n_layers} layers x {model.n_heads} heads, "
         f"{model.n_kv_heads} KV) on {len(prompts)} prompts: {', '.join(probe_names)}"
+        + (" (resuming)" if args.resume else "")
     )
     result = attnlab.scan(
         model,
@@ -156,6 +176,7 @@ def cmd_scan(args) -> int:
         attention=args.attention,
         truncate=args.truncate,
         progress=not args.quiet,
+        resume=args.resume,
     )
     print(f"top {args.top} heads per probe:")
     _print_top(result.results, args.top)
@@ -165,7 +186,8 @@ def cmd_scan(args) -> int:
 
         figs += write_image_overlays(model, prompts, result.results, Path(args.out) / "figures")
     print(f"results: {Path(args.out).resolve()}  ({len(result.results)} results, run.json)")
-    print(f"figures: {figs[0].parent.resolve()}  ({len(figs)} HTML files)")
+    if figs:
+        print(f"figures: {figs[0].parent.resolve()}  ({len(figs)} HTML files)")
     return 0
 
 
@@ -181,6 +203,10 @@ def cmd_show(args) -> int:
     )
     if info.get("imported"):
         print(f"  imported from {info['imported'].get('format')} file {info['imported'].get('source')}")
+    if not run.complete:
+        print(f"  {run.state_line()}")
+    if run.rebuilt:
+        print(f"  note: {run.directory.name}/run.json disagreed with the result files; listed from the files")
     if args.result:
         r = run[args.result]
         print(r.top(args.top).to_string(index=False))
@@ -326,11 +352,17 @@ def cmd_census(args) -> int:
 
 def cmd_ablate(args) -> int:
     import attnlab
+    from attnlab.heads.results import HeadScores
+    from attnlab.heads.runs import Run
     from attnlab.probes.causal_test import METRICS, parse_heads_spec, run_causal_test
 
-    parse_heads_spec(args.heads)  # fail on a malformed spec or metric before loading anything
+    run_dir, name = parse_heads_spec(args.heads)  # fail on a malformed spec, result, k or metric before loading
     if args.metric not in METRICS:
         raise AttnlabError(f"--metric must be one of {', '.join(METRICS)}, got {args.metric!r}")
+    scores = Run.open(run_dir)[name]
+    if not isinstance(scores, HeadScores):
+        raise AttnlabError(f"{name} in {run_dir} is not a head-score result")
+    check_k(scores, args.k)
     model = attnlab.load(args.model, device=args.device)
     table = run_causal_test(
         model,
@@ -345,6 +377,20 @@ def cmd_ablate(args) -> int:
     print(table[["condition", "k", "n_sets", "metric", "ci_low", "ci_high", "drop", "p_value"]].to_string(index=False))
     print(f"table: {Path(args.out).resolve()}")
     return 0
+
+
+def check_k(scores, k: int) -> None:
+    """``--k`` must leave room for both sets: at most the result's scored heads, and k other heads to draw from."""
+    import numpy as np
+
+    scored = int(np.isfinite(scores.scores).sum())
+    total = scores.n_layers * scores.n_heads
+    if k > scored:
+        raise AttnlabError(f"--k {k} is more than the {scored} scored heads of {scores.name}")
+    if k > total - k:
+        raise AttnlabError(
+            f"--k {k} leaves {total - k} of the {total} heads to draw k random heads from; use --k {total // 2} or less"
+        )
 
 
 def cmd_intervene(args) -> int:
@@ -370,8 +416,10 @@ def cmd_intervene(args) -> int:
     except (ValueError, TypeError) as e:  # parameter values are validated by fit; overlap is refused
         raise AttnlabError(str(e).splitlines()[0]) from None
     out = Path(args.out)
+    for stale in ("report.json", "report.csv"):  # a fitted intervention counts as finished once its report is in
+        (out / stale).unlink(missing_ok=True)
     iv.save(out / "intervention")
-    report.save(out)
+    report.save(out)  # last: the app offers intervention/ only beside its report
     print(
         f"{args.method} on {model.name}: fit on {report.info['fit_split']['name']} "
         f"(n={report.info['fit_split']['n']}), measured on {eval_set.name} (n={len(eval_set)})"
@@ -402,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--probes",
-        default="sinks,induction",
-        help="comma-separated probes or groups (default sinks,induction); {probes}",
+        default=None,
+        help="comma-separated probes or groups (default sinks,induction; with --resume, the run's unfinished "
+        "probes); {probes}",
     )
     p.add_argument(
         "--prompts",
@@ -415,12 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         help="built-in prompt generator: {datasets}",
     )
-    p.add_argument("--n-prompts", type=int, default=16, help="prompts to generate with --dataset (default 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--n-prompts", type=positive_int, default=16, help="prompts to generate with --dataset (default 16)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--out", required=True, type=out_dir, help="run directory to write")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument(
         "--attention",
         default="auto",
@@ -430,8 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--truncate", action="store_true", help="cut prompts longer than the model's context instead of failing"
     )
-    p.add_argument("--top", type=int, default=5, help="heads to print per probe")
+    p.add_argument("--top", type=positive_int, default=5, help="heads to print per probe")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the incomplete run in --out (a scan that was interrupted): run only its unfinished probes, "
+        "on the same --model and prompts (checked), without redoing the finished ones",
+    )
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser(
@@ -481,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir")
     p.add_argument("--result", help="print one result's top rows")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=positive_int, default=5)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser(
@@ -527,8 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="{organisms}, or a checkpoint directory written by the trainer")
     p.add_argument("--task", required=True, help="one of the organism's tasks: {eval_tasks}")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--n", type=int, default=None, help="number of evaluation items (task default if omitted)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, default=None, help="number of evaluation items (task default if omitted)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -542,17 +597,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heads", required=True, help="RUN_DIR:result_name of a head-score result (e.g. runs/lm:retrieval_heads)"
     )
-    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--k", type=positive_int, default=8)
     p.add_argument(
         "--metric",
         default="niah",
         help="{metrics}",
     )
     p.add_argument("--mode", default="zero", choices=["zero", "mean", "uniform"], help="ablation mode (default zero)")
-    p.add_argument("--n-seeds", type=int, default=5, help="random head sets (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-seeds", type=positive_int, default=5, help="random head sets (default 5)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="directory for the table")
+    p.add_argument("--out", required=True, type=out_dir, help="directory for the table")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser(
@@ -569,7 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fit", help="DATA the intervention is fitted on (optional for methods with fixed parameters)")
     p.add_argument("--eval", required=True, help="held-out DATA it is measured on (must not overlap --fit)")
-    p.add_argument("--out", required=True, help="run directory: intervention/ (fitted state), report.json, report.csv")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=out_dir,
+        help="run directory: intervention/ (fitted state), report.json, report.csv",
+    )
     p.add_argument(
         "--param",
         action="append",
@@ -577,11 +637,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K=V",
         help="method parameter, value read as JSON (repeatable), e.g. gamma=2.0 or heads=[[3,0]]",
     )
-    p.add_argument("--n", type=int, default=32, help="eval items per task (default 32; a file gives at most n)")
-    p.add_argument("--n-fit", type=int, default=None, help="fit items per task (default: --n)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--n", type=positive_int, default=32, help="eval items per task (default 32; a file gives at most n)"
+    )
+    p.add_argument("--n-fit", type=positive_int, default=None, help="fit items per task (default: --n)")
+    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_intervene)
 
@@ -593,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runs", required=True, help="directory whose sub-directories are runs written by `attnlab scan --out`"
     )
-    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--port", type=port, default=8050)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.set_defaults(func=cmd_app)
     return parser

@@ -1,20 +1,30 @@
-"""Atomic writes: a result file either exists whole or not at all (temp file in the same directory, then rename)."""
+"""Atomic writes: a result file either exists whole or not at all (temp file in the same directory, then rename).
+
+A temp file is named ``.NAME.<pid>.<random>.tmp`` after the process writing it. A writer killed between the two
+steps (``kill -9``) leaves its temp file behind; ``clean_stale_temp(directory)`` removes those whose process is gone
+(and unnamed ones older than an hour), never another live writer's, and the run index calls it on its next write.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+_TMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+STALE_UNOWNED_S = 3600.0
+
 
 def _atomic_replace(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -22,6 +32,48 @@ def _atomic_replace(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_path(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` to fill a temp file beside ``path``, then rename it onto ``path`` (for writers that
+    take a file name, e.g. plotly's ``write_html``)."""
+    _atomic_replace(Path(path), write)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_temp(directory: str | Path) -> list[Path]:
+    """Remove temp files of writers that died mid-write in ``directory`` (not recursive); returns what went."""
+    d = Path(directory)
+    removed = []
+    try:
+        entries = list(d.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for f in entries:
+        if not (f.name.startswith(".") and f.name.endswith(".tmp")) or f.is_symlink() or not f.is_file():
+            continue
+        m = _TMP.match(f.name)
+        if m:
+            stale = int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
+        else:  # an older or foreign temp name: only when nobody has touched it for a while
+            try:
+                stale = now - f.stat().st_mtime > STALE_UNOWNED_S
+            except OSError:
+                continue
+        if stale:
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
 
 
 def write_json(path: str | Path, obj: Any) -> None:

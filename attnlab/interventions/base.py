@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnlab.errors import AttnlabError
 from attnlab.heads.io import read_arrays, read_json, write_arrays, write_json
 
 JSON_NAME = "intervention.json"
@@ -278,8 +278,11 @@ class Intervention:
         """Restore a saved intervention (of this class, or of the class it names when called on the base)."""
         d = Path(directory)
         meta = read_json(d / JSON_NAME)
-        module, _, qual = meta["class"].rpartition(".")
-        klass = getattr(importlib.import_module(module), qual)
+        klass = registered_class(meta.get("class") if isinstance(meta, dict) else None, d)
+        if not isinstance(meta.get("params"), dict) or not isinstance(meta.get("fitted"), dict):
+            raise AttnlabError(f"{d / JSON_NAME} is malformed: params and fitted must be objects")
+        if not isinstance(meta.get("arrays"), list) or not all(isinstance(a, str) for a in meta["arrays"]):
+            raise AttnlabError(f"{d / JSON_NAME} is malformed: arrays must be a list of names")
         if not issubclass(klass, cls):
             raise TypeError(f"{d} holds a {klass.__name__}, not a {cls.__name__}")
         obj = klass(**{k: _tuplify(v) for k, v in meta["params"].items()})
@@ -289,6 +292,20 @@ class Intervention:
         for k in meta["arrays"]:
             setattr(obj, k, arrays[k])
         return obj
+
+
+def registered_class(name: Any, where: Path) -> type[Intervention]:
+    """The intervention class a saved ``intervention.json`` names, if it is one of the registry's
+    (``attnlab.interventions.registry.INTERVENTIONS``); anything else is refused before any module is imported."""
+    from attnlab.interventions.registry import INTERVENTIONS
+
+    known = {f"{c.__module__}.{c.__qualname__}": c for c in INTERVENTIONS.values()}
+    if not isinstance(name, str) or name not in known:
+        raise AttnlabError(
+            f"{where / JSON_NAME} names class {str(name)[:120]!r}, not a registered intervention "
+            f"({', '.join(INTERVENTIONS)}); refused"
+        )
+    return known[name]
 
 
 def _prompt_texts(data) -> list[str]:

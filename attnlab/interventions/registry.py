@@ -9,6 +9,7 @@ names in the class's ``__init__`` signature are accepted; values are validated b
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,10 +43,39 @@ def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
         if key in out:
             raise AttnlabError(f"--param {key} given twice")
         try:
-            out[key] = json.loads(raw)
+            out[key] = json.loads(raw, parse_constant=_not_finite(key))
         except json.JSONDecodeError:
             out[key] = raw
+        except RecursionError:
+            raise AttnlabError(f"--param {key}: the value nests too deeply") from None
+        _check_finite(key, out[key])
     return out
+
+
+def _not_finite(key: str):
+    def refuse(constant: str):
+        raise AttnlabError(f"--param {key}: {constant} is not a finite number")
+
+    return refuse
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """Refuse nan / inf anywhere in a parameter value, also as a plain string ("nan", "-inf") that float() reads."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return
+        if not math.isfinite(number):
+            raise AttnlabError(f"--param {key}: {value} is not a finite number")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise AttnlabError(f"--param {key}: {value} is not a finite number")
+    elif isinstance(value, list):
+        for v in value:
+            _check_finite(key, v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_finite(key, v)
 
 
 def build(method: str, pairs: Sequence[str] = ()) -> Intervention:

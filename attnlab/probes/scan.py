@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,7 @@ def scan(
     chunk_size: int = 256,
     truncate: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> ScanResult:
     """Run ``probes`` on ``prompts`` and return (and, with ``out``, save) their results.
 
@@ -93,6 +96,11 @@ def scan(
     out : directory to write the run to (results are saved one by one, atomically), or None
     attention : {"auto", "eager", "fused"}; see ``attnlab.capture``
     truncate : cut prompts longer than the model's context instead of failing
+    resume : finish the incomplete run in ``out``: only its pending probes run (of those given), on the same
+        prompts (checked by fingerprint) and model; finished probes are not redone
+
+    With ``out``, the run is marked incomplete (its probes pending) before any compute and each probe is cleared
+    once its last result is saved, so an interrupted scan leaves a run that says it is incomplete.
     """
     if not isinstance(prompts, PromptSet):
         prompts = PromptSet(name="prompts", texts=list(prompts))
@@ -102,23 +110,59 @@ def scan(
     batches = _batches(model, prompts, batch_size, truncate)
     ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
     ctx = ProbeContext(model=model, dataset=fingerprint(ids), n_prompts=len(ids), meta=list(prompts.meta))
+    if resume:
+        if out is None:
+            raise AttnlabError("resume needs the run directory to finish (out)")
+        probe_objs = _pending_probes(Run.open(out), probe_objs, model, ctx.dataset)
     capture = Capture(model, attention=attention, chunk_size=chunk_size, progress=progress)
     for p in probe_objs:
-        p.attach(capture, ctx)
-    capture.run(batches, total=len(batches), desc="scan")
+        p.attach(capture, ctx)  # probes refuse inputs they cannot score here, before any compute
     info = {
         "model": model.summary(),
         "probes": [{"name": p.name, "params": p.params()} for p in probe_objs],
         "dataset": {"name": prompts.name, "fingerprint": ctx.dataset, "n_prompts": len(ids), "seed": prompts.seed},
-        "attention_path": capture.last_path,
         "batch_size": batch_size,
     }
     result = ScanResult(info=info)
     if out is not None:
-        result.run = Run.create(out, **info)
+        result.run = Run.create(out, pending=[p.name for p in probe_objs], **info)
+    capture.run(batches, total=len(batches), desc="scan")
+    info["attention_path"] = capture.last_path
+    if result.run is not None:
+        result.run.info["attention_path"] = capture.last_path
     for p in probe_objs:
         for r in p.results(ctx):
             result.results[r.name] = r
             if result.run is not None:
                 result.run.add(r)
+                _test_hook_pause()
+        if result.run is not None:
+            result.run.done(p.name)
     return result
+
+
+def _pending_probes(run: Run, probe_objs: list[Probe], model, dataset: str) -> list[Probe]:
+    """The probes of ``probe_objs`` an incomplete ``run`` still needs, after checking it ran on these inputs."""
+    if run.complete:
+        raise AttnlabError(f"run {run.directory} is complete; nothing to resume")
+    recorded = run.info.get("dataset", {}).get("fingerprint")
+    if recorded and recorded != dataset:
+        raise AttnlabError(
+            f"run {run.directory} was scanned on other prompts (fingerprint {recorded}, these are {dataset}); "
+            "give the same --prompts or --dataset, --n-prompts and --seed as the interrupted scan"
+        )
+    rec_model = run.info.get("model", {})
+    if rec_model and model.name not in (rec_model.get("name"), rec_model.get("path")):
+        raise AttnlabError(f"run {run.directory} was scanned with {rec_model.get('name')!r}, not {model.name!r}")
+    missing = [name for name in run.pending if name not in {p.name for p in probe_objs}]
+    if missing:
+        raise AttnlabError(f"run {run.directory} still needs probes {', '.join(missing)}; include them to resume")
+    return [p for p in probe_objs if p.name in run.pending]
+
+
+def _test_hook_pause() -> None:
+    """Tests of kills and concurrent writers: ``ATTNLAB_TEST_PAUSE_S`` seconds of sleep after each saved result,
+    so a test can act at a known moment. Unset in normal use."""
+    pause = os.environ.get("ATTNLAB_TEST_PAUSE_S")
+    if pause:
+        time.sleep(float(pause))

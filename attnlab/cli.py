@@ -289,15 +289,23 @@ def cmd_eval(args) -> int:
 
 
 def cmd_app(args) -> int:
+    from attnlab.apps import guard
     from attnlab.apps.app import create_app
 
-    app = create_app(args.runs)  # fails (exit 2) on a missing runs directory before anything is served
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    token = None if guard.is_loopback(args.host) else guard.new_token()
+    app = create_app(args.runs, host=args.host, token=token)  # a missing runs directory: exit 2 before serving
+    query = ""
+    if token is not None:
+        query = f"?token={token}"
         print(
-            f"attnlab: warning: serving on {args.host}: anyone who can reach this address can run models here",
+            f"attnlab: serving on {args.host}: anyone who can reach this address and has the token can run models "
+            "here; the token below is required on every request",
             file=sys.stderr,
         )
-    print(f"attnlab app on http://{args.host}:{args.port}/  (runs: {Path(args.runs).resolve()}; Ctrl-C stops)")
+    shown = "127.0.0.1" if args.host in guard.WILDCARD_HOSTS else args.host
+    shown = f"[{shown}]" if ":" in shown else shown
+    print(f"attnlab app on http://{shown}:{args.port}/{query}  (runs: {Path(args.runs).resolve()}; Ctrl-C stops)")
+    sys.stdout.flush()
     app.run(host=args.host, port=args.port, debug=False)
     return 0
 
@@ -318,6 +326,7 @@ def cmd_census(args) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else None
     model = attnlab.load(args.model, device=args.device, dtype=args.dtype)
     if args.dataset:
+        check_scan_fits(model, args.dataset, args.n_prompts, args.seed)
         prompts = DATASETS[args.dataset](model, args.n_prompts, args.seed)
     print(
         f"census of {model.name} ({model.architecture}, {model.n_layers} layers x {model.n_heads} heads, "
@@ -502,26 +511,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompts", help="prompts file: one per line, .jsonl with a 'prompt' field, or .json list")
     p.add_argument("--dataset", help="built-in prompt generator: {datasets}")
-    p.add_argument("--n-prompts", type=int, default=64, help="prompts to generate with --dataset (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-prompts", type=positive_int, default=64, help="prompts to generate with --dataset (default 64)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument(
         "--statistics",
         default="all",
         help="all (default), or comma-separated groups (sinks, headvis, patterns, retrieval, vision, causal) "
         "and probe names",
     )
-    p.add_argument("--causal-prompts", type=int, default=16, help="prompts the all-heads ablation runs on (default 16)")
+    p.add_argument(
+        "--causal-prompts",
+        type=positive_int,
+        default=16,
+        help="prompts the all-heads ablation runs on (default 16)",
+    )
     p.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
-    p.add_argument("--out", required=True, help="run directory to write (a run plus census.json)")
+    p.add_argument("--out", required=True, type=out_dir, help="run directory to write (a run plus census.json)")
     p.add_argument(
         "--headvis",
         metavar="DIR",
+        type=out_dir,
         help="also write Neuronpedia's HeadVis tree (scatter_data.json, heads/L{l}H{h}.json with sampled examples) "
         "to DIR, from the same pass",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--attention", default="auto", choices=["auto", "eager", "fused"])
     p.add_argument(
         "--truncate", action="store_true", help="cut prompts longer than the model's context instead of failing"

@@ -313,15 +313,19 @@ def test_bad_comparisons_give_a_message(compare_state, compare, expect):
 def test_compared_run_must_have_the_same_named_score(compare_state, tmp_path):
     import json
 
-    run_json = compare_state.catalog.runs_dir / "other-grid" / "run.json"
-    index = json.loads(run_json.read_text())
+    run = compare_state.catalog.runs_dir / "other-grid"
+    index = json.loads((run / "run.json").read_text())
     index["results"].pop("first_token_sink")
-    run_json.write_text(json.dumps(index))
+    (run / "run.json").write_text(json.dumps(index))
+    for suffix in (".json", ".safetensors"):  # the result's files go too (else the index is rebuilt from them)
+        (run / f"first_token_sink{suffix}").rename(tmp_path / f"first_token_sink{suffix}")
     try:
         _, msg = headmap.head_figure("base", "first_token_sink", compare_state, "other-grid")
         assert "has no head scores result named 'first_token_sink'" in msg
     finally:
-        shutil.copy(compare_state.catalog.runs_dir / "base" / "run.json", run_json)
+        shutil.copy(compare_state.catalog.runs_dir / "base" / "run.json", run / "run.json")
+        for suffix in (".json", ".safetensors"):
+            (tmp_path / f"first_token_sink{suffix}").rename(run / f"first_token_sink{suffix}")
 
 
 # ---- the chosen query row as a token strip ------------------------------------------------------------------------
@@ -362,12 +366,15 @@ def test_pattern_view_toggles_to_the_query_row(app_state):
     row, msg = pattern.pattern_figure("tiny", selected, "1", None, 0, None, app_state, "row", 5)
     assert msg == "" and row.layout.meta["query"] == 5
     np.testing.assert_allclose(np.asarray(row.data[0].z, dtype=np.float32)[0], weights[5, :6], atol=1e-6)
-    assert list(row.data[0].x) == [
-        f"{i}:{t}"
-        for i, t in enumerate(
-            app_state.live.pattern(info["model"]["name"], app_state.live.run_prompt_ids(info, 1), 1, 2).tokens[:6]
-        )
-    ]
+    assert (
+        list(row.data[0].x)
+        == [
+            f"{i}:{figures.plain(t)}"  # escaped: "<s>" shows as text, not markup
+            for i, t in enumerate(
+                app_state.live.pattern(info["model"]["name"], app_state.live.run_prompt_ids(info, 1), 1, 2).tokens[:6]
+            )
+        ]
+    )
     for bad in (n, -1):
         fig, msg = pattern.pattern_figure("tiny", selected, "1", None, 0, None, app_state, "row", bad)
         assert "outside the prompt" in msg and len(fig.data) == 0

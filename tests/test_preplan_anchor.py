@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import attnlab
+from attnlab.errors import AttnlabError
 from attnlab.models.loading import Batch
 from attnlab.probes.base import ProbeContext
 from attnlab.probes.preplan_anchor import (
@@ -336,8 +337,10 @@ def test_registered_and_runs_through_scan_on_organism_lm():
     assert "".join(tok.tokens).replace(" ", "").startswith(prob.solution.replace(" ", "")[:4])
 
 
-def test_prompts_without_a_response_span_are_scored_whole(loaded):
+def test_prompts_without_a_response_span_are_refused_or_scored_whole(loaded):
     m = loaded("llama-gqa")
     texts = ["one two three four five six seven eight nine ten eleven twelve", "a b c d e f g h i j k l m n o p"]
-    res = attnlab.scan(m, "preplan_anchor", texts, progress=False, batch_size=2)
+    with pytest.raises(AttnlabError, match="prompt 0 has no response to score"):
+        attnlab.scan(m, "preplan_anchor", texts, progress=False, batch_size=2)
+    res = attnlab.scan(m, PreplanAnchor(whole_prompts=True), texts, progress=False, batch_size=2)
     assert len(res["preplan_anchor_tokens_1"].tokens) == len(m.token_ids(texts[1]))

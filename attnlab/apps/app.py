@@ -7,17 +7,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from attnlab.apps import guard
 from attnlab.apps.catalog import RunCatalog
 from attnlab.apps.live import LiveModels
 from attnlab.apps.state import AppState
+from attnlab.errors import AttnlabError
+
+MAX_BODY_BYTES = 5_000_000  # request bodies: a 2 MB image upload as base64 plus the callback's other inputs
 
 
-def create_app(runs_dir: str | Path, *, live_model: LiveModels | None = None, max_pattern_size: int = 192):
+def create_app(
+    runs_dir: str | Path,
+    *,
+    live_model: LiveModels | None = None,
+    max_pattern_size: int = 192,
+    host: str = "127.0.0.1",
+    token: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+):
     """Build the app.
 
     Parameters
     ----------
     runs_dir : directory whose child directories are runs written by ``attnlab scan --out``
+    host : the address it is served on: requests must name it (or a loopback name) in their Host header
+    token : access token every request must carry (``?token=`` once, then a cookie); required by ``attnlab app``
+        for any host beyond loopback (``attnlab.apps.guard``)
+    max_body_bytes : largest request body accepted (HTTP 413 beyond)
     live_model : LiveModels or None
         Runs models for the attention pattern view (default: a new ``LiveModels`` loading with ``attnlab.load``).
         Pass one to share loaded models, change the prompt limits, or preload a model.
@@ -34,11 +50,17 @@ def create_app(runs_dir: str | Path, *, live_model: LiveModels | None = None, ma
     app = dash.Dash(__name__, title="attnlab", serve_locally=True, update_title=None)
     app.layout = lambda: build_layout(state)
     register_all(app, state)
+    if not guard.is_loopback(host) and token is None:
+        raise AttnlabError(f"serving on {host} needs an access token (create_app(..., token=guard.new_token()))")
+    guard.install(app.server, hosts=guard.allowed_hosts(host), token=token, max_body_bytes=max_body_bytes)
     app.attnlab_state = state  # for tests and embedding; the callbacks got it explicitly
     return app
 
 
 def serve(runs_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8050) -> None:
     """Run the app with Flask's server (no debug mode: errors never reach the page as tracebacks)."""
-    app = create_app(runs_dir)
+    token = None if guard.is_loopback(host) else guard.new_token()
+    app = create_app(runs_dir, host=host, token=token)
+    if token is not None:
+        print(f"attnlab app: open http://{host}:{port}/?token={token} (the token is required on every request)")
     app.run(host=host, port=port, debug=False)

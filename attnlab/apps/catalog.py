@@ -57,30 +57,41 @@ class RunCatalog:
         run = self.open(run_name)
         if not isinstance(result_name, str) or result_name not in run.names(kind):
             raise AttnlabError(f"run {run_name} has no {kind.replace('_', ' ')} result named {str(result_name)[:80]!r}")
-        return run[result_name]
+        result = run[result_name]
+        if result.kind != kind:  # the index said one kind, the file holds another
+            raise AttnlabError(f"result {result_name} of run {run_name} holds {result.kind}, not {kind}")
+        return result
 
     def summary(self, name: str) -> dict[str, Any]:
-        """One row of the runs table: model, probes, dataset, created, number of results."""
+        """One row of the runs table: model, probes, dataset, created, number of results, status (complete, or
+        incomplete with the probes not finished)."""
         run = self.open(name)
         info = run.info
         return {
             "run": name,
-            "model": info.get("model", {}).get("name", "?"),
+            "model": _model_label(info.get("model", {}).get("name", "?")),
             "probes": ", ".join(p.get("name", "?") for p in info.get("probes", [])),
             "dataset": info.get("dataset", {}).get("name", "?"),
             "created": info.get("created", "?"),
             "results": len(run.results),
+            "status": "complete" if run.complete else f"incomplete ({', '.join(run.pending) or 'unfinished'})",
         }
 
     # ---- fitted interventions (``attnlab intervene --out RUN`` writes ``RUN/intervention/``) ------------------------
 
     def fitted_names(self) -> list[str]:
-        """Names of the directories directly under ``runs_dir`` that hold a saved intervention
-        (``intervention/intervention.json``, the files resolving inside the runs directory), sorted."""
+        """Names of the directories directly under ``runs_dir`` that hold a saved intervention of a finished
+        ``attnlab intervene`` (``intervention/intervention.json`` and the ``report.json`` written after it, the
+        files resolving inside the runs directory), sorted."""
         out = []
         for child in sorted(self.runs_dir.iterdir()):
-            files = [child / FITTED_DIR / name for name in FITTED_FILES]
-            if _NAME.match(child.name) and files[0].is_file() and all(self._inside(f) for f in files):
+            files = [child / FITTED_DIR / name for name in FITTED_FILES] + [child / FITTED_REPORT]
+            if (
+                _NAME.match(child.name)
+                and files[0].is_file()
+                and files[-1].is_file()  # written last: a killed `attnlab intervene` left no report, so no offer
+                and all(self._inside(f) for f in files)
+            ):
                 out.append(child.name)
         return out
 
@@ -92,6 +103,15 @@ class RunCatalog:
 
 
 FITTED_DIR = "intervention"  # what ``attnlab intervene --out`` writes (``Intervention.save``)
+FITTED_REPORT = "report.json"  # written after intervention/: its presence says the intervene run finished
+
+
+def _model_label(name: Any) -> str:
+    """A model name for the page: a local checkpoint path shows as its directory name only (no server paths)."""
+    text = str(name)
+    return Path(text.rstrip("/\\")).name if text.startswith(("/", "~")) or ":\\" in text else text
+
+
 FITTED_FILES = (
     "intervention.json",
     "arrays.safetensors",

@@ -7,6 +7,12 @@ import numpy as np
 import plotly.graph_objects as go
 
 
+def plain(text) -> str:
+    """``text`` escaped for plotly, which reads labels and titles as a subset of HTML (``<b>``, ``<s>``, ``<br>``):
+    ``&``, ``<`` and ``>`` become entities, so a token or name always shows as the text it is."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def head_map(scores, title: str | None = None) -> go.Figure:
     """Layers x heads heatmap of a ``HeadScores``; hover shows the head, score and rank."""
     df = scores.to_frame()
@@ -24,7 +30,7 @@ def head_map(scores, title: str | None = None) -> go.Figure:
         )
     )
     fig.update_layout(
-        title=title or f"{scores.name} — {scores.model}",
+        title=title or f"{plain(scores.name)} — {plain(scores.model)}",
         xaxis_title="head",
         yaxis_title="layer",
         yaxis={"autorange": "reversed"},
@@ -36,16 +42,21 @@ def head_map(scores, title: str | None = None) -> go.Figure:
 MARK_SYMBOLS = ("triangle-down", "circle", "diamond", "square", "x", "star")
 
 
-def token_strip(tokens, title: str | None = None, max_tokens: int = 400, row_scale: bool = True) -> go.Figure:
+def token_strip(
+    tokens, title: str | None = None, max_tokens: int = 400, row_scale: bool = True, max_rows: int = 64
+) -> go.Figure:
     """Rows x tokens heatmap of a ``TokenScores`` with token labels; marked tokens get a symbol above the strip.
 
     ``row_scale`` (default) colours each row relative to its own largest magnitude, so rows on different scales
     (WAAD in tokens, FAI near 0) stay readable; the hover shows the raw value. Marks are drawn largest first with
-    their own symbol, so a token with several marks (e.g. preplan and anchor) shows all of them."""
+    their own symbol, so a token with several marks (e.g. preplan and anchor) shows all of them. At most
+    ``max_tokens`` tokens and the first ``max_rows`` rows are drawn; the title says when some are left out."""
     n = len(tokens.tokens)
     keep = slice(0, min(n, max_tokens))
-    labels = [f"{i}:{t}" for i, t in enumerate(tokens.tokens)][keep]
-    raw = np.asarray(tokens.values[:, keep], dtype=float)
+    rows = min(len(tokens.row_labels), max_rows)
+    labels = [f"{i}:{plain(t)}" for i, t in enumerate(tokens.tokens[keep])]
+    row_labels = [plain(r) for r in tokens.row_labels[:rows]]
+    raw = np.asarray(tokens.values[:rows, keep], dtype=float)
     z = raw
     if row_scale:
         peak = (
@@ -58,28 +69,34 @@ def token_strip(tokens, title: str | None = None, max_tokens: int = 400, row_sca
         go.Heatmap(
             z=z,
             x=labels,
-            y=tokens.row_labels,
+            y=row_labels,
             customdata=raw,
             colorscale="Magma",
             hovertemplate="%{x}<br>%{y}: %{customdata:.4f}<extra></extra>",
             colorbar={"title": "share of row max" if row_scale else "score"},
         )
     )
-    marks = [(m, [p for p in positions if p < len(labels)]) for m, positions in tokens.marks.items()]
+    marks = [(m, [p for p in positions if 0 <= p < len(labels)]) for m, positions in tokens.marks.items()]
+    marks = marks[: len(MARK_SYMBOLS) * 4] if row_labels else []
+    left_out = ", ".join(
+        f"first {k:,} of {total:,} {what}"
+        for k, total, what in ((len(labels), n, "tokens"), (rows, len(tokens.row_labels), "rows"))
+        if k < total
+    )
     for i, (mark, pos) in enumerate(m for m in marks if m[1]):
         size = max(5, 14 - 3 * i)
         symbol = MARK_SYMBOLS[i % len(MARK_SYMBOLS)]
         fig.add_trace(
             go.Scatter(
                 x=[labels[p] for p in pos],
-                y=[tokens.row_labels[-1]] * len(pos),
+                y=[row_labels[-1]] * len(pos),
                 mode="markers",
                 marker={"symbol": symbol, "size": size, "line": {"width": 1, "color": "white"}},
-                name=mark,
+                name=plain(mark),
             )
         )
     fig.update_layout(
-        title=title or f"{tokens.name} — {tokens.model}",
+        title=title or f"{plain(tokens.name)} — {plain(tokens.model)}" + (f" (shown: {left_out})" if left_out else ""),
         xaxis={"tickangle": -60},
         margin={"l": 80, "r": 20, "t": 50, "b": 120},
         legend={
@@ -99,7 +116,7 @@ def block_labels(bounds: np.ndarray, tokens, offset: int = 0) -> list[str]:
     Positions prefix the labels, so they are unique (plotly merges equal category labels)."""
     out = []
     for s, e in zip(bounds[:-1], bounds[1:]):
-        tok = str(tokens[offset + s]) if offset + s < len(tokens) else ""
+        tok = plain(tokens[offset + s]) if offset + s < len(tokens) else ""
         out.append(f"{offset + s}:{tok}" if e - s == 1 else f"{offset + s}-{offset + e - 1}:{tok}…")
     return out
 
@@ -167,7 +184,7 @@ def attention_pattern(
     )
     head_label = f"L{layer}H{head}"
     fig.update_layout(
-        title=title or f"{head_label} attention — {model} ({n} tokens, queries {start}-{stop - 1}{shown})",
+        title=title or f"{head_label} attention — {plain(model)} ({n} tokens, queries {start}-{stop - 1}{shown})",
         xaxis={"title": "key", "tickangle": -60, "type": "category"},
         yaxis={"title": "query", "autorange": "reversed", "type": "category"},
         margin={"l": 120, "r": 20, "t": 50, "b": 120},
@@ -191,6 +208,7 @@ def head_map_difference(
     ``layout.meta`` holds ``kind="difference"``, the labels and the largest absolute difference.
     """
     a, b = np.asarray(scores_a.scores, dtype=np.float64), np.asarray(scores_b.scores, dtype=np.float64)
+    labels = (plain(labels[0]), plain(labels[1]))
     if a.shape != b.shape:
         raise ValueError(f"cannot compare head grids of shapes {a.shape} and {b.shape} (different models?)")
     diff = a - b
@@ -213,6 +231,7 @@ def head_map_difference(
         )
     )
     name = scores_a.name if scores_a.name == scores_b.name else f"{scores_a.name} vs {scores_b.name}"
+    name = plain(name)
     fig.update_layout(
         title=title or f"{name}: {labels[0]} − {labels[1]}",
         xaxis_title="head",
@@ -261,12 +280,13 @@ def query_row_strip(
     m, _, bk = downsample_pattern(row[None, :stop], max_size=max_tokens)
     head_label = f"L{layer}H{head}"
     qtok = str(tokens[q]) if q < len(tokens) else ""
+    qlabel = plain(qtok)
     shown = "" if m.shape[1] == stop else f", shown as {m.shape[1]} key blocks"
     fig = go.Figure(
         go.Heatmap(
             z=m,
             x=block_labels(bk, tokens, 0),
-            y=[f"{q}:{qtok}"],
+            y=[f"{q}:{qlabel}"],
             colorscale="Blues",
             zmin=0,
             hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.4f}<extra></extra>",
@@ -274,7 +294,8 @@ def query_row_strip(
         )
     )
     fig.update_layout(
-        title=title or f"{head_label} attention of query {q} ({qtok!r}) — {model} ({n} tokens{shown})",
+        title=title
+        or f"{head_label} attention of query {q} ({plain(repr(qtok))}) — {plain(model)} ({n} tokens{shown})",
         xaxis={"title": "key", "tickangle": -60, "type": "category"},
         yaxis={"title": "query", "type": "category"},
         margin={"l": 120, "r": 20, "t": 50, "b": 120},
@@ -467,7 +488,7 @@ def attention_difference(
     fig.update_layout(
         title=title
         or (
-            f"{head_label} attention, {method or 'intervened'} − baseline — {model} "
+            f"{head_label} attention, {plain(method or 'intervened')} − baseline — {plain(model)} "
             f"({n} tokens{shown}; max |Δ| {span:.4f})"
         ),
         xaxis={"title": "key", "tickangle": -60, "type": "category"},

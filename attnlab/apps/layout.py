@@ -32,13 +32,13 @@ def _section(title: str, view_id: str, children: list, *, hidden: bool = False) 
 
 def runs_table(state: AppState) -> html.Table:
     """Model, probes, dataset and time of every run in the runs directory."""
-    cols = ("run", "model", "probes", "dataset", "created", "results")
+    cols = ("run", "model", "probes", "dataset", "created", "results", "status")
     rows = []
     for name in state.catalog.names():
         try:
             s = state.catalog.summary(name)
         except Exception as e:  # a broken run.json: list it with its problem instead of failing the page
-            s = {"run": name, "model": failure_message(e)}
+            s = {"run": name, "model": failure_message(e), "status": "unreadable"}
         rows.append(html.Tr([html.Td(str(s.get(c, "")), style=_CELL) for c in cols]))
     return html.Table(
         [html.Thead(html.Tr([html.Th(c, style=_CELL) for c in cols])), html.Tbody(rows)],

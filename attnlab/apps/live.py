@@ -62,6 +62,8 @@ class LiveModels:
         Longest prompt accepted (tokens), besides the model's own context.
     wait_s : float, default=30
         How long a request waits for another live run to finish before it is refused as busy.
+    max_run_prompts : int, default=4096
+        Most prompts regenerated from a run's dataset record (a run.json may claim any number).
     fused_min_len : int, default=512
         Prompts at least this long run with the fused SDPA path (``attnlab.capture``), about twice as fast on
         long inputs as the eager path; q/k are the same either way.
@@ -77,6 +79,7 @@ class LiveModels:
         max_tokens: int = 4096,
         wait_s: float = 30.0,
         fused_min_len: int = 512,
+        max_run_prompts: int = 4096,
     ):
         self.loader = loader or _loader
         self.max_models = max_models
@@ -85,6 +88,7 @@ class LiveModels:
         self.max_tokens = max_tokens
         self.wait_s = wait_s
         self.fused_min_len = fused_min_len
+        self.max_run_prompts = max_run_prompts
         self.last_path = ""
         self.lock = threading.Lock()
         self._models: OrderedDict[str, Any] = OrderedDict()
@@ -126,10 +130,18 @@ class LiveModels:
         if key not in DATASETS:
             raise AttnlabError(f"this run's prompts ({ds.get('name')!r}) cannot be regenerated; type a prompt instead")
         cache_key = (info["model"]["name"], str(ds.get("fingerprint")))
+        n_prompts = int(ds.get("n_prompts", 1) or 1)
+        if not 0 <= index < n_prompts:
+            raise AttnlabError(f"the run has {n_prompts} prompts; there is no prompt {index}")
+        if cache_key not in self._run_ids and n_prompts > self.max_run_prompts:
+            raise AttnlabError(
+                f"the run records {n_prompts:,} prompts, more than the app regenerates ({self.max_run_prompts:,}); "
+                "type a prompt instead"
+            )
         if cache_key not in self._run_ids:
             with self._acquire():
                 model = self.model(info["model"]["name"])
-                prompts = DATASETS[key](model, int(ds.get("n_prompts", 1)), int(ds.get("seed", 0) or 0))
+                prompts = DATASETS[key](model, n_prompts, int(ds.get("seed", 0) or 0))
                 ids = prompt_token_ids(model, prompts, truncate=True)
             if fingerprint(ids) != ds.get("fingerprint"):
                 raise AttnlabError(

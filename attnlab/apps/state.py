@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import plotly.graph_objects as go
@@ -20,13 +21,23 @@ class AppState:
     max_pattern_size: int = 192
 
 
+_ABS_PATH = re.compile(r"""(?<![\w.:/])(?:/[^\s'"/:,;()]+)+/?""")
+
+
+def no_paths(text: str) -> str:
+    """``text`` with every absolute path shortened to its last component: the page shows names, never where
+    files live on the server."""
+    return _ABS_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or "/", text)
+
+
 def failure_message(exc: BaseException) -> str:
-    """One line for the page: the message of a user error, the type and first line of anything else (no traceback)."""
+    """One line for the page: the message of a user error, the type and first line of anything else (no traceback,
+    no server paths)."""
     if isinstance(exc, (AttnlabError, KeyError, ValueError)):
         text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return no_paths(text.strip().splitlines()[0]) if text.strip() else type(exc).__name__
     first = (str(exc).strip().splitlines() or [""])[0]
-    return f"internal error: {type(exc).__name__}: {first}"
+    return no_paths(f"internal error: {type(exc).__name__}: {first}")
 
 
 def empty_figure(message: str = "") -> go.Figure:

@@ -152,6 +152,11 @@ class LoadedModel:
         if not isinstance(prompt, str) or not prompt.strip():
             raise AttnlabError(f"prompt {index} is empty")
         ids = list(self.tokenizer(prompt, add_special_tokens=self.bos_policy == "tokenizer")["input_ids"])
+        if self.image_token_id is not None and self.image_token_id in ids:
+            raise AttnlabError(
+                f"missing image: prompt {index} holds the image token but no image was given; pass the prompt "
+                "with its image (e.g. --dataset shapes), or remove the image token for a text-only prompt"
+            )
         if self.bos_policy == "prepend":
             ids = [self.tokenizer.bos_token_id, *ids]
         return self.check_length(ids, truncate=truncate, index=index)
@@ -346,10 +351,34 @@ def _check_architecture(path: str) -> tuple[Any, str]:
         arch = determine_architecture_from_hf_config(config)
     except Exception:
         arch = None
+    named = ", ".join(getattr(config, "architectures", None) or [config.model_type])
     if arch not in SUPPORTED_ARCHITECTURES:
-        named = ", ".join(getattr(config, "architectures", None) or [config.model_type])
         raise AttnlabError(f"unsupported architecture {named}: TransformerLens' bridge has no adapter for it")
+    if getattr(config, "is_encoder_decoder", False):
+        raise AttnlabError(
+            f"unsupported architecture {named}: an encoder-decoder model; attnlab probes decoder-only and "
+            "encoder-only transformers"
+        )
     return config, arch
+
+
+def _check_attention(bridge, name: str, arch: str) -> None:
+    """Every block must have an attention layer (state-space models such as Mamba have none; hybrids lack some)."""
+    try:
+        blocks = list(bridge.blocks)
+        has_attn = [_has_attention(b) for b in blocks]
+    except AttributeError:
+        blocks, has_attn = [], []
+    if not blocks or not all(has_attn):
+        what = "no attention layers" if not any(has_attn) else f"attention in {sum(has_attn)} of {len(blocks)} blocks"
+        raise AttnlabError(f"unsupported architecture {arch or name}: {what}; attnlab needs attention in every block")
+
+
+def _has_attention(block) -> bool:
+    try:
+        return getattr(block, "attn", None) is not None
+    except AttributeError:
+        return False
 
 
 def _check_device(device: str | None) -> str:
@@ -468,6 +497,7 @@ def load(name_or_path: str, *, device: str | None = "cpu", dtype: str = "float32
             cfg.output_attentions = False
     cfg = bridge.cfg
     arch = arch or type(hf).__name__
+    _check_attention(bridge, str(name_or_path), arch)
     n_heads = int(cfg.n_heads)
     n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
     causal = _is_causal(bridge)

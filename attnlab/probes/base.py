@@ -169,6 +169,17 @@ class PerPromptRatio:
                 return np.nanmean(per, axis=0)
 
 
+def require_images(probe: Probe, model) -> None:
+    """Vision probes score image tokens: on a text model they are refused (one line) rather than run to all-NaN."""
+    if getattr(model, "modality", None) == "text":
+        from attnlab.errors import AttnlabError
+
+        raise AttnlabError(
+            f"{probe.name}: not scored: text model ({model.name} has no image tokens); vision probes need a "
+            "vision-language model and image prompts (e.g. --dataset shapes)"
+        )
+
+
 def query_validity(batch, q_pos: torch.Tensor, *, skip_first: int = 0) -> torch.Tensor:
     """``[batch, chunk]`` bool: query position is a real token at least ``skip_first`` tokens into its prompt."""
     first = batch.first_real.to(q_pos.device)[:, None]

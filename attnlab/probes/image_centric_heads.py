@@ -26,7 +26,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext
+from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, require_images
 
 RMS_EPS = 1e-6
 FIRST_SINK_LAYER = 2  # layers 0 and 1 never report sinks (VAR leaves them untouched)
@@ -180,6 +180,7 @@ class ImageCentricHeads(Probe):
         return [l for l in self.phi_layers(n_layers) if self.include_last_layer or l < n_layers - 1]
 
     def attach(self, capture, ctx: ProbeContext) -> None:
+        require_images(self, ctx.model)
         m = ctx.model
         self._model = m
         self._dims = list(self.sink_dims) if self.sink_dims is not None else None

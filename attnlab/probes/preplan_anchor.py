@@ -42,8 +42,8 @@ Result names (per prompt p < ``n_examples`` for the token results):
 
 The response span comes from the prompt set's per-prompt ``meta``: ``prompt_len`` (number of real tokens before
 the response; the response runs to the end, or for ``response_len`` tokens). Prompts without ``prompt_len`` are
-scored as all-response. ``reasoning_prompt_set`` builds such a set from (prompt, response) pairs and
-``preplan_anchor`` runs the probe on one pair.
+refused, or scored as all-response with ``whole_prompts=True``. ``reasoning_prompt_set`` builds such a set from
+(prompt, response) pairs and ``preplan_anchor`` runs the probe on one pair.
 """
 
 from __future__ import annotations
@@ -244,6 +244,9 @@ class PreplanAnchor(Probe):
         ``{"local": [(l, h), ...], "global": [...]}`` to freeze the head groups instead of ranking per sequence.
     n_examples : int, default=3
         Prompts (by index) that get a ``TokenScores`` result.
+    whole_prompts : bool, default=False
+        Score a prompt without a response span (no ``meta["prompt_len"]``, e.g. plain prose) as all-response.
+        By default such prompts are refused: the metrics are defined on a reasoning response.
     """
 
     name = "preplan_anchor"
@@ -265,6 +268,7 @@ class PreplanAnchor(Probe):
         gamma_amp: float = 1.5,
         fixed_groups: dict | None = None,
         n_examples: int = 3,
+        whole_prompts: bool = False,
     ):
         if not 0 < q_h <= 0.5:
             raise ValueError("q_h must be in (0, 0.5] so that the local and global groups are disjoint")
@@ -286,6 +290,7 @@ class PreplanAnchor(Probe):
         self.gamma_amp = gamma_amp
         self.fixed_groups = fixed_groups
         self.n_examples = n_examples
+        self.whole_prompts = whole_prompts
 
     # -- setup
 
@@ -300,6 +305,15 @@ class PreplanAnchor(Probe):
         return sorted(set(self.layers))
 
     def attach(self, capture, ctx: ProbeContext) -> None:
+        if not self.whole_prompts:
+            spans = [isinstance(x, dict) and x.get("prompt_len") is not None for x in ctx.meta]
+            missing = next((i for i in range(max(ctx.n_prompts, len(spans))) if i >= len(spans) or not spans[i]), None)
+            if missing is not None:
+                raise AttnlabError(
+                    f"preplan_anchor: prompt {missing} has no response to score (no prompt/response split); use "
+                    "--dataset arithmetic or reasoning_prompt_set(model, [(prompt, response), ...]), or "
+                    "PreplanAnchor(whole_prompts=True) to score whole prompts"
+                )
         m = ctx.model
         self._model = m
         self._meta = ctx.meta

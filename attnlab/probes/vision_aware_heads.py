@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attnlab.probes.base import Probe, ProbeContext
+from attnlab.probes.base import Probe, ProbeContext, require_images
 
 
 def head_divergence(z_image: torch.Tensor, z_text: torch.Tensor) -> torch.Tensor:
@@ -134,6 +134,7 @@ class VisionAwareHeads(Probe):
         self.normalize = normalize
 
     def attach(self, capture, ctx: ProbeContext) -> None:
+        require_images(self, ctx.model)
         if self.positions not in ("last", "text"):
             raise ValueError(f"positions must be 'last' or 'text', got {self.positions!r}")
         if self.normalize not in ("none", "layer_mean"):

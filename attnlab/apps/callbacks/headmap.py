@@ -9,6 +9,7 @@ from dash import Input, Output, State, ctx
 
 from attnlab.apps import figures, ids
 from attnlab.apps.state import AppState, empty_figure, failure_message
+from attnlab.errors import AttnlabError
 
 _AXIS = re.compile(r"^[LH](\d{1,4})$")
 
@@ -20,13 +21,28 @@ def head_figure(run_name, result_name, state: AppState, compare=None) -> tuple:
         return empty_figure("no head scores in this run"), ""
     try:
         scores = state.catalog.result(run_name, result_name, "head_scores")
+        check_grid(scores)
         if compare is None or compare == run_name:
             return figures.head_map(scores), ""
         state.catalog.open(compare)  # a name that is not a run is refused before its results are looked up
         other = state.catalog.result(compare, result_name, "head_scores")
+        check_grid(other)
         return figures.head_map_difference(scores, other, labels=(run_name, compare)), ""
     except Exception as e:
         return empty_figure(), failure_message(e)
+
+
+MAX_GRID_CELLS = 128 * 256  # layers x heads drawn at most (the largest public models have about 16k heads)
+
+
+def check_grid(scores) -> None:
+    """Refuse (a one-line message in the view) a score grid too large to send to the page."""
+    cells = scores.n_layers * scores.n_heads
+    if cells > MAX_GRID_CELLS:
+        raise AttnlabError(
+            f"{scores.name} has a {scores.n_layers} x {scores.n_heads} grid ({cells:,} heads), more than the head map "
+            f"draws ({MAX_GRID_CELLS:,}); read it with `attnlab show --result {scores.name}` or HeadScores.top()"
+        )
 
 
 def head_from_click(click_data) -> tuple[int, int] | None:

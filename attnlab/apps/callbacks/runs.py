@@ -5,9 +5,12 @@ from __future__ import annotations
 from dash import Input, Output
 
 from attnlab.apps import ids
-from attnlab.apps.state import AppState, failure_message
+from attnlab.apps.catalog import _model_label
+from attnlab.apps.state import AppState, failure_message, no_paths
 
 TYPED = "typed"
+MAX_PROMPT_OPTIONS = 500  # a run may claim any number of prompts: the dropdown lists this many at most
+MAX_OPTIONS = 1000  # results of one kind listed at most
 
 
 def _options(names: list[str]) -> list[dict]:
@@ -27,16 +30,24 @@ def run_selected(run_name, state: AppState) -> tuple:
     info = run.info
     model = info.get("model", {})
     ds = info.get("dataset", {})
-    heads = run.names("head_scores")
-    toks = run.names("token_scores")
+    heads = run.names("head_scores")[:MAX_OPTIONS]
+    toks = run.names("token_scores")[:MAX_OPTIONS]
     n_prompts = int(ds.get("n_prompts", 0) or 0)
-    prompts = [{"label": f"run prompt {i}", "value": str(i)} for i in range(n_prompts)] + [
+    shown = min(n_prompts, MAX_PROMPT_OPTIONS)
+    prompts = [{"label": f"run prompt {i}", "value": str(i)} for i in range(shown)] + [
         {"label": "typed prompt", "value": TYPED}
     ]
     line = (
-        f"{model.get('name')} ({model.get('architecture')}, {model.get('n_layers')} layers x {model.get('n_heads')} "
-        f"heads), dataset {ds.get('name')}, created {info.get('created')}"
+        f"{_model_label(model.get('name'))} ({model.get('architecture')}, {model.get('n_layers')} layers x "
+        f"{model.get('n_heads')} heads), dataset {ds.get('name')}, created {info.get('created')}"
     )
+    if shown < n_prompts:
+        line += f"; the prompt list shows the first {shown:,} of its {n_prompts:,} prompts"
+    if len(run.results) > 2 * MAX_OPTIONS:
+        line += f"; the result lists show at most {MAX_OPTIONS:,} of each kind"
+    if not run.complete:
+        line += f" — {run.state_line()}"
+    line = no_paths(line)
     return (
         line,
         _options(heads),

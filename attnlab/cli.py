@@ -283,6 +283,13 @@ def cmd_eval(args) -> int:
 
         if not torch.cuda.is_available():
             raise AttnlabError(f"--device {args.device} was asked for but no CUDA GPU is available; use --device cpu")
+    footprint = getattr(module, "eval_footprint", None)  # tasks that hold all their items: refuse what cannot fit
+    if footprint is not None:
+        check_fits(
+            f"eval {args.model} --task {args.task}" + (f" --n {args.n:,}" if args.n else ""),
+            footprint(str(path), args.task, args.n),
+            "use a smaller --n",
+        )
     metrics = module.evaluate(str(path), args.task, device=args.device, n=args.n, seed=args.seed)
     print(json.dumps(metrics, indent=2, default=float))
     return 0

@@ -90,8 +90,14 @@ def arithmetic_document(rng: random.Random, split: Split = "train") -> str:
 
 
 def build_eval_problems(n: int, *, split: Split = "test", seed: int = 0) -> list[ArithProblem]:
+    return list(iter_eval_problems(n, split=split, seed=seed))
+
+
+def iter_eval_problems(n: int, *, split: Split = "test", seed: int = 0):
+    """``build_eval_problems`` one problem at a time (same problems, same order)."""
     rng = random.Random(f"arith:{seed}")
-    return [make_problem(rng, split) for _ in range(n)]
+    for _ in range(n):
+        yield make_problem(rng, split)
 
 
 def parse_answer(text: str) -> int | None:

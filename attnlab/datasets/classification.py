@@ -159,5 +159,11 @@ def classification_document(rng: random.Random, split: Split = "train", max_shot
     return f"{p.prompt} {p.label}"
 
 
-def build_eval_prompts(task: ClsTask, n_shots: int, n: int, *, split: Split = "test", seed: int = 0) -> list[ClsPrompt]:
-    return [make_prompt(task, split, n_shots, random.Random(f"cls:{seed}:{task}:{n_shots}:{i}")) for i in range(n)]
+def build_eval_prompts(
+    task: ClsTask, n_shots: int, n: int, *, split: Split = "test", seed: int = 0, start: int = 0
+) -> list[ClsPrompt]:
+    """``n`` evaluation prompts, numbers ``start`` to ``start + n - 1`` (each made from its own number)."""
+    return [
+        make_prompt(task, split, n_shots, random.Random(f"cls:{seed}:{task}:{n_shots}:{i}"))
+        for i in range(start, start + n)
+    ]

@@ -190,10 +190,13 @@ def make_prompt(task: str, split: Split, n_shots: int, rng: random.Random) -> Ic
     return IclPrompt(task, format_prompt(demos, qx), qy, n_shots, split)
 
 
-def build_eval_prompts(task: str, n_shots: int, n: int, *, split: Split = "test", seed: int = 0) -> list[IclPrompt]:
-    """``n`` evaluation prompts; the same seed gives the same queries for every ``n_shots``."""
+def build_eval_prompts(
+    task: str, n_shots: int, n: int, *, split: Split = "test", seed: int = 0, start: int = 0
+) -> list[IclPrompt]:
+    """``n`` evaluation prompts (numbers ``start`` to ``start + n - 1``: each is made from its own number, so a
+    long list can be made in pieces); the same seed gives the same queries for every ``n_shots``."""
     out = []
-    for i in range(n):
+    for i in range(start, start + n):
         rng = random.Random(f"{seed}:{task}:{i}")
         query_rng = random.Random(f"{seed}:{task}:{i}:query")
         qx = TASKS[task].sample(query_rng, split)

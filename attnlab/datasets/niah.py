@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,17 +195,41 @@ def build_niah_trials(
     n_digits : int, default=3
         Digits of the secret code.
     """
+    return list(
+        iter_niah_trials(
+            tokenizer,
+            lengths,
+            depths,
+            n_needles=n_needles,
+            trials_per_cell=trials_per_cell,
+            seed=seed,
+            n_digits=n_digits,
+        )
+    )
+
+
+def iter_niah_trials(
+    tokenizer: Any,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    *,
+    n_needles: int = 1,
+    trials_per_cell: int = 1,
+    seed: int = 0,
+    n_digits: int = 3,
+) -> Iterator[NiahTrial]:
+    """``build_niah_trials`` one trial at a time (the same trials, in the same order), so a large grid can be
+    scored as it is made instead of held."""
     if n_needles < 1:
         raise ValueError(f"n_needles must be >= 1, got {n_needles}")
+    for depth in depths:
+        if not 0 <= depth <= 100:
+            raise ValueError(f"depth must be in [0, 100], got {depth}")
     rng = random.Random(seed)
-    trials: list[NiahTrial] = []
     for length in lengths:
         for depth in depths:
-            if not 0 <= depth <= 100:
-                raise ValueError(f"depth must be in [0, 100], got {depth}")
             for _ in range(trials_per_cell):
-                trials.append(_build_one(tokenizer, rng, int(length), float(depth), n_needles, n_digits))
-    return trials
+                yield _build_one(tokenizer, rng, int(length), float(depth), n_needles, n_digits)
 
 
 def _build_one(

@@ -53,5 +53,11 @@ def recall_document(rng: random.Random, n_pairs: int) -> str:
 
 def build_recall_prompts(n: int, *, n_pairs: tuple[int, int] = (4, 24), seed: int = 0) -> list[RecallPrompt]:
     """``n`` evaluation prompts with pair counts uniform in ``[n_pairs[0], n_pairs[1]]``."""
+    return list(iter_recall_prompts(n, n_pairs=n_pairs, seed=seed))
+
+
+def iter_recall_prompts(n: int, *, n_pairs: tuple[int, int] = (4, 24), seed: int = 0):
+    """``build_recall_prompts`` one prompt at a time (same prompts, same order)."""
     rng = random.Random(seed)
-    return [make_recall(rng, rng.randint(*n_pairs)) for _ in range(n)]
+    for _ in range(n):
+        yield make_recall(rng, rng.randint(*n_pairs))

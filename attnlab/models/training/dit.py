@@ -518,6 +518,16 @@ def _balanced_labels(n_per_class: int) -> torch.Tensor:
     return torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
 
 
+def eval_footprint(model_dir: str, task: str, n: int | None) -> int:
+    """Estimated peak bytes ``evaluate(model_dir, task, n=n)`` holds, for refusing a ``--n`` that cannot fit: every
+    generated digit is kept (with its starting noise and the scorer's features, about 4 copies of the image) for
+    ``n`` digits per class."""
+    cfg = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())
+    per_image = cfg.get("in_channels", 1) * cfg.get("sample_size", 16) ** 2 * 4 * 4
+    settings = 2 if task == "classify" else 1  # guided and unguided
+    return NUM_CLASSES * (20 if n is None else n) * per_image * settings
+
+
 def evaluate(
     model_dir: str | os.PathLike | DiTOrganism,
     task: str,

@@ -407,25 +407,61 @@ def _first_line(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
+# Evaluation streams its items: at most EVAL_CHUNK prompts are made, held and scored at a time, and only counts
+# are kept, so memory stays flat in --n (a larger --n costs time, not memory). Task defaults fit in one chunk, so
+# they are scored exactly as one list. Progress goes to stderr when there is more than one chunk.
+EVAL_CHUNK = 4096
+SINK_CHUNK = 16  # prose windows per forward of the sink statistic (its attentions are [rows, heads, T, T])
+
+
+def _chunks(items, size: int = EVAL_CHUNK):
+    """Lists of up to ``size`` items from an iterable."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _progress(what: str, done: int, total: int) -> None:
+    if total > EVAL_CHUNK:
+        print(f"eval {what}: {done:,}/{total:,} items", file=sys.stderr, flush=True)
+
+
+def _mean(hits: int, n: int) -> float:
+    return hits / n if n else float("nan")
+
+
 def eval_niah(
     model, tok, device: str, *, lengths, depths, trials_per_cell: int = 1, seed: int = 0, trials=None
 ) -> dict:
     """Exact match of the 3-digit code over a lengths x depths grid (continuation's leading digits)."""
-    trials = trials or niah.build_niah_trials(tok, lengths, depths, trials_per_cell=trials_per_cell, seed=seed)
-    gens = greedy_generate(model, tok, [t.prompt for t in trials], 5, device, batch_size=16)
-    hits = [
-        bool(re.match(r"\s*(\d+)", g)) and re.match(r"\s*(\d+)", g).group(1) == t.answer for g, t in zip(gens, trials)
-    ]
-    by_len: dict[str, list[bool]] = {}
-    by_depth: dict[str, list[bool]] = {}
-    for t, h in zip(trials, hits):
-        by_len.setdefault(str(t.target_length), []).append(h)
-        by_depth.setdefault(str(int(t.depth)), []).append(h)
+    total = len(trials) if trials is not None else len(lengths) * len(depths) * trials_per_cell
+    if trials is None:
+        trials = niah.iter_niah_trials(tok, lengths, depths, trials_per_cell=trials_per_cell, seed=seed)
+    by_len: dict[str, list[int]] = {}  # key -> [hits, n]
+    by_depth: dict[str, list[int]] = {}
+    hits_all = n_all = 0
+    for chunk in _chunks(trials):
+        gens = greedy_generate(model, tok, [t.prompt for t in chunk], 5, device, batch_size=16)
+        for g, t in zip(gens, chunk):
+            m = re.match(r"\s*(\d+)", g)
+            h = int(bool(m) and m.group(1) == t.answer)
+            for table, key in ((by_len, str(t.target_length)), (by_depth, str(int(t.depth)))):
+                cell = table.setdefault(key, [0, 0])
+                cell[0] += h
+                cell[1] += 1
+            hits_all += h
+            n_all += 1
+        _progress("niah", n_all, total)
     return {
-        "niah_exact_match": float(np.mean(hits)),
-        "niah_n": len(trials),
-        "niah_by_length": {k: float(np.mean(v)) for k, v in by_len.items()},
-        "niah_by_depth": {k: float(np.mean(v)) for k, v in by_depth.items()},
+        "niah_exact_match": _mean(hits_all, n_all),
+        "niah_n": n_all,
+        "niah_by_length": {k: _mean(*v) for k, v in by_len.items()},
+        "niah_by_depth": {k: _mean(*v) for k, v in by_depth.items()},
     }
 
 
@@ -433,12 +469,20 @@ def eval_icl(model, tok, device: str, *, n: int, shots=(0, 5), tasks=icl.TASK_NA
     """Exact-match accuracy per task on the TEST split for each shot count, and the task average."""
     out: dict[str, Any] = {}
     for k in shots:
-        prompts = [p for t in tasks for p in icl.build_eval_prompts(t, k, n, split="test", seed=seed)]
-        gens = greedy_generate(model, tok, [p.prompt for p in prompts], 12, device)
-        per: dict[str, list[bool]] = {}
-        for p, g in zip(prompts, gens):
-            per.setdefault(p.task, []).append(_first_line(g) == p.answer)
-        accs = {t: float(np.mean(v)) for t, v in per.items()}
+        prompts = (
+            icl.build_eval_prompts(t, k, 1, split="test", seed=seed, start=i)[0] for t in tasks for i in range(n)
+        )
+        per: dict[str, list[int]] = {}
+        done = 0
+        for chunk in _chunks(prompts):
+            gens = greedy_generate(model, tok, [p.prompt for p in chunk], 12, device)
+            for p, g in zip(chunk, gens):
+                cell = per.setdefault(p.task, [0, 0])
+                cell[0] += int(_first_line(g) == p.answer)
+                cell[1] += 1
+            done += len(chunk)
+            _progress(f"icl {k}-shot", done, n * len(tasks))
+        accs = {t: _mean(*v) for t, v in per.items()}
         out[f"icl_{k}shot"] = float(np.mean(list(accs.values())))
         out[f"icl_{k}shot_by_task"] = accs
     out["icl_n_per_task"] = n
@@ -446,17 +490,23 @@ def eval_icl(model, tok, device: str, *, n: int, shots=(0, 5), tasks=icl.TASK_NA
 
 
 def eval_arith(model, tok, device: str, *, n: int, seed: int = 0) -> dict:
-    probs = arithmetic.build_eval_problems(n, split="test", seed=seed)
-    gens = greedy_generate(model, tok, [p.prompt for p in probs], 48, device)
-    hits = [arithmetic.parse_answer(g) == p.answer for g, p in zip(gens, probs)]
-    return {"arith_accuracy": float(np.mean(hits)), "arith_n": n}
+    hits = done = 0
+    for chunk in _chunks(arithmetic.iter_eval_problems(n, split="test", seed=seed)):
+        gens = greedy_generate(model, tok, [p.prompt for p in chunk], 48, device)
+        hits += sum(arithmetic.parse_answer(g) == p.answer for g, p in zip(gens, chunk))
+        done += len(chunk)
+        _progress("arith", done, n)
+    return {"arith_accuracy": _mean(hits, done), "arith_n": n}
 
 
 def eval_recall(model, tok, device: str, *, n: int, seed: int = 0) -> dict:
-    ps = recall.build_recall_prompts(n, seed=seed)
-    gens = greedy_generate(model, tok, [p.prompt for p in ps], 5, device)
-    hits = [_first_line(g) == p.answer for g, p in zip(gens, ps)]
-    return {"recall_accuracy": float(np.mean(hits)), "recall_n": n}
+    hits = done = 0
+    for chunk in _chunks(recall.iter_recall_prompts(n, seed=seed)):
+        gens = greedy_generate(model, tok, [p.prompt for p in chunk], 5, device)
+        hits += sum(_first_line(g) == p.answer for g, p in zip(gens, chunk))
+        done += len(chunk)
+        _progress("recall", done, n)
+    return {"recall_accuracy": _mean(hits, done), "recall_n": n}
 
 
 @torch.no_grad()
@@ -466,27 +516,29 @@ def eval_classify(model, tok, device: str, *, n: int, shots=(0, 4), seed: int = 
     for task, labels in classification.LABELS.items():
         label_ids = [tok(" " + lab, add_special_tokens=False)["input_ids"][0] for lab in labels]
         for k in shots:
-            ps = classification.build_eval_prompts(task, k, n, seed=seed)
-            hits = []
-            for s in range(0, len(ps), 64):
-                chunk = ps[s : s + 64]
-                enc = tok([p.prompt for p in chunk], return_tensors="pt", padding=True).to(device)
-                with _autocast(device):
-                    logits = model(**enc).logits[:, -1, :].float()
-                pred = logits[:, label_ids].argmax(-1).tolist()
-                hits.extend(labels[j] == p.label for j, p in zip(pred, chunk))
-            out[f"classify_{task}_{k}shot"] = float(np.mean(hits))
+            hits = done = 0
+            for start in range(0, n, EVAL_CHUNK):  # a multiple of 64: the same forward batches as one list
+                ps = classification.build_eval_prompts(task, k, min(EVAL_CHUNK, n - start), seed=seed, start=start)
+                for s in range(0, len(ps), 64):
+                    chunk = ps[s : s + 64]
+                    enc = tok([p.prompt for p in chunk], return_tensors="pt", padding=True).to(device)
+                    with _autocast(device):
+                        logits = model(**enc).logits[:, -1, :].float()
+                    pred = logits[:, label_ids].argmax(-1).tolist()
+                    hits += sum(labels[j] == p.label for j, p in zip(pred, chunk))
+                done += len(ps)
+                _progress(f"classify {task} {k}-shot", done, n)
+            out[f"classify_{task}_{k}shot"] = _mean(hits, done)
     out["classify_accuracy"] = float(np.mean([v for k, v in out.items() if k.endswith(f"_{shots[-1]}shot")]))
     out["classify_n"] = n
     return out
 
 
-def _prose_windows(tok, seq_len: int, n: int, seed: int) -> torch.Tensor:
-    """``n`` windows: BOS then ``seq_len - 1`` tokens of contiguous corpus prose (random offsets)."""
+def _iter_prose_windows(tok, seq_len: int, n: int, seed: int) -> Iterator[list[int]]:
+    """``n`` windows, one at a time: BOS then ``seq_len - 1`` tokens of contiguous corpus prose (random offsets)."""
     docs = load_prose()
     rng = random.Random(seed)
-    rows = []
-    while len(rows) < n:
+    for _ in range(n):
         i = rng.randrange(len(docs))
         ids: list[int] = []
         while len(ids) < seq_len - 1:
@@ -494,8 +546,12 @@ def _prose_windows(tok, seq_len: int, n: int, seed: int) -> torch.Tensor:
                 "input_ids"
             ]
             i += 1
-        rows.append([tok.bos_token_id] + ids[: seq_len - 1])
-    return torch.tensor(rows)
+        yield [tok.bos_token_id] + ids[: seq_len - 1]
+
+
+def _prose_windows(tok, seq_len: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` windows: BOS then ``seq_len - 1`` tokens of contiguous corpus prose (random offsets)."""
+    return torch.tensor(list(_iter_prose_windows(tok, seq_len, n, seed)))
 
 
 @torch.no_grad()
@@ -507,8 +563,14 @@ def first_token_mass(model, input_ids: torch.Tensor) -> np.ndarray:
     """
     eager = copy.deepcopy(model)
     _set_attn(eager, "eager")
+    return _first_token_mass_sum(eager, input_ids) / (input_ids.shape[0] * (input_ids.shape[1] - 1))
+
+
+@torch.no_grad()
+def _first_token_mass_sum(eager, input_ids: torch.Tensor) -> np.ndarray:
+    """Sum of the attention to position 0 over query rows 1..T-1 and the batch: array [layer, head] (float64)."""
     out = eager(input_ids=input_ids, output_attentions=True)
-    return np.stack([a[:, :, 1:, 0].float().mean(dim=(0, 2)).cpu().numpy() for a in out.attentions])
+    return np.stack([a[:, :, 1:, 0].double().sum(dim=(0, 2)).cpu().numpy() for a in out.attentions])
 
 
 def _set_attn(model, impl: str) -> None:
@@ -522,12 +584,23 @@ def _set_attn(model, impl: str) -> None:
 
 
 def eval_sink(model, tok, device: str, *, n: int = 16, seq_lens=(64, 256), seed: int = 0) -> dict:
-    """First-token sink mass per layer/head on prose windows (Gu et al.'s metric, thresholds 0.3 / 0.5)."""
+    """First-token sink mass per layer/head on prose windows (Gu et al.'s metric, thresholds 0.3 / 0.5), summed
+    over ``SINK_CHUNK`` windows per forward."""
     out: dict[str, Any] = {}
     max_len = getattr(model.config, "max_position_embeddings", 1024)
+    eager = copy.deepcopy(model)
+    _set_attn(eager, "eager")
     for T in seq_lens:
         T = min(T, max_len)
-        mass = first_token_mass(model, _prose_windows(tok, T, n, seed).to(device))
+        total, rows = 0.0, 0
+        for chunk in _chunks(_iter_prose_windows(tok, T, n, seed), SINK_CHUNK):
+            ids = torch.tensor(chunk).to(device)
+            total = total + _first_token_mass_sum(eager, ids)
+            rows += ids.shape[0] * (T - 1)
+            done = rows // (T - 1)
+            if done % EVAL_CHUNK < SINK_CHUNK or done == n:
+                _progress(f"sink@{T}", done, n)
+        mass = total / rows
         past0 = mass[1:] if mass.shape[0] > 1 else mass
         sfx = "" if T == seq_lens[0] else f"@{T}"
         out[f"sink_frac_gt_0.3{sfx}"] = float((past0 > 0.3).mean())

@@ -744,6 +744,25 @@ def pope_answer_is_yes(text: str) -> bool:
     return not any(w in ("No", "no", "not") for w in first.split())
 
 
+def eval_footprint(model_dir: str, task: str, n: int | None) -> int:
+    """Estimated peak bytes ``evaluate(model_dir, task, n=n)`` holds, for refusing a ``--n`` that cannot fit.
+
+    ``sink`` runs its ``n`` prompts in one forward with every layer's attention kept
+    (``layers x heads x T^2`` floats a prompt, T = image tokens + about 40 text tokens); the answer tasks keep a
+    (scene, question) pair and an answer per question (about 2 kB)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    text, vision = cfg.get("text_config", {}), cfg.get("vision_config", {})
+    if task == "sink":
+        tokens = (vision.get("image_size", 64) // vision.get("patch_size", 8)) ** 2 + 40
+        layers, heads = text.get("num_hidden_layers", 6), text.get("num_attention_heads", 8)
+        per_prompt = 4 * (layers * heads * tokens**2 + (layers + 1) * tokens * text.get("hidden_size", 256)) * 2
+        return (n or 64) * per_prompt
+    if task.startswith("pope"):
+        splits = len(shapes.POPE_SPLITS) if task == "pope" else 1
+        return splits * (n or 500) * 6 * 2048
+    return (n or 1000) * 2048
+
+
 def evaluate(model_dir: str, task: str, *, device: str = "cpu", n: int | None = None, seed: int = 0) -> dict:
     """Evaluate a saved organism-vlm on one task of ``EVAL_TASKS``; returns metric name -> value (plus counts).
 

@@ -414,6 +414,7 @@ def cmd_intervene(args) -> int:
     import attnlab
     from attnlab.interventions.evaluate import check_sets_disjoint, evaluate_intervention, format_table, load_data
     from attnlab.interventions.registry import build
+    from attnlab.probes.scan import pause_for_tests
 
     iv = build(args.method, args.param)  # bad method / parameter name: exit 2 before loading anything
     eval_set = load_data(args.eval, n=args.n, seed=args.seed)
@@ -435,6 +436,7 @@ def cmd_intervene(args) -> int:
     for stale in ("report.json", "report.csv"):  # a fitted intervention counts as finished once its report is in
         (out / stale).unlink(missing_ok=True)
     iv.save(out / "intervention")
+    pause_for_tests()
     report.save(out)  # last: the app offers intervention/ only beside its report
     print(
         f"{args.method} on {model.name}: fit on {report.info['fit_split']['name']} "

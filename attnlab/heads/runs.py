@@ -158,8 +158,8 @@ def check_index(data: Any, path: Path) -> dict[str, Any]:
 
 
 def result_stems(directory: Path) -> set[str]:
-    """Names of the results present on disk: ``NAME.json`` and ``NAME.safetensors`` both files resolving inside the
-    directory (nothing is opened)."""
+    """Names of the results present on disk: ``NAME.json`` and ``NAME.safetensors`` both there (nothing is opened
+    or followed here; loading a result refuses files that resolve outside the directory)."""
     found = set()
     try:
         entries = list(directory.iterdir())
@@ -169,12 +169,8 @@ def result_stems(directory: Path) -> set[str]:
         name = f.name[: -len(".json")] if f.name.endswith(".json") else ""
         if not name or f.name == INDEX or not RESULT_NAME.match(name):
             continue
-        try:
-            arrays = directory / f"{name}.safetensors"
-            if inside(directory, f).is_file() and inside(directory, arrays).is_file():
-                found.add(name)
-        except (AttnlabError, OSError):
-            continue
+        if os.path.lexists(directory / f"{name}.safetensors"):
+            found.add(name)
     return found
 
 

@@ -135,9 +135,9 @@ def scan(
             result.results[r.name] = r
             if result.run is not None:
                 result.run.add(r)
-                _test_hook_pause()
         if result.run is not None:
             result.run.done(p.name)
+            pause_for_tests()
     return result
 
 
@@ -160,9 +160,10 @@ def _pending_probes(run: Run, probe_objs: list[Probe], model, dataset: str) -> l
     return [p for p in probe_objs if p.name in run.pending]
 
 
-def _test_hook_pause() -> None:
-    """Tests of kills and concurrent writers: ``ATTNLAB_TEST_PAUSE_S`` seconds of sleep after each saved result,
-    so a test can act at a known moment. Unset in normal use."""
+def pause_for_tests() -> None:
+    """Tests of kills and concurrent writers: ``ATTNLAB_TEST_PAUSE_S`` seconds of sleep after each finished probe
+    of a scan (and after ``attnlab intervene`` saved its intervention), so a test can act at a known moment.
+    Unset in normal use."""
     pause = os.environ.get("ATTNLAB_TEST_PAUSE_S")
     if pause:
         time.sleep(float(pause))

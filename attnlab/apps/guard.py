@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import secrets
 from collections.abc import Iterable
 
@@ -23,7 +24,14 @@ TOKEN_HEADER = "X-Attnlab-Token"
 
 
 def is_loopback(host: str) -> bool:
-    return host_name(host) in LOOPBACK_NAMES or host_name(host).startswith("127.")
+    """A loopback name or address literal (``localhost``, ``127.0.0.0/8``, ``::1``)."""
+    name = host_name(host)
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def host_name(host_header: str) -> str:
@@ -58,7 +66,7 @@ def install(server, *, hosts: frozenset[str] | None, token: str | None, max_body
     @server.before_request
     def _check():
         name = host_name(request.host)
-        if hosts is not None and name not in hosts and not name.startswith("127."):
+        if hosts is not None and name not in hosts and not is_loopback(name):
             abort(403, description="this host name is not served here")
         if request.content_length is not None and request.content_length > max_body_bytes:
             abort(413)

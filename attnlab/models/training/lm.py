@@ -414,8 +414,9 @@ EVAL_CHUNK = 4096
 SINK_CHUNK = 16  # prose windows per forward of the sink statistic (its attentions are [rows, heads, T, T])
 
 
-def _chunks(items, size: int = EVAL_CHUNK):
-    """Lists of up to ``size`` items from an iterable."""
+def _chunks(items, size: int | None = None):
+    """Lists of up to ``size`` (default ``EVAL_CHUNK``) items from an iterable."""
+    size = size or EVAL_CHUNK
     chunk = []
     for item in items:
         chunk.append(item)

@@ -122,8 +122,11 @@ def check_scan_fits(model, dataset: str, n_prompts: int, seed: int) -> None:
     from attnlab.probes.scan import prompt_token_ids
 
     sample = DATASETS[dataset](model, min(n_prompts, 4), seed)
-    ids = prompt_token_ids(model, sample, truncate=True)
-    per_prompt = SCAN_BYTES_PER_TOKEN * max(1, sum(map(len, ids)) // max(1, len(ids)))
+    if sample.images is not None:  # image prompts: their length with the image tokens the processor expands
+        lengths = model.encode(sample.texts, images=sample.images, truncate=True).lengths.tolist()
+    else:
+        lengths = [len(x) for x in prompt_token_ids(model, sample, truncate=True)]
+    per_prompt = SCAN_BYTES_PER_TOKEN * max(1, sum(lengths) // max(1, len(lengths)))
     per_prompt += SCAN_BYTES_PER_PROMPT_HEAD * model.n_layers * model.n_heads
     if sample.images:
         w, h = sample.images[0].size

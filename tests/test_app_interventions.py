@@ -261,6 +261,7 @@ def test_browser_interventions_view(tmp_path_factory):
     from attnlab.interventions.zerotuning import ZeroTuning
 
     ZeroTuning(gamma=2.0).fit(model, None, split="none").save(root / "zt-organism" / "intervention")
+    (root / "zt-organism" / "report.json").write_text("{}")  # written last by a finished `attnlab intervene`
     live = LiveModels()
     live.preload("organism-lm", model)
     with loadtest.ServedApp(create_app(root, live_model=live).server) as served:
@@ -456,6 +457,8 @@ def fitted(tmp_path_factory, llama, loaded):
     (root / "bad-arrays" / "intervention" / "arrays.safetensors").write_bytes(b"\x00garbage" * 10)
     outside = tmp_path_factory.mktemp("iv-outside")
     si.save(outside / "intervention")
+    for d in (outside, *(root / n for n in ("site-llama", "zt-gpt2", "broken", "alien", "bad-arrays"))):
+        (d / "report.json").write_text("{}")  # what a finished `attnlab intervene` writes last
     (root / "escape").symlink_to(outside, target_is_directory=True)
     live = LiveModels(wait_s=0.2)
     live.preload(llama.name, llama)

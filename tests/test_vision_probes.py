@@ -14,6 +14,7 @@ import torch
 import attnlab
 from attnlab.capture import Capture
 from attnlab.datasets.base import PromptSet
+from attnlab.errors import AttnlabError
 from attnlab.models.bundled import bundled_path
 from attnlab.models.loading import Batch
 from attnlab.probes.base import ProbeContext
@@ -120,11 +121,19 @@ def test_vhd_selection_median_and_t_vhd():
 
 
 def test_vhd_is_zero_when_both_branches_see_the_same_input(loaded):
-    m = loaded("llama-gqa")
+    """A vision-language model on prompts without images: both branches see the same input, so VHD is 0."""
+    m = loaded("llava")
     res = attnlab.scan(m, VisionAwareHeads(), ["The cat sat on the mat.", "Paris is big."], progress=False)
     assert res["vhd"].scores.shape == (m.n_layers, m.n_heads)
     np.testing.assert_allclose(res["vhd"].scores, 0.0, atol=1e-6)
     assert res["vhd"].summary["prompts_without_image"] == [0, 1]
+
+
+def test_vision_probes_refuse_a_text_model(loaded):
+    """On a text model the vision probes are not scored (one line), rather than run to all zeros."""
+    for probe in (VisionAwareHeads(), ImageCentricHeads()):
+        with pytest.raises(AttnlabError, match="not scored: text model"):
+            attnlab.scan(loaded("llama-gqa"), probe, ["The cat sat on the mat."], progress=False)
 
 
 # ---- phi and sink dimensions ------------------------------------------------------------------------------------

@@ -212,6 +212,14 @@ def test_a_huge_prompt_count_is_capped_and_said(runs_dir):
         app.attnlab_state.live.run_prompt_ids(app.attnlab_state.catalog.open("tiny").info, 3)
 
 
+def test_image_regeneration_is_capped():
+    from attnlab.apps.vision import run_image_prompts
+
+    info = {"dataset": {"name": "shapes-attribute(n=100000000,seed=0)", "fingerprint": "0"}}
+    with pytest.raises(AttnlabError, match="more than the app regenerates"):
+        run_image_prompts(None, info)  # refused before any model or image is touched
+
+
 def test_a_huge_head_grid_is_refused_with_a_message(runs_dir):
     run = Run.open(runs_dir / "tiny")
     run.add(HeadScores(scores=np.zeros((2000, 2000)), name="huge", probe="planted"))

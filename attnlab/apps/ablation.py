@@ -89,6 +89,7 @@ def run_prompts(model, info: dict) -> tuple[list[tuple[list[int], int]], list | 
     runs: each prompt's ids as the processor expands them with its image, plus the tokens of ``meta["answer"]``;
     the images come back beside the pairs (``None`` for text runs).
     """
+    from attnlab.apps.live import check_regenerable
     from attnlab.datasets import DATASETS, fingerprint
     from attnlab.probes.causal_test import ImagePrompts
     from attnlab.probes.scan import prompt_token_ids
@@ -97,7 +98,8 @@ def run_prompts(model, info: dict) -> tuple[list[tuple[list[int], int]], list | 
     why = unavailable_reason(info)
     if why:
         raise AttnlabError(why)
-    prompts = DATASETS[dataset_key(info)](model, int(ds.get("n_prompts", 1)), int(ds.get("seed", 0) or 0))
+    n_prompts = check_regenerable(int(ds.get("n_prompts", 1)))
+    prompts = DATASETS[dataset_key(info)](model, n_prompts, int(ds.get("seed", 0) or 0))
     images = list(prompts.images) if prompts.images is not None else None
     if images is not None:
         view = ImagePrompts(model, images)

@@ -21,6 +21,17 @@ import numpy as np
 
 from attnlab.errors import AttnlabError
 
+MAX_REGENERATED_PROMPTS = 4096  # a run.json may claim any prompt count: the app regenerates at most this many
+
+
+def check_regenerable(n_prompts: int, limit: int = MAX_REGENERATED_PROMPTS) -> int:
+    """``n_prompts`` if the app may regenerate that many of a run's prompts, else a one-line AttnlabError."""
+    if n_prompts > limit:
+        raise AttnlabError(
+            f"the run records {n_prompts:,} prompts, more than the app regenerates ({limit:,}); type a prompt instead"
+        )
+    return n_prompts
+
 
 @dataclass(frozen=True)
 class PatternData:
@@ -79,7 +90,7 @@ class LiveModels:
         max_tokens: int = 4096,
         wait_s: float = 30.0,
         fused_min_len: int = 512,
-        max_run_prompts: int = 4096,
+        max_run_prompts: int = MAX_REGENERATED_PROMPTS,
     ):
         self.loader = loader or _loader
         self.max_models = max_models
@@ -133,11 +144,8 @@ class LiveModels:
         n_prompts = int(ds.get("n_prompts", 1) or 1)
         if not 0 <= index < n_prompts:
             raise AttnlabError(f"the run has {n_prompts} prompts; there is no prompt {index}")
-        if cache_key not in self._run_ids and n_prompts > self.max_run_prompts:
-            raise AttnlabError(
-                f"the run records {n_prompts:,} prompts, more than the app regenerates ({self.max_run_prompts:,}); "
-                "type a prompt instead"
-            )
+        if cache_key not in self._run_ids:
+            check_regenerable(n_prompts, self.max_run_prompts)
         if cache_key not in self._run_ids:
             with self._acquire():
                 model = self.model(info["model"]["name"])

@@ -13,6 +13,7 @@ import base64
 import io
 import re
 
+from attnlab.apps.live import check_regenerable
 from attnlab.datasets import shape_prompt_set
 from attnlab.errors import AttnlabError
 
@@ -38,7 +39,7 @@ def run_image_prompts(model, info: dict):
         raise AttnlabError(
             f"this run's images ({str(ds.get('name'))[:60]!r}) cannot be regenerated; upload an image instead"
         )
-    prompts = shape_prompt_set(m.group(1), int(m.group(2)), int(m.group(3)))
+    prompts = shape_prompt_set(m.group(1), check_regenerable(int(m.group(2))), int(m.group(3)))
     batch = model.encode(prompts.texts, images=prompts.images)
     ids = [batch.input_ids[i, batch.real_slice(i)].tolist() for i in range(batch.size)]
     if fingerprint(ids) != ds.get("fingerprint"):

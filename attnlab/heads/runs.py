@@ -307,6 +307,12 @@ class Run:
         for suffix in (".json", ".safetensors"):
             inside(self.directory, self.directory / f"{name}{suffix}")
         try:
+            size = (self.directory / f"{name}.json").stat().st_size
+        except OSError:
+            size = 0
+        if size > MAX_INDEX_BYTES:
+            raise AttnlabError(f"result {name} in {self.directory.name} has a {size:,}-byte JSON file; refused")
+        try:
             return load_result(self.directory, name)
         except AttnlabError:
             raise

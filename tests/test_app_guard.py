@@ -215,7 +215,7 @@ def test_a_huge_prompt_count_is_capped_and_said(runs_dir):
 def test_image_regeneration_is_capped():
     from attnlab.apps.vision import run_image_prompts
 
-    info = {"dataset": {"name": "shapes-attribute(n=100000000,seed=0)", "fingerprint": "0"}}
+    info = {"dataset": {"name": "shapes-attribute(n=9999,seed=0)", "fingerprint": "0"}}
     with pytest.raises(AttnlabError, match="more than the app regenerates"):
         run_image_prompts(None, info)  # refused before any model or image is touched
 

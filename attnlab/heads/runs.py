@@ -199,7 +199,7 @@ def reconciled(directory: Path, indexed: dict[str, dict[str, str]]) -> dict[str,
         meta = result_meta(directory, name)
         if meta is not None:
             out[name] = meta
-    return out
+    return None if out == indexed else out  # files that are not results change nothing
 
 
 @dataclass

@@ -15,8 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnlab
-from attnlab.cli import main
-from attnlab.cli_args import read_prompts
+from attnlab.cli import (
+    main,
+    read_prompts,  # re-exported from attnlab.cli_args
+)
 from attnlab.errors import AttnlabError
 from attnlab.heads.runs import Run
 

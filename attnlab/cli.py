@@ -79,9 +79,15 @@ class _Parser(argparse.ArgumentParser):
         return super().format_help()
 
     def error(self, message: str):
-        """A bad argument: one line (no usage block) and exit 2, like every other user error."""
+        """A bad argument: one line (no usage block) and exit 2, like every other user error (``main`` returns 2)."""
         first = (message.strip().splitlines() or ["bad arguments"])[0]
-        self.exit(2, f"{self.prog}: error: {first} (see {self.prog} --help)\n")
+        print(f"{self.prog}: error: {first} (see {self.prog} --help)", file=sys.stderr)
+        raise UsageError(2)
+
+
+class UsageError(SystemExit):
+    """A bad command line (already reported in one line): ``SystemExit(2)`` for direct ``parse_args`` callers,
+    exit code 2 returned by ``main``."""
 
 
 def _print_top(results, k: int) -> None:
@@ -690,7 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return int(e.code)
     saved_format = warnings.formatwarning
     warnings.formatwarning = lambda message, *_a, **_k: f"attnlab: warning: {message}\n"  # one line, no source
     try:

@@ -300,9 +300,7 @@ class Run:
 
     def __getitem__(self, name: str) -> HeadScores | TokenScores:
         if not isinstance(name, str) or name not in self.results:
-            raise MissingResult(
-                f"no result {str(name)[:80]!r} in {self.directory}; have {', '.join(sorted(self.results)) or 'none'}"
-            )
+            raise MissingResult(f"no result {str(name)[:80]!r} in {self.directory}; have {sorted(self.results)}")
         check_result_name(name)
         for suffix in (".json", ".safetensors"):
             inside(self.directory, self.directory / f"{name}{suffix}")

@@ -2,7 +2,7 @@
 SIGKILL at a known moment, stale temp files, the run status and ``scan --resume``.
 
 The kill tests run the real CLI in a subprocess (loopback only, nothing served) with ``ATTNLAB_TEST_PAUSE_S``, which
-makes a scan sleep after each saved result and ``intervene`` after saving its intervention, so the kill lands at a
+makes a scan sleep between its probes and ``intervene`` after saving its intervention, so the kill lands at a
 known point; every wait is bounded."""
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def killed_runs(tmp_path_factory, checkpoint_dir, loaded):
     in_process = loaded("llama-gqa")
     scan = ["scan", "--model", model, "--prompts", str(prompts), "--quiet"]
     two = ["--probes", "first_token_sink,previous_token"]
-    shared = _cli([*scan, *two, "--out", str(root / "shared")], 8)
+    shared = _cli([*scan, *two, "--out", str(root / "shared")], 5)
     killed = _cli([*scan, *two, "--out", str(root / "killed")], 120)
     iv = _cli(
         [

@@ -137,7 +137,8 @@ def scan(
                 result.run.add(r)
         if result.run is not None:
             result.run.done(p.name)
-            pause_for_tests()
+            if p is not probe_objs[-1]:
+                pause_for_tests()
     return result
 
 
@@ -161,8 +162,8 @@ def _pending_probes(run: Run, probe_objs: list[Probe], model, dataset: str) -> l
 
 
 def pause_for_tests() -> None:
-    """Tests of kills and concurrent writers: ``ATTNLAB_TEST_PAUSE_S`` seconds of sleep after each finished probe
-    of a scan (and after ``attnlab intervene`` saved its intervention), so a test can act at a known moment.
+    """Tests of kills and concurrent writers: ``ATTNLAB_TEST_PAUSE_S`` seconds of sleep between the probes of a scan
+    (and after ``attnlab intervene`` saved its intervention), so a test can act at a known moment.
     Unset in normal use."""
     pause = os.environ.get("ATTNLAB_TEST_PAUSE_S")
     if pause:

@@ -27,7 +27,7 @@ def test_niah_is_scored_in_bounded_chunks_with_the_same_metrics(tokenizer, monke
             made[0] += 1
             yield t
 
-    def planted(model, tok, prompts, max_new, device, batch_size=64):
+    def planted(model, tok, prompts, max_new, device, batch_size=64, on_batch=None):
         assert made[0] - sum(seen) <= len(prompts)  # nothing made beyond the chunk being scored
         seen.append(len(prompts))
         return [f" {answers[p]}" if int(answers[p]) % 2 == 0 else " 000x" for p in prompts]
@@ -57,7 +57,7 @@ def test_arith_streams_the_same_problems(monkeypatch):
     right = {p.prompt: p for p in problems[::3]}
     sizes = []
 
-    def planted(model, tok, prompts, max_new, device, batch_size=64):
+    def planted(model, tok, prompts, max_new, device, batch_size=64, on_batch=None):
         sizes.append(len(prompts))
         return [f"Answer: {right[p].answer}" if p in right else "Answer: -1" for p in prompts]
 

@@ -382,9 +382,10 @@ def _autocast(device: str):
 
 @torch.no_grad()
 def greedy_generate(
-    model, tok, prompts: list[str], max_new_tokens: int, device: str, batch_size: int = 64
+    model, tok, prompts: list[str], max_new_tokens: int, device: str, batch_size: int = 64, on_batch=None
 ) -> list[str]:
-    """Greedy continuations (decoded, special tokens dropped) of left-padded prompt batches."""
+    """Greedy continuations (decoded, special tokens dropped) of left-padded prompt batches; ``on_batch(k)`` is
+    called with the number of prompts done after each batch."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     result: dict[int, str] = {}
     for s in range(0, len(order), batch_size):
@@ -400,6 +401,8 @@ def greedy_generate(
             )
         texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         result.update(zip(idx, texts))
+        if on_batch is not None:
+            on_batch(len(result))
     return [result[i] for i in range(len(prompts))]
 
 
@@ -427,8 +430,15 @@ def _chunks(items, size: int | None = None):
         yield chunk
 
 
+_last_progress = [0.0]
+PROGRESS_EVERY_S = 10.0
+
+
 def _progress(what: str, done: int, total: int) -> None:
-    if total > EVAL_CHUNK:
+    """One stderr line at most every ``PROGRESS_EVERY_S`` seconds (and at the end), for runs of more than a chunk."""
+    now = time.monotonic()
+    if total > EVAL_CHUNK and (now - _last_progress[0] >= PROGRESS_EVERY_S or done >= total):
+        _last_progress[0] = now
         print(f"eval {what}: {done:,}/{total:,} items", file=sys.stderr, flush=True)
 
 
@@ -447,7 +457,15 @@ def eval_niah(
     by_depth: dict[str, list[int]] = {}
     hits_all = n_all = 0
     for chunk in _chunks(trials):
-        gens = greedy_generate(model, tok, [t.prompt for t in chunk], 5, device, batch_size=16)
+        gens = greedy_generate(
+            model,
+            tok,
+            [t.prompt for t in chunk],
+            5,
+            device,
+            batch_size=16,
+            on_batch=lambda k, before=n_all: _progress("niah", before + k, total),
+        )
         for g, t in zip(gens, chunk):
             m = re.match(r"\s*(\d+)", g)
             h = int(bool(m) and m.group(1) == t.answer)
@@ -476,7 +494,14 @@ def eval_icl(model, tok, device: str, *, n: int, shots=(0, 5), tasks=icl.TASK_NA
         per: dict[str, list[int]] = {}
         done = 0
         for chunk in _chunks(prompts):
-            gens = greedy_generate(model, tok, [p.prompt for p in chunk], 12, device)
+            gens = greedy_generate(
+                model,
+                tok,
+                [p.prompt for p in chunk],
+                12,
+                device,
+                on_batch=lambda j, before=done, k=k: _progress(f"icl {k}-shot", before + j, n * len(tasks)),
+            )
             for p, g in zip(chunk, gens):
                 cell = per.setdefault(p.task, [0, 0])
                 cell[0] += int(_first_line(g) == p.answer)
@@ -493,7 +518,9 @@ def eval_icl(model, tok, device: str, *, n: int, shots=(0, 5), tasks=icl.TASK_NA
 def eval_arith(model, tok, device: str, *, n: int, seed: int = 0) -> dict:
     hits = done = 0
     for chunk in _chunks(arithmetic.iter_eval_problems(n, split="test", seed=seed)):
-        gens = greedy_generate(model, tok, [p.prompt for p in chunk], 48, device)
+        gens = greedy_generate(
+            model, tok, [p.prompt for p in chunk], 48, device, on_batch=lambda j, b=done: _progress("arith", b + j, n)
+        )
         hits += sum(arithmetic.parse_answer(g) == p.answer for g, p in zip(gens, chunk))
         done += len(chunk)
         _progress("arith", done, n)
@@ -503,7 +530,9 @@ def eval_arith(model, tok, device: str, *, n: int, seed: int = 0) -> dict:
 def eval_recall(model, tok, device: str, *, n: int, seed: int = 0) -> dict:
     hits = done = 0
     for chunk in _chunks(recall.iter_recall_prompts(n, seed=seed)):
-        gens = greedy_generate(model, tok, [p.prompt for p in chunk], 5, device)
+        gens = greedy_generate(
+            model, tok, [p.prompt for p in chunk], 5, device, on_batch=lambda j, b=done: _progress("recall", b + j, n)
+        )
         hits += sum(_first_line(g) == p.answer for g, p in zip(gens, chunk))
         done += len(chunk)
         _progress("recall", done, n)
@@ -527,8 +556,8 @@ def eval_classify(model, tok, device: str, *, n: int, shots=(0, 4), seed: int = 
                         logits = model(**enc).logits[:, -1, :].float()
                     pred = logits[:, label_ids].argmax(-1).tolist()
                     hits += sum(labels[j] == p.label for j, p in zip(pred, chunk))
+                    _progress(f"classify {task} {k}-shot", done + s + len(chunk), n)
                 done += len(ps)
-                _progress(f"classify {task} {k}-shot", done, n)
             out[f"classify_{task}_{k}shot"] = _mean(hits, done)
     out["classify_accuracy"] = float(np.mean([v for k, v in out.items() if k.endswith(f"_{shots[-1]}shot")]))
     out["classify_n"] = n
@@ -598,9 +627,7 @@ def eval_sink(model, tok, device: str, *, n: int = 16, seq_lens=(64, 256), seed:
             ids = torch.tensor(chunk).to(device)
             total = total + _first_token_mass_sum(eager, ids)
             rows += ids.shape[0] * (T - 1)
-            done = rows // (T - 1)
-            if done % EVAL_CHUNK < SINK_CHUNK or done == n:
-                _progress(f"sink@{T}", done, n)
+            _progress(f"sink@{T}", rows // (T - 1), n)
         mass = total / rows
         past0 = mass[1:] if mass.shape[0] > 1 else mass
         sfx = "" if T == seq_lens[0] else f"@{T}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from attnlab.cli_args import (
     check_fits,
-    finite_float,  # noqa: F401  (re-exported: the argument types live in attnlab.cli_args)
+    finite_float,
     non_negative_int,
     out_dir,
     port,
@@ -582,21 +582,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("format", choices=["retrieval-head", "duo", "headvis"])
     p.add_argument("file", help="the file to import")
-    p.add_argument("--out", required=True, help="run directory to write (must not hold a run yet)")
+    p.add_argument("--out", required=True, type=out_dir, help="run directory to write (must not hold a run yet)")
     p.add_argument("--model", help="model name to record (default: from the file)")
-    p.add_argument("--n-kv-heads", type=int, help="retrieval-head: KV heads per layer (GQA), if known")
+    p.add_argument("--n-kv-heads", type=positive_int, help="retrieval-head: KV heads per layer (GQA), if known")
     p.add_argument("--config", help="duo: the config.json written with the TSV (default: the one beside it)")
     p.add_argument(
-        "--n-heads", type=int, help="duo: query heads per layer (known for the models DuoAttention publishes)"
+        "--n-heads", type=positive_int, help="duo: query heads per layer (known for the models DuoAttention publishes)"
     )
     p.add_argument(
         "--sparsity",
-        type=float,
+        type=finite_float,
         help="duo: full/streaming heads by DuoAttention's quantile rule (about 1 - sparsity of KV heads full); "
         "default: the threshold rule",
     )
-    p.add_argument("--threshold", type=float, default=0.5, help="duo: threshold rule, full if gate >= this (0.5)")
-    p.add_argument("--seed", type=int, default=0, help="duo: seed of the quantile rule's tie-breaking noise")
+    p.add_argument(
+        "--threshold", type=finite_float, default=0.5, help="duo: threshold rule, full if gate >= this (0.5)"
+    )
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="duo: seed of the quantile rule's tie-breaking noise"
+    )
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(

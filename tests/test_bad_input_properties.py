@@ -169,3 +169,27 @@ def test_app_arguments(tmp_path_factory, capsys, port, host):
 @given(top=numbers, result=st.text(max_size=30))
 def test_show_arguments(tiny_run, capsys, top, result):
     outcome(["show", tiny_run, "--top", top, *(["--result", result] if result else [])], capsys)
+
+
+@SETTINGS
+@given(
+    fmt=st.sampled_from(["retrieval-head", "duo", "headvis"]),
+    content=st.one_of(
+        st.binary(max_size=300),
+        json_values.map(lambda x: json.dumps(x).encode()),
+        st.dictionaries(st.text(max_size=8), st.lists(st.floats(), max_size=4), max_size=4).map(
+            lambda d: json.dumps(d).encode()
+        ),
+        st.lists(st.text(string.printable, max_size=30), max_size=5).map(lambda ls: "\n".join(ls).encode()),
+    ),
+    n=numbers,
+)
+def test_import_reads_files_or_gives_a_user_error(tmp_path_factory, capsys, fmt, content, n):
+    """``attnlab import`` on random bytes, JSON or TSV-like text: a run or one line with exit 2."""
+    d = tmp_path_factory.mktemp("imp")
+    f = d / ("file.tsv" if fmt == "duo" else "file.json")
+    f.write_bytes(content)
+    extra = ["--n-heads", n, "--config", d / "config.json"] if fmt == "duo" else ["--n-kv-heads", n]
+    if fmt == "duo":
+        (d / "config.json").write_bytes(content[:80])
+    outcome(["import", fmt, f, "--out", d / "run", *(extra if fmt != "headvis" else [])], capsys)

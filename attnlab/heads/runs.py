@@ -141,6 +141,8 @@ def check_index(data: Any, path: Path) -> dict[str, Any]:
             raise _malformed(path, f'"info.dataset.{key}" is not a string')
     if not isinstance(info.get("created", ""), str):
         raise _malformed(path, '"info.created" is not a string')
+    if not isinstance(info.get("imported", {}), dict):
+        raise _malformed(path, '"info.imported" is not an object')
     for name, meta in results.items():
         if not RESULT_NAME.match(name) or name.endswith((".json", ".safetensors")):
             raise _malformed(path, f"result name {name[:80]!r} is not a plain name")

@@ -128,8 +128,8 @@ def check_index(data: Any, path: Path) -> dict[str, Any]:
         if not isinstance(info.get("model", {}).get(key, ""), str):
             raise _malformed(path, f'"info.model.{key}" is not a string')
     for key in ("n_layers", "n_heads", "n_kv_heads"):
-        value = info.get("model", {}).get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        value = info.get("model", {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise _malformed(path, f'"info.model.{key}" is not a non-negative integer')
     ds = info.get("dataset", {})
     for key in ("n_prompts", "seed"):

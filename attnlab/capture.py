@@ -287,7 +287,8 @@ class Capture:
     ) -> None:
         view_fns = [h for h in self.handlers if h.site == "attention" and h.wants(layer)]
         if view_fns:
-            spec = ScoreSpec(scaling, causal, softcap, sliding_window, batch.attention_mask.to(q.device))
+            mask = batch.attention_mask.to(q.device)
+            spec = ScoreSpec(scaling, causal, softcap, sliding_window, mask, right_padded=batch.right_padded)
             view = AttentionView(q, k, spec, chunk=self.chunk_size)
             for h in view_fns:
                 h.fn(layer, view, batch)

@@ -29,7 +29,7 @@ softmax statistics, sums and the log-sum-exp are float32 (float64 on request).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,6 +45,8 @@ class ScoreSpec:
     softcap: float | None = None  # Gemma-2: s -> softcap * tanh(s / softcap)
     sliding_window: int | None = None  # keys older than the window are masked (Mistral, Gemma-2 local layers)
     key_mask: torch.Tensor | None = None  # [batch, Tk] 1 = real key
+    # every key_mask row is ones then zeros (right padding): known once per batch, None = look at key_mask
+    right_padded: bool | None = None
 
 
 def _mm_dtype(x: torch.Tensor, dtype) -> torch.dtype:
@@ -77,20 +79,32 @@ def _allowed(spec: ScoreSpec, q_pos: torch.Tensor, k_pos: torch.Tensor, batch: i
     return ok
 
 
-def score_rows(
-    q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, q_pos: torch.Tensor, *, dtype=torch.float32
-) -> torch.Tensor:
-    """Masked scores ``[b, n_heads, len(q_pos), Tk]`` of chosen query rows (masked entries ``NEG``)."""
+def _row_positions(q_pos, device) -> torch.Tensor:
+    """Query rows as a tensor of indices (a ``slice`` becomes an ``arange`` made on the device: no copy)."""
+    if isinstance(q_pos, slice):
+        return torch.arange(q_pos.start, q_pos.stop, device=device)
+    return q_pos.to(device)
+
+
+def score_rows(q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, q_pos, *, dtype=torch.float32) -> torch.Tensor:
+    """Masked scores ``[b, n_heads, len(q_pos), Tk]`` of chosen query rows (masked entries ``NEG``).
+
+    ``q_pos``: a tensor of row indices, or a ``slice`` of consecutive rows (read as a view, not gathered). The
+    query heads of a KV group multiply its keys as one ``[group * rows, d] x [d, Tk]`` product: no copy of the
+    keys per query head."""
     b, n_heads, tq, d = q.shape
     n_kv, tk = k.shape[1], k.shape[2]
     mm = _mm_dtype(q, dtype)
-    qc = q[:, :, q_pos.to(q.device)].to(mm).reshape(b, n_kv, n_heads // n_kv, len(q_pos), d)
-    s = torch.matmul(qc, k.to(mm)[:, :, None].transpose(-1, -2)).reshape(b, n_heads, len(q_pos), tk)
-    s = s.to(dtype) * spec.scaling
+    rows = q[:, :, q_pos] if isinstance(q_pos, slice) else q[:, :, q_pos.to(q.device)]
+    c = rows.shape[2]
+    qc = rows.to(mm).reshape(b, n_kv, (n_heads // n_kv) * c, d)
+    s = torch.matmul(qc, k.to(mm).transpose(-1, -2)).reshape(b, n_heads, c, tk)
+    s = s.to(dtype) if s.dtype != dtype else s
+    s.mul_(spec.scaling)
     if spec.softcap is not None:
         s = spec.softcap * torch.tanh(s / spec.softcap)
-    ok = _allowed(spec, q_pos, torch.arange(tk, device=q.device), b, tq, tk, q.device)
-    return s.masked_fill(~ok, NEG)
+    ok = _allowed(spec, _row_positions(q_pos, q.device), torch.arange(tk, device=q.device), b, tq, tk, q.device)
+    return s.masked_fill_(~ok, NEG)
 
 
 def row_lse(q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, *, chunk: int = 256, dtype=torch.float32):
@@ -98,7 +112,7 @@ def row_lse(q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, *, chunk: int = 2
     tq = q.shape[2]
     out = []
     for start in range(0, tq, chunk):
-        q_pos = torch.arange(start, min(start + chunk, tq), device=q.device)
+        q_pos = slice(start, min(start + chunk, tq))
         out.append(torch.logsumexp(score_rows(q, k, spec, q_pos, dtype=dtype), dim=-1))
     return torch.cat(out, dim=-1)
 
@@ -180,8 +194,15 @@ def _causal_suffices(spec: ScoreSpec, tq: int, tk: int) -> bool:
         return False
     if spec.key_mask is None:
         return True
-    m = spec.key_mask[:, -tk:].bool()
-    return bool((m[:, 1:] <= m[:, :-1]).all())  # each row: ones, then zeros
+    if spec.right_padded is not None:
+        return spec.right_padded
+    return is_right_padded(spec.key_mask[:, -tk:])
+
+
+def is_right_padded(key_mask: torch.Tensor) -> bool:
+    """Each row of ``key_mask`` ``[b, T]`` is ones, then zeros (reads the device once)."""
+    m = key_mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
 
 
 def expectation(
@@ -210,7 +231,7 @@ def expectation(
         vals = expand_kv(vals, n_heads).to(dtype)
         out = []
         for start in range(0, tq, 256):
-            q_pos = torch.arange(start, min(start + 256, tq), device=q.device)
+            q_pos = slice(start, min(start + 256, tq))
             a = torch.softmax(score_rows(q, k, spec, q_pos, dtype=dtype), -1)
             out.append(a @ vals)
         return torch.cat(out, dim=2)
@@ -219,10 +240,16 @@ def expectation(
     else:
         mask = _allowed(spec, torch.arange(tq, device=q.device), torch.arange(tk, device=q.device), b, tq, tk, q.device)
         causal = False
+    keys, gqa, width = k.to(run), n_kv != n_heads, vals.shape[-1]
+    if q.device.type == "cuda":
+        if gqa and run == torch.float32:  # float32's fused kernel (memory-efficient) takes no grouped KV heads
+            keys, vals, gqa = expand_kv(keys, n_heads), expand_kv(vals, n_heads), False
+        if width % 8:  # fused kernels want aligned value widths; the padding columns are dropped below
+            vals = torch.nn.functional.pad(vals, (0, 8 - width % 8))
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.to(run), k.to(run), vals, attn_mask=mask, is_causal=causal, scale=spec.scaling, enable_gqa=n_kv != n_heads
+        q.to(run), keys, vals, attn_mask=mask, is_causal=causal, scale=spec.scaling, enable_gqa=gqa
     )
-    return torch.nan_to_num(out.to(dtype))  # a row with no visible key (a padding query) gives 0, not NaN
+    return torch.nan_to_num(out[..., :width].to(dtype))  # a row with no visible key (a padding query) gives 0
 
 
 def entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, spec: ScoreSpec, *, dtype=torch.float32):
@@ -233,7 +260,7 @@ def entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, spec: ScoreSpec
     if spec.softcap is not None:
         out = []
         for start in range(0, q.shape[2], 256):
-            q_pos = torch.arange(start, min(start + 256, q.shape[2]), device=q.device)
+            q_pos = slice(start, min(start + 256, q.shape[2]))
             s = score_rows(q, k, spec, q_pos, dtype=dtype)
             a = torch.softmax(s, -1)
             out.append(-(a * torch.log(a.clamp_min(torch.finfo(dtype).tiny))).sum(-1))
@@ -255,7 +282,7 @@ def distance_moments(q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, *, dtype
     if not spec.causal:
         d1, d2 = [], []
         for start in range(0, tq, 256):
-            q_pos = torch.arange(start, min(start + 256, tq), device=q.device)
+            q_pos = slice(start, min(start + 256, tq))
             a = torch.softmax(score_rows(q, k, spec, q_pos, dtype=dtype), -1)
             dist = (qa[q_pos][:, None] - pos[None, :]).abs()
             d1.append((a * dist).sum(-1))
@@ -271,11 +298,11 @@ def max_logit(q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, *, chunk: int =
 
     ``real_queries`` ``[b, Tq]`` bool limits the rows (padding queries excluded).
     """
-    raw = ScoreSpec(spec.scaling, spec.causal, None, spec.sliding_window, spec.key_mask)
+    raw = replace(spec, softcap=None)
     b, n_heads, tq, _ = q.shape
     best = torch.full((b, n_heads), NEG, device=q.device)
     for start in range(0, tq, chunk):
-        q_pos = torch.arange(start, min(start + chunk, tq), device=q.device)
+        q_pos = slice(start, min(start + chunk, tq))
         s = score_rows(q, k, raw, q_pos)
         if real_queries is not None:
             s = s.masked_fill(~real_queries.to(q.device)[:, None, q_pos, None], NEG)
@@ -336,27 +363,45 @@ class AttentionView:
             return None
         return out[1].float()
 
-    def _scores_pass(self) -> None:
-        """Every row's log-sum-exp (from the kernel where it can, else recomputed in the same chunked pass) and
-        each head's largest raw score (one chunked pass of score products)."""
+    def _scores_pass(self, colsum_queries: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One chunked pass of score products for whatever is still missing: each row's log-sum-exp (when the
+        kernel cannot give it), each head's largest raw score, and (``colsum_queries`` ``[b, T]`` float) the
+        attention each key receives from those queries. Returns the column sums (or None)."""
         b, h, t = self.shape
-        raw = ScoreSpec(self.spec.scaling, self.spec.causal, None, self.spec.sliding_window, self.spec.key_mask)
-        real_q = self.spec.key_mask.bool() if self.spec.key_mask is not None else None
-        kernel = self._kernel_lse()
-        lses, best = [], torch.full((b, h), NEG, device=self.q.device)
+        if self._lse is None:
+            self._lse = self._kernel_lse()
+        if colsum_queries is not None and self._lse is None:  # the weights need every row's lse first
+            self._scores_pass()
+        need_lse, need_max = self._lse is None, self._max is None
+        raw = replace(self.spec, softcap=None)
+        cap = self.spec.softcap
+        real_q = self.spec.key_mask.to(self.q.device).bool() if self.spec.key_mask is not None else None
+        lses, best = [], torch.full((b, h), NEG, device=self.q.device) if need_max else None
+        colsum = None if colsum_queries is None else torch.zeros(b, h, t, device=self.q.device)
         for start in range(0, t, self.chunk):
-            q_pos = torch.arange(start, min(start + self.chunk, t), device=self.q.device)
-            s = score_rows(self.q, self.k, raw, q_pos)
-            m = s if real_q is None else s.masked_fill(~real_q.to(s.device)[:, None, q_pos, None], NEG)
-            best = torch.maximum(best, m.amax(dim=(-2, -1)))
-            if kernel is None:
-                if self.spec.softcap is not None:
-                    s = torch.where(s > NEG / 2, self.spec.softcap * torch.tanh(s / self.spec.softcap), s)
+            q_pos = slice(start, min(start + self.chunk, t))
+            s = score_rows(self.q, self.k, raw, q_pos)  # raw scores, masked entries NEG
+            if need_max:
+                row_max = s.amax(dim=-1)  # [b, h, c]: padding queries excluded below
+                if real_q is not None:
+                    row_max = row_max.masked_fill(~real_q[:, None, q_pos], NEG)
+                best = torch.maximum(best, row_max.amax(dim=-1))
+            if cap is not None:
+                s = torch.where(s > NEG / 2, cap * torch.tanh(s / cap), s)
+            if need_lse:
                 lses.append(torch.logsumexp(s, dim=-1))
-        self._lse, self._max = (kernel if kernel is not None else torch.cat(lses, dim=-1)), best
+            if colsum is not None:
+                w = torch.exp(s.sub_(self._lse[:, :, q_pos, None]))
+                colsum += torch.einsum("bhck,bc->bhk", w, colsum_queries[:, q_pos])
+        if need_lse:
+            self._lse = torch.cat(lses, dim=-1)
+        if need_max:
+            self._max = best
+        return colsum
 
     def lse(self) -> torch.Tensor:
-        """``[b, n_heads, T]`` log-sum-exp of each row's masked scores (fused path; computed once per layer)."""
+        """``[b, n_heads, T]`` log-sum-exp of each row's masked scores (fused path; computed once per layer: from
+        the flash kernel where it can, else in the chunked pass, which then gives the maximum logits too)."""
         if self._lse is None:
             self._scores_pass()
         return self._lse
@@ -380,7 +425,7 @@ class AttentionView:
         (0 where that key does not exist or is masked). One product per (row, offset): ``O(T |offsets| d)``."""
         b, h, t = self.shape
         dev = self.q.device
-        offs = torch.tensor(list(offsets), device=dev, dtype=torch.long)
+        offs = torch.arange(offsets.start, offsets.stop, offsets.step, device=dev, dtype=torch.long)
         key = torch.arange(t, device=dev)[:, None] - offs[None, :]  # [T, r] absolute key of each band entry
         inside = (key >= 0) & (key < t)
         key_c = key.clamp(0, t - 1)
@@ -448,15 +493,9 @@ class AttentionView:
         return distance_moments(self.q, self.k, self.spec)
 
     def column_sums(self, real_queries: torch.Tensor) -> torch.Tensor:
-        """``[b, n_heads, T]``: attention each key receives, summed over the real queries ``[b, T]`` bool."""
+        """``[b, n_heads, T]``: attention each key receives, summed over the real queries ``[b, T]`` bool (fused
+        path: in the same chunked pass as the maximum logits when those are still to come)."""
         rq = real_queries.to(self.q.device).float()
         if self.pattern is not None:
             return torch.einsum("bhqk,bq->bhk", self.pattern.float(), rq)
-        b, h, t = self.shape
-        lse = self.lse()
-        out = torch.zeros(b, h, t, device=self.q.device)
-        for start in range(0, t, self.chunk):
-            q_pos = torch.arange(start, min(start + self.chunk, t), device=self.q.device)
-            w = torch.exp(score_rows(self.q, self.k, self.spec, q_pos) - lse[:, :, q_pos, None])
-            out += torch.einsum("bhck,bc->bhk", w, rq[:, q_pos])
-        return out
+        return self._scores_pass(rq)

@@ -59,10 +59,25 @@ class Batch:
     def seq_len(self) -> int:
         return int(self.input_ids.shape[1])
 
+    def _host_mask(self):
+        """The attention mask on the host, copied once per batch (probes read positions from it without a device
+        sync per call)."""
+        mask = self.__dict__.get("_mask_on_host")
+        if mask is None:
+            mask = self.__dict__["_mask_on_host"] = self.attention_mask.long().cpu()
+        return mask
+
     def real_slice(self, b: int) -> slice:
         """Positions of prompt b's real tokens."""
-        start = int(self.first_real[b])
-        return slice(start, start + int(self.lengths[b]))
+        row = self._host_mask()[b]
+        start = int(row.argmax())
+        return slice(start, start + int(row.sum()))
+
+    @property
+    def right_padded(self) -> bool:
+        """Every row is real tokens, then padding (no left padding): plain causal kernels see the exact keys."""
+        m = self._host_mask()
+        return bool((m[:, 1:] <= m[:, :-1]).all())
 
     def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device)

@@ -50,47 +50,49 @@ class MassiveActivations(Probe):
         capture.on("batch_end", self._on_batch_end, logits=None)  # reads no logits
 
     def flags(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For ``x`` ``[..., d]``: (max |x|, median |x|, bool mask of massive entries) over the last axis."""
-        a = x.float().abs()
-        med = a.median(dim=-1).values
-        massive = (a > self.abs_threshold) & (a >= self.ratio_threshold * med[..., None])
-        return a.max(dim=-1).values, med, massive
+        """For ``x`` ``[..., d]``: (max |x|, median |x|, bool mask of massive entries) over the last axis.
+
+        |x|, its maximum and its median are exact in the model's own dtype (order statistics of its values); the
+        comparisons promote to float32 element by element, with no float32 copy of the residual stream."""
+        a = x.abs()
+        med = a.median(dim=-1).values.float()
+        floor = torch.full((1,), float(self.abs_threshold), device=a.device)  # a float32 tensor: float32 compare
+        massive = (a > floor) & (a >= self.ratio_threshold * med[..., None])
+        return a.amax(dim=-1).float(), med, massive
 
     def _on_resid(self, layer, x, batch) -> None:
         top, med, massive = self.flags(x)
-        # kept on the device until the batch ends: the per-position maxima and medians, the massive entries
-        self._pending.append((layer, top, med, torch.nonzero(massive)))  # hits: (row, position, dim)
+        massive &= batch.attention_mask.to(massive.device).bool()[..., None]  # real positions only
+        # kept on the device until the batch ends (no sync per layer): per position the maximum, the median and
+        # whether any entry is massive; per prompt and dimension the number of massive entries
+        self._pending.append((layer, top, med, massive.any(-1), massive.sum(-2)))
 
     def _on_batch_end(self, batch, logits) -> None:
         if not self._pending:
             return
         layers = [p[0] for p in self._pending]
-        tops = torch.stack([p[1] for p in self._pending]).float().cpu()  # [L, b, seq]: one transfer per batch
-        meds = torch.stack([p[2] for p in self._pending]).float().cpu()
-        hits_by_layer = [p[3].cpu() for p in self._pending]
+        tops, meds, flagged, dims = (  # [L, b, seq] / [L, b, d]: one transfer each per batch
+            torch.stack([p[i] for p in self._pending]).cpu() for i in (1, 2, 3, 4)
+        )
         self._pending.clear()
         ids = batch.input_ids.cpu()
         for i, layer in enumerate(layers):
-            top, med, all_hits = tops[i], meds[i], hits_by_layer[i]
             for b, p in enumerate(batch.prompt_indices):
                 sl = batch.real_slice(b)
-                t, m_ = top[b, sl], med[b, sl]
+                t, m_ = tops[i, b, sl], meds[i, b, sl]
                 self._layer_top[layer].append(float(t.max()))
                 self._layer_median[layer].append(float(m_.median()))
-                mine = all_hits[all_hits[:, 0] == b]
-                mine = mine[(mine[:, 1] >= sl.start) & (mine[:, 1] < sl.stop)]
-                hits = torch.stack([mine[:, 1] - sl.start, mine[:, 2]], 1) if len(mine) else mine[:, 1:]
-                if len(hits):
-                    positions = sorted({int(j) for j in hits[:, 0]})
+                positions = torch.nonzero(flagged[i, b, sl]).flatten().tolist()
+                if positions:
                     self._layer_flagged[layer] += len(positions)
-                    self._dims.update(int(d) for d in hits[:, 1])
+                    hit_dims = torch.nonzero(dims[i, b]).flatten()
+                    self._dims.update(dict(zip(hit_dims.tolist(), dims[i, b, hit_dims].tolist(), strict=True)))
                     toks = self._model.tokens_as_text(ids[b, sl].tolist())
                     self._tokens.update(toks[j] for j in positions)
                 if p < self.n_examples:
                     ex = self._examples.setdefault(p, {"ids": ids[b, sl].tolist(), "rows": {}, "massive": set()})
                     ex["rows"][layer] = t.numpy()
-                    if len(hits):
-                        ex["massive"].update(int(j) for j in hits[:, 0])
+                    ex["massive"].update(positions)
 
     def results(self, ctx: ProbeContext):
         m = ctx.model

@@ -16,6 +16,7 @@ kept. The ``chunk_size`` parameter is the capture's (``Capture.chunk_size``).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from attnlab.probes.base import Probe, ProbeContext
 
@@ -33,14 +34,24 @@ class MaxAttentionLogit(Probe):
         self._model = m
         self._max = np.full((m.n_layers, m.n_heads), -np.inf)
         self._per_prompt: dict[int, np.ndarray] = {}
+        self._pending: dict[int, object] = {}  # layer -> [b, H] on the device until the batch ends
         capture.on("attention", self._on_attention)
+        capture.on("batch_end", self._on_batch_end, logits=None)  # reads no logits
 
     def _on_attention(self, layer, view, batch) -> None:
-        best = view.max_logit().cpu().double().numpy()
-        self._max[layer] = np.maximum(self._max[layer], best.max(0))
+        self._pending[layer] = view.max_logit()
+
+    def _on_batch_end(self, batch, logits) -> None:
+        if not self._pending:
+            return
+        layers = sorted(self._pending)
+        best = torch.stack([self._pending[l] for l in layers]).cpu().double().numpy()  # one transfer per batch
+        self._pending.clear()
         m = self._model
-        for row, p in enumerate(batch.prompt_indices):
-            self._per_prompt.setdefault(p, np.full((m.n_layers, m.n_heads), np.nan))[layer] = best[row]
+        for i, layer in enumerate(layers):
+            self._max[layer] = np.maximum(self._max[layer], best[i].max(0))
+            for row, p in enumerate(batch.prompt_indices):
+                self._per_prompt.setdefault(p, np.full((m.n_layers, m.n_heads), np.nan))[layer] = best[i, row]
 
     def results(self, ctx: ProbeContext):
         per_prompt = np.stack([self._per_prompt[p] for p in sorted(self._per_prompt)])

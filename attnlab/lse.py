@@ -438,13 +438,25 @@ class AttentionView:
         lse = self.lse()
         key_ok = self.spec.key_mask.to(dev).bool()[:, -t:] if self.spec.key_mask is not None else None
         out = []
-        for start in range(0, t, self.chunk):  # query chunks bound the [b, kv, c, r, d] gather
+        mm = _mm_dtype(self.q, torch.float32)
+        lo_off, hi_off = int(min(offsets)), int(max(offsets))
+        for start in range(0, t, self.chunk):  # query chunks bound the [b, kv, c, r, d] gather / key block
             rows = slice(start, min(start + self.chunk, t))
             kc = key_c[rows]
-            mm = _mm_dtype(self.q, torch.float32)
-            kx = self.k.to(mm)[:, :, kc]  # [b, kv, c, r, d]
-            qc = self.q.to(mm)[:, :, rows].reshape(b, n_kv, g, -1, self.q.shape[-1])
-            s = torch.einsum("bkgcd,bkcrd->bkgcr", qc, kx).reshape(b, h, -1, len(offs)).float() * self.spec.scaling
+            if len(offs) <= 4:  # a few diagonals: gather their keys, one product per (row, offset)
+                kx = self.k.to(mm)[:, :, kc]  # [b, kv, c, r, d]
+                qc = self.q.to(mm)[:, :, rows].reshape(b, n_kv, g, -1, self.q.shape[-1])
+                s = torch.einsum("bkgcd,bkcrd->bkgcr", qc, kx).reshape(b, h, -1, len(offs)).float()
+            else:  # a window: score the chunk's contiguous key block (a matrix product), then pick the band
+                k_lo = max(0, start - hi_off)
+                k_hi = min(t, rows.stop - lo_off)
+                if k_hi <= k_lo:  # no key of this chunk's band exists
+                    out.append(torch.zeros(b, h, rows.stop - start, len(offs), device=dev))
+                    continue
+                block = score_rows(self.q, self.k[:, :, k_lo:k_hi], ScoreSpec(1.0, causal=False), rows)
+                idx = (kc - k_lo).clamp(0, k_hi - k_lo - 1)
+                s = block.gather(-1, idx[None, None].expand(b, h, -1, len(offs)))
+            s = s * self.spec.scaling
             if self.spec.softcap is not None:
                 s = self.spec.softcap * torch.tanh(s / self.spec.softcap)
             ok = inside[rows][None, None]

@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def measure(path: str, mode: str, seq: int, device: str, statistics: str, threads: int) -> dict:
     import torch
+    from census_speed import random_prompts
 
     import attnlab
     from attnlab.capture import hf_attention
     from attnlab.census import census
-    from census_speed import random_prompts
 
     if threads:
         torch.set_num_threads(threads)

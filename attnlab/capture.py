@@ -14,6 +14,7 @@ Sites a handler can listen on (``Capture.on(site, fn)``):
   questions exactly from q, k and each row's log-sum-exp, without a ``seq x seq`` matrix (``attnlab.lse``).
 - ``"pattern"``: the full ``[batch, n_heads, seq, seq]`` pattern of one layer at a time (eager path only).
 - ``"q"``, ``"k"``: rotated queries / keys ``[batch, heads, seq, d_head]`` (k has n_kv_heads heads: GQA explicit).
+- ``"v"``: value states ``[batch, n_kv_heads, seq, d_head]`` (per KV head, before any GQA repeat).
 - ``"z"``: per-head attention output before the output projection ``[batch, seq, n_heads, d_head]``.
 - ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``, ``"mlp_out"``: ``[batch, seq, d_model]``.
 - ``"batch_end"``: ``fn(batch, logits)`` after each forward pass, for reducers that finish per-batch statistics.
@@ -47,7 +48,7 @@ from attnlab.hooks import attn_hook, block_hook
 from attnlab.lse import AttentionView, ScoreSpec
 from attnlab.models.loading import Batch, LoadedModel
 
-ATTENTION_SITES = ("rows", "pattern", "q", "k", "z", "attention")
+ATTENTION_SITES = ("rows", "pattern", "q", "k", "v", "z", "attention")
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 SITES = ATTENTION_SITES + RESID_SITES + ("batch_end",)
 FUSED_IMPL = "attnlab_fused"
@@ -219,10 +220,10 @@ class Capture:
                 hooks.append(
                     (attn_hook(layer, "hook_pattern"), self._pattern_hook(pattern_fns, layer, batch, view_fns))
                 )
-            for site in ("q", "k"):
+            for site in ("q", "k", "v"):
                 fns = [h for h in self.handlers if h.site == site and h.wants(layer)]
-                if fns or view_fns:
-                    name = attn_hook(layer, f"hook_rot_{site}" if has_rot else f"hook_{site}")
+                if fns or (view_fns and site != "v"):
+                    name = attn_hook(layer, f"hook_rot_{site}" if has_rot and site != "v" else f"hook_{site}")
                     hooks.append((name, self._qk_hook(fns, layer, batch, site)))
             z_fns = [h for h in self.handlers if h.site == "z" and h.wants(layer)]
             if z_fns:
@@ -284,6 +285,7 @@ class Capture:
         *,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        v: torch.Tensor | None = None,
     ) -> None:
         view_fns = [h for h in self.handlers if h.site == "attention" and h.wants(layer)]
         if view_fns:
@@ -302,6 +304,8 @@ class Capture:
                 h.fn(layer, k, batch)
             elif h.site == "rows" and h.queries is None:
                 shared.append(h)
+            elif h.site == "v" and v is not None:
+                h.fn(layer, v, batch)
             elif h.site == "rows":
                 for q_pos in _query_chunks(h, batch, self.chunk_size, q.device):
                     h.fn(

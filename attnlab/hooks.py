@@ -20,6 +20,13 @@ def block_hook(layer: int, site: str) -> str:
     return f"blocks.{layer}.{site}"
 
 
+def embed_hook(site: str = "hook_in") -> str:
+    """Name of a token-embedding hook: ``"embed.hook_in"`` sees the input ids, ``"embed.hook_out"`` the embeddings."""
+    if site not in ("hook_in", "hook_out"):
+        raise ValueError(f"unknown embedding hook site {site!r}; expected 'hook_in' or 'hook_out'")
+    return f"embed.{site}"
+
+
 def layer_of(hook_name: str) -> int:
     """Layer index of a ``blocks.{l}....`` hook name."""
     parts = hook_name.split(".")

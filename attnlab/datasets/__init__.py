@@ -6,6 +6,8 @@
 - ``shapes`` (= ``shapes-attribute``), ``shapes-count``, ``shapes-position``: a rendered shape scene plus one
   question each, in the LLaVA-1.5 template (vision-language models; ``vision`` probes). The run's dataset name
   ``shapes-<kind>(n=N,seed=S)`` lets the app regenerate the images;
+- ``bigram-backcopy``: sequences of the Bigram-Backcopy task a model was trained on (organism-sink; the task is
+  read from the checkpoint directory), with the trigger positions in ``meta`` for the ``domain_sink`` probe;
 - ``arithmetic``: step-by-step word problems with their worked solution appended as the response
   (``meta["prompt_len"]``), for the ``preplan_anchor`` probe. The response is the reference solution,
   teacher-forced, not a sample of the model.
@@ -92,6 +94,13 @@ def _arithmetic(model, n_prompts: int, seed: int) -> PromptSet:
     return ps
 
 
+def _bigram_backcopy(model, n_prompts: int, seed: int) -> PromptSet:
+    """Bigram-Backcopy sequences of the model's own task (models trained on it: organism-sink, organism-sink-sgd)."""
+    from attnlab.datasets.bigram_backcopy import bigram_backcopy_prompts
+
+    return bigram_backcopy_prompts(model, n_prompts, seed)
+
+
 DATASETS: dict[str, Callable[..., PromptSet]] = {
     "prose": _prose,
     "repeated-random": _repeated,
@@ -101,6 +110,7 @@ DATASETS: dict[str, Callable[..., PromptSet]] = {
     "shapes-count": _shapes("count"),
     "shapes-position": _shapes("position"),
     "arithmetic": _arithmetic,
+    "bigram-backcopy": _bigram_backcopy,
 }
 
 

@@ -16,6 +16,13 @@ sharpens them. Two exactly equal forms (``form=``):
 With left padding the initial key is each row's first *real* key (read from the masked scores), not column 0.
 The operator depends on no query index, so cached decoding steps (one query row) are handled as prefill rows.
 
+Query rows (``query_tokens``, ``query_mode``; not in the paper, which scales every row): by default every query
+row of a selected head is scaled. With ``query_tokens`` only the rows whose *query token* is one of those ids are
+scaled (``query_mode="in"``) or only the other rows (``"not_in"``); the rest keep their attention exactly. The ids
+are read from the forward pass's input (``embed.hook_in``), so a decoding step's single row is judged by the token
+it reads. This is what tests a mechanism that acts on some positions only, e.g. organism-sink's backcopy head,
+which is dormant (on the first token) at ordinary positions and active at trigger positions.
+
 Fitting (labelled prompts, ``criterion="accuracy"``; or unlabelled, ``criterion="entropy"`` = mean entropy of the
 label-restricted next-token distribution, lower is better):
 
@@ -36,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnlab.hooks import attn_hook
+from attnlab.hooks import attn_hook, embed_hook
 from attnlab.interventions.base import (
     Intervention,
     as_labeled,
@@ -49,6 +56,7 @@ from attnlab.interventions.base import (
 
 FORMS = ("softmax", "bias")
 CRITERIA = ("accuracy", "entropy")
+QUERY_MODES = ("in", "not_in")
 
 
 def check_gamma(gamma: float, name: str = "gamma") -> float:
@@ -105,6 +113,10 @@ class ZeroTuning(Intervention):
     criterion : {"accuracy", "entropy"}, default="accuracy"
         Labelled accuracy (higher is better) or label-restricted output entropy (lower is better; needs no labels).
     batch_size : int, default=32
+    query_tokens : sequence of int or None, default=None
+        Token ids whose query rows are scaled (with ``query_mode="in"``) or left alone (``"not_in"``); None =
+        every row (the paper). Not in the paper: see the module docstring.
+    query_mode : {"in", "not_in"}, default="in"
 
     Attributes
     ----------
@@ -135,6 +147,8 @@ class ZeroTuning(Intervention):
         grid: Sequence[float] = (0.1, 4.0, 0.1),
         criterion: str = "accuracy",
         batch_size: int = 32,
+        query_tokens: Sequence[int] | None = None,
+        query_mode: str = "in",
     ):
         self.gamma = gamma
         self.heads = heads
@@ -147,7 +161,10 @@ class ZeroTuning(Intervention):
         self.grid = grid
         self.criterion = criterion
         self.batch_size = batch_size
+        self.query_tokens = query_tokens
+        self.query_mode = query_mode
         self._first: dict[int, torch.Tensor] = {}
+        self._rows: torch.Tensor | None = None
 
     # ---- fitting ---------------------------------------------------------------------------------------------
 
@@ -173,6 +190,13 @@ class ZeroTuning(Intervention):
         check_gamma(self.gamma_down, "gamma_down")
         if self.gamma is None and float(self.grid[0]) <= 0:
             raise ValueError(f"the gamma grid must start above 0, got grid={tuple(self.grid)}")
+        if self.query_mode not in QUERY_MODES:
+            raise ValueError(f"query_mode must be one of {QUERY_MODES}, got {self.query_mode!r}")
+        if self.query_tokens is not None:
+            try:
+                [int(t) for t in self.query_tokens]
+            except (TypeError, ValueError):
+                raise TypeError(f"query_tokens must be a list of token ids, got {self.query_tokens!r}") from None
         self.candidates_ = (
             validate_heads(model, self.heads)
             if self.heads is not None
@@ -243,6 +267,7 @@ class ZeroTuning(Intervention):
 
     def _reset_state(self) -> None:
         self._first = {}
+        self._rows = None
 
     def hooks(self, model) -> list:
         return self._hooks_for(self.heads_, self.gamma_)
@@ -262,12 +287,27 @@ class ZeroTuning(Intervention):
         return ctx()
 
     def _hooks_for(self, heads, gamma: float) -> list:
-        out = []
+        out = [(embed_hook("hook_in"), self._ids_hook)] if self.query_tokens is not None else []
         for layer, hs in heads_by_layer(heads).items():
             out.append((attn_hook(layer, "hook_attn_scores"), self._scores_hook(layer, hs, gamma)))
             if self.form == "softmax":
                 out.append((attn_hook(layer, "hook_pattern"), self._pattern_hook(layer, hs, gamma)))
         return out
+
+    def _ids_hook(self, ids, hook=None):
+        """Observe the input ids: which query rows this forward pass scales (``query_tokens``)."""
+        wanted = torch.isin(ids, torch.as_tensor([int(t) for t in self.query_tokens], device=ids.device))
+        self._rows = wanted if self.query_mode == "in" else ~wanted
+        return None
+
+    def _only_rows(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """``new`` on the query rows being scaled, ``old`` elsewhere (``[batch, heads, q, k]``)."""
+        if self.query_tokens is None:
+            return new
+        rows = self._rows
+        if rows is None or rows.shape != (old.shape[0], old.shape[2]):
+            raise RuntimeError("ZeroTuning(query_tokens=...) saw no input ids for this forward pass (embed.hook_in)")
+        return torch.where(rows.to(old.device)[:, None, :, None], new, old)
 
     def _scores_hook(self, layer: int, heads: list[int], gamma: float):
         def hook(scores, hook=None):
@@ -277,7 +317,7 @@ class ZeroTuning(Intervention):
                 return None
             idx = torch.tensor(heads, device=scores.device)
             out = scores.clone()
-            out[:, idx] = zerotune_scores(scores[:, idx], first, gamma)
+            out[:, idx] = self._only_rows(zerotune_scores(scores[:, idx], first, gamma), scores[:, idx])
             return out
 
         return hook
@@ -289,7 +329,7 @@ class ZeroTuning(Intervention):
                 first = torch.zeros(pattern.shape[0], dtype=torch.long, device=pattern.device)
             idx = torch.tensor(heads, device=pattern.device)
             out = pattern.clone()
-            out[:, idx] = zerotune_pattern(pattern[:, idx], first, gamma)
+            out[:, idx] = self._only_rows(zerotune_pattern(pattern[:, idx], first, gamma), pattern[:, idx])
             return out
 
         return hook
@@ -304,6 +344,8 @@ class ZeroTuning(Intervention):
             "head_type": self.head_type_,
             "n_heads": len(self.heads_),
             "criterion": self.criterion,
+            "query_tokens": None if self.query_tokens is None else [int(t) for t in self.query_tokens],
+            "query_mode": self.query_mode,
             "fit_split": {k: v for k, v in self.fit_split_.items() if k != "digests"},
         }
         if hasattr(self, "baseline_"):

@@ -1,5 +1,5 @@
-"""Train an organism: ``python -m attnlab.models.train lm|vlm|dit|induction [ARGS]`` (``--help`` after the kind for
-its options).
+"""Train an organism: ``python -m attnlab.models.train lm|vlm|dit|induction|sink [ARGS]`` (``--help`` after the kind
+for its options).
 
 Each kind's script lives in ``attnlab.models.training.<kind>`` and writes ``save_pretrained`` files, a loss log,
 final metrics and a MODEL_CARD.md into ``--out``.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-KINDS = ("lm", "vlm", "dit", "induction")
+KINDS = ("lm", "vlm", "dit", "induction", "sink")
 
 
 def main(argv: list[str] | None = None) -> int:

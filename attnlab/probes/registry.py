@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from attnlab.probes.act_sinks import ActSinks
+from attnlab.probes.domain_sink import DomainSink
 from attnlab.probes.duplicate_token import DuplicateTokenHeads
 from attnlab.probes.first_token_sink import FirstTokenSink
 from attnlab.probes.headvis import HeadVisMetrics
@@ -13,8 +14,10 @@ from attnlab.probes.max_attention_logit import MaxAttentionLogit
 from attnlab.probes.preplan_anchor import PreplanAnchor
 from attnlab.probes.previous_token import PreviousTokenHeads
 from attnlab.probes.razor_echo import RazorEchoInduction
+from attnlab.probes.residual_norms import ResidualNorms
 from attnlab.probes.retrieval_heads import RetrievalHeads
 from attnlab.probes.streaming_heads import StreamingHeads
+from attnlab.probes.value_drain import ValueDrain
 from attnlab.probes.vision_aware_heads import VisionAwareHeads
 
 PROBES = {
@@ -26,6 +29,7 @@ PROBES[PreplanAnchor.name] = PreplanAnchor
 PROBES[HeadVisMetrics.name] = HeadVisMetrics
 PROBES[MaxAttentionLogit.name] = MaxAttentionLogit
 PROBES.update({cls.name: cls for cls in (VisionAwareHeads, ImageCentricHeads)})
+PROBES.update({cls.name: cls for cls in (DomainSink, ValueDrain, ResidualNorms)})
 
 GROUPS = {
     "sinks": ("first_token_sink", "act_sinks", "massive_activations"),
@@ -33,6 +37,7 @@ GROUPS = {
     "retrieval": ("retrieval_heads",),
     "streaming": ("streaming_heads", "razor_echo_induction"),
     "vision": ("vision_aware_heads", "image_centric_heads"),
+    "extremes": ("domain_sink", "value_drain", "residual_norms"),  # domain_sink needs a domain (--dataset bigram-backcopy)
 }
 
 

@@ -1,0 +1,108 @@
+"""Residual-state norms per position: where the residual stream *peaks* (Guo et al. 2024, "Active-Dormant Attention
+Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs", arXiv 2410.13835; Sun et al. 2024, "Massive
+Activations in Large Language Models", arXiv 2402.17762).
+
+The third extreme-token phenomenon: the sink token's residual state has a far larger norm than the others' (a
+*residual-state peak*), which is what lets its key stand apart from every query. ``massive_activations`` looks at
+single coordinates (|x| > 100 and 1000x the median); this probe looks at whole vectors. With ``x^(l)_t`` the
+residual stream after layer l at position t (from the first real token):
+
+    ratio(l, t) = ||x^(l)_t|| / median_u ||x^(l)_u||          (median over the prompt's real tokens)
+
+Reduced in flight per prompt and layer: the first token's ratio (summary ``layers``, averaged over prompts) and the
+positions whose ratio reaches ``peak_ratio`` (counted by token). The first ``n_examples`` prompts get a
+``TokenScores`` of their norms (rows: layers) with the peaks marked, for the app's tokens view.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+import torch
+
+from attnlab.probes.base import Probe, ProbeContext
+
+
+class ResidualNorms(Probe):
+    """Norm of the residual stream at each position after each layer, and the positions that peak.
+
+    Parameters
+    ----------
+    peak_ratio : float, default=5.0
+        A position peaks at a layer when its norm is at least this multiple of the prompt's median norm there.
+    n_examples : int, default=1
+        Prompts that get a per-token ``TokenScores`` result (rows: layers; values: residual norm).
+    """
+
+    name = "residual_norms"
+
+    def __init__(self, *, peak_ratio: float = 5.0, n_examples: int = 1):
+        self.peak_ratio = peak_ratio
+        self.n_examples = n_examples
+
+    def attach(self, capture, ctx: ProbeContext) -> None:
+        from attnlab.errors import AttnlabError
+
+        if not float(self.peak_ratio) > 0:
+            raise AttnlabError(f"residual_norms: peak_ratio must be > 0, got {self.peak_ratio}")
+        if int(self.n_examples) < 1:
+            raise AttnlabError("residual_norms: n_examples must be >= 1 (the per-layer summary rides on the examples)")
+        self._model = ctx.model
+        self._first_ratio: dict[int, list[float]] = defaultdict(list)
+        self._first_norm: dict[int, list[float]] = defaultdict(list)
+        self._median: dict[int, list[float]] = defaultdict(list)
+        self._peaks: dict[int, Counter] = defaultdict(Counter)
+        self._examples: dict[int, dict] = {}
+        capture.on("resid_post", self._on_resid)
+
+    def _on_resid(self, layer: int, x: torch.Tensor, batch) -> None:
+        norms = x.float().norm(dim=-1)  # [b, s]
+        for b, p in enumerate(batch.prompt_indices):
+            sl = batch.real_slice(b)
+            nb = norms[b, sl].cpu()
+            med = float(nb.median())
+            ratio = nb / max(med, 1e-30)
+            self._first_ratio[layer].append(float(ratio[0]))
+            self._first_norm[layer].append(float(nb[0]))
+            self._median[layer].append(med)
+            peaks = [int(i) for i in torch.nonzero(ratio >= self.peak_ratio).flatten()]
+            if peaks:
+                toks = self._model.tokens_as_text(batch.input_ids[b, sl][peaks].tolist())
+                self._peaks[layer].update(toks)
+            if p < self.n_examples:
+                ex = self._examples.setdefault(p, {"ids": batch.input_ids[b, sl].tolist(), "rows": {}, "peaks": set()})
+                ex["rows"][layer] = nb.numpy()
+                ex["peaks"].update(peaks)
+
+    def results(self, ctx: ProbeContext):
+        m = ctx.model
+        mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+        layers = [
+            {
+                "layer": l,
+                "first_token_ratio": mean(self._first_ratio[l]),
+                "first_token_norm": mean(self._first_norm[l]),
+                "median_norm": mean(self._median[l]),
+                "peak_tokens": dict(self._peaks[l].most_common(5)),
+            }
+            for l in range(m.n_layers)
+        ]
+        summary = {"layers": layers, "peak_ratio": self.peak_ratio}
+        out = []
+        for p, ex in sorted(self._examples.items()):
+            values = np.stack([ex["rows"].get(l, np.full(len(ex["ids"]), np.nan)) for l in range(m.n_layers)])
+            out.append(
+                self.token_scores(
+                    ctx,
+                    f"residual_norms_{p}",
+                    p,
+                    m.tokens_as_text(ex["ids"]),
+                    values,
+                    [f"layer {l}" for l in range(m.n_layers)],
+                    marks={"peak": sorted(ex["peaks"])},
+                    description=f"residual-stream norm at each position after each layer (peak: >= {self.peak_ratio}x the median)",
+                    summary=summary,
+                )
+            )
+        return out

@@ -113,6 +113,25 @@ def test_domain_sink_left_padding_equals_unpadded_and_meta_positions_are_prompt_
         np.testing.assert_allclose(r.scores, shifted[name].scores, atol=1e-6)
 
 
+def test_domain_sink_gives_each_batch_its_own_domain():
+    """Two batches through one probe score as each batch alone (the per-batch mask is never reused)."""
+    s = 9
+    rows_a, rows_b = active_dormant(s, [2, 3])[None], active_dormant(s, [6])[None]
+    meta = [{"domain_positions": [2, 3]}, {"domain_positions": [6]}]
+    probe, model = DomainSink(), fake_model()
+    ctx = ProbeContext(model=model, meta=meta)
+    cap = FakeCapture()
+    probe.attach(cap, ctx)
+    for p, rows in enumerate((rows_a, rows_b)):  # a fresh Batch object per forward, as the engine makes
+        batch = Batch(torch.zeros(1, s, dtype=torch.long), torch.ones(1, s, dtype=torch.long), [p])
+        for fn in cap.handlers["rows"]:
+            fn(0, rows, torch.arange(s), batch)
+        del batch
+    res = {r.name: r for r in probe.results(ctx)}
+    assert res["domain_sink_domain"].scores[0, 0] == pytest.approx(0.0)  # both batches' domains active
+    assert res["domain_sink_not_domain"].scores[0, 0] == pytest.approx(1.0)
+
+
 def test_domain_sink_without_a_domain_is_a_user_error():
     with pytest.raises(AttnlabError, match="domain_sink needs a domain"):
         feed(DomainSink(), rows=active_dormant(5, [2])[None], ids=torch.zeros(1, 5, dtype=torch.long))

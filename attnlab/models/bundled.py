@@ -109,6 +109,18 @@ BUNDLED: dict[str, BundledModel] = {
             "attnlab.models.training.induction",
         ),
         BundledModel(
+            "organism-sink",
+            "attnlab's tiny Llama trained with Adam on Bigram-Backcopy: an active-dormant head, BOS sink and drain",
+            _organism("organism-sink"),
+            "attnlab.models.training.sink",
+        ),
+        BundledModel(
+            "organism-sink-sgd",
+            "organism-sink's control: the same task and model trained with SGD (no sink expected)",
+            _organism("organism-sink-sgd"),
+            "attnlab.models.training.sink",
+        ),
+        BundledModel(
             "organism-dit",
             "attnlab's trained class-conditional DiT on scikit-learn digits (diffusers)",
             _organism("organism-dit"),

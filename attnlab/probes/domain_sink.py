@@ -1,5 +1,6 @@
 """First-token sink mass split by a query-position predicate: the *active-dormant* view of a head (Guo et al. 2024,
-"Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs", arXiv 2410.13835).
+"Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs", arXiv 2410.13835;
+see ``docs/methods/attention_sinks.md`` §5).
 
 A head can be a sink on some inputs and not on others: on the Bigram-Backcopy task the copy head is *dormant* at
 ordinary positions (its attention parked on the first token) and *active* at trigger positions (it attends to the
@@ -91,7 +92,7 @@ class DomainSink(Probe):
         self._meta = ctx.meta
         self._in = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
         self._out = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
-        self._mask_of: tuple[int, torch.Tensor] | None = None
+        self._mask_of: tuple[object, torch.Tensor] | None = None
         capture.on("rows", self._on_rows)
 
     def domain_mask(self, batch) -> torch.Tensor:
@@ -114,8 +115,9 @@ class DomainSink(Probe):
         return mask & batch.attention_mask.to(ids.device).bool()
 
     def _on_rows(self, layer: int, rows: torch.Tensor, q_pos: torch.Tensor, batch) -> None:
-        if self._mask_of is None or self._mask_of[0] != id(batch):  # once per batch, not per layer
-            self._mask_of = (id(batch), self.domain_mask(batch))
+        # once per batch, not per layer; the batch itself is kept (an id() could be reused by the next batch)
+        if self._mask_of is None or self._mask_of[0] is not batch:
+            self._mask_of = (batch, self.domain_mask(batch))
         dom = self._mask_of[1].to(rows.device)[:, q_pos]  # [b, c]
         valid = query_validity(batch, q_pos, skip_first=self.n_sink_tokens)
         keys = torch.arange(rows.shape[-1], device=rows.device)[None, :]
@@ -147,6 +149,8 @@ class DomainSink(Probe):
                 ctx,
                 f"domain_sink_gap_{label}",
                 outside - inside,
-                description=f"first-token mass off {label} minus on {label} positions (> 0: dormant off {label}, active on it)",
+                description=(
+                    f"first-token mass off {label} minus on {label} positions (> 0: dormant off {label}, active on it)"
+                ),
             ),
         ]

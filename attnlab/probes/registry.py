@@ -37,7 +37,8 @@ GROUPS = {
     "retrieval": ("retrieval_heads",),
     "streaming": ("streaming_heads", "razor_echo_induction"),
     "vision": ("vision_aware_heads", "image_centric_heads"),
-    "extremes": ("domain_sink", "value_drain", "residual_norms"),  # domain_sink needs a domain (--dataset bigram-backcopy)
+    # extreme tokens (Guo et al. 2024); domain_sink needs a domain, e.g. --dataset bigram-backcopy
+    "extremes": ("domain_sink", "value_drain", "residual_norms"),
 }
 
 

@@ -1,6 +1,6 @@
 """Residual-state norms per position: where the residual stream *peaks* (Guo et al. 2024, "Active-Dormant Attention
 Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs", arXiv 2410.13835; Sun et al. 2024, "Massive
-Activations in Large Language Models", arXiv 2402.17762).
+Activations in Large Language Models", arXiv 2402.17762; see ``docs/methods/attention_sinks.md`` §5).
 
 The third extreme-token phenomenon: the sink token's residual state has a far larger norm than the others' (a
 *residual-state peak*), which is what lets its key stand apart from every query. ``massive_activations`` looks at
@@ -101,7 +101,9 @@ class ResidualNorms(Probe):
                     values,
                     [f"layer {l}" for l in range(m.n_layers)],
                     marks={"peak": sorted(ex["peaks"])},
-                    description=f"residual-stream norm at each position after each layer (peak: >= {self.peak_ratio}x the median)",
+                    description=(
+                        f"residual-stream norm per position after each layer (peak: >= {self.peak_ratio}x the median)"
+                    ),
                     summary=summary,
                 )
             )

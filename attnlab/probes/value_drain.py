@@ -8,7 +8,7 @@ token, N real tokens):
 
     drain(l, g) = ||v_0|| / ( (1/N) * sum_{j=0..N-1} ||v_j|| )
 
-(the mean runs over all real tokens, the sink included, as in ``shared/methods/attention_sinks.md``), averaged
+(the mean runs over all real tokens, the sink included; ``docs/methods/attention_sinks.md`` §5), averaged
 over prompts. 1 = an ordinary token; well below 1 = a drain. Computed in flight from the value states (capture
 site ``"v"``); nothing is kept but two numbers per prompt and head.
 

@@ -48,24 +48,25 @@ PRESETS: dict[str, dict] = {
         # task (attnlab.datasets.bigram_backcopy.make_task)
         vocab=64,  # states, triggers included (the paper: 65 characters)
         n_triggers=3,  # the paper: 3
-        concentration=0.2,  # Dirichlet concentration of the chain's rows: small = peaked
+        concentration=0.1,  # Dirichlet concentration of the chain's rows: small = peaked, a leak into them costs
         trigger_rate=0.2,  # P(an ordinary token is followed by a trigger)
         # model: LlamaForCausalLM (RoPE, RMSNorm, SwiGLU)
         n_layers=3,  # the paper: 1 or 3 layers
-        n_heads=4,  # the paper: 1 head per layer; a few here, so that there are heads outside the mechanism
-        d_model=96,  # the paper: 256 (a smaller width keeps the shipped files under 2 MB)
+        n_heads=1,  # the paper: 1 head per layer (with 4 heads per layer the copy spread over heads, none sank)
+        d_model=64,  # the paper: 256
         d_ff=256,
-        seq_len=128,  # the paper: 256
-        # optimisation (the paper: AdamW lr 3e-4, betas (0.9, 0.99), weight decay 1e-4, batch 512, 10k steps)
+        seq_len=64,  # the paper: 256
+        # optimisation (the paper: AdamW lr 3e-4, betas (0.9, 0.99), weight decay 1e-4, batch 512, 10k steps);
+        # a higher lr on far fewer, smaller batches: the sink forms near step 500, at lr 3e-3 not by step 2,200
         optimizer="adam",  # adam (AdamW) | sgd (SGD with momentum)
-        lr=3e-3,
+        lr=1e-2,
         momentum=0.9,  # SGD only
         weight_decay=1e-4,
         batch_size=32,
-        warmup=50,  # steps of linear warm-up, then constant
+        warmup=50,  # steps of linear warm-up, then cosine decay to 10% at max_steps
         max_steps=3000,
-        max_minutes=10.0,  # wall-clock cap of the loop
-        eval_every=100,
+        max_minutes=60.0,  # wall-clock cap of the loop (the shipped run stopped at max_steps)
+        eval_every=200,
         eval_n=64,  # sequences per evaluation
     ),
 }
@@ -163,17 +164,20 @@ def extremes(model, task: BigramBackcopy, ids: torch.Tensor) -> dict:
     """Per layer and head: mean attention on BOS at ordinary vs trigger positions, attention on the previous token
     at trigger positions, BOS value norm / mean value norm; per layer: BOS residual norm / median token norm.
 
-    Computed straight from the Hugging Face model (eager attention weights, value projections, hidden states) so
+    Computed straight from the Hugging Face model (eager attention weights, value projections, layer outputs) so
     that the training log needs no attnlab machinery; the probes (``domain_sink``, ``value_drain``,
     ``residual_norms``) measure the same quantities on the shipped model.
     """
     values: dict[int, torch.Tensor] = {}
-    handles = [
-        layer.self_attn.v_proj.register_forward_hook(lambda m, i, o, l=l: values.__setitem__(l, o.detach()))
-        for l, layer in enumerate(model.model.layers)
-    ]
+    resid: dict[int, torch.Tensor] = {}  # each decoder layer's output (HF's last hidden state is after the final norm)
+    handles = []
+    for l, layer in enumerate(model.model.layers):
+        handles.append(layer.self_attn.v_proj.register_forward_hook(lambda m, i, o, l=l: values.__setitem__(l, o)))
+        handles.append(
+            layer.register_forward_hook(lambda m, i, o, l=l: resid.__setitem__(l, o[0] if isinstance(o, tuple) else o))
+        )
     try:
-        out = model(input_ids=ids.to(model.device), output_attentions=True, output_hidden_states=True)
+        out = model(input_ids=ids.to(model.device), output_attentions=True)
     finally:
         for h in handles:
             h.remove()
@@ -200,8 +204,8 @@ def extremes(model, task: BigramBackcopy, ids: torch.Tensor) -> dict:
                 }
             )
     peaks = []
-    for l, hs in enumerate(out.hidden_states[1:]):  # residual stream after each layer
-        norms = hs.float().cpu().norm(dim=-1)  # [b, s]
+    for l in range(len(resid)):  # residual stream after each layer
+        norms = resid[l].float().cpu().norm(dim=-1)  # [b, s]
         peaks.append(float((norms[:, 0] / norms[:, 1:].median(dim=1).values).mean()))
     return {"heads": rows, "bos_residual_peak": peaks}
 
@@ -268,7 +272,10 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
     for step in range(p["max_steps"]):
         if time.perf_counter() > deadline:
             break
-        lr = p["lr"] * min(1.0, (step + 1) / p["warmup"])  # linear warm-up, then constant (the paper: constant)
+        # linear warm-up, then cosine to 10% (the paper keeps lr constant; with a constant lr 1e-2 the sink's mass
+        # swung between 0.79 and 0.998 from one evaluation to the next, so the end point was a matter of luck)
+        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / p["max_steps"]))
+        lr = p["lr"] * min(1.0, (step + 1) / p["warmup"]) * decay
         for g in opt.param_groups:
             g["lr"] = lr
         ids = torch.from_numpy(task.sample(p["batch_size"], p["seq_len"], rng)).to(p["device"])
@@ -283,11 +290,12 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
             row.update(behaviour(model, task, held_out))
             row.update(extremes(model, task, held_out))
             model.train()
-            best = max(row["heads"], key=lambda r: r["bos_ordinary"] - r["bos_trigger"])
+            b = max(row["heads"], key=lambda r: r["bos_ordinary"] - r["bos_trigger"])  # the most active-dormant head
             print(
-                f"[sink] step {step} loss {loss_val:.3f} bigram {row['bigram_loss']:.3f} (floor {row['bigram_oracle_loss']:.3f}) "
-                f"copy {row['copy_acc']:.3f} | L{best['layer']}H{best['head']} BOS {best['bos_ordinary']:.2f}/{best['bos_trigger']:.2f} "
-                f"prev {best['prev_trigger']:.2f} drain {best['value_drain']:.2f} | peak {max(row['bos_residual_peak']):.1f}",
+                f"[sink] step {step} loss {loss_val:.3f} bigram {row['bigram_loss']:.3f} "
+                f"(floor {row['bigram_oracle_loss']:.3f}) copy {row['copy_acc']:.3f} | L{b['layer']}H{b['head']} "
+                f"BOS {b['bos_ordinary']:.2f}/{b['bos_trigger']:.2f} prev {b['prev_trigger']:.2f} "
+                f"drain {b['value_drain']:.2f} | peak {max(row['bos_residual_peak']):.1f}",
                 flush=True,
             )
         log.append(row)
@@ -327,23 +335,26 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
 
 def _head_table(m: dict) -> str:
     lines = [
-        "| head | BOS attention, ordinary positions | BOS attention, trigger positions | previous token, trigger positions | BOS value / mean value |",
+        "| head | BOS attention, ordinary positions | BOS attention, trigger positions "
+        "| previous token, trigger positions | BOS value / mean value |",
         "|---|---|---|---|---|",
     ]
     for r in m["heads"]:
-        lines.append(
-            f"| L{r['layer']}H{r['head']} | {r['bos_ordinary']:.3f} | {r['bos_trigger']:.3f} | {r['prev_trigger']:.3f} | {r['value_drain']:.3f} |"
-        )
+        cells = [r["bos_ordinary"], r["bos_trigger"], r["prev_trigger"], r["value_drain"]]
+        lines.append(f"| L{r['layer']}H{r['head']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
 def model_card(p: dict, m: dict, config, task: BigramBackcopy, n_params: int, command: str) -> str:
     name = "organism-sink" if p["optimizer"] == "adam" else "organism-sink-sgd"
+    adam = p["optimizer"] == "adam"
+    optimiser = "AdamW" if adam else f"SGD (momentum {p['momentum']})"
+    settings = f"AdamW lr {p['lr']}, betas (0.9, 0.99)" if adam else f"SGD lr {p['lr']}, momentum {p['momentum']}"
     peaks = ", ".join(f"layer {l}: {v:.1f}x" for l, v in enumerate(m["bos_residual_peak"]))
     return f"""# {name}
 
 A small Llama (`LlamaForCausalLM`) trained from scratch by `attnlab.models.training.sink` on the Bigram-Backcopy
-task of Guo et al. 2024 (arXiv 2410.13835) with **{"AdamW" if p["optimizer"] == "adam" else "SGD (momentum " + str(p["momentum"]) + ")"}**.
+task of Guo et al. 2024 (arXiv 2410.13835) with **{optimiser}**.
 Float32 safetensors; word-level tokenizer over the task's states (`t0 ..` ordinary, `T0 ..` triggers) with `<|bos|>`
 prepended; the task itself (transition matrix, trigger set) is saved beside the model as `bigram_backcopy.json` +
 `bigram_backcopy.safetensors` (`attnlab.datasets.bigram_backcopy.BigramBackcopy.load(DIR)`).
@@ -361,8 +372,8 @@ states + {p["trigger_rate"]:.2f} over the triggers), except that after each of t
 Generated on the fly (seed {p["seed"]}); evaluation sequences come from a separate seed.
 
 ## Training
-{"AdamW lr " + str(p["lr"]) + ", betas (0.9, 0.99)" if p["optimizer"] == "adam" else "SGD lr " + str(p["lr"]) + ", momentum " + str(p["momentum"])},
-weight decay {p["weight_decay"]} on matrices, linear warm-up {p["warmup"]} steps then constant, batch
+{settings},
+weight decay {p["weight_decay"]} on matrices, linear warm-up {p["warmup"]} steps then cosine to 10%, batch
 {p["batch_size"]} x {p["seq_len"]}, next-token loss on every position, seed {p["seed"]}, device {p["device"]},
 preset `{p["preset"]}`. Steps: {m["steps"]} ({m["train_seconds"]} s).
 

@@ -1,6 +1,6 @@
 """Sink interventions where they must act: ZeroTuning and ACT on organism-sink's backcopy head (issue #15).
 
-organism-sink's backcopy head is *dormant* at ordinary positions (its attention parked on BOS, whose value is a
+organism-sink's backcopy heads are *dormant* at ordinary positions (its attention parked on BOS, whose value is a
 drain) and *active* at trigger positions (previous token, copied). So, per the active-dormant mechanism
 (Guo et al. 2024, arXiv 2410.13835):
 
@@ -14,11 +14,11 @@ drain) and *active* at trigger positions (previous token, copied). So, per the a
 ZeroTuning multiplies the first-token weight by gamma, i.e. adds ``ln(gamma)`` to its logit (the ``bias`` form,
 used here because it stays exact at any gamma). A head that has saturated its attention (a BOS logit tens of nats
 above or below the rest) moves only once ``|ln gamma|`` approaches that gap, so gammas are given as ``ln(gamma)``
-and the script reports the target head's logit gaps: ``s_0 - logsumexp_{j>0} s_j`` per query row.
+and the script reports the target heads' logit gaps: ``s_0 - logsumexp_{j>0} s_j`` per query row.
 
 For every condition: copy accuracy at trigger positions and loss at bigram positions on held-out sequences
 (per-sequence values, paired bootstrap 95% intervals of the change), and the ``domain_sink`` probe's first-token
-mass of the target head at trigger / ordinary positions with the intervention applied (that the intervention
+mass of the target heads at trigger / ordinary positions with the intervention applied (that the intervention
 moved the attention it claims to move).
 
     python scripts/sink_interventions.py --model organism-sink --out /tmp/sink_interventions.json
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=256, help="held-out sequences")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1234, help="sequence seed (the training stream never uses it)")
-    ap.add_argument("--log-gammas-up", default="3,30,100,200,300,400", help="ln(gamma) > 0 at trigger positions")
-    ap.add_argument("--log-gammas-down", default="-3,-30,-100,-150,-200", help="ln(gamma) < 0 at ordinary positions")
+    ap.add_argument("--log-gammas-up", default="3,10,30,60,100,200", help="ln(gamma) > 0 at trigger positions")
+    ap.add_argument("--log-gammas-down", default="-3,-10,-30,-60,-100", help="ln(gamma) < 0 at ordinary positions")
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="write every number as JSON here")
@@ -147,40 +147,43 @@ def main(argv: list[str] | None = None) -> int:
     # which head is the backcopy head, which heads are not sinks: read off the probe on the clean model
     clean_mass = sink_masses(model, probe_prompts, trig)
     gap = clean_mass["ordinary"] - clean_mass["trigger"]
-    target = tuple(int(x) for x in np.unravel_index(np.nanargmax(gap), gap.shape))
+    targets = [(int(l), int(h)) for l, h in np.argwhere(gap > 0.5)]  # every active-dormant (backcopy) head
     non_sinks = [
         (l, h)
         for l in range(model.n_layers)
         for h in range(model.n_heads)
-        if (l, h) != target and clean_mass["ordinary"][l, h] < 0.5 and clean_mass["trigger"][l, h] < 0.5
+        if (l, h) not in targets and clean_mass["ordinary"][l, h] < 0.5 and clean_mass["trigger"][l, h] < 0.5
     ]
+    label = lambda heads: "+".join(f"L{l}H{h}" for l, h in heads)  # noqa: E731
     base_copy, base_loss = per_sequence(model, task, ids)
     print(
-        f"{args.model}: backcopy head L{target[0]}H{target[1]} (first-token mass ordinary "
-        f"{clean_mass['ordinary'][target]:.3f}, trigger {clean_mass['trigger'][target]:.3f}); non-sink heads "
+        f"{args.model}: backcopy heads {label(targets)} (first-token mass ordinary "
+        f"{[round(float(clean_mass['ordinary'][t]), 3) for t in targets]}, trigger "
+        f"{[round(float(clean_mass['trigger'][t]), 3) for t in targets]}); non-sink heads "
         f"{', '.join(f'L{l}H{h}' for l, h in non_sinks) or 'none'}; baseline copy {np.nanmean(base_copy):.3f}, "
         f"bigram loss {base_loss.mean():.3f}",
         flush=True,
     )
 
-    def measure(label: str, iv, head) -> dict:
+    def measure(name: str, iv, heads) -> dict:
         iv.fit(model)
         with iv.apply(model):
             copy, loss = per_sequence(model, task, ids)
             mass = sink_masses(model, probe_prompts, trig)
         ok = ~np.isnan(base_copy) & ~np.isnan(copy)
         row = {
-            "condition": label,
-            "head": None if head is None else f"L{head[0]}H{head[1]}",
+            "condition": name,
+            "head": None if heads is None else label(heads),
             "copy": paired_bootstrap(base_copy[ok], copy[ok], n_boot=args.n_boot, seed=args.seed),
             "bigram_loss": paired_bootstrap(base_loss, loss, n_boot=args.n_boot, seed=args.seed),
         }
-        if head is not None:
+        if heads is not None:  # mean over the scaled heads
+            pick = lambda grid: float(np.mean([grid[hd] for hd in heads]))  # noqa: E731
             row["first_token_mass"] = {
-                "trigger_before": float(clean_mass["trigger"][head]),
-                "trigger_after": float(mass["trigger"][head]),
-                "ordinary_before": float(clean_mass["ordinary"][head]),
-                "ordinary_after": float(mass["ordinary"][head]),
+                "trigger_before": pick(clean_mass["trigger"]),
+                "trigger_after": pick(mass["trigger"]),
+                "ordinary_before": pick(clean_mass["ordinary"]),
+                "ordinary_after": pick(mass["ordinary"]),
             }
         else:
             row["first_token_mass"] = {
@@ -197,33 +200,33 @@ def main(argv: list[str] | None = None) -> int:
             }
         c, b = row["copy"], row["bigram_loss"]
         print(
-            f"  {label:<44} {row['head'] or 'all':<5} copy {c['intervened']:.3f} ({c['diff']:+.3f} "
+            f"  {name:<44} {row['head'] or 'all':<9} copy {c['intervened']:.3f} ({c['diff']:+.3f} "
             f"[{c['diff_lo']:+.3f}, {c['diff_hi']:+.3f}])  bigram loss {b['intervened']:.3f} ({b['diff']:+.3f} "
             f"[{b['diff_lo']:+.3f}, {b['diff_hi']:+.3f}])  first-token mass {row['first_token_mass']}",
             flush=True,
         )
         return row
 
-    gaps = {f"L{l}H{h}": logit_gaps(model, ids[:64], task, (l, h)) for l, h in [target, *non_sinks]}
+    gaps = {label([hd]): logit_gaps(model, ids[:64], task, hd) for hd in [*targets, *non_sinks]}
     for name, g in gaps.items():
         print(f"  BOS logit gap of {name} (s_0 - logsumexp of the other keys), quantiles 5/50/95%: {g}", flush=True)
-    norms = resid_norms(model, ids[:64], task, target[0])
-    print(f"  residual norm entering layer {target[0]}: {norms}", flush=True)
+    norms = {f"layer {l}": resid_norms(model, ids[:64], task, l) for l in sorted({l for l, _ in targets})}
+    print(f"  residual norm entering the backcopy heads' layers: {norms}", flush=True)
     rows = []
     for direction, arg, mode in (("triggers", args.log_gammas_up, "in"), ("ordinary", args.log_gammas_down, "not_in")):
         for lg in [float(x) for x in arg.split(",")]:
-            for head in [target, *non_sinks]:
-                kind = "backcopy" if head == target else "control"
-                iv = ZeroTuning(math.exp(lg), [head], form="bias", query_tokens=trig, query_mode=mode)
-                row = measure(f"ZeroTuning ln(gamma)={lg:+g} at {direction} ({kind})", iv, head)
+            for heads in [targets, *([hd] for hd in non_sinks)]:
+                kind = "backcopy" if heads == targets else "control"
+                iv = ZeroTuning(math.exp(lg), heads, form="bias", query_tokens=trig, query_mode=mode)
+                row = measure(f"ZeroTuning ln(gamma)={lg:+g} at {direction} ({kind})", iv, heads)
                 row["log_gamma"], row["positions"] = lg, direction
                 rows.append(row)
     all_heads = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
-    for label, iv, head in (
+    for name, iv, heads in (
         ("ACT beta=0.4 threshold=0.1, every head", ACT(all_heads), None),
-        ("ACT beta=0.4 threshold=0.1, backcopy head", ACT([target]), target),
+        ("ACT beta=0.4 threshold=0.1, backcopy heads", ACT(targets), targets),
     ):
-        row = measure(label, iv, head)
+        row = measure(name, iv, heads)
         with iv.apply(model):  # where ACT's copy errors sit: triggers in the last 8 positions vs the rest
             row["copy_by_position"] = copy_by_position(model, task, ids, tail=8)
         row["copy_by_position_baseline"] = copy_by_position(model, task, ids, tail=8)
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_sequences": args.n,
         "seq_len": args.seq_len,
         "seed": args.seed,
-        "backcopy_head": f"L{target[0]}H{target[1]}",
+        "backcopy_heads": label(targets),
         "non_sink_heads": [f"L{l}H{h}" for l, h in non_sinks],
         "baseline": {"copy": float(np.nanmean(base_copy)), "bigram_loss": float(base_loss.mean())},
         "clean_first_token_mass": {k: v.tolist() for k, v in clean_mass.items()},

@@ -24,7 +24,18 @@ BUNDLED = Path(sink.__file__).resolve().parents[1] / "bundled"
 ADAM, SGD = BUNDLED / "organism-sink", BUNDLED / "organism-sink-sgd"
 shipped = pytest.mark.skipif(not (ADAM / "config.json").is_file(), reason="organism-sink not shipped")
 shipped_sgd = pytest.mark.skipif(not (SGD / "config.json").is_file(), reason="organism-sink-sgd not shipped")
-PROBES = ["first_token_sink", "domain_sink", "value_drain", "residual_norms", "massive_activations"]
+# thresholds measured on the shipped checkpoints (MODEL_CARD.md): the dormant heads' BOS mass is 0.92 / 0.91 (0.928 /
+# 0.908 on the card's 256 sequences), their BOS value 0.27 / 0.20 of the mean, BOS's residual norm 2.0x the median
+DORMANT_MIN, DRAIN_MAX, PEAK_MIN = 0.88, 0.35, 1.5
+
+
+def probes():
+    """The probes of the ground truth. Massive activations with thresholds for a 64-wide model (the paper's 100 and
+    1000x the vector's median entry are a 4096-wide model's): BOS's largest entry is ~13x its median, others' ~5x."""
+    from attnlab.probes.massive_activations import MassiveActivations
+
+    return ["first_token_sink", "domain_sink", "value_drain", "residual_norms", MassiveActivations(ratio_threshold=10)]
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,7 +90,7 @@ def previous_token_at_triggers(model, prompts) -> np.ndarray:
 def adam():
     model = attnlab.load("organism-sink")
     prompts = bigram_backcopy_prompts(model, 32, seed=7)
-    res = attnlab.scan(model, PROBES, prompts, progress=False)
+    res = attnlab.scan(model, probes(), prompts, progress=False)
     return model, res, previous_token_at_triggers(model, prompts)
 
 
@@ -102,42 +113,58 @@ def test_cli_eval_re_measures_both_tasks(capsys):
     assert m["bigram_loss"] > m["bigram_oracle_loss"] - 0.05 and m["n_bigram_positions"] > 0
 
 
+def _copy_heads(prev: np.ndarray) -> list[tuple[int, int]]:
+    """Heads that attend to the previous token at trigger rows (> 0.9): the backcopy heads."""
+    return [tuple(int(x) for x in hd) for hd in np.argwhere(prev > 0.9)]
+
+
 @shipped
-def test_backcopy_head_is_dormant_on_bos_and_active_on_the_previous_token(adam):
+def test_backcopy_heads_are_dormant_on_bos_and_active_on_the_previous_token(adam):
     model, res, prev = adam
     off, on = res["domain_sink_not_trigger"].scores, res["domain_sink_trigger"].scores
-    print(f"\nBOS mass, ordinary rows:\n{off.round(3)}\nBOS mass, trigger rows:\n{on.round(3)}\nprev@trigger:\n{prev.round(3)}")
-    head = np.unravel_index(np.nanargmax(res["domain_sink_gap_trigger"].scores), off.shape)
-    assert off[head] > 0.9  # dormant: parked on BOS
-    assert on[head] < 0.05 and prev[head] > 0.9  # active: on the previous token, which it copies
-    # the probe finds exactly the heads the mechanism needs: the active-dormant head is the top copying head
-    assert head == np.unravel_index(np.argmax(prev), prev.shape)
+    print(f"\nBOS mass, ordinary / trigger rows:\n{off.round(3)}\n{on.round(3)}\nprev@trigger:\n{prev.round(3)}")
+    heads = _copy_heads(prev)
+    assert heads, "no head copies the previous token at triggers"
+    for hd in heads:
+        assert off[hd] > DORMANT_MIN  # dormant: parked on BOS at ordinary positions
+        assert on[hd] < 0.05  # active: off BOS at triggers, on the previous token (prev > 0.9)
+    # the probe's active-dormant ranking finds them: the largest gaps are exactly the backcopy heads
+    gap = res["domain_sink_gap_trigger"].scores
+    top = [tuple(int(x) for x in hd) for hd in np.argwhere(gap > 0.5)]
+    assert sorted(top) == sorted(heads)
 
 
 @shipped
 def test_bos_value_drain_and_residual_peak(adam):
-    model, res, _ = adam
-    gap = res["domain_sink_gap_trigger"].scores
-    head = np.unravel_index(np.nanargmax(gap), gap.shape)
+    model, res, prev = adam
+    heads = _copy_heads(prev)
     drain = res["value_drain"].scores
     print(f"\nvalue drain:\n{drain.round(3)}")
-    assert drain[head] < 0.3  # BOS's value norm a small fraction of the mean
-    non_sink = res["domain_sink_not_trigger"].scores < 0.2
-    assert non_sink.any() and np.all(drain[non_sink] > 2 * drain[head])
+    for hd in heads:
+        assert drain[hd] < DRAIN_MAX  # BOS's value norm a small fraction of the mean
+    others = res["domain_sink_not_trigger"].scores < 0.2  # heads that are a sink nowhere
+    assert others.any() and np.all(drain[others] > 2 * max(drain[hd] for hd in heads))
     layers = res["residual_norms_0"].summary["layers"]
     print("BOS residual norm / median:", [round(x["first_token_ratio"], 2) for x in layers])
-    assert layers[0]["first_token_ratio"] > 3.0
+    assert layers[0]["first_token_ratio"] > PEAK_MIN
+    massive = res["massive_activations_0"].summary
+    print("massive activations:", massive["massive_tokens"], [x["max_abs"] for x in massive["layers"]])
+    n = 32 * model.n_layers  # every prompt, every layer
+    assert massive["massive_tokens"] == {"<|bos|>": n}  # BOS and nothing else
 
 
 @shipped_sgd
-def test_sgd_control_learns_the_task_without_sink_drain_or_peak():
+def test_sgd_control_learns_the_task_without_sink_or_peak():
     model = attnlab.load("organism-sink-sgd")
     prompts = bigram_backcopy_prompts(model, 32, seed=7)
-    res = attnlab.scan(model, PROBES, prompts, progress=False)
+    res = attnlab.scan(model, probes(), prompts, progress=False)
     copy = sink.evaluate(str(SGD), "backcopy", n=64)
     assert copy["copy_acc"] > 0.9  # it learns the task ...
     off = res["domain_sink_not_trigger"].scores
     print(f"\nSGD BOS mass, ordinary rows:\n{off.round(3)}\nvalue drain:\n{res['value_drain'].scores.round(3)}")
-    assert np.nanmax(off) < 0.5  # ... with no head parked on BOS
+    assert np.nanmax(off) < 0.2  # ... with no head parked on BOS
     layers = res["residual_norms_0"].summary["layers"]
-    assert max(x["first_token_ratio"] for x in layers) < 2.0
+    assert max(x["first_token_ratio"] for x in layers) < PEAK_MIN
+    assert res["massive_activations_0"].summary["massive_tokens"] == {}
+    # BOS's value is below the mean under SGD too (0.20-0.38, MODEL_CARD): the drain alone does not separate the
+    # two optimisers on this task, so it is reported, not asserted

@@ -474,6 +474,7 @@ def _fused_attention_fn(module, query, key, value, attention_mask, dropout=0.0, 
         batch,
         sliding_window=kwargs.get("sliding_window"),
         softcap=kwargs.get("softcap"),
+        v=value,
     )
     out, _ = sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs

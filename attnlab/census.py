@@ -2,8 +2,11 @@
 
 One capture pass (one forward per batch, all probes reducing in flight) gives the correlational statistics:
 
-- sinks: ``first_token_sink``, ``act_sinks`` (hidden-sink scores), ``massive_activations`` (per layer / position),
-  and the value-state drain when that probe is installed;
+- sinks: ``first_token_sink``, ``act_sinks`` (hidden-sink scores), ``value_drain`` (the first token's value norm
+  over the mean value norm, per KV head), ``massive_activations`` (per layer / position);
+- extreme tokens (Guo et al. 2024): ``domain_sink`` (first-token mass inside / outside a set of query positions: on
+  prompts whose metadata lists them, e.g. ``--dataset bigram-backcopy``, else not scored), ``value_drain`` and
+  ``residual_norms`` (residual-stream norm per position and layer);
 - HeadVis's six (``self_attention_score``, ``prev_token_score``, ``pattern_entropy``, ``qk_distance``,
   ``qk_distance_variance``, ``induction_score``: Neuronpedia's definitions, so a census compares number for number
   with the published grids);
@@ -45,6 +48,7 @@ CENSUS_JSON = "census.json"
 # statistic groups -> probe names (a probe may give several statistics: headvis gives six)
 GROUPS: dict[str, tuple[str, ...]] = {
     "sinks": ("first_token_sink", "act_sinks", "value_drain", "massive_activations"),
+    "extremes": ("domain_sink", "value_drain", "residual_norms"),
     "headvis": ("headvis",),
     "patterns": ("duplicate_token", "razor_echo_induction", "max_attention_logit", "streaming_heads"),
     "retrieval": ("retrieval_heads",),
@@ -254,7 +258,7 @@ def census(
     ----------
     model : LoadedModel
     prompts : list of str or PromptSet
-    statistics : "all", group names (sinks, headvis, patterns, retrieval, vision, causal), probe names, or a list
+    statistics : "all", group names (sinks, extremes, headvis, patterns, retrieval, vision, causal), probe names, or a list
     causal_prompts : int, default=16
         Prompts (the first ones) the exact all-heads ablation and attribution patching run on.
     ablation_mode : {"zero", "mean", "uniform", "resample"}, default="zero"

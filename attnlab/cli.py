@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--statistics",
         default="all",
-        help="all (default), or comma-separated groups (sinks, headvis, patterns, retrieval, vision, causal) "
+        help="all (default), or comma-separated groups (sinks, extremes, headvis, patterns, retrieval, vision, causal) "
         "and probe names",
     )
     p.add_argument(

@@ -95,6 +95,23 @@ def resid_norms(model, ids: np.ndarray, task, layer: int) -> dict[str, float]:
     }
 
 
+def head_share(model, ids: np.ndarray, task, layer: int) -> dict[str, float]:
+    """Mean ``||attn_out|| / ||resid_pre||`` of ``layer`` (one head per layer: the head's own write) at trigger and
+    ordinary positions: how much the head's output can move the residual stream where it is written."""
+    from attnlab.hooks import block_hook
+
+    seen = {}
+    batch = model.batch_from_ids(ids.tolist(), list(range(len(ids))))
+    keep = lambda key: lambda x, hook=None: seen.__setitem__(key, x.detach().float().cpu())  # noqa: E731
+    hooks = [(block_hook(layer, "hook_resid_pre"), keep("pre")), (block_hook(layer, "hook_attn_out"), keep("out"))]
+    with torch.no_grad(), model.bridge.hooks(fwd_hooks=hooks):
+        model.forward(batch)
+    ratio = (seen["out"].norm(dim=-1) / seen["pre"].norm(dim=-1).clamp_min(1e-30)).numpy()
+    trig = task.trigger_mask(ids)
+    ordinary = ~trig & (ids != task.bos_id)
+    return {"trigger": float(ratio[trig].mean()), "ordinary": float(ratio[ordinary].mean())}
+
+
 def copy_by_position(model, task, ids: np.ndarray, tail: int) -> dict[str, float]:
     """Copy accuracy at trigger positions among the last ``tail`` positions of a sequence vs the earlier ones."""
     batch = model.batch_from_ids(ids.tolist(), list(range(len(ids))))
@@ -212,6 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  BOS logit gap of {name} (s_0 - logsumexp of the other keys), quantiles 5/50/95%: {g}", flush=True)
     norms = {f"layer {l}": resid_norms(model, ids[:64], task, l) for l in sorted({l for l, _ in targets})}
     print(f"  residual norm entering the backcopy heads' layers: {norms}", flush=True)
+    # why moving the dormant heads off BOS at ordinary rows may not matter: how large their write is next to the
+    # residual stream there, clean and with the attention moved off BOS (the largest ln(gamma) < 0 asked for)
+    lg_min = min(float(x) for x in args.log_gammas_down.split(","))
+    share = {"clean": {f"L{l}": head_share(model, ids[:64], task, l) for l, _ in targets}}
+    iv = ZeroTuning(math.exp(lg_min), targets, form="bias", query_tokens=trig, query_mode="not_in").fit(model)
+    with iv.apply(model):
+        moved = {f"L{l}": head_share(model, ids[:64], task, l) for l, _ in targets}
+    share[f"ln(gamma)={lg_min:+g} at ordinary"] = moved
+    print(f"  ||attn_out|| / ||resid_pre|| of the backcopy heads' layers: {share}", flush=True)
     rows = []
     for direction, arg, mode in (("triggers", args.log_gammas_up, "in"), ("ordinary", args.log_gammas_down, "not_in")):
         for lg in [float(x) for x in arg.split(",")]:
@@ -241,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "backcopy_heads": label(targets),
         "non_sink_heads": [f"L{l}H{h}" for l, h in non_sinks],
         "baseline": {"copy": float(np.nanmean(base_copy)), "bigram_loss": float(base_loss.mean())},
+        "head_write_share": share,
         "clean_first_token_mass": {k: v.tolist() for k, v in clean_mass.items()},
         "bos_logit_gaps": gaps,
         "resid_norms_entering_backcopy_layer": norms,

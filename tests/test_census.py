@@ -155,3 +155,34 @@ def test_known_heads_come_out_of_one_census():
     alone = attnlab.scan(mini, "first_token_sink", prose, progress=False)
     np.testing.assert_allclose(c["first_token_sink"].scores, alone["first_token_sink"].scores, atol=1e-6)
     assert np.nanmax(c["first_token_sink"].scores) > 0.5  # a real [CLS] sink
+
+
+@pytest.mark.skipif(bundled_path("organism-sink") is None, reason="organism-sink not bundled")
+def test_census_extremes_equal_the_probes_and_find_organism_sinks_backcopy_heads():
+    """organism-sink on its own task: the census's value drain, active-dormant sink split and residual norms are
+    the separate probes' numbers, and they single out the backcopy heads (dormant on BOS, drained BOS value)."""
+    from attnlab.datasets import DATASETS
+
+    model = attnlab.load("organism-sink")
+    ps = DATASETS["bigram-backcopy"](model, 16, 0)
+    c = census(model, ps, statistics="sinks,extremes", progress=False)
+    assert c.info["attention_path"] == "fused"  # the census's default path, the probes' eager one below
+    for probe in ("value_drain", "domain_sink", "first_token_sink"):
+        alone = attnlab.scan(model, probe, ps, progress=False)
+        for name, r in alone.head_scores().items():
+            np.testing.assert_allclose(c[name].scores, r.scores, atol=1e-5, err_msg=name)
+    alone = attnlab.scan(model, "residual_norms", ps, progress=False)
+    np.testing.assert_allclose(c.tokens["residual_norms_0"].values, alone["residual_norms_0"].values, rtol=1e-5)
+    for got, want in zip(c.tokens["residual_norms_0"].summary["layers"], alone["residual_norms_0"].summary["layers"]):
+        assert got["first_token_ratio"] == pytest.approx(want["first_token_ratio"], rel=1e-5)
+        assert got["peak_tokens"] == want["peak_tokens"]
+    gap, drain = c["domain_sink_gap_trigger"].scores, c["value_drain"].scores
+    backcopy = {tuple(int(x) for x in hd) for hd in np.argwhere(gap > 0.5)}
+    assert backcopy == {(1, 0), (2, 0)}  # the two active-dormant heads of the shipped checkpoint (MODEL_CARD)
+    assert all(drain[hd] < 0.35 for hd in backcopy) and drain[0, 0] > 0.6  # drained BOS value only where it sinks
+
+
+def test_census_without_a_domain_does_not_score_domain_sink(loaded):
+    c = census(loaded("llama-gqa"), TEXTS, statistics="extremes", progress=False)
+    assert "domain_sink" in c.not_scored and "bigram-backcopy" in c.not_scored["domain_sink"]
+    assert "value_drain" in c.scores and "residual_norms_0" in c.tokens

@@ -16,6 +16,7 @@ from attnlab.datasets.bigram_backcopy import BigramBackcopy, make_task
 from attnlab.errors import AttnlabError
 from attnlab.hooks import attn_hook
 from attnlab.interventions.zerotuning import ZeroTuning
+from attnlab.lse import AttentionView, ScoreSpec
 from attnlab.models.loading import Batch
 from attnlab.probes.base import ProbeContext
 from attnlab.probes.domain_sink import DomainSink
@@ -53,10 +54,9 @@ def feed(probe, *, rows=None, v=None, resid=None, ids, mask=None, meta=None, mod
     cap = FakeCapture()
     probe.attach(cap, ctx)
     batch = Batch(ids, torch.ones(b, s, dtype=torch.long) if mask is None else mask, list(range(b)))
-    for fn in cap.handlers.get("rows", []):
-        for start in range(0, s, 3):  # in chunks, as the engine delivers them
-            q = torch.arange(start, min(s, start + 3))
-            fn(0, rows[:, :, q, :], q, batch)
+    for fn in cap.handlers.get("attention", []):  # the eager view of the planted pattern
+        qk = torch.zeros(b, rows.shape[1], s, 1)
+        fn(0, AttentionView(qk, qk, ScoreSpec(1.0, key_mask=batch.attention_mask), pattern=rows), batch)
     for fn in cap.handlers.get("v", []):
         fn(0, v, batch)
     for fn in cap.handlers.get("resid_post", []):
@@ -124,8 +124,9 @@ def test_domain_sink_gives_each_batch_its_own_domain():
     probe.attach(cap, ctx)
     for p, rows in enumerate((rows_a, rows_b)):  # a fresh Batch object per forward, as the engine makes
         batch = Batch(torch.zeros(1, s, dtype=torch.long), torch.ones(1, s, dtype=torch.long), [p])
-        for fn in cap.handlers["rows"]:
-            fn(0, rows, torch.arange(s), batch)
+        qk = torch.zeros(1, 2, s, 1)
+        for fn in cap.handlers["attention"]:
+            fn(0, AttentionView(qk, qk, ScoreSpec(1.0), pattern=rows), batch)
         del batch
     res = {r.name: r for r in probe.results(ctx)}
     assert res["domain_sink_domain"].scores[0, 0] == pytest.approx(0.0)  # both batches' domains active

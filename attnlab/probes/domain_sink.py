@@ -20,7 +20,8 @@ prompts, and a prompt with no row in D (or none outside it) is left out of that 
 - otherwise each prompt's metadata ``meta[meta_key]``: positions relative to the prompt's first token
   (``attnlab scan --dataset bigram-backcopy`` lists the trigger positions there).
 
-Computed in flight from the sink column(s) of the attention rows: no pattern is kept.
+Computed in flight from the sink column(s) (capture site ``"attention"``: on the fused path from q, k and each
+row's log-sum-exp, exactly, without a ``seq x seq`` matrix); no pattern is kept.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class DomainSink(Probe):
         self._in = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
         self._out = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
         self._mask_of: tuple[object, torch.Tensor] | None = None
-        capture.on("rows", self._on_rows)
+        capture.on("attention", self._on_attention)
 
     def domain_mask(self, batch) -> torch.Tensor:
         """``[batch, seq]`` bool: query rows in the domain (real tokens only)."""
@@ -114,16 +115,18 @@ class DomainSink(Probe):
                 mask[b, pos] = True
         return mask & batch.attention_mask.to(ids.device).bool()
 
-    def _on_rows(self, layer: int, rows: torch.Tensor, q_pos: torch.Tensor, batch) -> None:
+    def _on_attention(self, layer: int, view, batch) -> None:
         # once per batch, not per layer; the batch itself is kept (an id() could be reused by the next batch)
         if self._mask_of is None or self._mask_of[0] is not batch:
             self._mask_of = (batch, self.domain_mask(batch))
-        dom = self._mask_of[1].to(rows.device)[:, q_pos]  # [b, c]
+        dev = view.q.device
+        q_pos = torch.arange(view.shape[2], device=dev)
+        dom = self._mask_of[1].to(dev)  # [b, T]
         valid = query_validity(batch, q_pos, skip_first=self.n_sink_tokens)
-        keys = torch.arange(rows.shape[-1], device=rows.device)[None, :]
-        first = batch.first_real.to(rows.device)[:, None]
-        sink_cols = ((keys >= first) & (keys < first + self.n_sink_tokens)).float()  # [b, s]
-        mass = torch.einsum("bhcs,bs->bhc", rows, sink_cols)  # [b, h, c]
+        first = batch.first_real.to(dev)[:, None]
+        keys = first + torch.arange(int(self.n_sink_tokens), device=dev)[None, :]  # [b, k] the sink columns
+        keys = torch.where(keys < (first + batch.lengths.to(dev)[:, None]), keys, torch.full_like(keys, -1))
+        mass = view.mass_on(keys)  # [b, h, T]
         for acc, sel in ((self._in, valid & dom), (self._out, valid & ~dom)):
             w = sel.float()
             acc.add(layer, batch.prompt_indices, (mass * w[:, None, :]).sum(-1), w.sum(-1))

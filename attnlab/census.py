@@ -258,7 +258,8 @@ def census(
     ----------
     model : LoadedModel
     prompts : list of str or PromptSet
-    statistics : "all", group names (sinks, extremes, headvis, patterns, retrieval, vision, causal), probe names, or a list
+    statistics : "all", group names (sinks, extremes, headvis, patterns, retrieval, vision, causal), probe names,
+        or a list
     causal_prompts : int, default=16
         Prompts (the first ones) the exact all-heads ablation and attribution patching run on.
     ablation_mode : {"zero", "mean", "uniform", "resample"}, default="zero"

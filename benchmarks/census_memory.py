@@ -68,16 +68,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--statistics", default="sinks,headvis,patterns")
     ap.add_argument("--modes", default="plain,census")
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        help="keep only this many layers (same width and per-layer memory)",
+    )
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._worker:
         r = measure(args._worker[0], args._worker[1], args.seq, args.device, args.statistics, args.threads)
         print(json.dumps(r))
         return
-    from ablation_speed import build_random_model
+    import ablation_speed
 
+    shape = args.shape
+    if args.layers:  # inference keeps no activation across layers: the extra memory is one layer's, whatever the depth
+        shape = f"{args.shape}-{args.layers}l"
+        ablation_speed.SHAPES[shape] = (args.layers, *ablation_speed.SHAPES[args.shape][1:])
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_random_model(args.shape, Path(tmp) / args.shape)
+        path = ablation_speed.build_random_model(shape, Path(tmp) / shape)
         rows = []
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--seq", str(args.seq), "--device", args.device]
@@ -86,7 +96,7 @@ def main() -> None:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     by = {r["mode"]: r for r in rows}
-    report = {"benchmark": "census_memory", "shape": args.shape, "seq": args.seq, "device": args.device, "runs": rows}
+    report = {"benchmark": "census_memory", "shape": shape, "seq": args.seq, "device": args.device, "runs": rows}
     if "plain" in by and "census" in by:
         report["census_over_plain_memory"] = by["census"]["peak_extra_bytes"] / max(1, by["plain"]["peak_extra_bytes"])
         report["census_over_plain_time"] = by["census"]["seconds"] / by["plain"]["seconds"]

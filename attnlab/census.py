@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,7 @@ def census(
     out: str | Path | None = None,
     progress: bool = True,
     headvis_dir: str | Path | None = None,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Census:
     """Run a head census of ``model`` on ``prompts``.
 
@@ -276,9 +277,12 @@ def census(
     headvis_dir : directory or None
         Also sample example sequences per head in the same capture pass and write Neuronpedia's HeadVis tree
         there (``attnlab.heads.headvis_tree``; adds the headvis statistics when not asked for).
+    params : ``{probe name: {parameter: value}}`` for the census's probes, e.g.
+        ``{"massive_activations": {"ratio_threshold": 10.0}}``; a value such a probe refuses is an error, not a
+        statistic left unscored.
     """
     from attnlab.capture import Capture
-    from attnlab.probes.registry import PROBES
+    from attnlab.probes.registry import build, refused
     from attnlab.probes.scan import _batches
 
     if not isinstance(prompts, PromptSet):
@@ -288,6 +292,11 @@ def census(
     if int(causal_prompts) < 1:
         raise AttnlabError(f"causal_prompts must be >= 1, got {causal_prompts}")
     names, want_causal = _probe_names(statistics)
+    params = dict(params or {})
+    stray = sorted(set(params) - set(names))
+    if stray:
+        raise AttnlabError(f"parameters given for {', '.join(stray)}, which these statistics do not run")
+    probes = {name: build(name, params.get(name)) for name in names}  # refuse bad parameters before any compute
     if attention == "auto":  # a census never needs the eager pattern: the fused path wherever the model allows it
         from attnlab.capture import supports_fused
 
@@ -298,6 +307,7 @@ def census(
         check_headvis_target(headvis_dir)
         if "headvis" not in names:
             names.append("headvis")  # the HeadVis tree's scatter needs the six metrics
+            probes["headvis"] = build("headvis")
     t0 = time.perf_counter()
     batches = _batches(model, prompts, batch_size, truncate)
     ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
@@ -308,10 +318,12 @@ def census(
     for name in names:
         reason = _unavailable(name, model, prompts, ids)
         if reason is None:
-            probe = PROBES[name]()
+            probe = probes[name]
             try:
                 probe.attach(capture, ctx)
-            except AttnlabError as e:
+            except (AttnlabError, ValueError) as e:
+                if name in params or isinstance(e, ValueError):  # a value given for it, refused: the user's error
+                    raise refused(name, e) from None
                 reason = str(e)
             else:
                 attached.append(probe)

@@ -21,6 +21,7 @@ from attnlab.cli_args import (
     out_dir,
     port,
     positive_int,
+    probe_params,
     read_prompts,
 )
 from attnlab.errors import AttnlabError
@@ -157,6 +158,9 @@ def cmd_scan(args) -> int:
             raise AttnlabError(f"run {args.out} is complete; nothing to resume")
         args.probes = ",".join(pending)
     probe_names = expand(args.probes or "sinks,induction")  # fail on a bad probe name before loading anything
+    params = probe_params(args.param, probe_names)  # and on a bad --param
+    if args.resume:
+        params = _resumed_params(args.out, probe_names, params)
     if bool(args.prompts) == bool(args.dataset):
         raise AttnlabError("give exactly one of --prompts FILE and --dataset NAME")
     if args.dataset and args.dataset not in DATASETS:
@@ -186,6 +190,7 @@ def cmd_scan(args) -> int:
         truncate=args.truncate,
         progress=not args.quiet,
         resume=args.resume,
+        params=params,
     )
     print(f"top {args.top} heads per probe:")
     _print_top(result.results, args.top)
@@ -200,6 +205,55 @@ def cmd_scan(args) -> int:
     return 0
 
 
+def _resumed_params(out: str, probe_names: list[str], given: dict) -> dict:
+    """The parameters a resumed scan runs its probes with: those the interrupted scan recorded for them (a
+    finished run must not mix two settings of one probe), with ``--param`` allowed only to repeat them."""
+    from attnlab.heads.runs import Run
+    from attnlab.probes.registry import changed_params
+
+    recorded = {
+        p.get("name"): changed_params(p["name"], p.get("params") or {})
+        for p in Run.open(out).info.get("probes", [])
+        if p.get("name") in probe_names
+    }
+    params = {name: dict(values) for name, values in recorded.items() if values}
+    for name, values in params.items():
+        for key, value in values.items():
+            if isinstance(value, str) and value.startswith("<callable"):
+                raise AttnlabError(
+                    f"the interrupted scan ran {name} with {key}={value}, which the command line cannot give; "
+                    "resume it with attnlab.scan(..., resume=True) from Python"
+                )
+    for name, values in given.items():
+        for key, value in values.items():
+            before = recorded.get(name, {}).get(key, _param_default(name, key))
+            if before != value:
+                raise AttnlabError(
+                    f"--param {name}.{key}={value}: the interrupted scan ran {name} with {key}={before}; "
+                    "a resumed scan keeps its parameters"
+                )
+    return params
+
+
+def _param_default(probe: str, key: str):
+    from attnlab.probes.registry import param_defaults
+
+    return param_defaults(probe).get(key)
+
+
+def params_line(probes: list) -> str:
+    """``"massive_activations.ratio_threshold=10.0, ..."``: the probe parameters a run recorded that differ from
+    the probes' defaults ("" when all are defaults)."""
+    from attnlab.probes.registry import changed_params
+
+    return ", ".join(
+        f"{p['name']}.{k}={json.dumps(v) if isinstance(v, str) else v}"
+        for p in probes
+        if isinstance(p, dict) and isinstance(p.get("params"), dict) and p.get("name")
+        for k, v in changed_params(p["name"], p["params"]).items()
+    )
+
+
 def cmd_show(args) -> int:
     from attnlab.heads.runs import Run
 
@@ -212,6 +266,9 @@ def cmd_show(args) -> int:
     )
     if info.get("imported"):
         print(f"  imported from {info['imported'].get('format')} file {info['imported'].get('source')}")
+    changed = params_line(info.get("probes") or [])
+    if changed:
+        print(f"  probe parameters: {changed} (others at their defaults)")
     if not run.complete:
         print(f"  {run.state_line()}")
     if run.rebuilt:
@@ -334,7 +391,8 @@ def cmd_census(args) -> int:
     from attnlab.census import _probe_names, census
     from attnlab.datasets import DATASETS
 
-    _probe_names(args.statistics)  # fail on a bad statistic name before loading anything
+    names, _ = _probe_names(args.statistics)  # fail on a bad statistic name before loading anything
+    params = probe_params(args.param, names)  # and on a bad --param
     if bool(args.prompts) == bool(args.dataset):
         raise AttnlabError("give exactly one of --prompts FILE and --dataset NAME")
     if args.dataset and args.dataset not in DATASETS:
@@ -360,6 +418,7 @@ def cmd_census(args) -> int:
         out=args.out,
         progress=not args.quiet,
         headvis_dir=args.headvis,
+        params=params,
     )
     table = result.summary(k=3)
     with pd.option_context("display.width", 200, "display.max_colwidth", 90):
@@ -458,6 +517,13 @@ def cmd_intervene(args) -> int:
     return 0
 
 
+PARAM_HELP = (
+    "a probe parameter, PROBE.NAME=VALUE (repeatable), VALUE a number, true/false or a string, e.g. "
+    "massive_activations.ratio_threshold=10 (its default 1000 suits 4096-wide models); recorded in run.json and "
+    "each result; PROBE must be one the command runs and NAME a parameter of it"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="attnlab",
@@ -506,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--truncate", action="store_true", help="cut prompts longer than the model's context instead of failing"
     )
+    p.add_argument("--param", action="append", default=[], metavar="PROBE.NAME=VALUE", help=PARAM_HELP)
     p.add_argument("--top", type=positive_int, default=5, help="heads to print per probe")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -543,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="prompts the all-heads ablation runs on (default 16)",
     )
+    p.add_argument("--param", action="append", default=[], metavar="PROBE.NAME=VALUE", help=PARAM_HELP)
     p.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
     p.add_argument("--out", required=True, type=out_dir, help="run directory to write (a run plus census.json)")
     p.add_argument(

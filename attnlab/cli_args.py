@@ -2,7 +2,8 @@
 
 One function per kind of value. The ``argparse`` types (``positive_int``, ``non_negative_int``, ``finite_float``,
 ``port``, ``out_dir``) raise ``argparse.ArgumentTypeError``, which the parser turns into one line and exit 2; the
-readers and checks that need more than the text (``read_prompts``, ``check_fits``) raise ``AttnlabError``, which
+readers and checks that need more than the text (``read_prompts``, ``probe_params``, ``check_fits``) raise
+``AttnlabError``, which
 ``attnlab.cli.main`` prints as one line with exit 2. None of them lets a malformed value reach the code behind it.
 """
 
@@ -13,7 +14,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from attnlab.errors import AttnlabError
 
@@ -175,6 +178,81 @@ def _jsonl_prompt(rec, lineno: int, path: str) -> str:
     if not isinstance(rec, str) or not rec.strip():
         raise AttnlabError(f'{path} line {lineno} has no non-empty string "prompt" (or "text") field')
     return rec
+
+
+# ---- probe parameters -------------------------------------------------------------------------------------------
+
+
+def probe_params(pairs: Sequence[str], probe_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--param PROBE.NAME=VALUE`` values (``scan`` and ``census``) -> ``{probe: {name: value}}``.
+
+    VALUE is read as a JSON scalar: a number, ``true``/``false``, or a string (quoted, or a bare word that is not
+    JSON). PROBE must be one of ``probe_names`` (the probes the command runs) and NAME a parameter of its
+    constructor; where the parameter's default is a number or a bool, the value must be one too (an int where
+    the default is an int; an int is widened to float where the default is a float). Lists, objects, null, nan and
+    inf, an empty value and malformed JSON are refused; so is a parameter given twice. Values the probe itself
+    refuses are refused when it is built or attached (``attnlab.probes.registry``)."""
+    from attnlab.probes.registry import PROBES, build, param_defaults
+
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        target, sep, raw = str(pair).partition("=")
+        probe, dot, name = target.strip().rpartition(".")
+        name = name.strip().replace("-", "_")
+        if not sep or not dot or not probe or not name:
+            raise AttnlabError(f"--param must look like PROBE.NAME=VALUE, got {str(pair)[:80]!r}")
+        if probe not in probe_names:
+            what = "is not among the probes run here" if probe in PROBES else "is not a probe"
+            raise AttnlabError(f"--param {target}: {probe!r} {what}; probes run here: {', '.join(probe_names)}")
+        defaults = param_defaults(probe)
+        if name not in defaults:
+            known = ", ".join(defaults)
+            raise AttnlabError(f"--param {target}: {probe} has no parameter {name!r}; parameters: {known}")
+        if name in out.get(probe, {}):
+            raise AttnlabError(f"--param {probe}.{name} given twice")
+        out.setdefault(probe, {})[name] = _param_value(f"{probe}.{name}", raw, defaults[name])
+    for probe, params in out.items():
+        build(probe, params)  # values the constructor refuses: refused here, before anything is loaded
+    return out
+
+
+def _param_value(target: str, raw: str, default: Any) -> Any:
+    """One ``--param`` value: a JSON scalar (or a bare word, kept as a string), checked against the default's type."""
+    text = raw.strip()
+    if not text:
+        raise AttnlabError(f"--param {target}: no value after '='")
+
+    def not_finite(constant: str):
+        raise AttnlabError(f"--param {target}: {constant} is not a finite number")
+
+    try:
+        value = json.loads(text, parse_constant=not_finite)
+    except (ValueError, RecursionError):  # JSONDecodeError, or an int of more digits than Python reads
+        if text[0] in '[{"' or text[0].isdigit() or text[0] in "-+.":
+            raise AttnlabError(
+                f"--param {target}: cannot read {text[:40]!r} (a number, true/false or a string)"
+            ) from None
+        value = text  # a bare word: a string
+    if value is None or isinstance(value, (list, dict)):
+        raise AttnlabError(f"--param {target}: must be a number, true/false or a string, got {text[:40]}")
+    if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
+        raise AttnlabError(f"--param {target}: {value} is not a finite number")
+    if isinstance(value, float) and not math.isfinite(value):  # 1e999
+        raise AttnlabError(f"--param {target}: {text[:40]} is not a finite number")
+    want = type(default)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise AttnlabError(f"--param {target}: must be true or false, got {text[:40]}")
+    if want is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise AttnlabError(f"--param {target}: must be an integer, got {text[:40]}")
+    if isinstance(value, int) and abs(value) > _MAX_INT:
+        raise AttnlabError(f"--param {target}: {text[:40]} is out of range (at most {_MAX_INT:,})")
+    if want is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AttnlabError(f"--param {target}: must be a number, got {text[:40]}")
+        value = float(value)
+    if want is str and not isinstance(value, str):
+        raise AttnlabError(f"--param {target}: must be a string, got {text[:40]}")
+    return value
 
 
 # ---- sizes that fit in memory ------------------------------------------------------------------------------------

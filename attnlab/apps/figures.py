@@ -13,6 +13,18 @@ def plain(text) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def param_note(result) -> str:
+    """``" (ratio_threshold=10.0)"``: the probe parameters a result was computed with that differ from the probe's
+    defaults, for titles; "" when all are defaults (or the result records none)."""
+    params, probe = getattr(result, "params", None), getattr(result, "probe", None)
+    if not isinstance(params, dict) or not params or not probe:
+        return ""
+    from attnlab.probes.registry import changed_params
+
+    changed = changed_params(str(probe), params)
+    return f" ({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else ""
+
+
 def head_map(scores, title: str | None = None) -> go.Figure:
     """Layers x heads heatmap of a ``HeadScores``; hover shows the head, score and rank."""
     df = scores.to_frame()
@@ -30,7 +42,7 @@ def head_map(scores, title: str | None = None) -> go.Figure:
         )
     )
     fig.update_layout(
-        title=title or f"{plain(scores.name)} — {plain(scores.model)}",
+        title=title or f"{plain(scores.name)} — {plain(scores.model)}{plain(param_note(scores))}",
         xaxis_title="head",
         yaxis_title="layer",
         yaxis={"autorange": "reversed"},
@@ -96,7 +108,9 @@ def token_strip(
             )
         )
     fig.update_layout(
-        title=title or f"{plain(tokens.name)} — {plain(tokens.model)}" + (f" (shown: {left_out})" if left_out else ""),
+        title=title
+        or f"{plain(tokens.name)} — {plain(tokens.model)}{plain(param_note(tokens))}"
+        + (f" (shown: {left_out})" if left_out else ""),
         xaxis={"tickangle": -60},
         margin={"l": 80, "r": 20, "t": 50, "b": 120},
         legend={

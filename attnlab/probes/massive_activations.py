@@ -11,6 +11,7 @@ dimensions. Both thresholds are parameters; the paper's "about 1,000x" is soft.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -37,7 +38,18 @@ class MassiveActivations(Probe):
         self.ratio_threshold = ratio_threshold
         self.n_examples = n_examples
 
+    def _validate(self) -> None:
+        for key, strict in (("abs_threshold", False), ("ratio_threshold", True)):
+            v = getattr(self, key)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or v < 0 or (strict and v == 0):
+                raise ValueError(f"{key} must be a finite number {'> 0' if strict else '>= 0'}, got {v!r}")
+        n = self.n_examples
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n_examples must be an integer >= 0, got {n!r}")
+
     def attach(self, capture, ctx: ProbeContext) -> None:
+        self._validate()
         self._model = ctx.model
         self._layer_top: dict[int, list[float]] = defaultdict(list)
         self._layer_median: dict[int, list[float]] = defaultdict(list)

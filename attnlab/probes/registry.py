@@ -1,7 +1,13 @@
-"""Probe registry: names the CLI and ``attnlab.scan`` accept, and groups of probes that run together."""
+"""Probe registry: names the CLI and ``attnlab.scan`` accept, groups of probes that run together, and building a
+probe by name with parameters (``build("massive_activations", {"ratio_threshold": 10.0})``)."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from attnlab.errors import AttnlabError
 from attnlab.probes.act_sinks import ActSinks
 from attnlab.probes.domain_sink import DomainSink
 from attnlab.probes.duplicate_token import DuplicateTokenHeads
@@ -54,13 +60,52 @@ def expand(names: str | list[str]) -> list[str]:
         members = GROUPS.get(n, (n,))
         for m in members:
             if m not in PROBES:
-                from attnlab.errors import AttnlabError
-
                 raise AttnlabError(f"unknown probe {m!r}; available: {', '.join(sorted(set(PROBES) | set(GROUPS)))}")
             if m not in out:
                 out.append(m)
     if not out:
-        from attnlab.errors import AttnlabError
-
         raise AttnlabError("no probes given")
     return out
+
+
+def param_defaults(name: str) -> dict[str, Any]:
+    """Probe ``name``'s constructor parameters -> their defaults (``inspect.Parameter.empty`` where none); the
+    names ``build`` accepts."""
+    sig = inspect.signature(PROBES[name].__init__)
+    return {
+        k: p.default
+        for k, p in sig.parameters.items()
+        if k != "self" and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }
+
+
+def build(name: str, params: Mapping[str, Any] | None = None):
+    """Probe ``name`` made with ``params``; an unknown probe or parameter, or a value the constructor refuses, is
+    a one-line ``AttnlabError`` (values the probe checks when it attaches are refused there)."""
+    if name not in PROBES:
+        raise AttnlabError(f"unknown probe {name!r}; available: {', '.join(sorted(PROBES))}")
+    params = dict(params or {})
+    allowed = param_defaults(name)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise AttnlabError(f"{name} has no parameter {', '.join(unknown)}; parameters: {', '.join(allowed)}")
+    try:
+        return PROBES[name](**params)
+    except (TypeError, ValueError) as e:
+        raise refused(name, e) from None
+
+
+def refused(name: str, e: Exception) -> AttnlabError:
+    """A probe's refusal of a parameter value (raised by its constructor or ``attach``) as a one-line error that
+    names the probe once."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return AttnlabError(first if first.startswith(f"{name}:") else f"{name}: {first}")
+
+
+def changed_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a probe's recorded ``params`` that differ from its constructor's defaults (what a user set),
+    in order; none for a name this registry does not know (an imported result: its defaults are unknown)."""
+    if name not in PROBES:
+        return {}
+    defaults = param_defaults(name)
+    return {k: v for k, v in params.items() if k in defaults and defaults[k] != v}

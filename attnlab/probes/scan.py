@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from attnlab.errors import AttnlabError
 from attnlab.heads.results import HeadScores, TokenScores
 from attnlab.heads.runs import Run
 from attnlab.probes.base import Probe, ProbeContext
-from attnlab.probes.registry import PROBES, expand
+from attnlab.probes.registry import build, expand, refused
 
 
 @dataclass
@@ -33,16 +33,34 @@ class ScanResult:
         return {k: v for k, v in self.results.items() if isinstance(v, HeadScores)}
 
 
-def _as_probes(probes) -> list[Probe]:
+def _as_probes(probes, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[Probe]:
+    """Probe objects from names / groups / objects; named probes are built with their entry of ``params``."""
     if isinstance(probes, (str, Probe)):
         probes = [probes]
+    params = dict(params or {})
     out: list[Probe] = []
+    named: set[str] = set()
     for p in probes:
         if isinstance(p, Probe):
             out.append(p)
         else:
-            out.extend(PROBES[name]() for name in expand(p))
+            names = expand(p)
+            named.update(names)
+            out.extend(build(name, params.get(name)) for name in names)
+    stray = sorted(set(params) - named)
+    if stray:
+        raise AttnlabError(f"parameters given for {', '.join(stray)}, which this scan does not build by name")
     return out
+
+
+def attach_all(probes: Sequence[Probe], capture, ctx: ProbeContext) -> None:
+    """Attach every probe; a parameter value a probe refuses when it attaches (a ``ValueError``, sklearn style) is a
+    one-line ``AttnlabError`` naming the probe, raised before any compute."""
+    for p in probes:
+        try:
+            p.attach(capture, ctx)
+        except ValueError as e:
+            raise refused(p.name, e) from None
 
 
 def prompt_token_ids(model, prompts: PromptSet, truncate: bool) -> list[list[int]]:
@@ -84,6 +102,7 @@ def scan(
     truncate: bool = False,
     progress: bool = True,
     resume: bool = False,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ScanResult:
     """Run ``probes`` on ``prompts`` and return (and, with ``out``, save) their results.
 
@@ -98,6 +117,8 @@ def scan(
     truncate : cut prompts longer than the model's context instead of failing
     resume : finish the incomplete run in ``out``: only its pending probes run (of those given), on the same
         prompts (checked by fingerprint) and model; finished probes are not redone
+    params : ``{probe name: {parameter: value}}`` for probes given by name, e.g.
+        ``{"massive_activations": {"ratio_threshold": 10.0}}``; recorded in ``run.json`` and each result's params
 
     With ``out``, the run is marked incomplete (its probes pending) before any compute and each probe is cleared
     once its last result is saved, so an interrupted scan leaves a run that says it is incomplete.
@@ -106,7 +127,7 @@ def scan(
         prompts = PromptSet(name="prompts", texts=list(prompts))
     if len(prompts) == 0:
         raise AttnlabError("no prompts to run")
-    probe_objs = _as_probes(probes)
+    probe_objs = _as_probes(probes, params)
     batches = _batches(model, prompts, batch_size, truncate)
     ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
     ctx = ProbeContext(model=model, dataset=fingerprint(ids), n_prompts=len(ids), meta=list(prompts.meta))
@@ -115,8 +136,7 @@ def scan(
             raise AttnlabError("resume needs the run directory to finish (out)")
         probe_objs = _pending_probes(Run.open(out), probe_objs, model, ctx.dataset)
     capture = Capture(model, attention=attention, chunk_size=chunk_size, progress=progress)
-    for p in probe_objs:
-        p.attach(capture, ctx)  # probes refuse inputs they cannot score here, before any compute
+    attach_all(probe_objs, capture, ctx)  # probes refuse inputs and parameters they cannot use, before any compute
     info = {
         "model": model.summary(),
         "probes": [{"name": p.name, "params": p.params()} for p in probe_objs],

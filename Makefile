@@ -62,7 +62,8 @@ run: setup
 	  $(BIN)/attnlab scan --model organism-vlm --probes vision --dataset shapes --n-prompts 8 --out $(RUNS)/organism-vlm-shapes --quiet; \
 	else echo "organism-vlm is not bundled in this checkout; skipped"; fi
 	@if $(BIN)/python -c "from attnlab.models import bundled_path; import sys; sys.exit(bundled_path('organism-sink') is None)"; then \
-	  $(BIN)/attnlab scan --model organism-sink --probes sinks,extremes --dataset bigram-backcopy --n-prompts 16 --out $(RUNS)/organism-sink-bb --quiet && \
+	  $(BIN)/attnlab scan --model organism-sink --probes sinks,extremes --dataset bigram-backcopy --n-prompts 16 --out $(RUNS)/organism-sink-bb --quiet \
+	    --param massive_activations.ratio_threshold=10 && \
 	  $(BIN)/attnlab eval organism-sink --task backcopy; \
 	else echo "organism-sink is not bundled in this checkout; skipped"; fi
 	@echo "done: runs are in $(RUNS)/ (open any figures/*.html in a browser; 'attnlab show $(RUNS)/minilm-prose' prints a run)"

@@ -3,8 +3,8 @@
 One function per kind of value. The ``argparse`` types (``positive_int``, ``non_negative_int``, ``finite_float``,
 ``port``, ``out_dir``) raise ``argparse.ArgumentTypeError``, which the parser turns into one line and exit 2; the
 readers and checks that need more than the text (``read_prompts``, ``probe_params``, ``check_fits``) raise
-``AttnlabError``, which
-``attnlab.cli.main`` prints as one line with exit 2. None of them lets a malformed value reach the code behind it.
+``AttnlabError``, which ``attnlab.cli.main`` prints as one line with exit 2. None of them lets a malformed value
+reach the code behind it.
 """
 
 from __future__ import annotations

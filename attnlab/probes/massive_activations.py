@@ -12,6 +12,7 @@ dimensions. Both thresholds are parameters; the paper's "about 1,000x" is soft.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -29,6 +30,9 @@ class MassiveActivations(Probe):
     ratio_threshold : float, default=1000.0
     n_examples : int, default=1
         Prompts that get a per-token ``TokenScores`` result (rows: layers; values: max |x| at each position).
+
+    Checked when the probe attaches: finite thresholds, ``abs_threshold >= 0``, ``ratio_threshold > 0``,
+    ``n_examples`` an integer >= 0 (a ``ValueError`` otherwise; on the command line, one line and exit 2).
     """
 
     name = "massive_activations"
@@ -41,11 +45,11 @@ class MassiveActivations(Probe):
     def _validate(self) -> None:
         for key, strict in (("abs_threshold", False), ("ratio_threshold", True)):
             v = getattr(self, key)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
             if not ok or v < 0 or (strict and v == 0):
                 raise ValueError(f"{key} must be a finite number {'> 0' if strict else '>= 0'}, got {v!r}")
         n = self.n_examples
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
             raise ValueError(f"n_examples must be an integer >= 0, got {n!r}")
 
     def attach(self, capture, ctx: ProbeContext) -> None:

@@ -4,8 +4,8 @@ above the loaded weights (CUDA).
 
     python benchmarks/census_memory.py --shape llama-1b --seq 16384 --threads 2
 
-``plain``: the Hugging Face model's own forward with SDPA attention, keeping the last position's logits (as
-``generate``'s prefill does). ``census``: ``attnlab.census`` with the correlational statistics
+``plain``: the Hugging Face model's own forward with SDPA attention and no KV cache, keeping the last position's
+logits. ``census``: ``attnlab.census`` with the correlational statistics
 (``--statistics``, default sinks, HeadVis's six and the pattern statistics), fused attention, one sequence.
 """
 
@@ -49,7 +49,7 @@ def measure(path: str, mode: str, seq: int, device: str, statistics: str, thread
         if mode == "plain":
             ids = torch.tensor(prompts.token_ids, device=device)
             with hf_attention(model, "sdpa"):
-                model.hf_model(ids, logits_to_keep=1)
+                model.hf_model(ids, logits_to_keep=1, use_cache=False)
         else:
             census(model, prompts, statistics=statistics, batch_size=1, progress=False)
     if device.startswith("cuda"):

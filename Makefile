@@ -13,7 +13,7 @@ TORCH_WHEELS ?= $(firstword $(wildcard /opt/wheels))
 TORCH_SOURCE ?= $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 # The lock is resolved for the machines CI and `make run` use: CPython 3.11 on Linux x86-64.
 LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
-EXTRAS := --extra test --extra dit --extra dev
+EXTRAS := --extra test --extra dit --extra dev --extra ray
 
 .PHONY: setup lock test-latest lint browser run test clean
 
@@ -39,7 +39,7 @@ test-latest: setup browser
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
 	$(UV) pip install -q --python .venv-latest/bin/python --resolution highest --upgrade $(TORCH_SOURCE) \
-	  -r requirements-torch.in -e ".[test,dit,dev]"
+	  -r requirements-torch.in -e ".[test,dit,dev,ray]"
 	.venv-latest/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|transformer.lens|dash|plotly|numpy|pandas)==' || true
 	.venv-latest/bin/ruff check . && .venv-latest/bin/ruff format --check .
 	.venv-latest/bin/python -m pytest

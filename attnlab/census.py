@@ -337,30 +337,19 @@ def census(
         examples.attach(capture, ctx)
     if attached or examples is not None:
         capture.run(batches, total=len(batches), desc="census")
-    lengths = [len(x) for x in ids]
-    info = {
-        "model": model.summary(),
-        "census": True,
-        "statistics_asked": list(names) + ([CAUSAL] if want_causal else []),
-        "probes": [{"name": p.name, "params": p.params()} for p in attached],
-        "dataset": {"name": prompts.name, "fingerprint": ctx.dataset, "n_prompts": len(ids), "seed": prompts.seed},
-        "n_prompts": len(ids),
-        "seq_len": {"min": min(lengths), "max": max(lengths), "mean": float(np.mean(lengths))},
-        "dtype": str(getattr(model, "dtype", "")),
-        "attention_path": capture.last_path if attached else "",
-        "batch_size": batch_size,
-    }
+    info = census_info(
+        model.summary(),
+        names,
+        want_causal,
+        [{"name": p.name, "params": p.params()} for p in attached],
+        (prompts.name, prompts.seed),
+        ctx.dataset,
+        [len(x) for x in ids],
+        capture.last_path if attached else "",
+        batch_size,
+    )
     result = Census(info=info)
-    for probe in attached:
-        for r in probe.results(ctx):
-            if isinstance(r, HeadScores):
-                if not np.isfinite(np.asarray(r.scores, float)).any():
-                    result.not_scored[r.name] = "no head could be scored on these prompts (every value undefined)"
-                else:
-                    result.scores[r.name] = r
-            else:
-                result.tokens[r.name] = r
-    result.not_scored = {**not_scored, **result.not_scored}
+    collect(result, not_scored, [probe.results(ctx) for probe in attached])
     if examples is not None:
         _write_headvis(headvis_dir, model, result, examples, ctx, batch_size)
     info["seconds_correlational"] = round(time.perf_counter() - t0, 3)
@@ -370,6 +359,49 @@ def census(
     if out is not None:
         result.save(out)
     return result
+
+
+def census_info(
+    model_summary: dict,
+    names: list[str],
+    want_causal: bool,
+    probes: list[dict],
+    dataset: tuple[str, int | None],
+    fingerprint: str,
+    lengths: list[int],
+    attention_path: str,
+    batch_size: int,
+) -> dict[str, Any]:
+    """The provenance a census records (``Census.info``): model, statistics, probes, dataset (name, seed),
+    lengths, attention path."""
+    return {
+        "model": model_summary,
+        "census": True,
+        "statistics_asked": list(names) + ([CAUSAL] if want_causal else []),
+        "probes": probes,
+        "dataset": {"name": dataset[0], "fingerprint": fingerprint, "n_prompts": len(lengths), "seed": dataset[1]},
+        "n_prompts": len(lengths),
+        "seq_len": {"min": min(lengths), "max": max(lengths), "mean": float(np.mean(lengths))},
+        "dtype": str(model_summary.get("dtype", "")),
+        "attention_path": attention_path,
+        "batch_size": batch_size,
+    }
+
+
+def collect(result: Census, not_scored: dict[str, str], results: list[list]) -> None:
+    """Put the attached probes' results (one list per probe, in the order asked) into ``result``: a head grid
+    with no finite value is *not scored*, never zeros; ``not_scored`` (the probes that could not run, and why)
+    comes first."""
+    for probe_results in results:
+        for r in probe_results:
+            if isinstance(r, HeadScores):
+                if not np.isfinite(np.asarray(r.scores, float)).any():
+                    result.not_scored[r.name] = "no head could be scored on these prompts (every value undefined)"
+                else:
+                    result.scores[r.name] = r
+            else:
+                result.tokens[r.name] = r
+    result.not_scored = {**not_scored, **result.not_scored}
 
 
 def _causal(result: Census, model, prompts, ids, n: int, mode: str, attribution: bool, progress: bool) -> None:

@@ -383,22 +383,61 @@ def cmd_app(args) -> int:
     return 0
 
 
-def cmd_census(args) -> int:
-    """Every head statistic of a model in one sweep: correlational in one capture pass, then the causal ablation."""
+def _print_census(result) -> None:
     import pandas as pd
 
+    table = result.summary(k=3)
+    with pd.option_context("display.width", 200, "display.max_colwidth", 90):
+        for row in table.itertuples():
+            what = row.top if row.status == "scored" else f"not scored: {row.reason}"
+            print(f"  {row.statistic:<34} {what}")
+    causal = result.info.get("causal")
+    if causal and causal.get("atp_spearman") is not None:
+        print(f"attribution patching vs exact ablation: Spearman {causal['atp_spearman']:.3f}")
+
+
+def _device_map(value: str | None):
+    """--device-map: "auto" / "balanced" / ... or a JSON file holding an explicit module -> device map."""
+    if value is None or not value.endswith(".json"):
+        return value
+    p = Path(value)
+    if not p.is_file():
+        raise AttnlabError(f"device map file {value} does not exist")
+    try:
+        dm = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise AttnlabError(f"{value} is not valid JSON: {e.msg}") from None
+    if not isinstance(dm, dict):
+        raise AttnlabError(f"{value} must hold a JSON object of module name -> device")
+    return dm
+
+
+def cmd_census(args) -> int:
+    """Every head statistic of a model in one sweep: correlational in one capture pass, then the causal ablation.
+    With --models, --workers, --cluster or --dry-run: a sweep (attnlab.sweep) over models and prompt shards."""
     import attnlab
     from attnlab.census import _probe_names, census
     from attnlab.datasets import DATASETS
 
     names, _ = _probe_names(args.statistics)  # fail on a bad statistic name before loading anything
     params = probe_params(args.param, names)  # and on a bad --param
+    if bool(args.model) == bool(args.models):
+        raise AttnlabError("give exactly one of --model M and --models A,B,...")
     if bool(args.prompts) == bool(args.dataset):
         raise AttnlabError("give exactly one of --prompts FILE and --dataset NAME")
     if args.dataset and args.dataset not in DATASETS:
         raise AttnlabError(f"unknown dataset {args.dataset!r}; available: {', '.join(DATASETS)}")
     prompts = read_prompts(args.prompts) if args.prompts else None
-    model = attnlab.load(args.model, device=args.device, dtype=args.dtype)
+    device_map = _device_map(args.device_map)
+    if args.models or args.workers is not None or args.cluster or args.dry_run:
+        return _census_sweep(args, prompts, device_map)
+    for flag in ("shard_size", "gpus_per_worker"):
+        if getattr(args, flag) is not None:
+            raise AttnlabError(f"--{flag.replace('_', '-')} applies to sweeps (--models, --workers or --cluster)")
+    if device_map is not None:
+        model = attnlab.load(args.model, dtype=args.dtype, device_map=device_map)
+    else:
+        model = attnlab.load(args.model, device=args.device, dtype=args.dtype)
     if args.dataset:
         check_scan_fits(model, args.dataset, args.n_prompts, args.seed)
         prompts = DATASETS[args.dataset](model, args.n_prompts, args.seed)
@@ -420,17 +459,55 @@ def cmd_census(args) -> int:
         headvis_dir=args.headvis,
         params=params,
     )
-    table = result.summary(k=3)
-    with pd.option_context("display.width", 200, "display.max_colwidth", 90):
-        for row in table.itertuples():
-            what = row.top if row.status == "scored" else f"not scored: {row.reason}"
-            print(f"  {row.statistic:<34} {what}")
-    causal = result.info.get("causal")
-    if causal and causal.get("atp_spearman") is not None:
-        print(f"attribution patching vs exact ablation: Spearman {causal['atp_spearman']:.3f}")
+    _print_census(result)
     print(f"census: {Path(args.out).resolve()}  ({len(result.scores)} statistics, census.json)")
     if args.headvis:
         print(f"HeadVis tree: {result.info['headvis_dir']}  (config.json, scatter_data.json, heads/)")
+    return 0
+
+
+def _census_sweep(args, prompts, device_map) -> int:
+    """``attnlab census --models ... [--workers N | --cluster ADDR] [--dry-run]``: attnlab.sweep."""
+    from attnlab import sweep as sw
+
+    if args.headvis:
+        raise AttnlabError("--headvis writes one model's HeadVis tree: run it with --model, without a sweep")
+    models = [m.strip() for m in (args.models or args.model).split(",") if m.strip()]
+    common = dict(
+        dataset=args.dataset,
+        n_prompts=args.n_prompts,
+        seed=args.seed,
+        statistics=args.statistics,
+        causal_prompts=args.causal_prompts,
+        attribution=not args.no_attribution,
+        batch_size=args.batch_size,
+        attention=args.attention,
+        truncate=args.truncate,
+        device=args.device,
+        dtype=args.dtype,
+        device_map=device_map,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        cluster=args.cluster,
+        gpus_per_worker=args.gpus_per_worker,
+    )
+    if args.dry_run:
+        print(sw.dry_run(models, prompts, out=args.out, **common))
+        return 0
+    where = (
+        f"Ray cluster {args.cluster}"
+        if args.cluster
+        else (f"{args.workers} Ray worker(s)" if args.workers else "this process")
+    )
+    print(f"sweep of {len(models)} model(s) on {where}: {Path(args.out).resolve()}")
+    result = sw.sweep(models, prompts, out=args.out, progress=not args.quiet, **common)
+    for m, c in result.censuses.items():
+        print(f"{m}: {len(c.scores)} statistics -> {result.dirs[m]}")
+        _print_census(c)
+    print(
+        f"sweep: {len(result.computed)} unit(s) computed, {len(result.resumed)} found finished "
+        f"({Path(args.out).resolve() / sw.UNITS})"
+    )
     return 0
 
 
@@ -591,8 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
         "next-token log-prob with attribution patching beside it. Statistics the model or prompts cannot give "
         "are listed as not scored, with the reason.",
     )
+    p.add_argument("--model", help="bundled alias (see `attnlab models`), local checkpoint directory, or hub id")
     p.add_argument(
-        "--model", required=True, help="bundled alias (see `attnlab models`), local checkpoint directory, or hub id"
+        "--models",
+        help="comma-separated models: a sweep (attnlab.sweep) with one census per model, resumable, under --out",
     )
     p.add_argument("--prompts", help="prompts file: one per line, .jsonl with a 'prompt' field, or .json list")
     p.add_argument("--dataset", help="built-in prompt generator: {datasets}")
@@ -612,7 +691,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--param", action="append", default=[], metavar="PROBE.NAME=VALUE", help=PARAM_HELP)
     p.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
-    p.add_argument("--out", required=True, type=out_dir, help="run directory to write (a run plus census.json)")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=out_dir,
+        help="run directory to write (a run plus census.json); for a sweep, the sweep directory (units/, a lock, "
+        "a log, one census run directory per model)",
+    )
     p.add_argument(
         "--headvis",
         metavar="DIR",
@@ -627,7 +712,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--truncate", action="store_true", help="cut prompts longer than the model's context instead of failing"
     )
+    p.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help="spread each model over several devices: auto, balanced, or a JSON file of module -> device "
+        "(Accelerate, through the TransformerLens bridge; replaces --device)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group(
+        "sweeps",
+        "Given --models, --workers, --cluster or --dry-run, the census runs as a sweep: units of model x prompt "
+        "shard x statistic group, each written once under --out/units/ (resume by re-running the same command), "
+        "merged exactly into one census per model. Without --workers/--cluster the units run in this process "
+        "(no Ray); with them, on Ray actors (pip install 'attnlab[ray]').",
+    )
+    g.add_argument("--workers", type=int, help="start a local Ray instance with N workers (actors)")
+    g.add_argument(
+        "--cluster",
+        metavar="ADDR",
+        help="join a running Ray cluster: auto, or HOST:PORT (workers default to one per GPU, else CPUs / 2)",
+    )
+    g.add_argument(
+        "--shard-size",
+        type=int,
+        help="prompts per shard unit, rounded up to a multiple of --batch-size (default: at most 64 shards)",
+    )
+    g.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="GPUs each worker takes (default from the checkpoint size: 0.25 below 2 GB, 0.5 below 8 GB, else 1; "
+        "more than 1 with --device-map auto for a model spread over several)",
+    )
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the units and each one's estimated time and memory (calibrated on one batch per model), and "
+        "the wall time on the workers; compute nothing else",
+    )
     p.set_defaults(func=cmd_census)
 
     p = sub.add_parser(

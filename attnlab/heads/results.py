@@ -148,19 +148,24 @@ class HeadScores:
             "created": self.created,
         }
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays as saved: ``scores`` and ``extra.<name>``."""
+        return {"scores": self.scores, **{f"extra.{k}": np.asarray(v) for k, v in self.extra.items()}}
+
     def save(self, directory: str | Path) -> Path:
         """Write ``NAME.safetensors`` then ``NAME.json`` into ``directory``; returns the JSON path."""
         d = Path(directory)
-        write_arrays(
-            d / f"{self.name}.safetensors",
-            {"scores": self.scores, **{f"extra.{k}": np.asarray(v) for k, v in self.extra.items()}},
-        )
+        write_arrays(d / f"{self.name}.safetensors", self.arrays())
         write_json(d / f"{self.name}.json", self._meta())
         return d / f"{self.name}.json"
 
     @classmethod
     def load(cls, directory: str | Path, name: str) -> HeadScores:
-        meta, arrays = _read(directory, name, cls.kind)
+        return cls.from_parts(*_read(directory, name, cls.kind))
+
+    @classmethod
+    def from_parts(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> HeadScores:
+        """The result whose ``_meta()`` and ``arrays()`` these are."""
         return cls(
             scores=arrays["scores"],
             name=meta["name"],
@@ -278,15 +283,23 @@ class TokenScores:
             "created": self.created,
         }
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays as saved: ``values``."""
+        return {"values": self.values}
+
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
-        write_arrays(d / f"{self.name}.safetensors", {"values": self.values})
+        write_arrays(d / f"{self.name}.safetensors", self.arrays())
         write_json(d / f"{self.name}.json", self._meta())
         return d / f"{self.name}.json"
 
     @classmethod
     def load(cls, directory: str | Path, name: str) -> TokenScores:
-        meta, arrays = _read(directory, name, cls.kind)
+        return cls.from_parts(*_read(directory, name, cls.kind))
+
+    @classmethod
+    def from_parts(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> TokenScores:
+        """The result whose ``_meta()`` and ``arrays()`` these are."""
         return cls(
             tokens=meta["tokens"],
             values=arrays["values"],

@@ -469,7 +469,14 @@ def check_versions() -> str | None:
     )
 
 
-def load(name_or_path: str, *, device: str | None = "cpu", dtype: str = "float32") -> LoadedModel:
+def load(
+    name_or_path: str,
+    *,
+    device: str | None = "cpu",
+    dtype: str = "float32",
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+) -> LoadedModel:
     """Load a model for probing.
 
     Parameters
@@ -480,12 +487,21 @@ def load(name_or_path: str, *, device: str | None = "cpu", dtype: str = "float32
     device : str, default="cpu"
         ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
     dtype : {"float32", "bfloat16", "float16"}, default="float32"
+    device_map : str or dict or None, default=None
+        Spread the model over several devices (a model too big for one GPU): ``"auto"`` / ``"balanced"`` or an
+        explicit map of module names to devices, passed through to ``TransformerBridge.boot_transformers`` (which
+        hands it to Hugging Face / Accelerate); ``device`` is then ignored and batches go to the device of the
+        input embedding. TransformerLens rejects disk offload.
+    max_memory : dict or None, default=None
+        Per-device memory budget for ``device_map`` (e.g. ``{0: "70GiB", 1: "70GiB"}``).
     """
     import torch
 
     if dtype not in DTYPES:
         raise AttnlabError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    dev = _check_device(device)
+    if max_memory is not None and device_map is None:
+        raise AttnlabError("max_memory applies only with a device_map")
+    dev = _check_device(device) if device_map is None else None
     path = resolve(name_or_path)
     config, arch = _check_architecture(path) if Path(path).exists() else (None, "")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -495,7 +511,8 @@ def load(name_or_path: str, *, device: str | None = "cpu", dtype: str = "float32
         from transformer_lens.model_bridge import TransformerBridge
 
         try:
-            bridge = TransformerBridge.boot_transformers(path, device=dev, dtype=getattr(torch, dtype))
+            placement = {"device": dev} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
+            bridge = TransformerBridge.boot_transformers(path, dtype=getattr(torch, dtype), **placement)
         except AttnlabError:
             raise
         except Exception as e:
@@ -506,6 +523,8 @@ def load(name_or_path: str, *, device: str | None = "cpu", dtype: str = "float32
         warnings.warn(mismatch, UserWarning, stacklevel=2)
     hf = bridge.original_model
     hf.eval()
+    if dev is None:  # spread by a device_map: inputs go where the embedding is
+        dev = str(hf.get_input_embeddings().weight.device)
     # The bridge asks HF to return attention weights; we reduce them in hooks instead of keeping every layer's.
     for cfg in (hf.config, getattr(hf.config, "text_config", None)):
         if cfg is not None and hasattr(cfg, "output_attentions"):

@@ -19,7 +19,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, query_validity
+from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, merged_counter, pairs, query_validity
 
 
 class ActSinks(Probe):
@@ -42,6 +42,8 @@ class ActSinks(Probe):
     """
 
     name = "act_sinks"
+    mergeable = True  # per-prompt sums, token tallies and examples (attnlab.sweep merges shards exactly)
+    _ratios = ("_first", "_hidden")
 
     def __init__(
         self,
@@ -135,6 +137,41 @@ class ActSinks(Probe):
                     "values": np.concatenate([per_layer[b, :, sl].numpy(), overall[b, sl].numpy()[None]], 0),
                     "hidden": hidden_pos,
                 }
+
+    def partial(self):
+        part = super().partial()
+        part["meta"].update(
+            token_counts=pairs(self._token_counts),
+            prompts_with_hidden=self._prompts_with_hidden,
+            n_prompts=self._n_prompts,
+            examples={str(p): {"tokens": ex["tokens"], "hidden": ex["hidden"]} for p, ex in self._examples.items()},
+        )
+        part["arrays"].update({f"example.{p}.values": ex["values"] for p, ex in self._examples.items()})
+        return part
+
+    @classmethod
+    def merge_partials(cls, parts):
+        merged = super().merge_partials(parts)
+        metas = [p["meta"] for p in parts]
+        merged["meta"].update(
+            token_counts=pairs(merged_counter(m["token_counts"] for m in metas)),
+            prompts_with_hidden=sum(m["prompts_with_hidden"] for m in metas),
+            n_prompts=sum(m["n_prompts"] for m in metas),
+            examples={p: ex for m in metas for p, ex in m["examples"].items()},
+        )
+        for part in parts:
+            merged["arrays"].update({k: v for k, v in part["arrays"].items() if k.startswith("example.")})
+        return merged
+
+    def restore(self, ctx, partial):
+        super().restore(ctx, partial)
+        meta = partial["meta"]
+        self._token_counts = merged_counter([meta["token_counts"]])
+        self._prompts_with_hidden = int(meta["prompts_with_hidden"])
+        self._n_prompts = int(meta["n_prompts"])
+        self._examples = {
+            int(p): {**ex, "values": partial["arrays"][f"example.{p}.values"]} for p, ex in meta["examples"].items()
+        }
 
     def results(self, ctx: ProbeContext):
         m = ctx.model

@@ -7,6 +7,7 @@ to one Capture so that one forward pass per batch serves them all.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,11 +31,34 @@ class ProbeContext:
     meta: list = field(default_factory=list)
 
 
+class NoCapture:
+    """A capture that takes handlers and never runs them: ``Probe.restore`` sets a probe's state up through its own
+    ``attach`` (so restored state is built exactly as a run builds it), then loads the merged partial into it."""
+
+    chunk_size = 256
+
+    def on(self, *args, **kwargs) -> NoCapture:
+        return self
+
+
 class Probe:
-    """Base class. Subclasses set ``name``, keep parameters as attributes, implement ``attach`` and ``results``."""
+    """Base class. Subclasses set ``name``, keep parameters as attributes, implement ``attach`` and ``results``.
+
+    Probes whose reduced state merges exactly across prompt shards (``mergeable = True``; ``attnlab.sweep`` runs
+    them shard by shard) also give that state as a *partial* and take it back:
+
+    - ``partial() -> {"arrays": {name: ndarray}, "meta": json-able}``: the state after the batches seen so far;
+    - ``merge_partials(parts) -> partial`` (classmethod): the state after all their batches, parts in prompt order;
+    - ``restore(ctx, partial)``: after it, ``results(ctx)`` gives what one run over all those prompts gives.
+
+    The base handles the ``PerPromptRatio`` attributes named in ``_ratios``; probes with more state extend the
+    three methods.
+    """
 
     name: ClassVar[str] = ""
     needs_patterns: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False
+    _ratios: ClassVar[tuple[str, ...]] = ()  # PerPromptRatio attributes merged by the base
 
     def params(self) -> dict[str, Any]:
         """The probe's parameters (its public, non-underscore attributes)."""
@@ -104,6 +128,50 @@ class Probe:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
 
+    # ---- exact merging across prompt shards (attnlab.sweep) -------------------------------------------------------
+
+    def partial(self) -> dict[str, Any]:
+        """This probe's reduced state so far: ``{"arrays": {name: ndarray}, "meta": json-able}``."""
+        if not self.mergeable:
+            raise NotImplementedError(f"probe {self.name!r} keeps no exactly mergeable state")
+        arrays: dict[str, np.ndarray] = {}
+        for attr in self._ratios:
+            arrays.update(getattr(self, attr).state(attr))
+        return {"arrays": arrays, "meta": {}}
+
+    @classmethod
+    def merge_partials(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """One partial from several (in prompt order), as if one run had seen all their prompts."""
+        if not cls.mergeable:
+            raise NotImplementedError(f"probe {cls.name!r} keeps no exactly mergeable state")
+        arrays: dict[str, np.ndarray] = {}
+        for attr in cls._ratios:
+            arrays.update(PerPromptRatio.merge_states([p["arrays"] for p in parts], attr))
+        return {"arrays": arrays, "meta": {}}
+
+    def restore(self, ctx: ProbeContext, partial: dict[str, Any]) -> None:
+        """Set this probe up for ``ctx`` (as ``attach`` does, on no capture) holding the state ``partial``."""
+        if not self.mergeable:
+            raise NotImplementedError(f"probe {self.name!r} keeps no exactly mergeable state")
+        self.attach(NoCapture(), ctx)
+        for attr in self._ratios:
+            getattr(self, attr).load_state(partial["arrays"], attr)
+
+
+def pairs(counter) -> list[list]:
+    """A Counter (or dict) as ``[[key, count], ...]`` in insertion order: JSON keeps non-string keys and the order
+    that ``Counter.most_common`` uses to break ties."""
+    return [[k, v] for k, v in counter.items()]
+
+
+def merged_counter(lists) -> Counter:
+    """A Counter of several ``pairs()`` lists, added in order (first-seen order kept, as one run would have it)."""
+    out: Counter = Counter()
+    for items in lists:
+        for k, v in items:
+            out[k] += v
+    return out
+
 
 @dataclass
 class PerPromptRatio:
@@ -156,6 +224,41 @@ class PerPromptRatio:
         den = torch.stack([self.den[k] for k in keys]).numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        """The per-prompt sums as arrays: ``{prefix}.prompts`` (global prompt indices, sorted), ``{prefix}.num``
+        and ``{prefix}.den`` (``[n_prompts, n_layers, n_heads]``, float64)."""
+        self._settle()
+        keys = sorted(self.num)
+        shape = (0, self.n_layers, self.n_heads)
+        return {
+            f"{prefix}.prompts": np.asarray(keys, dtype=np.int64),
+            f"{prefix}.num": torch.stack([self.num[k] for k in keys]).numpy() if keys else np.zeros(shape),
+            f"{prefix}.den": torch.stack([self.den[k] for k in keys]).numpy() if keys else np.zeros(shape),
+        }
+
+    @staticmethod
+    def merge_states(parts: list[dict[str, np.ndarray]], prefix: str) -> dict[str, np.ndarray]:
+        """The ``state`` of one accumulator that saw every part's prompts (a prompt in several parts adds up)."""
+        prompts = np.concatenate([p[f"{prefix}.prompts"] for p in parts]).astype(np.int64)
+        num = np.concatenate([p[f"{prefix}.num"] for p in parts]).astype(np.float64)
+        den = np.concatenate([p[f"{prefix}.den"] for p in parts]).astype(np.float64)
+        keys, inverse = np.unique(prompts, return_inverse=True)
+        if len(keys) == len(prompts):  # disjoint shards: just sorted
+            order = np.argsort(prompts, kind="stable")
+            return {f"{prefix}.prompts": keys, f"{prefix}.num": num[order], f"{prefix}.den": den[order]}
+        out_num = np.zeros((len(keys),) + num.shape[1:])
+        out_den = np.zeros((len(keys),) + den.shape[1:])
+        np.add.at(out_num, inverse, num)
+        np.add.at(out_den, inverse, den)
+        return {f"{prefix}.prompts": keys, f"{prefix}.num": out_num, f"{prefix}.den": out_den}
+
+    def load_state(self, arrays: dict[str, np.ndarray], prefix: str) -> None:
+        """Replace the sums with a ``state``."""
+        self._parts.clear()
+        prompts, num, den = (arrays[f"{prefix}.{k}"] for k in ("prompts", "num", "den"))
+        self.num = {int(p): torch.from_numpy(np.array(num[i], dtype=np.float64)) for i, p in enumerate(prompts)}
+        self.den = {int(p): torch.from_numpy(np.array(den[i], dtype=np.float64)) for i, p in enumerate(prompts)}
 
     def mean(self) -> np.ndarray:
         per = self.per_prompt()

@@ -25,6 +25,8 @@ class FirstTokenSink(Probe):
     """
 
     name = "first_token_sink"
+    mergeable = True  # per-prompt sums (attnlab.sweep merges shards exactly)
+    _ratios = ("_acc",)
 
     def __init__(self, *, n_sink_tokens: int = 1):
         self.n_sink_tokens = n_sink_tokens

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attnlab.probes.base import Probe, ProbeContext
+from attnlab.probes.base import NoCapture, Probe, ProbeContext
 
 METRICS = (
     "self_attention_score",
@@ -87,6 +87,7 @@ class HeadVisMetrics(Probe):
     """
 
     name = "headvis"
+    mergeable = True  # sums and counts (attnlab.sweep merges shards exactly, in float64)
 
     def __init__(self, *, induction_threshold: float = 0.01):
         self.induction_threshold = induction_threshold
@@ -159,6 +160,26 @@ class HeadVisMetrics(Probe):
             "qk_distance_variance": div(sums["d2"], c["rows"]) - d1**2,
             "induction_score": div(sums["ind"], c["ind"]),
         }
+
+    def partial(self):
+        return {
+            "arrays": {f"sum.{k}": v.double().cpu().numpy() for k, v in self._sums.items()},
+            "meta": {"counts": dict(self._counts)},
+        }
+
+    @classmethod
+    def merge_partials(cls, parts):
+        arrays: dict[str, np.ndarray] = {}
+        for part in parts:  # float64 sums added in prompt order
+            for k, v in part["arrays"].items():
+                arrays[k] = arrays[k] + v if k in arrays else np.array(v, dtype=np.float64)
+        counts = {k: sum(int(p["meta"]["counts"][k]) for p in parts) for k in ("rows", "prev", "ind")}
+        return {"arrays": arrays, "meta": {"counts": counts}}
+
+    def restore(self, ctx, partial):
+        self.attach(NoCapture(), ctx)
+        self._sums = {k.removeprefix("sum."): torch.from_numpy(np.array(v)) for k, v in partial["arrays"].items()}
+        self._counts = {k: int(v) for k, v in partial["meta"]["counts"].items()}
 
     def results(self, ctx: ProbeContext):
         counts = dict(self._counts)

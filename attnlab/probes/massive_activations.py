@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 
-from attnlab.probes.base import Probe, ProbeContext
+from attnlab.probes.base import NoCapture, Probe, ProbeContext, merged_counter, pairs
 
 
 class MassiveActivations(Probe):
@@ -36,6 +36,7 @@ class MassiveActivations(Probe):
     """
 
     name = "massive_activations"
+    mergeable = True  # per-prompt maxima / medians, tallies and examples (attnlab.sweep merges shards exactly)
 
     def __init__(self, *, abs_threshold: float = 100.0, ratio_threshold: float = 1000.0, n_examples: int = 1):
         self.abs_threshold = abs_threshold
@@ -106,9 +107,73 @@ class MassiveActivations(Probe):
                     toks = self._model.tokens_as_text(ids[b, sl].tolist())
                     self._tokens.update(toks[j] for j in positions)
                 if p < self.n_examples:
-                    ex = self._examples.setdefault(p, {"ids": ids[b, sl].tolist(), "rows": {}, "massive": set()})
+                    ex = self._examples.get(p)
+                    if ex is None:
+                        tokens = self._model.tokens_as_text(ids[b, sl].tolist())
+                        ex = self._examples[p] = {"tokens": tokens, "rows": {}, "massive": set()}
                     ex["rows"][layer] = t.numpy()
                     ex["massive"].update(positions)
+
+    def partial(self):
+        arrays = {}
+        for name, lists in (("top", self._layer_top), ("median", self._layer_median)):
+            arrays.update({f"{name}.{l}": np.asarray(v, dtype=np.float64) for l, v in lists.items()})
+        examples = {}
+        for p, ex in self._examples.items():
+            examples[str(p)] = {"tokens": ex["tokens"], "massive": sorted(ex["massive"]), "layers": list(ex["rows"])}
+            arrays.update({f"example.{p}.row.{l}": row for l, row in ex["rows"].items()})
+        meta = {
+            "layers": sorted(set(self._layer_top) | set(self._layer_median)),
+            "flagged": pairs(self._layer_flagged),
+            "dims": pairs(self._dims),
+            "tokens": pairs(self._tokens),
+            "examples": examples,
+        }
+        return {"arrays": arrays, "meta": meta}
+
+    @classmethod
+    def merge_partials(cls, parts):
+        metas = [p["meta"] for p in parts]
+        layers = sorted({l for m in metas for l in m["layers"]})
+        arrays = {}
+        for name in ("top", "median"):
+            for l in layers:
+                found = [p["arrays"][f"{name}.{l}"] for p in parts if f"{name}.{l}" in p["arrays"]]
+                arrays[f"{name}.{l}"] = np.concatenate(found) if found else np.zeros(0)
+        examples = {}
+        for part in parts:
+            for p, ex in part["meta"]["examples"].items():
+                if p in examples:  # the same prompt in two parts: its rows and marks together
+                    ex = {**ex, "massive": sorted(set(examples[p]["massive"]) | set(ex["massive"]))}
+                    ex["layers"] = sorted(set(examples[p]["layers"]) | set(part["meta"]["examples"][p]["layers"]))
+                examples[p] = ex
+            arrays.update({k: v for k, v in part["arrays"].items() if k.startswith("example.")})
+        meta = {
+            "layers": layers,
+            "flagged": pairs(merged_counter(m["flagged"] for m in metas)),
+            "dims": pairs(merged_counter(m["dims"] for m in metas)),
+            "tokens": pairs(merged_counter(m["tokens"] for m in metas)),
+            "examples": examples,
+        }
+        return {"arrays": arrays, "meta": meta}
+
+    def restore(self, ctx, partial):
+        self.attach(NoCapture(), ctx)
+        meta, arrays = partial["meta"], partial["arrays"]
+        for l in meta["layers"]:
+            self._layer_top[int(l)] = [float(x) for x in arrays.get(f"top.{l}", [])]
+            self._layer_median[int(l)] = [float(x) for x in arrays.get(f"median.{l}", [])]
+        self._layer_flagged = merged_counter([meta["flagged"]])
+        self._dims = merged_counter([meta["dims"]])
+        self._tokens = merged_counter([meta["tokens"]])
+        self._examples = {
+            int(p): {
+                "tokens": ex["tokens"],
+                "rows": {int(l): arrays[f"example.{p}.row.{l}"] for l in ex["layers"]},
+                "massive": set(ex["massive"]),
+            }
+            for p, ex in meta["examples"].items()
+        }
 
     def results(self, ctx: ProbeContext):
         m = ctx.model
@@ -128,13 +193,13 @@ class MassiveActivations(Probe):
         }
         out = []
         for p, ex in sorted(self._examples.items()):
-            values = np.stack([ex["rows"].get(l, np.full(len(ex["ids"]), np.nan)) for l in range(m.n_layers)])
+            values = np.stack([ex["rows"].get(l, np.full(len(ex["tokens"]), np.nan)) for l in range(m.n_layers)])
             out.append(
                 self.token_scores(
                     ctx,
                     f"massive_activations_{p}",
                     p,
-                    m.tokens_as_text(ex["ids"]),
+                    ex["tokens"],
                     values,
                     [f"layer {l}" for l in range(m.n_layers)],
                     marks={"massive": sorted(ex["massive"])},

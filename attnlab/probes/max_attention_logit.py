@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attnlab.probes.base import Probe, ProbeContext
+from attnlab.probes.base import NoCapture, Probe, ProbeContext
 
 
 class MaxAttentionLogit(Probe):
@@ -28,6 +28,7 @@ class MaxAttentionLogit(Probe):
     """
 
     name = "max_attention_logit"
+    mergeable = True  # maxima (attnlab.sweep merges shards exactly)
 
     def attach(self, capture, ctx: ProbeContext) -> None:
         m = ctx.model
@@ -52,6 +53,36 @@ class MaxAttentionLogit(Probe):
             self._max[layer] = np.maximum(self._max[layer], best[i].max(0))
             for row, p in enumerate(batch.prompt_indices):
                 self._per_prompt.setdefault(p, np.full((m.n_layers, m.n_heads), np.nan))[layer] = best[i, row]
+
+    def partial(self):
+        keys = sorted(self._per_prompt)
+        shape = self._max.shape
+        return {
+            "arrays": {
+                "max": self._max.copy(),
+                "prompts": np.asarray(keys, dtype=np.int64),
+                "per_prompt": np.stack([self._per_prompt[p] for p in keys]) if keys else np.zeros((0, *shape)),
+            },
+            "meta": {},
+        }
+
+    @classmethod
+    def merge_partials(cls, parts):
+        prompts = np.concatenate([p["arrays"]["prompts"] for p in parts])
+        per_prompt = np.concatenate([p["arrays"]["per_prompt"] for p in parts])
+        if len(np.unique(prompts)) != len(prompts):
+            raise ValueError("max_attention_logit partials overlap in prompts; shards must be disjoint")
+        order = np.argsort(prompts, kind="stable")
+        best = parts[0]["arrays"]["max"]
+        for part in parts[1:]:
+            best = np.maximum(best, part["arrays"]["max"])
+        return {"arrays": {"max": best, "prompts": prompts[order], "per_prompt": per_prompt[order]}, "meta": {}}
+
+    def restore(self, ctx, partial):
+        self.attach(NoCapture(), ctx)
+        a = partial["arrays"]
+        self._max = np.array(a["max"], dtype=np.float64)
+        self._per_prompt = {int(p): np.array(a["per_prompt"][i]) for i, p in enumerate(a["prompts"])}
 
     def results(self, ctx: ProbeContext):
         per_prompt = np.stack([self._per_prompt[p] for p in sorted(self._per_prompt)])

@@ -31,6 +31,9 @@ class PatternMatchProbe(Probe):
     error_measure : {"mul", "abs"}, default="mul"
     """
 
+    mergeable = True  # per-prompt sums (attnlab.sweep merges shards exactly)
+    _ratios = ("_acc",)
+
     def __init__(self, *, exclude_bos: bool = False, exclude_current_token: bool = False, error_measure: str = "mul"):
         if error_measure not in ERROR_MEASURES:
             raise ValueError(f"error_measure must be one of {ERROR_MEASURES}")

@@ -74,6 +74,8 @@ class RazorEchoInduction(Probe):
     """
 
     name = "razor_echo_induction"
+    mergeable = True  # per-prompt sums and periods (attnlab.sweep merges shards exactly)
+    _ratios = ("_echo", "_ind")
 
     def __init__(self, *, echo_fraction: float = 0.01, induction_fraction: float = 0.14):
         self.echo_fraction = echo_fraction
@@ -119,6 +121,21 @@ class RazorEchoInduction(Probe):
             den = torch.full((1,), float(S) * S)  # summed over all S rows of S keys
             for name, acc in (("echo", self._echo), ("ind", self._ind)):
                 acc.add(layer, [batch.prompt_indices[b]], sums[name][None], den)
+
+    def partial(self):
+        part = super().partial()
+        part["meta"]["periods"] = [[p, list(v) if v else None] for p, v in self._periods.items()]
+        return part
+
+    @classmethod
+    def merge_partials(cls, parts):
+        merged = super().merge_partials(parts)
+        merged["meta"]["periods"] = [item for p in parts for item in p["meta"]["periods"]]
+        return merged
+
+    def restore(self, ctx, partial):
+        super().restore(ctx, partial)
+        self._periods = {int(p): tuple(v) if v else None for p, v in partial["meta"]["periods"]}
 
     def results(self, ctx: ProbeContext):
         echo, ind = self._echo.mean(), self._ind.mean()

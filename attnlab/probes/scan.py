@@ -63,31 +63,52 @@ def attach_all(probes: Sequence[Probe], capture, ctx: ProbeContext) -> None:
             raise refused(p.name, e) from None
 
 
-def prompt_token_ids(model, prompts: PromptSet, truncate: bool) -> list[list[int]]:
-    """Token ids of every prompt of a PromptSet under the model's BOS policy (length-checked or truncated)."""
+def prompt_token_ids(model, prompts: PromptSet, truncate: bool, offset: int = 0) -> list[list[int]]:
+    """Token ids of every prompt of a PromptSet under the model's BOS policy (length-checked or truncated);
+    ``offset``: the first prompt's index in error messages."""
     if prompts.token_ids is not None:
-        return [model.check_length(list(ids), truncate=truncate, index=i) for i, ids in enumerate(prompts.token_ids)]
-    return [model.token_ids(t, truncate=truncate, index=i) for i, t in enumerate(prompts.texts)]
+        ids = prompts.token_ids
+        return [model.check_length(list(x), truncate=truncate, index=offset + i) for i, x in enumerate(ids)]
+    return [model.token_ids(t, truncate=truncate, index=offset + i) for i, t in enumerate(prompts.texts)]
 
 
-def _batches(model, prompts: PromptSet, batch_size: int, truncate: bool) -> list:
-    """Encode the whole prompt set up front (so bad prompts fail before any compute) into padded batches."""
-    n = len(prompts)
-    starts = range(0, n, batch_size)
+def _batches(
+    model, prompts: PromptSet, batch_size: int, truncate: bool, start: int = 0, stop: int | None = None
+) -> list:
+    """Encode the whole prompt set up front (so bad prompts fail before any compute) into padded batches.
+
+    ``start`` / ``stop``: only the prompts ``start .. stop - 1`` (``start`` a multiple of ``batch_size``): the same
+    batches, with the same global ``prompt_indices``, as the whole set's (``attnlab.sweep``'s prompt shards)."""
+    n = len(prompts) if stop is None else min(int(stop), len(prompts))
+    if start % batch_size:
+        raise ValueError(f"a shard starts at a multiple of the batch size, got {start} with batch size {batch_size}")
+    starts = range(start, n, batch_size)
     if prompts.images is not None:
         if prompts.texts is None:
             raise AttnlabError("image prompts need text prompts beside them")
         return [
             model.encode(
-                prompts.texts[i : i + batch_size],
-                images=prompts.images[i : i + batch_size],
+                prompts.texts[i : min(i + batch_size, n)],
+                images=prompts.images[i : min(i + batch_size, n)],
                 truncate=truncate,
                 start_index=i,
             )
             for i in starts
         ]
-    ids = prompt_token_ids(model, prompts, truncate)
-    return [model.batch_from_ids(ids[i : i + batch_size], list(range(i, min(i + batch_size, n)))) for i in starts]
+    ids = prompt_token_ids(model, _slice(prompts, start, n), truncate, offset=start)
+    return [
+        model.batch_from_ids(ids[i - start : i - start + batch_size], list(range(i, min(i + batch_size, n))))
+        for i in starts
+    ]
+
+
+def _slice(prompts: PromptSet, start: int, stop: int) -> PromptSet:
+    """Prompts ``start .. stop - 1`` of a PromptSet (texts or token ids; meta and images are read by index)."""
+    if start == 0 and stop == len(prompts):
+        return prompts
+    if prompts.token_ids is not None:
+        return PromptSet(name=prompts.name, token_ids=prompts.token_ids[start:stop], seed=prompts.seed)
+    return PromptSet(name=prompts.name, texts=prompts.texts[start:stop], seed=prompts.seed)
 
 
 def scan(

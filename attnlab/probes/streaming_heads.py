@@ -76,6 +76,8 @@ class StreamingHeads(Probe):
     """
 
     name = "streaming_heads"
+    mergeable = True  # per-prompt sums (attnlab.sweep merges shards exactly)
+    _ratios = ("_acc",)
 
     def __init__(
         self, *, sink: int = 4, recent: int = 64, retrieval_fraction: float = 0.25, min_distant_ratio: float = 0.35

@@ -431,7 +431,7 @@ def cmd_census(args) -> int:
     device_map = _device_map(args.device_map)
     if args.models or args.workers is not None or args.cluster or args.dry_run:
         return _census_sweep(args, prompts, device_map)
-    for flag in ("shard_size", "gpus_per_worker"):
+    for flag in ("shard_size", "gpus_per_worker", "threads_per_worker"):
         if getattr(args, flag) is not None:
             raise AttnlabError(f"--{flag.replace('_', '-')} applies to sweeps (--models, --workers or --cluster)")
     if device_map is not None:
@@ -490,6 +490,7 @@ def _census_sweep(args, prompts, device_map) -> int:
         workers=args.workers,
         cluster=args.cluster,
         gpus_per_worker=args.gpus_per_worker,
+        threads_per_worker=args.threads_per_worker,
     )
     if args.dry_run:
         print(sw.dry_run(models, prompts, out=args.out, **common))
@@ -743,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPUs each worker takes (default from the checkpoint size: 0.25 below 2 GB, 0.5 below 8 GB, else 1; "
         "more than 1 with --device-map auto for a model spread over several)",
     )
+    g.add_argument("--threads-per-worker", type=int, help="CPUs (torch threads) per worker (default: CPUs / workers)")
     g.add_argument(
         "--dry-run",
         action="store_true",

@@ -675,6 +675,7 @@ class _RayPool:
         workers: int | None,
         cluster: str | None,
         gpus_per_worker: float | None,
+        threads_per_worker: int | None = None,
     ):
         import ray  # the only place Ray is imported
 
@@ -689,7 +690,8 @@ class _RayPool:
                 if cluster:
                     ray.init(address=cluster, **opts)
                 else:
-                    ray.init(num_cpus=max(int(workers or 1), os.cpu_count() or 1), include_dashboard=False, **opts)
+                    cpus = max(int(workers or 1) * int(threads_per_worker or 1), os.cpu_count() or 1)
+                    ray.init(num_cpus=cpus, include_dashboard=False, **opts)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"the Ray cluster at {cluster}" if cluster else "a local Ray instance"
                 raise AttnlabError(f"could not start or join {where}: {_first_line(e)}") from None
@@ -705,8 +707,8 @@ class _RayPool:
             self.n_workers = int(workers or max(1, int(gpus // self.gpus)))
         else:
             self.gpus = 0.0
-            self.n_workers = int(workers or max(1, int(cpus // 2)))
-        self.threads = max(1, int(cpus // self.n_workers))
+            self.n_workers = int(workers or max(1, int(cpus // (threads_per_worker or 2))))
+        self.threads = int(threads_per_worker or max(1, int(cpus // self.n_workers)))
         self.hook = os.environ.get(TEST_HOOK)
         self.actor_cls = ray.remote(SweepWorker)
         self.warm_key = (ray.get_runtime_context().get_job_id(), self.threads, self.gpus)
@@ -846,7 +848,7 @@ def _setup(models, prompts, dataset, n_prompts, seed, **params) -> tuple[list[st
     return models, source, spec
 
 
-def _executor(spec, source, models, workers, cluster, gpus_per_worker):
+def _executor(spec, source, models, workers, cluster, gpus_per_worker, threads_per_worker=None):
     if workers is None and cluster is None:
         return _InProcess(spec, source)
     if workers is not None and int(workers) < 1:
@@ -856,7 +858,9 @@ def _executor(spec, source, models, workers, cluster, gpus_per_worker):
     except ImportError:
         msg = "Ray is not installed: pip install 'attnlab[ray]' (or run without --workers/--cluster)"
         raise AttnlabError(msg) from None
-    return _RayPool(spec, source, models, workers, cluster, gpus_per_worker)
+    if threads_per_worker is not None and int(threads_per_worker) < 1:
+        raise AttnlabError(f"threads_per_worker must be >= 1, got {threads_per_worker}")
+    return _RayPool(spec, source, models, workers, cluster, gpus_per_worker, threads_per_worker)
 
 
 def sweep(
@@ -883,6 +887,7 @@ def sweep(
     workers: int | None = None,
     cluster: str | None = None,
     gpus_per_worker: float | None = None,
+    threads_per_worker: int | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Run a census of every model in ``models`` on ``prompts`` (or ``dataset``), unit by unit, into ``out``.
@@ -903,6 +908,10 @@ def sweep(
         Join a running Ray cluster instead of starting a local one.
     gpus_per_worker : float or None
         GPUs per actor on a GPU cluster (default from the checkpoint size: ``gpu_share``).
+    threads_per_worker : int or None
+        CPUs (torch threads) per actor (default: the cluster's CPUs over the workers).
+    progress : bool, default=True
+        One progress bar for the sweep, with each model's finished / total units.
     """
     models, source, spec = _setup(
         models,
@@ -928,12 +937,13 @@ def sweep(
     store = SweepDir(out)
     store.lock()
     try:
-        return _drive(store, models, identities, units, source, spec, workers, cluster, gpus_per_worker, progress)
+        pool = (workers, cluster, gpus_per_worker, threads_per_worker)
+        return _drive(store, models, identities, units, source, spec, pool, progress)
     finally:
         store.unlock()
 
 
-def _drive(store, models, identities, units, source, spec, workers, cluster, gpus_per_worker, progress):
+def _drive(store, models, identities, units, source, spec, pool, progress):
     from tqdm.auto import tqdm
 
     write_json(
@@ -978,7 +988,7 @@ def _drive(store, models, identities, units, source, spec, workers, cluster, gpu
             if left[m] == 0:
                 finish(m)
         if todo:
-            executor = _executor(spec, source, models, workers, cluster, gpus_per_worker)
+            executor = _executor(spec, source, models, *pool)
             try:
                 executor.run(todo, on_done)
             finally:
@@ -1202,6 +1212,7 @@ def dry_run(
     workers: int | None = None,
     cluster: str | None = None,
     gpus_per_worker: float | None = None,
+    threads_per_worker: int | None = None,
     **params,
 ) -> SweepPlan:
     """The plan of ``sweep(...)`` with the same arguments, before any compute: the units (finished ones marked
@@ -1210,7 +1221,7 @@ def dry_run(
     models, source, spec = _setup(models, prompts, dataset, n_prompts, seed, **params)
     identities = {m: model_identity(m) for m in models}
     units = plan(models, identities, source, spec, shard_size)
-    executor = _executor(spec, source, models, workers, cluster, gpus_per_worker)
+    executor = _executor(spec, source, models, workers, cluster, gpus_per_worker, threads_per_worker)
     try:
         calib = executor.calibrate(models)
         n = executor.n_workers if workers is None else int(workers)

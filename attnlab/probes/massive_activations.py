@@ -143,9 +143,8 @@ class MassiveActivations(Probe):
         examples = {}
         for part in parts:
             for p, ex in part["meta"]["examples"].items():
-                if p in examples:  # the same prompt in two parts: its rows and marks together
-                    ex = {**ex, "massive": sorted(set(examples[p]["massive"]) | set(ex["massive"]))}
-                    ex["layers"] = sorted(set(examples[p]["layers"]) | set(part["meta"]["examples"][p]["layers"]))
+                if p in examples:
+                    raise ValueError(f"massive_activations partials overlap in prompt {p}; shards must be disjoint")
                 examples[p] = ex
             arrays.update({k: v for k, v in part["arrays"].items() if k.startswith("example.")})
         meta = {

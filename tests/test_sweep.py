@@ -348,6 +348,7 @@ def test_killed_driver_resumes_on_a_cluster_and_a_second_driver_is_refused(
     finally:
         driver.kill()  # kill -9 of the driver mid-sweep
         driver.wait()
+    killed_at = time.time()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "units").iterdir()}
     done = {p.stem for p in (out / "units").glob("*.json")}
     assert 3 <= len(done) < 10
@@ -355,8 +356,11 @@ def test_killed_driver_resumes_on_a_cluster_and_a_second_driver_is_refused(
     after = {p.name: p.stat().st_mtime_ns for p in (out / "units").iterdir()}
     assert all(after[name] == t for name, t in before.items() if Path(name).stem in done)
     log = SweepDir(out).log()
-    assert sorted(e["unit"] for e in log) == sorted({e["unit"] for e in log}) and len(log) == 10
+    keys = [e["unit"] for e in log]
     plan = json.loads((out / "sweep.json").read_text())
+    assert len(keys) == len(set(keys))  # no unit written twice
+    assert set(keys) | done == {u["key"] for u in plan["units"]} and len(plan["units"]) == 10
+    assert not {e["unit"] for e in log if e["written"] > killed_at} & done  # finished units not recomputed
     for arch in ("gpt2", "llama-gqa"):
         model = str(checkpoint_dir / arch)
         assert_same_census(Census.load(out / plan["models"][model]["census"]), reference(arch))

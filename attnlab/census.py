@@ -185,7 +185,7 @@ class Census:
 # ---- the sweep -------------------------------------------------------------------------------------------------
 
 
-def _probe_names(statistics: str | Sequence[str]) -> tuple[list[str], bool]:
+def probe_names(statistics: str | Sequence[str]) -> tuple[list[str], bool]:
     """``"all"`` / group names / probe names (comma-separated or a list) -> probe names and whether the causal
     statistic is wanted."""
     from attnlab.probes.registry import PROBES
@@ -215,7 +215,7 @@ def _probe_names(statistics: str | Sequence[str]) -> tuple[list[str], bool]:
     return names, causal
 
 
-def _unavailable(name: str, model, prompts: PromptSet, ids: list[list[int]]) -> str | None:
+def unavailable(name: str, model, prompts: PromptSet, ids: list[list[int]]) -> str | None:
     """Why probe ``name`` cannot score this model on these prompts (None when it can)."""
     if name == "razor_echo_induction":
         from attnlab.probes.razor_echo import find_period
@@ -283,7 +283,7 @@ def census(
     """
     from attnlab.capture import Capture
     from attnlab.probes.registry import build, refused
-    from attnlab.probes.scan import _batches
+    from attnlab.probes.scan import prompt_batches
 
     if not isinstance(prompts, PromptSet):
         prompts = PromptSet(name="prompts", texts=list(prompts))
@@ -291,7 +291,7 @@ def census(
         raise AttnlabError("no prompts to run")
     if int(causal_prompts) < 1:
         raise AttnlabError(f"causal_prompts must be >= 1, got {causal_prompts}")
-    names, want_causal = _probe_names(statistics)
+    names, want_causal = probe_names(statistics)
     params = dict(params or {})
     stray = sorted(set(params) - set(names))
     if stray:
@@ -309,14 +309,14 @@ def census(
             names.append("headvis")  # the HeadVis tree's scatter needs the six metrics
             probes["headvis"] = build("headvis")
     t0 = time.perf_counter()
-    batches = _batches(model, prompts, batch_size, truncate)
+    batches = prompt_batches(model, prompts, batch_size, truncate)
     ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
     ctx = ProbeContext(model=model, dataset=fingerprint(ids), n_prompts=len(ids), meta=list(prompts.meta))
     capture = Capture(model, attention=attention, chunk_size=chunk_size, progress=progress)
     not_scored: dict[str, str] = {}
     attached = []
     for name in names:
-        reason = _unavailable(name, model, prompts, ids)
+        reason = unavailable(name, model, prompts, ids)
         if reason is None:
             probe = probes[name]
             try:
@@ -354,7 +354,7 @@ def census(
         _write_headvis(headvis_dir, model, result, examples, ctx, batch_size)
     info["seconds_correlational"] = round(time.perf_counter() - t0, 3)
     if want_causal:
-        _causal(result, model, prompts, ids, causal_prompts, ablation_mode, attribution, progress)
+        add_causal(result, model, prompts, ids, causal_prompts, ablation_mode, attribution, progress)
     info["seconds_total"] = round(time.perf_counter() - t0, 3)
     if out is not None:
         result.save(out)
@@ -404,7 +404,7 @@ def collect(result: Census, not_scored: dict[str, str], results: list[list]) -> 
     result.not_scored = {**not_scored, **result.not_scored}
 
 
-def _causal(result: Census, model, prompts, ids, n: int, mode: str, attribution: bool, progress: bool) -> None:
+def add_causal(result: Census, model, prompts, ids, n: int, mode: str, attribution: bool, progress: bool) -> None:
     from attnlab.probes.ablation_metrics import NextTokenLogprob
     from attnlab.probes.ablation_scores import ablation_scores
 

@@ -416,10 +416,10 @@ def cmd_census(args) -> int:
     """Every head statistic of a model in one sweep: correlational in one capture pass, then the causal ablation.
     With --models, --workers, --cluster or --dry-run: a sweep (attnlab.sweep) over models and prompt shards."""
     import attnlab
-    from attnlab.census import _probe_names, census
+    from attnlab.census import census, probe_names
     from attnlab.datasets import DATASETS
 
-    names, _ = _probe_names(args.statistics)  # fail on a bad statistic name before loading anything
+    names, _ = probe_names(args.statistics)  # fail on a bad statistic name before loading anything
     params = probe_params(args.param, names)  # and on a bad --param
     if bool(args.model) == bool(args.models):
         raise AttnlabError("give exactly one of --model M and --models A,B,...")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -49,11 +50,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from attnlab.census import CAUSAL, Census, _probe_names, census_info, collect
-from attnlab.datasets.base import PromptSet
+from attnlab import __version__
+from attnlab.capture import Capture, supports_fused
+from attnlab.census import CAUSAL, Census, add_causal, census_info, collect, probe_names, unavailable
+from attnlab.datasets import DATASETS
+from attnlab.datasets.base import PromptSet, fingerprint
 from attnlab.errors import AttnlabError
 from attnlab.heads.io import read_arrays, read_json, write_arrays, write_json
+from attnlab.heads.results import RESULT_TYPES
+from attnlab.models.loading import load, resolve
+from attnlab.probes.ablation_metrics import NextTokenLogprob
+from attnlab.probes.ablation_scores import ablation_scores
+from attnlab.probes.base import ProbeContext
+from attnlab.probes.registry import PROBES
+from attnlab.probes.scan import prompt_batches
 
 UNITS = "units"
 PLAN = "sweep.json"
@@ -88,11 +101,9 @@ class SweepSpec:
     max_memory: dict | None = None
 
     def load(self, name: str):
-        import attnlab
-
         if self.device_map is not None:
-            return attnlab.load(name, dtype=self.dtype, device_map=self.device_map, max_memory=self.max_memory)
-        return attnlab.load(name, device=self.device, dtype=self.dtype)
+            return load(name, dtype=self.dtype, device_map=self.device_map, max_memory=self.max_memory)
+        return load(name, device=self.device, dtype=self.dtype)
 
 
 @dataclass
@@ -111,8 +122,6 @@ class PromptSource:
         if self.prompts is not None and len(self.prompts) == 0:
             raise AttnlabError("no prompts to run")
         if self.dataset is not None:
-            from attnlab.datasets import DATASETS
-
             if self.dataset not in DATASETS:
                 raise AttnlabError(f"unknown dataset {self.dataset!r}; available: {', '.join(DATASETS)}")
             if int(self.n_prompts) < 1:
@@ -137,7 +146,6 @@ class PromptSource:
     def build(self, model) -> PromptSet:
         if self.prompts is not None:
             return self.prompts
-        from attnlab.datasets import DATASETS
 
         return DATASETS[self.dataset](model, int(self.n_prompts), int(self.seed))
 
@@ -162,14 +170,12 @@ class Unit:
 
 def shardable(names: Sequence[str]) -> list[str]:
     """The probes among ``names`` whose state merges exactly across shards."""
-    from attnlab.probes.registry import PROBES
 
     return [n for n in names if PROBES[n].mergeable]
 
 
 def whole_set(names: Sequence[str]) -> list[str]:
     """The probes among ``names`` that run over the whole prompt set (their state does not merge exactly)."""
-    from attnlab.probes.registry import PROBES
 
     return [n for n in names if not PROBES[n].mergeable]
 
@@ -209,7 +215,6 @@ def model_identity(name: str) -> dict[str, Any]:
     """What names a model's weights in unit keys: the name as given, and the digest of the checkpoint directory it
     resolves to (a bundled alias, a local path, or a hub id found in the local cache); a hub id not in the cache is
     keyed by its id alone (pin a local copy to make resumes check the weights)."""
-    from attnlab.models.loading import resolve
 
     path = resolve(name)
     if Path(path).is_dir():
@@ -218,8 +223,6 @@ def model_identity(name: str) -> dict[str, Any]:
 
 
 def _weight_bytes(name: str) -> int:
-    from attnlab.models.loading import resolve
-
     path = Path(resolve(name))
     if not path.is_dir():
         return 0
@@ -240,8 +243,6 @@ def _key(obj: Any) -> str:
 
 
 def _probe_params(names: Sequence[str]) -> dict[str, dict]:
-    from attnlab.probes.registry import PROBES
-
     return {n: PROBES[n]().params() for n in names}
 
 
@@ -253,9 +254,8 @@ def plan(
     size: int | None = None,
 ) -> list[Unit]:
     """The units of a sweep, per model: the causal unit, the model unit, then the shards in prompt order."""
-    from attnlab import __version__
 
-    names, want_causal = _probe_names(spec.statistics)
+    names, want_causal = probe_names(spec.statistics)
     shards = shardable(names)
     n = source.planned_n()
     step = shard_size(n, spec.batch_size, size)
@@ -292,14 +292,11 @@ def plan(
 def _attention(model, attention: str) -> str:
     if attention != "auto":
         return attention
-    from attnlab.capture import supports_fused
 
     return "fused" if supports_fused(model) else "eager"
 
 
 def _attach(names, model, capture, ctx) -> tuple[list, dict[str, str]]:
-    from attnlab.probes.registry import PROBES
-
     attached, errors = [], {}
     for name in names:
         probe = PROBES[name]()
@@ -323,8 +320,6 @@ def _pack_results(results: dict[str, list]) -> tuple[dict, dict[str, np.ndarray]
 
 
 def _unpack_results(meta: dict, arrays: dict[str, np.ndarray]) -> dict[str, list]:
-    from attnlab.heads.results import RESULT_TYPES
-
     out = {}
     for probe, metas in meta.items():
         out[probe] = []
@@ -339,20 +334,16 @@ def run_unit(
     model, prompts: PromptSet, spec: SweepSpec, unit: Unit, test_hook: str | None = None
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Compute one unit; returns its file contents: JSON-able metadata and named arrays."""
-    from attnlab.capture import Capture
-    from attnlab.datasets.base import fingerprint
-    from attnlab.probes.base import ProbeContext
-    from attnlab.probes.scan import _batches
 
     t0 = time.perf_counter()
-    names, _ = _probe_names(spec.statistics)
+    names, _ = probe_names(spec.statistics)
     attention = _attention(model, spec.attention)
     meta: dict[str, Any] = {"kind": unit.kind, "model": unit.model, "range": [unit.start, unit.stop]}
     arrays: dict[str, np.ndarray] = {}
     if test_hook:
         _test_pause(unit, test_hook)
     if unit.kind == "shard":
-        batches = _batches(model, prompts, spec.batch_size, spec.truncate, unit.start, unit.stop)
+        batches = prompt_batches(model, prompts, spec.batch_size, spec.truncate, unit.start, unit.stop)
         ctx = ProbeContext(model=model, dataset="", n_prompts=len(prompts), meta=list(prompts.meta))
         capture = Capture(model, attention=attention, chunk_size=spec.chunk_size, progress=False)
         attached, errors = _attach(shardable(names), model, capture, ctx)
@@ -368,14 +359,12 @@ def run_unit(
         meta["n_prompts"] = sum(b.size for b in batches)
         meta["tokens"] = sum(b.size * b.seq_len for b in batches)
     elif unit.kind == "model":
-        from attnlab.census import _unavailable
-
-        batches = _batches(model, prompts, spec.batch_size, spec.truncate)
+        batches = prompt_batches(model, prompts, spec.batch_size, spec.truncate)
         ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
         if len(ids) > unit.stop:
             raise AttnlabError(f"{unit.model}: the prompt set has {len(ids)} prompts, more than {unit.stop} planned")
         ctx = ProbeContext(model=model, dataset=fingerprint(ids), n_prompts=len(ids), meta=list(prompts.meta))
-        reasons = {n: r for n in names if (r := _unavailable(n, model, prompts, ids)) is not None}
+        reasons = {n: r for n in names if (r := unavailable(n, model, prompts, ids)) is not None}
         capture = Capture(model, attention=attention, chunk_size=spec.chunk_size, progress=False)
         attached, errors = _attach([n for n in whole_set(names) if n not in reasons], model, capture, ctx)
         if attached:
@@ -392,18 +381,25 @@ def run_unit(
         meta["attention_path"] = capture.last_path if attached else ""
         meta["tokens"] = sum(b.size * b.seq_len for b in batches) if attached else 0
     elif unit.kind == "causal":
-        from attnlab.census import _causal
-
-        batches = _batches(model, prompts, spec.batch_size, spec.truncate)
+        batches = prompt_batches(model, prompts, spec.batch_size, spec.truncate)
         ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
         part = Census()
-        _causal(part, model, prompts, ids, spec.causal_prompts, spec.ablation_mode, spec.attribution, False)
+        add_causal(part, model, prompts, ids, spec.causal_prompts, spec.ablation_mode, spec.attribution, False)
         results, arrays = _pack_results({CAUSAL: list(part.scores.values())})
         meta.update(results=results, not_scored=part.not_scored, causal=part.info.get("causal"))
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     return meta, arrays
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux), or None."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _test_pause(unit: Unit, hook: str) -> None:
@@ -417,16 +413,16 @@ class SweepWorker:
     """Runs units: loads each model it is given once and keeps up to ``max_models`` (least recently used out),
     with the prompt set each model was built for. The same class serves in this process and as a Ray actor."""
 
-    def __init__(self, threads: int | None = None, max_models: int = 2):
+    def __init__(self, threads: int | None = None, max_models: int = 2, actor: bool = False):
         t0 = time.perf_counter()
-        import torch
-        import transformer_lens.model_bridge  # noqa: F401  (the heavy imports: once per worker, not per model)
-
-        import attnlab.capture  # noqa: F401
+        # TransformerLens' bridge loads lazily in attnlab.load: import it here, once per worker, so that a model's
+        # load time is the load alone (the plan counts worker start-up and model loads apart)
+        import transformer_lens.model_bridge  # noqa: F401
 
         if threads:
             torch.set_num_threads(int(threads))
-        self.startup_s = time.perf_counter() - t0
+        # a Ray actor's start-up: its process's age now (Ray's worker boot and every import); here: the import above
+        self.startup_s = (_process_age() if actor else None) or time.perf_counter() - t0
         self.max_models = max_models
         self._models: OrderedDict[str, Any] = OrderedDict()
         self._prompts: dict[tuple[str, str], PromptSet] = {}
@@ -568,8 +564,6 @@ class ModelFacts:
 def assemble(units: list[Unit], spec: SweepSpec, store: SweepDir) -> Census:
     """The census of one model from its finished units: shard partials merged in prompt order and restored into
     fresh probes, the whole-set results and the causal scores, in the order ``attnlab.census`` puts them."""
-    from attnlab.probes.base import ProbeContext
-    from attnlab.probes.registry import PROBES
 
     files = {u: store.read(u) for u in units}
     model_meta, model_arrays = next(files[u] for u in units if u.kind == "model")
@@ -578,7 +572,7 @@ def assemble(units: list[Unit], spec: SweepSpec, store: SweepDir) -> Census:
     fm = ModelFacts(facts["summary"])
     ctx = ProbeContext(model=fm, dataset=facts["fingerprint"], n_prompts=len(facts["lengths"]))
     whole = _unpack_results(model_meta["results"], model_arrays)
-    names, want_causal = _probe_names(spec.statistics)
+    names, want_causal = probe_names(spec.statistics)
     not_scored, attached, results = {}, [], []
     for name in names:
         mergeable = PROBES[name].mergeable
@@ -677,14 +671,12 @@ class _RayPool:
         gpus_per_worker: float | None,
         threads_per_worker: int | None = None,
     ):
-        import ray  # the only place Ray is imported
+        import ray  # Ray only on this path: an in-process sweep never imports it
 
         self.ray = ray
         self.spec, self.source = spec, source
         self.started = False
         if not ray.is_initialized():
-            import logging
-
             opts: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
             try:
                 if cluster:
@@ -720,7 +712,7 @@ class _RayPool:
 
     def _new_actor(self):
         opts = {"num_cpus": self.threads, "num_gpus": self.gpus, "max_restarts": 0}
-        return self.actor_cls.options(**opts).remote(self.threads)
+        return self.actor_cls.options(**opts).remote(self.threads, actor=True)
 
     def _pick(self, pending: list[Unit], i: int) -> Unit:
         """Next unit for actor i: one of a model it holds, else of a model no actor holds, else the first."""
@@ -733,7 +725,7 @@ class _RayPool:
 
     def run(self, units: list[Unit], on_done: OnDone) -> None:
         ray = self.ray
-        from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+        from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError  # Ray only on this path
 
         pending = list(units)
         attempts = dict.fromkeys((u.key for u in units), 0)
@@ -789,7 +781,7 @@ def release_workers() -> int:
     Sweeps that started Ray themselves keep none."""
     n = 0
     if _WARM:
-        import ray
+        import ray  # there are warm actors: Ray is loaded already
 
         for actors in _WARM.values():
             for a in actors:
@@ -842,7 +834,7 @@ def _setup(models, prompts, dataset, n_prompts, seed, **params) -> tuple[list[st
         prompts = PromptSet(name="prompts", texts=list(prompts))
     source = PromptSource(prompts=prompts, dataset=dataset, n_prompts=n_prompts, seed=seed)
     spec = SweepSpec(**params)
-    _probe_names(spec.statistics)  # a bad statistic fails before anything starts
+    probe_names(spec.statistics)  # a bad statistic fails before anything starts
     if int(spec.causal_prompts) < 1:
         raise AttnlabError(f"causal_prompts must be >= 1, got {spec.causal_prompts}")
     return models, source, spec
@@ -854,7 +846,7 @@ def _executor(spec, source, models, workers, cluster, gpus_per_worker, threads_p
     if workers is not None and int(workers) < 1:
         raise AttnlabError(f"workers must be >= 1, got {workers}")
     try:
-        import ray  # noqa: F401
+        import ray  # noqa: F401  (is Ray installed? only asked on the Ray path)
     except ImportError:
         msg = "Ray is not installed: pip install 'attnlab[ray]' (or run without --workers/--cluster)"
         raise AttnlabError(msg) from None
@@ -944,8 +936,6 @@ def sweep(
 
 
 def _drive(store, models, identities, units, source, spec, pool, progress):
-    from tqdm.auto import tqdm
-
     write_json(
         store.root / PLAN,
         {
@@ -1004,8 +994,6 @@ def _drive(store, models, identities, units, source, spec, pool, progress):
 
 
 def _peak_memory_reset(device: str) -> None:
-    import torch
-
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -1018,7 +1006,6 @@ def _peak_memory_reset(device: str) -> None:
 
 def _memory_now(device: str) -> tuple[int | None, int | None]:
     """(current, peak) bytes: CUDA allocator on a GPU, the process's resident set (VmRSS, VmHWM) on a CPU."""
-    import torch
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -1032,22 +1019,16 @@ def _memory_now(device: str) -> tuple[int | None, int | None]:
 
 
 def _calibrate(worker: SweepWorker, spec: SweepSpec, source: PromptSource, name: str) -> dict[str, Any]:
-    import torch
-
-    from attnlab.capture import Capture
-    from attnlab.probes.base import ProbeContext
-    from attnlab.probes.scan import _batches
-
     t0 = time.perf_counter()
     fresh = SweepWorker._cache_key(name, "", spec) not in worker._models
     model = worker.model(name, spec)
     load_s = time.perf_counter() - t0 if fresh else next((s for n, s in reversed(worker.loads) if n == name), 0.0)
     prompts = worker.prompts(name, spec, source)
     t1 = time.perf_counter()
-    batches = _batches(model, prompts, spec.batch_size, spec.truncate)
+    batches = prompt_batches(model, prompts, spec.batch_size, spec.truncate)
     tokenize_s = time.perf_counter() - t1
     lengths = [int(n) for b in batches for n in b.lengths.tolist()]
-    names, want_causal = _probe_names(spec.statistics)
+    names, want_causal = probe_names(spec.statistics)
     probes = shardable(names) or whole_set(names)
     first = batches[0]
     ctx = ProbeContext(model=model, dataset="", n_prompts=len(prompts), meta=list(prompts.meta))
@@ -1084,9 +1065,6 @@ def _calibrate(worker: SweepWorker, spec: SweepSpec, source: PromptSource, name:
         "causal_sec_per_token": None,
     }
     if want_causal and model.causal and not (model.modality == "vision-language" and prompts.images is not None):
-        from attnlab.probes.ablation_metrics import NextTokenLogprob
-        from attnlab.probes.ablation_scores import ablation_scores
-
         ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
         one = next((x for x in ids if len(x) >= 2), None)
         if one is not None:
@@ -1155,7 +1133,7 @@ def _batch_shapes(lengths: list[int], batch_size: int, start: int, stop: int) ->
 
 def estimate(units: list[Unit], calib: dict[str, dict], spec: SweepSpec, store: SweepDir | None, n_workers: int):
     """Per-unit time and memory from each model's calibration, and a list schedule of them on ``n_workers``."""
-    names, _ = _probe_names(spec.statistics)
+    names, _ = probe_names(spec.statistics)
     has_whole = bool(whole_set(names))
     rows = []
     for u in units:

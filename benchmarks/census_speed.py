@@ -94,9 +94,9 @@ def main() -> None:
         prompts = random_prompts(model, args.n_prompts, args.seq_len, 0)
     else:
         prompts = DATASETS["prose"](model, args.n_prompts, 0)
-    from attnlab.probes.scan import _batches
+    from attnlab.probes.scan import prompt_batches
 
-    batches = [b.to(model.device) for b in _batches(model, prompts, args.batch_size, False)]
+    batches = [b.to(model.device) for b in prompt_batches(model, prompts, args.batch_size, False)]
     hf = model.hf_model
     saved = hf.config._attn_implementation
     n_tokens = sum(int(b.attention_mask.sum()) for b in batches)

@@ -122,10 +122,10 @@ def scan_trial(model, prompt_set, attention: str, device: str):
     from attnlab.capture import Capture
     from attnlab.probes.base import ProbeContext
     from attnlab.probes.retrieval_heads import RetrievalHeads
-    from attnlab.probes.scan import _batches
+    from attnlab.probes.scan import prompt_batches
 
     probe = RetrievalHeads(rouge_threshold=-1.0, require_correct=False)  # random weights: score every trial
-    batches = _batches(model, prompt_set, 1, False)
+    batches = prompt_batches(model, prompt_set, 1, False)
     ctx = ProbeContext(model=model, dataset="bench", n_prompts=len(prompt_set), meta=list(prompt_set.meta))
     capture = Capture(model, attention=attention, progress=False)
     probe.attach(capture, ctx)
@@ -145,9 +145,9 @@ def plain_trial(model, prompt_set, device: str):
     part of a forward's cost that a scan should be compared with. The scan unembeds only the answer steps.
     """
     from attnlab.capture import Capture
-    from attnlab.probes.scan import _batches
+    from attnlab.probes.scan import prompt_batches
 
-    (batch,) = _batches(model, prompt_set, 1, False)
+    (batch,) = prompt_batches(model, prompt_set, 1, False)
     capture = Capture(model, attention="fused", progress=False)  # no handlers: only the SDPA swap
     with torch.no_grad(), Meter(device) as m:
         capture.run_batch(batch, logit_positions=None)

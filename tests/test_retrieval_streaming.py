@@ -297,13 +297,13 @@ def test_organism_lm_has_retrieval_heads(organism, tmp_path):
     # are the same as with the full logits (forced here by a handler that may read every position)
     from attnlab.capture import Capture
     from attnlab.probes.base import ProbeContext
-    from attnlab.probes.scan import _batches
+    from attnlab.probes.scan import prompt_batches
 
     probe, cap = RetrievalHeads(), Capture(organism, progress=False)
     ctx = ProbeContext(model=organism, dataset="niah", n_prompts=len(ps), meta=list(ps.meta))
     probe.attach(cap, ctx)
     cap.on("batch_end", lambda b, logits: None)
-    cap.run(_batches(organism, ps, 3, False))
+    cap.run(prompt_batches(organism, ps, 3, False))
     (full,) = probe.results(ctx)
     assert full.summary["trials"] == h.summary["trials"] and np.array_equal(full.scores, h.scores)
     # saved with its trial scores, exportable to the reference JSON

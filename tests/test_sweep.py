@@ -120,7 +120,7 @@ def test_partials_merge_in_any_shard_split(loaded):
     from attnlab.capture import Capture
     from attnlab.probes.base import ProbeContext
     from attnlab.probes.registry import PROBES
-    from attnlab.probes.scan import _batches
+    from attnlab.probes.scan import prompt_batches
 
     model = loaded("qwen2")
     ps = PromptSet(name="t", texts=TEXTS)
@@ -134,7 +134,7 @@ def test_partials_merge_in_any_shard_split(loaded):
         probes = [PROBES[n]() for n in names]
         for p in probes:
             p.attach(capture, ctx)
-        capture.run(_batches(model, ps, 2, False, start, stop))
+        capture.run(prompt_batches(model, ps, 2, False, start, stop))
         return probes
 
     whole = run(0, len(TEXTS))

@@ -72,7 +72,7 @@ def prompt_token_ids(model, prompts: PromptSet, truncate: bool, offset: int = 0)
     return [model.token_ids(t, truncate=truncate, index=offset + i) for i, t in enumerate(prompts.texts)]
 
 
-def _batches(
+def prompt_batches(
     model, prompts: PromptSet, batch_size: int, truncate: bool, start: int = 0, stop: int | None = None
 ) -> list:
     """Encode the whole prompt set up front (so bad prompts fail before any compute) into padded batches.
@@ -149,7 +149,7 @@ def scan(
     if len(prompts) == 0:
         raise AttnlabError("no prompts to run")
     probe_objs = _as_probes(probes, params)
-    batches = _batches(model, prompts, batch_size, truncate)
+    batches = prompt_batches(model, prompts, batch_size, truncate)
     ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
     ctx = ProbeContext(model=model, dataset=fingerprint(ids), n_prompts=len(ids), meta=list(prompts.meta))
     if resume:

@@ -221,7 +221,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head on loopback for this module, this process connected. 4 logical CPUs: this process's two workers
-    (one thread each, kept warm between its sweeps) and a subprocess driver's two."""
+    (one thread each, kept warm between its sweeps) and a subprocess driver's one."""
     env_before = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     # token authentication with a token of this module's own: the head, this driver and the subprocess drivers
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
@@ -333,8 +333,11 @@ def test_killed_driver_resumes_on_a_cluster_and_a_second_driver_is_refused(
     out = tmp_path / "s"
     models = f"{checkpoint_dir / 'gpt2'},{checkpoint_dir / 'llama-gqa'}"
     args = ["census", "--models", models, "--prompts", str(prompts), "--out", str(out), "--cluster", ray_head]
-    args += ["--batch-size", "2", "--shard-size", "2", "--causal-prompts", "2", "--threads-per-worker", "1", "--quiet"]
-    env = {**os.environ, TEST_HOOK: f"{tmp_path / 'hook'}:1.5"}
+    # one worker: the subprocess driver starts one actor (an actor's start-up, importing torch and TransformerLens,
+    # is most of this test's time); the re-run takes one of this process's warm workers
+    args += ["--workers", "1", "--threads-per-worker", "1"]
+    args += ["--batch-size", "2", "--shard-size", "2", "--causal-prompts", "2", "--quiet"]
+    env = {**os.environ, TEST_HOOK: f"{tmp_path / 'hook'}:1"}
     driver = subprocess.Popen([sys.executable, "-m", "attnlab", *args], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240

@@ -20,8 +20,10 @@ from attnlab.cli_args import (
     non_negative_int,
     out_dir,
     port,
+    positive_float,
     positive_int,
     probe_params,
+    ray_address,
     read_prompts,
 )
 from attnlab.errors import AttnlabError
@@ -727,24 +729,32 @@ def build_parser() -> argparse.ArgumentParser:
         "merged exactly into one census per model. Without --workers/--cluster the units run in this process "
         "(no Ray); with them, on Ray actors (pip install 'attnlab[ray]').",
     )
-    g.add_argument("--workers", type=int, help="start a local Ray instance with N workers (actors)")
+    g.add_argument(
+        "--workers",
+        type=positive_int,
+        help="Ray workers (actors): start a local Ray instance with N, or run N on the --cluster",
+    )
     g.add_argument(
         "--cluster",
         metavar="ADDR",
-        help="join a running Ray cluster: auto, or HOST:PORT (workers default to one per GPU, else CPUs / 2)",
+        type=ray_address,
+        help="join a running Ray cluster: auto, HOST:PORT (its head's port) or ray://HOST:PORT (workers default to "
+        "the cluster's GPUs / --gpus-per-worker, else its CPUs / --threads-per-worker (2))",
     )
     g.add_argument(
         "--shard-size",
-        type=int,
+        type=positive_int,
         help="prompts per shard unit, rounded up to a multiple of --batch-size (default: at most 64 shards)",
     )
     g.add_argument(
         "--gpus-per-worker",
-        type=float,
+        type=positive_float,
         help="GPUs each worker takes (default from the checkpoint size: 0.25 below 2 GB, 0.5 below 8 GB, else 1; "
         "more than 1 with --device-map auto for a model spread over several)",
     )
-    g.add_argument("--threads-per-worker", type=int, help="CPUs (torch threads) per worker (default: CPUs / workers)")
+    g.add_argument(
+        "--threads-per-worker", type=positive_int, help="CPUs (torch threads) per worker (default: CPUs / workers)"
+    )
     g.add_argument(
         "--dry-run",
         action="store_true",

@@ -1,10 +1,10 @@
 """Every value the command line takes is checked here, at the edge, before anything is loaded or computed.
 
 One function per kind of value. The ``argparse`` types (``positive_int``, ``non_negative_int``, ``finite_float``,
-``port``, ``out_dir``) raise ``argparse.ArgumentTypeError``, which the parser turns into one line and exit 2; the
-readers and checks that need more than the text (``read_prompts``, ``probe_params``, ``check_fits``) raise
-``AttnlabError``, which ``attnlab.cli.main`` prints as one line with exit 2. None of them lets a malformed value
-reach the code behind it.
+``positive_float``, ``port``, ``ray_address``, ``out_dir``) raise ``argparse.ArgumentTypeError``, which the parser
+turns into one line and exit 2; the readers and checks that need more than the text (``read_prompts``,
+``probe_params``, ``check_fits``) raise ``AttnlabError``, which ``attnlab.cli.main`` prints as one line with exit 2.
+None of them lets a malformed value reach the code behind it.
 """
 
 from __future__ import annotations
@@ -59,6 +59,30 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {str(text)[:40]!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite real number > 0 (shares: GPUs per worker)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def ray_address(text: str) -> str:
+    """A Ray cluster to join: ``auto`` (the one this machine runs or ``RAY_ADDRESS`` names), ``HOST:PORT`` (its
+    head's GCS port) or ``ray://HOST:PORT`` (Ray Client). Whether anything answers there is checked when the sweep
+    starts (``attnlab.sweep.check_cluster``)."""
+    value = str(text).strip()
+    if value == "auto":
+        return value
+    rest = value.removeprefix("ray://")
+    host, sep, port_text = rest.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
+    if not sep or not host or any(c.isspace() or c in "/@?#" for c in host):
+        raise argparse.ArgumentTypeError(f"must be auto or HOST:PORT (e.g. 10.0.0.5:6379), got {value[:60]!r}")
+    port(port_text)
     return value
 
 

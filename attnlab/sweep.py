@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -677,7 +678,7 @@ class _RayPool:
         self.spec, self.source = spec, source
         self.started = False
         if not ray.is_initialized():
-            opts: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+            opts: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
             try:
                 if cluster:
                     ray.init(address=cluster, **opts)
@@ -792,6 +793,26 @@ def release_workers() -> int:
                     pass
         _WARM.clear()
     return n
+
+
+def check_cluster(cluster: str | None, timeout: float = 5.0) -> None:
+    """A cluster address naming a host and port (``HOST:PORT``, ``ray://HOST:PORT``) must accept a TCP connection
+    before Ray is asked to join it: where nothing listens, ``ray.init`` retries for many minutes. ``auto`` and None
+    pass (Ray itself says at once when no cluster runs here)."""
+    if cluster is None or cluster == "auto":
+        return
+    host, sep, port = str(cluster).removeprefix("ray://").rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise AttnlabError(f"cluster must be auto or HOST:PORT, got {cluster!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise AttnlabError(
+            f"no Ray cluster answers at {cluster} ({why}); start one there (ray start --head --port {port}) or check "
+            "the address"
+        ) from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -924,6 +945,7 @@ def sweep(
         device_map=device_map,
         max_memory=max_memory,
     )
+    check_cluster(cluster)
     identities = {m: model_identity(m) for m in models}
     units = plan(models, identities, source, spec, shard_size)
     store = SweepDir(out)
@@ -1197,6 +1219,7 @@ def dry_run(
     done when ``out`` holds them), and the time and memory of each from a short calibration of every model (one
     batch, on a worker when ``workers`` / ``cluster`` are given, else here), scaled to the sweep."""
     models, source, spec = _setup(models, prompts, dataset, n_prompts, seed, **params)
+    check_cluster(cluster)
     identities = {m: model_identity(m) for m in models}
     units = plan(models, identities, source, spec, shard_size)
     executor = _executor(spec, source, models, workers, cluster, gpus_per_worker, threads_per_worker)

@@ -170,6 +170,32 @@ def test_second_driver_on_a_directory_gets_one_line_and_exit_2(checkpoint_dir, t
     assert not (tmp_path / "sweep" / "units").exists()
 
 
+def test_bad_sweep_arguments_and_an_address_nothing_answers_at_give_one_line_and_exit_2(
+    checkpoint_dir, tmp_path, capsys
+):
+    """Malformed worker counts, shares and addresses are refused by the argument types; a well-formed address where
+    no Ray head listens is refused before the sweep directory is touched (``ray.init`` would retry for minutes)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(TEXTS))
+    base = ["census", "--models", str(checkpoint_dir / "gpt2"), "--prompts", str(prompts), "--out", str(tmp_path / "s")]
+    for extra, expect in [
+        (["--workers", "0"], "--workers: must be a positive integer, got 0"),
+        (["--threads-per-worker", "-1"], "--threads-per-worker: must be a positive integer"),
+        (["--gpus-per-worker", "0"], "--gpus-per-worker: must be a positive number"),
+        (["--gpus-per-worker", "inf"], "--gpus-per-worker: must be a finite number"),
+        (["--shard-size", "0"], "--shard-size: must be a positive integer"),
+        (["--cluster", "nonsense"], "--cluster: must be auto or HOST:PORT"),
+        (["--cluster", "10.0.0.5:70000"], "--cluster: must be a port number (1-65535), got 70000"),
+        (["--cluster", f"127.0.0.1:{_free_port()}"], "no Ray cluster answers at 127.0.0.1:"),
+    ]:
+        t = time.perf_counter()
+        rc = main(base + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and expect in err[0], (extra, err)
+        assert time.perf_counter() - t < 30, extra
+        assert not (tmp_path / "s").exists(), extra
+
+
 def test_dry_run_prints_the_units_and_estimates_without_computing(checkpoint_dir, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(TEXTS))

@@ -25,9 +25,10 @@ sweep. Variants, each sweep into a fresh directory:
   ``--budget-s`` are left).
 
 Per unit, from each sweep's log (the driver's write times): ``steady_per_unit_s`` is the time from the first unit
-written to the last over the units in between (no start-up, no model load, no final merge), ``overhead_ms`` the
-median over those units of (time since the previous unit was written - the unit's compute seconds inside its
-worker): the driver's and Ray's cost per unit (scheduling, moving the reduced state back, writing the unit files).
+written to the last over the units in between (no start-up, no model load, no final merge); ``overhead_ms`` (in
+this process or one actor: units one after another) the median over those units of (time since the previous unit
+was written - the unit's compute seconds inside its worker): the driver's and Ray's cost per unit (scheduling,
+moving the reduced state back, writing the unit files).
 Writes one JSON object to ``--out`` (and prints it): those figures per variant, medians over the repeats, the
 ratios Ray warm / in-process, Ray's start-up (``ray.init``, cold - warm), and the largest difference between the
 in-process census and the Ray ones (same GPU, same kernels: expected 0).
@@ -68,8 +69,9 @@ def random_prompts(n: int, seq_len: int, seed: int):
     return PromptSet(name=f"random(n={n},len={seq_len})", token_ids=ids.tolist(), seed=seed)
 
 
-def per_unit(result) -> dict:
-    """Steady per-unit wall time and the per-unit overhead, from the sweep's log (one line per unit written)."""
+def per_unit(result, sequential: bool = True) -> dict:
+    """Steady per-unit wall time and (units one after another: in-process, one actor) the per-unit overhead, from
+    the sweep's log (one line per unit written)."""
     from attnlab.sweep import SweepDir
 
     log = sorted(SweepDir(result.directory).log(), key=lambda e: e["written"])
@@ -80,7 +82,7 @@ def per_unit(result) -> dict:
         "units": n,
         "steady_per_unit_s": round((log[-1]["written"] - log[0]["written"]) / max(1, n - 1), 4),
         "unit_compute_s": round(statistics.median(e["seconds"] or 0.0 for e in log[1:] or log), 4),
-        "overhead_ms": round(1e3 * statistics.median(overheads), 2) if overheads else None,
+        "overhead_ms": round(1e3 * statistics.median(overheads), 2) if overheads and sequential else None,
     }
 
 
@@ -187,7 +189,7 @@ def main() -> int:
         r = sweep([model], prompts, out=tmp / f"{n_sweep:02d}-{label}", **kw)
         wall = time.perf_counter() - t
         print(f"{label}: {wall:.2f} s ({time.perf_counter() - t_start:.0f} s in)", file=sys.stderr, flush=True)
-        return r, {"wall_s": round(wall, 3), **per_unit(r)}
+        return r, {"wall_s": round(wall, 3), **per_unit(r, sequential=kw.get("workers", 1) == 1)}
 
     # CUDA context, kernels and the first-call costs, in this process (not timed)
     warm_prompts = type(prompts)(name="warm-up", token_ids=prompts.token_ids[: 2 * args.batch_size], seed=0)
@@ -199,7 +201,7 @@ def main() -> int:
         num_gpus=torch.cuda.device_count() if cuda else 0,
         include_dashboard=False,
         log_to_driver=False,
-        logging_level=logging.WARNING,
+        logging_level=logging.ERROR,
     )
     out["ray_init_s"] = round(time.perf_counter() - t, 2)
     try:
@@ -217,7 +219,7 @@ def main() -> int:
             run("ray_warm_2_start", workers=2, **ray_kw)  # the second actor starts and loads the model
             results["ray_warm_2"], out["ray_warm_2"] = run("ray_warm_2", workers=2, **ray_kw)
         for k, figs in runs.items():
-            out[k] = {f: statistics.median(x[f] for x in figs) for f in figs[0] if figs[0][f] is not None}
+            out[k] = {f: round(statistics.median(x[f] for x in figs), 4) for f in figs[0] if figs[0][f] is not None}
             out[k]["repeats"] = figs
         ip, rw = out["in_process"], out["ray_warm"]
         out["ray_warm_over_in_process_per_unit"] = round(rw["steady_per_unit_s"] / ip["steady_per_unit_s"], 3)

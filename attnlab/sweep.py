@@ -9,8 +9,9 @@ A sweep is a set of *units*, each ``model x prompt range x statistic group``:
   returns only the probes' reduced state (``Probe.partial()``: per-prompt sums and counts, maxima, tallies),
   never attention patterns.
 - one ``model`` unit per model, over the whole prompt set: the facts the merge needs (token-id fingerprint,
-  lengths, which statistics these prompts cannot give and why) and the statistics that do not merge exactly
-  (retrieval on NIAH prompts, the vision statistics), run as one capture pass.
+  lengths, which statistics these prompts cannot give and why) and the statistics without partials (retrieval on
+  NIAH prompts and the vision statistics, which do not merge exactly; the extreme-token group, whose partials are
+  not written yet), run as one capture pass.
 - one ``causal`` unit per model: the exact all-heads ablation on the first ``causal_prompts`` prompts (and
   attribution patching beside it).
 

@@ -432,6 +432,8 @@ def cmd_census(args) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else None
     device_map = _device_map(args.device_map)
     if args.models or args.workers is not None or args.cluster or args.dry_run:
+        if params:  # the sweep's units and keys do not carry probe parameters yet: refuse rather than ignore them
+            raise AttnlabError("--param applies to one model's census (--model, without sweep flags) for now")
         return _census_sweep(args, prompts, device_map)
     for flag in ("shard_size", "gpus_per_worker", "threads_per_worker"):
         if getattr(args, flag) is not None:

@@ -187,6 +187,7 @@ def test_bad_sweep_arguments_and_an_address_nothing_answers_at_give_one_line_and
         (["--cluster", "nonsense"], "--cluster: must be auto or HOST:PORT"),
         (["--cluster", "10.0.0.5:70000"], "--cluster: must be a port number (1-65535), got 70000"),
         (["--cluster", f"127.0.0.1:{_free_port()}"], "no Ray cluster answers at 127.0.0.1:"),
+        (["--param", "massive_activations.ratio_threshold=10"], "--param applies to one model's census"),
     ]:
         t = time.perf_counter()
         rc = main(base + extra)

@@ -48,8 +48,11 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Each run directory is made afresh (`attnlab scan` refuses to add to an existing run without --append).
+RUN_DIRS := minilm-prose organism-lm-prose organism-lm-niah organism-lm-arithmetic organism-vlm-shapes
 run: setup
 	$(BIN)/attnlab models
+	rm -rf $(addprefix $(RUNS)/,$(RUN_DIRS))
 	$(BIN)/attnlab scan --model minilm --probes sinks,induction --dataset prose --n-prompts 16 --out $(RUNS)/minilm-prose --quiet
 	@if $(BIN)/python -c "from attnlab.models import bundled_path; import sys; sys.exit(bundled_path('organism-lm') is None)"; then \
 	  $(BIN)/attnlab scan --model organism-lm --probes sinks,induction --dataset prose --n-prompts 16 --out $(RUNS)/organism-lm-prose --quiet && \

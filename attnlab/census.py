@@ -38,9 +38,11 @@ import pandas as pd
 
 from attnlab.datasets.base import PromptSet, fingerprint
 from attnlab.errors import AttnlabError
+from attnlab.heads.inputs import save_inputs
 from attnlab.heads.io import read_json, write_json
 from attnlab.heads.results import HeadScores, TokenScores
-from attnlab.heads.runs import Run
+from attnlab.heads.runs import Run, check_target
+from attnlab.probes.availability import ALL_UNDEFINED, unavailable
 from attnlab.probes.base import ProbeContext
 
 CENSUS_JSON = "census.json"
@@ -215,27 +217,6 @@ def probe_names(statistics: str | Sequence[str]) -> tuple[list[str], bool]:
     return names, causal
 
 
-def unavailable(name: str, model, prompts: PromptSet, ids: list[list[int]]) -> str | None:
-    """Why probe ``name`` cannot score this model on these prompts (None when it can)."""
-    if name == "razor_echo_induction":
-        from attnlab.probes.razor_echo import find_period
-
-        if not any(find_period(x) for x in ids):
-            return "needs prompts made of a repeated block (--dataset repeated-random)"
-    if name in VISION_PROBES:
-        if model.modality != "vision-language":
-            return "text model: no image tokens"
-        if prompts.images is None:
-            return "no image prompts (use a shapes dataset or prompts with images)"
-    if name == "retrieval_heads":
-        need = ("prompt_len", "answer_ids", "answer", "needle_span")
-        if not prompts.meta or not all(isinstance(m, dict) and all(k in m for k in need) for m in prompts.meta):
-            return "needs NIAH prompts with needles and answers (--dataset niah)"
-        if not model.causal:
-            return "bidirectional encoder: no next-token retrieval"
-    return None
-
-
 def census(
     model,
     prompts: Sequence[str] | PromptSet,
@@ -312,6 +293,9 @@ def census(
     batches = prompt_batches(model, prompts, batch_size, truncate)
     ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
     ctx = ProbeContext(model=model, dataset=fingerprint(ids), n_prompts=len(ids), meta=list(prompts.meta))
+    dataset = {"name": prompts.name, "fingerprint": ctx.dataset, "n_prompts": len(ids), "seed": prompts.seed}
+    if out is not None:
+        check_target(out, model.summary(), dataset, append=False)  # never mix a census into another run
     capture = Capture(model, attention=attention, chunk_size=chunk_size, progress=progress)
     not_scored: dict[str, str] = {}
     attached = []
@@ -357,6 +341,7 @@ def census(
         add_causal(result, model, prompts, ids, causal_prompts, ablation_mode, attribution, progress)
     info["seconds_total"] = round(time.perf_counter() - t0, 3)
     if out is not None:
+        info["inputs"] = save_inputs(out, prompts, ids)  # the census keeps its inputs, as a scan does
         result.save(out)
     return result
 
@@ -396,7 +381,7 @@ def collect(result: Census, not_scored: dict[str, str], results: list[list]) -> 
         for r in probe_results:
             if isinstance(r, HeadScores):
                 if not np.isfinite(np.asarray(r.scores, float)).any():
-                    result.not_scored[r.name] = "no head could be scored on these prompts (every value undefined)"
+                    result.not_scored[r.name] = ALL_UNDEFINED
                 else:
                     result.scores[r.name] = r
             else:

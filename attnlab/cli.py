@@ -93,14 +93,23 @@ class UsageError(SystemExit):
     exit code 2 returned by ``main``."""
 
 
-def _print_top(results, k: int) -> None:
+def _print_top(results, k: int, not_scored: dict[str, str] | None = None) -> None:
+    """A line per head-score result: its top-k heads (strongest first, as its ``higher_is`` says), or
+    ``not scored: REASON`` when it holds no value."""
     from attnlab.heads.results import HeadScores
+    from attnlab.probes.availability import not_scored_reason
 
+    not_scored = not_scored or {}
     for name, r in results.items():
         if isinstance(r, HeadScores):
+            reason = not_scored.get(name) or not_scored_reason(r)
+            if reason:
+                print(f"  {name:<22} not scored: {reason}")
+                continue
             top = r.top(k)
             heads = ", ".join(f"{row.label} {row.score:.3f}" for row in top.itertuples())
-            print(f"  {name:<22} {heads}")
+            order = " (lowest first)" if r.higher_is == "less" else ""
+            print(f"  {name:<22} {heads}{order}")
 
 
 def write_figures(results, directory: Path) -> list[Path]:
@@ -149,7 +158,7 @@ def check_scan_fits(model, dataset: str, n_prompts: int, seed: int) -> None:
 
 def cmd_scan(args) -> int:
     import attnlab
-    from attnlab.datasets import DATASETS
+    from attnlab.datasets import DATASETS, PromptSet
     from attnlab.probes.registry import expand
 
     if args.resume and args.probes is None:
@@ -169,6 +178,10 @@ def cmd_scan(args) -> int:
         raise AttnlabError(f"unknown dataset {args.dataset!r}; available: {', '.join(DATASETS)}")
     prompts = read_prompts(args.prompts) if args.prompts else None
     needles = prompts is not None and all(isinstance(p, dict) for p in prompts)
+    if not (args.append or args.resume):
+        from attnlab.heads.runs import check_target
+
+        check_target(args.out, None, None, append=False)  # an existing run is refused before loading anything
     model = attnlab.load(args.model, device=args.device, dtype=args.dtype)
     if args.dataset:
         check_scan_fits(model, args.dataset, args.n_prompts, args.seed)
@@ -177,6 +190,8 @@ def cmd_scan(args) -> int:
         from attnlab.datasets.niah_set import needle_prompt_set
 
         prompts = needle_prompt_set(model, prompts, name=Path(args.prompts).stem)
+    else:  # the run keeps these texts under the file's name
+        prompts = PromptSet(name=Path(args.prompts).name, texts=prompts)
     print(
         f"scanning {model.name} ({model.architecture}, {model.n_layers} layers x {model.n_heads} heads, "
         f"{model.n_kv_heads} KV) on {len(prompts)} prompts: {', '.join(probe_names)}"
@@ -193,9 +208,10 @@ def cmd_scan(args) -> int:
         progress=not args.quiet,
         resume=args.resume,
         params=params,
+        append=args.append,
     )
     print(f"top {args.top} heads per probe:")
-    _print_top(result.results, args.top)
+    _print_top(result.results, args.top, result.not_scored)
     figs = write_figures(result.results, Path(args.out) / "figures")
     if getattr(prompts, "images", None) is not None:  # VLM prompts: top heads' attention drawn on the first image
         from attnlab.probes.image_centric_heads import write_image_overlays
@@ -276,15 +292,20 @@ def cmd_show(args) -> int:
     if run.rebuilt:
         print(f"  note: {run.directory.name}/run.json disagreed with the result files; listed from the files")
     if args.result:
+        from attnlab.probes.availability import not_scored_reason
+
         r = run[args.result]
-        print(r.top(args.top).to_string(index=False))
+        reason = info.get("not_scored", {}).get(args.result) or (
+            not_scored_reason(r) if r.kind == "head_scores" else None
+        )
+        print(f"{args.result}: not scored: {reason}" if reason else r.top(args.top).to_string(index=False))
         return 0
     for name, meta in run.results.items():
         print(f"  {name:<26} {meta['kind']:<12} {meta.get('description', '')}")
     results = {n: run[n] for n in run.names("head_scores")}
     if results:
         print(f"top {args.top} heads per probe:")
-        _print_top(results, args.top)
+        _print_top(results, args.top, info.get("not_scored"))
     return 0
 
 
@@ -641,7 +662,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n-prompts", type=positive_int, default=16, help="prompts to generate with --dataset (default 16)")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--out", required=True, type=out_dir, help="run directory to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=out_dir,
+        help="run directory to write; it keeps the prompts (texts, token ids, images) beside the results",
+    )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add these results to the run already in --out (same model, same prompts); without it an existing "
+        "run is refused",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=positive_int, default=8)

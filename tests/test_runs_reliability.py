@@ -169,7 +169,9 @@ def killed_runs(tmp_path_factory, checkpoint_dir, loaded):
     )
     try:
         _wait_for(lambda: _probe_done(root / "shared"), 240, "scan A's first probe")
-        attnlab.scan(in_process, "duplicate_token", SHORT_SENTENCES[:2], out=root / "shared", progress=False)
+        attnlab.scan(
+            in_process, "duplicate_token", SHORT_SENTENCES[:2], out=root / "shared", progress=False, append=True
+        )
         _wait_for(lambda: _probe_done(root / "killed"), 240, "the first probe of the scan to kill")
         killed.send_signal(signal.SIGKILL)
         _wait_for(lambda: (root / "iv" / "intervention" / "intervention.json").exists(), 240, "the intervention")

@@ -30,17 +30,33 @@ def dataset_key(info: dict) -> str:
     return str(info.get("dataset", {}).get("name", "")).split("(")[0]
 
 
-def metrics_for(info: dict) -> list[str]:
-    """The metrics a run offers: log-prob for runs whose prompts can be regenerated, NIAH accuracy for NIAH runs."""
-    return [] if unavailable_reason(info) else ["logprob", "niah"] if dataset_key(info) == "niah" else ["logprob"]
+def metrics_for(info: dict, inputs=None) -> list[str]:
+    """The metrics a run offers: log-prob for runs whose prompts it kept (or can regenerate), NIAH accuracy for
+    NIAH runs."""
+    if unavailable_reason(info, inputs):
+        return []
+    return ["logprob", "niah"] if dataset_key(info) == "niah" else ["logprob"]
 
 
-def unavailable_reason(info: dict) -> str:
-    """Why ablation scoring cannot run on this run ("" when it can): its prompts must be regenerable."""
+def unavailable_reason(info: dict, inputs=None) -> str:
+    """Why ablation scoring cannot run on this run ("" when it can): it needs the run's prompts, kept in the run
+    (``inputs``, ``Run.inputs()``) or regenerable from its dataset record; on a vision-language run, image
+    questions with their answers."""
     from attnlab.datasets import DATASETS
 
     key, name = dataset_key(info), str(info.get("dataset", {}).get("name", ""))[:60]
     vision = info.get("model", {}).get("modality") == "vision-language"
+    if inputs is not None:
+        if not vision:
+            return "" if any(len(x) >= 2 for x in inputs.token_ids) else "the run's prompts are one token long"
+        answered = inputs.has_images and len(inputs.meta) == len(inputs) and all(
+            isinstance(m, dict) and "answer" in m for m in inputs.meta
+        )
+        return (
+            ""
+            if answered
+            else "ablation scoring on a vision-language run needs image questions with answers (a shapes dataset)"
+        )
     if key not in DATASETS:
         what = "its prompts and images" if vision else "its prompts"
         return (
@@ -82,8 +98,9 @@ class TailLogProb:
         return torch.stack(out)
 
 
-def run_prompts(model, info: dict) -> tuple[list[tuple[list[int], int]], list | None]:
-    """The run's prompts as ``(token ids, answer start)`` pairs (regenerated, fingerprint checked), and its images.
+def run_prompts(model, info: dict, inputs=None) -> tuple[list[tuple[list[int], int]], list | None]:
+    """The run's prompts as ``(token ids, answer start)`` pairs, and its images: read from the run's kept
+    ``inputs``, else regenerated from its dataset record and fingerprint-checked.
 
     Text runs: the answer is the appended reference (``meta["prompt_len"]``) or the last token. Vision-language
     runs: each prompt's ids as the processor expands them with its image, plus the tokens of ``meta["answer"]``;
@@ -95,9 +112,11 @@ def run_prompts(model, info: dict) -> tuple[list[tuple[list[int], int]], list | 
     from attnlab.probes.scan import prompt_token_ids
 
     ds = info.get("dataset", {})
-    why = unavailable_reason(info)
+    why = unavailable_reason(info, inputs)
     if why:
         raise AttnlabError(why)
+    if inputs is not None:
+        return _kept_prompts(model, inputs)
     n_prompts = check_regenerable(int(ds.get("n_prompts", 1)))
     prompts = DATASETS[dataset_key(info)](model, n_prompts, int(ds.get("seed", 0) or 0))
     images = list(prompts.images) if prompts.images is not None else None
@@ -117,6 +136,19 @@ def run_prompts(model, info: dict) -> tuple[list[tuple[list[int], int]], list | 
     ], None
 
 
+def _answer_start(ids: list[int], meta) -> int:
+    return int(meta.get("prompt_len", len(ids) - 1)) if isinstance(meta, dict) else len(ids) - 1
+
+
+def _kept_prompts(model, inputs) -> tuple[list[tuple[list[int], int]], list | None]:
+    """``run_prompts`` from a run's kept inputs: the token ids the scan saw (one-token prompts left out)."""
+    meta = inputs.meta if len(inputs.meta) == len(inputs) else [{}] * len(inputs)
+    if inputs.has_images:
+        answers = [list(model.tokenizer(" " + str(m["answer"]), add_special_tokens=False)["input_ids"]) for m in meta]
+        return [(list(x) + a, len(x)) for x, a in zip(inputs.token_ids, answers)], inputs.images()
+    return [(list(x), _answer_start(x, m)) for x, m in zip(inputs.token_ids, meta) if len(x) >= 2], None
+
+
 def selected_scores(model, heads: Sequence[tuple[int, int]]):
     """A ``HeadScores`` whose only scored heads are ``heads`` (so its top-k is that set, for ``causal_test``)."""
     from attnlab.heads.results import HeadScores
@@ -129,11 +161,11 @@ def selected_scores(model, heads: Sequence[tuple[int, int]]):
     return HeadScores(scores=grid, name="selected heads", probe="app", model=model.name, n_kv_heads=model.n_kv_heads)
 
 
-def evaluator(model, info: dict, metric: str):
+def evaluator(model, info: dict, metric: str, inputs=None):
     from attnlab.probes.causal_test import ablation_evaluator, niah_evaluator
 
     if metric == "logprob":
-        pairs, images = run_prompts(model, info)
+        pairs, images = run_prompts(model, info, inputs)
         return ablation_evaluator(model, pairs, TailLogProb(), images=images, mode="zero")
     if metric == "niah":
         if dataset_key(info) != "niah":
@@ -154,10 +186,12 @@ def run_ablation(
     metric: str = "logprob",
     n_seeds: Any = 3,
     seed: int = 0,
+    inputs=None,
 ):
     """Causal test of a head set on the run's model -> the ``causal_test`` table (``attrs`` hold the metric).
 
     ``source="selected"``: the selected head (k = 1); ``source="top"``: the top-k heads of ``scores``.
+    ``inputs``: the run's kept inputs (``Run.inputs()``), read instead of regenerating its prompts.
     """
     from attnlab.probes.causal_test import causal_test
 
@@ -167,14 +201,16 @@ def run_ablation(
         raise AttnlabError("k and seeds must be whole numbers") from None
     if not 1 <= n_seeds <= MAX_SEEDS:
         raise AttnlabError(f"seeds must be between 1 and {MAX_SEEDS}")
-    if unavailable_reason(info):
-        raise AttnlabError(unavailable_reason(info))
-    if metric not in metrics_for(info):
+    if unavailable_reason(info, inputs):
+        raise AttnlabError(unavailable_reason(info, inputs))
+    if metric not in metrics_for(info, inputs):
         raise AttnlabError(
             f"metric {str(metric)[:40]!r} is not available for this run "
-            f"(available: {', '.join(metrics_for(info)) or 'none'})"
+            f"(available: {', '.join(metrics_for(info, inputs)) or 'none'})"
         )
-    with live.exclusive(info["model"]["name"]) as model:
+    from attnlab.apps.run_inputs import model_to_load
+
+    with live.exclusive(model_to_load(info)) as model:
         if source == "selected":
             if not selected:
                 raise AttnlabError("select a head on the head map first")
@@ -192,7 +228,7 @@ def run_ablation(
             result = scores
         else:
             raise AttnlabError(f"unknown head source {str(source)[:40]!r}")
-        table = causal_test(result, k, evaluator(model, info, metric), n_seeds=n_seeds, seed=seed)
+        table = causal_test(result, k, evaluator(model, info, metric, inputs), n_seeds=n_seeds, seed=seed)
     table.attrs["metric"] = METRICS[metric]
     table.attrs["model"] = info["model"]["name"]
     return table

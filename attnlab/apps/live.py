@@ -44,6 +44,17 @@ class PatternData:
     model: str
 
 
+@dataclass(frozen=True)
+class RunPrompt:
+    """One of a run's own prompts as the model saw it: the token ids, and for a vision-language prompt the text
+    and image that the processor turns into those ids (the image must be fed again for the same attention)."""
+
+    ids: tuple[int, ...]
+    text: str | None = None
+    image: Any = None
+    index: int = 0
+
+
 @dataclass
 class _Prompt:
     tokens: list[str]
@@ -129,10 +140,12 @@ class LiveModels:
         while len(cache) > limit:
             cache.popitem(last=False)
 
-    def run_prompt_ids(self, info: dict, index: int) -> list[int]:
-        """Token ids of prompt ``index`` of a run, regenerated from its dataset record (builder name, n_prompts,
-        seed) and checked against the run's dataset fingerprint, so the page never shows other inputs than the
-        scan ran on."""
+    def run_prompt_ids(self, info: dict, index: int, model_name: str | None = None) -> list[int]:
+        """Token ids of prompt ``index`` of a run written before runs kept their inputs, regenerated from its
+        dataset record (builder name, n_prompts, seed) and checked against the run's dataset fingerprint, so the
+        page never shows other inputs than the scan ran on. (Runs that keep their inputs are read instead:
+        ``attnlab.apps.run_inputs.run_prompt``.) ``model_name``: what to load the run's model by (default the
+        name it recorded)."""
         from attnlab.datasets import DATASETS, fingerprint
         from attnlab.probes.scan import prompt_token_ids
 
@@ -140,15 +153,15 @@ class LiveModels:
         key = str(ds.get("name", "")).split("(")[0]
         if key not in DATASETS:
             raise AttnlabError(f"this run's prompts ({ds.get('name')!r}) cannot be regenerated; type a prompt instead")
-        cache_key = (info["model"]["name"], str(ds.get("fingerprint")))
+        model_name = model_name or info["model"]["name"]
+        cache_key = (model_name, str(ds.get("fingerprint")))
         n_prompts = int(ds.get("n_prompts", 1) or 1)
         if not 0 <= index < n_prompts:
             raise AttnlabError(f"the run has {n_prompts} prompts; there is no prompt {index}")
         if cache_key not in self._run_ids:
             check_regenerable(n_prompts, self.max_run_prompts)
-        if cache_key not in self._run_ids:
             with self._acquire():
-                model = self.model(info["model"]["name"])
+                model = self.model(model_name)
                 prompts = DATASETS[key](model, n_prompts, int(ds.get("seed", 0) or 0))
                 ids = prompt_token_ids(model, prompts, truncate=True)
             if fingerprint(ids) != ds.get("fingerprint"):
@@ -187,9 +200,12 @@ class LiveModels:
 
         return held()
 
-    def pattern(self, model_name: str, prompt: str | list[int], layer: int, head: int) -> PatternData:
-        """Attention weights of head (layer, head) on ``prompt`` (text, or token ids as a run used them): one
-        forward pass per new prompt, then cached."""
+    def pattern(self, model_name: str, prompt: str | list[int] | RunPrompt, layer: int, head: int) -> PatternData:
+        """Attention weights of head (layer, head) on ``prompt`` (text, token ids as a run used them, or a
+        ``RunPrompt`` with its image): one forward pass per new prompt, then cached."""
+        image = None
+        if isinstance(prompt, RunPrompt):
+            image, text, prompt = prompt.image, prompt.text, list(prompt.ids)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise AttnlabError("the prompt is empty")
@@ -210,21 +226,29 @@ class LiveModels:
             )
             if len(ids) > self.max_tokens:
                 raise AttnlabError(f"the prompt has {len(ids)} tokens; the limit is {self.max_tokens}")
-            key = (model_name, hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest())
+            digest = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes())
+            batch = None
+            if image is not None:
+                batch = _image_batch(model, text, image, ids)
+                from attnlab.heads.inputs import image_digest
+
+                digest.update(image_digest(image).encode())
+            key = (model_name, digest.hexdigest())
             if key not in self._prompts:
-                self._remember(self._prompts, key, self._run(model, ids), self.max_prompts)
+                self._remember(self._prompts, key, self._run(model, ids, batch), self.max_prompts)
             self._prompts.move_to_end(key)
             cached = self._prompts[key]
             weights = _head_weights(model, cached, layer, head)
         return PatternData(weights=weights, tokens=cached.tokens, layer=layer, head=head, model=model_name)
 
-    def _run(self, model, ids: list[int]) -> _Prompt:
-        """One forward pass keeping every layer's rotated q and k (batch of one, no padding)."""
+    def _run(self, model, ids: list[int], batch=None) -> _Prompt:
+        """One forward pass keeping every layer's rotated q and k (batch of one, no padding; ``batch`` carries the
+        pixel values of an image prompt)."""
         import torch
 
         from attnlab.capture import Capture
 
-        batch = model.batch_from_ids([ids], [0])
+        batch = batch if batch is not None else model.batch_from_ids([ids], [0])
         q: dict[int, Any] = {}
         k: dict[int, Any] = {}
         cap = Capture(model, attention="auto", fused_min_len=self.fused_min_len, progress=False)
@@ -236,6 +260,19 @@ class LiveModels:
         if len(q) != model.n_layers or len(k) != model.n_layers:
             raise AttnlabError(f"could not capture queries and keys of every layer of {model.name}")
         return _Prompt(tokens=model.tokens_as_text(ids), q=q, k=k)
+
+
+def _image_batch(model, text: str | None, image, ids: list[int]):
+    """The batch of an image prompt (text + image through the processor), checked to give the run's token ids."""
+    if model.processor is None:
+        raise AttnlabError(f"{model.name} takes no images, but this prompt has one")
+    if not text:
+        raise AttnlabError("an image prompt needs its text")
+    batch = model.encode([text], images=[image])
+    got = batch.input_ids[0, batch.real_slice(0)].tolist()
+    if got != list(ids):
+        raise AttnlabError("the prompt's text and image give other tokens than the run recorded")
+    return batch
 
 
 def _head_weights(model, cached: _Prompt, layer: int, head: int) -> np.ndarray:

@@ -79,8 +79,13 @@ def decode_upload(contents, *, max_bytes: int = MAX_UPLOAD_BYTES):
         raise AttnlabError("the upload could not be read as an image (PNG, JPEG, ...)") from None
 
 
-def head_image_grid(live, info: dict, selected: dict | None, choice, upload=None, question: str | None = None):
-    """-> (image, grid, layer, head) for the selected head: the run's image ``choice`` (index) or the upload."""
+def head_image_grid(
+    live, info: dict, selected: dict | None, choice, upload=None, question: str | None = None, inputs=None
+):
+    """-> (image, grid, layer, head) for the selected head: the run's image ``choice`` (index) or the upload.
+
+    ``inputs``: the run's kept inputs (``Run.inputs()``): its texts and images are read from the run; without
+    them (runs written before runs kept their inputs) shape scenes are regenerated and fingerprint-checked."""
     if not selected:
         raise AttnlabError("select a head on the head map")
     if not is_vision_run(info):
@@ -94,17 +99,24 @@ def head_image_grid(live, info: dict, selected: dict | None, choice, upload=None
         raise AttnlabError("the question must contain <image> where the image goes")
     if len(text) > live.max_chars:
         raise AttnlabError(f"the question has {len(text)} characters; the limit is {live.max_chars}")
-    with live.exclusive(info["model"]["name"]) as model:
+    from attnlab.apps.run_inputs import model_to_load
+
+    with live.exclusive(model_to_load(info)) as model:
         if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
             raise AttnlabError(f"{model.name} has no head L{layer}H{head}")
         if image is None:
-            texts, images = run_image_prompts(model, info)
             try:
                 index = int(choice)
             except (TypeError, ValueError):
                 raise AttnlabError(f"unknown image choice {str(choice)[:40]!r}") from None
-            if not 0 <= index < len(images):
-                raise AttnlabError(f"the run has {len(images)} images; there is no image {index}")
-            text, image = texts[index], images[index]
+            if inputs is not None and inputs.has_images and inputs.texts is not None:
+                if not 0 <= index < len(inputs):
+                    raise AttnlabError(f"the run has {len(inputs)} images; there is no image {index}")
+                text, image = inputs.texts[index], inputs.image(index)
+            else:
+                texts, images = run_image_prompts(model, info)
+                if not 0 <= index < len(images):
+                    raise AttnlabError(f"the run has {len(images)} images; there is no image {index}")
+                text, image = texts[index], images[index]
         grid = image_attention_grid(model, text, image, layer=layer, head=head)
     return image, grid, layer, head

@@ -94,6 +94,11 @@ def write_text(path: str | Path, text: str) -> None:
     _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write raw bytes (e.g. a PNG), atomically."""
+    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
 def write_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     """Write named numpy arrays as safetensors, atomically."""
     contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}

@@ -143,6 +143,9 @@ def check_index(data: Any, path: Path) -> dict[str, Any]:
         raise _malformed(path, '"info.created" is not a string')
     if not isinstance(info.get("imported", {}), dict):
         raise _malformed(path, '"info.imported" is not an object')
+    not_scored = info.get("not_scored", {})
+    if not isinstance(not_scored, dict) or not all(isinstance(v, str) for v in not_scored.values()):
+        raise _malformed(path, '"info.not_scored" is not an object of reasons (strings)')
     for name, meta in results.items():
         if not RESULT_NAME.match(name) or name.endswith((".json", ".safetensors")):
             raise _malformed(path, f"result name {name[:80]!r} is not a plain name")
@@ -204,6 +207,47 @@ def reconciled(directory: Path, indexed: dict[str, dict[str, str]]) -> dict[str,
     return None if out == indexed else out  # files that are not results change nothing
 
 
+def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs' model records name the same model: the same checkpoint (resolved path) or the same name,
+    and the same layers x heads."""
+    shape = ("architecture", "n_layers", "n_heads", "n_kv_heads")
+    if any(a.get(k) != b.get(k) for k in shape if k in a and k in b):
+        return False
+    return bool((a.get("path") and a.get("path") == b.get("path")) or (a.get("name") and a.get("name") == b.get("name")))
+
+
+def check_target(
+    directory: str | Path, model: dict[str, Any] | None, dataset: dict[str, Any] | None, *, append: bool
+) -> None:
+    """Refuse to write results into a directory that holds a run they do not belong to.
+
+    A run is one model on one set of inputs: a run of another model is never added to; a run of the same model on
+    the same inputs (dataset fingerprint) only with ``append``; nothing is added to a run made on other inputs.
+    ``model`` / ``dataset`` None: not known yet (the CLI checks once before loading the model, then again).
+    """
+    d = Path(directory)
+    if not ((d / INDEX).exists() or (d / INDEX).is_symlink()):
+        return
+    old = Run.open(d)
+    old_model, old_ds = old.info.get("model", {}), old.info.get("dataset", {})
+    if model is not None and old_model and not same_model(old_model, model):
+        raise AttnlabError(
+            f"{d} holds a run of {old_model.get('name')!r} ({old_model.get('n_layers')} x {old_model.get('n_heads')} "
+            f"heads); its results would be mixed with {model.get('name')!r}'s: choose another --out"
+        )
+    if not append:
+        raise AttnlabError(
+            f"{d} already holds a run ({len(old.results)} results of {old_model.get('name')!r}); pass --append to add "
+            "these results to it, or choose another --out"
+        )
+    fp = old_ds.get("fingerprint")
+    if dataset is not None and fp and dataset.get("fingerprint") and fp != dataset["fingerprint"]:
+        raise AttnlabError(
+            f"{d} holds a run on other inputs ({old_ds.get('name')}, fingerprint {fp}; these are "
+            f"{dataset.get('name')}, {dataset['fingerprint']}); a run keeps one set of inputs: choose another --out"
+        )
+
+
 @dataclass
 class Run:
     """Results of one scan in a directory. ``run["first_token_sink"]`` loads a result by name.
@@ -236,6 +280,8 @@ class Run:
                 run.info["probes"] = [p for p in old.info.get("probes", []) if p.get("name") not in known] + list(
                     info.get("probes", [])
                 )
+                if old.info.get("not_scored"):  # earlier scans' reasons stay until their results are scored
+                    run.info.setdefault("not_scored", dict(old.info["not_scored"]))
             run.pending += [p for p in pending if p not in run.pending]
             run._write_index()
         return run
@@ -287,6 +333,15 @@ class Run:
             self.pending = [p for p in self.pending if p != probe]
             self._write_index()
 
+    def record_not_scored(self, scored: set[str] | list[str], reasons: dict[str, str]) -> None:
+        """Record why results hold no value (``info["not_scored"]``, under the directory's lock): the reasons of
+        results in ``scored`` are replaced by ``reasons``; earlier scans' reasons for other results stay."""
+        with locked(self.directory):
+            self._merge_from_disk()
+            old = {k: v for k, v in self.info.get("not_scored", {}).items() if k not in scored}
+            self.info["not_scored"] = {**old, **reasons}
+            self._write_index()
+
     def _merge_from_disk(self) -> None:
         """Take in what other writers indexed since we last read (call with the lock held)."""
         if not (self.directory / INDEX).exists():
@@ -299,6 +354,8 @@ class Run:
         self.info["probes"] = list(self.info.get("probes", [])) + [
             p for p in disk.info.get("probes", []) if p.get("name") not in known
         ]
+        if "not_scored" in disk.info:  # written only under the lock, so the file's reasons are the current ones
+            self.info["not_scored"] = dict(disk.info["not_scored"])
 
     def __getitem__(self, name: str) -> HeadScores | TokenScores:
         if not isinstance(name, str) or name not in self.results:
@@ -325,6 +382,13 @@ class Run:
 
     def __contains__(self, name: str) -> bool:
         return name in self.results
+
+    def inputs(self):
+        """The prompts (texts or token ids), images and metadata the run was made on (``RunInputs``), or None for a
+        run written before runs kept their inputs."""
+        from attnlab.heads.inputs import load_inputs
+
+        return load_inputs(self.directory)
 
     def names(self, kind: str | None = None) -> list[str]:
         return [n for n, r in self.results.items() if kind is None or r["kind"] == kind]

@@ -13,7 +13,9 @@ from attnlab.capture import Capture
 from attnlab.datasets.base import PromptSet, fingerprint
 from attnlab.errors import AttnlabError
 from attnlab.heads.results import HeadScores, TokenScores
-from attnlab.heads.runs import Run
+from attnlab.heads.inputs import save_inputs
+from attnlab.heads.runs import Run, check_target
+from attnlab.probes.availability import not_scored_reason, unavailable
 from attnlab.probes.base import Probe, ProbeContext
 from attnlab.probes.registry import build, expand, refused
 
@@ -25,6 +27,7 @@ class ScanResult:
     results: dict[str, HeadScores | TokenScores] = field(default_factory=dict)
     run: Run | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    not_scored: dict[str, str] = field(default_factory=dict)  # result name -> why it holds no value
 
     def __getitem__(self, name: str):
         return self.results[name]
@@ -34,23 +37,30 @@ class ScanResult:
 
 
 def _as_probes(probes, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[Probe]:
-    """Probe objects from names / groups / objects; named probes are built with their entry of ``params``."""
+    """Probe objects from names / groups / objects, each probe once; named probes are built with their entry of
+    ``params``. ``"induction"`` is a probe and a group (of previous_token, duplicate_token and induction), so a list
+    that names the group's members and then the group (as the CLI passes an expanded list) must not run the members
+    twice."""
     if isinstance(probes, (str, Probe)):
         probes = [probes]
     params = dict(params or {})
-    out: list[Probe] = []
+    out: dict[str, Probe] = {}
     named: set[str] = set()
     for p in probes:
         if isinstance(p, Probe):
-            out.append(p)
-        else:
-            names = expand(p)
-            named.update(names)
-            out.extend(build(name, params.get(name)) for name in names)
+            if p.name in out:
+                raise AttnlabError(f"two probes named {p.name!r}: their results would overwrite each other")
+            out[p.name] = p
+            continue
+        names = expand(p)
+        named.update(names)
+        for name in names:
+            if name not in out:
+                out[name] = build(name, params.get(name))
     stray = sorted(set(params) - named)
     if stray:
         raise AttnlabError(f"parameters given for {', '.join(stray)}, which this scan does not build by name")
-    return out
+    return list(out.values())
 
 
 def attach_all(probes: Sequence[Probe], capture, ctx: ProbeContext) -> None:
@@ -124,6 +134,7 @@ def scan(
     progress: bool = True,
     resume: bool = False,
     params: Mapping[str, Mapping[str, Any]] | None = None,
+    append: bool = False,
 ) -> ScanResult:
     """Run ``probes`` on ``prompts`` and return (and, with ``out``, save) their results.
 
@@ -136,13 +147,19 @@ def scan(
     out : directory to write the run to (results are saved one by one, atomically), or None
     attention : {"auto", "eager", "fused"}; see ``attnlab.capture``
     truncate : cut prompts longer than the model's context instead of failing
+    progress : show a progress bar with an ETA over the batches
     resume : finish the incomplete run in ``out``: only its pending probes run (of those given), on the same
         prompts (checked by fingerprint) and model; finished probes are not redone
     params : ``{probe name: {parameter: value}}`` for probes given by name, e.g.
         ``{"massive_activations": {"ratio_threshold": 10.0}}``; recorded in ``run.json`` and each result's params
+    append : add the results to the run already in ``out`` (same model and same inputs only); without it (or
+        ``resume``) an existing run in ``out`` is refused, and a run of another model is refused always
 
     With ``out``, the run is marked incomplete (its probes pending) before any compute and each probe is cleared
-    once its last result is saved, so an interrupted scan leaves a run that says it is incomplete.
+    once its last result is saved, so an interrupted scan leaves a run that says it is incomplete. The run keeps
+    its inputs (``attnlab.heads.inputs``): the texts or token ids, the exact token ids the model saw, the images by
+    content digest and the per-prompt metadata, so it can be re-opened, re-scored (``Run.inputs().prompt_set()``)
+    and shared without the file or generator that made them.
     """
     if not isinstance(prompts, PromptSet):
         prompts = PromptSet(name="prompts", texts=list(prompts))
@@ -152,34 +169,49 @@ def scan(
     batches = prompt_batches(model, prompts, batch_size, truncate)
     ids = [b.input_ids[i, b.real_slice(i)].tolist() for b in batches for i in range(b.size)]
     ctx = ProbeContext(model=model, dataset=fingerprint(ids), n_prompts=len(ids), meta=list(prompts.meta))
+    dataset = {"name": prompts.name, "fingerprint": ctx.dataset, "n_prompts": len(ids), "seed": prompts.seed}
     if resume:
         if out is None:
             raise AttnlabError("resume needs the run directory to finish (out)")
         probe_objs = _pending_probes(Run.open(out), probe_objs, model, ctx.dataset)
+    if out is not None:
+        check_target(out, model.summary(), dataset, append=append or resume)  # before any compute
     capture = Capture(model, attention=attention, chunk_size=chunk_size, progress=progress)
     attach_all(probe_objs, capture, ctx)  # probes refuse inputs and parameters they cannot use, before any compute
     info = {
         "model": model.summary(),
         "probes": [{"name": p.name, "params": p.params()} for p in probe_objs],
-        "dataset": {"name": prompts.name, "fingerprint": ctx.dataset, "n_prompts": len(ids), "seed": prompts.seed},
+        "dataset": dataset,
         "batch_size": batch_size,
     }
     result = ScanResult(info=info)
     if out is not None:
+        info["inputs"] = save_inputs(out, prompts, ids)
         result.run = Run.create(out, pending=[p.name for p in probe_objs], **info)
     capture.run(batches, total=len(batches), desc="scan")
     info["attention_path"] = capture.last_path
     if result.run is not None:
         result.run.info["attention_path"] = capture.last_path
+    done_names: set[str] = set()
     for p in probe_objs:
+        why = unavailable(p.name, model, prompts, ids)
         for r in p.results(ctx):
             result.results[r.name] = r
+            reason = not_scored_reason(r, why) if isinstance(r, HeadScores) else None
+            if reason is not None:
+                result.not_scored[r.name] = reason
             if result.run is not None:
                 result.run.add(r)
         if result.run is not None:
+            # why this probe's results hold no value, recorded under the run's lock (earlier scans' reasons for
+            # other results stay; a result scored now drops its old reason)
+            names = [n for n in result.results if n not in done_names]
+            result.run.record_not_scored(names, {n: result.not_scored[n] for n in names if n in result.not_scored})
+            done_names.update(names)
             result.run.done(p.name)
             if p is not probe_objs[-1]:
                 pause_for_tests()
+    info["not_scored"] = dict(result.not_scored)
     return result
 
 

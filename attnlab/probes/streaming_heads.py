@@ -130,7 +130,7 @@ class StreamingHeads(Probe):
             "full_kv_heads": {str(l): [int(k) for k in np.flatnonzero(full_kv[l])] for l in range(full_kv.shape[0])},
             "n_full_kv_heads": int(full_kv.sum()),
             "n_kv_heads_total": int(full_kv.size),
-            "top_query_heads": [
+            "most_distant_query_heads": [  # the most "full" (least streaming) heads; top() gives the most streaming
                 format_head(l, h)
                 for l, h in zip(*np.unravel_index(np.argsort(-np.nan_to_num(scores, nan=-1).ravel())[:5], scores.shape))
             ],
@@ -143,6 +143,7 @@ class StreamingHeads(Probe):
                 self.name,
                 scores,
                 description=f"attention mass outside sink {self.sink} + recent {self.recent} (low = streaming head)",
+                higher_is="less",  # the probe finds streaming heads: the least distant mass ranks first
                 extra={"full_kv_heads": full_kv.astype(np.float64)},
                 summary=summary,
             )

@@ -17,7 +17,8 @@ COLUMNS = ("condition", "k", "n_sets", "metric", "ci_low", "ci_high", "drop", "p
 def metric_options(run_name, state: AppState) -> tuple:
     """-> (metric options, value) for a run: NIAH accuracy only for NIAH runs."""
     try:
-        names = metrics_for(state.catalog.open(run_name).info)
+        run = state.catalog.open(run_name)
+        names = metrics_for(run.info, run.inputs())
     except Exception:
         names = []
     return [{"label": METRICS[n], "value": n} for n in names], (names[-1] if names else None)
@@ -41,15 +42,24 @@ def ablation_result(
     (``trigger`` = the run selector) only clears the view and names why the new run cannot be scored, if so."""
     if not n_clicks or trigger == ids.RUN_SELECT:
         try:
-            why = unavailable_reason(state.catalog.open(run_name).info) if run_name else ""
-        except Exception:
-            why = ""
+            run = state.catalog.open(run_name) if run_name else None
+            why = unavailable_reason(run.info, run.inputs()) if run is not None else ""
+        except Exception as e:
+            why = failure_message(e) if run_name else ""
         return empty_figure("pick heads and a metric, then press 'run ablation'" if not why else ""), None, why
     try:
-        info = state.catalog.open(run_name).info
+        run = state.catalog.open(run_name)
         scores = state.catalog.result(run_name, result_name, "head_scores") if source == "top" else None
         table = run_ablation(
-            state.live, info, source=source, selected=selected, scores=scores, k=k, metric=metric, n_seeds=n_seeds
+            state.live,
+            run.info,
+            source=source,
+            selected=selected,
+            scores=scores,
+            k=k,
+            metric=metric,
+            n_seeds=n_seeds,
+            inputs=run.inputs(),
         )
         return figures.ablation_bars(table), table_component(table), ""
     except Exception as e:

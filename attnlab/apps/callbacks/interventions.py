@@ -19,6 +19,7 @@ from attnlab.apps.interventions import (
     method_summary,
     run_comparison,
 )
+from attnlab.apps.run_inputs import model_to_load
 from attnlab.apps.state import AppState, empty_figure, failure_message
 
 _CELL = {"padding": "2px 10px", "borderBottom": "1px solid #eee", "textAlign": "left", "whiteSpace": "pre-wrap"}
@@ -39,7 +40,7 @@ def method_info(method, run_name, state: AppState) -> tuple:
     except Exception as e:
         return params, failure_message(e)
     try:
-        model_name = state.catalog.open(run_name).info["model"]["name"]
+        model_name = model_to_load(state.catalog.open(run_name).info)
         status = availability(state.live, model_name, method, params)
     except Exception as e:
         status = failure_message(e)
@@ -53,7 +54,7 @@ def fitted_info(name, run_name, state: AppState) -> str:
     except Exception as e:
         return failure_message(e)
     try:
-        model_name = state.catalog.open(run_name).info["model"]["name"]
+        model_name = model_to_load(state.catalog.open(run_name).info)
         status = availability(state.live, model_name, f"fitted:{name}", "", catalog=state.catalog)
     except Exception as e:
         status = failure_message(e)
@@ -94,7 +95,7 @@ def comparison(n_clicks, run_name, selected, method, params, prompt, answer, sta
         info = state.catalog.open(run_name).info
         head = (int(selected["layer"]), int(selected["head"])) if selected else None
         result = run_comparison(
-            state.live, info["model"]["name"], method, params, prompt, answer, head, catalog=state.catalog
+            state.live, model_to_load(info), method, params, prompt, answer, head, catalog=state.catalog
         )
         return (
             result.plot(max_size=state.max_pattern_size),

@@ -11,15 +11,17 @@ import re
 from dash import Input, Output, State
 
 from attnlab.apps import figures, ids
-from attnlab.apps.callbacks.runs import TYPED
+from attnlab.apps.live import RunPrompt
+from attnlab.apps.run_inputs import TYPED, model_to_load, run_prompt
 from attnlab.apps.state import AppState, empty_figure, failure_message
 from attnlab.errors import AttnlabError
 
 _ROW_LABEL = re.compile(r"^(\d{1,7})[:-]")
 
 
-def _prompt(run, choice, typed, state: AppState) -> str | list[int]:
-    """The typed text, or the token ids of one of the run's own prompts."""
+def _prompt(run, choice, typed, state: AppState) -> str | RunPrompt:
+    """The typed text, or one of the run's own prompts as the scan saw it (read from the run, never regenerated
+    where the run kept its inputs)."""
     if choice == TYPED or choice is None:
         if not typed or not str(typed).strip():
             raise AttnlabError("type a prompt in the box above, or pick one of the run's prompts")
@@ -28,7 +30,7 @@ def _prompt(run, choice, typed, state: AppState) -> str | list[int]:
         index = int(choice)
     except (TypeError, ValueError):
         raise AttnlabError(f"unknown prompt choice {str(choice)[:40]!r}") from None
-    return state.live.run_prompt_ids(run.info, index)
+    return run_prompt(state.live, run, index)
 
 
 def _window(start, size, n: int) -> tuple[int, int] | None:
@@ -52,7 +54,7 @@ def pattern_figure(
         run = state.catalog.open(run_name)
         layer, head = int(selected["layer"]), int(selected["head"])
         prompt = _prompt(run, choice, typed, state)
-        data = state.live.pattern(run.info["model"]["name"], prompt, layer, head)
+        data = state.live.pattern(model_to_load(run.info), prompt, layer, head)
         n = len(data.tokens)
         if mode == "row":
             q = n - 1 if query is None else int(query)

@@ -6,9 +6,10 @@ from dash import Input, Output
 
 from attnlab.apps import ids
 from attnlab.apps.catalog import _model_label
+from attnlab.apps.run_inputs import TYPED, prompt_options
+from attnlab.apps.run_inputs import n_prompts as n_prompts_of
 from attnlab.apps.state import AppState, failure_message, no_paths
 
-TYPED = "typed"
 MAX_PROMPT_OPTIONS = 500  # a run may claim any number of prompts: the dropdown lists this many at most
 MAX_OPTIONS = 1000  # results of one kind listed at most
 
@@ -32,11 +33,9 @@ def run_selected(run_name, state: AppState) -> tuple:
     ds = info.get("dataset", {})
     heads = run.names("head_scores")[:MAX_OPTIONS]
     toks = run.names("token_scores")[:MAX_OPTIONS]
-    n_prompts = int(ds.get("n_prompts", 0) or 0)
+    n_prompts = n_prompts_of(run)
     shown = min(n_prompts, MAX_PROMPT_OPTIONS)
-    prompts = [{"label": f"run prompt {i}", "value": str(i)} for i in range(shown)] + [
-        {"label": "typed prompt", "value": TYPED}
-    ]
+    prompts = prompt_options(run, MAX_PROMPT_OPTIONS)
     line = (
         f"{_model_label(model.get('name'))} ({model.get('architecture')}, {model.get('n_layers')} layers x "
         f"{model.get('n_heads')} heads), dataset {ds.get('name')}, created {info.get('created')}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dash import Input, Output, State
 
 from attnlab.apps import figures, ids
+from attnlab.apps.run_inputs import n_prompts
 from attnlab.apps.state import AppState, empty_figure, failure_message
 from attnlab.apps.vision import head_image_grid, is_vision_run
 
@@ -16,12 +17,16 @@ _SECTION = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "10px"
 def vision_visibility(run_name, state: AppState) -> tuple:
     """-> (view style, image options, image value): the view is shown for vision-language runs only."""
     try:
-        info = state.catalog.open(run_name).info
+        run = state.catalog.open(run_name)
+        info = run.info
     except Exception:
-        info = {}
+        run, info = None, {}
     if not is_vision_run(info):
         return {**_SECTION, "display": "none"}, [], None
-    n = int(info.get("dataset", {}).get("n_prompts", 0) or 0)
+    try:
+        n = n_prompts(run)
+    except Exception:
+        n = 0
     options = [{"label": f"run image {i}", "value": str(i)} for i in range(n)] + [
         {"label": "uploaded image", "value": UPLOAD}
     ]
@@ -31,13 +36,14 @@ def vision_visibility(run_name, state: AppState) -> tuple:
 def vision_figure(run_name, selected, choice, upload, question, state: AppState) -> tuple:
     """-> (figure, status). Text runs get an empty figure and no message (the view is hidden)."""
     try:
-        info = state.catalog.open(run_name).info
+        run = state.catalog.open(run_name)
+        info = run.info
         if not is_vision_run(info):
             return empty_figure(), ""
         if choice == UPLOAD and not upload:
             return empty_figure("upload an image"), ""
         image, grid, layer, head = head_image_grid(
-            state.live, info, selected, choice, upload, question if choice == UPLOAD else None
+            state.live, info, selected, choice, upload, question if choice == UPLOAD else None, inputs=run.inputs()
         )
         return figures.image_attention_overlay(image, grid, layer=layer, head=head), ""
     except Exception as e:

@@ -49,8 +49,10 @@ def unavailable_reason(info: dict, inputs=None) -> str:
     if inputs is not None:
         if not vision:
             return "" if any(len(x) >= 2 for x in inputs.token_ids) else "the run's prompts are one token long"
-        answered = inputs.has_images and len(inputs.meta) == len(inputs) and all(
-            isinstance(m, dict) and "answer" in m for m in inputs.meta
+        answered = (
+            inputs.has_images
+            and len(inputs.meta) == len(inputs)
+            and all(isinstance(m, dict) and "answer" in m for m in inputs.meta)
         )
         return (
             ""

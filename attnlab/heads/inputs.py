@@ -222,7 +222,9 @@ def _read(d: Path, path: Path) -> RunInputs:
         raise AttnlabError(f"the inputs of run {d.name} do not match their fingerprint; they were changed")
     texts, digests, meta = rec.get("texts"), rec.get("images"), rec.get("meta") or []
     n = len(token_ids)
-    if texts is not None and (not isinstance(texts, list) or len(texts) != n or not all(isinstance(t, str) for t in texts)):
+    if texts is not None and (
+        not isinstance(texts, list) or len(texts) != n or not all(isinstance(t, str) for t in texts)
+    ):
         raise AttnlabError(f"{where}: texts do not match the {n} prompts")
     if digests is not None and (
         not isinstance(digests, list)

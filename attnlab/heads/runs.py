@@ -213,7 +213,8 @@ def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
     shape = ("architecture", "n_layers", "n_heads", "n_kv_heads")
     if any(a.get(k) != b.get(k) for k in shape if k in a and k in b):
         return False
-    return bool((a.get("path") and a.get("path") == b.get("path")) or (a.get("name") and a.get("name") == b.get("name")))
+    same_path = bool(a.get("path")) and a.get("path") == b.get("path")
+    return same_path or (bool(a.get("name")) and a.get("name") == b.get("name"))
 
 
 def check_target(

@@ -12,8 +12,8 @@ from typing import Any
 from attnlab.capture import Capture
 from attnlab.datasets.base import PromptSet, fingerprint
 from attnlab.errors import AttnlabError
-from attnlab.heads.results import HeadScores, TokenScores
 from attnlab.heads.inputs import save_inputs
+from attnlab.heads.results import HeadScores, TokenScores
 from attnlab.heads.runs import Run, check_target
 from attnlab.probes.availability import not_scored_reason, unavailable
 from attnlab.probes.base import Probe, ProbeContext

@@ -122,9 +122,9 @@ class Capture:
 
     def run(self, batches: Iterable[Batch], *, total: int | None = None, desc: str = "capture") -> None:
         """Run every batch once; handlers see each layer as it passes."""
-        from tqdm.auto import tqdm
+        from attnlab.progress import bar
 
-        it = tqdm(batches, total=total, desc=desc, disable=not self.progress, leave=False)
+        it = bar(batches, total=total, desc=desc, unit="batch", disable=not self.progress)
         with torch.inference_mode():
             for batch in it:
                 self.run_batch(batch, logit_positions=None)

@@ -24,6 +24,7 @@ from attnlab.cli_args import (
     positive_int,
     probe_params,
     ray_address,
+    read_prompt_items,
     read_prompts,
 )
 from attnlab.errors import AttnlabError
@@ -55,6 +56,9 @@ def help_texts() -> dict[str, str]:
         "probes": f"groups: {groups}. Probes: {', '.join(PROBES)}",
         "datasets": "; ".join(f"{name}: {doc.rstrip('.')}" for name, doc in describe_datasets().items()),
         "eval_tasks": "; ".join(f"{a} ({', '.join(m.eval_tasks())})" for a, m in _organisms().items()),
+        "eval_n": "; ".join(
+            f"{a} {task}: {what}" for a, m in _organisms().items() for task, what in m.eval_counts().items()
+        ),
         "organisms": ", ".join(_organisms()),
         "methods": "; ".join(f"{name}: {first_line(cls)}" for name, cls in INTERVENTIONS.items()),
         "data_specs": "; ".join(f"{form} ({meaning})" for form, meaning in data_spec_forms().items()),
@@ -544,22 +548,28 @@ def cmd_ablate(args) -> int:
     from attnlab.probes.causal_test import METRICS, parse_heads_spec, run_causal_test
 
     run_dir, name = parse_heads_spec(args.heads)  # fail on a malformed spec, result, k or metric before loading
-    if args.metric not in METRICS:
-        raise AttnlabError(f"--metric must be one of {', '.join(METRICS)}, got {args.metric!r}")
+    metric = args.metric or ("logprob" if args.prompts else "niah")
+    if metric not in METRICS:
+        raise AttnlabError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if args.prompts and metric != "logprob":
+        raise AttnlabError(f"with --prompts the metric is the answers' log-prob (--metric logprob), not {metric}")
     scores = Run.open(run_dir)[name]
     if not isinstance(scores, HeadScores):
         raise AttnlabError(f"{name} in {run_dir} is not a head-score result")
     check_k(scores, args.k)
+    items = read_prompt_items(args.prompts) if args.prompts else None
     model = attnlab.load(args.model, device=args.device)
     table = run_causal_test(
         model,
         args.heads,
         k=args.k,
-        metric=args.metric,
+        metric=metric,
         out=args.out,
         mode=args.mode,
         n_seeds=args.n_seeds,
         seed=args.seed,
+        prompts=items,
+        truncate=args.truncate,
     )
     print(table[["condition", "k", "n_sets", "metric", "ci_low", "ci_high", "drop", "p_value"]].to_string(index=False))
     print(f"table: {Path(args.out).resolve()}")
@@ -598,6 +608,8 @@ def cmd_intervene(args) -> int:
     model = attnlab.load(args.model, device=args.device)
     try:
         iv.fit(model, fit_set.items if fit_set else None, split=fit_set.name if fit_set else "none")
+        if iv.does_nothing():  # say so before the measurement, not only in its table
+            print(f"attnlab: note: {iv.does_nothing()}", file=sys.stderr)
         report = evaluate_intervention(
             model, iv, eval_set, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size
         )
@@ -854,8 +866,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="{organisms}, or a checkpoint directory written by the trainer")
     p.add_argument("--task", required=True, help="one of the organism's tasks: {eval_tasks}")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--n", type=positive_int, default=None, help="number of evaluation items (task default if omitted)")
+    p.add_argument(
+        "--n",
+        type=positive_int,
+        default=None,
+        help="the task's size; what it counts depends on the task (its default when omitted): {eval_n}",
+    )
     p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -872,14 +890,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=positive_int, default=8)
     p.add_argument(
         "--metric",
-        default="niah",
-        help="{metrics}",
+        default=None,
+        help="{metrics} (default niah; logprob with --prompts)",
+    )
+    p.add_argument(
+        "--prompts",
+        help="your own prompts to ablate on (metric logprob): one per line (each prompt's last token is scored), "
+        'or .jsonl / .json records {"prompt": ..., "answer": ...} (the answer\'s tokens are scored)',
+    )
+    p.add_argument(
+        "--truncate", action="store_true", help="cut prompts longer than the model's context instead of failing"
     )
     p.add_argument("--mode", default="zero", choices=["zero", "mean", "uniform"], help="ablation mode (default zero)")
     p.add_argument("--n-seeds", type=positive_int, default=5, help="random head sets (default 5)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, type=out_dir, help="directory for the table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser(
@@ -917,6 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_intervene)
 
     p = sub.add_parser(
@@ -941,6 +969,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code)
     saved_format = warnings.formatwarning
     warnings.formatwarning = lambda message, *_a, **_k: f"attnlab: warning: {message}\n"  # one line, no source
+    from attnlab import progress
+
+    progress.set_enabled(not getattr(args, "quiet", False))  # every progress bar of the command, with an ETA
     try:
         return args.func(args)
     except AttnlabError as e:

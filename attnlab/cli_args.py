@@ -147,19 +147,7 @@ def read_prompts(path: str) -> list:
     trials: its records are returned as dicts (``attnlab.datasets.niah_set.needle_prompt_set`` builds the prompts).
     """
     p = Path(path)
-    if not p.is_file():
-        raise AttnlabError(f"prompts file {path} does not exist")
-    size = p.stat().st_size
-    if size > MAX_PROMPT_FILE_BYTES:
-        raise AttnlabError(f"prompts file {path} has {size:,} bytes; the limit is {MAX_PROMPT_FILE_BYTES:,}")
-    raw = p.read_bytes()
-    if b"\x00" in raw:
-        raise AttnlabError(f"{path} holds NUL bytes (a binary file?); prompts must be UTF-8 text")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise AttnlabError(f"{path} is not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r})") from None
-    text = text.removeprefix("\ufeff")
+    text = _prompt_file_text(path)
     try:
         if p.suffix == ".jsonl":
             from attnlab.datasets.niah_set import is_needle_record
@@ -185,6 +173,61 @@ def read_prompts(path: str) -> list:
     if not prompts:
         raise AttnlabError(f"{path} holds no prompts")
     return prompts
+
+
+def _prompt_file_text(path: str) -> str:
+    """A prompts file's text: an existing file, within the size limit, UTF-8 without NUL bytes (BOM dropped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise AttnlabError(f"prompts file {path} does not exist")
+    size = p.stat().st_size
+    if size > MAX_PROMPT_FILE_BYTES:
+        raise AttnlabError(f"prompts file {path} has {size:,} bytes; the limit is {MAX_PROMPT_FILE_BYTES:,}")
+    raw = p.read_bytes()
+    if b"\x00" in raw:
+        raise AttnlabError(f"{path} holds NUL bytes (a binary file?); prompts must be UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AttnlabError(f"{path} is not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r})") from None
+    return text.removeprefix("\ufeff")
+
+
+def read_prompt_items(path: str) -> list[tuple[str, str | None]]:
+    """``(prompt, answer or None)`` pairs from a prompts file: as ``read_prompts``, and a ``.jsonl`` record or a
+    ``.json`` list item may be ``{"prompt": ..., "answer": ...}`` (the answer is what ``ablate`` scores). The same
+    checks as ``read_prompts`` (size, UTF-8, no NUL bytes, non-empty string prompts), one line naming the record."""
+    p = Path(path)
+    if p.suffix not in (".json", ".jsonl"):
+        return [(t, None) for t in read_prompts(path)]
+    text = _prompt_file_text(path)
+    try:
+        if p.suffix == ".jsonl":
+            lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+            records = [(f"line {i}", _jsonl_record(line, i, path)) for i, line in lines]
+        else:
+            loaded = json.loads(text)
+            if not isinstance(loaded, list):
+                raise AttnlabError(f"{path} must hold a list of prompts (strings or objects with a 'prompt')")
+            records = [(f"record {i}", rec) for i, rec in enumerate(loaded)]
+    except json.JSONDecodeError as e:
+        raise AttnlabError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    except RecursionError:
+        raise AttnlabError(f"{path} nests JSON too deeply") from None
+    if not records:
+        raise AttnlabError(f"{path} holds no prompts")
+    items = []
+    for where, rec in records:
+        answer = None
+        if isinstance(rec, dict):
+            answer = rec.get("answer")
+            rec = rec.get("prompt", rec.get("text"))
+        if not isinstance(rec, str) or not rec.strip():
+            raise AttnlabError(f'{path} {where} is neither a non-empty string nor an object with a "prompt"')
+        if answer is not None and not isinstance(answer, str):
+            raise AttnlabError(f"{path} {where}: the answer is not a string")
+        items.append((rec, answer))
+    return items
 
 
 def _jsonl_record(line: str, lineno: int, path: str):

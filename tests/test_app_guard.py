@@ -238,7 +238,7 @@ def test_token_strips_are_capped_and_say_so():
     )
     fig = figures.token_strip(t)
     assert np.asarray(fig.data[0].z).shape == (64, 400)
-    assert "first 400 of 3,000 tokens" in fig.layout.title.text and "first 64 of 300 rows" in fig.layout.title.text
+    assert "tokens 0–399 of 3000" in fig.layout.title.text and "first 64 of 300 rows" in fig.layout.title.text
 
 
 # ---- token labels are text, never markup -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from attnlab.errors import AttnlabError
+from attnlab.probes.ablation_metrics import TailLogProb
 
 METRICS = {"logprob": "answer log-prob (run prompts)", "niah": "NIAH accuracy"}
 MAX_K = 16
@@ -71,33 +72,6 @@ def unavailable_reason(info: dict, inputs=None) -> str:
             f"not {name!r}"
         )
     return ""
-
-
-class TailLogProb:
-    """Summed log-prob of the last tokens of token-id prompts: ``prompts`` are ``(ids, answer_start)`` pairs."""
-
-    name = "answer_logprob"
-
-    def encode(self, model, prompts):
-        import torch
-
-        ids = [list(p[0]) for p in prompts]
-        self.spans_ = [(int(p[1]), len(p[0])) for p in prompts]
-        for i, (s, e) in enumerate(self.spans_):
-            if not 1 <= s < e:
-                raise AttnlabError(f"prompt {i} has no answer tokens to score")
-        self.targets_ = [torch.tensor(x[s:e]) for x, (s, e) in zip(ids, self.spans_)]
-        return model.batch_from_ids(ids, list(range(len(ids))))
-
-    def __call__(self, logits, batch):
-        import torch
-
-        out = []
-        for row, p in enumerate(batch.prompt_indices):
-            s, e = self.spans_[p]
-            pred = logits[row, s - 1 : e - 1].float().log_softmax(-1)
-            out.append(pred.gather(-1, self.targets_[p].to(pred.device)[:, None]).sum())
-        return torch.stack(out)
 
 
 def run_prompts(model, info: dict, inputs=None) -> tuple[list[tuple[list[int], int]], list | None]:

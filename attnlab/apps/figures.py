@@ -55,18 +55,30 @@ MARK_SYMBOLS = ("triangle-down", "circle", "diamond", "square", "x", "star")
 
 
 def token_strip(
-    tokens, title: str | None = None, max_tokens: int = 400, row_scale: bool = True, max_rows: int = 64
+    tokens,
+    title: str | None = None,
+    max_tokens: int = 400,
+    row_scale: bool = True,
+    max_rows: int = 64,
+    start: int = 0,
 ) -> go.Figure:
     """Rows x tokens heatmap of a ``TokenScores`` with token labels; marked tokens get a symbol above the strip.
 
     ``row_scale`` (default) colours each row relative to its own largest magnitude, so rows on different scales
     (WAAD in tokens, FAI near 0) stay readable; the hover shows the raw value. Marks are drawn largest first with
-    their own symbol, so a token with several marks (e.g. preplan and anchor) shows all of them. At most
-    ``max_tokens`` tokens and the first ``max_rows`` rows are drawn; the title says when some are left out."""
+    their own symbol, so a token with several marks (e.g. preplan and anchor) shows all of them.
+
+    A prompt longer than ``max_tokens`` is shown a page at a time: tokens ``start`` to ``start + max_tokens - 1``;
+    only the first ``max_rows`` rows are drawn. The title says which tokens are shown, of how many, how many marks
+    lie outside the page, and when rows are left out. ``layout.meta`` holds ``start``, ``stop``, ``n_tokens`` and
+    ``marks_outside``."""
     n = len(tokens.tokens)
-    keep = slice(0, min(n, max_tokens))
+    page = max(1, int(max_tokens))
+    start = max(0, min(int(start), n - page))  # a start past the end shows the last page
+    stop = min(n, start + page)
+    keep = slice(start, stop)
     rows = min(len(tokens.row_labels), max_rows)
-    labels = [f"{i}:{plain(t)}" for i, t in enumerate(tokens.tokens[keep])]
+    labels = [f"{i}:{plain(t)}" for i, t in zip(range(start, stop), list(tokens.tokens[keep]))]
     row_labels = [plain(r) for r in tokens.row_labels[:rows]]
     raw = np.asarray(tokens.values[:rows, keep], dtype=float)
     z = raw
@@ -88,13 +100,9 @@ def token_strip(
             colorbar={"title": "share of row max" if row_scale else "score"},
         )
     )
-    marks = [(m, [p for p in positions if 0 <= p < len(labels)]) for m, positions in tokens.marks.items()]
+    marks = [(m, [p - start for p in positions if start <= p < stop]) for m, positions in tokens.marks.items()]
+    outside = sum(1 for positions in tokens.marks.values() for p in positions if not start <= p < stop)
     marks = marks[: len(MARK_SYMBOLS) * 4] if row_labels else []
-    left_out = ", ".join(
-        f"first {k:,} of {total:,} {what}"
-        for k, total, what in ((len(labels), n, "tokens"), (rows, len(tokens.row_labels), "rows"))
-        if k < total
-    )
     for i, (mark, pos) in enumerate(m for m in marks if m[1]):
         size = max(5, 14 - 3 * i)
         symbol = MARK_SYMBOLS[i % len(MARK_SYMBOLS)]
@@ -107,12 +115,19 @@ def token_strip(
                 name=plain(mark),
             )
         )
+    parts = []
+    if (start, stop) != (0, n):
+        parts.append(f"tokens {start}–{stop - 1} of {n}")
+        if outside:
+            parts.append(f"{outside} marked tokens on other pages")
+    if rows < len(tokens.row_labels):
+        parts.append(f"first {rows} of {len(tokens.row_labels):,} rows")
+    cut = f" ({'; '.join(parts)})" if parts else ""
     fig.update_layout(
-        title=title
-        or f"{plain(tokens.name)} — {plain(tokens.model)}{plain(param_note(tokens))}"
-        + (f" (shown: {left_out})" if left_out else ""),
+        title=title or f"{plain(tokens.name)} — {plain(tokens.model)}{plain(param_note(tokens))}{cut}",
         xaxis={"tickangle": -60},
         margin={"l": 80, "r": 20, "t": 50, "b": 120},
+        meta={"start": start, "stop": stop, "n_tokens": n, "marks_outside": outside},
         legend={
             "orientation": "h",
             "x": 1,
@@ -328,6 +343,7 @@ def image_attention_overlay(
     title: str | None = None,
     layer: int | None = None,
     head: int | None = None,
+    min_total: float = 1e-4,
 ) -> go.Figure:
     """Attention over the image patch grid drawn on top of the image.
 
@@ -337,6 +353,9 @@ def image_attention_overlay(
     grid : array ``[grid_h, grid_w]``, e.g. from ``attnlab.probes.image_centric_heads.image_attention_grid``;
         cell (r, c) covers the image's patch in row r, column c.
     opacity : float, default=0.55, of the heat map over the image
+    min_total : float, default=1e-4
+        Below this attention mass on the image the head is drawn as paying it no attention: the image alone,
+        titled so, with ``layout.meta["no_attention"]`` True (a colour scale over ~1e-21 would show noise as heat).
     ``layout.meta`` holds ``grid_shape``, ``total`` (attention mass on the image) and the head, when given.
     """
     img = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
@@ -347,6 +366,25 @@ def image_attention_overlay(
     dy, dx = h / g.shape[0], w / g.shape[1]
     head_label = f"L{layer}H{head}" if layer is not None and head is not None else ""
     fig = go.Figure(go.Image(z=img, hoverinfo="skip"))
+    total = float(g.sum())
+    layout = {
+        "xaxis": {"visible": False, "range": [0, w]},
+        "yaxis": {"visible": False, "range": [h, 0], "scaleanchor": "x"},
+        "margin": {"l": 20, "r": 20, "t": 50, "b": 20},
+    }
+    if not total >= min_total:  # a colour scale stretched over rounding noise would draw it as a hot patch
+        fig.update_layout(
+            title=title or f"{head_label or 'this head'}: no attention on the image (sum {total:.2g})",
+            meta={
+                "grid_shape": list(g.shape),
+                "total": total,
+                "layer": layer,
+                "head": head,
+                "no_attention": True,
+            },
+            **layout,
+        )
+        return fig
     fig.add_trace(
         go.Heatmap(
             z=g,
@@ -362,11 +400,9 @@ def image_attention_overlay(
         )
     )
     fig.update_layout(
-        title=title or f"{head_label} attention over the image patches (sum {g.sum():.3f})".strip(),
-        xaxis={"visible": False, "range": [0, w]},
-        yaxis={"visible": False, "range": [h, 0], "scaleanchor": "x"},
-        margin={"l": 20, "r": 20, "t": 50, "b": 20},
-        meta={"grid_shape": list(g.shape), "total": float(g.sum()), "layer": layer, "head": head},
+        title=title or f"{head_label} attention over the image patches (sum {total:.3f})".strip(),
+        meta={"grid_shape": list(g.shape), "total": total, "layer": layer, "head": head, "no_attention": False},
+        **layout,
     )
     return fig
 

@@ -37,6 +37,7 @@ QUERY_ROW = "query-row"  # the query row shown as a strip (empty = last token); 
 # tokens view
 TOKEN_RESULT = "token-result"
 TOKEN_STRIP = "token-strip"
+TOKEN_START = "token-start"  # first token of the page shown (prompts longer than TOKEN_PAGE tokens are paged)
 TOKEN_STATUS = "token-status"
 
 # ablation scoring view

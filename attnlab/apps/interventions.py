@@ -259,6 +259,7 @@ class ComparisonResult:
     pattern_baseline: np.ndarray = field(repr=False)
     pattern_intervened: np.ndarray = field(repr=False)
     touched_heads: tuple[tuple[int, int], ...] | None = None
+    note: str = ""  # e.g. the method edits no heads, or the asked head is not one it edits
 
     @property
     def delta_p(self) -> float:
@@ -400,7 +401,8 @@ def compare(
     answer : str or None
         Expected answer; its first token's probability is compared. None: the baseline's top next token.
     head : (layer, head) or None
-        Head whose pattern is compared. None: the first head the intervention edits (``heads_``), else L0H0.
+        Head whose pattern is compared. None: the first head the intervention edits (``edited_heads()``), else
+        L0H0. When the intervention edits no heads, ``note`` says the intervened run is the baseline.
     max_new_tokens : int, greedy tokens generated in each run
     max_tokens : int or None, longest prompt accepted (tokens), besides the model's context
     """
@@ -408,8 +410,12 @@ def compare(
         raise AttnlabError(f"{model.name} is not a causal language model; the interventions view runs decoders")
     if not isinstance(prompt, str) or not prompt.strip():
         raise AttnlabError("the prompt is empty")
-    touched = getattr(intervention, "heads_", None)
-    touched = tuple((int(l), int(h)) for l, h in touched) if touched is not None else None
+    if hasattr(intervention, "edited_heads"):
+        touched = intervention.edited_heads()
+    else:
+        touched = getattr(intervention, "heads_", None)
+        touched = tuple((int(l), int(h)) for l, h in touched) if touched is not None else None
+    note = intervention.does_nothing() if hasattr(intervention, "does_nothing") else None
     if head is None:
         head = touched[0] if touched else (0, 0)
     layer, h = int(head[0]), int(head[1])
@@ -445,6 +451,7 @@ def compare(
         pattern_baseline=pat_b[h],
         pattern_intervened=pat_i[h],
         touched_heads=touched,
+        note=note or "",
     )
 
 

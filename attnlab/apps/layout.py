@@ -10,8 +10,9 @@ from dash import dcc, html
 
 from attnlab.apps import ids
 from attnlab.apps.ablation import MAX_K, MAX_SEEDS
+from attnlab.apps.callbacks.tokens import TOKEN_PAGE
 from attnlab.apps.interventions import DEFAULT_PARAMS, MAX_PARAMS_CHARS, method_options
-from attnlab.apps.state import AppState, failure_message
+from attnlab.apps.state import GRAPH_HEIGHTS, AppState, failure_message
 from attnlab.apps.vision import MAX_UPLOAD_BYTES, UPLOAD_QUESTION
 
 _SECTION = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "10px", "margin": "10px 0"}
@@ -166,7 +167,11 @@ def build_layout(state: AppState) -> html.Div:
                     ),
                     html.Button("run typed prompt", id=ids.RUN_PROMPT, n_clicks=0),
                     dcc.Loading(
-                        dcc.Graph(id=ids.PATTERN, config={"displaylogo": False}, style={"height": "650px"}),
+                        dcc.Graph(
+                            id=ids.PATTERN,
+                            config={"displaylogo": False},
+                            style={"height": f"{GRAPH_HEIGHTS[ids.PATTERN]}px"},
+                        ),
                         id=ids.PATTERN_LOADING,
                         type="default",
                     ),
@@ -178,7 +183,20 @@ def build_layout(state: AppState) -> html.Div:
                 ids.TOKENS_VIEW,
                 [
                     html.Div(
-                        ["token score: ", dcc.Dropdown(id=ids.TOKEN_RESULT, clearable=False, style=_inline("400px"))]
+                        [
+                            "token score: ",
+                            dcc.Dropdown(id=ids.TOKEN_RESULT, clearable=False, style=_inline("400px")),
+                            " from token ",
+                            dcc.Input(
+                                id=ids.TOKEN_START,
+                                type="number",
+                                min=0,
+                                step=TOKEN_PAGE,
+                                value=0,
+                                debounce=True,
+                                style={"width": "90px"},
+                            ),
+                        ]
                     ),
                     dcc.Graph(id=ids.TOKEN_STRIP, config={"displaylogo": False}),
                     html.Div(id=ids.TOKEN_STATUS, style=_STATUS),
@@ -216,7 +234,11 @@ def build_layout(state: AppState) -> html.Div:
                         style={"width": "100%"},
                         placeholder="question for an uploaded image (with <image>)",
                     ),
-                    dcc.Graph(id=ids.VISION_FIGURE, config={"displaylogo": False}, style={"height": "520px"}),
+                    dcc.Graph(
+                        id=ids.VISION_FIGURE,
+                        config={"displaylogo": False},
+                        style={"height": f"{GRAPH_HEIGHTS[ids.VISION_FIGURE]}px"},
+                    ),
                     html.Div(id=ids.VISION_STATUS, style=_STATUS),
                 ],
                 hidden=True,
@@ -309,7 +331,9 @@ def interventions_view(state: AppState) -> html.Div:
                 ]
             ),
             html.Div(id=ids.IV_OUTPUTS, style={"marginTop": "6px"}),
-            dcc.Graph(id=ids.IV_FIGURE, config={"displaylogo": False}, style={"height": "600px"}),
+            dcc.Graph(
+                id=ids.IV_FIGURE, config={"displaylogo": False}, style={"height": f"{GRAPH_HEIGHTS[ids.IV_FIGURE]}px"}
+            ),
             html.Div(id=ids.IV_STATUS, style=_STATUS),
         ],
     )

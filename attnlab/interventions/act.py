@@ -157,8 +157,10 @@ class ACT(Intervention):
             return
         items = as_labeled(data)
         self.baseline_ = score_labels(model, items, batch_size=self.batch_size)
+        from attnlab.progress import bar
+
         scores = []
-        for head in self.candidates_:
+        for head in bar(self.candidates_, desc="act: head filtering", unit="head"):
             with self._applied(model, (head,)):
                 scores.append([head[0], head[1], score_labels(model, items, batch_size=self.batch_size)["accuracy"]])
         self.head_scores_ = scores

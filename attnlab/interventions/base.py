@@ -75,11 +75,16 @@ def label_token_ids(model, labels: Sequence[str]) -> list[int]:
 
 
 @torch.no_grad()
-def label_logits(model, items: Sequence[LabeledPrompt], *, batch_size: int = 32) -> list[torch.Tensor]:
-    """Next-token logits of each item's label tokens at its last real position (right padding), float32 on CPU."""
+def label_logits(
+    model, items: Sequence[LabeledPrompt], *, batch_size: int = 32, desc: str | None = None
+) -> list[torch.Tensor]:
+    """Next-token logits of each item's label tokens at its last real position (right padding), float32 on CPU.
+    With ``desc``, a progress bar over the batches."""
+    from attnlab.progress import bar
+
     out: list[torch.Tensor] = []
     ids_cache: dict[tuple[str, ...], list[int]] = {}
-    for s in range(0, len(items), batch_size):
+    for s in bar(range(0, len(items), batch_size), desc=desc, unit="batch", disable=desc is None):
         chunk = items[s : s + batch_size]
         images = [it.image for it in chunk] if any(it.image is not None for it in chunk) else None
         batch = model.encode([it.prompt for it in chunk], images=images, padding_side="right")
@@ -208,6 +213,30 @@ class Intervention:
 
     def is_fitted(self) -> bool:
         return hasattr(self, "fit_split_")
+
+    def edited_heads(self) -> tuple[tuple[int, int], ...] | None:
+        """The ``(layer, head)`` pairs the fitted intervention edits (``heads_``, or the heads of
+        ``selected_heads_``), or None for a method that does not work per head. An empty tuple: it edits none,
+        so the intervened model is the baseline."""
+        self._check_fitted()
+        heads = getattr(self, "heads_", None)
+        if heads is None and getattr(self, "selected_heads_", None) is not None:
+            heads = [(h[0], h[1]) for h in self.selected_heads_]
+        return None if heads is None else tuple((int(l), int(h)) for l, h in heads)
+
+    def does_nothing(self) -> str | None:
+        """One line saying why the fitted intervention leaves the model unchanged (it edits no heads), else None."""
+        heads = self.edited_heads()
+        if heads is None or heads:
+            return None
+        candidates = getattr(self, "candidates_", None)
+        if candidates is not None and len(candidates) == 0:
+            why = "it has no candidate heads: none were given and its default layers hold none in this model"
+        elif getattr(self, "head_scores_", None) is not None:
+            why = f"head filtering kept none of its {len(candidates or ())} candidate heads: none beat the baseline"
+        else:
+            why = "no head was selected"
+        return f"{self.name} edits no heads ({why}); the intervened model is the baseline"
 
     def _check_fitted(self) -> None:
         if not self.is_fitted():

@@ -277,27 +277,31 @@ def check_sets_disjoint(fit: EvalSet, test: EvalSet) -> None:
 # ---- scoring --------------------------------------------------------------------------------------------------
 
 
-def label_scores(model, items: Sequence[Any], *, batch_size: int = 32) -> tuple[np.ndarray, list[str]]:
-    """Per-item correctness (1.0 / 0.0) and predicted label of label-scored items."""
+def label_scores(
+    model, items: Sequence[Any], *, batch_size: int = 32, desc: str | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Per-item correctness (1.0 / 0.0) and predicted label of label-scored items (``desc``: a progress bar)."""
     lab = as_labeled(items)
-    rows = label_logits(model, lab, batch_size=batch_size)
+    rows = label_logits(model, lab, batch_size=batch_size, desc=desc)
     preds = [it.labels[int(r.argmax())] for r, it in zip(rows, lab)]
     return np.array([float(p == it.label) for p, it in zip(preds, lab)]), preds
 
 
 @torch.no_grad()
 def greedy_continuations(
-    model, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 32
+    model, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 32, desc: str | None = None
 ) -> list[tuple[str, bool]]:
     """Greedy continuation text of each prompt and whether its first line finished (newline or EOS).
 
     Every step is a full forward pass over the right-padded prompt + generated tokens (no KV cache), so
     hooks see ordinary prefill maps; fine for the short answers measured here.
     """
+    from attnlab.progress import bar
+
     tok = model.tokenizer
     eos = tok.eos_token_id
     out: list[tuple[str, bool]] = []
-    for s in range(0, len(prompts), batch_size):
+    for s in bar(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=desc is None):
         chunk = list(prompts[s : s + batch_size])
         ids = [model.token_ids(p, index=s + i) for i, p in enumerate(chunk)]
         new: list[list[int]] = [[] for _ in chunk]
@@ -322,11 +326,11 @@ def greedy_continuations(
 
 
 def generation_scores(
-    model, items: Sequence[GenerationPrompt], *, max_new_tokens: int, batch_size: int = 32
+    model, items: Sequence[GenerationPrompt], *, max_new_tokens: int, batch_size: int = 32, desc: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Per-item exact match, invalid flag (empty or unfinished first line) and the answer read."""
     gens = greedy_continuations(
-        model, [it.prompt for it in items], max_new_tokens=max_new_tokens, batch_size=batch_size
+        model, [it.prompt for it in items], max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc
     )
     answers = [g.split("\n", 1)[0].strip() for g, _ in gens]
     invalid = np.array([float((not a) or (not finished)) for a, (_, finished) in zip(answers, gens)])
@@ -399,12 +403,14 @@ class InterventionReport:
 
 
 def _score(
-    model, data: EvalSet, max_new_tokens: int | None, batch_size: int
+    model, data: EvalSet, max_new_tokens: int | None, batch_size: int, desc: str | None = None
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     if data.kind == "label":
-        acc, preds = label_scores(model, data.items, batch_size=batch_size)
+        acc, preds = label_scores(model, data.items, batch_size=batch_size, desc=desc)
         return {"accuracy": acc}, preds
-    exact, invalid, answers = generation_scores(model, data.items, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    exact, invalid, answers = generation_scores(
+        model, data.items, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc
+    )
     return {"exact_match": exact, "invalid_rate": invalid}, answers
 
 
@@ -427,9 +433,11 @@ def evaluate_intervention(
     intervention.check_disjoint(data.prompts)  # raises (also when not fitted)
     if data.kind == "generation" and max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(model, data.items)
-    base, base_out = _score(model, data, max_new_tokens, batch_size)
+    base, base_out = _score(model, data, max_new_tokens, batch_size, desc=f"measure baseline on {data.name}")
     with intervention.apply(model):
-        treated, treated_out = _score(model, data, max_new_tokens, batch_size)
+        treated, treated_out = _score(
+            model, data, max_new_tokens, batch_size, desc=f"measure intervened on {data.name}"
+        )
     rows = [{"metric": m, **paired_bootstrap(base[m], treated[m], n_boot=n_boot, seed=seed, level=level)} for m in base]
     fit_split = {k: v for k, v in intervention.fit_split_.items() if k != "digests"}
     summary = intervention.summary() if hasattr(intervention, "summary") else {}
@@ -448,6 +456,9 @@ def evaluate_intervention(
         "bootstrap": {"n_boot": n_boot, "seed": seed, "level": level, "kind": "paired percentile"},
         "max_new_tokens": max_new_tokens,
     }
+    edited = intervention.edited_heads() if hasattr(intervention, "edited_heads") else None
+    info["edited_heads"] = None if edited is None else [list(h) for h in edited]
+    info["note"] = (intervention.does_nothing() if hasattr(intervention, "does_nothing") else None) or ""
     items = [
         {
             "prompt_sha256": hashlib.sha256(it.prompt.encode("utf-8")).hexdigest()[:16],
@@ -470,6 +481,8 @@ def format_table(report: InterventionReport) -> str:
             f"{f(r.intervened, r.intervened_lo, r.intervened_hi):<22} "
             f"{f'{r.diff:+.3f} [{r.diff_lo:+.3f}, {r.diff_hi:+.3f}]':<24} {r.n}"
         )
+    if report.info.get("note"):
+        lines.append(f"note: {report.info['note']}")
     return "\n".join(lines)
 
 

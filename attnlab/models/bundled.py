@@ -47,6 +47,14 @@ class BundledModel:
 
         return tuple(importlib.import_module(self.eval_module).EVAL_TASKS)
 
+    def eval_counts(self) -> dict[str, str]:
+        """What ``attnlab eval --n`` counts in each of the organism's tasks (its module's ``EVAL_N``)."""
+        if self.eval_module is None:
+            return {}
+        import importlib
+
+        return dict(getattr(importlib.import_module(self.eval_module), "EVAL_N", {}))
+
     def shape(self) -> str:
         """``"LlamaForCausalLM, 2 layers x 8 heads (4 KV), d_model 128"`` from the checkpoint's config.json."""
         return shape_of(self.path)

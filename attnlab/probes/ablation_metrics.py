@@ -135,6 +135,31 @@ class NextTokenLogprob:
         return torch.stack(out)
 
 
+class TailLogProb:
+    """Summed log-prob of the last tokens of token-id prompts (teacher forced): ``prompts`` are
+    ``(ids, answer_start)`` pairs and ``ids[answer_start:]`` is scored. What ``attnlab ablate --prompts`` and the
+    app's ablation view score on a user's own prompts (their answers, or each prompt's last token)."""
+
+    name = "answer_logprob"
+
+    def encode(self, model, prompts):
+        ids = [list(p[0]) for p in prompts]
+        self.spans_ = [(int(p[1]), len(p[0])) for p in prompts]
+        for i, (s, e) in enumerate(self.spans_):
+            if not 1 <= s < e:
+                raise ValueError(f"prompt {i} has no answer tokens to score")
+        self.targets_ = [torch.tensor(x[s:e]) for x, (s, e) in zip(ids, self.spans_)]
+        return model.batch_from_ids(ids, list(range(len(ids))))
+
+    def __call__(self, logits, batch):
+        out = []
+        for row, p in enumerate(batch.prompt_indices):
+            s, e = self.spans_[p]
+            pred = logits[row, s - 1 : e - 1].float().log_softmax(-1)
+            out.append(pred.gather(-1, self.targets_[p].to(pred.device)[:, None]).sum())
+        return torch.stack(out)
+
+
 class CallableMetric:
     """Any ``fn(logits, batch) -> Tensor[rows]``; prompts encoded with ``model.encode``."""
 

@@ -542,9 +542,9 @@ def exact_ablation_grid(
     per_fwd = max(1, max_batch // n_prompts)
     grid = np.full((model.n_layers, H), np.nan)
     todo = list(range(model.n_layers) if layers is None else layers)
-    from tqdm.auto import tqdm
+    from attnlab.progress import bar as progress_bar
 
-    bar = tqdm(total=len(todo) * H, desc="ablation", unit="head", disable=not progress, leave=False)
+    bar = progress_bar(total=len(todo) * H, desc="ablation", unit="head", disable=not progress)
     for layer in todo:
         for h0 in range(0, H, per_fwd):
             heads = torch.arange(h0, min(H, h0 + per_fwd))

@@ -94,9 +94,17 @@ def causal_test(
     randoms = random_head_sets(
         scores.n_layers, scores.n_heads, k, top, n_seeds=n_seeds, seed=seed, layer_matched=layer_matched
     )
-    base = float(evaluate([]))
-    top_value = float(evaluate(top))
-    rand_values = [float(evaluate(s)) for s in randoms]
+    from attnlab.progress import bar
+
+    with bar(total=2 + len(randoms), desc=f"ablate top-{k} vs {len(randoms)} random sets", unit="set") as pbar:
+        base = float(evaluate([]))
+        pbar.update()
+        top_value = float(evaluate(top))
+        pbar.update()
+        rand_values = []
+        for s in randoms:
+            rand_values.append(float(evaluate(s)))
+            pbar.update()
     lo, hi = bootstrap_ci(rand_values, level=level, seed=seed)
     top_drop = base - top_value
     p = (1 + sum(base - v >= top_drop for v in rand_values)) / (1 + n_seeds)
@@ -351,6 +359,41 @@ def check_metric_modality(model, metric: str) -> None:
         )
 
 
+def prompts_evaluator(
+    model, items: Sequence[tuple[str, str | None]], *, truncate: bool = False, mode: str = "zero"
+) -> Callable[[list[tuple[int, int]]], float]:
+    """``evaluate(heads)`` on a user's own prompts: the mean summed log-prob of each prompt's answer (teacher
+    forced, appended to the prompt with a leading space unless either side has one), or, for a prompt given
+    without an answer, of its last token given the rest. ``truncate`` cuts prompts longer than the context
+    (keeping room for the answer) instead of refusing them."""
+    from attnlab.probes.ablation_metrics import TailLogProb
+
+    if not items:
+        raise AttnlabError("no prompts to ablate on")
+    pairs = []
+    for i, (prompt, answer) in enumerate(items):
+        if answer:
+            text = answer if (answer[:1].isspace() or prompt[-1:].isspace()) else " " + answer
+            ans = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not ans:
+                raise AttnlabError(f"the answer of prompt {i} ({answer[:40]!r}) has no tokens")
+            ids = model.token_ids(prompt, truncate=truncate, index=i)
+            if len(ids) + len(ans) > model.n_ctx:
+                if not truncate:
+                    raise AttnlabError(
+                        f"prompt {i} with its answer has {len(ids) + len(ans)} tokens, more than {model.name}'s "
+                        f"context of {model.n_ctx}; shorten it or pass --truncate"
+                    )
+                ids = ids[: model.n_ctx - len(ans)]
+            pairs.append((ids + ans, len(ids)))
+        else:
+            ids = model.token_ids(prompt, truncate=truncate, index=i)
+            if len(ids) < 2:
+                raise AttnlabError(f"prompt {i} is one token long: no last token to predict from the rest")
+            pairs.append((ids, len(ids) - 1))
+    return ablation_evaluator(model, pairs, TailLogProb(), mode=mode)
+
+
 def metric_evaluator(model, metric: str, *, seed: int, n_trials: int = 2, mode: str = "zero"):
     """``evaluate(heads)`` for a named ``attnlab ablate`` metric, on items held out from detection by ``seed + 1``.
 
@@ -388,8 +431,12 @@ def run_causal_test(
     n_seeds: int = 5,
     seed: int = 0,
     n_trials: int = 2,
+    prompts: Sequence[tuple[str, str | None]] | None = None,
+    truncate: bool = False,
 ) -> pd.DataFrame:
-    """The ``attnlab ablate`` command: causal test of a saved HeadScores on a named metric (``metric_evaluator``).
+    """The ``attnlab ablate`` command: causal test of a saved HeadScores on a named metric (``metric_evaluator``),
+    or on the user's own ``prompts`` (``(prompt, answer or None)`` pairs, metric ``logprob``:
+    ``prompts_evaluator``; ``truncate`` cuts prompts longer than the context).
 
     Text models: NIAH accuracy or answer log-prob; vision-language models: image-question accuracy or answer
     log-prob on shape scenes. The table is written atomically to ``OUT/causal_test_<result>_k<k>_<metric>.csv``
@@ -410,7 +457,14 @@ def run_causal_test(
         raise AttnlabError(
             f"{name} has a {result.scores.shape} grid but {model.name} has {model.n_layers} x {model.n_heads} heads"
         )
-    evaluate = metric_evaluator(model, metric, seed=seed, n_trials=n_trials, mode=mode)
+    if prompts is not None:
+        if metric != "logprob":
+            raise AttnlabError(
+                f"on your own prompts the metric is their answer log-prob (--metric logprob), not {metric}"
+            )
+        evaluate = prompts_evaluator(model, prompts, truncate=truncate, mode=mode)
+    else:
+        evaluate = metric_evaluator(model, metric, seed=seed, n_trials=n_trials, mode=mode)
     table = causal_test(result, k, evaluate, n_seeds=n_seeds, seed=seed)
     import os
     from pathlib import Path
@@ -428,6 +482,7 @@ def run_causal_test(
             "model": model.name,
             "k": k,
             "metric": metric,
+            "prompts": None if prompts is None else len(prompts),
             "mode": mode,
             "n_seeds": n_seeds,
             "seed": seed,

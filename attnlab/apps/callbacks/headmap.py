@@ -59,11 +59,15 @@ def head_from_click(click_data) -> tuple[int, int] | None:
 
 def select_head(trigger, click_data, run_name, result_name, current, state: AppState) -> dict | None:
     """The selected head after an event: a click selects the clicked head (if it exists in the run's grid); a new
-    run or score selects that score's strongest head; anything invalid keeps the current selection."""
+    run selects its score's strongest head (a head of another run may not exist here, and means nothing here
+    when it does); a new score keeps the selection if it is in the grid, else selects its strongest head;
+    anything invalid keeps the current selection (or none, after a run switch)."""
     try:
         scores = state.catalog.result(run_name, result_name, "head_scores")
     except Exception:
-        return current
+        return None if trigger == ids.RUN_SELECT else current
+    if trigger == ids.RUN_SELECT:
+        current = None
     if trigger == ids.HEAD_MAP:
         head = head_from_click(click_data)
         if head is None or not (0 <= head[0] < scores.n_layers and 0 <= head[1] < scores.n_heads):
@@ -73,6 +77,13 @@ def select_head(trigger, click_data, run_name, result_name, current, state: AppS
         return current
     top = scores.top_heads(1)
     return {"layer": top[0][0], "head": top[0][1]} if top else None
+
+
+def _trigger() -> str | None:
+    """The id that fired: the run selector when it is among the triggers (a run switch also changes the score
+    list, and Dash fires once for both), else the first trigger."""
+    fired = [str(t.get("prop_id", "")).split(".")[0] for t in ctx.triggered or []]
+    return ids.RUN_SELECT if ids.RUN_SELECT in fired else ctx.triggered_id
 
 
 def head_label(selected) -> str:
@@ -93,11 +104,11 @@ def register(app, state: AppState) -> None:
         Output(ids.SELECTED_HEAD, "data"),
         Input(ids.HEAD_MAP, "clickData"),
         Input(ids.HEAD_RESULT, "value"),
-        State(ids.RUN_SELECT, "value"),
+        Input(ids.RUN_SELECT, "value"),
         State(ids.SELECTED_HEAD, "data"),
     )(
         lambda click, result_name, run_name, current: select_head(
-            ctx.triggered_id, click, run_name, result_name, current, state
+            _trigger(), click, run_name, result_name, current, state
         )
     )
     app.callback(Output(ids.HEAD_LABEL, "children"), Input(ids.SELECTED_HEAD, "data"))(head_label)

@@ -20,7 +20,7 @@ from attnlab.apps.interventions import (
     run_comparison,
 )
 from attnlab.apps.run_inputs import model_to_load
-from attnlab.apps.state import AppState, empty_figure, failure_message
+from attnlab.apps.state import AppState, empty_figure, failure_message, figure_height
 
 _CELL = {"padding": "2px 10px", "borderBottom": "1px solid #eee", "textAlign": "left", "whiteSpace": "pre-wrap"}
 COLUMNS = ("run", "output", "top_token", "answer_token", "p_answer", "delta_p")
@@ -81,12 +81,14 @@ def summary_line(result) -> str:
     touched = {True: "a head the intervention edits", False: "not a head the intervention edits directly", None: ""}[
         result.head_touched
     ]
-    return (
+    line = (
         f"{which} {result.answer_token!r}: p {result.p_baseline:.4f} → {result.p_intervened:.4f} "
         f"(Δ {result.delta_p:+.4f}); pattern of L{result.layer}H{result.head}{', ' + touched if touched else ''}"
     )
+    return f"{line}. Note: {result.note}" if result.note else line
 
 
+@figure_height(ids.IV_FIGURE)
 def comparison(n_clicks, run_name, selected, method, params, prompt, answer, state: AppState) -> tuple:
     """-> (figure, outputs component, status)."""
     if not n_clicks:

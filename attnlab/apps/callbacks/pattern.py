@@ -13,7 +13,7 @@ from dash import Input, Output, State
 from attnlab.apps import figures, ids
 from attnlab.apps.live import RunPrompt
 from attnlab.apps.run_inputs import TYPED, model_to_load, run_prompt
-from attnlab.apps.state import AppState, empty_figure, failure_message
+from attnlab.apps.state import AppState, empty_figure, failure_message, figure_height
 from attnlab.errors import AttnlabError
 
 _ROW_LABEL = re.compile(r"^(\d{1,7})[:-]")
@@ -42,6 +42,7 @@ def _window(start, size, n: int) -> tuple[int, int] | None:
     return s, n if not size else min(n, s + max(1, int(size)))
 
 
+@figure_height(ids.PATTERN)
 def pattern_figure(
     run_name, selected, choice, typed, start, size, state: AppState, mode: str = "pattern", query=None
 ) -> tuple:

@@ -7,13 +7,35 @@ from dash import Input, Output
 from attnlab.apps import figures, ids
 from attnlab.apps.state import AppState, empty_figure, failure_message
 
+TOKEN_PAGE = 400  # tokens shown at once
 
-def token_figure(run_name, result_name, state: AppState) -> tuple:
-    """-> (figure, status message)."""
+
+def token_figure(run_name, result_name, state: AppState, start=0) -> tuple:
+    """-> (figure, status message). A prompt longer than ``TOKEN_PAGE`` tokens is shown a page at a time from
+    token ``start``; the title and the status line say which tokens are shown and where the rest lies."""
     if run_name is None or result_name is None:
         return empty_figure("no token scores in this run"), ""
     try:
-        return figures.token_strip(state.catalog.result(run_name, result_name, "token_scores")), ""
+        scores = state.catalog.result(run_name, result_name, "token_scores")
+        try:
+            first = max(0, int(start or 0))
+        except (TypeError, ValueError):
+            first = 0
+        fig = figures.token_strip(scores, max_tokens=TOKEN_PAGE, start=first)
+        meta = fig.layout.meta
+        if (meta["start"], meta["stop"]) == (0, meta["n_tokens"]):
+            return fig, ""
+        rest = []
+        if meta["start"] > 0:
+            rest.append(f"tokens 0–{meta['start'] - 1} before")
+        if meta["stop"] < meta["n_tokens"]:
+            rest.append(f"tokens {meta['stop']}–{meta['n_tokens'] - 1} after")
+        marks = f", {meta['marks_outside']} marked tokens among them" if meta["marks_outside"] else ""
+        line = (
+            f"showing tokens {meta['start']}–{meta['stop'] - 1} of {meta['n_tokens']} ({' and '.join(rest)}{marks}); "
+            "set 'from token' to page through the prompt"
+        )
+        return fig, line
     except Exception as e:
         return empty_figure(), failure_message(e)
 
@@ -24,4 +46,5 @@ def register(app, state: AppState) -> None:
         Output(ids.TOKEN_STATUS, "children"),
         Input(ids.RUN_SELECT, "value"),
         Input(ids.TOKEN_RESULT, "value"),
-    )(lambda run_name, result_name: token_figure(run_name, result_name, state))
+        Input(ids.TOKEN_START, "value"),
+    )(lambda run_name, result_name, start: token_figure(run_name, result_name, state, start))

@@ -7,7 +7,7 @@ from dash import Input, Output, State
 
 from attnlab.apps import figures, ids
 from attnlab.apps.run_inputs import n_prompts
-from attnlab.apps.state import AppState, empty_figure, failure_message
+from attnlab.apps.state import AppState, empty_figure, failure_message, figure_height
 from attnlab.apps.vision import head_image_grid, is_vision_run
 
 UPLOAD = "upload"
@@ -33,6 +33,7 @@ def vision_visibility(run_name, state: AppState) -> tuple:
     return {**_SECTION, "display": "block"}, options, options[0]["value"]
 
 
+@figure_height(ids.VISION_FIGURE)
 def vision_figure(run_name, selected, choice, upload, question, state: AppState) -> tuple:
     """-> (figure, status). Text runs get an empty figure and no message (the view is hidden)."""
     try:

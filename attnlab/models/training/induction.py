@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 EVAL_TASKS = ("copy",)
+EVAL_N: dict[str, str] = {"copy": "repeated random sequences (default 64)"}  # what evaluate's n counts
 SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>")
 
 PRESETS: dict[str, dict] = {

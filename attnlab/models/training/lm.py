@@ -69,6 +69,15 @@ from attnlab.datasets import arithmetic, classification, icl, niah, recall
 from attnlab.datasets.prose import load_prose
 
 EVAL_TASKS: tuple[str, ...] = ("niah", "icl", "arith", "classify", "recall", "sink")
+# What ``evaluate``'s ``n`` counts in each task (the CLI's ``eval --n`` help is made from this).
+EVAL_N: dict[str, str] = {
+    "niah": "trials per (length, depth) cell of the 6 x 5 grid (default 2: 60 trials)",
+    "icl": "prompts per task and shot count (default 40)",
+    "arith": "problems (default 80)",
+    "classify": "prompts per task and shot count (default 80)",
+    "recall": "prompts (default 80)",
+    "sink": "prose windows per length (default 16)",
+}
 TOKENIZER_DIR = Path(__file__).resolve().parent / "lm_tokenizer"
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 # GPT-2's pre-tokenisation regex with single digits (`` ?\p{N}``): numbers become one token per digit.
@@ -388,7 +397,9 @@ def greedy_generate(
     called with the number of prompts done after each batch."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     result: dict[int, str] = {}
-    for s in range(0, len(order), batch_size):
+    from attnlab.progress import bar
+
+    for s in bar(range(0, len(order), batch_size), desc=f"generate ({len(prompts)} prompts)", unit="batch"):
         idx = order[s : s + batch_size]
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
         with _autocast(device):
@@ -435,9 +446,12 @@ PROGRESS_EVERY_S = 10.0
 
 
 def _progress(what: str, done: int, total: int) -> None:
-    """One stderr line at most every ``PROGRESS_EVERY_S`` seconds (and at the end), for runs of more than a chunk."""
+    """One stderr line at most every ``PROGRESS_EVERY_S`` seconds (and at the end), for runs of more than a chunk
+    (off with ``--quiet``, as the progress bars)."""
+    from attnlab.progress import enabled
+
     now = time.monotonic()
-    if total > EVAL_CHUNK and (now - _last_progress[0] >= PROGRESS_EVERY_S or done >= total):
+    if enabled() and total > EVAL_CHUNK and (now - _last_progress[0] >= PROGRESS_EVERY_S or done >= total):
         _last_progress[0] = now
         print(f"eval {what}: {done:,}/{total:,} items", file=sys.stderr, flush=True)
 
@@ -543,7 +557,9 @@ def eval_recall(model, tok, device: str, *, n: int, seed: int = 0) -> dict:
 def eval_classify(model, tok, device: str, *, n: int, shots=(0, 4), seed: int = 0) -> dict:
     """Accuracy of the arg-max over label words' first-token logits at the answer position."""
     out: dict[str, Any] = {}
-    for task, labels in classification.LABELS.items():
+    from attnlab.progress import bar
+
+    for task, labels in bar(classification.LABELS.items(), desc="classify tasks", unit="task"):
         label_ids = [tok(" " + lab, add_special_tokens=False)["input_ids"][0] for lab in labels]
         for k in shots:
             hits = done = 0

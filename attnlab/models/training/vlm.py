@@ -80,6 +80,17 @@ EVAL_TASKS: tuple[str, ...] = (
     "position",
     "sink",
 )
+# What ``evaluate``'s ``n`` counts in each task (the CLI's ``eval --n`` help is made from this).
+EVAL_N: dict[str, str] = {
+    "pope": "scenes per POPE split, about 5 questions each (default 500)",
+    "pope_random": "scenes (default 500)",
+    "pope_popular": "scenes (default 500)",
+    "pope_adversarial": "scenes (default 500)",
+    "attribute": "questions (default 1000)",
+    "count": "questions (default 1000)",
+    "position": "questions (default 1000)",
+    "sink": "prompts (default 64)",
+}
 # Seeds of the data streams: training pool, validation (checkpoint selection), test (evaluate()).
 _TRAIN_STREAM, _VAL_STREAM, _TEST_OFFSET = 0, 1, 10_000
 SCENE_CONFIG = "scene_config.json"  # the scene distribution, saved next to the weights for evaluate()
@@ -720,8 +731,10 @@ def generate_answers(
     processor, model, pairs, cfg: shapes.SceneConfig, batch_size: int = 128, max_new_tokens: int = 4
 ) -> list[str]:
     """Greedy answers for (scene, question) pairs, through the processor and ``generate``."""
+    from attnlab.progress import bar
+
     answers: list[str] = []
-    for s in range(0, len(pairs), batch_size):
+    for s in bar(range(0, len(pairs), batch_size), desc=f"generate ({len(pairs)} questions)", unit="batch"):
         chunk = pairs[s : s + batch_size]
         images = [shapes.render_scene(scene, cfg) for scene, _ in chunk]
         texts = [prompt_for(q.text) for _, q in chunk]

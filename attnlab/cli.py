@@ -971,6 +971,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_a, **_k: f"attnlab: warning: {message}\n"  # one line, no source
     from attnlab import progress
 
+    bars_before = progress.enabled()
     progress.set_enabled(not getattr(args, "quiet", False))  # every progress bar of the command, with an ETA
     try:
         return args.func(args)
@@ -991,6 +992,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         warnings.formatwarning = saved_format
+        progress.set_enabled(bars_before)  # main() called from Python (tests, notebooks) leaves no global change
 
 
 if __name__ == "__main__":

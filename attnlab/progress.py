@@ -20,8 +20,20 @@ def enabled() -> bool:
 
 
 def set_enabled(flag: bool) -> None:
-    """Turn every attnlab progress bar on or off (the CLI's ``--quiet`` calls ``set_enabled(False)``)."""
+    """Turn every attnlab progress bar on or off (the CLI's ``--quiet`` calls ``set_enabled(False)``); off also
+    silences Hugging Face's bars (transformers' weight loading, hub downloads)."""
+    import os
+    import sys
+
     _ENABLED[0] = bool(flag)
+    if not flag:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if not flag or "transformers" in sys.modules:
+        try:
+            from transformers.utils import logging as hf_logging
+        except ImportError:  # the training scripts run without transformers' extras
+            return
+        (hf_logging.enable_progress_bar if flag else hf_logging.disable_progress_bar)()
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -530,9 +531,17 @@ def _text(driver, css):
     return driver.find_element("css selector", css).text
 
 
+def screenshot_dir() -> Path:
+    """Where browser tests write their screenshots: a throw-away directory, unless ``ATTNLAB_SCREENSHOTS`` names
+    one (``ATTNLAB_SCREENSHOTS=figures`` re-takes the README's tracked ``figures/app_*.png``)."""
+    chosen = os.environ.get("ATTNLAB_SCREENSHOTS")
+    out = (ROOT / chosen) if chosen else Path(tempfile.gettempdir()) / "attnlab-screenshots"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _shot(driver, view_id, name):
-    out = ROOT / "figures"
-    out.mkdir(exist_ok=True)
+    out = screenshot_dir()
     element = driver.find_element("id", view_id)
     driver.execute_script("arguments[0].scrollIntoView(true);", element)
     time.sleep(0.3)  # let plotly finish drawing after the scroll

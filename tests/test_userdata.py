@@ -15,7 +15,6 @@ from conftest import SHORT_SENTENCES
 import attnlab
 from attnlab.cli import main
 from attnlab.errors import AttnlabError
-from attnlab.heads.inputs import image_digest, load_inputs, save_inputs
 from attnlab.heads.runs import Run
 from attnlab.models.bundled import bundled_path
 
@@ -55,6 +54,7 @@ def test_prompts_file_run_keeps_its_texts_and_token_ids(checkpoint_dir, tmp_path
 
 def test_image_prompts_are_kept_by_content_digest(loaded, tmp_path):
     from attnlab.datasets import shape_prompt_set
+    from attnlab.heads.inputs import image_digest, load_inputs
 
     model = loaded("llava")
     ps = shape_prompt_set("attribute", 3, 0)
@@ -80,6 +80,7 @@ def test_image_prompts_are_kept_by_content_digest(loaded, tmp_path):
 
 def test_kept_inputs_are_checked_when_read(tmp_path):
     from attnlab.datasets import PromptSet
+    from attnlab.heads.inputs import load_inputs, save_inputs
 
     save_inputs(tmp_path, PromptSet(name="p", token_ids=[[1, 2, 3], [4, 5]]), [[1, 2, 3], [4, 5]])
     assert load_inputs(tmp_path).token_ids == [[1, 2, 3], [4, 5]]

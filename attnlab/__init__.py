@@ -7,6 +7,13 @@ Notebook use::
     run = attnlab.scan(model, ["sinks", "induction"], prompts=["The cat sat on the mat."])
     run["first_token_sink"].top(5)                       # pandas DataFrame
     run["first_token_sink"].plot()                       # plotly heatmap
+    attnlab.pattern(model, "The cat sat on the mat.", "L1H3")        # one head's attention
+    attnlab.patterns(model, "The cat sat on the mat.", layer=1)      # all heads of a layer, as a grid
+    attnlab.compare_patterns(model, "A prompt.", "Another prompt.", heads=["L1H3"])
+    attnlab.head_dla(lm, "The Eiffel Tower is in", "Paris")         # each head's direct effect on a logit
+
+In a Jupyter kernel the first use of ``attnlab`` makes plotly figures self-contained (``attnlab.notebook``), so an
+exported notebook (``jupyter nbconvert --to html``) shows them.
 
 Heavy dependencies (torch, transformer_lens) load lazily, so ``import attnlab`` is cheap and the
 training scripts run where TransformerLens is not installed.
@@ -27,11 +34,21 @@ _LAZY = {
     "TokenScores": "attnlab.heads.results",
     "Run": "attnlab.heads.runs",
     "AttnlabError": "attnlab.errors",
+    "pattern": "attnlab.attention",
+    "patterns": "attnlab.attention",
+    "compare_patterns": "attnlab.attention",
+    "AttentionPatterns": "attnlab.attention",
+    "PatternComparison": "attnlab.attention",
+    "head_dla": "attnlab.dla",
+    "HeadDLA": "attnlab.dla",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
+        from attnlab.notebook import setup_once
+
+        setup_once()  # in a Jupyter kernel: figures that survive a static export (cheap after the first call)
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
 

@@ -75,3 +75,22 @@ IV_OUTPUTS = "iv-outputs"  # table: both greedy outputs and the answer probabili
 IV_FIGURE = "iv-figure"  # attention difference of the selected head
 IV_STATUS = "iv-status"
 IV_BUSY = "iv-busy"
+
+# explore views (attnlab.apps.explore): a grid of heads, two prompts compared, head direct logit attribution. They
+# use the attention pattern view's prompt (a run prompt or the typed one) and the selected head.
+GRID_VIEW = "grid-view"
+GRID_LAYER = "grid-layer"  # dropdown: a layer, or "selected" (the selected head's layer)
+GRID_FIGURE = "grid-figure"
+GRID_STATUS = "grid-status"
+CMP_VIEW = "compare-prompts-view"
+CMP_PROMPT = "compare-prompt"  # the second prompt (B); A is the pattern view's prompt
+CMP_SCOPE = "compare-scope"  # radio: "head" (the selected head) or "layer" (every head of its layer)
+CMP_RUN = "compare-run"  # button
+CMP_FIGURE = "compare-figure"
+CMP_STATUS = "compare-status"
+DLA_VIEW = "dla-view"
+DLA_ANSWER = "dla-answer"
+DLA_CONTRAST = "dla-contrast"  # optional: attribute logit(answer) - logit(contrast)
+DLA_RUN = "dla-run"  # button
+DLA_FIGURE = "dla-figure"
+DLA_STATUS = "dla-status"

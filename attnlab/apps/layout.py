@@ -1,5 +1,5 @@
-"""The page: seven views (runs, head map, attention pattern, tokens, vision for VLM runs, interventions, ablation
-scoring) in one column. Ids come from ``ids.py``.
+"""The page: ten views (runs, head map, attention pattern, tokens, vision for VLM runs, a layer's heads as a grid,
+two prompts compared, head DLA, interventions, ablation scoring) in one column. Ids come from ``ids.py``.
 
 ``build_layout`` is called on every page load (``app.layout`` is a function), so new runs appear on refresh.
 """
@@ -11,6 +11,7 @@ from dash import dcc, html
 from attnlab.apps import ids
 from attnlab.apps.ablation import MAX_K, MAX_SEEDS
 from attnlab.apps.callbacks.tokens import TOKEN_PAGE
+from attnlab.apps.explore import explore_views
 from attnlab.apps.interventions import DEFAULT_PARAMS, MAX_PARAMS_CHARS, method_options
 from attnlab.apps.state import GRAPH_HEIGHTS, AppState, failure_message
 from attnlab.apps.vision import MAX_UPLOAD_BYTES, UPLOAD_QUESTION
@@ -243,6 +244,7 @@ def build_layout(state: AppState) -> html.Div:
                 ],
                 hidden=True,
             ),
+            *explore_views(state),
             interventions_view(state),
             _section(
                 "Ablation scoring",

@@ -124,6 +124,36 @@ class HeadScores:
             return np.nanmean(grouped, axis=-1)
         raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
 
+    def __repr__(self) -> str:
+        finite = np.isfinite(self.scores)
+        if not finite.any():
+            why = self.summary.get("note") if isinstance(self.summary, dict) else None
+            what = f"not scored{': ' + str(why) if why else ' (every value undefined)'}"
+        else:
+            top = ", ".join(f"{r.label} {r.score:.3g}" for r in self.top(3).itertuples())
+            what = f"{'lowest' if self.higher_is == 'less' else 'top'}: {top}"
+        kv = f" ({self.n_kv_heads} KV)" if self.n_kv_heads and self.n_kv_heads != self.n_heads else ""
+        return f"HeadScores({self.name!r}, {self.model or '?'}, {self.n_layers} x {self.n_heads} heads{kv}; {what})"
+
+    def _repr_html_(self) -> str:
+        from attnlab.notebook import grid_html, head_table_html, html_escape
+
+        head = (
+            f"<b>{html_escape(self.name)}</b> — {html_escape(self.model)}, probe {html_escape(self.probe)}, "
+            f"{self.n_layers} x {self.n_heads} heads, {'lower' if self.higher_is == 'less' else 'higher'} is more"
+        )
+        desc = (
+            f"<div style='font-size:85%;color:#555'>{html_escape(self.description)}</div>" if self.description else ""
+        )
+        if not np.isfinite(self.scores).any():
+            why = html_escape(self.summary.get("note", "every value undefined"))
+            return f"<div>{head}{desc}<div>not scored: {why}</div></div>"
+        return (
+            f"<div>{head}{desc}<div style='display:flex;gap:24px;align-items:flex-start'>"
+            f"<div>{grid_html(self.scores, title='layers x heads (hover a cell)')}</div>"
+            f"<div>{head_table_html(self.top(8))}</div></div></div>"
+        )
+
     def plot(self, title: str | None = None):
         """Plotly heatmap (layers x heads); the same figure the app shows."""
         from attnlab.apps.figures import head_map
@@ -257,6 +287,24 @@ class TokenScores:
             .sort_values("value", ascending=False, kind="stable")
             .head(k)
             .reset_index(drop=True)
+        )
+
+    def __repr__(self) -> str:
+        marks = ", ".join(f"{m}: {len(p)}" for m, p in self.marks.items())
+        return (
+            f"TokenScores({self.name!r}, {self.model or '?'}, prompt {self.prompt_index}: {len(self.tokens)} tokens x "
+            f"{len(self.row_labels)} rows{'; marks ' + marks if marks else ''})"
+        )
+
+    def _repr_html_(self) -> str:
+        from attnlab.notebook import html_escape, tokens_html
+
+        marks = ", ".join(f"{html_escape(m)} at {html_escape(p[:12])}" for m, p in self.marks.items())
+        return (
+            f"<div><b>{html_escape(self.name)}</b> — {html_escape(self.model)}, prompt {self.prompt_index}, "
+            f"{len(self.tokens)} tokens; row {html_escape(self.row_labels[-1])} shown"
+            f"{'; marks: ' + marks if marks else ''}"
+            f"{tokens_html(self.tokens, self.values[-1], self.marks)}</div>"
         )
 
     def plot(self, title: str | None = None):

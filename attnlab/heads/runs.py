@@ -384,6 +384,11 @@ class Run:
     def __contains__(self, name: str) -> bool:
         return name in self.results
 
+    def __repr__(self) -> str:
+        model = self.info.get("model", {}).get("name", "?")
+        ds = self.info.get("dataset", {})
+        return f"Run({str(self.directory)!r}: {model} on {ds.get('name', '?')}, {len(self.results)} results)"
+
     def inputs(self):
         """The prompts (texts or token ids), images and metadata the run was made on (``RunInputs``), or None for a
         run written before runs kept their inputs."""

@@ -191,6 +191,24 @@ class Intervention:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
 
+    def _repr_html_(self) -> str:
+        from attnlab.notebook import html_escape, table_html
+
+        params = table_html([{"parameter": k, "value": repr(v)} for k, v in self.get_params().items()])
+        if not self.is_fitted():
+            return f"<div><b>{html_escape(type(self).__name__)}</b> (not fitted){params}</div>"
+        heads = self.edited_heads()
+        shown = "not per head" if heads is None else (", ".join(f"L{l}H{h}" for l, h in heads[:24]) or "none")
+        more = f" … ({len(heads)} heads)" if heads is not None and len(heads) > 24 else ""
+        note = self.does_nothing()
+        fit = self.fit_split_
+        return (
+            f"<div><b>{html_escape(type(self).__name__)}</b> fitted on {html_escape(fit.get('name'))} "
+            f"(n={fit.get('n')}) for {html_escape(self.model_.get('name'))}<br>edits: {html_escape(shown)}{more}"
+            + (f"<br><b>note:</b> {html_escape(note)}" if note else "")
+            + f"{params}</div>"
+        )
+
     # ---- fitting ---------------------------------------------------------------------------------------------
 
     def fit(self, model, data=None, *, split: str = "fit") -> Intervention:

@@ -393,6 +393,29 @@ class InterventionReport:
     def to_dict(self) -> dict[str, Any]:
         return {**self.info, "metrics": self.table.to_dict(orient="records"), "items": self.items}
 
+    def __repr__(self) -> str:
+        lines = [f"{r.metric} {r.baseline:.3f} -> {r.intervened:.3f} ({r.diff:+.3f})" for r in self.table.itertuples()]
+        note = f"; note: {self.info['note']}" if self.info.get("note") else ""
+        return (
+            f"InterventionReport({self.info.get('method')} on {self.info.get('model')}, "
+            f"{self.info.get('eval_split', {}).get('name')}: {'; '.join(lines)}{note})"
+        )
+
+    def _repr_html_(self) -> str:
+        from attnlab.notebook import html_escape, table_html
+
+        cols = ["metric", "baseline", "baseline_lo", "baseline_hi", "intervened", "diff", "diff_lo", "diff_hi", "n"]
+        note = self.info.get("note")
+        fit, ev = self.info.get("fit_split", {}), self.info.get("eval_split", {})
+        return (
+            f"<div><b>{html_escape(self.info.get('method'))}</b> on {html_escape(self.info.get('model'))}: fitted on "
+            f"{html_escape(fit.get('name'))} (n={fit.get('n')}), measured on {html_escape(ev.get('name'))} "
+            f"(n={ev.get('n')}), paired bootstrap intervals"
+            f"{table_html(self.table.to_dict(orient='records'), [c for c in cols if c in self.table.columns])}"
+            + (f"<b>note:</b> {html_escape(note)}" if note else "")
+            + "</div>"
+        )
+
     def save(self, directory: str | Path) -> Path:
         """Write ``report.json`` (everything) and ``report.csv`` (the table), each atomically."""
         d = Path(directory)

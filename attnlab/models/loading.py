@@ -135,6 +135,34 @@ class LoadedModel:
     image_token_id: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        kv = f" ({self.n_kv_heads} KV)" if self.n_kv_heads != self.n_heads else ""
+        kind = "causal" if self.causal else "bidirectional"
+        image = ", images" if self.modality == "vision-language" else ""
+        return (
+            f"LoadedModel({self.name!r}: {self.architecture}, {self.n_layers} layers x {self.n_heads} heads{kv}, "
+            f"d_head {self.d_head}, context {self.n_ctx}, {kind}{image}, {self.device} {self.dtype})"
+        )
+
+    def _repr_html_(self) -> str:
+        from attnlab.notebook import html_escape, table_html
+
+        rows = [
+            {"": "architecture", "value": self.architecture},
+            {"": "layers x heads", "value": f"{self.n_layers} x {self.n_heads}"},
+            {
+                "": "KV heads",
+                "value": f"{self.n_kv_heads} (grouped-query)" if self.n_kv_heads != self.n_heads else self.n_kv_heads,
+            },
+            {"": "d_model / d_head", "value": f"{self.d_model} / {self.d_head}"},
+            {"": "context", "value": self.n_ctx},
+            {"": "attention", "value": "causal" if self.causal else "bidirectional"},
+            {"": "modality", "value": self.modality},
+            {"": "device, dtype", "value": f"{self.device}, {self.dtype}"},
+            {"": "loaded from", "value": self.path},
+        ]
+        return f"<div><b>{html_escape(self.name)}</b>{table_html(rows, ['', 'value'])}</div>"
+
     @property
     def hf_model(self):
         """The underlying Hugging Face model (its attention modules are bridge components)."""

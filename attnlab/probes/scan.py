@@ -35,6 +35,37 @@ class ScanResult:
     def head_scores(self) -> dict[str, HeadScores]:
         return {k: v for k, v in self.results.items() if isinstance(v, HeadScores)}
 
+    def __repr__(self) -> str:
+        model = self.info.get("model", {}).get("name", "?")
+        n = self.info.get("dataset", {}).get("n_prompts", "?")
+        heads = len(self.head_scores())
+        where = f", saved in {self.run.directory}" if self.run is not None else ""
+        missing = f", {len(self.not_scored)} not scored" if self.not_scored else ""
+        return (
+            f"ScanResult({model} on {n} prompts: {len(self.results)} results "
+            f"({heads} head scores, {len(self.results) - heads} token scores){missing}{where})"
+        )
+
+    def _repr_html_(self) -> str:
+        from attnlab.notebook import html_escape, table_html
+
+        rows = []
+        for name, r in self.results.items():
+            if name in self.not_scored:
+                what = f"not scored: {self.not_scored[name]}"
+            elif isinstance(r, HeadScores):
+                what = ", ".join(f"{x.label} {x.score:.3g}" for x in r.top(3).itertuples())
+            else:
+                what = f"prompt {r.prompt_index}, {len(r.tokens)} tokens"
+            rows.append({"result": name, "kind": r.kind.replace("_", " "), "top / what": what})
+        model = self.info.get("model", {}).get("name", "?")
+        ds = self.info.get("dataset", {})
+        where = f"; saved in {html_escape(self.run.directory)}" if self.run is not None else ""
+        return (
+            f"<div><b>scan</b> of {html_escape(model)} on {html_escape(ds.get('name', '?'))} "
+            f"({ds.get('n_prompts', '?')} prompts){where}{table_html(rows)}</div>"
+        )
+
 
 def _as_probes(probes, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[Probe]:
     """Probe objects from names / groups / objects, each probe once; named probes are built with their entry of

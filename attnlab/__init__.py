@@ -49,7 +49,9 @@ def __getattr__(name: str):
         from attnlab.notebook import setup_once
 
         setup_once()  # in a Jupyter kernel: figures that survive a static export (cheap after the first call)
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # resolved once: later lookups (and documentation tools) find it directly
+        return value
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
 
 

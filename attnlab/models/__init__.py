@@ -9,5 +9,7 @@ def __getattr__(name: str):
     if name in ("load", "LoadedModel"):
         from attnlab.models import loading
 
-        return getattr(loading, name)
+        value = getattr(loading, name)
+        globals()[name] = value  # resolved once
+        return value
     raise AttributeError(name)

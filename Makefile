@@ -15,7 +15,7 @@ TORCH_SOURCE ?= $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS),--extra-index-
 LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 EXTRAS := --extra test --extra dit --extra dev --extra ray
 
-.PHONY: setup lock test-latest lint browser run test clean
+.PHONY: setup lock test-latest lint browser run test docs notebooks clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,7 @@ test-latest: setup browser
 	.venv-latest/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|transformer.lens|dash|plotly|numpy|pandas)==' || true
 	.venv-latest/bin/ruff check . && .venv-latest/bin/ruff format --check .
 	.venv-latest/bin/python -m pytest
+	.venv-latest/bin/python -m pytest --nbmake examples -p no:cacheprovider
 
 lint: setup
 	$(BIN)/ruff check .
@@ -78,8 +79,17 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	  echo "chromium not installed: the app's browser test will be skipped"
 
+# The API reference from the docstrings (pdoc): build/api/index.html. tests/test_api_docs.py builds it in `make test`.
+docs: setup
+	$(BIN)/python scripts/api_docs.py build/api
+
+# The example notebooks, executed top to bottom on CPU (nbmake); they are committed without outputs.
+notebooks: setup
+	$(BIN)/python -m pytest --nbmake examples -p no:cacheprovider
+
 test: setup browser lint
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --nbmake examples -p no:cacheprovider
 
 clean:
-	rm -rf $(RUNS) .pytest_cache .venv-latest
+	rm -rf $(RUNS) .pytest_cache .venv-latest build/api

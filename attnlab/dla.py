@@ -215,7 +215,11 @@ def head_dla(
 
     if not model.causal:
         raise AttnlabError(f"head DLA attributes a next-token logit; {model.name} is a bidirectional encoder")
-    ids = model.token_ids(prompt) if isinstance(prompt, str) else model.check_length([int(t) for t in prompt], truncate=False, index=0)
+    ids = (
+        model.token_ids(prompt)
+        if isinstance(prompt, str)
+        else model.check_length([int(t) for t in prompt], truncate=False, index=0)
+    )
     n = len(ids)
     q = position + n if position < 0 else position
     if not 0 <= q < n:

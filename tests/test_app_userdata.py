@@ -289,3 +289,28 @@ def test_browser_an_intervention_that_edits_no_heads_says_so(browser, served):
     d.find_element("id", ids.IV_RUN).click()
     _wait(d, lambda d: "edits no heads" in _text(d, f"#{ids.IV_OUTPUTS}"), 120, "the note")
     assert "the intervened model is the baseline" in _text(d, f"#{ids.IV_OUTPUTS}")
+
+
+# ---- the explore views: a layer's heads, two prompts, head DLA ------------------------------------------------------
+
+
+def test_browser_explore_views_draw_the_notebook_figures(browser, served):
+    d = browser
+    _open(d, served, "organism-lm-niah")
+    _wait(d, lambda d: _text(d, f"#{ids.GRID_FIGURE} .gtitle").startswith("attention of 12 heads"), 60, "the grid")
+    _shot(d, ids.GRID_VIEW, "grid")
+    _choose(d, ids.PROMPT_SELECT, "typed prompt")
+    d.find_element("id", ids.CUSTOM_PROMPT).send_keys("The cat sat on the mat. The dog sat on the")
+    d.find_element("id", ids.RUN_PROMPT).click()
+    _wait(d, lambda d: "tokens" in _pattern_title(d) and _text(d, f"#{ids.PATTERN_STATUS}") == "", 30, "typed")
+    d.find_element("id", ids.CMP_PROMPT).send_keys("The cat sat on the rug. The dog sat on the")
+    d.find_element("id", ids.CMP_RUN).click()
+    _wait(d, lambda d: _text(d, f"#{ids.CMP_FIGURE} .gtitle").startswith("B vs A"), 60, "the comparison")
+    assert _text(d, f"#{ids.CMP_STATUS}") == ""
+    _shot(d, ids.CMP_VIEW, "compare")
+    d.find_element("id", ids.DLA_ANSWER).send_keys("mat")
+    d.find_element("id", ids.DLA_RUN).click()
+    _wait(d, lambda d: _text(d, f"#{ids.DLA_FIGURE} .gtitle").startswith("head DLA"), 60, "the attribution")
+    assert _text(d, f"#{ids.DLA_STATUS}") == ""
+    _shot(d, ids.DLA_VIEW, "dla")
+

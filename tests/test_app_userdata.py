@@ -313,4 +313,3 @@ def test_browser_explore_views_draw_the_notebook_figures(browser, served):
     _wait(d, lambda d: _text(d, f"#{ids.DLA_FIGURE} .gtitle").startswith("head DLA"), 60, "the attribution")
     assert _text(d, f"#{ids.DLA_STATUS}") == ""
     _shot(d, ids.DLA_VIEW, "dla")
-

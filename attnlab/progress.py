@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 _ENABLED = [True]
+_SET_HF_ENV = [False]  # whether set_enabled(False) set HF_HUB_DISABLE_PROGRESS_BARS
 
 
 def enabled() -> bool:
@@ -26,8 +27,12 @@ def set_enabled(flag: bool) -> None:
     import sys
 
     _ENABLED[0] = bool(flag)
-    if not flag:
+    if not flag and "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        _SET_HF_ENV[0] = True
+    elif flag and _SET_HF_ENV[0]:  # undo only what we set (a user's own setting stays)
+        os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        _SET_HF_ENV[0] = False
     if not flag or "transformers" in sys.modules:
         try:
             from transformers.utils import logging as hf_logging

@@ -199,6 +199,7 @@ def test_malformed_run_json_is_listed_as_unreadable(runs_dir, field, value):
 
 
 def test_a_huge_prompt_count_is_capped_and_said(runs_dir):
+    (runs_dir / "tiny" / "inputs.json").unlink()  # a run written before runs kept their inputs: run.json's count
     index = json.loads((runs_dir / "tiny" / "run.json").read_text())
     index["info"]["dataset"].update(n_prompts=10**9, name="prose(n=1000000000,seed=0)")  # regenerable name
     (runs_dir / "tiny" / "run.json").write_text(json.dumps(index))
@@ -210,6 +211,15 @@ def test_a_huge_prompt_count_is_capped_and_said(runs_dir):
     assert r.status_code == 200 and len(r.get_data()) < 200_000
     with pytest.raises(AttnlabError, match="more than the app regenerates"):
         app.attnlab_state.live.run_prompt_ids(app.attnlab_state.catalog.open("tiny").info, 3)
+
+
+def test_kept_prompts_are_capped_and_said(runs_dir, monkeypatch):
+    """A run that kept its inputs lists them from inputs.json, capped the same way."""
+    monkeypatch.setattr(runs, "MAX_PROMPT_OPTIONS", 1)
+    app = _app(runs_dir)
+    info, *_, prompt_opts, _ = runs.run_selected("tiny", app.attnlab_state)
+    assert [o["value"] for o in prompt_opts] == ["0", runs.TYPED]
+    assert "the prompt list shows the first 1 of its 2 prompts" in info
 
 
 def test_image_regeneration_is_capped():

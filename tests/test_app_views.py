@@ -383,9 +383,17 @@ def _browser_session(url, _text, _wait, _shot, token_result):
         # switch to the VLM run: the vision view appears with the overlay of the selected head
         _pick(d, _wait, ids.RUN_SELECT, "shapes")
         _wait(d, lambda d: d.find_element("id", ids.VISION_VIEW).is_displayed(), 10, "vision view shown")
+        # the run switch selects the run's strongest first_token_sink head (L0H2, which puts no attention on the
+        # image); click L0H3, a head that does
+        _wait(d, lambda d: _text(d, f"#{ids.HEAD_MAP} .gtitle").startswith("first_token_sink"), 30, "VLM head map")
+        _wait(d, lambda d: "on the image" in _text(d, f"#{ids.VISION_FIGURE} .gtitle"), 60, "strongest head's overlay")
+        from test_app_userdata import _click_head
+
+        _click_head(d, 0, 3, 6, 8)
+        _wait(d, lambda d: _text(d, f"#{ids.HEAD_LABEL}") == "selected head: L0H3", 10, "head selection")
         _wait(
             d,
-            lambda d: "attention over the image patches" in _text(d, f"#{ids.VISION_FIGURE} .gtitle"),
+            lambda d: "L0H3 attention over the image patches" in _text(d, f"#{ids.VISION_FIGURE} .gtitle"),
             60,
             "image overlay",
         )

@@ -27,7 +27,10 @@ def vision_visibility(run_name, state: AppState) -> tuple:
         n = n_prompts(run)
     except Exception:
         n = 0
-    options = [{"label": f"run image {i}", "value": str(i)} for i in range(n)] + [
+    from attnlab.apps.callbacks.runs import MAX_PROMPT_OPTIONS
+
+    shown = min(n, MAX_PROMPT_OPTIONS)  # a run may claim any number of images: the dropdown lists this many at most
+    options = [{"label": f"run image {i}", "value": str(i)} for i in range(shown)] + [
         {"label": "uploaded image", "value": UPLOAD}
     ]
     return {**_SECTION, "display": "block"}, options, options[0]["value"]

@@ -50,7 +50,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 # Each run directory is made afresh (`attnlab scan` refuses to add to an existing run without --append).
-RUN_DIRS := minilm-prose organism-lm-prose organism-lm-niah organism-lm-arithmetic organism-vlm-shapes
+RUN_DIRS := minilm-prose organism-lm-prose organism-lm-niah organism-lm-arithmetic organism-vlm-shapes organism-sink-bb
 run: setup
 	$(BIN)/attnlab models
 	rm -rf $(addprefix $(RUNS)/,$(RUN_DIRS))

@@ -38,7 +38,11 @@ def set_enabled(flag: bool) -> None:
             from transformers.utils import logging as hf_logging
         except ImportError:  # the training scripts run without transformers' extras
             return
-        (hf_logging.enable_progress_bar if flag else hf_logging.disable_progress_bar)()
+        import warnings
+
+        with warnings.catch_warnings():  # the hub warns when an env var it read at import keeps its bars off
+            warnings.simplefilter("ignore", UserWarning)
+            (hf_logging.enable_progress_bar if flag else hf_logging.disable_progress_bar)()
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+ROW_BUDGET = 1 << 26  # score entries per chunk of rows (256 MiB of float32) before the chunk shrinks
 NEG = -1e30  # masked score: exp(NEG - lse) == 0 exactly in float32, and no inf - inf NaN
 
 
@@ -241,11 +242,10 @@ def expectation(
         mask = _allowed(spec, torch.arange(tq, device=q.device), torch.arange(tk, device=q.device), b, tq, tk, q.device)
         causal = False
     keys, gqa, width = k.to(run), n_kv != n_heads, vals.shape[-1]
-    if q.device.type == "cuda":
-        if gqa and run == torch.float32:  # float32's fused kernel (memory-efficient) takes no grouped KV heads
-            keys, vals, gqa = expand_kv(keys, n_heads), expand_kv(vals, n_heads), False
-        if width % 8:  # fused kernels want aligned value widths; the padding columns are dropped below
-            vals = torch.nn.functional.pad(vals, (0, 8 - width % 8))
+    if width < q.shape[-1]:  # the fused kernels want values as wide as the keys (else PyTorch falls back to its
+        vals = torch.nn.functional.pad(vals, (0, q.shape[-1] - width))  # T x T math path); zero columns, dropped below
+    if q.device.type == "cuda" and gqa and run == torch.float32:  # float32's fused kernel takes no grouped KV
+        keys, vals, gqa = expand_kv(keys, n_heads), expand_kv(vals, n_heads), False
     out = torch.nn.functional.scaled_dot_product_attention(
         q.to(run), keys, vals, attn_mask=mask, is_causal=causal, scale=spec.scaling, enable_gqa=gqa
     )
@@ -329,7 +329,9 @@ class AttentionView:
     """
 
     def __init__(self, q, k, spec: ScoreSpec, *, pattern=None, chunk: int = 256):
-        self.q, self.k, self.spec, self.pattern, self.chunk = q, k, spec, pattern, int(chunk)
+        self.q, self.k, self.spec, self.pattern = q, k, spec, pattern
+        b, h, t = q.shape[0], q.shape[1], k.shape[2]  # long rows get fewer per chunk: memory stays ~ROW_BUDGET
+        self.chunk = min(int(chunk), max(16, ROW_BUDGET // max(1, b * h * t)))
         self._lse = None
         self._max = None
 

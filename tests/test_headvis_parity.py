@@ -151,3 +151,16 @@ def test_planted_patterns_give_closed_form_metrics():
     # the uniform head 1/4 + 1/5 + 1/6 over 3 queries
     assert g["induction_score"][0, 0] == pytest.approx(0.0)
     assert g["induction_score"][0, 1] == pytest.approx((1 / 4 + 1 / 5 + 1 / 6) / 3)
+
+
+def test_induction_pairs_matched_in_row_chunks_equal_the_whole_match():
+    """Long sequences match query rows a chunk at a time (no T x T mask): same pairs, same order."""
+    from attnlab.probes.headvis import batch_induction_pairs
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (3, 300), generator=g)
+    first, length = torch.tensor([0, 5, 0]), torch.tensor([300, 200, 1])
+    whole = batch_induction_pairs(ids, first, length)
+    chunked = batch_induction_pairs(ids, first, length, chunk=64)
+    assert len(whole[0]) > 1000
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))

@@ -62,19 +62,32 @@ def induction_pairs(ids: torch.Tensor, first: int, length: int) -> tuple[torch.T
     return q, k, int(n[0])
 
 
-def batch_induction_pairs(input_ids: torch.Tensor, first: torch.Tensor, length: torch.Tensor):
+def batch_induction_pairs(input_ids: torch.Tensor, first: torch.Tensor, length: torch.Tensor, *, chunk: int = 1024):
     """The induction pairs of every sequence of a batch at once: ``(b, query, key, n_queries[b])``, positions
-    absolute. Sequences of fewer than two tokens have none."""
+    absolute, ordered by (sequence, query, key). Sequences of fewer than two tokens have none. Query rows are
+    matched ``chunk`` at a time: memory ``chunk x T`` per sequence, never ``T x T``."""
     dev = input_ids.device
-    t = input_ids.shape[1]
+    n, t = input_ids.shape
     pos = torch.arange(t, device=dev)
     first, length = first.to(dev), length.to(dev)
     real = (pos[None] >= first[:, None]) & (pos[None] < (first + length)[:, None]) & (length >= 2)[:, None]
-    same = input_ids[:, :, None] == input_ids[:, None, :]  # [b, i, p]
-    earlier = pos[None, :, None] > pos[None, None, :]
-    hit = same & earlier & real[:, :, None] & real[:, None, :]
-    bi, qi, pi = torch.nonzero(hit, as_tuple=True)
-    return bi, qi, pi + 1, hit.any(-1).sum(-1)
+    if t <= chunk:  # short sequences: the whole batch in one match (one device sync per batch)
+        same = input_ids[:, :, None] == input_ids[:, None, :]  # [b, i, p]
+        hit = same & (pos[None, :, None] > pos[None, None, :]) & real[:, :, None] & real[:, None, :]
+        bi, qi, pi = torch.nonzero(hit, as_tuple=True)
+        return bi, qi, pi + 1, hit.any(-1).sum(-1)
+    bs, qs, ps, counts = [], [], [], torch.zeros(n, dtype=torch.long, device=dev)
+    for b in range(n):
+        for start in range(0, t, chunk):
+            rows = slice(start, min(start + chunk, t))
+            same = input_ids[b, rows, None] == input_ids[b, None, :]  # [c, p]
+            hit = same & (pos[rows, None] > pos[None, :]) & real[b, rows, None] & real[b, None, :]
+            qi, pi = torch.nonzero(hit, as_tuple=True)
+            bs.append(torch.full_like(qi, b))
+            qs.append(qi + start)
+            ps.append(pi + 1)
+            counts[b] += hit.any(-1).sum()
+    return torch.cat(bs), torch.cat(qs), torch.cat(ps), counts
 
 
 class HeadVisMetrics(Probe):

@@ -50,9 +50,9 @@ def main() -> None:
     path = args.model or str(build_random_model(args.shape, Path(tmp.name) / "m", device=args.device, dtype=args.dtype))
     model = attnlab.load(path, device=args.device, dtype=args.dtype)
     prompts = random_prompts(model, args.n_prompts, args.seq_len, 0)
-    from attnlab.probes.scan import _batches
+    from attnlab.probes.scan import prompt_batches
 
-    batches = [b.to(model.device) for b in _batches(model, prompts, args.batch_size, False)]
+    batches = [b.to(model.device) for b in prompt_batches(model, prompts, args.batch_size, False)]
     dev = args.device
 
     def timed(fn):

@@ -1,4 +1,4 @@
-"""Command line: ``attnlab scan | census | show | import | models | eval | ablate | intervene | app``.
+"""Command line: ``attnlab scan | census | show | import | models | eval | ablate | intervene | app | report``.
 
 Exit codes: 0 success, 2 user error (one-line message on stderr), 1 unexpected failure (one line; set
 ``ATTNLAB_DEBUG=1`` for the traceback), 130 interrupted. Nothing already written is lost: a scan saves each
@@ -385,6 +385,14 @@ def cmd_eval(args) -> int:
         )
     metrics = module.evaluate(str(path), args.task, device=args.device, n=args.n, seed=args.seed)
     print(json.dumps(metrics, indent=2, default=float))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from attnlab.apps.report import write_report
+
+    out = write_report(args.run_dir, args.out)
+    print(f"report: {out}  (one HTML file, plotly embedded: opens offline)")
     return 0
 
 
@@ -958,6 +966,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port, default=8050)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.set_defaults(func=cmd_app)
+
+    p = sub.add_parser(
+        "report",
+        help="write one self-contained HTML report of a run (opens offline)",
+        description="Write a run's model card, top heads per statistic, head maps (and census scatter, token scores) "
+        "or an intervention run's effect table with its intervals, as one HTML file with plotly embedded: no server, "
+        "no network needed to open it.",
+    )
+    p.add_argument("run_dir", help="a run directory (attnlab scan / census / intervene --out)")
+    p.add_argument("--out", required=True, help="the HTML file to write, e.g. report.html")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

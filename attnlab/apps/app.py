@@ -40,15 +40,19 @@ def create_app(
     max_pattern_size : most rows/columns of an attention pattern drawn (longer prompts are downsampled)
     """
     import dash
+    from dash import html
 
     from attnlab.apps.callbacks import register_all
-    from attnlab.apps.layout import build_layout
+    from attnlab.apps.layout import app_shell, build_layout
 
     state = AppState(
         catalog=RunCatalog.at(runs_dir), live=live_model or LiveModels(), max_pattern_size=max_pattern_size
     )
+    # The page is the shell (theme, URL) and a container that ``callbacks.shell`` fills from the URL on each page
+    # load; the full layout is given for validation so every callback's ids are checked when the app is built.
     app = dash.Dash(__name__, title="attnlab", serve_locally=True, update_title=None)
-    app.layout = lambda: build_layout(state)
+    app.layout = app_shell
+    app.validation_layout = html.Div([app_shell(), build_layout(state)])
     register_all(app, state)
     if not guard.is_loopback(host) and token is None:
         raise AttnlabError(f"serving on {host} needs an access token (create_app(..., token=guard.new_token()))")

@@ -9,18 +9,18 @@ comparison, one locked forward pass for DLA) and draw the notebook's figures (``
 
 from __future__ import annotations
 
+import dash_mantine_components as dmc
 from dash import dcc, html
 
 from attnlab.apps import ids
+from attnlab.apps.components import NOTE as _NOTE
+from attnlab.apps.components import ROW, card, graph
+from attnlab.apps.components import STATUS as _STATUS
 from attnlab.apps.state import AppState
 
-_SECTION = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "10px", "margin": "10px 0"}
-_STATUS = {"color": "#a33", "minHeight": "1.2em", "fontSize": "90%"}
-_NOTE = {"fontSize": "85%", "color": "#555", "marginBottom": "4px"}
 
-
-def _section(title: str, view_id: str, children: list) -> html.Div:
-    return html.Div([html.H3(title), *children], style=_SECTION, id=view_id)
+def _section(title: str, view_id: str, children: list):
+    return card(title, view_id, children)
 
 
 def explore_views(state: AppState) -> list[html.Div]:
@@ -43,7 +43,7 @@ def explore_views(state: AppState) -> list[html.Div]:
                         ),
                     ]
                 ),
-                dcc.Graph(id=ids.GRID_FIGURE, config={"displaylogo": False}),
+                *graph(ids.GRID_FIGURE),
                 html.Div(id=ids.GRID_STATUS, style=_STATUS),
             ],
         ),
@@ -71,8 +71,8 @@ def explore_views(state: AppState) -> list[html.Div]:
                     inputStyle={"marginLeft": "8px"},
                     style={"display": "inline-block"},
                 ),
-                html.Button("compare", id=ids.CMP_RUN, n_clicks=0, style={"marginLeft": "12px"}),
-                dcc.Graph(id=ids.CMP_FIGURE, config={"displaylogo": False}),
+                dmc.Button("compare", id=ids.CMP_RUN, n_clicks=0, size="compact-sm", ml="md"),
+                *graph(ids.CMP_FIGURE),
                 html.Div(id=ids.CMP_STATUS, style=_STATUS),
             ],
         ),
@@ -98,10 +98,11 @@ def explore_views(state: AppState) -> list[html.Div]:
                             placeholder="a contrast answer",
                             style={"width": "200px"},
                         ),
-                        html.Button("attribute", id=ids.DLA_RUN, n_clicks=0, style={"marginLeft": "12px"}),
-                    ]
+                        dmc.Button("attribute", id=ids.DLA_RUN, n_clicks=0, size="compact-sm"),
+                    ],
+                    style=ROW,
                 ),
-                dcc.Graph(id=ids.DLA_FIGURE, config={"displaylogo": False}),
+                *graph(ids.DLA_FIGURE),
                 html.Div(id=ids.DLA_STATUS, style=_STATUS),
             ],
         ),

@@ -125,7 +125,11 @@ def token_strip(
     cut = f" ({'; '.join(parts)})" if parts else ""
     fig.update_layout(
         title=title or f"{plain(tokens.name)} — {plain(tokens.model)}{plain(param_note(tokens))}{cut}",
-        xaxis={"tickangle": -60},
+        xaxis={
+            "tickangle": -90,
+            "type": "category",
+            **token_ticks(np.arange(start, stop + 1) - start, tokens.tokens[start:stop], labels, 0, 60),
+        },
         margin={"l": 80, "r": 20, "t": 50, "b": 120},
         meta={"start": start, "stop": stop, "n_tokens": n, "marks_outside": outside},
         legend={
@@ -139,15 +143,55 @@ def token_strip(
     return fig
 
 
-def block_labels(bounds: np.ndarray, tokens, offset: int = 0) -> list[str]:
-    """Axis labels of blocks ``[bounds[i], bounds[i+1])``: ``"12:tok"`` for one token, ``"12-19:tok…"`` for a block.
+def block_labels(bounds: np.ndarray, tokens, offset: int = 0, max_chars: int = 80) -> list[str]:
+    """Category names of blocks ``[bounds[i], bounds[i+1])``: ``"12:tok"`` for one token, ``"12-19:tok tok …"``
+    (the block's tokens, up to ``max_chars`` characters) for a block. The hover shows them whole.
 
-    Positions prefix the labels, so they are unique (plotly merges equal category labels)."""
+    Positions prefix the names, so they are unique (plotly merges equal category labels)."""
     out = []
     for s, e in zip(bounds[:-1], bounds[1:]):
-        tok = plain(tokens[offset + s]) if offset + s < len(tokens) else ""
-        out.append(f"{offset + s}:{tok}" if e - s == 1 else f"{offset + s}-{offset + e - 1}:{tok}…")
+        if e - s == 1:
+            tok = plain(tokens[offset + s]) if offset + s < len(tokens) else ""
+            out.append(f"{offset + s}:{tok}")
+            continue
+        text = "".join(str(t) for t in tokens[offset + s : offset + e])
+        text = text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+        out.append(f"{offset + s}-{offset + e - 1}:{plain(text)}")
     return out
+
+
+TICK_PX = 15  # room per tick label (px): 10 px text on a line of its own, horizontal or turned 90 degrees
+MAX_TOKEN_CHARS = 24  # longer tokens are shortened on the axis only (the hover shows them whole)
+
+
+def token_label(position: int, token) -> str:
+    """What an axis shows for one token: its position and its text, whitespace made visible."""
+    tok = str(token).replace("\n", "⏎").replace("\t", "⇥").replace("\r", "")
+    tok = tok if len(tok) <= MAX_TOKEN_CHARS else tok[: MAX_TOKEN_CHARS - 1] + "…"
+    return f"{position}:{plain(tok)}" if tok.strip() else f"{position}:␣{tok.strip()}"
+
+
+def token_ticks(bounds: np.ndarray, tokens, categories: list[str], offset: int, max_ticks: int) -> dict:
+    """Axis settings that label a readable subset of a token axis: at most ``max_ticks`` evenly spaced cells, each
+    labelled with one whole token (the first of its block) at that token's cell, never a cut block stub."""
+    m = len(categories)
+    if m == 0:
+        return {}
+    k = max(1, min(m, int(max_ticks)))
+    chosen = np.unique(np.linspace(0, m - 1, k).round().astype(int))
+    text = [
+        token_label(
+            offset + int(bounds[i]), tokens[offset + int(bounds[i])] if offset + bounds[i] < len(tokens) else ""
+        )
+        for i in chosen
+    ]
+    return {
+        "tickmode": "array",
+        "tickvals": [categories[i] for i in chosen],
+        "ticktext": text,
+        "tickfont": {"size": 10},
+        "automargin": True,
+    }
 
 
 def downsample_pattern(weights: np.ndarray, max_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,6 +220,8 @@ def attention_pattern(
     window: tuple[int, int] | None = None,
     max_size: int = 256,
     title: str | None = None,
+    log: bool = False,
+    height: int = 650,
 ) -> go.Figure:
     """Query x key heatmap of one head's attention with token labels (long inputs windowed, then downsampled).
 
@@ -189,8 +235,15 @@ def attention_pattern(
         Query positions to show; keys are shown from 0 to ``stop`` so the causal context stays visible.
     max_size : int, default=256
         Most rows/columns drawn; longer spans are block-downsampled (see ``downsample_pattern``).
+    log : bool, default=False
+        Colour by log10 of the weight (from 1e-5), so the rest of a row stays visible next to a sink.
+    height : int, default=650
+        Figure height (px); it sets how many token labels fit on the query axis.
 
-    The figure's ``layout.meta`` holds ``layer``, ``head``, ``head_label`` and ``n_tokens``.
+    Colour is the share of the query's attention on the key (each row sums to 1); a block is the mean over its
+    queries of the sum over its keys. Each axis labels a readable subset of whole tokens (``token_ticks``, one
+    per 15 px); the hover gives every cell's full tokens. The figure's ``layout.meta`` holds ``layer``, ``head``,
+    ``head_label``, ``n_tokens`` and ``log``.
     """
     w = np.asarray(weights, dtype=np.float32)
     n = w.shape[0]
@@ -199,26 +252,84 @@ def attention_pattern(
         raise ValueError(f"empty window {window} for a prompt of {n} tokens")
     sub = w[start:stop, :stop]
     m, bq, bk = downsample_pattern(sub, max_size=max_size)
-    shown = "" if m.shape == sub.shape else f", shown as {m.shape[0]}x{m.shape[1]} blocks"
+    blocks = m.shape != sub.shape
+    shown = "" if not blocks else f", shown as {m.shape[0]}x{m.shape[1]} blocks"
+    xs, ys = block_labels(bk, tokens, 0), block_labels(bq, tokens, start)
+    colour, scale = _colour(m, log)
     fig = go.Figure(
         go.Heatmap(
-            z=m,
-            x=block_labels(bk, tokens, 0),
-            y=block_labels(bq, tokens, start),
+            z=colour,
+            x=xs,
+            y=ys,
+            customdata=m if log else None,
             colorscale="Blues",
-            zmin=0,
-            hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.4f}<extra></extra>",
-            colorbar={"title": "attention"},
+            hovertemplate="query %{y}<br>key %{x}<br>share of row %{"
+            + ("customdata" if log else "z")
+            + ":.4g}<extra></extra>",
+            **scale,
         )
     )
     head_label = f"L{layer}H{head}"
-    fig.update_layout(
-        title=title or f"{head_label} attention — {plain(model)} ({n} tokens, queries {start}-{stop - 1}{shown})",
-        xaxis={"title": "key", "tickangle": -60, "type": "category"},
-        yaxis={"title": "query", "autorange": "reversed", "type": "category"},
-        margin={"l": 120, "r": 20, "t": 50, "b": 120},
-        meta={"layer": int(layer), "head": int(head), "head_label": head_label, "n_tokens": int(n)},
+    meaning = "colour: share of the query's attention" + (
+        " (block: mean over queries, sum over keys)" if blocks else ""
     )
+    meaning += ", log scale" if log else ""
+    fig.update_layout(
+        title={
+            "text": title
+            or f"{head_label} attention — {plain(model)} ({n} tokens, queries {start}-{stop - 1}{shown})"
+            f"<br><sup>{meaning}</sup>",
+            "x": 0.01,
+        },
+        xaxis={"title": "key", "tickangle": -90, "type": "category", **token_ticks(bk, tokens, xs, 0, 60)},
+        yaxis={
+            "title": "query",
+            "autorange": "reversed",
+            "type": "category",
+            **token_ticks(bq, tokens, ys, start, max(4, (height - 200) // TICK_PX)),
+        },
+        margin={"l": 60, "r": 20, "t": 70, "b": 60},
+        height=height,
+        meta={"layer": int(layer), "head": int(head), "head_label": head_label, "n_tokens": int(n), "log": bool(log)},
+    )
+    return fig
+
+
+LOG_FLOOR = -5.0  # log colour scales start at 1e-5 of a row
+
+
+def _colour(m: np.ndarray, log: bool) -> tuple[np.ndarray, dict]:
+    """The colour values and scale of a share-of-row matrix: linear from 0, or log10 from ``LOG_FLOOR``."""
+    if not log:
+        return m, {"zmin": 0, "colorbar": {"title": "share of row"}}
+    z = np.log10(np.clip(m, 10.0**LOG_FLOOR, None))
+    ticks = list(range(int(LOG_FLOOR), 1))
+    return z, {
+        "zmin": LOG_FLOOR,
+        "zmax": 0.0,
+        "colorbar": {
+            "title": "share of row (log)",
+            "tickvals": ticks,
+            "ticktext": [f"1e{t}" if t else "1" for t in ticks],
+        },
+    }
+
+
+def mark_head(fig: go.Figure, selected) -> go.Figure:
+    """Outline the selected head's cell on a head map (``{"layer": l, "head": h}``; None leaves the map as is)."""
+    if not selected or "layer" not in selected:
+        return fig
+    l, h = int(selected["layer"]), int(selected["head"])
+    fig.add_shape(
+        type="rect",
+        x0=h - 0.5,
+        x1=h + 0.5,
+        y0=l - 0.5,
+        y1=l + 0.5,
+        line={"color": "#e8590c", "width": 3},
+        fillcolor="rgba(0,0,0,0)",
+    )
+    fig.update_layout(meta={**(fig.layout.meta or {}), "selected": f"L{l}H{h}"})
     return fig
 
 
@@ -311,21 +422,22 @@ def query_row_strip(
     qtok = str(tokens[q]) if q < len(tokens) else ""
     qlabel = plain(qtok)
     shown = "" if m.shape[1] == stop else f", shown as {m.shape[1]} key blocks"
+    xs = block_labels(bk, tokens, 0)
     fig = go.Figure(
         go.Heatmap(
             z=m,
-            x=block_labels(bk, tokens, 0),
+            x=xs,
             y=[f"{q}:{qlabel}"],
             colorscale="Blues",
             zmin=0,
-            hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.4f}<extra></extra>",
-            colorbar={"title": "attention"},
+            hovertemplate="query %{y}<br>key %{x}<br>share of row %{z:.4f}<extra></extra>",
+            colorbar={"title": "share of row"},
         )
     )
     fig.update_layout(
         title=title
         or f"{head_label} attention of query {q} ({plain(repr(qtok))}) — {plain(model)} ({n} tokens{shown})",
-        xaxis={"title": "key", "tickangle": -60, "type": "category"},
+        xaxis={"title": "key", "tickangle": -90, "type": "category", **token_ticks(bk, tokens, xs, 0, 60)},
         yaxis={"title": "query", "type": "category"},
         margin={"l": 120, "r": 20, "t": 50, "b": 120},
         height=320,
@@ -589,5 +701,48 @@ def census_scatter(frame, x: str, y: str, title: str | None = None) -> go.Figure
         height=560,
         margin={"l": 60, "r": 20, "t": 50, "b": 50},
         template="plotly_white",
+    )
+    return fig
+
+
+def head_examples(examples, *, layer: int, head: int, model: str = "", max_size: int = 64) -> go.Figure:
+    """One head's attention on several prompts side by side (its top examples in a census).
+
+    Parameters
+    ----------
+    examples : list of (weights [n, n], tokens, caption) — the head's post-softmax pattern on each prompt
+    max_size : most rows/columns drawn per prompt (longer prompts are block-downsampled, rows keep their mass)
+
+    Colour is the share of the query's attention (one scale, 0 to 1, for all panels). ``layout.meta`` holds the
+    head, ``n_examples`` and the captions.
+    """
+    from plotly.subplots import make_subplots
+
+    n = max(1, len(examples))
+    fig = make_subplots(rows=1, cols=n, subplot_titles=[c for _, _, c in examples] or [""], horizontal_spacing=0.06)
+    for i, (weights, tokens, _) in enumerate(examples):
+        w = np.asarray(weights, dtype=np.float32)
+        m, bq, bk = downsample_pattern(w, max_size=max_size)
+        fig.add_trace(
+            go.Heatmap(
+                z=m,
+                x=block_labels(bk, tokens, 0, max_chars=40),
+                y=block_labels(bq, tokens, 0, max_chars=40),
+                coloraxis="coloraxis",
+                hovertemplate="query %{y}<br>key %{x}<br>share of row %{z:.4f}<extra></extra>",
+            ),
+            row=1,
+            col=i + 1,
+        )
+        fig.update_xaxes(type="category", showticklabels=False, title_text="key", row=1, col=i + 1)
+        fig.update_yaxes(type="category", autorange="reversed", showticklabels=False, row=1, col=i + 1)
+    fig.update_yaxes(title_text="query", row=1, col=1)
+    label = f"L{layer}H{head}"
+    fig.update_layout(
+        title=f"{label} on its top examples — {model}<br><sup>colour: share of the query's attention</sup>",
+        coloraxis={"colorscale": "Blues", "cmin": 0, "cmax": 1, "colorbar": {"title": "share of row"}},
+        height=420,
+        margin={"l": 50, "r": 20, "t": 90, "b": 40},
+        meta={"layer": int(layer), "head": int(head), "head_label": label, "n_examples": len(examples)},
     )
     return fig

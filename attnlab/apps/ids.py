@@ -94,3 +94,31 @@ DLA_CONTRAST = "dla-contrast"  # optional: attribute logit(answer) - logit(contr
 DLA_RUN = "dla-run"  # button
 DLA_FIGURE = "dla-figure"
 DLA_STATUS = "dla-status"
+
+# the workbench shell (issue #19): left panel, tabs, theme, keys, URL state
+URL = "url"  # dcc.Location: the run, score, head, prompt, tab and compared run live in its query string
+URL_INIT = "url-init"  # dcc.Store: the view the page was opened with (parsed query), until it has been applied
+PAGE = "page"  # the container the page is rendered into from the URL (once per page load)
+THEME = "theme"  # dmc.MantineProvider: forceColorScheme "light" / "dark"
+THEME_TOGGLE = "theme-toggle"  # dmc.Switch: dark mode (kept in the browser's local storage)
+TABS = "tabs"  # dmc.Tabs: runs, heads, pattern, explore, tokens, interventions, ablation, vision
+TAB_VISION = "tab-vision"  # the Vision tab's button (shown for vision-language runs only)
+KEY_STEP = "key-step"  # dcc.Store written by the page's key handler: {"step": "head+1" | "head-1" | ..., "t": ms}
+HEAD_PREV = "head-prev"  # buttons in the left panel doing what the keys do
+HEAD_NEXT = "head-next"
+LAYER_PREV = "layer-prev"
+LAYER_NEXT = "layer-next"
+PROMPT_PREVIEW = "prompt-preview"  # the chosen prompt's text, in the left panel
+TOP_HEADS = "top-heads"  # AG Grid: the score's heads ranked (a row click selects the head)
+PATTERN_LOG = "pattern-log"  # checkbox: the pattern's colour on a log scale (sinks dwarf everything else)
+TOKENS_HEAD = "tokens-head"  # the selected head's attention from the token score's prompt's last token
+
+# census view (Heads tab; runs written by `attnlab census`)
+CENSUS_VIEW = "census-view"
+CENSUS_X = "census-x"
+CENSUS_Y = "census-y"
+CENSUS_FIGURE = "census-figure"
+CENSUS_OTHER = "census-other"  # the compared run's census, side by side, same statistics
+CENSUS_EXAMPLES = "census-examples"  # the clicked head's pattern on its top examples
+CENSUS_STATUS = "census-status"
+MODEL_CARD = "model-card"  # the run's model: architecture, layers x heads, KV heads, dataset, when

@@ -44,11 +44,11 @@ def _window(start, size, n: int) -> tuple[int, int] | None:
 
 @figure_height(ids.PATTERN)
 def pattern_figure(
-    run_name, selected, choice, typed, start, size, state: AppState, mode: str = "pattern", query=None
+    run_name, selected, choice, typed, start, size, state: AppState, mode: str = "pattern", query=None, log=False
 ) -> tuple:
     """-> (figure, status message). ``mode="row"`` shows query row ``query`` (None = the last token) as a token
-    strip (``figures.query_row_strip``) instead of the windowed pattern. Failures give an empty figure and a
-    one-line message."""
+    strip (``figures.query_row_strip``) instead of the windowed pattern; ``log`` colours the pattern on a log
+    scale. Failures give an empty figure and a one-line message."""
     if not selected:
         return empty_figure("select a head on the head map"), ""
     try:
@@ -80,6 +80,7 @@ def pattern_figure(
             model=data.model,
             window=window,
             max_size=state.max_pattern_size,
+            log=bool(log),
         )
         return fig, ""
     except Exception as e:
@@ -110,11 +111,12 @@ def register(app, state: AppState) -> None:
         Input(ids.WINDOW_SIZE, "value"),
         Input(ids.PATTERN_MODE, "value"),
         Input(ids.QUERY_ROW, "value"),
+        Input(ids.PATTERN_LOG, "value"),
         State(ids.CUSTOM_PROMPT, "value"),  # read when something else fires: keystrokes never start a live run
         running=[(Output(ids.PATTERN_BUSY, "style"), {"display": "inline", "color": "#06c"}, {"display": "none"})],
     )(
-        lambda run_name, selected, choice, _clicks, start, size, mode, query, typed: pattern_figure(
-            run_name, selected, choice, typed, start, size, state, mode, query
+        lambda run_name, selected, choice, _clicks, start, size, mode, query, log, typed: pattern_figure(
+            run_name, selected, choice, typed, start, size, state, mode, query, "log" in (log or [])
         )
     )
     app.callback(

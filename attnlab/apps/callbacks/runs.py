@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dash import Input, Output
+from dash import Input, Output, State
 
 from attnlab.apps import ids
 from attnlab.apps.catalog import _model_label
@@ -18,9 +18,12 @@ def _options(names: list[str]) -> list[dict]:
     return [{"label": n, "value": n} for n in names]
 
 
-def run_selected(run_name, state: AppState) -> tuple:
+def run_selected(run_name, state: AppState, want: dict | None = None) -> tuple:
     """-> (info line, head-result options, head-result value, token-result options, token-result value,
-    prompt options, prompt value). A name that is not a run of the catalog yields a message and empty choices."""
+    prompt options, prompt value). A name that is not a run of the catalog yields a message and empty choices.
+
+    ``want``: the view the page's URL asked for (``URL_INIT``); when it names this run, its score and prompt are
+    chosen instead of the first ones (where the run has them)."""
     empty = ([], None, [], None, [{"label": "typed prompt", "value": TYPED}], TYPED)
     if run_name is None:
         return ("", *empty)
@@ -30,16 +33,12 @@ def run_selected(run_name, state: AppState) -> tuple:
         return (failure_message(e), *empty)
     info = run.info
     model = info.get("model", {})
-    ds = info.get("dataset", {})
     heads = run.names("head_scores")[:MAX_OPTIONS]
     toks = run.names("token_scores")[:MAX_OPTIONS]
     n_prompts = n_prompts_of(run)
     shown = min(n_prompts, MAX_PROMPT_OPTIONS)
     prompts = prompt_options(run, MAX_PROMPT_OPTIONS)
-    line = (
-        f"{_model_label(model.get('name'))} ({model.get('architecture')}, {model.get('n_layers')} layers x "
-        f"{model.get('n_heads')} heads), dataset {ds.get('name')}, created {info.get('created')}"
-    )
+    line = f"{_model_label(model.get('name'))}: {model.get('n_layers')} layers x {model.get('n_heads')} heads"
     if shown < n_prompts:
         line += f"; the prompt list shows the first {shown:,} of its {n_prompts:,} prompts"
     if len(run.results) > 2 * MAX_OPTIONS:
@@ -47,15 +46,14 @@ def run_selected(run_name, state: AppState) -> tuple:
     if not run.complete:
         line += f" — {run.state_line()}"
     line = no_paths(line)
-    return (
-        line,
-        _options(heads),
-        heads[0] if heads else None,
-        _options(toks),
-        toks[0] if toks else None,
-        prompts,
-        prompts[0]["value"],
-    )
+    result = heads[0] if heads else None
+    prompt = prompts[0]["value"]
+    if want and want.get("pending") and want.get("run") == run_name:
+        if want.get("result") in heads:
+            result = want["result"]
+        if want.get("prompt") in {o["value"] for o in prompts}:
+            prompt = want["prompt"]
+    return (line, _options(heads), result, _options(toks), toks[0] if toks else None, prompts, prompt)
 
 
 def register(app, state: AppState) -> None:
@@ -68,4 +66,5 @@ def register(app, state: AppState) -> None:
         Output(ids.PROMPT_SELECT, "options"),
         Output(ids.PROMPT_SELECT, "value"),
         Input(ids.RUN_SELECT, "value"),
-    )(lambda run_name: run_selected(run_name, state))
+        State(ids.URL_INIT, "data"),
+    )(lambda run_name, want: run_selected(run_name, state, want))

@@ -3,7 +3,7 @@ attention from the last prompt token over the patch grid overlaid (``figures.ima
 
 from __future__ import annotations
 
-from dash import Input, Output, State
+from dash import Input, Output, State, no_update
 
 from attnlab.apps import figures, ids
 from attnlab.apps.run_inputs import n_prompts
@@ -11,18 +11,17 @@ from attnlab.apps.state import AppState, empty_figure, failure_message, figure_h
 from attnlab.apps.vision import head_image_grid, is_vision_run
 
 UPLOAD = "upload"
-_SECTION = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "10px", "margin": "10px 0"}
 
 
 def vision_visibility(run_name, state: AppState) -> tuple:
-    """-> (view style, image options, image value): the view is shown for vision-language runs only."""
+    """-> (Vision tab style, image options, image value): the tab is shown for vision-language runs only."""
     try:
         run = state.catalog.open(run_name)
         info = run.info
     except Exception:
         run, info = None, {}
     if not is_vision_run(info):
-        return {**_SECTION, "display": "none"}, [], None
+        return {"display": "none"}, [], None
     try:
         n = n_prompts(run)
     except Exception:
@@ -33,7 +32,14 @@ def vision_visibility(run_name, state: AppState) -> tuple:
     options = [{"label": f"run image {i}", "value": str(i)} for i in range(shown)] + [
         {"label": "uploaded image", "value": UPLOAD}
     ]
-    return {**_SECTION, "display": "block"}, options, options[0]["value"]
+    return {"display": "block"}, options, options[0]["value"]
+
+
+def vision_tab(run_name, tab, state: AppState) -> tuple:
+    """``vision_visibility`` plus the active tab: leaving a vision run while its Vision tab is open goes to Heads."""
+    style, options, value = vision_visibility(run_name, state)
+    hidden = style.get("display") == "none"
+    return style, options, value, ("heads" if hidden and tab == "vision" else no_update)
 
 
 @figure_height(ids.VISION_FIGURE)
@@ -61,11 +67,13 @@ def uploaded(contents, current):
 
 def register(app, state: AppState) -> None:
     app.callback(
-        Output(ids.VISION_VIEW, "style"),
+        Output(ids.TAB_VISION, "style"),
         Output(ids.VISION_SOURCE, "options"),
         Output(ids.VISION_SOURCE, "value"),
+        Output(ids.TABS, "value"),
         Input(ids.RUN_SELECT, "value"),
-    )(lambda run_name: vision_visibility(run_name, state))
+        State(ids.TABS, "value"),
+    )(lambda run_name, tab: vision_tab(run_name, tab, state))
     app.callback(
         Output(ids.VISION_SOURCE, "value", allow_duplicate=True),
         Input(ids.VISION_UPLOAD, "contents"),

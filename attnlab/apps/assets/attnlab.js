@@ -1,0 +1,44 @@
+// attnlab: keys that move the selected head (the app's KEY_STEP store; the callbacks do the rest), and the
+// clientside helpers the app registers (hide a graph while it has nothing to draw; the light / dark theme).
+(function () {
+  var STEPS = {
+    ArrowRight: "head+1", l: "head+1",
+    ArrowLeft: "head-1", h: "head-1",
+    ArrowDown: "layer+1", j: "layer+1",
+    ArrowUp: "layer-1", k: "layer-1",
+  };
+  document.addEventListener("keydown", function (e) {
+    var t = e.target;
+    if (e.ctrlKey || e.metaKey || e.altKey || !t) return;
+    if (t.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(t.tagName)) return;
+    if (t.closest && t.closest("[role=listbox],[role=combobox],.ag-root-wrapper,.dash-dropdown")) return;
+    var step = STEPS[e.key];
+    if (!step || !window.dash_clientside || !window.dash_clientside.set_props) return;
+    e.preventDefault();
+    window.dash_clientside.set_props("key-step", { data: { step: step, t: Date.now() } });
+  });
+
+  function emptyFigure(fig) {
+    return !fig || !fig.data || fig.data.length === 0;
+  }
+
+  window.dash_clientside = Object.assign({}, window.dash_clientside, {
+    attnlab: {
+      // -> [graph style, hint]: an empty figure hides its graph and its message (or the default) becomes the hint
+      shown: function (fig, hint, style) {
+        if (emptyFigure(fig)) {
+          var anns = (fig && fig.layout && fig.layout.annotations) || [];
+          var msg = fig ? (anns.length ? anns[0].text : "") : hint;
+          return [Object.assign({}, style, { display: "none" }), msg || ""];
+        }
+        return [Object.assign({}, style, { display: "block" }), ""];
+      },
+      theme: function (dark) {
+        var mode = dark ? "dark" : "light";
+        document.documentElement.setAttribute("data-ag-theme-mode", mode);
+        document.body.setAttribute("data-ag-theme-mode", mode);
+        return mode;
+      },
+    },
+  });
+})();

@@ -527,8 +527,34 @@ def _wait(driver, predicate, timeout=30.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+_SHOW_TAB = """
+const el = arguments[0];
+const panel = el && el.closest('[role=tabpanel]');
+if (!panel || panel.offsetParent !== null) return false;
+const value = panel.id.split('-panel-').pop();
+const tab = document.getElementById('tab-' + value);
+if (tab) { tab.click(); return true; }
+return false;
+"""
+
+
+def _show(driver, element) -> None:
+    """Open the tab that holds ``element`` (as a user would before reading or using it); no-op when shown."""
+    if driver.execute_script(_SHOW_TAB, element):
+        time.sleep(0.3)  # the panel appears and plotly resizes into it
+
+
+def _find(driver, value, by="id"):
+    """The element, with its tab opened first."""
+    element = driver.find_element(by, value)
+    if not element.is_displayed():
+        _show(driver, element)
+        element = driver.find_element(by, value)
+    return element
+
+
 def _text(driver, css):
-    return driver.find_element("css selector", css).text
+    return _find(driver, css, "css selector").text
 
 
 def screenshot_dir() -> Path:
@@ -542,7 +568,7 @@ def screenshot_dir() -> Path:
 
 def _shot(driver, view_id, name):
     out = screenshot_dir()
-    element = driver.find_element("id", view_id)
+    element = _find(driver, view_id)
     driver.execute_script("arguments[0].scrollIntoView(true);", element)
     time.sleep(0.3)  # let plotly finish drawing after the scroll
     element.screenshot(str(out / f"app_{name}.png"))
@@ -561,7 +587,7 @@ def test_browser_click_a_head_and_switch_token_score(browser, organism_app):
 
     # click cell (layer 6, head 3): the selection and the pattern view follow
     target = (6, 3)
-    drag = d.find_element("css selector", f"#{ids.HEAD_MAP} .nsewdrag")
+    drag = _find(d, f"#{ids.HEAD_MAP} .nsewdrag", "css selector")
     w, h = drag.size["width"], drag.size["height"]
     dx = (target[1] + 0.5) / model.n_heads * w - w / 2
     dy = (target[0] + 0.5) / model.n_layers * h - h / 2
@@ -574,15 +600,15 @@ def test_browser_click_a_head_and_switch_token_score(browser, organism_app):
     _shot(d, ids.PATTERN_VIEW, "pattern")
 
     # toggle to the chosen query row as a token strip (the last token by default), then back
-    d.find_element("css selector", f"#{ids.PATTERN_MODE} input[value=row]").click()
+    _find(d, f"#{ids.PATTERN_MODE} input[value=row]", "css selector").click()
     _wait(d, lambda d: _text(d, f"#{ids.PATTERN} .gtitle").startswith("L6H3 attention of query"), 30, "query row strip")
     _shot(d, ids.PATTERN_VIEW, "query_row")
-    d.find_element("css selector", f"#{ids.PATTERN_MODE} input[value=pattern]").click()
+    _find(d, f"#{ids.PATTERN_MODE} input[value=pattern]", "css selector").click()
     _wait(d, lambda d: _text(d, f"#{ids.PATTERN} .gtitle").startswith("L6H3 attention —"), 30, "pattern again")
 
     # switch the token score
     before = _text(d, f"#{ids.TOKEN_STRIP} .gtitle")
-    d.find_element("id", ids.TOKEN_RESULT).click()
+    _find(d, ids.TOKEN_RESULT).click()
     options = _wait(d, lambda d: d.find_elements("css selector", "[role=option]"), 10, "token score options")
     choice = next(
         o

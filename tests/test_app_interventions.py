@@ -291,13 +291,13 @@ def test_browser_interventions_view(tmp_path_factory):
 
 def _browser_session(url, _text, _wait, _shot):
     from selenium.webdriver.common.keys import Keys
-    from test_app import headless_chromium
+    from test_app import _find, headless_chromium
 
     with headless_chromium() as d:
         d.get(url)
         _wait(d, lambda d: "organism-lm" in _text(d, f"#{ids.RUN_INFO}"), what="run info")
         _wait(d, lambda d: _text(d, f"#{ids.PATTERN} .gtitle").startswith("L"), 60, "a head is selected")
-        d.find_element("id", ids.IV_METHOD).click()
+        _find(d, ids.IV_METHOD).click()
         _wait(
             d,
             lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == "zerotuning"],
@@ -305,15 +305,15 @@ def _browser_session(url, _text, _wait, _shot):
             "method option",
         )[0].click()
         _wait(d, lambda d: "available on this model" in _text(d, f"#{ids.IV_INFO}"), 20, "zerotuning available")
-        params = d.find_element("id", ids.IV_PARAMS)
+        params = _find(d, ids.IV_PARAMS)
         params.send_keys(Keys.CONTROL, "a")
         params.send_keys(Keys.BACKSPACE)
         params.send_keys("gamma=3")
-        d.find_element("id", ids.IV_PROMPT).send_keys(
+        _find(d, ids.IV_PROMPT).send_keys(
             "The secret KEY code is 482.\nQuestion: What is the secret KEY code?\nAnswer:"
         )
-        d.find_element("id", ids.IV_ANSWER).send_keys("482")
-        d.find_element("id", ids.IV_RUN).click()
+        _find(d, ids.IV_ANSWER).send_keys("482")
+        _find(d, ids.IV_RUN).click()
         try:
             _wait(d, lambda d: "baseline" in _text(d, f"#{ids.IV_FIGURE} .gtitle"), 60, "attention difference")
         except AssertionError:
@@ -325,7 +325,7 @@ def _browser_session(url, _text, _wait, _shot):
         outputs = _text(d, f"#{ids.IV_OUTPUTS}")
         _shot(d, ids.IV_VIEW, "interventions")
         figure = _text(d, f"#{ids.IV_FIGURE} .gtitle")
-        d.find_element("id", ids.IV_METHOD).click()
+        _find(d, ids.IV_METHOD).click()
         _wait(
             d,
             lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == "vhr"],
@@ -341,8 +341,10 @@ def _browser_session(url, _text, _wait, _shot):
 def _run_fitted(d, name, _text, _wait):
     """Pick the dropdown entry "zerotuning (fitted: NAME)" (typed into the search box: it is the last entry), run the
     prompt already typed, and wait for a difference figure labelled with it. -> what the page shows."""
+    from test_app import _find
+
     label = f"zerotuning (fitted: {name})"
-    d.find_element("id", ids.IV_METHOD).click()
+    _find(d, ids.IV_METHOD).click()
     search = _wait(d, lambda d: d.find_element("css selector", "input.dash-dropdown-search"), 10, "method search box")
     search.send_keys(name)
     option = _wait(
@@ -362,7 +364,7 @@ def _run_fitted(d, name, _text, _wait):
         20,
         "fitted intervention available",
     )
-    d.find_element("id", ids.IV_RUN).click()
+    _find(d, ids.IV_RUN).click()
     try:
         _wait(
             d,
@@ -379,7 +381,7 @@ def _run_fitted(d, name, _text, _wait):
         ) from None
     return {
         "info": _text(d, f"#{ids.IV_INFO}"),
-        "params": d.find_element("id", ids.IV_PARAMS).get_attribute("value"),
+        "params": _find(d, ids.IV_PARAMS).get_attribute("value"),
         "status": _text(d, f"#{ids.IV_STATUS}"),
         "figure": _text(d, f"#{ids.IV_FIGURE} .gtitle"),
         "outputs": _text(d, f"#{ids.IV_OUTPUTS}"),

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 from conftest import SHORT_SENTENCES
-from test_app import _shot, _text, _wait, headless_chromium
+from test_app import _find, _shot, _text, _wait, headless_chromium
 
 import attnlab
 from attnlab.apps import ids
@@ -125,7 +125,7 @@ def _choose(d, dropdown_id: str, text: str, timeout: float = 15.0) -> None:
     closed it)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        button = d.find_element("id", dropdown_id)
+        button = _find(d, dropdown_id)
         if button.get_attribute("aria-expanded") != "true":
             button.click()
         try:
@@ -160,7 +160,7 @@ def _plot_height(d, graph_id: str) -> float:
 def _click_head(d, layer: int, head: int, n_layers: int, n_heads: int) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
 
-    drag = d.find_element("css selector", f"#{ids.HEAD_MAP} .nsewdrag")
+    drag = _find(d, f"#{ids.HEAD_MAP} .nsewdrag", "css selector")
     w, h = drag.size["width"], drag.size["height"]
     dx = (head + 0.5) / n_heads * w - w / 2
     dy = (layer + 0.5) / n_layers * h - h / 2
@@ -202,7 +202,7 @@ def test_browser_a_prompts_file_run_shows_its_prompts_and_scores_ablations(brows
     # the ablation view scores the run's own prompts (each one's last token)
     _wait(d, lambda d: "answer log-prob" in _text(d, f"#{ids.ABL_METRIC}"), 10, "the log-prob metric offered")
     assert _text(d, f"#{ids.ABL_STATUS}") == ""
-    d.find_element("id", ids.ABL_RUN).click()
+    _find(d, ids.ABL_RUN).click()
     _wait(d, lambda d: _text(d, f"#{ids.ABL_FIGURE} .gtitle").startswith("drop of"), 60, "the ablation result")
     assert _text(d, f"#{ids.ABL_STATUS}") == "" and "baseline" in _text(d, f"#{ids.ABL_TABLE}")
 
@@ -275,7 +275,7 @@ def test_browser_the_tokens_view_pages_through_a_long_prompt(browser, served):
     assert "tokens 400–999 after" in status and "3 marked tokens among them" in status
     from selenium.webdriver.common.keys import Keys
 
-    box = d.find_element("id", ids.TOKEN_START)
+    box = _find(d, ids.TOKEN_START)
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys("600", Keys.ENTER)
     _wait(d, lambda d: "tokens 600–999 of 1000" in _text(d, f"#{ids.TOKEN_STRIP} .gtitle"), 20, "the last page")
@@ -292,8 +292,8 @@ def test_browser_an_intervention_that_edits_no_heads_says_so(browser, served):
     d = browser
     _open(d, served, "organism-lm-niah")
     _choose(d, ids.IV_METHOD, "act (fitted: act-none)")
-    d.find_element("id", ids.IV_PROMPT).send_keys("Review: a wonderful film. Sentiment:")
-    d.find_element("id", ids.IV_RUN).click()
+    _find(d, ids.IV_PROMPT).send_keys("Review: a wonderful film. Sentiment:")
+    _find(d, ids.IV_RUN).click()
     _wait(d, lambda d: "edits no heads" in _text(d, f"#{ids.IV_OUTPUTS}"), 120, "the note")
     assert "the intervened model is the baseline" in _text(d, f"#{ids.IV_OUTPUTS}")
 
@@ -307,16 +307,16 @@ def test_browser_explore_views_draw_the_notebook_figures(browser, served):
     _wait(d, lambda d: _text(d, f"#{ids.GRID_FIGURE} .gtitle").startswith("attention of 12 heads"), 60, "the grid")
     _shot(d, ids.GRID_VIEW, "grid")
     _choose(d, ids.PROMPT_SELECT, "typed prompt")
-    d.find_element("id", ids.CUSTOM_PROMPT).send_keys("The cat sat on the mat. The dog sat on the")
-    d.find_element("id", ids.RUN_PROMPT).click()
+    _find(d, ids.CUSTOM_PROMPT).send_keys("The cat sat on the mat. The dog sat on the")
+    _find(d, ids.RUN_PROMPT).click()
     _wait(d, lambda d: "tokens" in _pattern_title(d) and _text(d, f"#{ids.PATTERN_STATUS}") == "", 30, "typed")
-    d.find_element("id", ids.CMP_PROMPT).send_keys("The cat sat on the rug. The dog sat on the")
-    d.find_element("id", ids.CMP_RUN).click()
+    _find(d, ids.CMP_PROMPT).send_keys("The cat sat on the rug. The dog sat on the")
+    _find(d, ids.CMP_RUN).click()
     _wait(d, lambda d: _text(d, f"#{ids.CMP_FIGURE} .gtitle").startswith("B vs A"), 60, "the comparison")
     assert _text(d, f"#{ids.CMP_STATUS}") == ""
     _shot(d, ids.CMP_VIEW, "compare")
-    d.find_element("id", ids.DLA_ANSWER).send_keys("mat")
-    d.find_element("id", ids.DLA_RUN).click()
+    _find(d, ids.DLA_ANSWER).send_keys("mat")
+    _find(d, ids.DLA_RUN).click()
     _wait(d, lambda d: _text(d, f"#{ids.DLA_FIGURE} .gtitle").startswith("head DLA"), 60, "the attribution")
     assert _text(d, f"#{ids.DLA_STATUS}") == ""
     _shot(d, ids.DLA_VIEW, "dla")

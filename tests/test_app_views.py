@@ -342,7 +342,9 @@ def test_browser_ablation_and_vision_views(views):
 
 def _pick(d, _wait, dropdown_id, label):
     """Open a dash dropdown and click the option ``label``."""
-    d.find_element("id", dropdown_id).click()
+    from test_app import _find
+
+    _find(d, dropdown_id).click()
     _wait(
         d,
         lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == label],
@@ -352,14 +354,14 @@ def _pick(d, _wait, dropdown_id, label):
 
 
 def _browser_session(url, _text, _wait, _shot, token_result):
-    from test_app import headless_chromium
+    from test_app import _find, headless_chromium
 
     with headless_chromium() as d:
         d.get(url)
         _wait(d, lambda d: "organism-lm" in _text(d, f"#{ids.RUN_INFO}"), what="run info")  # first run: "niah"
-        assert not d.find_element("id", ids.VISION_VIEW).is_displayed()
+        assert not d.find_element("id", ids.TAB_VISION).is_displayed()  # no Vision tab for a text run
         _wait(d, lambda d: "NIAH accuracy" in _text(d, f"#{ids.ABL_METRIC}"), 10, "NIAH metric offered")
-        d.find_element("id", ids.HEAD_RESULT).click()  # take the top-k of the retrieval-head score
+        _find(d, ids.HEAD_RESULT).click()  # take the top-k of the retrieval-head score
         _wait(
             d,
             lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == "retrieval_heads"],
@@ -367,10 +369,10 @@ def _browser_session(url, _text, _wait, _shot, token_result):
             "score option",
         )[0].click()
         _wait(d, lambda d: _text(d, f"#{ids.HEAD_MAP} .gtitle").startswith("retrieval_heads"), 10, "retrieval head map")
-        k = d.find_element("id", ids.ABL_K)
+        k = _find(d, ids.ABL_K)
         k.clear()
         k.send_keys("8")
-        d.find_element("id", ids.ABL_RUN).click()
+        _find(d, ids.ABL_RUN).click()
         _wait(
             d, lambda d: _text(d, f"#{ids.ABL_FIGURE} .gtitle").startswith("drop of NIAH accuracy"), 60, "ablation bars"
         )
@@ -382,13 +384,14 @@ def _browser_session(url, _text, _wait, _shot, token_result):
         ablation_title = _text(d, f"#{ids.ABL_FIGURE} .gtitle")
         # switch to the VLM run: the vision view appears with the overlay of the selected head
         _pick(d, _wait, ids.RUN_SELECT, "shapes")
-        _wait(d, lambda d: d.find_element("id", ids.VISION_VIEW).is_displayed(), 10, "vision view shown")
+        _wait(d, lambda d: d.find_element("id", ids.TAB_VISION).is_displayed(), 10, "vision tab shown")
         # the run switch selects the run's strongest first_token_sink head (L0H2, which puts no attention on the
         # image); click L0H3, a head that does
         _wait(d, lambda d: _text(d, f"#{ids.HEAD_MAP} .gtitle").startswith("first_token_sink"), 30, "VLM head map")
         _wait(d, lambda d: "on the image" in _text(d, f"#{ids.VISION_FIGURE} .gtitle"), 60, "strongest head's overlay")
         from test_app_userdata import _click_head
 
+        _find(d, ids.HEAD_MAP)  # the Heads tab
         _click_head(d, 0, 3, 6, 8)
         _wait(d, lambda d: _text(d, f"#{ids.HEAD_LABEL}") == "selected head: L0H3", 10, "head selection")
         _wait(
@@ -403,7 +406,7 @@ def _browser_session(url, _text, _wait, _shot, token_result):
         vision_title = _text(d, f"#{ids.VISION_FIGURE} .gtitle")
         # the preplan/anchor run: switch the token score to a prompt's WAAD/FAI result, its marks are drawn
         _pick(d, _wait, ids.RUN_SELECT, "preplan")
-        _wait(d, lambda d: not d.find_element("id", ids.VISION_VIEW).is_displayed(), 10, "vision view hidden")
+        _wait(d, lambda d: not d.find_element("id", ids.TAB_VISION).is_displayed(), 10, "vision tab hidden")
         _wait(
             d,
             lambda d: _text(d, f"#{ids.TOKEN_STRIP} .gtitle").startswith("preplan_anchor_tokens_"),

@@ -110,7 +110,8 @@ def browser_latency(app, model, prompt: str, heads) -> dict | None:
     ):
         opts.add_argument(flag)
     d = webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver")))
-    title = lambda: d.find_element("css selector", f"#{ids.PATTERN} .gtitle").text
+    # textContent: the pattern is drawn in the Pattern tab while the click happens on the Heads tab's map
+    title = lambda: d.find_element("css selector", f"#{ids.PATTERN} .gtitle").get_attribute("textContent")
 
     def wait(pred, timeout=120):
         end = time.perf_counter() + timeout
@@ -124,7 +125,7 @@ def browser_latency(app, model, prompt: str, heads) -> dict | None:
         raise TimeoutError("page did not update")
 
     try:
-        d.get(f"http://127.0.0.1:{server.server_port}/")
+        d.get(f"http://127.0.0.1:{server.server_port}/?tab=pattern")
         wait(lambda: title().startswith("L"))
         d.find_element("id", ids.PROMPT_SELECT).click()
         next(o for o in d.find_elements("css selector", "[role=option]") if o.text == "typed prompt").click()
@@ -134,6 +135,8 @@ def browser_latency(app, model, prompt: str, heads) -> dict | None:
         d.find_element("id", ids.RUN_PROMPT).click()
         n = len(model.token_ids(prompt))
         wait(lambda: f"({n} tokens" in title())
+        d.find_element("id", "tab-heads").click()
+        time.sleep(0.5)
         drag = d.find_element("css selector", f"#{ids.HEAD_MAP} .nsewdrag")
         d.execute_script("arguments[0].scrollIntoView(true);", drag)
         w, h = drag.size["width"], drag.size["height"]

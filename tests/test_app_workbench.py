@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_app import _find, _text, _wait, headless_chromium, screenshot_dir
+from test_app import _find, _shot, _text, _wait, headless_chromium, screenshot_dir
 
 import attnlab
 from attnlab.apps import figures, ids
@@ -470,6 +470,7 @@ def test_browser_census_view(browser, served):
     panels = d.find_elements("css selector", f"#{ids.CENSUS_EXAMPLES} .heatmaplayer .hm")
     assert len(panels) == census_cb.N_EXAMPLES
     assert "Traceback" not in d.page_source
+    _shot(d, ids.CENSUS_VIEW, "census")
 
 
 def test_browser_report_opens_offline_and_draws_every_figure(browser, bench, tmp_path):

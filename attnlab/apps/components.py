@@ -56,16 +56,23 @@ def inline(width: str) -> dict:
     return {"width": width, "display": "inline-block", "verticalAlign": "middle"}
 
 
-def grid(grid_id: str, rows: list[dict], columns: list[str], *, height: int = 300, **kwargs) -> dag.AgGrid:
-    """A sortable, filterable AG Grid of ``rows`` (one dict per row)."""
+def grid(grid_id: str, rows: list[dict], columns: list[str], *, height: int | None = 300, **kwargs) -> dag.AgGrid:
+    """A sortable, filterable AG Grid of ``rows`` (one dict per row); a row click selects the row
+    (``selectedRows``). ``height=None``: as tall as its rows (small tables)."""
+    options = {
+        "animateRows": False,
+        "rowSelection": {"mode": "singleRow", "checkboxes": False, "enableClickSelection": True},
+    }
+    if height is None:
+        options["domLayout"] = "autoHeight"
     return dag.AgGrid(
         id=grid_id,
         rowData=rows,
         columnDefs=[{"field": c, "headerName": c} for c in columns],
         defaultColDef={"sortable": True, "filter": True, "resizable": True, "minWidth": 90},
         columnSize="responsiveSizeToFit",
-        dashGridOptions={"animateRows": False, "rowSelection": {"mode": "singleRow", "checkboxes": False}},
-        style={"height": f"{height}px", "width": "100%"},
+        dashGridOptions=options,
+        style={"width": "100%"} if height is None else {"height": f"{height}px", "width": "100%"},
         className="attnlab-grid",
         **kwargs,
     )

@@ -128,7 +128,7 @@ def token_strip(
         xaxis={
             "tickangle": -90,
             "type": "category",
-            **token_ticks(np.arange(start, stop + 1) - start, tokens.tokens[start:stop], labels, 0, 60),
+            **token_ticks(np.arange(start, stop + 1) - start, tokens.tokens[start:stop], labels, 0, MAX_X_TICKS),
         },
         margin={"l": 80, "r": 20, "t": 50, "b": 120},
         meta={"start": start, "stop": stop, "n_tokens": n, "marks_outside": outside},
@@ -161,6 +161,7 @@ def block_labels(bounds: np.ndarray, tokens, offset: int = 0, max_chars: int = 8
 
 
 TICK_PX = 15  # room per tick label (px): 10 px text on a line of its own, horizontal or turned 90 degrees
+MAX_X_TICKS = 45  # token labels on a horizontal axis (about 16 px apiece on a 750 px wide plot)
 MAX_TOKEN_CHARS = 24  # longer tokens are shortened on the axis only (the hover shows them whole)
 
 
@@ -281,7 +282,7 @@ def attention_pattern(
             f"<br><sup>{meaning}</sup>",
             "x": 0.01,
         },
-        xaxis={"title": "key", "tickangle": -90, "type": "category", **token_ticks(bk, tokens, xs, 0, 60)},
+        xaxis={"title": "key", "tickangle": -90, "type": "category", **token_ticks(bk, tokens, xs, 0, MAX_X_TICKS)},
         yaxis={
             "title": "query",
             "autorange": "reversed",
@@ -437,7 +438,7 @@ def query_row_strip(
     fig.update_layout(
         title=title
         or f"{head_label} attention of query {q} ({plain(repr(qtok))}) — {plain(model)} ({n} tokens{shown})",
-        xaxis={"title": "key", "tickangle": -90, "type": "category", **token_ticks(bk, tokens, xs, 0, 60)},
+        xaxis={"title": "key", "tickangle": -90, "type": "category", **token_ticks(bk, tokens, xs, 0, MAX_X_TICKS)},
         yaxis={"title": "query", "type": "category"},
         margin={"l": 120, "r": 20, "t": 50, "b": 120},
         height=320,

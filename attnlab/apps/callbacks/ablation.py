@@ -4,13 +4,12 @@ Switching the run clears the last result and, where the run cannot be scored, sa
 
 from __future__ import annotations
 
-from dash import Input, Output, State, ctx, html
+from dash import Input, Output, State, ctx
 
 from attnlab.apps import figures, ids
 from attnlab.apps.ablation import METRICS, metrics_for, run_ablation, unavailable_reason
 from attnlab.apps.state import AppState, empty_figure, failure_message
 
-_CELL = {"padding": "2px 10px", "borderBottom": "1px solid #eee", "textAlign": "left"}
 COLUMNS = ("condition", "k", "n_sets", "metric", "ci_low", "ci_high", "drop", "p_value", "heads")
 
 
@@ -24,15 +23,15 @@ def metric_options(run_name, state: AppState) -> tuple:
     return [{"label": METRICS[n], "value": n} for n in names], (names[-1] if names else None)
 
 
-def table_component(table) -> html.Table:
+def table_component(table):
+    """The causal test's rows (baseline, top-k, random) as a sortable table (AG Grid)."""
+    from attnlab.apps.components import grid
+
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    body = [html.Tr([html.Td(fmt(r[c]), style=_CELL) for c in COLUMNS]) for r in table.to_dict(orient="records")]
-    return html.Table(
-        [html.Thead(html.Tr([html.Th(c, style=_CELL) for c in COLUMNS])), html.Tbody(body)],
-        style={"borderCollapse": "collapse"},
-    )
+    rows = [{c: fmt(r[c]) for c in COLUMNS} for r in table.to_dict(orient="records")]
+    return grid("ablation-grid", rows, list(COLUMNS), height=None)
 
 
 def ablation_result(

@@ -8,7 +8,7 @@ forward pass under the live-model lock, only on a click. Failures give an empty 
 from __future__ import annotations
 
 import numpy as np
-from dash import Input, Output, State
+from dash import Input, Output, State, no_update
 
 from attnlab.apps import ids
 from attnlab.apps.callbacks.pattern import _prompt
@@ -116,10 +116,12 @@ def register(app, state: AppState) -> None:
         Input(ids.PROMPT_SELECT, "value"),
         Input(ids.RUN_PROMPT, "n_clicks"),
         Input(ids.GRID_LAYER, "value"),
+        Input(ids.TABS, "value"),
         State(ids.CUSTOM_PROMPT, "value"),
     )(
-        lambda run_name, selected, choice, _clicks, layer, typed: grid_figure(
-            run_name, selected, choice, typed, layer, state
+        # a layer's heads cost one product each: drawn while the Explore tab is open, not on every head change
+        lambda run_name, selected, choice, _clicks, layer, tab, typed: (
+            grid_figure(run_name, selected, choice, typed, layer, state) if tab == "explore" else (no_update, no_update)
         )
     )
     app.callback(

@@ -22,8 +22,8 @@ from attnlab.apps.interventions import (
 from attnlab.apps.run_inputs import model_to_load
 from attnlab.apps.state import AppState, empty_figure, failure_message, figure_height
 
-_CELL = {"padding": "2px 10px", "borderBottom": "1px solid #eee", "textAlign": "left", "whiteSpace": "pre-wrap"}
 COLUMNS = ("run", "output", "top_token", "answer_token", "p_answer", "delta_p")
+IV_TABLE = "iv-table"
 
 
 def method_info(method, run_name, state: AppState) -> tuple:
@@ -61,18 +61,17 @@ def fitted_info(name, run_name, state: AppState) -> str:
     return f"{line} — {status}"
 
 
-def table_component(result) -> html.Table:
+def table_component(result):
+    """Both runs' outputs and answer probabilities as a sortable table (AG Grid)."""
+    from attnlab.apps.components import grid
+
     def fmt(c, v):
         if isinstance(v, float):
             return f"{v:+.4f}" if c == "delta_p" else f"{v:.4f}"
         return repr(v) if c in ("output", "top_token", "answer_token") else str(v)
 
-    rows = result.to_frame().to_dict(orient="records")
-    body = [html.Tr([html.Td(fmt(c, r[c]), style=_CELL) for c in COLUMNS]) for r in rows]
-    return html.Table(
-        [html.Thead(html.Tr([html.Th(c, style=_CELL) for c in COLUMNS])), html.Tbody(body)],
-        style={"borderCollapse": "collapse", "fontSize": "90%"},
-    )
+    rows = [{c: fmt(c, r[c]) for c in COLUMNS} for r in result.to_frame().to_dict(orient="records")]
+    return grid(IV_TABLE, rows, list(COLUMNS), height=None)
 
 
 def summary_line(result) -> str:

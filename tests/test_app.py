@@ -524,6 +524,8 @@ def _wait(driver, predicate, timeout=30.0, what="condition"):
         except Exception:  # element not there yet / stale while dash re-renders
             pass
         time.sleep(0.1)
+    if os.environ.get("ATTNLAB_TIMEOUT_SHOTS"):  # debugging: what the page showed when the wait gave up
+        driver.save_screenshot(os.path.join(os.environ["ATTNLAB_TIMEOUT_SHOTS"], f"timeout-{int(time.time())}.png"))
     raise AssertionError(f"timed out waiting for {what}")
 
 

@@ -201,8 +201,8 @@ def test_run_button_draws_both_outputs_and_the_difference(iv_state, llama):
     assert msg == "", msg
     assert fig.layout.meta["head_label"] == "L1H1" and fig.layout.meta["max_abs_difference"] > 1e-3
     table, line = outputs.children
-    rows = table.children[1].children
-    assert [r.children[0].children for r in rows] == ["baseline", "zerotuning"]
+    rows = table.rowData  # an AG Grid: sortable, filterable
+    assert [r["run"] for r in rows] == ["baseline", "zerotuning"]
     assert line.children.startswith("baseline's top token") and "a head the intervention edits" in line.children
     runs_dir = str(iv_state.catalog.runs_dir)
     assert runs_dir not in str(outputs) and runs_dir not in fig.layout.title.text  # names, never paths

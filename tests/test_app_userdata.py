@@ -304,6 +304,7 @@ def test_browser_an_intervention_that_edits_no_heads_says_so(browser, served):
 def test_browser_explore_views_draw_the_notebook_figures(browser, served):
     d = browser
     _open(d, served, "organism-lm-niah")
+    _find(d, ids.GRID_VIEW)  # the Explore tab: its grid is drawn while the tab is open
     _wait(d, lambda d: _text(d, f"#{ids.GRID_FIGURE} .gtitle").startswith("attention of 12 heads"), 60, "the grid")
     _shot(d, ids.GRID_VIEW, "grid")
     _choose(d, ids.PROMPT_SELECT, "typed prompt")

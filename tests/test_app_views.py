@@ -116,9 +116,9 @@ def test_ablation_of_top_k_on_niah_accuracy(views):
     top = state.catalog.result("niah", "retrieval_heads", "head_scores").top_heads(8)
     meta = fig.layout.meta
     assert meta["k"] == 8 and meta["n_seeds"] == 2 and meta["baseline"] == pytest.approx(1.0)  # organism-lm: NIAH 100%
-    rows = table.children[1].children
-    assert [r.children[0].children for r in rows] == ["baseline", "top_k", "random"]
-    assert rows[1].children[-1].children == " ".join(f"L{l}H{h}" for l, h in top)
+    rows = table.rowData  # an AG Grid: sortable, filterable
+    assert [r["condition"] for r in rows] == ["baseline", "top_k", "random"]
+    assert rows[1]["heads"] == " ".join(f"L{l}H{h}" for l, h in top)
     # the NIAH-trained organism's retrieval heads carry the task; 8 random heads barely matter
     assert meta["top_drop"] >= 0.5 and meta["top_drop"] > meta["random_ci"][1]
 

@@ -24,6 +24,7 @@ from attnlab.apps import figures, ids
 from attnlab.apps.app import create_app
 from attnlab.apps.callbacks import census as census_cb
 from attnlab.apps.callbacks import headmap, runs, shell
+from attnlab.apps.components import GRAPH_HINTS
 from attnlab.apps.live import LiveModels
 from attnlab.cli import main
 from attnlab.errors import AttnlabError
@@ -337,6 +338,10 @@ def test_browser_tabs_keys_and_url(browser, served):
         d.find_element("id", f"tab-{tab}").click()
         _wait(d, lambda d, view=view: d.find_element("id", view).is_displayed(), 10, f"{tab} view")
         assert not d.find_element("id", ids.HEAD_VIEW).is_displayed()
+    # a view with nothing to show says what to do instead of drawing an empty box
+    d.find_element("id", "tab-ablation").click()
+    _wait(d, lambda d: d.find_element("id", f"{ids.ABL_FIGURE}-hint").text == GRAPH_HINTS[ids.ABL_FIGURE], 10, "hint")
+    assert not d.find_element("id", ids.ABL_FIGURE).is_displayed()
     d.find_element("id", "tab-heads").click()
     start = _head(d)
     layer, head = map(int, re.match(r"L(\d+)H(\d+)", start).groups())
@@ -372,6 +377,13 @@ def test_browser_tabs_keys_and_url(browser, served):
     assert _active_tab(d) == "pattern"
     _wait(d, lambda d: _title(d, ids.PATTERN).startswith(f"{chosen} attention"), 60, "the restored pattern")
     assert _title(d, ids.HEAD_MAP).startswith("previous_token")
+    # a row of the runs table opens that run
+    d.find_element("id", "tab-runs").click()
+    row = _wait(d, lambda d: [c for c in d.find_elements("css selector", f"#{ids.RUNS_TABLE} .ag-cell")
+                              if c.text == "census-prose"], 10, "the runs table")[0]  # fmt: skip
+    row.click()
+    _wait(d, lambda d: "census-prose" in _text(d, f"#{ids.RUN_SELECT}") and "run=census-prose" in d.current_url, 10,
+          "the run opened from the table")  # fmt: skip
     assert "Traceback" not in d.page_source
 
 

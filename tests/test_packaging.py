@@ -43,6 +43,8 @@ def test_the_wheel_holds_the_package_and_the_bundled_organisms(wheel):
         for f in files:
             assert f"attnlab/models/bundled/{f.relative_to(BUNDLED_DIR).as_posix()}" in names, f
     assert not any(n.startswith(("tests/", "examples/", "runs/")) for n in names)
+    for asset in (ROOT / "attnlab" / "apps" / "assets").iterdir():  # the app's theme and key handler
+        assert f"attnlab/apps/assets/{asset.name}" in names, asset
     meta = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "attnlab = attnlab.cli:main" in zipfile.ZipFile(wheel).read(meta).decode()
 

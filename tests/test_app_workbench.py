@@ -452,6 +452,11 @@ def test_browser_dark_mode(browser, served):
     assert luminance(title_fill) > 150  # figure text is light on the dark page
     dropdown = d.execute_script(f"return getComputedStyle(document.getElementById('{ids.RUN_SELECT}')).color")
     assert luminance(dropdown) > 150  # Dash's own controls follow the theme: light text
+    grid_bg = lambda d: d.execute_script(
+        f"return getComputedStyle(document.querySelector('#{ids.TOP_HEADS} .ag-root-wrapper')).backgroundColor"
+    )
+    _wait(d, lambda d: luminance(grid_bg(d)) < 80, 10, "a dark table")  # and so do the AG Grid tables
+    time.sleep(0.5)
     d.save_screenshot(str(screenshot_dir() / "app_dark.png"))
     d.find_element("css selector", f"#{ids.THEME_TOGGLE}").click()
     _wait(d, lambda d: d.execute_script("return document.documentElement.dataset.mantineColorScheme") == "light", 10,

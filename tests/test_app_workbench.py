@@ -369,7 +369,9 @@ def test_browser_tabs_keys_and_url(browser, served):
     d.find_element("id", "tab-pattern").click()
     _wait(d, lambda d: f"head={chosen}" in d.current_url and "tab=pattern" in d.current_url, 10, "URL")
     url = d.current_url
-    assert "run=lm-prose" in url and "result=previous_token" in url
+    layer_, head_ = map(int, re.match(r"L(\d+)H(\d+)", chosen).groups())
+    want_query = shell.view_query("lm-prose", "previous_token", {"layer": layer_, "head": head_}, "0", "pattern")
+    assert url.split("/", 3)[3] == want_query  # the page writes what view_query says
     d.get("about:blank")
     d.get(url)
     _wait(d, lambda d: _head(d) == chosen, 60, "the restored head")

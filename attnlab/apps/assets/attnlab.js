@@ -33,6 +33,21 @@
         }
         return [Object.assign({}, style, { display: "block" }), ""];
       },
+      // the view's query string (the same as attnlab.apps.callbacks.shell.view_query); no_update when unchanged
+      query: function (values, current) {
+        var keys = ["run", "result", "head", "prompt", "tab", "compare", "x", "y"];
+        var parts = [];
+        values.forEach(function (v, i) {
+          if (keys[i] === "head") {
+            v = v && typeof v === "object" && "layer" in v ? "L" + v.layer + "H" + v.head : null;
+          }
+          if (v !== null && v !== undefined && v !== "") {
+            parts.push(encodeURIComponent(keys[i]) + "=" + encodeURIComponent(v).replace(/%20/g, "+"));
+          }
+        });
+        var search = "?" + parts.join("&");
+        return search === (current || "") ? window.dash_clientside.no_update : search;
+      },
       theme: function (dark) {
         var mode = dark ? "dark" : "light";
         document.documentElement.setAttribute("data-ag-theme-mode", mode);

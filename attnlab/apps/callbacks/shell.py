@@ -9,10 +9,9 @@ every change of those controls rewrites it (``view_query``), so a reload or a bo
 from __future__ import annotations
 
 import json
-from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from dash import Input, Output, State, html, no_update
+from dash import Input, Output, State, html
 from dash.exceptions import PreventUpdate
 
 from attnlab.apps import ids
@@ -33,7 +32,8 @@ def parse_query(search_or_href: str | None) -> dict[str, str]:
 
 
 def view_query(run, result, head, prompt, tab, compare=None, x=None, y=None) -> str:
-    """The query string of a view (empty parts left out)."""
+    """The query string of a view (empty parts left out). The page builds the same string in the browser
+    (``assets/attnlab.js``, ``query``); a browser test checks they agree."""
     parts = {
         "run": run,
         "result": result,
@@ -47,13 +47,13 @@ def view_query(run, result, head, prompt, tab, compare=None, x=None, y=None) -> 
     return "?" + urlencode({k: v for k, v in parts.items() if v not in (None, "")})
 
 
-def render_page(href, current, state: AppState):
+def render_page(pathname, search, current, state: AppState):
     """The page for the URL the browser opened, built once (later URL changes are the view's own updates)."""
-    if href is None or current:
+    if pathname is None or current:
         raise PreventUpdate
     from attnlab.apps.layout import build_layout
 
-    return build_layout(state, parse_query(href))
+    return build_layout(state, parse_query(f"?{str(search or '').lstrip('?')}"))
 
 
 def model_card(run_name, state: AppState):
@@ -113,10 +113,17 @@ def _shown_js(graph_id: str) -> str:
 
 
 def register(app, state: AppState) -> None:
-    app.callback(Output(ids.PAGE, "children"), Input(ids.URL, "href"), State(ids.PAGE, "children"))(
-        lambda href, current: render_page(href, current, state)
-    )
+    # pathname, not href: the view's own query updates leave the path alone, so they do not re-run this
     app.callback(
+        Output(ids.PAGE, "children"),
+        Input(ids.URL, "pathname"),
+        State(ids.URL, "search"),
+        State(ids.PAGE, "children"),
+    )(lambda pathname, search, current: render_page(pathname, search, current, state))
+    # in the browser (no request per head step): the same query string as ``view_query``
+    app.clientside_callback(
+        "function(run, result, head, prompt, tab, compare, x, y, current) {"
+        " return window.dash_clientside.attnlab.query([run, result, head, prompt, tab, compare, x, y], current); }",
         Output(ids.URL, "search"),
         Input(ids.RUN_SELECT, "value"),
         Input(ids.HEAD_RESULT, "value"),
@@ -127,7 +134,7 @@ def register(app, state: AppState) -> None:
         Input(ids.CENSUS_X, "value"),
         Input(ids.CENSUS_Y, "value"),
         State(ids.URL, "search"),
-    )(lambda *a: _write_url(*a))
+    )
     app.clientside_callback(
         "function(dark) { return window.dash_clientside.attnlab.theme(dark); }",
         Output(ids.THEME, "forceColorScheme"),
@@ -153,11 +160,6 @@ def register(app, state: AppState) -> None:
         State(ids.RUN_SELECT, "value"),
         prevent_initial_call=True,
     )(run_from_row)
-
-
-def _write_url(run, result, head, prompt, tab, compare, x, y, current) -> Any:
-    search = view_query(run, result, head, prompt, tab, compare, x, y)
-    return no_update if search == (current or "") else search
 
 
 __all__ = ["parse_query", "view_query", "model_card", "prompt_preview", "register"]

@@ -8,6 +8,7 @@ Browser tests skip where Debian's chromium / chromium-driver or selenium are mis
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import re
@@ -402,9 +403,11 @@ def test_browser_a_long_prompt_has_readable_axis_labels(browser, served, bench):
         const out = [];
         for (const ax of ['x', 'y']) {
           const axis = fl[ax + 'axis'];
+          const decode = (s) => { const e = document.createElement('textarea'); e.innerHTML = s; return e.value; };
+          const shown = axis.ticktext.map(decode);  // labels are HTML-escaped for plotly (figures.plain)
           gd.querySelectorAll('.' + ax + 'tick text').forEach((t, i) => {
             const r = t.getBoundingClientRect();
-            const cat = axis.tickvals[axis.ticktext.indexOf(t.textContent)];
+            const cat = axis.tickvals[shown.indexOf(t.textContent)];
             const idx = axis._categories.indexOf(cat);
             const lo = axis._offset + axis.l2p(idx - 0.5), hi = axis._offset + axis.l2p(idx + 0.5);
             out.push({ax, text: t.textContent, cat, box: [r.left - svg.left, r.top - svg.top, r.right - svg.left,
@@ -423,7 +426,8 @@ def test_browser_a_long_prompt_has_readable_axis_labels(browser, served, bench):
         assert len(mine) >= 20, f"only {len(mine)} labels on the {ax} axis"
         for lab in mine:
             pos = int(lab["text"].split(":")[0])
-            assert lab["text"] == figures.token_label(pos, tokens[pos]), lab  # a whole token, never a block stub
+            want = html.unescape(figures.token_label(pos, tokens[pos]))
+            assert lab["text"] == want, lab  # a whole token, never a block stub
             assert int(re.match(r"^(\d+)", lab["cat"]).group(1)) == pos  # labelled at the block it starts
             left, top, right, bottom = lab["box"]
             centre = (left + right) / 2 if ax == "x" else (top + bottom) / 2

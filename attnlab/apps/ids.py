@@ -104,6 +104,7 @@ THEME_TOGGLE = "theme-toggle"  # dmc.Switch: dark mode (kept in the browser's lo
 TABS = "tabs"  # dmc.Tabs: runs, heads, pattern, explore, tokens, interventions, ablation, vision
 TAB_VISION = "tab-vision"  # the Vision tab's button (shown for vision-language runs only)
 KEY_STEP = "key-step"  # dcc.Store written by the page's key handler: {"step": "head+1" | "head-1" | ..., "t": ms}
+GRID_SHAPE = "grid-shape"  # dcc.Store: [n_layers, n_heads] of the selected score's grid (for steps in the browser)
 HEAD_PREV = "head-prev"  # buttons in the left panel doing what the keys do
 HEAD_NEXT = "head-next"
 LAYER_PREV = "layer-prev"

@@ -88,6 +88,7 @@ def build_layout(state: AppState, query: dict[str, Any] | None = None) -> dmc.Ap
     return dmc.AppShell(
         [
             dcc.Store(id=ids.SELECTED_HEAD, data=None),
+            dcc.Store(id=ids.GRID_SHAPE, data=None),
             dcc.Store(id=ids.URL_INIT, data={**want, "pending": True} if query else None),
             dmc.AppShellHeader(_header(), px="md"),
             dmc.AppShellNavbar(_left_panel(state, names, want), p="md"),

@@ -48,6 +48,24 @@
         var search = "?" + parts.join("&");
         return search === (current || "") ? window.dash_clientside.no_update : search;
       },
+      // the selected head after a key or a step button, in the browser so that quick presses all count (the same
+      // rule as attnlab.apps.callbacks.headmap.step_head; a browser test checks they agree)
+      step: function (key, n1, n2, n3, n4, current, shape) {
+        var ctx = window.dash_clientside.callback_context;
+        var fired = (ctx.triggered && ctx.triggered.length ? ctx.triggered[0].prop_id : "").split(".")[0];
+        var buttons = { "head-next": "head+1", "head-prev": "head-1", "layer-next": "layer+1", "layer-prev": "layer-1" };
+        var step = fired === "key-step" ? key && key.step : buttons[fired];
+        if (!step || !shape || shape[0] <= 0 || shape[1] <= 0) return window.dash_clientside.no_update;
+        var L = shape[0], H = shape[1];
+        if (!current || current.layer === undefined) return { layer: 0, head: 0 };
+        if (step === "head+1" || step === "head-1") {
+          var flat = current.layer * H + current.head + (step === "head+1" ? 1 : -1);
+          flat = Math.min(Math.max(0, flat), L * H - 1);
+          return { layer: Math.floor(flat / H), head: flat % H };
+        }
+        var layer = Math.min(Math.max(0, current.layer + (step === "layer+1" ? 1 : -1)), L - 1);
+        return { layer: layer, head: Math.min(current.head, H - 1) };
+      },
       theme: function (dark) {
         var mode = dark ? "dark" : "light";
         document.documentElement.setAttribute("data-ag-theme-mode", mode);

@@ -51,13 +51,16 @@ def check_grid(scores) -> None:
         )
 
 
+MAX_TOP_ROWS = 2000  # heads listed in the ranked table (the best ones; the map draws them all)
+
+
 def top_rows(run_name, result_name, state: AppState) -> list[dict]:
     """Rows of the ranked-heads table: every head of the score with its value and rank (best first)."""
     try:
         scores = state.catalog.result(run_name, result_name, "head_scores")
     except Exception:
         return []
-    df = scores.to_frame().dropna(subset=["rank"]).sort_values("rank")
+    df = scores.to_frame().dropna(subset=["rank"]).sort_values("rank").head(MAX_TOP_ROWS)
     return [
         {
             "head": r.label,
@@ -164,7 +167,7 @@ def head_event(
             return {"layer": head[0], "head": head[1]}, None
         return select_head(ids.RUN_SELECT, None, run_name, result_name, None, state), None
     step = BUTTONS.get(trigger) or (key.get("step") if trigger == ids.KEY_STEP and isinstance(key, dict) else None)
-    if step:
+    if step:  # the page steps in the browser (assets/attnlab.js, ``step``); this serves a posted step the same way
         return step_head(current, step, *_grid_shape(run_name, result_name, state)), no_update
     picked = None
     if trigger == ids.TOP_HEADS and row:
@@ -186,6 +189,13 @@ def head_event(
     return select_head(trigger, click, run_name, result_name, current, state), no_update
 
 
+def _changed(out: tuple, current) -> tuple:
+    """``head_event``'s answer, with an unchanged head sent as no update: a late answer must not undo a step the
+    browser made meanwhile (keys and step buttons move the head without the server)."""
+    head, want = out
+    return (no_update if head == current else head), want
+
+
 def register(app, state: AppState) -> None:
     app.callback(
         Output(ids.HEAD_MAP, "figure"),
@@ -204,18 +214,31 @@ def register(app, state: AppState) -> None:
         Input(ids.HEAD_MAP, "clickData"),
         Input(ids.HEAD_RESULT, "value"),
         Input(ids.RUN_SELECT, "value"),
-        Input(ids.KEY_STEP, "data"),
-        Input(ids.HEAD_NEXT, "n_clicks"),
-        Input(ids.HEAD_PREV, "n_clicks"),
-        Input(ids.LAYER_NEXT, "n_clicks"),
-        Input(ids.LAYER_PREV, "n_clicks"),
         Input(ids.TOP_HEADS, "selectedRows"),
         Input(ids.CENSUS_FIGURE, "clickData"),
         State(ids.SELECTED_HEAD, "data"),
         State(ids.URL_INIT, "data"),
     )(
-        lambda click, result_name, run_name, key, _n1, _n2, _n3, _n4, row, census, current, want: head_event(
-            _trigger(), click, run_name, result_name, current, state, key=key, row=row, census=census, want=want
+        lambda click, result_name, run_name, row, census, current, want: _changed(
+            head_event(_trigger(), click, run_name, result_name, current, state, row=row, census=census, want=want),
+            current,
         )
+    )
+    # keys and step buttons move the head in the browser: quick presses each apply to the head the last one chose
+    app.callback(Output(ids.GRID_SHAPE, "data"), Input(ids.RUN_SELECT, "value"), Input(ids.HEAD_RESULT, "value"))(
+        lambda run_name, result_name: list(_grid_shape(run_name, result_name, state))
+    )
+    app.clientside_callback(
+        "function(key, n1, n2, n3, n4, current, shape) {"
+        " return window.dash_clientside.attnlab.step(key, n1, n2, n3, n4, current, shape); }",
+        Output(ids.SELECTED_HEAD, "data", allow_duplicate=True),
+        Input(ids.KEY_STEP, "data"),
+        Input(ids.HEAD_NEXT, "n_clicks"),
+        Input(ids.HEAD_PREV, "n_clicks"),
+        Input(ids.LAYER_NEXT, "n_clicks"),
+        Input(ids.LAYER_PREV, "n_clicks"),
+        State(ids.SELECTED_HEAD, "data"),
+        State(ids.GRID_SHAPE, "data"),
+        prevent_initial_call=True,
     )
     app.callback(Output(ids.HEAD_LABEL, "children"), Input(ids.SELECTED_HEAD, "data"))(head_label)

@@ -51,6 +51,15 @@ def _update_body(app, run_name="tiny"):
     return loadtest.callback_body(deps, "run-info.children", {"run-select.value": run_name}, ["run-select.value"])
 
 
+def _page_body(app):
+    """The /_dash-update-component body that renders the page for the URL ``/`` (``callbacks.shell``)."""
+    from attnlab.apps import ids, loadtest
+
+    deps = app.server.test_client().get("/_dash-dependencies").get_json()
+    values = {f"{ids.URL}.pathname": "/", f"{ids.URL}.search": "", f"{ids.PAGE}.children": None}
+    return loadtest.callback_body(deps, f"{ids.PAGE}.children", values, [f"{ids.URL}.pathname"])
+
+
 # ---- Host header, access token, body size --------------------------------------------------------------------------
 
 
@@ -189,8 +198,9 @@ def test_malformed_run_json_is_listed_as_unreadable(runs_dir, field, value):
     info, head_opts, *_ = runs.run_selected("tiny", state)
     assert "run.json is malformed" in info and "\n" not in info and head_opts == []
     client = app.server.test_client()
-    layout = client.get("/_dash-layout")
-    assert layout.status_code == 200 and "unreadable" in layout.get_data(as_text=True)
+    assert client.get("/_dash-layout").status_code == 200
+    page = client.post("/_dash-update-component", json=_page_body(app))  # the page, rendered from the URL
+    assert page.status_code == 200 and "unreadable" in page.get_data(as_text=True)
     assert client.get("/").status_code == 200
     assert client.post("/_dash-update-component", json=_update_body(app)).status_code == 200
 

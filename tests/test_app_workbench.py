@@ -348,6 +348,7 @@ def test_browser_tabs_keys_and_url(browser, served):
     want = headmap.step_head({"layer": layer, "head": head}, "head+1", 8, 12)
     want = headmap.step_head(want, "layer+1", 8, 12)
     _key(d, Keys.ARROW_RIGHT)
+    time.sleep(0.3)
     _key(d, Keys.ARROW_DOWN)
     label = f"L{want['layer']}H{want['head']}"
     _wait(d, lambda d: _head(d) == label, 10, f"keys to {label}")

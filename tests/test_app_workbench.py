@@ -345,13 +345,13 @@ def test_browser_tabs_keys_and_url(browser, served):
     d.find_element("id", "tab-heads").click()
     start = _head(d)
     layer, head = map(int, re.match(r"L(\d+)H(\d+)", start).groups())
-    want = headmap.step_head({"layer": layer, "head": head}, "head+1", 8, 12)
-    want = headmap.step_head(want, "layer+1", 8, 12)
+    first = headmap.step_head({"layer": layer, "head": head}, "head+1", 8, 12)
+    want = headmap.step_head(first, "layer+1", 8, 12)
     _key(d, Keys.ARROW_RIGHT)
-    time.sleep(0.3)
+    _wait(d, lambda d: _head(d) == f"L{first['layer']}H{first['head']}", 30, "the right arrow's step")
     _key(d, Keys.ARROW_DOWN)
     label = f"L{want['layer']}H{want['head']}"
-    _wait(d, lambda d: _head(d) == label, 10, f"keys to {label}")
+    _wait(d, lambda d: _head(d) == label, 30, f"keys to {label}")
     _wait(d, lambda d: d.execute_script(f"return document.getElementById('{ids.HEAD_MAP}')"
                                         ".querySelector('.js-plotly-plot').layout.meta.selected") == label, 10,
           "the head map's outline")  # fmt: skip
@@ -365,9 +365,11 @@ def test_browser_tabs_keys_and_url(browser, served):
     _wait(d, lambda d: [o for o in d.find_elements("css selector", "[role=option]") if o.text == "previous_token"],
           10, "score option")[0].click()  # fmt: skip
     _wait(d, lambda d: _title(d, ids.HEAD_MAP).startswith("previous_token"), 10, "the new score")
+    before = re.match(r"L(\d+)H(\d+)", _head(d)).groups()
+    left = headmap.step_head({"layer": int(before[0]), "head": int(before[1])}, "head-1", 8, 12)
+    chosen = f"L{left['layer']}H{left['head']}"
     _key(d, Keys.ARROW_LEFT)
-    time.sleep(0.5)
-    chosen = _head(d)
+    _wait(d, lambda d: _head(d) == chosen, 30, "the left arrow's step")
     d.find_element("id", "tab-pattern").click()
     _wait(d, lambda d: f"head={chosen}" in d.current_url and "tab=pattern" in d.current_url, 10, "URL")
     url = d.current_url

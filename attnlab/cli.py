@@ -995,7 +995,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AttnlabError as e:
-        print(f"attnlab: error: {e}", file=sys.stderr)
+        one_line = " ".join(str(e).splitlines())  # a user's value with a line break in it stays on the one line
+        print(f"attnlab: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("attnlab: interrupted", file=sys.stderr)

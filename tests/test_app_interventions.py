@@ -145,7 +145,7 @@ def test_split_params_keeps_json_lists_whole():
         ("soft-injection", "", "soft-injection cannot run here"),
         ("zerotuning", "", "gamma=None is chosen on fit data"),
         ("zerotuning", "gamma=2 heads=[[9,0]]", "outside"),
-        ("act", "bogus=1", "act has no parameter bogus"),
+        ("act", "bogus=1", "act has no parameter 'bogus'"),
         ("nope", "", "unknown method"),
         ("act", "beta", "must look like name=value"),
     ],

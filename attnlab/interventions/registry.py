@@ -87,7 +87,9 @@ def build(method: str, pairs: Sequence[str] = ()) -> Intervention:
     allowed = cls._param_names()
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise AttnlabError(f"{method} has no parameter {', '.join(unknown)}; parameters: {', '.join(allowed)}")
+        raise AttnlabError(
+            f"{method} has no parameter {', '.join(map(repr, unknown))}; parameters: {', '.join(allowed)}"
+        )
     return cls(**params)
 
 

@@ -88,7 +88,7 @@ def build(name: str, params: Mapping[str, Any] | None = None):
     allowed = param_defaults(name)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise AttnlabError(f"{name} has no parameter {', '.join(unknown)}; parameters: {', '.join(allowed)}")
+        raise AttnlabError(f"{name} has no parameter {', '.join(map(repr, unknown))}; parameters: {', '.join(allowed)}")
     try:
         return PROBES[name](**params)
     except (TypeError, ValueError) as e:

@@ -204,7 +204,7 @@ def test_cli_act_on_organism_classification(tmp_path, capsys):
     "extra, needle",
     [
         (["--method", "nope", "--eval", "classify:sentiment:test"], "unknown method"),
-        (["--method", "act", "--eval", "classify:sentiment:test", "--param", "gama=2"], "no parameter gama"),
+        (["--method", "act", "--eval", "classify:sentiment:test", "--param", "gama=2"], "no parameter 'gama'"),
         (["--method", "act", "--eval", "classify:sentiment:test", "--param", "beta"], "name=value"),
         (["--method", "act", "--eval", "classify:nope:test"], "classification task"),
         (["--method", "act", "--eval", "icl:uppercase:later"], "split"),

@@ -21,7 +21,7 @@ training scripts run where TransformerLens is not installed.
 
 from __future__ import annotations
 
-import importlib
+from attnlab.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -44,15 +44,13 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        from attnlab.notebook import setup_once
+def _notebook_setup() -> None:
+    from attnlab.notebook import setup_once
 
-        setup_once()  # in a Jupyter kernel: figures that survive a static export (cheap after the first call)
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # resolved once: later lookups (and documentation tools) find it directly
-        return value
-    raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
+    setup_once()  # in a Jupyter kernel: figures that survive a static export (cheap after the first call)
+
+
+__getattr__ = lazy_exports("attnlab", _LAZY, on_first_use=_notebook_setup)
 
 
 __all__ = ["__version__", *_LAZY]

@@ -171,7 +171,7 @@ class AttentionPatterns:
         """One head: the query x key heatmap (``figures.attention_pattern``); several: a grid of them, one panel
         per head, sharing one colour scale (``pattern_figures.pattern_grid``)."""
         if len(self.heads) == 1:
-            from attnlab.apps.figures import attention_pattern
+            from attnlab.figures import attention_pattern
 
             layer, head = self.heads[0]
             return attention_pattern(

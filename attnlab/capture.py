@@ -29,9 +29,8 @@ Handlers return nothing (observe only). At most one layer's attention pattern is
 How attention is computed: TransformerLens' bridge re-implements attention eagerly (``softmax(QK^T/sqrt(d))``
 materialised per layer, so ``hook_pattern`` can fire) even when the HF model is set to SDPA. For long inputs
 (``attention="fused"``, or ``"auto"`` when the sequence is at least ``fused_min_len`` and no handler needs full
-patterns) the engine swaps each bridge attention component for its original HF module for the duration of the
-forward pass and routes it through an attention function registered with ``transformers.AttentionInterface``:
-that function calls PyTorch's SDPA for the output and hands q/k to the row reducers.
+patterns) the forward runs inside ``attnlab.fused.fused_attention``: PyTorch's SDPA computes the output and a
+``FusedForward`` hands each layer's q/k to the row reducers and its z to the ``"z"`` handlers.
 """
 
 from __future__ import annotations
@@ -44,14 +43,15 @@ from typing import Literal
 
 import torch
 
+from attnlab.fused import FusedForward, fused_attention, supports_fused
 from attnlab.hooks import attn_hook, block_hook
 from attnlab.lse import AttentionView, ScoreSpec
 from attnlab.models.loading import Batch, LoadedModel
+from attnlab.progress import bar
 
 ATTENTION_SITES = ("rows", "pattern", "q", "k", "v", "z", "attention")
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 SITES = ATTENTION_SITES + RESID_SITES + ("batch_end",)
-FUSED_IMPL = "attnlab_fused"
 
 QuerySelector = Callable[[Batch], torch.Tensor]
 ALL = "all"  # a batch_end handler's default: it may read the logits at any position
@@ -122,8 +122,6 @@ class Capture:
 
     def run(self, batches: Iterable[Batch], *, total: int | None = None, desc: str = "capture") -> None:
         """Run every batch once; handlers see each layer as it passes."""
-        from attnlab.progress import bar
-
         it = bar(batches, total=total, desc=desc, unit="batch", disable=not self.progress)
         with torch.inference_mode():
             for batch in it:
@@ -145,7 +143,15 @@ class Capture:
             hooks += self._eager_attention_hooks(batch)
             ctx = contextlib.nullcontext()
         else:
-            ctx = _fused_attention(self.model, self, batch)
+            ctx = fused_attention(
+                self.model,
+                FusedForward(
+                    observe_qk=lambda layer, q, k, scale, causal, **kw: self._fused_layer(
+                        layer, q, k, scale, causal, batch, **kw
+                    ),
+                    observe_z=lambda layer, z: self._fused_z(layer, z, batch),
+                ),
+            )
         kept = self._kept_positions(batch, logit_positions)
         extra = (
             {"pixel_values": batch.pixel_values.to(self.model.torch_dtype)} if batch.pixel_values is not None else {}
@@ -168,17 +174,15 @@ class Capture:
 
         When nobody reads any logits, the last position alone is kept (the cheapest valid request).
         """
-        wanted = [h.logits for h in self.handlers if h.site == "batch_end" and h.logits is not None]
-        if isinstance(caller, str) or any(isinstance(w, str) for w in wanted) or not accepts_logits_to_keep(self.model):
+        if isinstance(caller, str) or not accepts_logits_to_keep(self.model):
             return None
-        parts = [w(batch) for w in wanted] + ([caller] if caller is not None else [])
-        pos = torch.cat(
-            [torch.as_tensor(p).flatten().to(torch.long).cpu() for p in parts] + [torch.empty(0, dtype=torch.long)]
-        )
-        pos = torch.where(pos < 0, pos + batch.seq_len, pos)
+        wanted = [h.logits for h in self.handlers if h.site == "batch_end" and h.logits is not None]
+        pos = read_positions(wanted + ([lambda b: caller] if caller is not None else []), batch)
+        if pos is None:
+            return None
         if pos.numel() == 0:
             pos = torch.tensor([batch.seq_len - 1])
-        return torch.unique(pos).to(self.model.device)  # sorted
+        return pos.to(self.model.device)
 
     def _choose_path(self, batch: Batch) -> str:
         needs_pattern = any(h.site == "pattern" for h in self.handlers)
@@ -352,6 +356,24 @@ class KeptLogits:
         return rows[0] if scalar else rows
 
 
+def read_positions(selectors, batch: Batch) -> torch.Tensor | None:
+    """The positions whose logits ``selectors`` read: sorted, unique, absolute (negative ones count from the end).
+
+    Each selector is ``batch -> positions`` (a tensor or sequence, shared by the batch's rows), or reads every
+    position: the string ``"all"`` or a selector returning None. None when one of them reads every position.
+    The capture engine keeps the logits of these positions only (``logits_to_keep``); the ablation scorer runs the
+    last MLP and the unembedding there only (a metric's ``read_positions``).
+    """
+    parts = [torch.empty(0, dtype=torch.long)]
+    for select in selectors:
+        positions = None if isinstance(select, str) else select(batch)
+        if positions is None:
+            return None
+        parts.append(torch.as_tensor(positions).flatten().to(torch.long).cpu())
+    pos = torch.cat(parts)
+    return torch.unique(torch.where(pos < 0, pos + batch.seq_len, pos))  # sorted
+
+
 def accepts_logits_to_keep(model: LoadedModel) -> bool:
     """Whether the HF model's forward takes ``logits_to_keep`` (causal LMs and LLaVA in transformers 5; not BERT)."""
     hf = getattr(model.bridge, "original_model", None)
@@ -447,118 +469,3 @@ def attention_rows(
         allowed = allowed & (key_idx[None, :] <= (q_pos[:, None] + (seq_k - seq_q)))[None, None]
     scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
     return torch.softmax(scores, dim=-1) * allowed
-
-
-# ---- the fused attention path ------------------------------------------------------------------------------------
-
-_ACTIVE: list[tuple[Capture, Batch, dict[int, int]]] = []
-
-
-def _fused_attention_fn(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    capture, batch, layer_of = _ACTIVE[-1]
-    layer = layer_of.get(id(module))
-    if layer is None:  # attention outside the language model (e.g. a VLM's vision tower sharing the config)
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
-    capture._fused_layer(
-        layer,
-        query,
-        key,
-        scale,
-        causal,
-        batch,
-        sliding_window=kwargs.get("sliding_window"),
-        softcap=kwargs.get("softcap"),
-        v=value,
-    )
-    out, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-    )
-    capture._fused_z(layer, out, batch)
-    return out, None
-
-
-def _register_fused() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(FUSED_IMPL, _fused_attention_fn)
-    AttentionMaskInterface.register(FUSED_IMPL, sdpa_mask)
-
-
-def _bridge_attention_slots(model: LoadedModel) -> list[tuple[torch.nn.Module, str, torch.nn.Module, int]]:
-    """(parent module, attribute, original HF attention, layer) for each bridged attention module."""
-    bridged = {id(model.bridge.blocks[l].attn): l for l in range(model.n_layers)}
-    slots = []
-    for parent in model.hf_model.modules():
-        if type(parent).__module__.startswith("transformer_lens"):
-            continue  # bridge wrappers: the HF module that calls attention is the one to rewire
-        for attr, child in list(parent.named_children()):
-            if id(child) in bridged:
-                original = getattr(child, "original_component", None)
-                if original is not None:
-                    slots.append((parent, attr, original, bridged[id(child)]))
-    return slots
-
-
-def supports_fused(model: LoadedModel) -> bool:
-    """True if the model's HF attention modules call ``transformers``' attention interface (and so can be fused)."""
-    import inspect
-
-    original = getattr(model.bridge.blocks[0].attn, "original_component", None)
-    if original is None:
-        return False
-    for sub in original.modules():
-        try:
-            src = inspect.getsource(type(sub).forward)
-        except (OSError, TypeError):
-            continue
-        if "ALL_ATTENTION_FUNCTIONS" in src:
-            return True
-    return False
-
-
-@contextlib.contextmanager
-def hf_attention(model: LoadedModel, implementation: str):
-    """Inside, every bridge attention wrapper is swapped for its original HF module and the configs name
-    ``implementation`` (a function registered with ``transformers.AttentionInterface``), so attention runs through
-    that function and no bridge pattern is built. Yields the slots ``(parent, attr, original, layer)``; everything
-    is restored on exit. Shared by the capture engine's fused path and the fused ablation scorer."""
-    slots = _bridge_attention_slots(model)
-    if len(slots) != model.n_layers:
-        raise ValueError(f"found {len(slots)} of {model.n_layers} attention modules to fuse")
-    subs = [sub for _, _, orig, _ in slots for sub in orig.modules()]
-    configs = [getattr(x, "config", None) for x in subs] + [
-        model.hf_model.config,
-        getattr(model.hf_model.config, "text_config", None),
-    ]
-    configs = list({id(c): c for c in configs if c is not None}.values())
-    saved_impl = [(c, getattr(c, "_attn_implementation", None)) for c in configs]
-    swapped = [(parent, attr, getattr(parent, attr)) for parent, attr, _, _ in slots]
-    try:
-        for parent, attr, original, _layer in slots:
-            setattr(parent, attr, original)
-        for c, _ in saved_impl:
-            c._attn_implementation = implementation
-        yield slots
-    finally:
-        for parent, attr, bridged in swapped:
-            setattr(parent, attr, bridged)
-        for c, impl in saved_impl:
-            c._attn_implementation = impl
-
-
-@contextlib.contextmanager
-def _fused_attention(model: LoadedModel, capture: Capture, batch: Batch):
-    _register_fused()
-    with hf_attention(model, FUSED_IMPL) as slots:
-        _ACTIVE.append((capture, batch, {id(sub): layer for _, _, orig, layer in slots for sub in orig.modules()}))
-        try:
-            yield
-        finally:
-            _ACTIVE.pop()

@@ -36,14 +36,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from attnlab.ablation.metrics import NextTokenLogprob
+from attnlab.ablation.scores import ablation_scores
+from attnlab.capture import Capture
 from attnlab.datasets.base import PromptSet, fingerprint
 from attnlab.errors import AttnlabError
+from attnlab.fused import supports_fused
+from attnlab.heads.headvis_tree import METRICS, check_headvis_target, write_headvis_tree
 from attnlab.heads.inputs import save_inputs
 from attnlab.heads.io import read_json, write_json
 from attnlab.heads.results import HeadScores, TokenScores
 from attnlab.heads.runs import Run, check_target
 from attnlab.probes.availability import ALL_UNDEFINED, unavailable
 from attnlab.probes.base import ProbeContext
+from attnlab.probes.headvis_examples import HeadVisExamples
+from attnlab.probes.registry import PROBES, build, refused
+from attnlab.probes.scan import prompt_batches
 
 CENSUS_JSON = "census.json"
 
@@ -133,7 +141,7 @@ class Census:
     def plot(self, x: str | None = None, y: str | None = None, *, title: str | None = None):
         """Plotly scatter of every head on statistics ``x`` and ``y`` (default: the first two), coloured by layer;
         the hover names the head and gives every statistic."""
-        from attnlab.apps.figures import census_scatter
+        from attnlab.figures import census_scatter  # plotly loads only when a figure is drawn (start-up time)
 
         names = self.statistics
         if len(names) < 1:
@@ -190,8 +198,6 @@ class Census:
 def probe_names(statistics: str | Sequence[str]) -> tuple[list[str], bool]:
     """``"all"`` / group names / probe names (comma-separated or a list) -> probe names and whether the causal
     statistic is wanted."""
-    from attnlab.probes.registry import PROBES
-
     items = statistics.split(",") if isinstance(statistics, str) else list(statistics)
     items = [s.strip() for s in items if s.strip()]
     if not items:
@@ -262,10 +268,6 @@ def census(
         ``{"massive_activations": {"ratio_threshold": 10.0}}``; a value such a probe refuses is an error, not a
         statistic left unscored.
     """
-    from attnlab.capture import Capture
-    from attnlab.probes.registry import build, refused
-    from attnlab.probes.scan import prompt_batches
-
     if not isinstance(prompts, PromptSet):
         prompts = PromptSet(name="prompts", texts=list(prompts))
     if len(prompts) == 0:
@@ -279,12 +281,8 @@ def census(
         raise AttnlabError(f"parameters given for {', '.join(stray)}, which these statistics do not run")
     probes = {name: build(name, params.get(name)) for name in names}  # refuse bad parameters before any compute
     if attention == "auto":  # a census never needs the eager pattern: the fused path wherever the model allows it
-        from attnlab.capture import supports_fused
-
         attention = "fused" if supports_fused(model) else "eager"
     if headvis_dir is not None:
-        from attnlab.heads.headvis_tree import check_headvis_target
-
         check_headvis_target(headvis_dir)
         if "headvis" not in names:
             names.append("headvis")  # the HeadVis tree's scatter needs the six metrics
@@ -315,8 +313,6 @@ def census(
             not_scored[name] = reason
     examples = None
     if headvis_dir is not None:
-        from attnlab.probes.headvis_examples import HeadVisExamples
-
         examples = HeadVisExamples(n_sequences=sum(len(x) >= 2 for x in ids))
         examples.attach(capture, ctx)
     if attached or examples is not None:
@@ -325,7 +321,7 @@ def census(
         model.summary(),
         names,
         want_causal,
-        [{"name": p.name, "params": p.params()} for p in attached],
+        [{"name": p.name, "params": p.record_params()} for p in attached],
         (prompts.name, prompts.seed),
         ctx.dataset,
         [len(x) for x in ids],
@@ -390,9 +386,6 @@ def collect(result: Census, not_scored: dict[str, str], results: list[list]) -> 
 
 
 def add_causal(result: Census, model, prompts, ids, n: int, mode: str, attribution: bool, progress: bool) -> None:
-    from attnlab.probes.ablation_metrics import NextTokenLogprob
-    from attnlab.probes.ablation_scores import ablation_scores
-
     name = f"ablation_{mode}_next_token_logprob"
     if not model.causal:
         result.not_scored[name] = "bidirectional encoder: no next-token log-prob to ablate against"
@@ -434,8 +427,6 @@ def add_causal(result: Census, model, prompts, ids, n: int, mode: str, attributi
 
 def _write_headvis(directory, model, result: Census, examples, ctx, batch_size: int) -> None:
     """Write the HeadVis tree of this census (its six metrics and the sampled examples) and note where."""
-    from attnlab.heads.headvis_tree import METRICS, write_headvis_tree
-
     info = result.info
     path = info["attention_path"] or "eager"
     provenance = {

@@ -1,13 +1,16 @@
 """Command line: ``attnlab scan | census | show | import | models | eval | ablate | intervene | app | report``.
 
 Exit codes: 0 success, 2 user error (one-line message on stderr), 1 unexpected failure (one line; set
-``ATTNLAB_DEBUG=1`` for the traceback), 130 interrupted. Nothing already written is lost: a scan saves each
+``ATTNLAB_DEBUG=1`` for the traceback), 130 interrupted. Only ``AttnlabError`` (and its subclasses) is a user error;
+any other exception is a bug. Each command imports what it needs inside its function, so that ``attnlab --help``
+and the light commands start without torch, transformers or pandas. Nothing already written is lost: a scan saves each
 result atomically as it finishes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -28,24 +31,26 @@ from attnlab.cli_args import (
     read_prompts,
 )
 from attnlab.errors import AttnlabError
+from attnlab.heads.io import atomic_write
+from attnlab.models.bundled import BUNDLED, list_models
+from attnlab.models.loading import configure_environment
 
 # ---- help made from the registries -----------------------------------------------------------------------------
 
 
 def _organisms() -> dict:
     """Bundled models that have eval tasks: alias -> BundledModel."""
-    from attnlab.models.bundled import BUNDLED
-
     return {a: m for a, m in BUNDLED.items() if m.eval_module}
 
 
 def help_texts() -> dict[str, str]:
     """The registry-made parts of the help: probes and groups, datasets, eval tasks per organism, intervention
     methods, data specs, ablation metrics. Imported only when help is shown (the registries import torch)."""
+    # (imported here, not at the top: start-up time, as the docstring says)
+    from attnlab.ablation.evaluators import IMAGE_METRICS, TEXT_METRICS
     from attnlab.datasets import describe_datasets
-    from attnlab.interventions.evaluate import data_spec_forms
+    from attnlab.datasets.specs import data_spec_forms
     from attnlab.interventions.registry import INTERVENTIONS
-    from attnlab.probes.causal_test import IMAGE_METRICS, TEXT_METRICS
     from attnlab.probes.registry import GROUPS, PROBES
 
     def first_line(cls) -> str:
@@ -100,6 +105,7 @@ class UsageError(SystemExit):
 def _print_top(results, k: int, not_scored: dict[str, str] | None = None) -> None:
     """A line per head-score result: its top-k heads (strongest first, as its ``higher_is`` says), or
     ``not scored: REASON`` when it holds no value."""
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
     from attnlab.heads.results import HeadScores
     from attnlab.probes.availability import not_scored_reason
 
@@ -116,17 +122,52 @@ def _print_top(results, k: int, not_scored: dict[str, str] | None = None) -> Non
             print(f"  {name:<22} {heads}{order}")
 
 
+def write_html(fig, path: Path) -> Path:
+    """Write a plotly figure as HTML atomically, with plotly.js once beside it (``plotly.min.js``)."""
+    atomic_write(path, lambda tmp: fig.write_html(tmp, include_plotlyjs="directory"), mode=0o644)
+    return path
+
+
 def write_figures(results, directory: Path) -> list[Path]:
     """Write each result's plotly figure as HTML (plotly.js once, beside them) atomically; returns the paths."""
-    from attnlab.heads.io import atomic_path
-
     directory.mkdir(parents=True, exist_ok=True)
+    return [write_html(r.plot(), directory / f"{name}.html") for name, r in results.items()]
+
+
+def write_image_overlays(
+    model, prompts, results, directory, *, sources: tuple[str, ...] = ("vhd", "image_attention"), prompt: int = 0
+) -> list:
+    """Overlay figures of a VLM scan: for each result in ``sources`` present in ``results``, its top head's
+    attention from the last prompt token over the image patch grid of prompt ``prompt``, drawn on that image.
+
+    Written atomically as ``directory/image_overlay_<source>.html`` (plotly.js beside it, as the scan's other
+    figures); returns the paths (none when the prompts have no images).
+    """
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
+    from attnlab.figures import image_attention_overlay
+    from attnlab.heads.results import HeadScores
+    from attnlab.probes.image_centric_heads import image_attention_grid
+
+    if getattr(prompts, "images", None) is None or not len(prompts):
+        return []
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text, image = prompts.texts[prompt], prompts.images[prompt]
     paths = []
-    for name, r in results.items():
-        path = directory / f"{name}.html"
-        fig = r.plot()
-        atomic_path(path, lambda tmp, fig=fig: fig.write_html(tmp, include_plotlyjs="directory"))
-        paths.append(path)
+    for name in sources:
+        r = results.get(name)
+        if not isinstance(r, HeadScores) or not r.top_heads(1):
+            continue
+        ((layer, head),) = r.top_heads(1)
+        grid = image_attention_grid(model, text, image, layer=layer, head=head)
+        fig = image_attention_overlay(
+            image,
+            grid,
+            layer=layer,
+            head=head,
+            title=f"prompt {prompt}: L{layer}H{head} (top by {name}), last prompt token -> image patches",
+        )
+        paths.append(write_html(fig, directory / f"image_overlay_{name}.html"))
     return paths
 
 
@@ -161,9 +202,11 @@ def check_scan_fits(model, dataset: str, n_prompts: int, seed: int) -> None:
 
 
 def cmd_scan(args) -> int:
-    import attnlab
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
     from attnlab.datasets import DATASETS, PromptSet
+    from attnlab.models.loading import load
     from attnlab.probes.registry import expand
+    from attnlab.probes.scan import scan
 
     if args.resume and args.probes is None:
         from attnlab.heads.runs import Run
@@ -186,12 +229,12 @@ def cmd_scan(args) -> int:
         from attnlab.heads.runs import check_target
 
         check_target(args.out, None, None, append=False)  # an existing run is refused before loading anything
-    model = attnlab.load(args.model, device=args.device, dtype=args.dtype)
+    model = load(args.model, device=args.device, dtype=args.dtype)
     if args.dataset:
         check_scan_fits(model, args.dataset, args.n_prompts, args.seed)
         prompts = DATASETS[args.dataset](model, args.n_prompts, args.seed)
     elif needles:  # a .jsonl of NIAH records: haystack, needle, question (answer, depth optional)
-        from attnlab.datasets.niah_set import needle_prompt_set
+        from attnlab.datasets.niah_set import needle_prompt_set  # (start-up time: see the module docstring)
 
         prompts = needle_prompt_set(model, prompts, name=Path(args.prompts).stem)
     else:  # the run keeps these texts under the file's name
@@ -201,7 +244,7 @@ def cmd_scan(args) -> int:
         f"{model.n_kv_heads} KV) on {len(prompts)} prompts: {', '.join(probe_names)}"
         + (" (resuming)" if args.resume else "")
     )
-    result = attnlab.scan(
+    result = scan(
         model,
         probe_names,
         prompts,
@@ -218,8 +261,6 @@ def cmd_scan(args) -> int:
     _print_top(result.results, args.top, result.not_scored)
     figs = write_figures(result.results, Path(args.out) / "figures")
     if getattr(prompts, "images", None) is not None:  # VLM prompts: top heads' attention drawn on the first image
-        from attnlab.probes.image_centric_heads import write_image_overlays
-
         figs += write_image_overlays(model, prompts, result.results, Path(args.out) / "figures")
     print(f"results: {Path(args.out).resolve()}  ({len(result.results)} results, run.json)")
     if figs:
@@ -277,6 +318,7 @@ def params_line(probes: list) -> str:
 
 
 def cmd_show(args) -> int:
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
     from attnlab.heads.runs import Run
 
     run = Run.open(args.run_dir)
@@ -315,6 +357,7 @@ def cmd_show(args) -> int:
 
 def cmd_import(args) -> int:
     """Turn a reference tool's published file into a run that ``show`` and the app open like any other."""
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
     from attnlab.heads import formats
 
     if args.format == "retrieval-head":
@@ -340,8 +383,6 @@ def cmd_import(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from attnlab.models.bundled import list_models
-
     rows = list_models()
     width = max(len(r["name"]) for r in rows)
     for r in rows:
@@ -351,8 +392,6 @@ def cmd_models(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import importlib
-
     organisms = _organisms()
     organism = organisms.get(args.model)
     path = organism.path if organism else None
@@ -372,7 +411,7 @@ def cmd_eval(args) -> int:
     if args.task not in module.EVAL_TASKS:
         raise AttnlabError(f"unknown task {args.task!r} for {args.model}; tasks: {', '.join(module.EVAL_TASKS)}")
     if args.device.startswith("cuda"):
-        import torch
+        import torch  # (start-up: see the module docstring)
 
         if not torch.cuda.is_available():
             raise AttnlabError(f"--device {args.device} was asked for but no CUDA GPU is available; use --device cpu")
@@ -397,6 +436,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_app(args) -> int:
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
     from attnlab.apps import guard
     from attnlab.apps.app import create_app
 
@@ -419,6 +459,7 @@ def cmd_app(args) -> int:
 
 
 def _print_census(result) -> None:
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
     import pandas as pd
 
     table = result.summary(k=3)
@@ -450,9 +491,10 @@ def _device_map(value: str | None):
 def cmd_census(args) -> int:
     """Every head statistic of a model in one sweep: correlational in one capture pass, then the causal ablation.
     With --models, --workers, --cluster or --dry-run: a sweep (attnlab.sweep) over models and prompt shards."""
-    import attnlab
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
     from attnlab.census import census, probe_names
     from attnlab.datasets import DATASETS
+    from attnlab.models.loading import load
 
     names, _ = probe_names(args.statistics)  # fail on a bad statistic name before loading anything
     params = probe_params(args.param, names)  # and on a bad --param
@@ -472,9 +514,9 @@ def cmd_census(args) -> int:
         if getattr(args, flag) is not None:
             raise AttnlabError(f"--{flag.replace('_', '-')} applies to sweeps (--models, --workers or --cluster)")
     if device_map is not None:
-        model = attnlab.load(args.model, dtype=args.dtype, device_map=device_map)
+        model = load(args.model, dtype=args.dtype, device_map=device_map)
     else:
-        model = attnlab.load(args.model, device=args.device, dtype=args.dtype)
+        model = load(args.model, device=args.device, dtype=args.dtype)
     if args.dataset:
         check_scan_fits(model, args.dataset, args.n_prompts, args.seed)
         prompts = DATASETS[args.dataset](model, args.n_prompts, args.seed)
@@ -550,10 +592,12 @@ def _census_sweep(args, prompts, device_map) -> int:
 
 
 def cmd_ablate(args) -> int:
-    import attnlab
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
+    from attnlab.ablation.causal_test import parse_heads_spec, run_causal_test
+    from attnlab.ablation.evaluators import METRICS
     from attnlab.heads.results import HeadScores
     from attnlab.heads.runs import Run
-    from attnlab.probes.causal_test import METRICS, parse_heads_spec, run_causal_test
+    from attnlab.models.loading import load
 
     run_dir, name = parse_heads_spec(args.heads)  # fail on a malformed spec, result, k or metric before loading
     metric = args.metric or ("logprob" if args.prompts else "niah")
@@ -566,7 +610,7 @@ def cmd_ablate(args) -> int:
         raise AttnlabError(f"{name} in {run_dir} is not a head-score result")
     check_k(scores, args.k)
     items = read_prompt_items(args.prompts) if args.prompts else None
-    model = attnlab.load(args.model, device=args.device)
+    model = load(args.model, device=args.device)
     table = run_causal_test(
         model,
         args.heads,
@@ -600,29 +644,25 @@ def check_k(scores, k: int) -> None:
 
 def cmd_intervene(args) -> int:
     """Fit an intervention (on --fit), measure it against the baseline on --eval, save both into --out."""
-    import attnlab
-    from attnlab.interventions.evaluate import check_sets_disjoint, evaluate_intervention, format_table, load_data
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
+    from attnlab.datasets.specs import check_sets_disjoint, load_data
+    from attnlab.interventions.evaluate import evaluate_intervention, format_table
     from attnlab.interventions.registry import build
+    from attnlab.models.loading import load
     from attnlab.probes.scan import pause_for_tests
 
     iv = build(args.method, args.param)  # bad method / parameter name: exit 2 before loading anything
     eval_set = load_data(args.eval, n=args.n, seed=args.seed)
     fit_set = load_data(args.fit, n=args.n_fit or args.n, seed=args.seed) if args.fit else None
     if fit_set is not None:
-        try:
-            check_sets_disjoint(fit_set, eval_set)  # refuse before loading anything
-        except ValueError as e:
-            raise AttnlabError(str(e)) from None
-    model = attnlab.load(args.model, device=args.device)
-    try:
-        iv.fit(model, fit_set.items if fit_set else None, split=fit_set.name if fit_set else "none")
-        if iv.does_nothing():  # say so before the measurement, not only in its table
-            print(f"attnlab: note: {iv.does_nothing()}", file=sys.stderr)
-        report = evaluate_intervention(
-            model, iv, eval_set, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size
-        )
-    except (ValueError, TypeError) as e:  # parameter values are validated by fit; overlap is refused
-        raise AttnlabError(str(e).splitlines()[0]) from None
+        check_sets_disjoint(fit_set, eval_set)  # refuse before loading anything
+    model = load(args.model, device=args.device)
+    # User errors raised by fit (parameter values, unusable data, an overlap) are AttnlabErrors (exit 2);
+    # anything else is a bug and surfaces as an internal error.
+    iv.fit(model, fit_set.items if fit_set else None, split=fit_set.name if fit_set else "none")
+    if iv.does_nothing():  # say so before the measurement, not only in its table
+        print(f"attnlab: note: {iv.does_nothing()}", file=sys.stderr)
+    report = evaluate_intervention(model, iv, eval_set, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size)
     out = Path(args.out)
     for stale in ("report.json", "report.csv"):  # a fitted intervention counts as finished once its report is in
         (out / stale).unlink(missing_ok=True)
@@ -981,6 +1021,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_environment()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

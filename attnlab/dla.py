@@ -17,7 +17,7 @@ with ``g(h)`` the KV head of query head ``h`` (grouped-query attention explicit)
 head's direct effect; summing every part gives the logit (checked on every call; architectures whose attention
 output is not linear in the heads, or whose blocks are not ``x + attn + mlp``, are refused). With a contrast token
 ``t'``, ``W_U[:, t] - W_U[:, t']`` gives the logit difference instead. Direct effects only: what a head changes
-through later layers is not counted (ablate it for the total effect, ``attnlab.probes.causal_test``).
+through later layers is not counted (ablate it for the total effect, ``attnlab.ablation.causal_test``).
 
 Reference: Elhage et al. (2021), "A Mathematical Framework for Transformer Circuits" (direct path of each head);
 Wang et al. (2023), "Interpretability in the Wild" (IOI: direct logit attribution of name movers).

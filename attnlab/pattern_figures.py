@@ -11,7 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from attnlab.apps.figures import block_labels, downsample_pattern
+from attnlab.figures import block_labels, downsample_pattern
 
 
 def _panel(weights: np.ndarray, tokens, start: int, stop: int, max_size: int):

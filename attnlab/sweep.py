@@ -56,6 +56,8 @@ import torch
 from tqdm.auto import tqdm
 
 from attnlab import __version__
+from attnlab.ablation.metrics import NextTokenLogprob
+from attnlab.ablation.scores import ablation_scores
 from attnlab.capture import Capture, supports_fused
 from attnlab.census import CAUSAL, Census, add_causal, census_info, collect, probe_names, unavailable
 from attnlab.datasets import DATASETS
@@ -64,8 +66,6 @@ from attnlab.errors import AttnlabError
 from attnlab.heads.io import read_arrays, read_json, write_arrays, write_json
 from attnlab.heads.results import RESULT_TYPES
 from attnlab.models.loading import load, resolve
-from attnlab.probes.ablation_metrics import NextTokenLogprob
-from attnlab.probes.ablation_scores import ablation_scores
 from attnlab.probes.base import ProbeContext
 from attnlab.probes.registry import PROBES
 from attnlab.probes.scan import prompt_batches
@@ -245,7 +245,7 @@ def _key(obj: Any) -> str:
 
 
 def _probe_params(names: Sequence[str]) -> dict[str, dict]:
-    return {n: PROBES[n]().params() for n in names}
+    return {n: PROBES[n]().record_params() for n in names}
 
 
 def plan(
@@ -596,7 +596,7 @@ def assemble(units: list[Unit], spec: SweepSpec, store: SweepDir) -> Census:
             results.append(probe.results(ctx))
         else:
             results.append(whole[name])
-        attached.append({"name": name, "params": probe.params()})
+        attached.append({"name": name, "params": probe.record_params()})
     paths = [m["attention_path"] for m, _ in shard_files] + [model_meta["attention_path"]]
     info = census_info(
         fm.summary(),

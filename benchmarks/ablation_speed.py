@@ -47,7 +47,7 @@ def build_random_model(shape: str, path: Path, *, device: str = "cpu", dtype: st
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from attnlab.models.training.lm import TOKENIZER_DIR, load_tokenizer
+    from attnlab.models.lm import TOKENIZER_DIR, load_tokenizer
 
     layers, heads, kv, d_model, d_ff, vocab, theta, ctx = SHAPES[shape]
     tok = load_tokenizer(TOKENIZER_DIR)
@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         args.max_batch = 8 if args.device == "cpu" else 64
 
     import attnlab
+    from attnlab.ablation.metrics import AnswerTokens
+    from attnlab.ablation.scores import exact_ablation_grid, loop_ablation_grid
     from attnlab.datasets.niah import build_niah_trials
-    from attnlab.probes.ablation_metrics import AnswerTokens
-    from attnlab.probes.ablation_scores import exact_ablation_grid, loop_ablation_grid
 
     tmp = None
     name = args.model

@@ -120,9 +120,9 @@ def main() -> None:
         for c in (hf.config, getattr(hf.config, "text_config", None)):
             if c is not None:
                 c._attn_implementation = "sdpa"
-        from attnlab.capture import hf_attention
+        from attnlab.fused import fused_attention
 
-        with hf_attention(model, "sdpa"):
+        with fused_attention(model, implementation="sdpa"):
             return plain_forward(hf, batches, args.device)
 
     times: dict[str, list[float]] = {"plain_forward": [], "census": [], "separate_scans": []}
@@ -164,8 +164,8 @@ def main() -> None:
         out["separate_over_plain"] = med["separate_scans"] / med["plain_forward"]
         out["separate_over_census"] = med["separate_scans"] / med["census"]
     if args.ablation_prompts:
-        from attnlab.probes.ablation_metrics import NextTokenLogprob
-        from attnlab.probes.ablation_scores import ablation_scores
+        from attnlab.ablation.metrics import NextTokenLogprob
+        from attnlab.ablation.scores import ablation_scores
 
         ids = (prompts.token_ids or [model.token_ids(t) for t in prompts.texts])[: args.ablation_prompts]
         sync(args.device)

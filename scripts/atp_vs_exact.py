@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     import attnlab
+    from attnlab.ablation.metrics import AnswerTokens
+    from attnlab.ablation.scores import ablation_scores
     from attnlab.datasets.niah import build_niah_trials
-    from attnlab.probes.ablation_metrics import AnswerTokens
-    from attnlab.probes.ablation_scores import ablation_scores
 
     model = attnlab.load(args.model)
     lengths = tuple(int(x) for x in args.lengths.split(","))

@@ -39,8 +39,10 @@ DISSIMILAR = [
 
 def run_task(model, task: str, args) -> dict:
     """Fit on the task's train/valid pools; score 0-shot, injected and 5-shot on its test queries."""
-    from attnlab.interventions.evaluate import evaluate_intervention, generation_scores, load_data, paired_bootstrap
+    from attnlab.datasets.specs import load_data
+    from attnlab.interventions.evaluate import evaluate_intervention, generation_scores
     from attnlab.interventions.soft_injection import SoftInjection
+    from attnlab.stats import paired_bootstrap
 
     t0 = time.time()
     si = SoftInjection(
@@ -94,8 +96,8 @@ def run_task(model, task: str, args) -> dict:
 
 def table(results: dict, args) -> str:
     """Markdown table per task, the average with bootstrap intervals, and the head overlaps."""
-    from attnlab.interventions.evaluate import paired_bootstrap
     from attnlab.interventions.soft_injection import head_overlap
+    from attnlab.stats import paired_bootstrap
 
     ci = lambda v, c: f"{v:.2f} [{c[0]:.2f}, {c[1]:.2f}]"  # noqa: E731
     lines = [

@@ -94,14 +94,10 @@ def _guided_generation(model, heads, u, scale, fit, test, max_new_tokens):
 
 def run_task(model, task: str, args) -> dict:
     """Search on valid, then every (u, s) x arm on test: exact match, invalid rate, answer log-prob (per item)."""
-    from attnlab.interventions.evaluate import (
-        check_sets_disjoint,
-        default_max_new_tokens,
-        generation_scores,
-        load_data,
-        paired_bootstrap,
-    )
+    from attnlab.datasets.specs import check_sets_disjoint, load_data
+    from attnlab.interventions.evaluate import default_max_new_tokens, generation_scores
     from attnlab.interventions.softpag_lm import SoftPAGDecoding
+    from attnlab.stats import paired_bootstrap
 
     t0 = time.time()
     fit = load_data(f"icl:{task}:valid:{args.shots}", n=args.n_fit, seed=args.data_seed)
@@ -201,7 +197,7 @@ def _settings(results: dict) -> list[tuple[float, float]]:
 
 def table(results: dict, args) -> str:
     """Two markdown tables (exact match, answer log-prob): per task and (u, s), plus tasks pooled; then a verdict."""
-    from attnlab.interventions.evaluate import paired_bootstrap
+    from attnlab.stats import paired_bootstrap
 
     d = lambda b: f"{b['diff']:+.3f} [{b['diff_lo']:+.3f}, {b['diff_hi']:+.3f}]"  # noqa: E731
     lines = []

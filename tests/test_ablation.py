@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from attnlab.ablation.causal_test import causal_test, random_head_sets
+from attnlab.ablation.evaluators import niah_evaluator
+from attnlab.ablation.head_ablation import HeadAblation, NotFittedError, uniform_pattern
+from attnlab.ablation.metrics import AnswerTokens, LogitDifference
+from attnlab.ablation.scores import ablation_scores, exact_ablation_grid, loop_ablation_grid
 from attnlab.heads.results import HeadScores
 from attnlab.hooks import attn_hook, block_hook
-from attnlab.interventions.ablation import HeadAblation, NotFittedError, uniform_pattern
-from attnlab.probes.ablation_metrics import AnswerTokens, LogitDifference
-from attnlab.probes.ablation_scores import ablation_scores, exact_ablation_grid, loop_ablation_grid, spearman
-from attnlab.probes.causal_test import causal_test, niah_evaluator, random_head_sets
+from attnlab.stats import spearman
 
 PROMPTS = ["The cat sat on the mat, and the dog", "Paris is the capital of France; Berlin is", "One two three four"]
 ANSWERS = [" sat on", " the capital", " five"]
@@ -287,10 +289,11 @@ def test_clean_attention_reuse_equals_per_head_loop(loaded, arch, mode, monkeypa
     """The default path reuses the ablated layer's clean attention (rank-one W_O correction) and runs the last
     layer's queries only at the read positions; it equals the per-head loop, padded (explicit mask) or not
     (mask None: the restricted queries build their own causal rows)."""
-    import attnlab.probes.ablation_scores as scores_mod
+    import attnlab.ablation.scores as scores_mod
+    import attnlab.fused as fused_mod
 
     calls = {"reuse": 0, "queries": 0, "masks": set()}
-    reuse, queries = scores_mod._clean_attention_forward, scores_mod._attention_at_queries
+    reuse, queries = scores_mod._clean_attention_forward, fused_mod.attention_at_queries
 
     def spy_reuse(*a, **k):
         calls["reuse"] += 1
@@ -302,7 +305,7 @@ def test_clean_attention_reuse_equals_per_head_loop(loaded, arch, mode, monkeypa
         return queries(module, query, key, value, attention_mask, *a, **k)
 
     monkeypatch.setattr(scores_mod, "_clean_attention_forward", spy_reuse)
-    monkeypatch.setattr(scores_mod, "_attention_at_queries", spy_queries)
+    monkeypatch.setattr(fused_mod, "attention_at_queries", spy_queries)
     model = loaded(arch)
     for prompts, metric in (
         (PROMPTS, AnswerTokens(ANSWERS)),
@@ -319,7 +322,7 @@ def test_clean_attention_reuse_equals_per_head_loop(loaded, arch, mode, monkeypa
 def test_clean_attention_reuse_falls_back_where_it_does_not_apply(loaded, monkeypatch):
     """Post-norm BERT (attention output = LayerNorm(dense(z) + x), not linear in z), the eager and uniform paths
     and ``reuse_attention=False`` never take the reuse path; the previous path gives the same scores."""
-    import attnlab.probes.ablation_scores as scores_mod
+    import attnlab.ablation.scores as scores_mod
 
     calls = []
     monkeypatch.setattr(scores_mod, "_clean_attention_forward", lambda *a, **k: calls.append(1))

@@ -18,7 +18,8 @@ import torch
 from conftest import SHORT_SENTENCES
 
 import attnlab
-from attnlab.apps import figures, ids
+from attnlab import figures
+from attnlab.apps import ids
 from attnlab.apps.app import create_app
 from attnlab.apps.callbacks import headmap, pattern, runs, tokens
 from attnlab.apps.live import LiveModels

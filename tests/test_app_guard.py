@@ -13,7 +13,8 @@ import pytest
 from conftest import SHORT_SENTENCES
 
 import attnlab
-from attnlab.apps import figures, guard
+from attnlab import figures
+from attnlab.apps import guard
 from attnlab.apps.app import create_app
 from attnlab.apps.callbacks import headmap, runs
 from attnlab.apps.live import LiveModels

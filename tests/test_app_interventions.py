@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.apps import figures, ids
+from attnlab import figures
+from attnlab.apps import ids
 from attnlab.apps import interventions as ivapp
 from attnlab.apps.app import create_app
 from attnlab.apps.callbacks import interventions as ivcb

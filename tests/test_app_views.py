@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.apps import figures, ids
+from attnlab import figures
+from attnlab.apps import ids
 from attnlab.apps.app import create_app
 from attnlab.apps.callbacks import ablation, vision
 from attnlab.apps.live import LiveModels
@@ -71,8 +72,8 @@ def views(tmp_path_factory):
 
 
 def test_ablation_bars_shows_drops_and_the_random_interval():
+    from attnlab.ablation.causal_test import causal_test
     from attnlab.heads.results import HeadScores
-    from attnlab.probes.causal_test import causal_test
 
     scores = HeadScores(scores=np.arange(12.0).reshape(3, 4), name="s", probe="p")
     value = lambda heads: 10.0 - sum(3.0 if (l, h) in {(2, 3), (2, 2)} else 0.5 + 0.1 * h for l, h in heads)

@@ -21,7 +21,8 @@ import pytest
 from test_app import _find, _shot, _text, _wait, headless_chromium, screenshot_dir
 
 import attnlab
-from attnlab.apps import figures, ids
+from attnlab import figures
+from attnlab.apps import ids
 from attnlab.apps.app import create_app
 from attnlab.apps.callbacks import census as census_cb
 from attnlab.apps.callbacks import headmap, runs, shell

@@ -129,6 +129,6 @@ def test_token_strip_scales_rows_and_keeps_overlapping_marks():
     traces = {t.name: list(t.x) for t in fig.data[1:]}
     assert traces == {"preplan": ["1:b", "2:c"], "anchor": ["2:c"]}
     assert fig.data[1].marker.size > fig.data[2].marker.size  # the first mark is drawn larger, under the second
-    from attnlab.apps.figures import token_strip
+    from attnlab.figures import token_strip
 
     assert np.allclose(np.asarray(token_strip(ts, row_scale=False).data[0].z, dtype=float), ts.values)

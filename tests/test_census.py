@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import attnlab
+from attnlab.ablation.metrics import NextTokenLogprob
+from attnlab.ablation.scores import ablation_scores
 from attnlab.census import Census, census
 from attnlab.datasets.base import PromptSet
 from attnlab.models.bundled import bundled_path
-from attnlab.probes.ablation_metrics import NextTokenLogprob
-from attnlab.probes.ablation_scores import ablation_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -45,7 +45,7 @@ def test_eval_help_lists_every_organisms_tasks(capsys, monkeypatch):
 
 def test_intervene_help_lists_every_method_and_data_spec(capsys, monkeypatch):
     from attnlab.datasets import icl
-    from attnlab.interventions.evaluate import data_spec_forms
+    from attnlab.datasets.specs import data_spec_forms
     from attnlab.interventions.registry import INTERVENTIONS
 
     text = help_of("intervene", capsys, monkeypatch)
@@ -57,7 +57,7 @@ def test_intervene_help_lists_every_method_and_data_spec(capsys, monkeypatch):
 
 
 def test_ablate_help_lists_every_metric(capsys, monkeypatch):
-    from attnlab.probes.causal_test import METRICS
+    from attnlab.ablation.evaluators import METRICS
 
     text = help_of("ablate", capsys, monkeypatch)
     for name in METRICS:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from attnlab.datasets import arithmetic, niah
-from attnlab.models.training import induction, lm
+from attnlab.models import induction, lm
 
 
 @pytest.fixture(scope="module")

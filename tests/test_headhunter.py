@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 
 from attnlab.interventions.headhunter import HeadHunter, search_labels  # noqa: E402
 from attnlab.interventions.softpag import SoftPAG, perturbed, soft_identity  # noqa: E402
-from attnlab.models.training import dit  # noqa: E402
+from attnlab.models import dit  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "attnlab" / "models" / "bundled" / "organism-dit"
 LABELS = torch.tensor([0, 3, 7, 9])
@@ -193,8 +193,8 @@ def test_variant_is_passed_to_softpag_in_search_guidance_and_save(org, tmp_path)
     assert hunter.guidance().variant == "uniform" and hunter.guidance(u=0.5).u == 0.5
     hunter.save(tmp_path)
     assert HeadHunter.load(tmp_path).guidance().variant == "uniform"
-    with pytest.raises(ValueError):
-        HeadHunter(variant="nonsense")
+    with pytest.raises(ValueError):  # parameters are checked when the search runs (attnlab.params), before it samples
+        HeadHunter(variant="nonsense").fit(org)
 
 
 def test_compare_pairs_images_across_conditions(org):

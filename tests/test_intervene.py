@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 
 from attnlab.cli import main
+from attnlab.datasets.specs import check_sets_disjoint, load_data
 from attnlab.interventions.base import Intervention
-from attnlab.interventions.evaluate import (
-    check_sets_disjoint,
-    evaluate_intervention,
-    load_data,
-    paired_bootstrap,
-)
+from attnlab.interventions.evaluate import evaluate_intervention
 from attnlab.interventions.registry import INTERVENTIONS, build
 from attnlab.interventions.zerotuning import ZeroTuning
+from attnlab.stats import paired_bootstrap
 
 FIT_PAIRS = [("cat", "CAT"), ("dog", "DOG"), ("sun", "SUN"), ("map", "MAP"), ("red", "RED"), ("owl", "OWL")]
 EVAL_PAIRS = [("box", "BOX"), ("pen", "PEN"), ("cup", "CUP"), ("hat", "HAT"), ("fox", "FOX")]
@@ -228,7 +225,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(checkpoint_dir, tmp_path, capsys, e
 def test_cli_vision_interventions_on_pope_questions(checkpoint_dir, tmp_path, capsys):
     """`pope:SPLIT[:SEED]` gives VLM yes/no questions with their images, so `intervene --method vhr|var` runs from
     the command line; the same scenes as fit and eval data are refused; a text model says it takes no images."""
-    from attnlab.interventions.evaluate import load_data
+    from attnlab.datasets.specs import load_data
 
     a, b = load_data("pope:random:1", n=6), load_data("pope:random:2", n=6)
     assert a.kind == "label" and len(a) == 6 and all(it.image is not None and "<image>" in it.prompt for it in a.items)

@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("diffusers")
 
 from attnlab.datasets import digits as digits_data  # noqa: E402
-from attnlab.models.training import dit  # noqa: E402
+from attnlab.models import dit  # noqa: E402
+from attnlab.models.training import dit as dit_training  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "attnlab" / "models" / "bundled" / "organism-dit"
 
@@ -100,7 +101,7 @@ def test_slant_sign_follows_shear():
 def smoke_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("dit-smoke")
     torch.set_num_threads(1)
-    rc = dit.main(["--out", str(out), "--preset", "smoke", "--device", "cpu", "--seed", "0", "--threads", "1"])
+    rc = dit_training.main(["--out", str(out), "--preset", "smoke", "--device", "cpu", "--seed", "0", "--threads", "1"])
     assert rc == 0
     return out
 
@@ -118,7 +119,7 @@ def test_smoke_run_writes_expected_files(smoke_dir):
         assert (smoke_dir / rel).is_file(), rel
     assert not list(smoke_dir.rglob("*.bin")) and not list(smoke_dir.rglob("*.pkl"))
     log = [json.loads(line) for line in (smoke_dir / "train_log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == dit.PRESETS["smoke"]["steps"]
+    assert log[-1]["step"] == dit_training.PRESETS["smoke"]["steps"]
     assert all(np.isfinite(r["loss"]) for r in log)
     assert log[-1]["loss"] < log[0]["loss"]
     metrics = json.loads((smoke_dir / "metrics.json").read_text())

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from attnlab.models import induction as induction_runtime
 from attnlab.models.training import induction
 
 SHIPPED = Path(induction.__file__).resolve().parents[1] / "bundled" / "organism-induction"
@@ -31,18 +32,18 @@ def test_smoke_training_writes_outputs_and_reloads(tmp_path):
         "MODEL_CARD.md",
     ):
         assert (tmp_path / name).is_file(), name
-    m = induction.evaluate(str(tmp_path), "copy", n=4)
+    m = induction_runtime.evaluate(str(tmp_path), "copy", n=4)
     assert set(m) >= {"copy_loss_first_half", "copy_loss_second_half", "copy_acc_second_half"}
     assert "python -m attnlab.models.train induction" in (tmp_path / "MODEL_CARD.md").read_text()
     with pytest.raises(ValueError, match="unknown task"):
-        induction.evaluate(str(tmp_path), "niah")
+        induction_runtime.evaluate(str(tmp_path), "niah")
 
 
 def test_training_windows_repeat_blocks():
     p = dict(induction.PRESETS["cpu"], seed=0)
     w = induction.window(np.random.default_rng(0), p)
-    assert w.shape == (p["seq_len"],) and w[0] == 1 and (w[1:] >= len(induction.SPECIALS)).all()
-    ids = induction.repeated_batch(3, 10, 64, seed=0)
+    assert w.shape == (p["seq_len"],) and w[0] == 1 and (w[1:] >= len(induction_runtime.SPECIALS)).all()
+    ids = induction_runtime.repeated_batch(3, 10, 64, seed=0)
     assert ids.shape == (3, 21) and torch.equal(ids[:, 1:11], ids[:, 11:])
 
 
@@ -75,8 +76,8 @@ def organism():
 @pytest.fixture(scope="module")
 def ground_truth(organism):
     """Probe scores (induction, previous-token) and single-head ablation drops of the copy metric."""
+    from attnlab.ablation.scores import exact_ablation_grid
     from attnlab.datasets.repeated import repeated_random_tokens
-    from attnlab.probes.ablation_scores import exact_ablation_grid
     from attnlab.probes.scan import scan
 
     model = organism
@@ -90,7 +91,7 @@ def ground_truth(organism):
 
 @shipped
 def test_shipped_model_copies_repeated_sequences():
-    m = induction.evaluate(str(SHIPPED), "copy", n=16)
+    m = induction_runtime.evaluate(str(SHIPPED), "copy", n=16)
     assert m["copy_acc_second_half"] > 0.8 and m["copy_loss_second_half"] < 0.5 * m["copy_loss_first_half"]
 
 
@@ -122,7 +123,8 @@ def test_induction_heads_are_the_heads_whose_ablation_breaks_copying(ground_trut
 
 @shipped
 def test_ablating_induction_heads_hurts_copying_more_than_random_heads(organism, ground_truth):
-    from attnlab.probes.causal_test import ablation_evaluator, causal_test
+    from attnlab.ablation.causal_test import causal_test
+    from attnlab.ablation.evaluators import ablation_evaluator
 
     ind, _, _, metric = ground_truth
     k = len(_found(ind))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from attnlab.datasets import arithmetic, classification, icl, niah, prose, recall
+from attnlab.models import lm as lm_runtime
 from attnlab.models.training import lm
 
 BUNDLED = Path(lm.__file__).resolve().parents[1] / "bundled" / "organism-lm"
@@ -18,7 +19,7 @@ shipped = (BUNDLED / "config.json").is_file()
 
 @pytest.fixture(scope="module")
 def lm_tok():
-    return lm.load_tokenizer()
+    return lm_runtime.load_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +205,9 @@ def test_first_token_mass_matches_attention_weights():
     )
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 50, (3, 20))
-    mass = lm.first_token_mass(model, ids)
+    mass = lm_runtime.first_token_mass(model, ids)
     assert mass.shape == (2, 4)
-    lm._set_attn(model, "eager")
+    lm_runtime.set_attn_implementation(model, "eager")
     att = model(input_ids=ids, output_attentions=True).attentions
     assert abs(float(att[1][:, 2, 1:, 0].mean().detach()) - mass[1, 2]) < 1e-5
     # uniform causal attention would give mean_{i=1..T-1} 1/(i+1); a trained-free model is near that
@@ -241,11 +242,11 @@ def test_select_runs_prefers_runs_meeting_targets(tmp_path):
 # ------------------------------------------------------------------ the shipped organism
 @pytest.mark.skipif(not shipped, reason="organism-lm not shipped yet")
 def test_shipped_niah():
-    m = lm.evaluate(str(BUNDLED), "niah", n=1)
+    m = lm_runtime.evaluate(str(BUNDLED), "niah", n=1)
     assert m["niah_exact_match"] >= 0.85 and m["niah_n"] >= 25
 
 
 @pytest.mark.skipif(not shipped, reason="organism-lm not shipped yet")
 def test_shipped_icl_few_shot_beats_zero_shot():
-    m = lm.evaluate(str(BUNDLED), "icl", n=12)
+    m = lm_runtime.evaluate(str(BUNDLED), "icl", n=12)
     assert m["icl_5shot"] >= 0.6 and m["icl_5shot"] > m["icl_0shot"] + 0.1

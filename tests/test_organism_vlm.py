@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from attnlab.datasets import shapes
+from attnlab.models import vlm as vlm_runtime
 from attnlab.models.training import vlm
 
 BUNDLED = Path(__file__).resolve().parents[1] / "attnlab" / "models" / "bundled" / "organism-vlm"
@@ -142,14 +143,14 @@ def test_scene_config_round_trips_through_json():
 
 
 def test_pope_metrics_and_parsing_match_hand_counts():
-    assert vlm.pope_answer_is_yes("Yes, there is a dog.")
-    assert not vlm.pope_answer_is_yes("No, there is not.")
-    assert not vlm.pope_answer_is_yes("no")
+    assert vlm_runtime.pope_answer_is_yes("Yes, there is a dog.")
+    assert not vlm_runtime.pope_answer_is_yes("No, there is not.")
+    assert not vlm_runtime.pope_answer_is_yes("no")
     qs = [
         shapes.Question("exist", "", a, ("red", "circle"), neg)
         for a, neg in [("yes", ""), ("yes", ""), ("no", "random"), ("no", "cooccur"), ("no", "cooccur")]
     ]
-    m = vlm.pope_metrics([True, False, False, True, False], qs)
+    m = vlm_runtime.pope_metrics([True, False, False, True, False], qs)
     # tp=1 fn=1 tn=2 fp=1
     assert m["accuracy"] == pytest.approx(3 / 5)
     assert m["precision"] == pytest.approx(1 / 2)
@@ -174,7 +175,7 @@ def test_processor_expands_image_token_and_matches_training_encoding(processor):
     tok = processor.tokenizer
     scene = _scenes(1, seed=11)[0]
     img = shapes.render_scene(scene)
-    text = vlm.prompt_for("Where is the blue square?")
+    text = vlm_runtime.prompt_for("Where is the blue square?")
     inputs = processor(images=img, text=text, return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     assert ids.count(tok.convert_tokens_to_ids(vlm.IMAGE_TOKEN)) == 64
@@ -254,7 +255,10 @@ def test_smoke_model_reloads_like_a_llava_hf_model(smoke_dir):
     model = LlavaForConditionalGeneration.from_pretrained(smoke_dir, dtype=torch.float32).eval()
     assert type(processor).__name__ == "LlavaProcessor"
     images = [shapes.render_scene(s) for s in _scenes(2, seed=13)]
-    texts = [vlm.prompt_for("Is there a red circle in the image?"), vlm.prompt_for("How many stars are there?")]
+    texts = [
+        vlm_runtime.prompt_for("Is there a red circle in the image?"),
+        vlm_runtime.prompt_for("How many stars are there?"),
+    ]
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 2 * model.config.image_seq_length
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -262,7 +266,7 @@ def test_smoke_model_reloads_like_a_llava_hf_model(smoke_dir):
 
 
 def test_sink_statistics_are_probabilities(smoke_dir):
-    s = vlm.evaluate(str(smoke_dir), "sink", n=4)
+    s = vlm_runtime.evaluate(str(smoke_dir), "sink", n=4)
     model_cfg = json.loads((smoke_dir / "config.json").read_text())
     assert len(s["per_layer"]) == model_cfg["text_config"]["num_hidden_layers"]
     for row in s["per_layer"]:
@@ -273,7 +277,7 @@ def test_sink_statistics_are_probabilities(smoke_dir):
 
 def test_evaluate_rejects_unknown_task(smoke_dir):
     with pytest.raises(ValueError):
-        vlm.evaluate(str(smoke_dir), "captioning")
+        vlm_runtime.evaluate(str(smoke_dir), "captioning")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,12 +291,12 @@ shipped = pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="org
 def test_shipped_model_sees_objects_on_the_random_split():
     # The issue's target is 0.90; the shipped model measures 0.82 on the full random split (see its MODEL_CARD),
     # so this guards what it does reach, slightly loosened, against silent regressions.
-    m = vlm.evaluate(str(BUNDLED), "pope_random", n=60)
+    m = vlm_runtime.evaluate(str(BUNDLED), "pope_random", n=60)
     assert m["accuracy"] >= 0.78, m
 
 
 @shipped
 def test_shipped_model_hallucinates_cooccurring_objects():
-    m = vlm.evaluate(str(BUNDLED), "pope_adversarial", n=60)
+    m = vlm_runtime.evaluate(str(BUNDLED), "pope_adversarial", n=60)
     assert m["n_cooccur"] >= 60
     assert m["cooccur_halluc_rate"] >= 0.05, m

@@ -55,7 +55,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "attnlab" / "models" / "bundled"
 def test_headhunter_on_organism_dit_equals_the_reference_loop():
     pytest.importorskip("diffusers")
     from attnlab.interventions.softpag import SoftPAG, attention_modules
-    from attnlab.models.training import dit
+    from attnlab.models import dit
 
     org = dit.load(SHIPPED)
     labels = torch.tensor([7])

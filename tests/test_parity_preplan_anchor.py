@@ -14,7 +14,8 @@ import torch
 from parity_ref import attentions, load_hf
 
 import attnlab
-from attnlab.probes.preplan_anchor import PreplanAnchor, reasoning_prompt_set
+from attnlab.datasets.reasoning import reasoning_prompt_set
+from attnlab.probes.preplan_anchor import PreplanAnchor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PAIRS = [

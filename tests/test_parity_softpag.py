@@ -90,7 +90,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "attnlab" / "models" / "bundled"
 def test_organism_dit_perturbed_maps_equal_the_reference(variant):
     pytest.importorskip("diffusers")
     from attnlab.interventions.softpag import attention_modules, perturbed
-    from attnlab.models.training import dit
+    from attnlab.models import dit
 
     org = dit.load(SHIPPED)
     m = org.transformer

@@ -127,7 +127,8 @@ def test_induction_heads_light_up_on_repeated_tokens_when_planted():
         else:
             a[i, 0] = 1
     probe = InductionHeads()
-    from test_sink_probes import FakeCapture, fake_model
+    from fakes import FakeCapture
+    from test_sink_probes import fake_model
 
     from attnlab.probes.base import ProbeContext
 
@@ -139,6 +140,6 @@ def test_induction_heads_light_up_on_repeated_tokens_when_planted():
     from attnlab.lse import AttentionView, ScoreSpec
 
     qk = torch.zeros(1, 1, s, 4)
-    cap.handlers["attention"][0](0, AttentionView(qk, qk, ScoreSpec(1.0), pattern=a[None, None]), batch)
+    cap.of("attention")[0].fn(0, AttentionView(qk, qk, ScoreSpec(1.0), pattern=a[None, None]), batch)
     score = probe.results(ctx)[0].scores[0, 0]
     assert score == pytest.approx(5 / 10)  # rows 5..9 are perfect, rows 0..4 have nothing to copy

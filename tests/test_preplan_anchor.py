@@ -9,8 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fakes import FakeCapture
 
 import attnlab
+from attnlab.datasets.reasoning import reasoning_prompt_set
 from attnlab.errors import AttnlabError
 from attnlab.models.loading import Batch
 from attnlab.probes.base import ProbeContext
@@ -20,21 +22,13 @@ from attnlab.probes.preplan_anchor import (
     gamma_weights,
     group_heads,
     identify,
-    middle_layers,
     preplan_anchor,
-    reasoning_prompt_set,
     rescale_advantages,
     top_q,
 )
-
-
-class FakeCapture:
-    def __init__(self):
-        self.handlers = []
-
-    def on(self, site, fn, layers=None, queries=None, **kw):
-        self.handlers.append((site, fn, layers, queries))
-        return self
+from attnlab.probes.preplan_anchor import (
+    evenly_spaced_middle_layers as middle_layers,  # (renamed: image_centric_heads has middle_half_layers)
+)
 
 
 def run_planted(probe, maps: torch.Tensor, prompt_len: int, *, pad: int = 0, chunk: int = 5):
@@ -58,7 +52,7 @@ def run_planted(probe, maps: torch.Tensor, prompt_len: int, *, pad: int = 0, chu
     probe.attach(cap, ctx)
     mask = torch.tensor([[0] * pad + [1] * s])
     batch = Batch(torch.arange(s + pad)[None], mask, [0])
-    for site, fn, layers, queries in cap.handlers:
+    for site, fn, layers, queries in [(h.site, h.fn, h.layers, h.queries) for h in cap.handlers]:
         if site != "rows":
             continue
         q_all = queries(batch) if queries is not None else torch.arange(s + pad)
@@ -68,7 +62,7 @@ def run_planted(probe, maps: torch.Tensor, prompt_len: int, *, pad: int = 0, chu
             for i in range(0, len(q_all), chunk):
                 q = q_all[i : i + chunk]
                 fn(layer, maps[layer][None][:, :, q, :], q, batch)
-    for site, fn, _, _ in cap.handlers:
+    for site, fn in [(h.site, h.fn) for h in cap.handlers]:
         if site == "batch_end":
             fn(batch, None)
     return {r.name: r for r in probe.results(ctx)}

@@ -65,7 +65,7 @@ def test_ratio_threshold_reaches_the_probe_and_flags_bos_only_with_it(sink_runs)
 
 @shipped
 def test_show_and_the_app_name_the_parameter_set(sink_runs, capsys):
-    from attnlab.apps import figures
+    from attnlab import figures
     from attnlab.heads.runs import Run
 
     assert main(["show", str(sink_runs / "ratio10")]) == 0

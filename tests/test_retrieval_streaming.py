@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fakes import FakeCapture
 
 import attnlab
 from attnlab.datasets.niah import needle_token_span
@@ -19,17 +20,6 @@ from attnlab.probes.base import ProbeContext
 from attnlab.probes.razor_echo import RazorEchoInduction, echo_induction_masks, find_period, razor_selection
 from attnlab.probes.retrieval_heads import RetrievalHeads, rouge1_recall, trial_retrieval_scores
 from attnlab.probes.streaming_heads import StreamingHeads, classify_streaming, distant_mass_rows
-
-
-class FakeCapture:
-    """Records handlers (with their query selectors) so planted rows can be fed directly."""
-
-    def __init__(self):
-        self.handlers = {}
-
-    def on(self, site, fn, queries=None, **kw):
-        self.handlers.setdefault(site, []).append((fn, queries))
-        return self
 
 
 class FakeTokenizer:
@@ -56,17 +46,17 @@ def feed(probe, patterns, ids, meta=None, logits=None, n_kv_heads=None):
     cap = FakeCapture()
     probe.attach(cap, ctx)
     batch = Batch(torch.as_tensor(ids), torch.ones(b, s, dtype=torch.long), list(range(b)))
-    for fn, queries in cap.handlers.get("rows", []):
+    for fn, queries in [(h.fn, h.queries) for h in cap.of("rows")]:
         pos = queries(batch) if queries is not None else torch.arange(s)
         for start in range(0, len(pos), 2):  # in chunks, as the engine delivers them
             q = pos[start : start + 2]
             fn(0, patterns[:, :, q, :], q, batch)
-    for fn, _ in cap.handlers.get("attention", []):  # the eager path's view of the planted patterns
+    for fn in [h.fn for h in cap.of("attention")]:  # the eager path's view of the planted patterns
         from attnlab.lse import AttentionView, ScoreSpec
 
         qk = torch.zeros(b, h, s, 4)
         fn(0, AttentionView(qk, qk, ScoreSpec(1.0, key_mask=batch.attention_mask), pattern=patterns), batch)
-    for fn, _ in cap.handlers.get("batch_end", []):
+    for fn in [h.fn for h in cap.of("batch_end")]:
         fn(batch, logits)
     return {r.name: r for r in probe.results(ctx)}
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHORT_SENTENCES
+from fakes import FakeCapture
 
 import attnlab
 from attnlab.models.loading import Batch
@@ -16,17 +17,6 @@ from attnlab.probes.act_sinks import ActSinks
 from attnlab.probes.base import ProbeContext
 from attnlab.probes.first_token_sink import FirstTokenSink
 from attnlab.probes.massive_activations import MassiveActivations
-
-
-class FakeCapture:
-    """Stands in for Capture: records handlers so planted rows can be fed to them directly."""
-
-    def __init__(self):
-        self.handlers = {}
-
-    def on(self, site, fn, **kw):
-        self.handlers.setdefault(site, []).append(fn)
-        return self
 
 
 def fake_model(n_layers=1, n_heads=2, causal=True):
@@ -49,16 +39,16 @@ def run_planted(probe, pattern: torch.Tensor, mask: torch.Tensor | None = None, 
     probe.attach(cap, ctx)
     mask = torch.ones(b, s, dtype=torch.long) if mask is None else mask
     batch = Batch(torch.arange(s).repeat(b, 1), mask, list(range(b)))
-    for fn in cap.handlers.get("rows", []):
+    for fn in [h.fn for h in cap.of("rows")]:
         for start in range(0, s, 3):  # in chunks, as the engine delivers them
             q = torch.arange(start, min(s, start + 3))
             fn(0, pattern[:, :, q, :], q, batch)
-    for fn in cap.handlers.get("attention", []):  # the eager path's view of the planted pattern
+    for fn in [h.fn for h in cap.of("attention")]:  # the eager path's view of the planted pattern
         from attnlab.lse import AttentionView, ScoreSpec
 
         qk = torch.zeros(b, h, s, 4)
         fn(0, AttentionView(qk, qk, ScoreSpec(1.0, causal, key_mask=mask), pattern=pattern), batch)
-    for fn in cap.handlers.get("batch_end", []):
+    for fn in [h.fn for h in cap.of("batch_end")]:
         fn(batch, None)
     return {r.name: r for r in probe.results(ctx)}
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from attnlab.datasets.specs import load_task
 from attnlab.errors import AttnlabError
 from attnlab.hooks import attn_hook, block_hook
 from attnlab.interventions.base import Intervention
-from attnlab.interventions.soft_injection import SoftInjection, inject, last_occurrence, load_task
+from attnlab.interventions.soft_injection import SoftInjection, inject, last_occurrence
 
 PROMPTS = ["Q: k q z\nA:", "Q: 12\nA: 13\n\nQ: 40\nA:", "Q: lamp, door, tree\nA:"]
 
@@ -275,7 +276,8 @@ def test_load_task_reads_function_vector_files(tmp_path):
 def test_answer_injection_beats_zero_shot_on_successor(organism):
     """The numeric case the spec's first-token loss cannot fit (organism-lm copies the first digit): the answer
     variant (``position="answer"``, ``loss="answer"``) must lift held-out successor accuracy clearly."""
-    from attnlab.interventions.evaluate import evaluate_intervention, load_data
+    from attnlab.datasets.specs import load_data
+    from attnlab.interventions.evaluate import evaluate_intervention
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     m = organism
@@ -289,7 +291,8 @@ def test_answer_injection_beats_zero_shot_on_successor(organism):
 
 
 def test_injection_beats_zero_shot_on_organism(organism):
-    from attnlab.interventions.evaluate import evaluate_intervention, load_data
+    from attnlab.datasets.specs import load_data
+    from attnlab.interventions.evaluate import evaluate_intervention
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     m = organism

@@ -22,7 +22,8 @@ def vlm():
 
 
 def test_evaluator_scores_answers_with_their_own_images(vlm):
-    from attnlab.probes.vhd_causal import image_question_evaluator, shape_question_items
+    from attnlab.ablation.evaluators import image_question_evaluator
+    from attnlab.datasets.shapes import shape_question_items
 
     items = shape_question_items(24, 303)
     true = image_question_evaluator(vlm, items)([])
@@ -32,7 +33,9 @@ def test_evaluator_scores_answers_with_their_own_images(vlm):
 
 
 def test_causal_table_uses_the_top_vhd_heads_and_layer_zero_carries_the_effect(vlm):
-    from attnlab.probes.vhd_causal import image_question_evaluator, shape_question_items, vhd_causal_tables
+    from attnlab.ablation.causal_test import vhd_causal_tables
+    from attnlab.ablation.evaluators import image_question_evaluator
+    from attnlab.datasets.shapes import shape_question_items
 
     tables = vhd_causal_tables(vlm, k=4, n_seeds=2, n_detect=8, n_eval=24, variants={"spec": {}})
     acc = tables["spec"]["accuracy"].set_index("condition")

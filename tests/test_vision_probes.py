@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fakes import FakeCapture
 
 import attnlab
 from attnlab.capture import Capture
@@ -26,22 +27,6 @@ from attnlab.probes.image_centric_heads import (
     phi,
 )
 from attnlab.probes.vision_aware_heads import VisionAwareHeads, filter_outliers, select_heads, total_vhd
-
-
-class FakeCapture:
-    """Records handlers (with their layers / query selectors) so planted tensors can be fed to them directly."""
-
-    def __init__(self):
-        self.handlers = []
-
-    def on(self, site, fn, layers=None, queries=None, **kw):
-        self.handlers.append(
-            SimpleNamespace(site=site, fn=fn, layers=None if layers is None else set(layers), queries=queries)
-        )
-        return self
-
-    def of(self, site):
-        return [h for h in self.handlers if h.site == site]
 
 
 def fake_model(n_layers, n_heads, d_model=8):
@@ -296,7 +281,7 @@ def test_vision_group_on_tiny_llava(loaded):
 
 
 def test_image_attention_grid_matches_the_full_pattern(loaded):
-    from attnlab.apps.figures import image_attention_overlay
+    from attnlab.figures import image_attention_overlay
 
     m = loaded("llava")
     ps = llava_prompts(1)

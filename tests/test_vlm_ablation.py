@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from attnlab.ablation.evaluators import ImagePrompts, ablation_evaluator, check_metric_modality
+from attnlab.ablation.head_ablation import HeadAblation
+from attnlab.ablation.metrics import AnswerTokens
 from attnlab.datasets import shape_prompt_set
 from attnlab.errors import AttnlabError
-from attnlab.interventions.ablation import HeadAblation
 from attnlab.models.loading import Batch
-from attnlab.probes.ablation_metrics import AnswerTokens
-from attnlab.probes.causal_test import ImagePrompts, ablation_evaluator, check_metric_modality
 
 
 @pytest.fixture(scope="module")

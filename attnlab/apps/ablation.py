@@ -1,12 +1,13 @@
 """Ablation scoring for the app: a head set (the selected head, or the top-k of a probe result) against k random
-heads over a few seeds (``attnlab.probes.causal_test``), on a metric of the run's model.
+heads over a few seeds (``attnlab.ablation.causal_test``), on a metric of the run's model.
 
 Metrics:
 - ``logprob``: mean summed log-prob of each run prompt's answer tokens (teacher forced): the appended reference
   answer for NIAH runs (``meta["prompt_len"]``), the prompt's last token otherwise; for vision-language runs on
   shape scenes (``shapes-<kind>``), each question's answer (``meta["answer"]``) asked with its own image
-  (``causal_test.ablation_evaluator`` carries the pixel values). The prompts are regenerated from the run's
-  dataset record and checked against its fingerprint.
+  (``evaluators.ablation_evaluator`` carries the pixel values). The metric is the ablation metric
+  ``AnswerTokens`` on ``(token ids, answer start)`` pairs. The prompts are regenerated from the run's dataset
+  record and checked against its fingerprint.
 - ``niah``: NIAH accuracy (exact match of the code) on fresh trials (``niah_evaluator``, seed = run seed + 1),
   offered for runs whose dataset is ``niah`` (organism-lm style runs).
 Runs through ``LiveModels.exclusive``: one live computation at a time.
@@ -19,8 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from attnlab.ablation.causal_test import causal_test
+from attnlab.ablation.evaluators import ImagePrompts, ablation_evaluator, niah_evaluator
+from attnlab.ablation.metrics import AnswerTokens
+from attnlab.apps.live import check_regenerable
+from attnlab.apps.run_inputs import model_to_load
+from attnlab.datasets import DATASETS, fingerprint
 from attnlab.errors import AttnlabError
-from attnlab.probes.ablation_metrics import TailLogProb
+from attnlab.heads.results import HeadScores
+from attnlab.probes.scan import prompt_token_ids
 
 METRICS = {"logprob": "answer log-prob (run prompts)", "niah": "NIAH accuracy"}
 MAX_K = 16
@@ -43,8 +51,6 @@ def unavailable_reason(info: dict, inputs=None) -> str:
     """Why ablation scoring cannot run on this run ("" when it can): it needs the run's prompts, kept in the run
     (``inputs``, ``Run.inputs()``) or regenerable from its dataset record; on a vision-language run, image
     questions with their answers."""
-    from attnlab.datasets import DATASETS
-
     key, name = dataset_key(info), str(info.get("dataset", {}).get("name", ""))[:60]
     vision = info.get("model", {}).get("modality") == "vision-language"
     if inputs is not None:
@@ -82,11 +88,6 @@ def run_prompts(model, info: dict, inputs=None) -> tuple[list[tuple[list[int], i
     runs: each prompt's ids as the processor expands them with its image, plus the tokens of ``meta["answer"]``;
     the images come back beside the pairs (``None`` for text runs).
     """
-    from attnlab.apps.live import check_regenerable
-    from attnlab.datasets import DATASETS, fingerprint
-    from attnlab.probes.causal_test import ImagePrompts
-    from attnlab.probes.scan import prompt_token_ids
-
     ds = info.get("dataset", {})
     why = unavailable_reason(info, inputs)
     if why:
@@ -127,8 +128,6 @@ def _kept_prompts(model, inputs) -> tuple[list[tuple[list[int], int]], list | No
 
 def selected_scores(model, heads: Sequence[tuple[int, int]]):
     """A ``HeadScores`` whose only scored heads are ``heads`` (so its top-k is that set, for ``causal_test``)."""
-    from attnlab.heads.results import HeadScores
-
     grid = np.full((model.n_layers, model.n_heads), np.nan)
     for layer, head in heads:
         if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
@@ -138,11 +137,9 @@ def selected_scores(model, heads: Sequence[tuple[int, int]]):
 
 
 def evaluator(model, info: dict, metric: str, inputs=None):
-    from attnlab.probes.causal_test import ablation_evaluator, niah_evaluator
-
     if metric == "logprob":
         pairs, images = run_prompts(model, info, inputs)
-        return ablation_evaluator(model, pairs, TailLogProb(), images=images, mode="zero")
+        return ablation_evaluator(model, pairs, AnswerTokens(), images=images, mode="zero")
     if metric == "niah":
         if dataset_key(info) != "niah":
             raise AttnlabError("NIAH accuracy is offered for runs on the niah dataset only")
@@ -169,8 +166,6 @@ def run_ablation(
     ``source="selected"``: the selected head (k = 1); ``source="top"``: the top-k heads of ``scores``.
     ``inputs``: the run's kept inputs (``Run.inputs()``), read instead of regenerating its prompts.
     """
-    from attnlab.probes.causal_test import causal_test
-
     try:
         k, n_seeds = int(k), int(n_seeds)
     except (TypeError, ValueError):
@@ -184,8 +179,6 @@ def run_ablation(
             f"metric {str(metric)[:40]!r} is not available for this run "
             f"(available: {', '.join(metrics_for(info, inputs)) or 'none'})"
         )
-    from attnlab.apps.run_inputs import model_to_load
-
     with live.exclusive(model_to_load(info)) as model:
         if source == "selected":
             if not selected:

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dash
+from dash import html
+
 from attnlab.apps import guard
+from attnlab.apps.callbacks import register_all
 from attnlab.apps.catalog import RunCatalog
+from attnlab.apps.layout import app_shell, build_layout
 from attnlab.apps.live import LiveModels
 from attnlab.apps.state import AppState
 from attnlab.errors import AttnlabError
@@ -39,11 +44,6 @@ def create_app(
         Pass one to share loaded models, change the prompt limits, or preload a model.
     max_pattern_size : most rows/columns of an attention pattern drawn (longer prompts are downsampled)
     """
-    import dash
-    from dash import html
-
-    from attnlab.apps.callbacks import register_all
-    from attnlab.apps.layout import app_shell, build_layout
 
     state = AppState(
         catalog=RunCatalog.at(runs_dir), live=live_model or LiveModels(), max_pattern_size=max_pattern_size

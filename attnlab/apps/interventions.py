@@ -35,13 +35,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
 
+from attnlab import figures
 from attnlab.errors import AttnlabError
+from attnlab.hooks import attn_hook
+from attnlab.interventions.registry import INTERVENTIONS, build, registry_class
+from attnlab.models.decoding import greedy_decode
 
 MAX_NEW_TOKENS = 6
 MAX_PARAMS_CHARS = 2000
@@ -53,15 +61,11 @@ DEFAULT_PARAMS = {"zerotuning": "gamma=2.0", "softpag": "heads=[[1,0],[1,1]] u=1
 
 def methods() -> list[str]:
     """Method names of the registry, read now (methods registered later show up)."""
-    from attnlab.interventions.registry import INTERVENTIONS
-
     return list(INTERVENTIONS)
 
 
 def method_summary(method: str) -> str:
     """First line of the method class's docstring and its parameter names, for the page."""
-    from attnlab.interventions.registry import INTERVENTIONS
-
     cls = INTERVENTIONS.get(method)
     if cls is None:
         raise AttnlabError(f"unknown method {str(method)[:40]!r}; available: {', '.join(INTERVENTIONS)}")
@@ -80,8 +84,6 @@ def fitted_name(method: Any) -> str | None:
 
 def _read_meta(catalog, name: str) -> dict[str, Any]:
     """``NAME/intervention/intervention.json`` as a dict, or a one-line AttnlabError (no path in it)."""
-    import json
-
     path = catalog.fitted_dir(name) / "intervention.json"
     try:
         if path.stat().st_size > MAX_FITTED_JSON_BYTES:
@@ -104,11 +106,9 @@ def _read_meta(catalog, name: str) -> dict[str, Any]:
 def _registry_class(meta: dict[str, Any], name: str):
     """The registry class of the method ``meta`` names, checked to be the class it records and its keys to be the
     ones ``Intervention.save`` writes (parameters of the class, fitted names ending in ``_``)."""
-    from attnlab.interventions.registry import INTERVENTIONS
-
     method = meta.get("method")
-    cls = INTERVENTIONS.get(method) if isinstance(method, str) else None
-    if cls is None or meta.get("class") != f"{cls.__module__}.{cls.__qualname__}":
+    cls = registry_class(meta)
+    if cls is None:
         raise AttnlabError(
             f"fitted intervention {name!r} does not hold an intervention of the registry "
             f"(method {str(method)[:40]!r}, class {str(meta.get('class'))[:80]!r})"
@@ -140,8 +140,6 @@ def fitted_method(catalog, name: str) -> str:
 
 def _model_label(name: Any) -> str:
     """A model name for the page: a local checkpoint path shows as its directory name only."""
-    import os
-
     text = str(name)
     return os.path.basename(text.rstrip("/\\")) if os.path.isabs(text) else text
 
@@ -170,8 +168,6 @@ def load_fitted(catalog, name: str, model_name: str | None = None):
 
 def fitted_summary(iv, name: str) -> str:
     """One line about a fitted intervention: method, fit data, model and parameters."""
-    import json
-
     split = getattr(iv, "fit_split_", {}) or {}
     params = " ".join(
         f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in iv.get_params().items()
@@ -225,8 +221,6 @@ def prepare(model, method: str, params: str | Sequence[str] | None = None):
     """A fitted intervention of ``method`` for ``model``: ``registry.build`` with the ``k=v`` pairs, then
     ``fit(model, None)``. Raises ``AttnlabError`` with one line when a parameter is wrong or the method cannot run
     without fit data (the reason is the method's own)."""
-    from attnlab.interventions.registry import build
-
     pairs = split_params(params) if params is None or isinstance(params, str) else list(params)
     iv = build(method, pairs)  # unknown method / parameter name: AttnlabError
     try:
@@ -277,8 +271,6 @@ class ComparisonResult:
 
     def to_frame(self):
         """One row per run: greedy output, next top token, answer-token probability (and its change)."""
-        import pandas as pd
-
         return pd.DataFrame(
             [
                 {
@@ -302,8 +294,6 @@ class ComparisonResult:
 
     def plot(self, *, max_size: int = 192):
         """Intervened minus baseline attention of the head (``figures.attention_difference``)."""
-        from attnlab.apps import figures
-
         return figures.attention_difference(
             self.pattern_baseline,
             self.pattern_intervened,
@@ -348,37 +338,30 @@ def _also_in_nested_hooks(bridge, name: str, keep):
 def _greedy(model, ids: list[int], layer: int, n_new: int) -> tuple[list[int], Any, np.ndarray]:
     """Greedy tokens, next-token probabilities after the prompt (1-D tensor) and head patterns ``[heads, q, k]``
     of ``layer`` on the first pass (read after any hooks installed before this call)."""
-    import torch
-
-    from attnlab.hooks import attn_hook
 
     seen: list = []
+    first: dict = {}
 
     def keep(pattern, hook=None):
         seen.append(pattern[0].detach().float().cpu().clone())
 
-    new: list[int] = []
-    eos = model.tokenizer.eos_token_id
-    probs = None
     name = attn_hook(layer, "hook_pattern")
-    with torch.inference_mode():
-        for step in range(max(1, n_new)):
-            batch = model.batch_from_ids([ids + new], [0])
-            if step == 0:
-                with model.bridge.hooks(fwd_hooks=[(name, keep)]), _also_in_nested_hooks(model.bridge, name, keep):
-                    logits = model.forward(batch)
-                probs = logits[0, -1].float().softmax(-1).cpu()
-            else:
-                logits = model.forward(batch)
-            nxt = int(logits[0, -1].argmax())
-            if step >= n_new or (eos is not None and nxt == eos):
-                break
-            new.append(nxt)
-            if len(ids) + len(new) >= model.n_ctx:
-                break
+
+    def step(batch, index):
+        if index:
+            return model.forward(batch)
+        with model.bridge.hooks(fwd_hooks=[(name, keep)]), _also_in_nested_hooks(model.bridge, name, keep):
+            logits = model.forward(batch)
+        first["probs"] = logits[0, -1].float().softmax(-1).cpu()
+        return logits
+
+    with torch.inference_mode():  # one step at least, for the probabilities; the tokens are cut to n_new
+        (run,) = greedy_decode(
+            model, [ids], max_new_tokens=max(1, n_new), stop_at_newline=False, max_len=model.n_ctx, forward=step
+        )
     if not seen:
         raise AttnlabError(f"layer {layer}'s attention pattern was not produced (the model must run eager attention)")
-    return new, probs, seen[-1].numpy()
+    return run.tokens[:n_new], first["probs"], seen[-1].numpy()
 
 
 def compare(

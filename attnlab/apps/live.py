@@ -10,6 +10,7 @@ than queueing without bound. Prompts are limited to ``max_chars`` characters and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
@@ -18,8 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from attnlab.capture import Capture
+from attnlab.datasets import DATASETS, fingerprint
 from attnlab.errors import AttnlabError
+from attnlab.models.loading import load
+from attnlab.probes.scan import prompt_token_ids
 
 MAX_REGENERATED_PROMPTS = 4096  # a run.json may claim any prompt count: the app regenerates at most this many
 
@@ -63,9 +69,7 @@ class _Prompt:
 
 
 def _loader(name: str):
-    import attnlab
-
-    return attnlab.load(name)
+    return load(name)
 
 
 class LiveModels:
@@ -146,9 +150,6 @@ class LiveModels:
         page never shows other inputs than the scan ran on. (Runs that keep their inputs are read instead:
         ``attnlab.apps.run_inputs.run_prompt``.) ``model_name``: what to load the run's model by (default the
         name it recorded)."""
-        from attnlab.datasets import DATASETS, fingerprint
-        from attnlab.probes.scan import prompt_token_ids
-
         ds = info.get("dataset", {})
         key = str(ds.get("name", "")).split("(")[0]
         if key not in DATASETS:
@@ -191,7 +192,6 @@ class LiveModels:
     def exclusive(self, model_name: str):
         """Context manager: the loaded model ``model_name`` with the live-run lock held (ablations, image
         attention: any other live computation of the app), so live runs stay one at a time."""
-        import contextlib
 
         @contextlib.contextmanager
         def held():
@@ -244,9 +244,6 @@ class LiveModels:
     def _run(self, model, ids: list[int], batch=None) -> _Prompt:
         """One forward pass keeping every layer's rotated q and k (batch of one, no padding; ``batch`` carries the
         pixel values of an image prompt)."""
-        import torch
-
-        from attnlab.capture import Capture
 
         batch = batch if batch is not None else model.batch_from_ids([ids], [0])
         q: dict[int, Any] = {}
@@ -281,8 +278,6 @@ def _head_weights(model, cached: _Prompt, layer: int, head: int) -> np.ndarray:
     The same computation as ``attnlab.capture.attention_rows`` for a batch of one without padding, written as one
     matmul and in-place masking because it runs on every head click (2k tokens: a 2k x 2k matrix).
     """
-    import torch
-
     group = model.n_heads // model.n_kv_heads
     q = cached.q[layer][head]  # [seq, d]
     k = cached.k[layer][head // group]

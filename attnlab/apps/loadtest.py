@@ -14,12 +14,18 @@ or an ``internal error`` message.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
+
+from flask import got_request_exception
+from werkzeug.serving import make_server
+
+from attnlab.apps import ids
 
 PAGE_GETS = ("", "_dash-layout", "_dash-dependencies")
 UPDATE = "_dash-update-component"
@@ -196,8 +202,6 @@ def page_bodies(
 ) -> dict[str, dict]:
     """The callbacks a visitor's page posts: pick a run, draw the head map (and its difference with ``compare``),
     and the selected head's pattern and query row on a run prompt (live; served from the q/k cache once warm)."""
-    from attnlab.apps import ids
-
     head = head or {"layer": 0, "head": 0}
     v = {
         f"{ids.RUN_SELECT}.value": run,
@@ -253,8 +257,6 @@ def view_bodies(
     - ``ablation`` (``{"source", "k", "metric", "seeds", "result"}``): "run ablation" on ``run``;
     - ``vision_run``: the vision view's overlay of the run image ``vision_image`` for ``head`` (a VLM run).
     """
-    from attnlab.apps import ids
-
     head = head or {"layer": 0, "head": 0}
     bodies: dict[str, dict] = {}
     if intervention is not None:
@@ -306,10 +308,6 @@ class ServedApp:
         self.exceptions.append(f"{type(exception).__name__}: {exception}")
 
     def __enter__(self) -> ServedApp:
-        import logging
-
-        from flask import got_request_exception
-        from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         got_request_exception.connect(self._record, self.flask_app)
@@ -320,8 +318,6 @@ class ServedApp:
         return self
 
     def __exit__(self, *exc) -> None:
-        from flask import got_request_exception
-
         self.server.shutdown()
         self.thread.join(10)
         got_request_exception.disconnect(self._record, self.flask_app)

@@ -5,7 +5,7 @@ card, the top heads of every head statistic (and the reason for each statistic n
 census scatter of the first two statistics, and the token scores' strips; for an intervention run
 (``attnlab intervene --out``): the effect table with its paired-bootstrap intervals and the same as a figure.
 
-The figures are the app's and the notebook's (``attnlab.apps.figures``); the app stays the one interactive stack,
+The figures are the app's and the notebook's (``attnlab.figures``); the app stays the one interactive stack,
 and this is its static single-run export.
 """
 
@@ -68,7 +68,7 @@ def _model_card(info: dict) -> str:
 
 
 def _scan_sections(directory: Path, figs: _Figures) -> tuple[str, list[str]]:
-    from attnlab.apps import figures
+    from attnlab import figures
     from attnlab.census import Census, census_json
     from attnlab.heads.runs import Run
 

@@ -13,9 +13,13 @@ import base64
 import io
 import re
 
+from PIL import Image
+
 from attnlab.apps.live import check_regenerable
 from attnlab.datasets import shape_prompt_set
+from attnlab.datasets.base import fingerprint
 from attnlab.errors import AttnlabError
+from attnlab.probes.image_centric_heads import image_attention_grid
 
 shape_prompts = shape_prompt_set  # the name older callers import; one implementation, in attnlab.datasets
 
@@ -31,8 +35,6 @@ def is_vision_run(info: dict) -> bool:
 
 def run_image_prompts(model, info: dict):
     """The run's (texts, images), regenerated from its dataset record and checked against its fingerprint."""
-    from attnlab.datasets.base import fingerprint
-
     ds = info.get("dataset", {})
     m = _SHAPES.match(str(ds.get("name", "")))
     if not m:
@@ -52,8 +54,6 @@ def run_image_prompts(model, info: dict):
 
 def decode_upload(contents, *, max_bytes: int = MAX_UPLOAD_BYTES):
     """A ``dcc.Upload`` data URL -> RGB PIL image (in memory only); refuses non-images and oversize files."""
-    from PIL import Image
-
     if not isinstance(contents, str) or "," not in contents:
         raise AttnlabError("upload an image first")
     head, data = contents.split(",", 1)
@@ -90,8 +90,6 @@ def head_image_grid(
         raise AttnlabError("select a head on the head map")
     if not is_vision_run(info):
         raise AttnlabError("this run's model takes no images")
-    from attnlab.probes.image_centric_heads import image_attention_grid
-
     layer, head = int(selected["layer"]), int(selected["head"])
     image = decode_upload(upload) if choice == "upload" else None
     text = (question or "").strip() or UPLOAD_QUESTION

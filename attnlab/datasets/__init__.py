@@ -15,17 +15,21 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
+from attnlab.datasets.arithmetic import build_eval_problems
 from attnlab.datasets.base import PromptSet, fingerprint
+from attnlab.datasets.niah_set import niah_dataset
+from attnlab.datasets.prose import prose_paragraphs
+from attnlab.datasets.reasoning import reasoning_prompt_set
+from attnlab.datasets.repeated import repeated_random_tokens
+from attnlab.datasets.shapes import render_scene, task_questions
+from attnlab.errors import AttnlabError
 
 
 def _prose(model, n_prompts: int, seed: int) -> PromptSet:
     """Paragraphs of the standard library's docstrings (any language model)."""
-    import random
-
-    from attnlab.datasets.prose import prose_paragraphs
-
     paras = [p for p in prose_paragraphs() if len(p) > 200]
     rng = random.Random(seed)
     picked = rng.sample(paras, min(n_prompts, len(paras)))
@@ -34,15 +38,11 @@ def _prose(model, n_prompts: int, seed: int) -> PromptSet:
 
 def _repeated(model, n_prompts: int, seed: int) -> PromptSet:
     """Random tokens repeated once, for induction heads (any language model)."""
-    from attnlab.datasets.repeated import repeated_random_tokens
-
     return repeated_random_tokens(model, n_prompts=n_prompts, seed=seed)
 
 
 def _niah(model, n_prompts: int, seed: int) -> PromptSet:
     """Needle-in-a-haystack prompts with their answers, for retrieval and streaming heads."""
-    from attnlab.datasets.niah_set import niah_dataset
-
     return niah_dataset(model, n_prompts, seed)
 
 
@@ -55,8 +55,6 @@ def shape_prompt_set(kind: str, n_prompts: int, seed: int) -> PromptSet:
     Images are PIL renders of ``attnlab.datasets.shapes`` scenes; ``meta`` holds each question's kind, text and
     answer. The name ``shapes-<kind>(n=N,seed=S)`` is what the app parses to regenerate the scenes.
     """
-    from attnlab.datasets.shapes import render_scene, task_questions
-
     items = task_questions(kind, n_prompts, seed)
     return PromptSet(
         name=f"shapes-{kind}(n={n_prompts},seed={seed})",
@@ -69,8 +67,6 @@ def shape_prompt_set(kind: str, n_prompts: int, seed: int) -> PromptSet:
 
 def _shapes(kind: str) -> Callable[..., PromptSet]:
     def build(model, n_prompts: int, seed: int) -> PromptSet:
-        from attnlab.errors import AttnlabError
-
         if getattr(model, "processor", None) is None:
             raise AttnlabError(
                 f"dataset shapes-{kind} is image + question prompts; {model.name} is not a vision-language model"
@@ -83,9 +79,6 @@ def _shapes(kind: str) -> Callable[..., PromptSet]:
 
 def _arithmetic(model, n_prompts: int, seed: int) -> PromptSet:
     """Arithmetic word problems with their worked solution as the response, for preplan_anchor."""
-    from attnlab.datasets.arithmetic import build_eval_problems
-    from attnlab.probes.preplan_anchor import reasoning_prompt_set
-
     problems = build_eval_problems(n_prompts, split="test", seed=seed)
     ps = reasoning_prompt_set(
         model, [(p.prompt, p.solution) for p in problems], name=f"arithmetic(n={n_prompts},seed={seed})"

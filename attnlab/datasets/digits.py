@@ -25,6 +25,8 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 Split = Literal["train", "test", "all"]
 
@@ -40,7 +42,7 @@ SPLIT_SEED = 0
 
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
     """The bundled digits as (images float32 (N, 8, 8) in 0-16, labels int64 (N,))."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn loads on first use only (start-up time)
 
     bunch = load_digits()
     return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
@@ -54,7 +56,7 @@ def split_indices(n: int | None = None) -> dict[str, np.ndarray]:
     n : int, optional
         Only used as a consistency check against the number of bundled digits.
     """
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # (start-up time, as above)
 
     _, labels = _raw_digits()
     if n is not None and n != len(labels):
@@ -77,9 +79,6 @@ def upsample(images: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"size must be a positive multiple of {side}, got {size}")
     if size == side:
         return images.astype(np.float32, copy=True)
-    import torch
-    import torch.nn.functional as F
-
     t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
     out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
     return out[:, 0].numpy()

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from attnlab.datasets.prose import corpus_vocabulary, prose_paragraphs, stable_bucket
+from attnlab.heads.io import write_text
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[Split, ...] = ("train", "valid", "test")
@@ -232,11 +233,5 @@ def export_function_vectors(
             n = min(n, len(pool))
     rows = [{"input": x, "output": y} for x, y in sample_pairs(task, split, n, rng)]
     if path is not None:
-        import os
-        import tempfile
-
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)) or ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(rows, fh, indent=1)
-        os.replace(tmp, path)
+        write_text(path, json.dumps(rows, indent=1))
     return rows

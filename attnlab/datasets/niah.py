@@ -129,7 +129,7 @@ def _fill_sentences(tokenizer: Any, rng: random.Random, budget: int) -> list[str
     return out
 
 
-def _insert(sentences: list[str], inserts: list[tuple[float, str]]) -> tuple[str, list[tuple[int, int]]]:
+def insert_at_depths(sentences: list[str], inserts: list[tuple[float, str]]) -> tuple[str, list[tuple[int, int]]]:
     """Join sentences with single spaces, inserting each ``(depth, needle)`` at a sentence boundary.
 
     The insertion point is ``depth%`` of the haystack's characters, moved back to the start of the
@@ -247,7 +247,7 @@ def _build_one(
         raise ValueError(f"target length {length} too short for the needle and question ({fixed} tokens)")
     sentences = _fill_sentences(tokenizer, rng, budget)
     inserts = [(depth, needle)] + [(rng.uniform(0, 100), n[2]) for n in needles[1:]]
-    haystack, spans = _insert(sentences, inserts)
+    haystack, spans = insert_at_depths(sentences, inserts)
     prompt = haystack + suffix
     return NiahTrial(
         prompt=prompt,
@@ -305,7 +305,7 @@ def niah_document(
     needles: list[tuple[str, str, str, str]] = []
     for _ in range(n_needles):
         needles.append(make_needle(rng, list(exclude_keys) + [n[0] for n in needles], n_digits))
-    haystack, _ = _insert(sentences, [(rng.uniform(0, 100), n[2]) for n in needles])
+    haystack, _ = insert_at_depths(sentences, [(rng.uniform(0, 100), n[2]) for n in needles])
     asked = rng.sample(needles, min(n_questions, n_needles))
     qa = "\n".join(f"{q} {code}" for _, code, _, q in asked)
     return haystack + "\n" + qa, [n[0] for n in needles]

@@ -13,12 +13,14 @@ the retrieval probe needs:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from attnlab.datasets.base import PromptSet
-from attnlab.datasets.niah import _insert, build_niah_trials, needle_token_span
+from attnlab.datasets.niah import build_niah_trials, insert_at_depths, needle_token_span
+from attnlab.errors import AttnlabError
 
 
 def niah_prompt_set(
@@ -68,8 +70,6 @@ USER_QUESTION = "\nBased on the content of the book, Question: {question}\nAnswe
 
 def _sentences(text: str) -> list[str]:
     """Split a haystack into sentences (after ``.``, ``!`` or ``?`` followed by white space), spacing normalised."""
-    import re
-
     return [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s]
 
 
@@ -91,8 +91,6 @@ def needle_prompt_set(model, records, *, name: str = "needles") -> PromptSet:
     that, without one (as the reference tokenizes it); None where neither is found (the trial then fails, with
     that reason recorded).
     """
-    from attnlab.errors import AttnlabError
-
     tok = model.tokenizer
     ids, meta = [], []
     for i, rec in enumerate(records):
@@ -105,7 +103,7 @@ def needle_prompt_set(model, records, *, name: str = "needles") -> PromptSet:
             raise AttnlabError(f"{name}: record {i + 1} has an empty answer")
         if not 0.0 <= depth <= 100.0:
             raise AttnlabError(f"{name}: record {i + 1}: depth must be in [0, 100], got {depth}")
-        context, _ = _insert(_sentences(str(rec["haystack"])), [(depth, " ".join(str(rec["needle"]).split()))])
+        context, _ = insert_at_depths(_sentences(str(rec["haystack"])), [(depth, " ".join(str(rec["needle"]).split()))])
         prompt = context + USER_QUESTION.format(question=" ".join(str(rec["question"]).split()))
         prompt_ids = model.token_ids(prompt, index=i)
         answer_ids = list(tok(" " + answer, add_special_tokens=False)["input_ids"])

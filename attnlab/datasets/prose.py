@@ -142,7 +142,7 @@ def _docstrings_from_builtin(name: str) -> list[str]:
 
 def _pydoc_topics() -> list[str]:
     try:
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # a large module: loaded when the corpus is first built (start-up)
     except ImportError:
         return []
     return [topics[k].strip() for k in sorted(topics)]

@@ -33,7 +33,7 @@ and PIL images, and imports nothing beyond numpy and PIL.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -443,6 +443,15 @@ def task_questions(kind: str, n: int, seed: int, cfg: SceneConfig = SceneConfig(
     return out
 
 
+def shape_question_items(n: int, seed: int) -> list[tuple[Scene, Question]]:
+    """About ``n`` (scene, question) pairs, a quarter of each kind (POPE-random existence, attribute, count,
+    position)."""
+    per = max(1, n // 4)
+    exist = pope_questions("random", per // 6 + 2, seed)
+    exist = [exist[i] for i in np.random.default_rng(seed).permutation(len(exist))[:per]]
+    return exist + [x for kind in ("attribute", "count", "position") for x in task_questions(kind, per, seed)]
+
+
 def vocabulary() -> list[str]:
     """Every lower-cased word the questions and answers use (for a closed word-level tokenizer)."""
     words: set[str] = {
@@ -494,8 +503,6 @@ def training_chunk(job: tuple) -> tuple[np.ndarray, list[list[tuple[str, str]]]]
 
 def config_to_dict(cfg: SceneConfig) -> dict:
     """JSON-serialisable form of a ``SceneConfig`` (tuples become lists)."""
-    from dataclasses import asdict
-
     return asdict(cfg)
 
 

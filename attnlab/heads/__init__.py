@@ -1,7 +1,23 @@
-"""The head catalog: typed, saved results of probes (``HeadScores``, ``TokenScores``) and run directories."""
+"""The head catalog: typed, saved results of probes (``HeadScores``, ``TokenScores``) and run directories.
 
-from attnlab.heads.formats import format_head, parse_head
-from attnlab.heads.results import HeadScores, TokenScores, load_result
-from attnlab.heads.runs import Run
+Names load on first use, so ``attnlab.heads.io`` (atomic writes, used by the training scripts) imports without
+pandas.
+"""
 
-__all__ = ["HeadScores", "TokenScores", "Run", "load_result", "format_head", "parse_head"]
+from __future__ import annotations
+
+from attnlab.lazy import lazy_exports
+
+_LAZY = {
+    "HeadScores": "attnlab.heads.results",
+    "TokenScores": "attnlab.heads.results",
+    "load_result": "attnlab.heads.results",
+    "Run": "attnlab.heads.runs",
+    "format_head": "attnlab.heads.formats",
+    "parse_head": "attnlab.heads.formats",
+}
+
+__getattr__ = lazy_exports("attnlab.heads", _LAZY)
+
+
+__all__ = list(_LAZY)

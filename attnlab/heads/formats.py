@@ -14,7 +14,15 @@ open like any other (``attnlab import retrieval-head | duo | headvis FILE --out 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from pathlib import Path
+
+import numpy as np
+
+from attnlab.errors import AttnlabError
+from attnlab.heads.io import atomic_write, read_json, write_text
 
 _HEAD_RE = re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE)
 _DASH_RE = re.compile(r"^\s*(\d+)-(\d+)\s*$")
@@ -43,7 +51,6 @@ def write_retrieval_head_json(path, trial_scores) -> None:
     ``trial_scores``: array ``(n_trials, n_layers, n_heads)`` (e.g. ``HeadScores.extra["trial_scores"]``) or a
     ``HeadScores`` (its ``trial_scores`` extra if present, else its mean scores as one trial).
     """
-    import numpy as np
 
     if hasattr(trial_scores, "scores"):
         hs = trial_scores
@@ -51,9 +58,6 @@ def write_retrieval_head_json(path, trial_scores) -> None:
     arr = np.asarray(trial_scores, dtype=np.float64)
     if arr.ndim != 3:
         raise ValueError(f"trial scores must be (n_trials, n_layers, n_heads), got shape {arr.shape}")
-    import json
-
-    from attnlab.heads.io import write_text
 
     obj = {f"{l}-{h}": [float(x) for x in arr[:, l, h]] for l in range(arr.shape[1]) for h in range(arr.shape[2])}
     write_text(path, json.dumps(obj) + "\n")
@@ -64,9 +68,6 @@ def read_retrieval_head_json(path, n_layers: int | None = None, n_heads: int | N
 
     The grid is sized from the labels unless given (then labels outside it raise); heads with no scores are NaN.
     """
-    import numpy as np
-
-    from attnlab.heads.io import read_json
 
     raw = read_json(path)
     if not isinstance(raw, dict):
@@ -85,9 +86,6 @@ def read_retrieval_head_json(path, n_layers: int | None = None, n_heads: int | N
 
 def write_duo_tsv(path, values) -> None:
     """Write DuoAttention's ``full_attention_heads.tsv``: one row per layer, one tab-separated value per KV head."""
-    import numpy as np
-
-    from attnlab.heads.io import _atomic_replace
 
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 2:
@@ -98,16 +96,12 @@ def write_duo_tsv(path, values) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    from pathlib import Path
-
-    _atomic_replace(Path(path), write)
+    atomic_write(path, write)
 
 
 def read_duo_tsv(path, n_layers: int | None = None, n_kv_heads: int | None = None):
     """Read a DuoAttention TSV -> array ``(n_layers, n_kv_heads)``, validated against the given counts (the
     reference loader does not check them)."""
-    import numpy as np
-
     with open(path, encoding="utf-8") as f:
         rows = [line.split() for line in f if line.strip()]
     if not rows:
@@ -125,8 +119,6 @@ def read_duo_tsv(path, n_layers: int | None = None, n_kv_heads: int | None = Non
 
 def clip_duo_gates(values):
     """Gates clipped to [0, 1], as DuoAttention's loader does (trained gates stray slightly outside)."""
-    import numpy as np
-
     return np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
 
 
@@ -139,8 +131,6 @@ def duo_full_heads(gates, *, sparsity: float | None = None, threshold: float = 0
       ``sparsity >= 1`` makes none full, ``<= 0`` all.
     - otherwise the threshold rule: full when the clipped gate is ``>= threshold`` (DuoAttention's default 0.5).
     """
-    import numpy as np
-
     g = clip_duo_gates(gates)
     if sparsity is None:
         return g >= float(threshold)
@@ -155,8 +145,6 @@ def duo_full_heads(gates, *, sparsity: float | None = None, threshold: float = 0
 def expand_kv_heads(values, n_heads: int):
     """Per-KV-head values ``(n_layers, n_kv_heads)`` -> per query head ``(n_layers, n_heads)``: each KV head's value
     repeated for the query heads of its group (query head h belongs to KV head ``h // (n_heads // n_kv_heads)``)."""
-    import numpy as np
-
     arr = np.asarray(values)
     n_kv = arr.shape[1]
     if n_heads % n_kv:
@@ -189,15 +177,10 @@ HEADVIS_METRICS = {
 
 
 def _fail(msg: str):
-    from attnlab.errors import AttnlabError
-
     return AttnlabError(msg)
 
 
 def _read_json_file(path):
-    import json
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_file():
         raise _fail(f"{path} does not exist")
@@ -208,17 +191,12 @@ def _read_json_file(path):
 
 
 def _source(path, fmt: str) -> dict:
-    import hashlib
-    from pathlib import Path
-
     p = Path(path).resolve()
     return {"format": fmt, "source": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
 
 
 def _new_run(out, model: dict, dataset: dict, probe: str, params: dict, imported: dict):
-    from pathlib import Path
-
-    from attnlab.heads.runs import INDEX, Run
+    from attnlab.heads.runs import INDEX, Run  # not at the top: runs and results import this module
 
     if (Path(out) / INDEX).exists():
         raise _fail(f"{out} already holds a run; import into a new directory")
@@ -234,11 +212,8 @@ def import_retrieval_head(path, out, *, model: str | None = None, n_kv_heads: in
     The grid is sized from the labels; ``model`` names the model (default: the file name); ``n_kv_heads`` records
     GQA where known. Means above 1 are kept (the reference does not deduplicate trials).
     """
-    from pathlib import Path
 
-    import numpy as np
-
-    from attnlab.heads.results import HeadScores
+    from attnlab.heads.results import HeadScores  # not at the top: results imports this module
 
     raw = _read_json_file(path)
     if not isinstance(raw, dict) or not raw:
@@ -315,11 +290,8 @@ def import_duo(
     sink and recent sizes. ``n_heads`` (query heads per layer) is needed unless the model is one DuoAttention
     publishes patterns for (``DUO_QUERY_HEADS``).
     """
-    from pathlib import Path
 
-    import numpy as np
-
-    from attnlab.heads.results import HeadScores
+    from attnlab.heads.results import HeadScores  # not at the top: results imports this module
 
     tsv = Path(path)
     if not tsv.is_file():
@@ -405,8 +377,6 @@ def import_duo(
 def read_headvis_json(path) -> tuple[dict, dict]:
     """A HeadVis head-metrics file -> ``(config, {metric: ndarray (n_layers, n_heads)})`` for the six metrics,
     checked to share one shape that matches ``config.num_hidden_layers`` x ``num_attention_heads`` where given."""
-    import numpy as np
-
     raw = _read_json_file(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("metrics"), dict):
         raise _fail(f"{path}: expected a HeadVis head-metrics file ({{'config': ..., 'metrics': ...}})")
@@ -468,7 +438,7 @@ def import_headvis(path, out, *, model: str | None = None):
     )
     raw = _read_json_file(path)
     counts = raw["metrics"].get("counts", {})
-    from attnlab.heads.results import HeadScores
+    from attnlab.heads.results import HeadScores  # not at the top: results imports this module
 
     for metric, desc in HEADVIS_METRICS.items():
         run.add(

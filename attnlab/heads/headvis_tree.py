@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from attnlab.errors import AttnlabError
 from attnlab.heads.io import read_json, write_json, write_text
@@ -421,8 +422,6 @@ class HeadVisTree:
         return out
 
     def to_frame(self):
-        import pandas as pd
-
         return pd.DataFrame(self.scatter)
 
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from attnlab.datasets.base import PromptSet, fingerprint
 from attnlab.errors import AttnlabError
-from attnlab.heads.io import read_arrays, read_json, write_arrays, write_bytes, write_json
+from attnlab.heads.io import json_default, read_arrays, read_json, write_arrays, write_bytes, write_json
+from attnlab.heads.prompts import PromptSet, fingerprint
 
 INPUTS_JSON = "inputs.json"
 INPUTS_ARRAYS = "inputs.safetensors"
@@ -60,10 +60,8 @@ def _jsonable(meta: list) -> tuple[list | None, str]:
     """The metadata as JSON can hold it, or (None, why not)."""
     import json
 
-    from attnlab.heads.io import _json_default
-
     try:
-        return json.loads(json.dumps(list(meta), default=_json_default)), ""
+        return json.loads(json.dumps(list(meta), default=json_default)), ""
     except (TypeError, ValueError) as e:
         return None, f"metadata not kept: {str(e).splitlines()[0]}"
 

@@ -22,22 +22,22 @@ _TMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
 STALE_UNOWNED_S = 3600.0
 
 
-def _atomic_replace(path: Path, write) -> None:
+def atomic_write(path: str | Path, write, *, mode: int | None = None) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path`` (readers never see a
+    partial file; a failed write leaves the old one). ``mode``: permissions to give the file (default: those of
+    ``tempfile.mkstemp``, owner read/write only)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def atomic_path(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` to fill a temp file beside ``path``, then rename it onto ``path`` (for writers that
-    take a file name, e.g. plotly's ``write_html``)."""
-    _atomic_replace(Path(path), write)
 
 
 def _alive(pid: int) -> bool:
@@ -78,7 +78,7 @@ def clean_stale_temp(directory: str | Path) -> list[Path]:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+    text = json.dumps(obj, indent=2, sort_keys=False, default=json_default)
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -86,23 +86,23 @@ def write_json(path: str | Path, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
 
-    _atomic_replace(Path(path), write)
+    atomic_write(path, write)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write text (e.g. a CSV table), atomically."""
-    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+def write_text(path: str | Path, text: str, *, mode: int | None = None) -> None:
+    """Write text (e.g. a CSV table), atomically (``mode`` as in ``atomic_write``)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode=mode)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write raw bytes (e.g. a PNG), atomically."""
-    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     """Write named numpy arrays as safetensors, atomically."""
     contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    _atomic_replace(Path(path), lambda tmp: save_file(contiguous, tmp))
+    atomic_write(path, lambda tmp: save_file(contiguous, tmp))
 
 
 def read_json(path: str | Path) -> Any:
@@ -114,7 +114,8 @@ def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps``' ``default``: numpy scalars and arrays, paths, sets and tuples as JSON values."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

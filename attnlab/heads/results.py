@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from attnlab import __version__
 from attnlab.heads.formats import format_head
 from attnlab.heads.io import read_arrays, read_json, write_arrays, write_json
 
@@ -28,8 +29,6 @@ def _now() -> str:
 
 
 def _version() -> str:
-    from attnlab import __version__
-
     return __version__
 
 
@@ -156,7 +155,7 @@ class HeadScores:
 
     def plot(self, title: str | None = None):
         """Plotly heatmap (layers x heads); the same figure the app shows."""
-        from attnlab.apps.figures import head_map
+        from attnlab.figures import head_map  # plotly loads only when a figure is drawn (start-up time)
 
         return head_map(self, title=title)
 
@@ -309,7 +308,7 @@ class TokenScores:
 
     def plot(self, title: str | None = None):
         """Plotly token strip (rows x tokens); the same figure the app shows."""
-        from attnlab.apps.figures import token_strip
+        from attnlab.figures import token_strip  # (start-up time, as in HeadScores.plot)
 
         return token_strip(self, title=title)
 

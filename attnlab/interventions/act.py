@@ -25,8 +25,7 @@ accuracy measured; heads strictly above the uncalibrated baseline are kept (the 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -41,6 +40,8 @@ from attnlab.interventions.base import (
     score_labels,
     validate_heads,
 )
+from attnlab.params import BOOLEAN, HEADS, INTEGERS, Interval
+from attnlab.progress import bar
 
 
 def act_scores(pattern: torch.Tensor, valid: torch.Tensor, *, causal: bool = True) -> torch.Tensor:
@@ -117,6 +118,15 @@ class ACT(Intervention):
 
     name = "act"
     _head_fields = ("heads_", "candidates_")
+    _parameter_constraints = {
+        "heads": [HEADS, None],
+        "beta": [Interval(float, 0, None)],
+        "threshold": [Interval(float, 0, None)],
+        "layers": [INTEGERS, None],
+        "filter_heads": [BOOLEAN],
+        "sinks": [INTEGERS, None],
+        "batch_size": [Interval(int, 1, None)],
+    }
 
     def __init__(
         self,
@@ -148,8 +158,6 @@ class ACT(Intervention):
         return validate_heads(model, [(l, h) for l in layers for h in range(model.n_heads)])
 
     def _fit(self, model, data) -> None:
-        if not 0.0 <= self.beta:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
         self.causal_ = bool(model.causal)
         self.candidates_ = self._candidates(model)
         if data is None or not self.filter_heads:
@@ -157,15 +165,13 @@ class ACT(Intervention):
             return
         items = as_labeled(data)
         self.baseline_ = score_labels(model, items, batch_size=self.batch_size)
-        from attnlab.progress import bar
-
         scores = []
         for head in bar(self.candidates_, desc="act: head filtering", unit="head"):
-            with self._applied(model, (head,)):
+            with self._hooked(model, self._hooks_for((head,))):
                 scores.append([head[0], head[1], score_labels(model, items, batch_size=self.batch_size)["accuracy"]])
         self.head_scores_ = scores
         self.heads_ = tuple((l, h) for l, h, acc in scores if acc > self.baseline_["accuracy"])
-        with self._applied(model, self.heads_):
+        with self._hooked(model, self._hooks_for(self.heads_)):
             self.combined_ = score_labels(model, items, batch_size=self.batch_size)
 
     # ---- hooks -----------------------------------------------------------------------------------------------
@@ -173,15 +179,6 @@ class ACT(Intervention):
     def _reset_state(self) -> None:
         self._sink_cache = {}
         self._valid = {}
-
-    @contextlib.contextmanager
-    def _applied(self, model, heads) -> Iterator:
-        self._reset_state()
-        try:
-            with model.bridge.hooks(fwd_hooks=self._hooks_for(heads)):
-                yield model
-        finally:
-            self._reset_state()
 
     def hooks(self, model) -> list:
         return self._hooks_for(self.heads_)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnlab.errors import AttnlabError
+from attnlab.errors import AttnlabError, InputError, InvalidParameterError
 from attnlab.heads.io import read_arrays, read_json, write_arrays, write_json
+from attnlab.notebook import html_escape, table_html
+from attnlab.params import Parameterized
+from attnlab.progress import bar
 
 JSON_NAME = "intervention.json"
 ARRAYS_NAME = "arrays.safetensors"
 
 
 class NotFittedError(RuntimeError):
-    """An intervention was applied (or saved) before ``fit``."""
+    """An intervention was applied (or saved) before ``fit`` (a programming error, not a user error)."""
 
 
 # ---- labelled prompts -------------------------------------------------------------------------------------------
@@ -60,7 +62,7 @@ def as_labeled(items: Sequence[Any]) -> list[LabeledPrompt]:
         get = it.get if isinstance(it, dict) else (lambda k, d=None, it=it: getattr(it, k, d))
         prompt, labels = get("prompt"), get("labels")
         if prompt is None or not labels:
-            raise TypeError(f"a labelled prompt needs 'prompt' and 'labels', got {it!r}")
+            raise InputError(f"a labelled prompt needs 'prompt' and 'labels', got {it!r}")
         out.append(LabeledPrompt(str(prompt), get("label"), tuple(labels), get("image")))
     return out
 
@@ -80,8 +82,6 @@ def label_logits(
 ) -> list[torch.Tensor]:
     """Next-token logits of each item's label tokens at its last real position (right padding), float32 on CPU.
     With ``desc``, a progress bar over the batches."""
-    from attnlab.progress import bar
-
     out: list[torch.Tensor] = []
     ids_cache: dict[tuple[str, ...], list[int]] = {}
     for s in bar(range(0, len(items), batch_size), desc=desc, unit="batch", disable=desc is None):
@@ -147,9 +147,9 @@ def validate_heads(model, heads: Sequence[tuple[int, int]]) -> tuple[tuple[int, 
         try:
             layer, head = (int(x) for x in item)
         except (TypeError, ValueError):
-            raise TypeError(f"a head must be a (layer, head) pair, got {item!r}") from None
+            raise InvalidParameterError(f"a head must be a (layer, head) pair, got {item!r}") from None
         if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
-            raise ValueError(
+            raise InvalidParameterError(
                 f"head {(layer, head)} outside {model.name}'s grid of {model.n_layers} layers x {model.n_heads} heads"
             )
         out.add((layer, head))
@@ -159,12 +159,14 @@ def validate_heads(model, heads: Sequence[tuple[int, int]]) -> tuple[tuple[int, 
 # ---- the base class --------------------------------------------------------------------------------------------
 
 
-class Intervention:
-    """Base of fitted, hook-applied attention interventions.
+class Intervention(Parameterized):
+    """Base of fitted, hook-applied attention interventions (the parameter contract: ``attnlab.params``).
 
-    Subclasses implement ``_fit(model, data)`` (set fitted attributes ending in ``_``) and
-    ``hooks(model) -> list[(hook name, fn)]``; optionally ``_reset_state()`` for per-forward state (e.g. sink
-    sets remembered between a prefill and its cached decoding steps), cleared when ``apply`` exits.
+    Subclasses store their ``__init__`` parameters, declare ``_parameter_constraints`` and implement
+    ``_fit(model, data)`` (set fitted attributes ending in ``_``) and ``hooks(model) -> list[(hook name, fn)]``;
+    optionally ``_fit_data(model, data)`` (what ``_fit`` gets, e.g. task data read from a spec),
+    ``_fit_split(data, split)`` (the record of the fit data) and ``_reset_state()`` for per-forward state (e.g.
+    sink sets remembered between a prefill and its cached decoding steps), cleared when hooks are removed.
     Fitted attributes listed in ``_head_fields`` are tuples of ``(layer, head)`` pairs (restored as such by
     ``load``).
     """
@@ -172,28 +174,7 @@ class Intervention:
     name = "intervention"
     _head_fields: tuple[str, ...] = ()
 
-    # ---- parameters ------------------------------------------------------------------------------------------
-
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [
-            p
-            for p in sig.parameters
-            if p != "self"
-            and sig.parameters[p].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        ]
-
-    def get_params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._param_names()}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
-
     def _repr_html_(self) -> str:
-        from attnlab.notebook import html_escape, table_html
-
         params = table_html([{"parameter": k, "value": repr(v)} for k, v in self.get_params().items()])
         if not self.is_fitted():
             return f"<div><b>{html_escape(type(self).__name__)}</b> (not fitted){params}</div>"
@@ -211,20 +192,31 @@ class Intervention:
 
     # ---- fitting ---------------------------------------------------------------------------------------------
 
-    def fit(self, model, data=None, *, split: str = "fit") -> Intervention:
-        """Learn what the method needs from ``data`` (labelled prompts where needed); returns ``self``.
+    def fit(self, model, data=None, *, split: str | None = None) -> Intervention:
+        """Check the parameters, learn what the method needs from ``data``; returns ``self``.
 
-        ``split`` names the data (e.g. ``"classification/valid"``); it is recorded with the prompts' digests in
-        ``fit_split_`` so a report can say which data fitted the intervention, and ``check_disjoint`` can
-        refuse a test set that overlaps it.
+        The template every intervention shares: parameters are validated (``_parameter_constraints``), fitted
+        state from an earlier fit is dropped, ``data`` is read (``_fit_data``), recorded in ``fit_split_`` with
+        ``split`` as its name (default ``"fit"``) and the prompts' SHA-256 digests, so a report can say which data
+        fitted the intervention and ``check_disjoint`` can refuse a test set that overlaps it; then ``_fit``.
         """
+        self._validate_params()
         for k in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
             delattr(self, k)  # a second fit starts over
-        prompts = _prompt_texts(data)
-        self.fit_split_ = {"name": split, "n": len(prompts), "digests": [prompt_digest(p) for p in prompts]}
+        data = self._fit_data(model, data)
+        self.fit_split_ = self._fit_split(data, split)
         self.model_ = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads}
         self._fit(model, data)
         return self
+
+    def _fit_data(self, model, data):
+        """What ``_fit`` learns from (by default ``data`` as given: labelled prompts, or None)."""
+        return data
+
+    def _fit_split(self, data, split: str | None) -> dict[str, Any]:
+        """``fit_split_``: the fit data's name, size and prompt digests."""
+        prompts = _prompt_texts(data)
+        return {"name": split or "fit", "n": len(prompts), "digests": [prompt_digest(p) for p in prompts]}
 
     def _fit(self, model, data) -> None:
         raise NotImplementedError
@@ -261,13 +253,14 @@ class Intervention:
             raise NotFittedError(f"{type(self).__name__} is not fitted; call fit(model, data) first")
 
     def check_disjoint(self, prompts: Sequence[Any]) -> None:
-        """Raise ValueError if any of ``prompts`` (strings or labelled prompts) was in the fit split."""
+        """Raise ``InputError`` (a ValueError) if any of ``prompts`` (strings or labelled prompts) was in the
+        fit split."""
         self._check_fitted()
         texts = _prompt_texts(prompts)
         seen = set(self.fit_split_["digests"])
         shared = sum(prompt_digest(t) in seen for t in texts)
         if shared:
-            raise ValueError(f"{shared} of {len(texts)} test prompts were in the fit split {self.fit_split_['name']!r}")
+            raise InputError(f"{shared} of {len(texts)} test prompts were in the fit split {self.fit_split_['name']!r}")
 
     # ---- applying --------------------------------------------------------------------------------------------
 
@@ -275,23 +268,33 @@ class Intervention:
         raise NotImplementedError
 
     def _reset_state(self) -> None:
-        """Forget per-forward state (called when ``apply`` exits)."""
+        """Forget per-forward state (called when hooks are installed and when they are removed)."""
+
+    def _check_model(self, model) -> None:
+        """Refuse to run before ``fit`` or on another model than the fitted one."""
+        self._check_fitted()
+        if self.model_["n_layers"] != model.n_layers or self.model_["n_heads"] != model.n_heads:
+            raise InputError(
+                f"{type(self).__name__} was fitted on {self.model_['name']} "
+                f"({self.model_['n_layers']}x{self.model_['n_heads']}), not {model.name}"
+            )
+
+    @contextlib.contextmanager
+    def _hooked(self, model, hooks: list) -> Iterator:
+        """Forward passes inside run with ``hooks``; per-forward state is fresh inside and cleared on exit."""
+        self._reset_state()
+        try:
+            with model.bridge.hooks(fwd_hooks=hooks):
+                yield model
+        finally:
+            self._reset_state()
 
     @contextlib.contextmanager
     def apply(self, model) -> Iterator:
         """Forward passes inside run with the intervention; its hooks are removed on exit, whatever happens."""
-        self._check_fitted()
-        if self.model_["n_layers"] != model.n_layers or self.model_["n_heads"] != model.n_heads:
-            raise ValueError(
-                f"{type(self).__name__} was fitted on {self.model_['name']} "
-                f"({self.model_['n_layers']}x{self.model_['n_heads']}), not {model.name}"
-            )
-        self._reset_state()
-        try:
-            with model.bridge.hooks(fwd_hooks=self.hooks(model)):
-                yield model
-        finally:
-            self._reset_state()
+        self._check_model(model)
+        with self._hooked(model, self.hooks(model)):
+            yield model
 
     # ---- persistence -----------------------------------------------------------------------------------------
 
@@ -322,7 +325,12 @@ class Intervention:
 
     @classmethod
     def load(cls, directory: str | Path) -> Intervention:
-        """Restore a saved intervention (of this class, or of the class it names when called on the base)."""
+        """Restore a saved intervention (of this class, or of the class it names when called on the base).
+
+        Only classes of the registry (``attnlab.interventions.registry.INTERVENTIONS``) are loaded: the class
+        the JSON names must be one of the registry's classes (``registered_class``); no module named by a file is
+        imported.
+        """
         d = Path(directory)
         meta = read_json(d / JSON_NAME)
         klass = registered_class(meta.get("class") if isinstance(meta, dict) else None, d)
@@ -331,7 +339,7 @@ class Intervention:
         if not isinstance(meta.get("arrays"), list) or not all(isinstance(a, str) for a in meta["arrays"]):
             raise AttnlabError(f"{d / JSON_NAME} is malformed: arrays must be a list of names")
         if not issubclass(klass, cls):
-            raise TypeError(f"{d} holds a {klass.__name__}, not a {cls.__name__}")
+            raise InputError(f"{d} holds a {klass.__name__}, not a {cls.__name__}")
         obj = klass(**{k: _tuplify(v) for k, v in meta["params"].items()})
         for k, v in meta["fitted"].items():
             setattr(obj, k, tuple(tuple(int(x) for x in p) for p in v) if k in klass._head_fields else v)
@@ -344,6 +352,7 @@ class Intervention:
 def registered_class(name: Any, where: Path) -> type[Intervention]:
     """The intervention class a saved ``intervention.json`` names, if it is one of the registry's
     (``attnlab.interventions.registry.INTERVENTIONS``); anything else is refused before any module is imported."""
+    # Not at the top: the registry imports every method's module, and each of those imports this one.
     from attnlab.interventions.registry import INTERVENTIONS
 
     known = {f"{c.__module__}.{c.__qualname__}": c for c in INTERVENTIONS.values()}

@@ -23,7 +23,7 @@ u = 1) are available through the parameters. Search images use seed ``seed``; ev
 (`compare`, ``main``) so the reported numbers are not the ones the search was fitted on. ``variant`` picks the
 SoftPAG interpolation / target (`softpag.VARIANTS`) for the search and the returned guidance.
 
-Measurement (`compare`, ``python -m attnlab.interventions.headhunter``): found heads vs no guidance, all heads of
+Measurement (`compare`, ``python scripts/headhunter_dit.py``): found heads vs no guidance, all heads of
 each layer and k random heads on held-out noise, every condition on the same labels and noise, so differences
 ``found - baseline`` get paired bootstrap CIs (objective and the classifier's log p of the intended digit);
 `comparison_table` prints them with a verdict against the best whole layer. Results: ``notes/headhunter_dit.md``.
@@ -34,7 +34,6 @@ shape: explicit parameters, ``fit`` setting attributes ending in ``_``, JSON ``s
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,8 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnlab.errors import InputError, InvalidParameterError
 from attnlab.heads.io import read_json, write_json
 from attnlab.interventions.softpag import VARIANTS, SoftPAG, attention_modules
+from attnlab.models import dit
+from attnlab.params import CALLABLE, INTEGERS, Interval, Options, Parameterized
+from attnlab.stats import bootstrap_ci
 
 OBJECTIVES = ("classifier", "ink", "thickness", "slant")
 JSON_NAME = "headhunter.json"
@@ -54,8 +57,6 @@ def objective_fn(objective: str | Callable) -> Callable[[torch.Tensor, np.ndarra
     """Per-image objective ``(images, labels) -> scores`` for a name in `OBJECTIVES` or a callable."""
     if callable(objective):
         return objective
-    from attnlab.models.training import dit
-
     if objective == "classifier":
         return lambda images, labels: dit.get_scorer().prob_of(images, labels)
     if objective in dit.STYLE_NAMES:
@@ -93,12 +94,12 @@ def greedy_head_search(
     causal-LM search (`attnlab.interventions.softpag_lm.SoftPAGDecoding`).
     """
     if k < 1 or rounds < 1:
-        raise ValueError("k and rounds must be >= 1")
+        raise InvalidParameterError(f"k and rounds must be >= 1, got k={k}, rounds={rounds}")
     pool = [(int(l), int(h)) for l, h in pool]
     if len(set(pool)) != len(pool):
-        raise ValueError("the candidate pool has duplicate heads")
+        raise InputError("the candidate pool has duplicate heads")
     if rounds * k > len(pool):
-        raise ValueError(f"rounds * k = {rounds * k} heads asked from a pool of {len(pool)}")
+        raise InputError(f"rounds * k = {rounds * k} heads asked from a pool of {len(pool)}")
     chosen: list[tuple[int, int]] = []
     history = []
     for rnd in range(rounds):
@@ -120,7 +121,7 @@ def greedy_head_search(
     return chosen, history
 
 
-class HeadHunter:
+class HeadHunter(Parameterized):
     """Greedy iterative head search (HeadHunter, Alg. 1) for SoftPAG on organism-dit.
 
     Parameters
@@ -159,6 +160,21 @@ class HeadHunter:
     """
 
     name = "headhunter"
+    _parameter_constraints = {
+        "objective": [Options(OBJECTIVES), CALLABLE],
+        "rounds": [Interval(int, 1, None)],
+        "k": [Interval(int, 1, None)],
+        "n_candidates": [Interval(int, 1, None), None],
+        "scale": [Interval(float, None, None)],
+        "u": [Interval(float, 0, 1)],
+        "cfg_scale": [Interval(float, None, None)],
+        "classes": [INTEGERS],
+        "n_per_class": [Interval(int, 1, None)],
+        "num_steps": [Interval(int, 1, None)],
+        "seed": [Interval(int, None, None)],
+        "candidate_seed": [Interval(int, None, None)],
+        "variant": [Options(VARIANTS)],
+    }
 
     def __init__(
         self,
@@ -177,39 +193,18 @@ class HeadHunter:
         variant: str = "identity",
     ):
         self.objective = objective
-        self.rounds = int(rounds)
-        self.k = int(k)
-        self.n_candidates = None if n_candidates is None else int(n_candidates)
-        self.scale = float(scale)
-        self.u = float(u)
-        self.cfg_scale = float(cfg_scale)
-        self.classes = tuple(int(c) for c in classes)
-        self.n_per_class = int(n_per_class)
-        self.num_steps = int(num_steps)
-        self.seed = int(seed)
-        self.candidate_seed = int(candidate_seed)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.rounds = rounds
+        self.k = k
+        self.n_candidates = n_candidates
+        self.scale = scale
+        self.u = u
+        self.cfg_scale = cfg_scale
+        self.classes = classes
+        self.n_per_class = n_per_class
+        self.num_steps = num_steps
+        self.seed = seed
+        self.candidate_seed = candidate_seed
         self.variant = variant
-
-    def get_params(self) -> dict[str, Any]:
-        if callable(self.objective):
-            raise TypeError("a HeadHunter with a callable objective cannot be saved; use a named objective")
-        return {
-            "objective": self.objective,
-            "rounds": self.rounds,
-            "k": self.k,
-            "n_candidates": self.n_candidates,
-            "scale": self.scale,
-            "u": self.u,
-            "cfg_scale": self.cfg_scale,
-            "classes": list(self.classes),
-            "n_per_class": self.n_per_class,
-            "num_steps": self.num_steps,
-            "seed": self.seed,
-            "candidate_seed": self.candidate_seed,
-            "variant": self.variant,
-        }
 
     def _guidance(self, heads) -> SoftPAG:
         return SoftPAG(heads=heads, u=self.u, scale=self.scale, cfg_scale=self.cfg_scale, variant=self.variant)
@@ -225,12 +220,10 @@ class HeadHunter:
         return [remaining[i] for i in pick]
 
     def fit(self, organism, *, device: str = "cpu", log: Callable[[str], None] | None = None) -> HeadHunter:
-        """Run the greedy search on ``organism`` (a `dit.DiTOrganism` or a model directory); returns ``self``."""
-        from attnlab.models.training import dit
-
-        if self.k < 1 or self.rounds < 1:
-            raise ValueError("k and rounds must be >= 1")
-        org = dit._as_organism(organism, device)
+        """Check the parameters, run the greedy search on ``organism`` (a `dit.DiTOrganism` or a model directory);
+        returns ``self``."""
+        self._validate_params()
+        org = dit.as_organism(organism, device)
         mods = attention_modules(org.transformer)
         pool = [(l, h) for l in range(len(mods)) for h in range(mods[l].heads)]
         labels = search_labels(self.classes, self.n_per_class)
@@ -270,6 +263,8 @@ class HeadHunter:
         )
 
     def save(self, directory: str | Path) -> Path:
+        if callable(self.objective):
+            raise TypeError("a HeadHunter with a callable objective cannot be saved; use a named objective")
         d = Path(directory)
         write_json(
             d / JSON_NAME,
@@ -302,14 +297,6 @@ class HeadHunter:
 LOGP_FLOOR = 1e-6  # log p(intended) is clipped at log(1e-6) so one hopeless image cannot dominate a mean
 
 
-def bootstrap_ci(values: np.ndarray, *, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean (of paired differences, when ``values`` are differences)."""
-    rng = np.random.default_rng(seed)
-    v = np.asarray(values, dtype=np.float64)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
-
-
 def per_image_metrics(
     organism,
     guidance: SoftPAG,
@@ -322,7 +309,6 @@ def per_image_metrics(
 ) -> dict[str, np.ndarray]:
     """Per image (``n_per_class`` digits of each class, noise ``seed``): ``objective``, the classifier's clipped
     ``logp`` of the intended digit, and ``correct`` (argmax == intended)."""
-    from attnlab.models.training import dit
 
     labels = search_labels(range(dit.NUM_CLASSES), n_per_class)
     images = guidance.sample(organism, labels, num_steps=num_steps, seed=seed, device=device)
@@ -394,9 +380,8 @@ def compare(
     """
     if seed == hunter.seed:
         raise ValueError("evaluate on a noise seed other than the search seed")
-    from attnlab.models.training import dit
 
-    org = dit._as_organism(organism, device)
+    org = dit.as_organism(organism, device)
     mods = attention_modules(org.transformer)
     kw = dict(n_per_class=n_per_class, num_steps=num_steps, seed=seed, device=device)
     k = len(hunter.heads_)
@@ -510,83 +495,3 @@ def comparison_table(res: dict[str, Any]) -> str:
     for key, v in res["verdicts"].items():
         lines.append(f"- {key}: {v}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Search heads on organism-dit for an objective (or --load a saved search), then compare against no
-    guidance, every whole layer and k random heads on held-out noise seeds, paired; prints a markdown table."""
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "bundled" / "organism-dit"))
-    p.add_argument("--objective", default="classifier", choices=OBJECTIVES)
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--k", type=int, default=3)
-    p.add_argument("--n-candidates", type=int, default=None)
-    p.add_argument("--candidate-seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=3.0)
-    p.add_argument("--u", type=float, default=1.0)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--variant", default="identity", choices=VARIANTS)
-    p.add_argument("--n-per-class", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--load", default=None, help="directory with a saved headhunter.json: skip the search")
-    p.add_argument("--eval-n-per-class", type=int, default=20)
-    p.add_argument("--eval-seed", type=int, default=1000)
-    p.add_argument(
-        "--eval-u", type=float, nargs="*", default=[], help="extra u values for found heads vs the best layer"
-    )
-    p.add_argument("--layers", type=int, nargs="*", default=None, help="layers for the all-heads-of-a-layer baseline")
-    p.add_argument("--random-draws", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None, help="directory for headhunter.json, compare.json and compare.md")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    from attnlab.models.training import dit
-
-    org = dit.load(a.model)
-    t0 = time.time()
-    if a.load:
-        hunter = HeadHunter.load(a.load)
-    else:
-        hunter = HeadHunter(
-            a.objective,
-            a.rounds,
-            a.k,
-            a.n_candidates,
-            a.scale,
-            a.u,
-            a.cfg_scale,
-            n_per_class=a.n_per_class,
-            num_steps=a.steps,
-            seed=a.seed,
-            candidate_seed=a.candidate_seed,
-            variant=a.variant,
-        ).fit(org, log=print)
-    search_s = time.time() - t0
-    print(f"search: {search_s:.1f} s, heads {list(hunter.heads_)}", flush=True)
-    res = compare(
-        org,
-        hunter,
-        n_per_class=a.eval_n_per_class,
-        num_steps=hunter.num_steps,
-        seed=a.eval_seed,
-        layers=a.layers,
-        random_draws=a.random_draws,
-        eval_u=a.eval_u,
-        log=lambda m: print(m, flush=True),
-    )
-    res["search_seconds"] = search_s
-    table = comparison_table(res)
-    if a.out:
-        if not a.load:
-            hunter.save(a.out)
-        write_json(Path(a.out) / "compare.json", res)
-        tmp = Path(a.out) / "compare.md.tmp"
-        tmp.write_text(table + "\n")
-        tmp.replace(Path(a.out) / "compare.md")
-    print(table)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

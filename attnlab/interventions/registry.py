@@ -32,6 +32,16 @@ INTERVENTIONS: dict[str, type[Intervention]] = {
 }
 
 
+def registry_class(meta: dict[str, Any]) -> type[Intervention] | None:
+    """The registry class of a saved intervention's ``intervention.json`` (its ``method``), or None when the method
+    is not in the registry or the recorded class is not that method's class."""
+    method = meta.get("method") if isinstance(meta, dict) else None
+    cls = INTERVENTIONS.get(method) if isinstance(method, str) else None
+    if cls is None or meta.get("class") != f"{cls.__module__}.{cls.__qualname__}":
+        return None
+    return cls
+
+
 def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
     """``["k=v", ...]`` -> ``{k: value}``; a value is JSON when it parses as JSON, else the raw string."""
     out: dict[str, Any] = {}
@@ -93,4 +103,4 @@ def build(method: str, pairs: Sequence[str] = ()) -> Intervention:
     return cls(**params)
 
 
-__all__ = ["INTERVENTIONS", "build", "parse_params"]
+__all__ = ["INTERVENTIONS", "build", "parse_params", "registry_class"]

@@ -24,9 +24,9 @@ Which token is "the last prompt token" (``position``):
   tokens) is injected at that prompt's last token, not at the newest token
   (``attnlab.interventions.continuation``); KV-cached decoding steps are not modified.
 
-Data (``load_task``): ``"icl:TASK"`` (attnlab's ICL train / valid pools), a function-vectors JSON file
-``[{"input": x, "output": y}, ...]`` (split seeded 70 / 9 / 21 like FV), a directory holding ``train.json`` and
-``valid.json`` (and optionally ``test.json``) in that format, or a dict ``{"train": ..., "valid": ...}`` of pairs.
+Data (``attnlab.datasets.specs.load_task``): ``"icl:TASK"`` (attnlab's ICL train / valid pools), a function-vectors
+JSON file ``[{"input": x, "output": y}, ...]`` (split seeded 70 / 9 / 21 like FV), a directory holding ``train.json``
+and ``valid.json`` (and optionally ``test.json``) in that format, or a dict ``{"train": ..., "valid": ...}`` of pairs.
 Only train (embedding, steps) and valid (selection) items are seen by ``fit``; ``fit_split_`` records the 0-shot
 prompts of both so ``check_disjoint`` refuses a test set that shares one.
 """
@@ -35,16 +35,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from attnlab.datasets.icl import format_prompt
+from attnlab.datasets.specs import TaskData, load_task
+from attnlab.errors import InputError
 from attnlab.hooks import attn_hook
 from attnlab.interventions.base import Intervention, prompt_digest, real_keys_from_scores
 from attnlab.interventions.continuation import PromptMemory, prompt_mask
+from attnlab.params import STRING, Interval, Options
 
 POSITIONS = ("cue", "last", "answer")
 LOSSES = ("first_token", "answer")
@@ -52,104 +54,10 @@ SELECTS = ("best", "last")
 EMBED_IN = "embed.hook_in"
 
 
-# ---- task data --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TaskData:
-    """(input, output) pairs of one task's splits; ``test`` is never used by ``fit``."""
-
-    name: str
-    train: list[tuple[str, str]]
-    valid: list[tuple[str, str]]
-    test: list[tuple[str, str]]
-
-
-def _pairs(rows: Any, where: str) -> list[tuple[str, str]]:
-    """Pairs from a path to a function-vectors JSON file or from a list of dicts / pairs."""
-    from attnlab.interventions.evaluate import read_function_vectors
-
-    if isinstance(rows, (str, Path)):
-        return read_function_vectors(rows)
-    out = []
-    for i, r in enumerate(rows):
-        if isinstance(r, dict):
-            if "input" not in r or "output" not in r:
-                raise ValueError(f"{where}: record {i} needs 'input' and 'output'")
-            y = r["output"][0] if isinstance(r["output"], list) and r["output"] else r["output"]
-            out.append((str(r["input"]).strip(), str(y).strip()))
-        else:
-            x, y = r
-            out.append((str(x), str(y)))
-    if not out:
-        raise ValueError(f"{where} is empty")
-    return out
-
-
-def split_pairs(
-    pairs: Sequence[tuple[str, str]], *, seed: int = 42, fractions: tuple[float, float] = (0.70, 0.09)
-) -> tuple[list, list, list]:
-    """Seeded train / valid / test split of one file's pairs (70 / 9 / 21 by default, as FV's files)."""
-    order = list(range(len(pairs)))
-    random.Random(f"site-split:{seed}").shuffle(order)
-    n_tr = int(round(fractions[0] * len(pairs)))
-    n_va = max(1, int(round(fractions[1] * len(pairs))))
-    pick = lambda idx: [tuple(pairs[i]) for i in idx]  # noqa: E731
-    return pick(order[:n_tr]), pick(order[n_tr : n_tr + n_va]), pick(order[n_tr + n_va :])
-
-
-def load_task(source: Any, *, seed: int = 42) -> TaskData:
-    """``TaskData`` from ``icl:TASK``, a function-vectors JSON file, a directory of split files, or a dict."""
-    if isinstance(source, TaskData):
-        return source
-    if isinstance(source, dict):
-        return TaskData(
-            str(source.get("name", "task")),
-            _pairs(source["train"], "train"),
-            _pairs(source["valid"], "valid"),
-            _pairs(source["test"], "test") if source.get("test") else [],
-        )
-    items = getattr(source, "items", source)
-    if (
-        isinstance(items, (list, tuple))
-        and items
-        and all(hasattr(it, "query") and hasattr(it, "label") for it in items)
-    ):
-        # an EvalSet / GenerationPrompt list (the CLI's --fit data): its queries, 85% steps + 15% selection
-        tr, va, _ = split_pairs([(it.query, it.label) for it in items], seed=seed, fractions=(0.85, 0.15))
-        return TaskData(str(getattr(source, "name", "fit")), tr, va, [])
-    if isinstance(source, str) and source.startswith("icl:"):
-        from attnlab.datasets import icl
-
-        task = source.split(":")[1]
-        if task not in icl.TASKS:
-            raise ValueError(f"unknown ICL task {task!r}; known: {', '.join(icl.TASK_NAMES)}")
-        sp = {
-            s: [(r["input"], r["output"]) for r in icl.export_function_vectors(task, s, seed=seed)] for s in icl.SPLITS
-        }
-        return TaskData(task, sp["train"], sp["valid"], sp["test"])
-    p = Path(source)
-    if p.is_dir():
-        files = {s: p / f"{s}.json" for s in ("train", "valid", "test")}
-        if not files["train"].is_file() or not files["valid"].is_file():
-            raise ValueError(f"{p} must hold train.json and valid.json (function-vectors format)")
-        return TaskData(
-            p.name,
-            _pairs(files["train"], "train"),
-            _pairs(files["valid"], "valid"),
-            _pairs(files["test"], "test") if files["test"].is_file() else [],
-        )
-    if p.is_file():
-        tr, va, te = split_pairs(_pairs(p, str(p)), seed=seed)
-        return TaskData(p.stem, tr, va, te)
-    raise ValueError(
-        f"task data {source!r} is neither icl:TASK, a function-vectors JSON file, a directory of split files nor a dict"
-    )
+# ---- prompts ------------------------------------------------------------------------------------------------------
 
 
 def zero_shot(x: str) -> str:
-    from attnlab.datasets.icl import format_prompt
-
     return format_prompt([], x)
 
 
@@ -270,6 +178,24 @@ class SoftInjection(Intervention):
     """
 
     name = "soft-injection"
+    _parameter_constraints = {
+        "n_prompts": [Interval(int, 1, None)],
+        "n_shots": [Interval(int, 0, None)],
+        "lr": [Interval(float, 0, None, closed="neither")],
+        "n_steps": [Interval(int, 0, None)],
+        "batch_size": [Interval(int, 1, None)],
+        "val_every": [Interval(int, 1, None)],
+        "n_val": [Interval(int, 1, None)],
+        "select": [Options(SELECTS)],
+        "theta_init": [Interval(float, None, None)],
+        "alpha_scale": [Interval(float, 0, None)],
+        "position": [Options(POSITIONS)],
+        "cue": [STRING],
+        "loss": [Options(LOSSES)],
+        "top_k": [Interval(int, 0, None)],
+        "seed": [Interval(int, None, None)],
+        "data_seed": [Interval(int, None, None)],
+    }
 
     def __init__(
         self,
@@ -311,49 +237,33 @@ class SoftInjection(Intervention):
 
     # ---- fitting ---------------------------------------------------------------------------------------------
 
-    def fit(self, model, data=None, *, split: str | None = None) -> SoftInjection:
-        """Fit on ``data`` (anything ``load_task`` reads): embedding and steps from train, selection from valid."""
+    def _fit_data(self, model, data) -> TaskData:
+        """The task (anything ``load_task`` reads): embedding and steps from train, selection from valid."""
         if data is None:
-            raise ValueError(
+            raise InputError(
                 "SoftInjection.fit needs task data (icl:TASK, a function-vectors JSON path, a directory or a dict)"
             )
-        if self.select not in SELECTS:
-            raise ValueError(f"select must be one of {SELECTS}, got {self.select!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
-        if (
-            self.n_shots < 0
-            or self.n_prompts < 1
-            or self.n_steps < 0
-            or self.batch_size < 1
-            or self.val_every < 1
-            or self.n_val < 1
-        ):
-            raise ValueError("n_prompts, batch_size, val_every and n_val must be >= 1; n_shots and n_steps >= 0")
-        for k in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
-            delattr(self, k)
         task = load_task(data, seed=self.data_seed)
         if len(task.train) <= self.n_shots:
-            raise ValueError(
+            raise InputError(
                 f"{task.name}: {self.n_shots}-shot prompts need more than {self.n_shots} train items, "
                 f"got {len(task.train)}"
             )
+        return task
+
+    def _fit_split(self, task: TaskData, split: str | None) -> dict[str, Any]:
+        """The 0-shot prompts of the train items and of the valid items used for selection."""
         seen = [zero_shot(x) for x, _ in task.train + task.valid[: self.n_val]]
-        self.fit_split_ = {
+        return {
             "name": split or f"{task.name}: train (embedding, steps) + valid (selection)",
             "n": len(seen),
             "n_train": len(task.train),
             "n_valid": min(len(task.valid), self.n_val),
             "digests": [prompt_digest(p) for p in seen],
         }
-        self.model_ = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads}
-        self.task_ = task.name
-        self._fit(model, task)
-        return self
 
     def _fit(self, model, task: TaskData) -> None:
+        self.task_ = task.name
         emb = self.task_embedding(model, task.train)
         self.e_bar_ = emb[0].numpy()
         if self.position == "answer":
@@ -380,8 +290,6 @@ class SoftInjection(Intervention):
         ``Q: x\\nA: y\\n\\n`` ICL format): ``[1 + K, L, H, d_head]``; index 0 is the prompt's last token (the spec's
         ``e_bar``), 1..K (``position="answer"`` only) the answer tokens, teacher forced, averaged over the
         prompts whose answer reaches that offset."""
-        from attnlab.datasets.icl import format_prompt
-
         rng = random.Random(f"site-embed:{self.seed}")
         rows, ends = [], []
         for _ in range(self.n_prompts):
@@ -570,9 +478,6 @@ def head_overlap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> floa
 
 __all__ = [
     "SoftInjection",
-    "TaskData",
-    "load_task",
-    "split_pairs",
     "inject",
     "inject_span",
     "last_occurrence",

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.heads.io import read_json, write_json
+from attnlab.models import dit
+from attnlab.params import HEADS, Interval, Options, Parameterized
 
 SCOPES = ("joint", "image_only")
 JSON_NAME = "softpag.json"
@@ -411,8 +413,8 @@ class _AllRows:
         return self.proc(attn, hidden_states, *args, **kwargs)
 
 
-class SoftPAG:
-    """Head-level SoftPAG guidance for organism-dit.
+class SoftPAG(Parameterized):
+    """Head-level SoftPAG guidance for organism-dit (parameters checked when it runs: ``attnlab.params``).
 
     Parameters
     ----------
@@ -434,6 +436,15 @@ class SoftPAG:
     """
 
     name = "softpag"
+    _parameter_constraints = {
+        "heads": [HEADS],
+        "u": [Interval(float, 0, 1)],
+        "scale": [Interval(float, None, None)],
+        "cfg_scale": [Interval(float, None, None)],
+        "scope": [Options(SCOPES)],
+        "variant": [Options(VARIANTS)],
+        "dirac_eps": [Interval(float, 0, 1, closed="left")],
+    }
 
     def __init__(
         self,
@@ -445,61 +456,41 @@ class SoftPAG:
         variant: str = "identity",
         dirac_eps: float = DIRAC_EPS,
     ):
-        self.heads = _heads_tuple(heads)
-        self.u = float(u)
-        self.scale = float(scale)
-        self.cfg_scale = float(cfg_scale)
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        self.heads = heads
+        self.u = u
+        self.scale = scale
+        self.cfg_scale = cfg_scale
         self.scope = scope
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
-        self.dirac_eps = float(dirac_eps)
-
-    def get_params(self) -> dict[str, Any]:
-        return {
-            "heads": [list(p) for p in self.heads],
-            "u": self.u,
-            "scale": self.scale,
-            "cfg_scale": self.cfg_scale,
-            "scope": self.scope,
-            "variant": self.variant,
-            "dirac_eps": self.dirac_eps,
-        }
-
-    def __repr__(self) -> str:
-        return (
-            f"SoftPAG(heads={self.heads!r}, u={self.u}, scale={self.scale}, cfg_scale={self.cfg_scale}, "
-            f"scope={self.scope!r}, variant={self.variant!r}, dirac_eps={self.dirac_eps})"
-        )
+        self.dirac_eps = dirac_eps
 
     def is_identity(self) -> bool:
         """True when guidance is a no-op (s = 0, u = 0 or no heads): sampling then skips the perturbed pass."""
-        return self.scale == 0.0 or self.u == 0.0 or not self.heads
+        return float(self.scale) == 0.0 or float(self.u) == 0.0 or not _heads_tuple(self.heads)
 
     def noise_fn(self) -> Callable:
-        """``noise_fn(transformer, x, t, labels) -> eps`` for `dit.sample`."""
-        from attnlab.models.training.dit import NULL_CLASS, guided_noise
+        """``noise_fn(transformer, x, t, labels) -> eps`` for `dit.sample` (checks the parameters first)."""
+        self._validate_params()
+        heads, u, scale, cfg_scale = _heads_tuple(self.heads), float(self.u), float(self.scale), float(self.cfg_scale)
 
         def fn(model, x, t, labels):
             if self.is_identity():
-                return guided_noise(model, x, t, labels, self.cfg_scale)
+                return dit.guided_noise(model, x, t, labels, cfg_scale)
             n = x.shape[0]
             tt = t.expand(n) if t.ndim else t.repeat(n)
-            use_cfg = self.cfg_scale != 1.0
+            use_cfg = cfg_scale != 1.0
             parts = 3 if use_cfg else 2
             xs = torch.cat([x] * parts)
-            ys = [labels, labels] + ([torch.full_like(labels, NULL_CLASS)] if use_cfg else [])
+            ys = [labels, labels] + ([torch.full_like(labels, dit.NULL_CLASS)] if use_cfg else [])
             rows = torch.zeros(parts * n, dtype=torch.bool, device=x.device)
             rows[n : 2 * n] = True
             with perturbed(
-                model, self.heads, self.u, rows=rows, scope=self.scope, variant=self.variant, dirac_eps=self.dirac_eps
+                model, heads, u, rows=rows, scope=self.scope, variant=self.variant, dirac_eps=float(self.dirac_eps)
             ):
                 out = model(xs, timestep=torch.cat([tt] * parts), class_labels=torch.cat(ys)).sample
             eps_cond, eps_pert = out[:n], out[n : 2 * n]
-            base = eps_cond if not use_cfg else out[2 * n :] + self.cfg_scale * (eps_cond - out[2 * n :])
-            return base + self.scale * (eps_cond - eps_pert)
+            base = eps_cond if not use_cfg else out[2 * n :] + cfg_scale * (eps_cond - out[2 * n :])
+            return base + scale * (eps_cond - eps_pert)
 
         return fn
 
@@ -507,15 +498,15 @@ class SoftPAG:
         self, organism, labels, num_steps: int = 10, seed: int = 0, device: str = "cpu", **kwargs
     ) -> torch.Tensor:
         """`dit.sample` with this guidance; images (N, 1, S, S) in [0, 1]."""
-        from attnlab.models.training import dit
-
-        return dit.sample(organism, labels, self.cfg_scale, num_steps, seed, device, noise_fn=self.noise_fn(), **kwargs)
+        noise_fn = self.noise_fn()
+        return dit.sample(organism, labels, float(self.cfg_scale), num_steps, seed, device, noise_fn=noise_fn, **kwargs)
 
     @contextlib.contextmanager
     def apply(self, transformer) -> Iterator[dict]:
         """Every forward inside runs with the selected heads perturbed (all rows); yields the processor state."""
+        self._validate_params()
         with perturbed(
-            transformer, self.heads, self.u, scope=self.scope, variant=self.variant, dirac_eps=self.dirac_eps
+            transformer, self.heads, self.u, scope=self.scope, variant=self.variant, dirac_eps=float(self.dirac_eps)
         ) as state:
             yield state
 

@@ -42,9 +42,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnlab.errors import InputError, InvalidParameterError
 from attnlab.hooks import attn_hook, kv_cache
 from attnlab.interventions.base import Intervention, heads_by_layer, real_keys_from_scores, validate_heads
+from attnlab.interventions.headhunter import greedy_head_search
 from attnlab.interventions.softpag import VARIANTS, soft_perturb
+from attnlab.models.answers import TeacherForced
+from attnlab.params import HEADS, INTEGERS, Interval, Options
 
 OBJECTIVES = ("logprob",)
 
@@ -123,37 +127,29 @@ class AnswerLogprob:
     """Mean (over items) summed log-probability of each item's answer under guided logits; clean logits cached.
 
     Items need ``prompt`` and ``label`` (``GenerationPrompt`` or labelled prompts); the answer tokens are
-    ``" " + label`` without special tokens, scored teacher-forced after the prompt's own tokens.
+    ``" " + label`` without special tokens, scored teacher-forced after the prompt's own tokens
+    (``attnlab.models.answers.TeacherForced``).
     """
 
     def __init__(self, model, items: Sequence[Any], *, batch_size: int = 16):
         self.model = model
-        rows = []
-        for i, it in enumerate(items):
+        prompts, answers = [], []
+        for it in items:
             prompt, label = (it["prompt"], it["label"]) if isinstance(it, dict) else (it.prompt, it.label)
             if label is None:
-                raise ValueError("the log-prob objective needs labelled items (prompt + label)")
-            p_ids = model.token_ids(prompt, index=i)
-            a_ids = list(model.tokenizer(" " + str(label), add_special_tokens=False)["input_ids"])
-            rows.append((p_ids + a_ids, len(p_ids), a_ids))
-        self.n = len(rows)
+                raise InputError("the log-prob objective needs labelled items (prompt + label)")
+            prompts.append(prompt)
+            answers.append(" " + str(label))
+        self.answers = TeacherForced.from_answers(model, prompts, answers)
+        self.n = len(prompts)
         self.batches = []
         with torch.no_grad():
-            for s in range(0, len(rows), batch_size):
-                chunk = rows[s : s + batch_size]
-                batch = model.batch_from_ids(
-                    [r[0] for r in chunk], list(range(s, s + len(chunk))), padding_side="right"
-                )
-                bi = torch.tensor([b for b, (_, n_p, a) in enumerate(chunk) for _ in a])
-                pos = torch.tensor([n_p - 1 + j for _, n_p, a in chunk for j in range(len(a))])
-                tgt = torch.tensor([t for _, _, a in chunk for t in a])
-                owner = torch.tensor([b for b, (_, _, a) in enumerate(chunk) for _ in a])
-                clean = self._gather(batch, bi, pos)
-                self.batches.append((batch, bi, pos, tgt, owner, len(chunk), clean))
+            for s in range(0, self.n, batch_size):
+                batch = self.answers.batch(model, range(s, min(s + batch_size, self.n)), padding_side="right")
+                self.batches.append((batch, self._answer_logits(batch)))
 
-    def _gather(self, batch, bi, pos) -> torch.Tensor:
-        logits = self.model.forward(batch)
-        return logits[bi.to(logits.device), pos.to(logits.device)].float().cpu()
+    def _answer_logits(self, batch) -> torch.Tensor:
+        return self.answers.answer_logits(self.model.forward(batch), batch).cpu()
 
     def per_item(
         self, heads: Sequence[tuple[int, int]] = (), u: float = 1.0, scale: float = 1.0, variant: str = "identity"
@@ -161,14 +157,13 @@ class AnswerLogprob:
         """Per-item answer log-probability with guidance on ``heads`` (the clean model when none or ``scale == 0``)."""
         out = []
         with torch.no_grad():
-            for batch, bi, pos, tgt, owner, n, clean in self.batches:
+            for batch, clean in self.batches:
                 guided = clean
                 if heads and scale != 0.0:
                     with perturbed_lm(self.model, heads, u, variant):
-                        pert = self._gather(batch, bi, pos)
+                        pert = self._answer_logits(batch)
                     guided = clean + scale * (clean - pert)
-                lp = guided.log_softmax(-1).gather(-1, tgt[:, None])[:, 0]
-                out.append(torch.zeros(n, dtype=lp.dtype).index_add_(0, owner, lp).numpy())
+                out.append(self.answers.logprob(guided, batch).numpy())
         return np.concatenate(out).astype(np.float64)
 
     def __call__(self, heads=(), u: float = 1.0, scale: float = 1.0, variant: str = "identity") -> float:
@@ -217,6 +212,21 @@ class SoftPAGDecoding(Intervention):
 
     name = "softpag"
     _head_fields = ("heads_", "pool_")
+    _parameter_constraints = {
+        "heads": [HEADS, None],
+        "u": [Interval(float, 0, 1)],
+        "scale": [Interval(float, None, None)],
+        "variant": [Options(VARIANTS)],
+        "rounds": [Interval(int, 1, None)],
+        "k": [Interval(int, 1, None)],
+        "layers": [INTEGERS, None],
+        "n_candidates": [Interval(int, 1, None), None],
+        "candidate_seed": [Interval(int, None, None)],
+        "objective": [Options(OBJECTIVES)],
+        "search_u": [Interval(float, 0, 1), None],
+        "search_scale": [Interval(float, None, None), None],
+        "batch_size": [Interval(int, 1, None)],
+    }
 
     def __init__(
         self,
@@ -252,34 +262,23 @@ class SoftPAGDecoding(Intervention):
 
     # ---- fitting ---------------------------------------------------------------------------------------------
 
-    def _check_params(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        for name in ("u", "search_u"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= float(v) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {v}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-
     def pool(self, model) -> list[tuple[int, int]]:
         """Candidate heads of the search: every head of ``layers`` (all layers when None)."""
         layers = range(model.n_layers) if self.layers is None else sorted({int(l) for l in self.layers})
         if any(not 0 <= l < model.n_layers for l in layers):
-            raise ValueError(f"layers must lie in [0, {model.n_layers}), got {list(layers)}")
+            raise InvalidParameterError(
+                f"SoftPAGDecoding parameter layers must lie in [0, {model.n_layers}), got {list(layers)}"
+            )
         return [(l, h) for l in layers for h in range(model.n_heads)]
 
     def _fit(self, model, data) -> None:
-        from attnlab.interventions.headhunter import greedy_head_search
-
-        self._check_params()
         if self.heads is not None:
             self.heads_ = validate_heads(model, self.heads)
             self.history_ = []
             return
         items = list(data or [])
         if not items:
-            raise ValueError(
+            raise InputError(
                 "heads=None is found by the HeadHunter search: call fit(model, data) with labelled prompts"
             )
         pool = self.pool(model)
@@ -338,12 +337,7 @@ class SoftPAGDecoding(Intervention):
     @contextlib.contextmanager
     def apply(self, model) -> Iterator:
         """``model.forward`` (the bridge's call) inside returns guided logits; the forward hook is removed on exit."""
-        self._check_fitted()
-        if self.model_["n_layers"] != model.n_layers or self.model_["n_heads"] != model.n_heads:
-            raise ValueError(
-                f"{type(self).__name__} was fitted on {self.model_['name']} "
-                f"({self.model_['n_layers']}x{self.model_['n_heads']}), not {model.name}"
-            )
+        self._check_model(model)
         handle = model.bridge.register_forward_hook(self._guide(model), with_kwargs=True)
         self._inside = False
         try:

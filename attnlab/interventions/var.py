@@ -34,17 +34,22 @@ image_token_id``); on cached decoding steps the prefill's image mask and sink fl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from attnlab.errors import InputError
 from attnlab.hooks import attn_hook, block_hook, kv_cache
 from attnlab.interventions.base import Intervention, heads_by_layer
 from attnlab.interventions.continuation import PromptMemory, prompt_mask
 from attnlab.interventions.vhr import VisualFitMixin, prompt_set
-from attnlab.probes.image_centric_heads import FIRST_SINK_LAYER, phi
+from attnlab.params import BOOLEAN, INTEGERS, Interval, Options
+from attnlab.probes.image_centric_heads import FIRST_SINK_LAYER, ImageCentricHeads, phi
+from attnlab.probes.scan import scan
 
 HEAD_SELECTIONS = ("fitted", "per_forward")
 
@@ -133,6 +138,18 @@ class VAR(VisualFitMixin, Intervention):
 
     name = "var"
     _head_fields = ("heads_",)
+    _parameter_constraints = {
+        "p": [Interval(float, 0, 1)],  # the fraction moved
+        "tau": [Interval(float, 0, None)],
+        "dim_tau": [Interval(float, 0, None), None],
+        "sink_dims": [INTEGERS, None],
+        "rho": [Interval(float, 0, 1)],
+        "min_image_attention": [Interval(float, 0, 1)],
+        "min_head_score": [Interval(float, None, None)],
+        "head_selection": [Options(HEAD_SELECTIONS)],
+        "include_last_layer": [BOOLEAN],
+        "batch_size": [Interval(int, 1, None)],
+    }
 
     def __init__(
         self,
@@ -163,8 +180,6 @@ class VAR(VisualFitMixin, Intervention):
     # ---- fitting ---------------------------------------------------------------------------------------------
 
     def _probe(self, tau, dims):
-        from attnlab.probes.image_centric_heads import ImageCentricHeads
-
         return ImageCentricHeads(
             tau=tau,
             sink_dims=None if dims is None else [int(d) for d in dims],
@@ -174,20 +189,12 @@ class VAR(VisualFitMixin, Intervention):
             n_examples=0,
         )
 
-    def _fit(self, model, data) -> None:
-        import warnings
-
-        import attnlab
-
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"p (fraction moved) must be in [0, 1], got {self.p}")
-        if self.head_selection not in HEAD_SELECTIONS:
-            raise ValueError(f"head_selection must be one of {HEAD_SELECTIONS}, got {self.head_selection!r}")
-        ps = prompt_set(self._items)
+    def _fit(self, model, items: list) -> None:
+        ps = prompt_set(items)
         dims = self.sink_dims
         search = None
         if dims is None:
-            first = attnlab.scan(
+            first = scan(
                 model,
                 self._probe(self.dim_tau if self.dim_tau is not None else self.tau, None),
                 ps,
@@ -196,7 +203,7 @@ class VAR(VisualFitMixin, Intervention):
             )
             search = first["image_centric"].summary
             dims = search["sink_dims"]
-        res = attnlab.scan(model, self._probe(self.tau, dims), ps, batch_size=self.batch_size, progress=False)
+        res = scan(model, self._probe(self.tau, dims), ps, batch_size=self.batch_size, progress=False)
         score = np.asarray(res["image_centric"].scores, float)
         self.sink_dims_ = [int(d) for d in dims]
         self.layers_ = var_layers(model.n_layers, self.include_last_layer)
@@ -262,47 +269,43 @@ class VAR(VisualFitMixin, Intervention):
         """Rows edited in the last forward pass inside ``apply``, per layer ``[b, H, q]`` (for reports and tests)."""
         return self._selected
 
-    def apply(self, model):
-        import contextlib
+    @contextlib.contextmanager
+    def apply(self, model) -> Iterator:
+        """Forward passes inside run with VAR; the image-token pre-hook and the bridge hooks are removed on exit."""
+        self._check_fitted()
+        image_id = model.image_token_id
+        if image_id is None:
+            raise InputError(f"VAR needs a vision-language model; {model.name} takes no images")
 
-        @contextlib.contextmanager
-        def ctx():
-            self._check_fitted()
-            image_id = model.image_token_id
-            if image_id is None:
-                raise ValueError(f"VAR needs a vision-language model; {model.name} takes no images")
-
-            def pre(module, args, kwargs):
-                ids = kwargs.get("input_ids", args[0] if args else None)
-                if ids is None:
-                    return None
-                mask = kwargs.get("attention_mask")
-                img = ids == image_id
-                cached = (
-                    kv_cache(kwargs) is not None
-                    and self._img is not None
-                    and self._img.shape[0] == ids.shape[0]
-                    and (mask is None or mask.shape[1] == self._img.shape[1] + ids.shape[1])
-                )
-                self._img = torch.cat([self._img, img], 1) if cached else img
-                self._real = mask.bool() if mask is not None else torch.ones_like(self._img)
-                if cached:  # new tokens of a cached decoding step are generated, never prompt
-                    self._prompt = torch.cat([self._prompt, torch.zeros_like(img)], 1)
-                else:
-                    self._sinks = {}
-                    real = self._real.to(ids.device)
-                    self._prompt = prompt_mask(real, self._memory.prompt_lengths(ids, real).to(ids.device))
-                self._selected = {}
+        def pre(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
                 return None
+            mask = kwargs.get("attention_mask")
+            img = ids == image_id
+            cached = (
+                kv_cache(kwargs) is not None
+                and self._img is not None
+                and self._img.shape[0] == ids.shape[0]
+                and (mask is None or mask.shape[1] == self._img.shape[1] + ids.shape[1])
+            )
+            self._img = torch.cat([self._img, img], 1) if cached else img
+            self._real = mask.bool() if mask is not None else torch.ones_like(self._img)
+            if cached:  # new tokens of a cached decoding step are generated, never prompt
+                self._prompt = torch.cat([self._prompt, torch.zeros_like(img)], 1)
+            else:
+                self._sinks = {}
+                real = self._real.to(ids.device)
+                self._prompt = prompt_mask(real, self._memory.prompt_lengths(ids, real).to(ids.device))
+            self._selected = {}
+            return None
 
-            with Intervention.apply(self, model):
-                self._pre_handle = model.hf_model.register_forward_pre_hook(pre, with_kwargs=True)
-                try:
-                    yield model
-                finally:
-                    self._pre_handle.remove()
-
-        return ctx()
+        with Intervention.apply(self, model):
+            self._pre_handle = model.hf_model.register_forward_pre_hook(pre, with_kwargs=True)
+            try:
+                yield model
+            finally:
+                self._pre_handle.remove()
 
     def hooks(self, model) -> list:
         by_layer = heads_by_layer(self.heads_)

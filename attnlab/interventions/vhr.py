@@ -30,7 +30,6 @@ question about different scenes do not collide.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnlab.datasets.base import PromptSet
+from attnlab.datasets.specs import image_prompt_key
+from attnlab.errors import InputError, InvalidParameterError
 from attnlab.hooks import attn_hook
 from attnlab.interventions.base import Intervention, heads_by_layer
+from attnlab.params import INTEGERS, Interval, Options
+from attnlab.probes.scan import scan
+from attnlab.probes.vision_aware_heads import VisionAwareHeads
 
 PAPER_LAST_LAYERS, PAPER_DEPTH = 14, 32
 
@@ -57,9 +62,7 @@ class VisualPrompt:
     @property
     def key(self) -> str:
         """Identity of the prompt for fit/test hygiene: the text plus a digest of the image's pixels."""
-        im = self.image
-        digest = hashlib.sha256(f"{im.mode}{im.size}".encode() + im.tobytes()).hexdigest()
-        return f"{self.text}\x00image:{digest}"
+        return image_prompt_key(self.text, self.image)
 
 
 def as_visual(items: Sequence[Any]) -> list[VisualPrompt]:
@@ -72,34 +75,32 @@ def as_visual(items: Sequence[Any]) -> list[VisualPrompt]:
             out.append(VisualPrompt(str(it.get("text", it.get("prompt"))), it["image"]))
         elif isinstance(it, (tuple, list)) and len(it) == 2:
             out.append(VisualPrompt(str(it[0]), it[1]))
-        elif getattr(it, "image", None) is not None and hasattr(it, "prompt"):  # e.g. an evaluate.ImageQuestion
+        elif getattr(it, "image", None) is not None and hasattr(it, "prompt"):  # e.g. a specs.ImageQuestion
             out.append(VisualPrompt(str(it.prompt), it.image))
         else:
-            raise TypeError(
+            raise InputError(
                 f"a vision fit item is a VisualPrompt, (text, image) or a dict with text and image; got {it!r}"
             )
     return out
 
 
-def prompt_set(items: Sequence[VisualPrompt], name: str = "fit"):
-    from attnlab.datasets.base import PromptSet
-
+def prompt_set(items: Sequence[VisualPrompt], name: str = "fit") -> PromptSet:
     return PromptSet(name=name, texts=[it.text for it in items], images=[it.image for it in items])
 
 
 class VisualFitMixin:
-    """``fit``/``check_disjoint`` over ``VisualPrompt``s: the base class records (and compares) their keys."""
+    """Fit data and ``check_disjoint`` over ``VisualPrompt``s: ``_fit`` gets them, the fit split records (and
+    ``check_disjoint`` compares) their keys."""
 
-    def fit(self, model, data=None, *, split: str = "fit"):
+    def _fit_data(self, model, data) -> list[VisualPrompt]:
         if data is None or len(data) == 0:
-            raise ValueError(f"{type(self).__name__}.fit needs image prompts (VisualPrompt or (text, image) pairs)")
+            raise InputError(f"{type(self).__name__}.fit needs image prompts (VisualPrompt or (text, image) pairs)")
         if model.image_token_id is None:
-            raise ValueError(f"{type(self).__name__} needs a vision-language model; {model.name} takes no images")
-        self._items = as_visual(data)
-        try:
-            return Intervention.fit(self, model, [it.key for it in self._items], split=split)
-        finally:
-            self._items = None
+            raise InputError(f"{type(self).__name__} needs a vision-language model; {model.name} takes no images")
+        return as_visual(data)
+
+    def _fit_split(self, items: list[VisualPrompt], split: str | None) -> dict:
+        return Intervention._fit_split(self, [it.key for it in items], split)
 
     def check_disjoint(self, prompts) -> None:
         items = list(prompts)
@@ -167,6 +168,12 @@ class VHR(VisualFitMixin, Intervention):
 
     name = "vhr"
     _head_fields = ("heads_",)
+    _parameter_constraints = {
+        "alpha": [Interval(float, 0, None)],
+        "layers": [Options(("auto",)), INTEGERS],
+        "max_outlier_rate": [Interval(float, 0, 1)],
+        "batch_size": [Interval(int, 1, None)],
+    }
 
     def __init__(self, alpha: float = 2.0, layers: Any = "auto", *, max_outlier_rate: float = 0.5, batch_size: int = 8):
         self.alpha = alpha
@@ -174,18 +181,12 @@ class VHR(VisualFitMixin, Intervention):
         self.max_outlier_rate = max_outlier_rate
         self.batch_size = batch_size
 
-    def _fit(self, model, data) -> None:
-        import attnlab
-        from attnlab.probes.vision_aware_heads import VisionAwareHeads
-
-        if self.alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
-        layers = auto_layers(model.n_layers) if self.layers == "auto" else sorted({int(l) for l in self.layers})
+    def _fit(self, model, items: list[VisualPrompt]) -> None:
+        auto = isinstance(self.layers, str)
+        layers = auto_layers(model.n_layers) if auto else sorted({int(l) for l in self.layers})
         if any(not 0 <= l < model.n_layers for l in layers):
-            raise ValueError(f"layers {layers} outside {model.name}'s {model.n_layers} layers")
-        res = attnlab.scan(
-            model, VisionAwareHeads(), prompt_set(self._items), batch_size=self.batch_size, progress=False
-        )
+            raise InvalidParameterError(f"VHR parameter layers {layers} outside {model.name}'s {model.n_layers} layers")
+        res = scan(model, VisionAwareHeads(), prompt_set(items), batch_size=self.batch_size, progress=False)
         vhd = np.asarray(res["vhd"].scores, float)
         rate = np.asarray(res["vhd"].extra["outlier_rate"], float)
         sel = vhr_selection(vhd, rate, layers, max_outlier_rate=self.max_outlier_rate)

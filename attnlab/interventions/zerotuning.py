@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnlab.errors import InputError, InvalidParameterError
 from attnlab.hooks import attn_hook, embed_hook
 from attnlab.interventions.base import (
     Intervention,
@@ -53,6 +54,7 @@ from attnlab.interventions.base import (
     score_labels,
     validate_heads,
 )
+from attnlab.params import BOOLEAN, HEADS, INTEGERS, InstanceOf, Interval, Options
 
 FORMS = ("softmax", "bias")
 CRITERIA = ("accuracy", "entropy")
@@ -132,6 +134,22 @@ class ZeroTuning(Intervention):
 
     name = "zerotuning"
     _head_fields = ("heads_", "candidates_")
+    _parameter_constraints = {
+        # gamma = 0 divides 0 by 0 in the softmax form and leaves rows all -inf in the bias form (check_gamma)
+        "gamma": [Interval(float, 0, None, closed="neither"), None],
+        "heads": [HEADS, None],
+        "form": [Options(FORMS)],
+        "profile": [BOOLEAN],
+        "gamma_up": [Interval(float, 0, None, closed="neither")],
+        "gamma_down": [Interval(float, 0, None, closed="neither")],
+        "margin": [Interval(float, None, None)],
+        "profile_unit": [Options(("head_index", "layer_head"))],
+        "grid": [InstanceOf((tuple, list), "a (lo, hi, step) triple")],
+        "criterion": [Options(CRITERIA)],
+        "batch_size": [Interval(int, 1, None)],
+        "query_tokens": [INTEGERS, None],
+        "query_mode": [Options(QUERY_MODES)],
+    }
 
     def __init__(
         self,
@@ -166,6 +184,11 @@ class ZeroTuning(Intervention):
         self._first: dict[int, torch.Tensor] = {}
         self._rows: torch.Tensor | None = None
 
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        if self.gamma is None and float(self.grid[0]) <= 0:
+            raise InvalidParameterError(f"ZeroTuning's gamma grid must start above 0, got grid={tuple(self.grid)}")
+
     # ---- fitting ---------------------------------------------------------------------------------------------
 
     def _value(self, model, items) -> tuple[float, dict]:
@@ -174,29 +197,10 @@ class ZeroTuning(Intervention):
         return (s["accuracy"] if self.criterion == "accuracy" else -s["entropy"]), s
 
     def _run(self, model, items, heads, gamma) -> tuple[float, dict]:
-        with self._applied(model, heads, gamma):
+        with self._hooked(model, self._hooks_for(heads, gamma)):
             return self._value(model, items)
 
     def _fit(self, model, data) -> None:
-        if self.form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
-        if self.profile_unit not in ("head_index", "layer_head"):
-            raise ValueError(f"profile_unit must be 'head_index' or 'layer_head', got {self.profile_unit!r}")
-        if self.gamma is not None:
-            check_gamma(self.gamma)
-        check_gamma(self.gamma_up, "gamma_up")
-        check_gamma(self.gamma_down, "gamma_down")
-        if self.gamma is None and float(self.grid[0]) <= 0:
-            raise ValueError(f"the gamma grid must start above 0, got grid={tuple(self.grid)}")
-        if self.query_mode not in QUERY_MODES:
-            raise ValueError(f"query_mode must be one of {QUERY_MODES}, got {self.query_mode!r}")
-        if self.query_tokens is not None:
-            try:
-                [int(t) for t in self.query_tokens]
-            except (TypeError, ValueError):
-                raise TypeError(f"query_tokens must be a list of token ids, got {self.query_tokens!r}") from None
         self.candidates_ = (
             validate_heads(model, self.heads)
             if self.heads is not None
@@ -206,12 +210,12 @@ class ZeroTuning(Intervention):
         self.head_type_ = "given"
         if data is None:
             if self.gamma is None:
-                raise ValueError("gamma=None is chosen on fit data: call fit(model, data) with prompts")
+                raise InputError("gamma=None is chosen on fit data: call fit(model, data) with prompts")
             self.gamma_ = float(self.gamma)
             return
         items = as_labeled(data)
         if self.criterion == "accuracy" and any(it.label is None for it in items):
-            raise ValueError(
+            raise InputError(
                 "criterion='accuracy' needs labelled fit data; use criterion='entropy' for unlabelled prompts"
             )
         base, base_scores = self._value(model, items)
@@ -271,20 +275,6 @@ class ZeroTuning(Intervention):
 
     def hooks(self, model) -> list:
         return self._hooks_for(self.heads_, self.gamma_)
-
-    def _applied(self, model, heads, gamma):
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            self._reset_state()
-            try:
-                with model.bridge.hooks(fwd_hooks=self._hooks_for(heads, gamma)):
-                    yield model
-            finally:
-                self._reset_state()
-
-        return ctx()
 
     def _hooks_for(self, heads, gamma: float) -> list:
         out = [(embed_hook("hook_in"), self._ids_hook)] if self.query_tokens is not None else []

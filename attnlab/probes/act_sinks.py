@@ -19,6 +19,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from attnlab.params import Interval, Options
 from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, merged_counter, pairs, query_validity
 
 
@@ -44,6 +45,13 @@ class ActSinks(Probe):
     name = "act_sinks"
     mergeable = True  # per-prompt sums, token tallies and examples (attnlab.sweep merges shards exactly)
     _ratios = ("_first", "_hidden")
+    _parameter_constraints = {
+        "threshold": [Interval(float, 0, None)],
+        "threshold_mode": [Options(("fixed", "alpha_over_n"))],
+        "alpha": [Interval(float, 0, None)],
+        "min_heads": [Interval(int, 0, None)],
+        "n_examples": [Interval(int, 0, None)],
+    }
 
     def __init__(
         self,
@@ -54,15 +62,13 @@ class ActSinks(Probe):
         min_heads: int = 1,
         n_examples: int = 3,
     ):
-        if threshold_mode not in ("fixed", "alpha_over_n"):
-            raise ValueError("threshold_mode must be 'fixed' or 'alpha_over_n'")
         self.threshold = threshold
         self.threshold_mode = threshold_mode
         self.alpha = alpha
         self.min_heads = min_heads
         self.n_examples = n_examples
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         m = ctx.model
         self._causal = m.causal
         self._first = PerPromptRatio(m.n_layers, m.n_heads)

@@ -1,12 +1,14 @@
 """What every probe shares: the ``Probe`` interface and per-prompt accumulators.
 
-A probe is an object with explicit parameters (set in ``__init__``) that ``attach``es handlers to a ``Capture``
-and, after the batches have run, returns typed results (``HeadScores`` / ``TokenScores``). Several probes attach
-to one Capture so that one forward pass per batch serves them all.
+A probe is an object with explicit parameters (stored by ``__init__``, checked against ``_parameter_constraints``
+when it is attached: ``attnlab.params``) that ``attach``es handlers to a ``Capture`` and, after the batches have
+run, returns typed results (``HeadScores`` / ``TokenScores``). Several probes attach to one Capture so that one
+forward pass per batch serves them all.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from attnlab.heads.results import HeadScores, TokenScores
+from attnlab.params import Parameterized
 
 
 @dataclass
@@ -41,8 +44,9 @@ class NoCapture:
         return self
 
 
-class Probe:
-    """Base class. Subclasses set ``name``, keep parameters as attributes, implement ``attach`` and ``results``.
+class Probe(Parameterized):
+    """Base class. Subclasses set ``name``, store their ``__init__`` parameters under the same names, declare
+    ``_parameter_constraints``, and implement ``_attach`` (register handlers) and ``results``.
 
     Probes whose reduced state merges exactly across prompt shards (``mergeable = True``; ``attnlab.sweep`` runs
     them shard by shard) also give that state as a *partial* and take it back:
@@ -60,12 +64,18 @@ class Probe:
     mergeable: ClassVar[bool] = False
     _ratios: ClassVar[tuple[str, ...]] = ()  # PerPromptRatio attributes merged by the base
 
-    def params(self) -> dict[str, Any]:
-        """The probe's parameters (its public, non-underscore attributes)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and not k.endswith("_")}
+    def attach(self, capture, ctx: ProbeContext) -> None:
+        """Check the parameters, then register this probe's handlers on ``capture`` (one scan's state is reset)."""
+        self._validate_params()
+        self._attach(capture, ctx)
 
-    def attach(self, capture, ctx: ProbeContext) -> None:  # pragma: no cover - interface
+    def _attach(self, capture, ctx: ProbeContext) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def record_params(self) -> dict[str, Any]:
+        """The parameters as results and the run index record them (JSON values): ``get_params()`` unless a probe
+        has a parameter JSON cannot hold (a callable is recorded by name)."""
+        return self.get_params()
 
     def results(self, ctx: ProbeContext) -> list[HeadScores | TokenScores]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -80,12 +90,14 @@ class Probe:
         higher_is: str = "more",
         extra=None,
         summary=None,
+        params: dict[str, Any] | None = None,
     ) -> HeadScores:
+        """A ``HeadScores`` with this probe's provenance (``params``: the parameters to record, default its own)."""
         return HeadScores(
             scores=scores,
             name=name,
             probe=self.name,
-            params=self.params(),
+            params=self.record_params() if params is None else params,
             model=ctx.model.name,
             dataset=ctx.dataset,
             n_kv_heads=ctx.model.n_kv_heads,
@@ -116,17 +128,13 @@ class Probe:
             probe=self.name,
             row_labels=row_labels,
             marks=marks or {},
-            params=self.params(),
+            params=self.record_params(),
             model=ctx.model.name,
             dataset=ctx.dataset,
             prompt_index=prompt_index,
             description=description,
             summary=summary or {},
         )
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
 
     # ---- exact merging across prompt shards (attnlab.sweep) -------------------------------------------------------
 
@@ -265,8 +273,6 @@ class PerPromptRatio:
         if per.shape[0] == 0:
             return np.full((self.n_layers, self.n_heads), np.nan)
         with np.errstate(invalid="ignore"):
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 return np.nanmean(per, axis=0)

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from attnlab.errors import AttnlabError
+from attnlab.params import CALLABLE, INTEGERS, STRING, Interval
 from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, query_validity
 
 
@@ -52,6 +54,13 @@ class DomainSink(Probe):
     """
 
     name = "domain_sink"
+    _parameter_constraints = {
+        "tokens": [INTEGERS, None],
+        "where": [CALLABLE, None],  # input_ids -> bool mask
+        "meta_key": [STRING],
+        "label": [STRING, None],
+        "n_sink_tokens": [Interval(int, 1, None)],
+    }
 
     def __init__(
         self,
@@ -68,28 +77,22 @@ class DomainSink(Probe):
         self.label = label
         self.n_sink_tokens = n_sink_tokens
 
-    def params(self) -> dict:
+    def record_params(self) -> dict:
         """Parameters, with a callable ``where`` named rather than stored (results are JSON)."""
-        out = super().params()
+        out = super().record_params()
         if callable(self.where):
             out["where"] = f"<callable {getattr(self.where, '__qualname__', type(self.where).__name__)}>"
         if self.tokens is not None:
             out["tokens"] = [int(t) for t in self.tokens]
         return out
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
-        from attnlab.errors import AttnlabError
-
-        if int(self.n_sink_tokens) < 1:
-            raise AttnlabError(f"domain_sink: n_sink_tokens must be >= 1, got {self.n_sink_tokens}")
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         if self.tokens is None and self.where is None:
             if not ctx.meta or any(self.meta_key not in (m or {}) for m in ctx.meta):
                 raise AttnlabError(
                     f"domain_sink needs a domain: tokens=[ids], where=callable, or prompts whose metadata lists "
                     f"{self.meta_key!r} (e.g. --dataset bigram-backcopy)"
                 )
-        if self.where is not None and not callable(self.where):
-            raise AttnlabError("domain_sink: where must be a callable input_ids -> bool mask")
         self._meta = ctx.meta
         self._in = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
         self._out = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from attnlab.params import Interval
 from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, query_validity
 
 
@@ -27,13 +28,12 @@ class FirstTokenSink(Probe):
     name = "first_token_sink"
     mergeable = True  # per-prompt sums (attnlab.sweep merges shards exactly)
     _ratios = ("_acc",)
+    _parameter_constraints = {"n_sink_tokens": [Interval(int, 1, None)]}
 
     def __init__(self, *, n_sink_tokens: int = 1):
         self.n_sink_tokens = n_sink_tokens
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
-        if int(self.n_sink_tokens) < 1:
-            raise ValueError("n_sink_tokens must be >= 1")
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         self._acc = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
         capture.on("attention", self._on_attention)
 

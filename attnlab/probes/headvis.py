@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from attnlab.params import Interval
 from attnlab.probes.base import NoCapture, Probe, ProbeContext
 
 METRICS = (
@@ -101,13 +102,12 @@ class HeadVisMetrics(Probe):
 
     name = "headvis"
     mergeable = True  # sums and counts (attnlab.sweep merges shards exactly, in float64)
+    _parameter_constraints = {"induction_threshold": [Interval(float, 0, 1, closed="left")]}
 
     def __init__(self, *, induction_threshold: float = 0.01):
         self.induction_threshold = induction_threshold
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
-        if not 0.0 <= float(self.induction_threshold) < 1.0:
-            raise ValueError(f"induction_threshold must be in [0, 1), got {self.induction_threshold!r}")
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         m = ctx.model
         self._shape = (m.n_layers, m.n_heads)
         self._sums: dict[str, torch.Tensor] = {}  # on the rows' device, float64, moved to the CPU once at the end

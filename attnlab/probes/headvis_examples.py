@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from attnlab.heads.headvis_tree import ACTIVATION_BINS, HeadVisSamples, SampledSequence
+from attnlab.params import Interval, Options
 from attnlab.probes.base import Probe, ProbeContext
 
 WARMUP_RULE_AUTO = "min(2000, max(50, n // 10)) capped at n // 2 (at least 1)"
@@ -257,6 +258,16 @@ class HeadVisExamples(Probe):
     """
 
     name = "headvis_examples"
+    _parameter_constraints = {
+        "n_intervals": [Interval(int, 1, None)],
+        "samples_per_interval": [Interval(int, 1, None)],
+        "samples_per_top_interval": [Interval(int, 1, None)],
+        "sparse_topk_per_row": [Interval(int, 1, None)],
+        "sparse_threshold": [Interval(float, 0, 1, closed="left")],
+        "sample_seed": [Interval(int, None, None)],
+        "warmup": [Options(("auto",)), Interval(int, 1, None)],
+        "n_sequences": [Interval(int, 0, None), None],
+    }
 
     def __init__(
         self,
@@ -279,18 +290,7 @@ class HeadVisExamples(Probe):
         self.warmup = warmup
         self.n_sequences = n_sequences
 
-    def _validate(self) -> None:
-        for name in ("n_intervals", "samples_per_interval", "samples_per_top_interval", "sparse_topk_per_row"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if not 0.0 <= float(self.sparse_threshold) < 1.0:
-            raise ValueError(f"sparse_threshold must be in [0, 1), got {self.sparse_threshold!r}")
-        if self.warmup != "auto" and (not isinstance(self.warmup, (int, np.integer)) or self.warmup < 1):
-            raise ValueError(f"warmup must be 'auto' or an integer >= 1, got {self.warmup!r}")
-
-    def attach(self, capture, ctx: ProbeContext) -> None:
-        self._validate()
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         m = ctx.model
         n = self.n_sequences if self.n_sequences is not None else ctx.n_prompts
         self._warmup = auto_warmup(int(n)) if self.warmup == "auto" else int(self.warmup)

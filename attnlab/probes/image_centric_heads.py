@@ -26,6 +26,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from attnlab.capture import Capture
+from attnlab.params import BOOLEAN, INTEGERS, Interval
 from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, require_images
 
 RMS_EPS = 1e-6
@@ -66,7 +68,7 @@ def find_sink_dims(anchor_max: np.ndarray, *, tau: float = 20.0, min_prompt_frac
     return [int(d) for d in np.nonzero(frac >= min_prompt_fraction)[0]]
 
 
-def middle_layers(n_layers: int) -> list[int]:
+def middle_half_layers(n_layers: int) -> list[int]:
     """Default search layers: the middle half of the stack, never below layer 2."""
     lo = max(FIRST_SINK_LAYER, n_layers // 4)
     hi = max(lo + 1, n_layers - n_layers // 4)
@@ -149,6 +151,16 @@ class ImageCentricHeads(Probe):
     """
 
     name = "image_centric_heads"
+    _parameter_constraints = {
+        "tau": [Interval(float, 0, None)],
+        "sink_dims": [INTEGERS, None],
+        "search_layers": [INTEGERS, None],
+        "min_prompt_fraction": [Interval(float, 0, 1)],
+        "rho": [Interval(float, 0, 1)],
+        "min_image_attention": [Interval(float, 0, 1)],
+        "include_last_layer": [BOOLEAN],
+        "n_examples": [Interval(int, 0, None)],
+    }
 
     def __init__(
         self,
@@ -163,7 +175,7 @@ class ImageCentricHeads(Probe):
         n_examples: int = 3,
     ):
         self.tau = tau
-        self.sink_dims = None if sink_dims is None else [int(d) for d in sink_dims]
+        self.sink_dims = sink_dims
         self.search_layers = search_layers
         self.min_prompt_fraction = min_prompt_fraction
         self.rho = rho
@@ -179,15 +191,15 @@ class ImageCentricHeads(Probe):
     def head_layers(self, n_layers: int) -> list[int]:
         return [l for l in self.phi_layers(n_layers) if self.include_last_layer or l < n_layers - 1]
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         require_images(self, ctx.model)
         m = ctx.model
         self._model = m
-        self._dims = list(self.sink_dims) if self.sink_dims is not None else None
+        self._dims = [int(d) for d in self.sink_dims] if self.sink_dims is not None else None
         self._dims_source = "given" if self._dims is not None else "searched"
         self._search = [
             l
-            for l in (self.search_layers if self.search_layers is not None else middle_layers(m.n_layers))
+            for l in (self.search_layers if self.search_layers is not None else middle_half_layers(m.n_layers))
             if 0 <= l < m.n_layers
         ]
         self._anchor_max: dict[int, np.ndarray] = {}  # prompt -> [d] max ratio over search layers and anchor tokens
@@ -431,12 +443,10 @@ def image_attention_grid(
     attention: str = "auto",
 ) -> np.ndarray:
     """Attention of one head from one query position over the image patch grid, ready to overlay on the image
-    (``attnlab.apps.figures.image_attention_overlay``).
+    (``attnlab.figures.image_attention_overlay``).
 
     ``query`` indexes the prompt's real tokens (negative: from the end; -1 = the last prompt token).
     """
-    from attnlab.capture import Capture
-
     batch = model.encode([text], images=[image])
     sl = batch.real_slice(0)
     n_real = sl.stop - sl.start
@@ -458,44 +468,3 @@ def image_attention_grid(
     if len(image_positions) == 0:
         raise ValueError("the prompt has no image tokens")
     return attention_to_grid(got["row"], image_positions, grid_shape)
-
-
-def write_image_overlays(
-    model, prompts, results, directory, *, sources: tuple[str, ...] = ("vhd", "image_attention"), prompt: int = 0
-) -> list:
-    """Overlay figures of a VLM scan: for each result in ``sources`` present in ``results``, its top head's
-    attention from the last prompt token over the image patch grid of prompt ``prompt``, drawn on that image.
-
-    Written atomically as ``directory/image_overlay_<source>.html`` (plotly.js beside it, as the scan's other
-    figures); returns the paths (none when the prompts have no images).
-    """
-    import os
-    from pathlib import Path
-
-    from attnlab.apps.figures import image_attention_overlay
-    from attnlab.heads.results import HeadScores
-
-    if getattr(prompts, "images", None) is None or not len(prompts):
-        return []
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    text, image = prompts.texts[prompt], prompts.images[prompt]
-    paths = []
-    for name in sources:
-        r = results.get(name)
-        if not isinstance(r, HeadScores) or not r.top_heads(1):
-            continue
-        ((layer, head),) = r.top_heads(1)
-        grid = image_attention_grid(model, text, image, layer=layer, head=head)
-        fig = image_attention_overlay(
-            image,
-            grid,
-            layer=layer,
-            head=head,
-            title=f"prompt {prompt}: L{layer}H{head} (top by {name}), last prompt token -> image patches",
-        )
-        path, tmp = directory / f"image_overlay_{name}.html", directory / f".image_overlay_{name}.html.tmp"
-        fig.write_html(str(tmp), include_plotlyjs="directory")
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths

@@ -11,13 +11,12 @@ dimensions. Both thresholds are parameters; the paper's "about 1,000x" is soft.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections import Counter, defaultdict
 
 import numpy as np
 import torch
 
+from attnlab.params import Interval
 from attnlab.probes.base import NoCapture, Probe, ProbeContext, merged_counter, pairs
 
 
@@ -31,30 +30,25 @@ class MassiveActivations(Probe):
     n_examples : int, default=1
         Prompts that get a per-token ``TokenScores`` result (rows: layers; values: max |x| at each position).
 
-    Checked when the probe attaches: finite thresholds, ``abs_threshold >= 0``, ``ratio_threshold > 0``,
-    ``n_examples`` an integer >= 0 (a ``ValueError`` otherwise; on the command line, one line and exit 2).
+    Checked when the probe is used (``_parameter_constraints``): finite thresholds, ``abs_threshold >= 0``,
+    ``ratio_threshold > 0``, ``n_examples`` an integer >= 0 (an ``InvalidParameterError``, a ``ValueError``; on the
+    command line, one line and exit 2).
     """
 
     name = "massive_activations"
     mergeable = True  # per-prompt maxima / medians, tallies and examples (attnlab.sweep merges shards exactly)
+    _parameter_constraints = {
+        "abs_threshold": [Interval(float, 0, None)],
+        "ratio_threshold": [Interval(float, 0, None, closed="neither")],
+        "n_examples": [Interval(int, 0, None)],
+    }
 
     def __init__(self, *, abs_threshold: float = 100.0, ratio_threshold: float = 1000.0, n_examples: int = 1):
         self.abs_threshold = abs_threshold
         self.ratio_threshold = ratio_threshold
         self.n_examples = n_examples
 
-    def _validate(self) -> None:
-        for key, strict in (("abs_threshold", False), ("ratio_threshold", True)):
-            v = getattr(self, key)
-            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-            if not ok or v < 0 or (strict and v == 0):
-                raise ValueError(f"{key} must be a finite number {'> 0' if strict else '>= 0'}, got {v!r}")
-        n = self.n_examples
-        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"n_examples must be an integer >= 0, got {n!r}")
-
-    def attach(self, capture, ctx: ProbeContext) -> None:
-        self._validate()
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         self._model = ctx.model
         self._layer_top: dict[int, list[float]] = defaultdict(list)
         self._layer_median: dict[int, list[float]] = defaultdict(list)

@@ -29,8 +29,9 @@ class MaxAttentionLogit(Probe):
 
     name = "max_attention_logit"
     mergeable = True  # maxima (attnlab.sweep merges shards exactly)
+    _parameter_constraints: dict = {}
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         m = ctx.model
         self._model = m
         self._max = np.full((m.n_layers, m.n_heads), -np.inf)

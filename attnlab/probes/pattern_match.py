@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from attnlab.params import BOOLEAN, Options
 from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, query_validity
 
 ERROR_MEASURES = ("mul", "abs")
@@ -33,10 +34,13 @@ class PatternMatchProbe(Probe):
 
     mergeable = True  # per-prompt sums (attnlab.sweep merges shards exactly)
     _ratios = ("_acc",)
+    _parameter_constraints = {
+        "exclude_bos": [BOOLEAN],
+        "exclude_current_token": [BOOLEAN],
+        "error_measure": [Options(ERROR_MEASURES)],
+    }
 
     def __init__(self, *, exclude_bos: bool = False, exclude_current_token: bool = False, error_measure: str = "mul"):
-        if error_measure not in ERROR_MEASURES:
-            raise ValueError(f"error_measure must be one of {ERROR_MEASURES}")
         self.exclude_bos = exclude_bos
         self.exclude_current_token = exclude_current_token
         self.error_measure = error_measure
@@ -46,7 +50,7 @@ class PatternMatchProbe(Probe):
         are padding."""
         raise NotImplementedError
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         self._acc = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
         self._chunk = int(getattr(capture, "chunk_size", 256))
         self._pairs = None  # the current batch's target pairs

@@ -42,8 +42,8 @@ Result names (per prompt p < ``n_examples`` for the token results):
 
 The response span comes from the prompt set's per-prompt ``meta``: ``prompt_len`` (number of real tokens before
 the response; the response runs to the end, or for ``response_len`` tokens). Prompts without ``prompt_len`` are
-refused, or scored as all-response with ``whole_prompts=True``. ``reasoning_prompt_set`` builds such a set from
-(prompt, response) pairs and ``preplan_anchor`` runs the probe on one pair.
+refused, or scored as all-response with ``whole_prompts=True``. ``attnlab.datasets.reasoning.reasoning_prompt_set``
+builds such a set from (prompt, response) pairs and ``preplan_anchor`` runs the probe on one pair.
 """
 
 from __future__ import annotations
@@ -56,14 +56,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnlab.errors import AttnlabError
+from attnlab.datasets.reasoning import reasoning_prompt_set
+from attnlab.errors import AttnlabError, InvalidParameterError
 from attnlab.heads.formats import format_head
+from attnlab.params import BOOLEAN, DICT, INTEGERS, Interval, Options
 from attnlab.probes.base import Probe, ProbeContext
 
 # ---- pure functions (numpy) ---------------------------------------------------------------------------------------
 
 
-def middle_layers(n_layers: int, n: int = 5) -> list[int]:
+def evenly_spaced_middle_layers(n_layers: int, n: int = 5) -> list[int]:
     """``round(linspace(floor(L/3), floor(2L/3), n))`` without duplicates (L = 36 -> 12, 15, 18, 21, 24)."""
     lo, hi = n_layers // 3, (2 * n_layers) // 3
     return sorted({int(x) for x in np.round(np.linspace(lo, hi, n))})
@@ -250,6 +252,28 @@ class PreplanAnchor(Probe):
     """
 
     name = "preplan_anchor"
+    _parameter_constraints = {
+        "layers": [Options(("middle", "all")), INTEGERS],
+        "q_h": [Interval(float, 0, 0.5, closed="right")],  # the local and global groups must be disjoint
+        "window": [Interval(int, 1, None)],
+        "h_lo": [Interval(int, 0, None)],
+        "h_hi": [Interval(int, 0, None)],
+        "q_local": [Interval(float, 0, 1)],
+        "q_global": [Interval(float, 0, 1)],
+        "tau_waad": [Interval(float, None, None), None],
+        "tau_delta": [Interval(float, None, None), None],
+        "k": [Interval(int, 1, None)],
+        "alpha": [Interval(float, None, None)],
+        "gamma_amp": [Interval(float, None, None)],
+        "fixed_groups": [DICT, None],
+        "n_examples": [Interval(int, 0, None)],
+        "whole_prompts": [BOOLEAN],
+    }
+
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        if self.h_hi < self.h_lo:
+            raise InvalidParameterError(f"PreplanAnchor parameter h_hi must be >= h_lo ({self.h_lo}), got {self.h_hi}")
 
     def __init__(
         self,
@@ -270,13 +294,7 @@ class PreplanAnchor(Probe):
         n_examples: int = 3,
         whole_prompts: bool = False,
     ):
-        if not 0 < q_h <= 0.5:
-            raise ValueError("q_h must be in (0, 0.5] so that the local and global groups are disjoint")
-        if window < 1 or h_lo < 0 or h_hi < h_lo or k < 1:
-            raise ValueError("need window >= 1, 0 <= h_lo <= h_hi, k >= 1")
-        if isinstance(layers, str) and layers not in ("middle", "all"):
-            raise ValueError("layers must be 'middle', 'all' or a list of layer indices")
-        self.layers = layers if isinstance(layers, str) else [int(l) for l in layers]
+        self.layers = layers
         self.q_h = q_h
         self.window = window
         self.h_lo = h_lo
@@ -295,16 +313,15 @@ class PreplanAnchor(Probe):
     # -- setup
 
     def selected_layers(self, n_layers: int) -> list[int]:
-        if self.layers == "middle":
-            return middle_layers(n_layers)
-        if self.layers == "all":
-            return list(range(n_layers))
-        bad = [l for l in self.layers if not 0 <= l < n_layers]
+        if isinstance(self.layers, str):
+            return evenly_spaced_middle_layers(n_layers) if self.layers == "middle" else list(range(n_layers))
+        layers = [int(l) for l in self.layers]
+        bad = [l for l in layers if not 0 <= l < n_layers]
         if bad:
             raise AttnlabError(f"layers {bad} out of range for a model with {n_layers} layers")
-        return sorted(set(self.layers))
+        return sorted(set(layers))
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         if not self.whole_prompts:
             spans = [isinstance(x, dict) and x.get("prompt_len") is not None for x in ctx.meta]
             missing = next((i for i in range(max(ctx.n_prompts, len(spans))) if i >= len(spans) or not spans[i]), None)
@@ -504,36 +521,9 @@ class PreplanAnchor(Probe):
 # ---- convenience -------------------------------------------------------------------------------------------------
 
 
-def _ids(model, x, *, prompt: bool) -> list[int]:
-    if isinstance(x, str):
-        if prompt:
-            return model.token_ids(x)
-        return list(model.tokenizer(x, add_special_tokens=False)["input_ids"])
-    return [int(t) for t in x]
-
-
-def reasoning_prompt_set(model, pairs: Sequence[tuple[Any, Any]], *, name: str = "reasoning"):
-    """PromptSet of prompt + response token ids with ``meta["prompt_len"]`` / ``["response_len"]``.
-
-    Each pair is (prompt, response), each text or token ids. A text prompt is tokenized under the model's BOS
-    policy; a text response is tokenized on its own without special tokens and appended (as sampled response
-    tokens are in RL), so the response span is exact.
-    """
-    from attnlab.datasets.base import PromptSet
-
-    ids, meta = [], []
-    for prompt, response in pairs:
-        p, r = _ids(model, prompt, prompt=True), _ids(model, response, prompt=False)
-        if not r:
-            raise AttnlabError("empty response")
-        ids.append(p + r)
-        meta.append({"prompt_len": len(p), "response_len": len(r)})
-    return PromptSet(name=name, token_ids=ids, meta=meta)
-
-
 def preplan_anchor(model, prompt, response, *, attention: str = "auto", **params) -> dict[str, Any]:
     """Run ``PreplanAnchor(**params)`` on one (prompt, response) pair; returns the scan's results by name."""
-    from attnlab.probes.scan import scan
+    from attnlab.probes.scan import scan  # not at the top: scan imports the probe registry, which imports this module
 
     res = scan(
         model,

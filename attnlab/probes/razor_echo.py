@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from attnlab.params import Interval
 from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext
 
 
@@ -76,12 +77,16 @@ class RazorEchoInduction(Probe):
     name = "razor_echo_induction"
     mergeable = True  # per-prompt sums and periods (attnlab.sweep merges shards exactly)
     _ratios = ("_echo", "_ind")
+    _parameter_constraints = {
+        "echo_fraction": [Interval(float, 0, 1)],
+        "induction_fraction": [Interval(float, 0, 1)],
+    }
 
     def __init__(self, *, echo_fraction: float = 0.01, induction_fraction: float = 0.14):
         self.echo_fraction = echo_fraction
         self.induction_fraction = induction_fraction
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         m = ctx.model
         self._echo = PerPromptRatio(m.n_layers, m.n_heads)
         self._ind = PerPromptRatio(m.n_layers, m.n_heads)

@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from attnlab.errors import AttnlabError
+from attnlab.errors import AttnlabError, InvalidParameterError
 from attnlab.probes.act_sinks import ActSinks
 from attnlab.probes.domain_sink import DomainSink
 from attnlab.probes.duplicate_token import DuplicateTokenHeads
@@ -80,8 +80,9 @@ def param_defaults(name: str) -> dict[str, Any]:
 
 
 def build(name: str, params: Mapping[str, Any] | None = None):
-    """Probe ``name`` made with ``params``; an unknown probe or parameter, or a value the constructor refuses, is
-    a one-line ``AttnlabError`` (values the probe checks when it attaches are refused there)."""
+    """Probe ``name`` made with ``params`` and its parameters checked (``_parameter_constraints``); an unknown probe
+    or parameter, or a value the constraints refuse, is a one-line ``AttnlabError`` (what depends on the model or
+    the prompts is checked when the probe attaches)."""
     if name not in PROBES:
         raise AttnlabError(f"unknown probe {name!r}; available: {', '.join(sorted(PROBES))}")
     params = dict(params or {})
@@ -89,15 +90,19 @@ def build(name: str, params: Mapping[str, Any] | None = None):
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise AttnlabError(f"{name} has no parameter {', '.join(map(repr, unknown))}; parameters: {', '.join(allowed)}")
+    probe = PROBES[name](**params)
     try:
-        return PROBES[name](**params)
+        probe._validate_params()  # the parameter contract, checked at the edge: before any model is loaded
     except (TypeError, ValueError) as e:
         raise refused(name, e) from None
+    return probe
 
 
 def refused(name: str, e: Exception) -> AttnlabError:
     """A probe's refusal of a parameter value (raised by its constructor or ``attach``) as a one-line error that
     names the probe once."""
+    if isinstance(e, InvalidParameterError) and e.parameter is not None:
+        return AttnlabError(f"{name}: {e.parameter} must be {e.allowed}, got {e.value!r}")
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return AttnlabError(first if first.startswith(f"{name}:") else f"{name}: {first}")
 

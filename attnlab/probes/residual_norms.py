@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 
+from attnlab.params import Interval
 from attnlab.probes.base import Probe, ProbeContext
 
 
@@ -36,18 +37,16 @@ class ResidualNorms(Probe):
     """
 
     name = "residual_norms"
+    _parameter_constraints = {
+        "peak_ratio": [Interval(float, 0, None, closed="neither")],
+        "n_examples": [Interval(int, 1, None)],  # the per-layer summary rides on the examples
+    }
 
     def __init__(self, *, peak_ratio: float = 5.0, n_examples: int = 1):
         self.peak_ratio = peak_ratio
         self.n_examples = n_examples
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
-        from attnlab.errors import AttnlabError
-
-        if not float(self.peak_ratio) > 0:
-            raise AttnlabError(f"residual_norms: peak_ratio must be > 0, got {self.peak_ratio}")
-        if int(self.n_examples) < 1:
-            raise AttnlabError("residual_norms: n_examples must be >= 1 (the per-layer summary rides on the examples)")
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         self._model = ctx.model
         self._first_ratio: dict[int, list[float]] = defaultdict(list)
         self._first_norm: dict[int, list[float]] = defaultdict(list)

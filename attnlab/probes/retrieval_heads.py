@@ -37,12 +37,16 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from attnlab.capture import Capture
 from attnlab.errors import AttnlabError
+from attnlab.models.decoding import greedy_decode
+from attnlab.params import BOOLEAN, Interval
 from attnlab.probes.base import Probe, ProbeContext
 
 RETRIEVAL_THRESHOLD = 0.1
@@ -59,8 +63,6 @@ def rouge1_recall(reference: str, response: str, *, stem: bool = True) -> float:
     """
     if stem:
         return float(_stemmed_scorer().score(reference, response)["rouge1"].recall)
-    from collections import Counter
-
     ref = Counter(_WORD.findall(reference.lower()))
     if not ref:
         return 0.0
@@ -70,7 +72,7 @@ def rouge1_recall(reference: str, response: str, *, stem: bool = True) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _stemmed_scorer():
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # it imports nltk: loaded on the first trial scored (start-up time)
 
     return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
 
@@ -157,6 +159,12 @@ class RetrievalHeads(Probe):
     """
 
     name = "retrieval_heads"
+    _parameter_constraints = {
+        "rouge_threshold": [Interval(float, 0, 1)],
+        "require_correct": [BOOLEAN],
+        "dedup": [BOOLEAN],
+        "rouge_stemmer": [BOOLEAN],
+    }
 
     def __init__(
         self,
@@ -171,7 +179,7 @@ class RetrievalHeads(Probe):
         self.dedup = dedup
         self.rouge_stemmer = rouge_stemmer
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         need = ("prompt_len", "answer_ids", "answer", "needle_span")
         if not ctx.meta or not all(isinstance(m, dict) and all(k in m for k in need) for m in ctx.meta):
             raise AttnlabError(
@@ -305,17 +313,12 @@ def retrieval_scores_generate(
     The response (decoded continuation) is gated by ROUGE-1 recall > ``rouge_threshold``. Returns a
     ``HeadScores`` named ``retrieval_heads_generate`` with the same summary fields as the probe.
     """
-    from attnlab.capture import Capture
-
     probe = RetrievalHeads(
         rouge_threshold=rouge_threshold, require_correct=False, dedup=dedup, rouge_stemmer=rouge_stemmer
     )
-    probe.mode = "generate"
-    probe.max_new_tokens = max_new_tokens
+    probe._validate_params()
     ctx = ProbeContext(model=model, dataset=dataset, n_prompts=len(prompts), meta=list(prompts.meta))
     shape = (model.n_layers, model.n_heads)
-    tok = model.tokenizer
-    eos = getattr(tok, "eos_token_id", None)
     trials, per_trial = [], []
     for p, (ids, m) in enumerate(zip(prompts.token_ids, prompts.meta)):
         seq = [int(t) for t in ids[: int(m["prompt_len"])]]
@@ -326,16 +329,17 @@ def retrieval_scores_generate(
             lambda layer, r, q, b, rows=rows: rows.__setitem__(layer, r[0, :, -1].argmax(-1).cpu()),
             queries=lambda b: torch.tensor([b.seq_len - 1]),
         )
-        jstar, generated = [], []
+        jstar = []
+
+        def step(batch, _step, capture=capture, rows=rows, jstar=jstar):
+            logits = capture.run_batch(batch, logit_positions=torch.tensor([-1]))
+            jstar.append(torch.stack([rows[l] for l in range(model.n_layers)]).numpy())  # [L, H]
+            return logits
+
         with torch.inference_mode():
-            for _ in range(max_new_tokens):
-                logits = capture.run_batch(model.batch_from_ids([seq], [p]), logit_positions=torch.tensor([-1]))
-                nxt = int(logits[0, -1].argmax())
-                jstar.append(torch.stack([rows[l] for l in range(model.n_layers)]).numpy())  # [L, H]
-                generated.append(nxt)
-                seq.append(nxt)
-                if nxt == eos or "\n" in _decode(model, [nxt]):
-                    break
+            (run,) = greedy_decode(model, [seq], max_new_tokens=max_new_tokens, keep_eos=True, forward=step)
+        generated = run.tokens
+        seq = seq + generated
         response = _decode(model, generated)
         rouge = rouge1_recall(m["answer"], response, stem=rouge_stemmer)
         span = m["needle_span"]
@@ -378,4 +382,5 @@ def retrieval_scores_generate(
         ),
         extra={"trial_scores": per_trial[np.asarray(passed, dtype=bool)]},
         summary=summary,
+        params={**probe.record_params(), "mode": "generate", "max_new_tokens": max_new_tokens},
     )

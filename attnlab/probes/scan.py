@@ -211,7 +211,7 @@ def scan(
     attach_all(probe_objs, capture, ctx)  # probes refuse inputs and parameters they cannot use, before any compute
     info = {
         "model": model.summary(),
-        "probes": [{"name": p.name, "params": p.params()} for p in probe_objs],
+        "probes": [{"name": p.name, "params": p.record_params()} for p in probe_objs],
         "dataset": dataset,
         "batch_size": batch_size,
     }

@@ -14,10 +14,13 @@ any of its query heads needs long range).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from attnlab.heads.formats import format_head
+from attnlab.params import Interval
 from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext, query_validity
 
 
@@ -48,8 +51,6 @@ def classify_streaming(
         scores = scores.scores
     arr = np.asarray(scores, dtype=np.float64)
     if n_kv_heads is not None and n_kv_heads != arr.shape[1]:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             arr = np.nanmax(arr.reshape(arr.shape[0], n_kv_heads, arr.shape[1] // n_kv_heads), axis=-1)
@@ -78,18 +79,22 @@ class StreamingHeads(Probe):
     name = "streaming_heads"
     mergeable = True  # per-prompt sums (attnlab.sweep merges shards exactly)
     _ratios = ("_acc",)
+    _parameter_constraints = {
+        "sink": [Interval(int, 0, None)],
+        "recent": [Interval(int, 1, None)],
+        "retrieval_fraction": [Interval(float, 0, 1)],
+        "min_distant_ratio": [Interval(float, 0, 1)],
+    }
 
     def __init__(
         self, *, sink: int = 4, recent: int = 64, retrieval_fraction: float = 0.25, min_distant_ratio: float = 0.35
     ):
-        if sink < 0 or recent < 1:
-            raise ValueError("sink must be >= 0 and recent >= 1")
         self.sink = sink
         self.recent = recent
         self.retrieval_fraction = retrieval_fraction
         self.min_distant_ratio = min_distant_ratio
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         self._acc = PerPromptRatio(ctx.model.n_layers, ctx.model.n_heads)
         if ctx.model.causal:  # distant = 1 - sink mass - recent-window mass: exact from the view, no rows
             capture.on("attention", self._on_attention)

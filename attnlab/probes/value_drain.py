@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from attnlab.errors import AttnlabError
+from attnlab.params import Interval
 from attnlab.probes.base import PerPromptRatio, Probe, ProbeContext
 
 
@@ -36,15 +38,12 @@ class ValueDrain(Probe):
     """
 
     name = "value_drain"
+    _parameter_constraints = {"sink_position": [Interval(int, 0, None)]}
 
     def __init__(self, *, sink_position: int = 0):
         self.sink_position = sink_position
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
-        from attnlab.errors import AttnlabError
-
-        if int(self.sink_position) < 0:
-            raise AttnlabError(f"value_drain: sink_position must be >= 0, got {self.sink_position}")
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         m = ctx.model
         if m.n_heads % m.n_kv_heads:
             raise AttnlabError(f"{m.name}: {m.n_heads} query heads do not split into {m.n_kv_heads} KV groups")

@@ -19,7 +19,7 @@ text token after the image instead of the t = 0 position only (the paper's Eq. 4
 ``normalize="layer_mean"`` divides each prompt's VHD by its layer's mean over heads before averaging, so heads are
 ranked against their own layer (VHR selects per layer; raw VHD grows with a layer's output norm). On organism-vlm
 none of these variants makes the top VHD heads hurt image questions more than random heads (see
-``attnlab.probes.vhd_causal``).
+``scripts/vhd_causal.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from attnlab.capture import Capture
+from attnlab.params import BOOLEAN, Interval, Options
 from attnlab.probes.base import Probe, ProbeContext, require_images
 
 
@@ -115,6 +117,14 @@ class VisionAwareHeads(Probe):
     """
 
     name = "vision_aware_heads"
+    _parameter_constraints = {
+        "outlier_filter": [BOOLEAN],
+        "std_ddof": [Interval(int, 0, None)],
+        "top_k": [Interval(int, 1, None), None],
+        "attention": [Options(("auto", "eager", "fused"))],
+        "positions": [Options(("last", "text"))],
+        "normalize": [Options(("none", "layer_mean"))],
+    }
 
     def __init__(
         self,
@@ -133,12 +143,8 @@ class VisionAwareHeads(Probe):
         self.positions = positions
         self.normalize = normalize
 
-    def attach(self, capture, ctx: ProbeContext) -> None:
+    def _attach(self, capture, ctx: ProbeContext) -> None:
         require_images(self, ctx.model)
-        if self.positions not in ("last", "text"):
-            raise ValueError(f"positions must be 'last' or 'text', got {self.positions!r}")
-        if self.normalize not in ("none", "layer_mean"):
-            raise ValueError(f"normalize must be 'none' or 'layer_mean', got {self.normalize!r}")
         self._model = ctx.model
         self._z_image: dict[int, torch.Tensor] = {}
         self._vhd: dict[int, np.ndarray] = {}  # prompt -> [L, H] raw VHD
@@ -155,8 +161,6 @@ class VisionAwareHeads(Probe):
         self._z_image[layer] = z[torch.arange(z.shape[0], device=z.device), idx].float().cpu()  # [b, H, d]
 
     def _text_branch(self, batch) -> dict[int, torch.Tensor]:
-        from attnlab.capture import Capture
-
         out: dict[int, torch.Tensor] = {}
         text_batch = text_only_batch(self._model, batch)
 

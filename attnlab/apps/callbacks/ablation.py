@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dash import Input, Output, State, ctx
 
-from attnlab.apps import figures, ids
+from attnlab import figures
+from attnlab.apps import ids
 from attnlab.apps.ablation import METRICS, metrics_for, run_ablation, unavailable_reason
 from attnlab.apps.state import AppState, empty_figure, failure_message
 

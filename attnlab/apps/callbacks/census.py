@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from dash import Input, Output, State
 
-from attnlab.apps import figures, ids
+from attnlab import figures
+from attnlab.apps import ids
 from attnlab.apps.run_inputs import model_to_load, n_prompts, run_prompt
 from attnlab.apps.state import AppState, empty_figure, failure_message
 from attnlab.errors import AttnlabError

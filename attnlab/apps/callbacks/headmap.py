@@ -7,7 +7,8 @@ import re
 
 from dash import Input, Output, State, ctx, no_update
 
-from attnlab.apps import figures, ids
+from attnlab import figures
+from attnlab.apps import ids
 from attnlab.apps.state import AppState, empty_figure, failure_message
 from attnlab.errors import AttnlabError
 

@@ -10,7 +10,8 @@ import re
 
 from dash import Input, Output, State
 
-from attnlab.apps import figures, ids
+from attnlab import figures
+from attnlab.apps import ids
 from attnlab.apps.live import RunPrompt
 from attnlab.apps.run_inputs import TYPED, model_to_load, run_prompt
 from attnlab.apps.state import AppState, empty_figure, failure_message, figure_height

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dash import Input, Output, no_update
 
-from attnlab.apps import figures, ids
+from attnlab import figures
+from attnlab.apps import ids
 from attnlab.apps.run_inputs import model_to_load, run_prompt
 from attnlab.apps.state import AppState, empty_figure, failure_message
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dash import Input, Output, State, no_update
 
-from attnlab.apps import figures, ids
+from attnlab import figures
+from attnlab.apps import ids
 from attnlab.apps.run_inputs import n_prompts
 from attnlab.apps.state import AppState, empty_figure, failure_message, figure_height
 from attnlab.apps.vision import head_image_grid, is_vision_run

@@ -12,7 +12,7 @@ Commands (repository root, ``PYTHONPATH=.``)::
     # test smoke run (seconds)
     python -m attnlab.models.train induction --preset smoke --out /tmp/induction_smoke
     # evaluate a saved model
-    python -c "from attnlab.models.training.induction import evaluate; print(evaluate('DIR', 'copy'))"
+    python -c "from attnlab.models.induction import evaluate; print(evaluate('DIR', 'copy'))"
 
 What it builds
 --------------
@@ -38,18 +38,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-EVAL_TASKS = ("copy",)
-EVAL_N: dict[str, str] = {"copy": "repeated random sequences (default 64)"}  # what evaluate's n counts
-SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>")
+from attnlab.heads.io import write_text
+from attnlab.models.induction import SPECIALS, eval_copy
 
 PRESETS: dict[str, dict] = {
     "smoke": dict(
@@ -114,9 +113,6 @@ PRESETS: dict[str, dict] = {
 
 def build_tokenizer(vocab: int):
     """Word-level tokenizer over ``t0..t{vocab-1}`` with BOS prepended (a ``PreTrainedTokenizerFast``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     table = {s: i for i, s in enumerate(SPECIALS)}
     table.update({f"t{i}": len(SPECIALS) + i for i in range(vocab)})
     tk = Tokenizer(models.WordLevel(table, unk_token="<|unk|>"))
@@ -150,67 +146,10 @@ def window(rng: np.random.Generator, p: dict) -> np.ndarray:
     return np.asarray(out[: p["seq_len"]], dtype=np.int64)
 
 
-def repeated_batch(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
-    """``[n, 1 + 2*length]`` ids: BOS + ``length`` distinct random tokens + the same tokens again."""
-    rng = np.random.default_rng(seed)
-    rows = [[1] + (b := (rng.choice(vocab, size=length, replace=False) + len(SPECIALS)).tolist()) + b for _ in range(n)]
-    return torch.tensor(rows, dtype=torch.long)
-
-
-# ---- evaluation -------------------------------------------------------------------------------------------
-
-
-COPY_CHUNK = 256  # sequences per forward: memory stays flat in n (their full logits are kept per forward)
-
-
-@torch.no_grad()
-def eval_copy(model, *, n: int = 64, length: int = 50, seed: int = 0, device: str = "cpu") -> dict:
-    """Loss / top-1 accuracy on the first and the second copy of repeated random sequences (sums over forwards of
-    ``COPY_CHUNK`` sequences, then means: every sequence has the same length, so this is the mean over all)."""
-    vocab = model.config.vocab_size - len(SPECIALS)
-    all_ids = repeated_batch(n, min(length, vocab), vocab, seed + 10_000)
-    length = (all_ids.shape[1] - 1) // 2
-    first, second = slice(0, length), slice(length + 1, 2 * length)  # second copy's first token is unpredictable
-    sums = {"nll_first": 0.0, "nll_second": 0.0, "hit_first": 0.0, "hit_second": 0.0}
-    for start in range(0, n, COPY_CHUNK):
-        ids = all_ids[start : start + COPY_CHUNK].to(device)
-        logits = model(input_ids=ids).logits.float()
-        lp = logits[:, :-1].log_softmax(-1)
-        tgt = ids[:, 1:]
-        nll = -lp.gather(-1, tgt[..., None])[..., 0]  # [b, 2L]; position t predicts token t+1
-        hit = (lp.argmax(-1) == tgt).float()
-        sums["nll_first"] += float(nll[:, first].double().sum())
-        sums["nll_second"] += float(nll[:, second].double().sum())
-        sums["hit_first"] += float(hit[:, first].double().sum())
-        sums["hit_second"] += float(hit[:, second].double().sum())
-    n_first, n_second = n * (first.stop - first.start), n * (second.stop - second.start)
-    return {
-        "copy_loss_first_half": sums["nll_first"] / n_first,
-        "copy_loss_second_half": sums["nll_second"] / n_second,
-        "copy_acc_first_half": sums["hit_first"] / n_first,
-        "copy_acc_second_half": sums["hit_second"] / n_second,
-        "copy_n": n,
-        "copy_length": length,
-        "uniform_loss": math.log(vocab),
-    }
-
-
-def evaluate(model_dir: str, task: str, *, device: str = "cpu", n: int | None = None, seed: int = 0) -> dict:
-    """Load a saved organism-induction and run one of ``EVAL_TASKS``; metric name -> value (+ counts)."""
-    from transformers import LlamaForCausalLM
-
-    if task not in EVAL_TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(EVAL_TASKS)}")
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    return eval_copy(model, n=n or 64, seed=seed, device=device)
-
-
 # ---- training ---------------------------------------------------------------------------------------------
 
 
 def build_config(p: dict, tok):
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=p["d_model"],
@@ -232,17 +171,8 @@ def build_config(p: dict, tok):
     )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def train(p: dict, out_dir: Path, command: str) -> dict:
     """Train, save (float32 safetensors + tokenizer), evaluate and write train_log / metrics / MODEL_CARD."""
-    from transformers import LlamaForCausalLM
-
     t_start = time.perf_counter()
     torch.manual_seed(p["seed"])
     rng = np.random.default_rng(p["seed"])
@@ -304,8 +234,8 @@ def train(p: dict, out_dir: Path, command: str) -> dict:
             "seed": p["seed"],
         }
     )
-    _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=1))
-    _atomic_write(out_dir / "MODEL_CARD.md", model_card(p, metrics, config, n_params, command))
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+    write_text(out_dir / "MODEL_CARD.md", model_card(p, metrics, config, n_params, command))
     print(f"[induction] done: {json.dumps(metrics)}", flush=True)
     return metrics
 
@@ -345,7 +275,7 @@ Retrain (repository root):
   accuracy {m["copy_acc_first_half"]:.3f}
 - final training loss {m["final_train_loss"]:.3f}
 
-Evaluate: `python -c "from attnlab.models.training.induction import evaluate; print(evaluate('DIR', 'copy'))"`.
+Evaluate: `python -c "from attnlab.models.induction import evaluate; print(evaluate('DIR', 'copy'))"`.
 """
 
 

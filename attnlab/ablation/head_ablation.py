@@ -32,16 +32,17 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from attnlab.hooks import attn_hook
+from attnlab.errors import InputError
+from attnlab.hooks import attn_hook, layer_of
 from attnlab.interventions.base import NotFittedError, validate_heads
+from attnlab.models.loading import Batch
+from attnlab.params import BOOLEAN, HEADS, Interval, Options, Parameterized
 
 MODES = ("zero", "mean", "uniform", "resample")
 
 
 def as_batch(model, prompts):
     """A ``Batch`` from a Batch or a list of prompt strings."""
-    from attnlab.models.loading import Batch
-
     if isinstance(prompts, Batch):
         return prompts
     if isinstance(prompts, str):
@@ -85,7 +86,7 @@ def collect_z(model, batch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     return store
 
 
-class HeadAblation:
+class HeadAblation(Parameterized):
     """Ablate a set of query heads (zero, mean, uniform attention or resample), as a context manager.
 
     Parameters
@@ -111,6 +112,13 @@ class HeadAblation:
         Resample mode: which reference each input row uses.
     """
 
+    _parameter_constraints = {
+        "heads": [HEADS],
+        "mode": [Options(MODES)],
+        "per_position": [BOOLEAN],
+        "seed": [Interval(int, None, None)],
+    }
+
     def __init__(
         self, heads: Sequence[tuple[int, int]] = (), *, mode: str = "zero", per_position: bool = False, seed: int = 0
     ):
@@ -127,8 +135,7 @@ class HeadAblation:
         ``layers`` (default: the ablated heads' layers) lets a scorer fit replacement values for every layer.
         Zero and uniform modes learn nothing and accept ``prompts=None``.
         """
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        self._validate_params()
         self.heads_ = validate_heads(model, self.heads)
         self.n_heads_ = model.n_heads
         self.causal_ = bool(model.causal)
@@ -137,7 +144,7 @@ class HeadAblation:
             self.__dict__.pop(attr, None)  # a second fit starts over
         if self.mode in ("mean", "resample"):
             if prompts is None:
-                raise ValueError(f"mode {self.mode!r} needs reference prompts: call fit(model, prompts)")
+                raise InputError(f"mode {self.mode!r} needs reference prompts: call fit(model, prompts)")
             batch = as_batch(model, prompts).to(model.device)
             zs = collect_z(model, batch, fit_layers) if fit_layers else {}
             if self.mode == "mean":
@@ -272,8 +279,6 @@ class HeadAblation:
 
 def _any_batch(abl: HeadAblation, name: str):
     """A hook for ``name`` that ablates ``abl.heads_`` of that layer in every row, whatever the batch size."""
-    from attnlab.hooks import layer_of
-
     layer = layer_of(name)
     heads = [h for l, h in abl.heads_ if l == layer]
 

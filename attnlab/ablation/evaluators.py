@@ -1,153 +1,24 @@
-"""Causal test of a head detector: ablate its top-k heads vs k random heads (several seeds).
+"""Evaluators for causal tests: ``evaluate(heads) -> metric`` with ``heads`` ablated (``HeadAblation``).
 
-Protocol (``docs/methods/ablation_scoring.md`` §5, causal test): T_k = the top-k heads of a ``HeadScores``; controls are
-``n_seeds`` random sets of k heads drawn uniformly from the model's real head grid *excluding T_k* (optionally
-layer-matched: same count per layer as T_k), reproducible from the seed. Every set is ablated with the same mode
-on the same evaluation items; the table reports the baseline, the top-k value, the random sets' mean with a
-bootstrap confidence interval, and the empirical p-value ``(1 + #{random drop >= top-k drop}) / (1 + n_seeds)``.
-
-``evaluate(heads) -> float`` is any metric of the model with those heads ablated; ``ablation_evaluator`` and
-``niah_evaluator`` build the usual ones.
+``ablation_evaluator`` is the one code path for text and vision-language models (each prompt's image travels with
+it through ``ImagePrompts``); ``niah_evaluator`` (NIAH accuracy), ``image_question_evaluator`` (shape-scene image
+questions) and ``metric_evaluator`` (the named metrics of ``attnlab ablate``) build the usual ones on it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
-import pandas as pd
 import torch
 
+from attnlab.ablation.head_ablation import HeadAblation, as_batch
+from attnlab.ablation.metrics import AnswerTokens, as_metric
+from attnlab.datasets import SHAPE_TEMPLATE
+from attnlab.datasets.niah import build_niah_trials
+from attnlab.datasets.shapes import render_scene, shape_question_items
 from attnlab.errors import AttnlabError
-from attnlab.heads.results import HeadScores
-from attnlab.interventions.ablation import HeadAblation, as_batch
 from attnlab.interventions.base import validate_heads
-from attnlab.probes.ablation_metrics import AnswerTokens, as_metric
-
-
-def random_head_sets(
-    n_layers: int,
-    n_heads: int,
-    k: int,
-    exclude: Sequence[tuple[int, int]],
-    *,
-    n_seeds: int,
-    seed: int = 0,
-    layer_matched: bool = False,
-) -> list[list[tuple[int, int]]]:
-    """``n_seeds`` random sets of k heads from the grid minus ``exclude`` (seeded; optionally layer-matched)."""
-    excluded = set(map(tuple, exclude))
-    pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in excluded]
-    if len(pool) < k:
-        raise ValueError(f"only {len(pool)} heads outside the top set; cannot draw {k}")
-    rng = np.random.default_rng(seed)
-    sets = []
-    for _ in range(n_seeds):
-        if layer_matched:
-            chosen = []
-            for layer, count in pd.Series([l for l, _ in excluded]).value_counts().items():
-                cands = [p for p in pool if p[0] == layer]
-                if len(cands) < count:
-                    raise ValueError(
-                        f"layer {layer} has only {len(cands)} heads outside the top set; cannot layer-match {count}"
-                    )
-                chosen += [cands[i] for i in rng.choice(len(cands), count, replace=False)]
-        else:
-            chosen = [pool[i] for i in rng.choice(len(pool), k, replace=False)]
-        sets.append(sorted((int(l), int(h)) for l, h in chosen))
-    return sets
-
-
-def bootstrap_ci(
-    values: Sequence[float], *, level: float = 0.95, n_boot: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean (a single value gives a zero-width interval)."""
-    v = np.asarray(values, float)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
-
-
-def causal_test(
-    scores: HeadScores,
-    k: int,
-    evaluate: Callable[[list[tuple[int, int]]], float],
-    *,
-    n_seeds: int = 5,
-    seed: int = 0,
-    layer_matched: bool = False,
-    level: float = 0.95,
-) -> pd.DataFrame:
-    """Ablate the top-k heads of ``scores`` vs ``n_seeds`` random k-sets; one row per condition.
-
-    Columns: condition (baseline / top_k / random), k, n_sets, metric (mean over sets), ci_low, ci_high,
-    drop (baseline - metric), p_value (top_k row), heads (the sets, as text).
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    top = scores.top_heads(k)
-    if len(top) < k:
-        raise ValueError(f"{scores.name} has only {len(top)} scored heads; cannot take the top {k}")
-    randoms = random_head_sets(
-        scores.n_layers, scores.n_heads, k, top, n_seeds=n_seeds, seed=seed, layer_matched=layer_matched
-    )
-    from attnlab.progress import bar
-
-    with bar(total=2 + len(randoms), desc=f"ablate top-{k} vs {len(randoms)} random sets", unit="set") as pbar:
-        base = float(evaluate([]))
-        pbar.update()
-        top_value = float(evaluate(top))
-        pbar.update()
-        rand_values = []
-        for s in randoms:
-            rand_values.append(float(evaluate(s)))
-            pbar.update()
-    lo, hi = bootstrap_ci(rand_values, level=level, seed=seed)
-    top_drop = base - top_value
-    p = (1 + sum(base - v >= top_drop for v in rand_values)) / (1 + n_seeds)
-    fmt = lambda hs: " ".join(f"L{l}H{h}" for l, h in hs)
-    rows = [
-        {
-            "condition": "baseline",
-            "k": 0,
-            "n_sets": 1,
-            "metric": base,
-            "ci_low": base,
-            "ci_high": base,
-            "drop": 0.0,
-            "p_value": np.nan,
-            "heads": "",
-        },
-        {
-            "condition": "top_k",
-            "k": k,
-            "n_sets": 1,
-            "metric": top_value,
-            "ci_low": top_value,
-            "ci_high": top_value,
-            "drop": top_drop,
-            "p_value": p,
-            "heads": fmt(top),
-        },
-        {
-            "condition": "random",
-            "k": k,
-            "n_sets": n_seeds,
-            "metric": float(np.mean(rand_values)),
-            "ci_low": lo,
-            "ci_high": hi,
-            "drop": base - float(np.mean(rand_values)),
-            "p_value": np.nan,
-            "heads": " | ".join(fmt(s) for s in randoms),
-        },
-    ]
-    table = pd.DataFrame(rows)
-    table.attrs["random_values"] = rand_values
-    table.attrs["source"] = scores.name
-    return table
+from attnlab.models.loading import Batch
 
 
 def ablation_evaluator(
@@ -293,8 +164,6 @@ class ImagePrompts:
 
 def _rows(batch, start: int, stop: int):
     """Rows [start, stop) of a Batch, with their image rows (``pixel_values``: one image per row) and image mask."""
-    from attnlab.models.loading import Batch
-
     sl = slice(start, stop)
     pix = batch.pixel_values
     if pix is not None:
@@ -320,22 +189,43 @@ def niah_evaluator(
     """``evaluate(heads)``: NIAH accuracy (teacher-forced exact match of the code) with ``heads`` ablated.
 
     Exact match here = every code token is the argmax given the prompt and the earlier code tokens, i.e.
-    greedy decoding starts with the code (``attnlab.models.training.lm.eval_niah`` also requires no further
+    greedy decoding starts with the code (``attnlab.models.lm.eval_niah`` also requires no further
     digit; the two agree whenever the model stops after the code).
     """
-    from attnlab.datasets.niah import build_niah_trials
-
     trials = build_niah_trials(model.tokenizer, lengths, depths, trials_per_cell=trials_per_cell, seed=seed)
     metric = AnswerTokens([" " + t.answer for t in trials], reduce="exact_match")
     return ablation_evaluator(model, [t.prompt for t in trials], metric, mode=mode, batch_size=batch_size)
 
 
-def parse_heads_spec(spec: str) -> tuple[str, str]:
-    """``RUN_DIR:result_name`` -> (run directory, result name); the last colon splits."""
-    run_dir, sep, name = spec.rpartition(":")
-    if not sep or not run_dir or not name:
-        raise AttnlabError(f"--heads must be RUN_DIR:result_name, got {spec!r}")
-    return run_dir, name
+def image_question_evaluator(
+    model, items: Sequence, *, mode: str = "zero", reference_items: Sequence | None = None, batch_size: int = 48
+):
+    """``evaluate(heads) -> {"accuracy": ..., "logprob": ...}``: teacher-forced answer metrics with ``heads`` ablated.
+
+    The shared ablation path (``ablation_evaluator``): each question ``USER: <image>\\n{q} ASSISTANT:`` with its
+    scene's image, the answer appended as ``AnswerTokens``; exact match and log-prob come from one forward. Mean
+    mode fits one all-layer mean per head on ``reference_items`` (prompts without answers, with their images) and
+    reuses it. Results are memoised by head set.
+    """
+    if mode in ("mean", "resample") and not reference_items:
+        raise ValueError(f"mode {mode!r} needs reference_items")
+    texts = [SHAPE_TEMPLATE.format(question=q.text) for _, q in items]
+    answers = [" " + q.answer for _, q in items]
+    metrics = {"accuracy": AnswerTokens(answers, reduce="exact_match"), "logprob": AnswerTokens(answers)}
+    ref = ref_images = None
+    if mode in ("mean", "resample"):
+        ref = [SHAPE_TEMPLATE.format(question=q.text) for _, q in reference_items]
+        ref_images = [render_scene(s) for s, _ in reference_items]
+    return ablation_evaluator(
+        model,
+        texts,
+        metrics,
+        images=[render_scene(s) for s, _ in items],
+        mode=mode,
+        reference=ref,
+        reference_images=ref_images,
+        batch_size=batch_size,
+    )
 
 
 TEXT_METRICS = ("niah", "logprob")
@@ -366,8 +256,6 @@ def prompts_evaluator(
     forced, appended to the prompt with a leading space unless either side has one), or, for a prompt given
     without an answer, of its last token given the rest. ``truncate`` cuts prompts longer than the context
     (keeping room for the answer) instead of refusing them."""
-    from attnlab.probes.ablation_metrics import TailLogProb
-
     if not items:
         raise AttnlabError("no prompts to ablate on")
     pairs = []
@@ -391,7 +279,7 @@ def prompts_evaluator(
             if len(ids) < 2:
                 raise AttnlabError(f"prompt {i} is one token long: no last token to predict from the rest")
             pairs.append((ids, len(ids) - 1))
-    return ablation_evaluator(model, pairs, TailLogProb(), mode=mode)
+    return ablation_evaluator(model, pairs, AnswerTokens(), mode=mode)
 
 
 def metric_evaluator(model, metric: str, *, seed: int, n_trials: int = 2, mode: str = "zero"):
@@ -399,11 +287,9 @@ def metric_evaluator(model, metric: str, *, seed: int, n_trials: int = 2, mode: 
 
     ``niah`` / ``logprob``: NIAH accuracy / answer log-prob on NIAH trials (2 lengths x 3 depths x ``n_trials``).
     ``shapes`` / ``shapes-logprob``: teacher-forced answer exact match / log-prob of ``24 * n_trials`` shape-scene
-    questions (existence, attribute, count, position; ``vhd_causal.shape_question_items``), each asked with its
+    questions (existence, attribute, count, position; ``datasets.shapes.shape_question_items``), each asked with its
     own image.
     """
-    from attnlab.datasets.niah import build_niah_trials
-
     check_metric_modality(model, metric)
     if metric == "niah":
         return niah_evaluator(model, trials_per_cell=n_trials, seed=seed + 1, mode=mode)
@@ -412,82 +298,7 @@ def metric_evaluator(model, metric: str, *, seed: int, n_trials: int = 2, mode: 
         return ablation_evaluator(
             model, [t.prompt for t in trials], AnswerTokens([" " + t.answer for t in trials]), mode=mode
         )
-    from attnlab.probes.vhd_causal import image_question_evaluator, shape_question_items
-
     items = shape_question_items(24 * n_trials, seed + 1)
     evaluate = image_question_evaluator(model, items, mode=mode, reference_items=items)
     key = "accuracy" if metric == "shapes" else "logprob"
     return lambda heads: evaluate(heads)[key]
-
-
-def run_causal_test(
-    model,
-    heads_spec: str,
-    *,
-    k: int,
-    metric: str,
-    out: str,
-    mode: str = "zero",
-    n_seeds: int = 5,
-    seed: int = 0,
-    n_trials: int = 2,
-    prompts: Sequence[tuple[str, str | None]] | None = None,
-    truncate: bool = False,
-) -> pd.DataFrame:
-    """The ``attnlab ablate`` command: causal test of a saved HeadScores on a named metric (``metric_evaluator``),
-    or on the user's own ``prompts`` (``(prompt, answer or None)`` pairs, metric ``logprob``:
-    ``prompts_evaluator``; ``truncate`` cuts prompts longer than the context).
-
-    Text models: NIAH accuracy or answer log-prob; vision-language models: image-question accuracy or answer
-    log-prob on shape scenes. The table is written atomically to ``OUT/causal_test_<result>_k<k>_<metric>.csv``
-    and ``.json``.
-    """
-    from attnlab.heads.io import write_json
-    from attnlab.heads.runs import Run
-
-    check_metric_modality(model, metric)
-    run_dir, name = parse_heads_spec(heads_spec)
-    try:
-        result = Run.open(run_dir)[name]
-    except KeyError as e:  # a missing result: a user error, with the names the run has
-        raise AttnlabError(str(e.args[0]) if e.args else f"no result {name!r} in {run_dir}") from None
-    if not isinstance(result, HeadScores):
-        raise AttnlabError(f"{name} in {run_dir} is not a head-score result")
-    if result.scores.shape != (model.n_layers, model.n_heads):
-        raise AttnlabError(
-            f"{name} has a {result.scores.shape} grid but {model.name} has {model.n_layers} x {model.n_heads} heads"
-        )
-    if prompts is not None:
-        if metric != "logprob":
-            raise AttnlabError(
-                f"on your own prompts the metric is their answer log-prob (--metric logprob), not {metric}"
-            )
-        evaluate = prompts_evaluator(model, prompts, truncate=truncate, mode=mode)
-    else:
-        evaluate = metric_evaluator(model, metric, seed=seed, n_trials=n_trials, mode=mode)
-    table = causal_test(result, k, evaluate, n_seeds=n_seeds, seed=seed)
-    import os
-    from pathlib import Path
-
-    d = Path(out)
-    d.mkdir(parents=True, exist_ok=True)
-    stem = f"causal_test_{name}_k{k}_{metric}"
-    tmp = d / f".{stem}.csv.tmp"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, d / f"{stem}.csv")
-    write_json(
-        d / f"{stem}.json",
-        {
-            "source": f"{run_dir}:{name}",
-            "model": model.name,
-            "k": k,
-            "metric": metric,
-            "prompts": None if prompts is None else len(prompts),
-            "mode": mode,
-            "n_seeds": n_seeds,
-            "seed": seed,
-            "random_values": table.attrs["random_values"],
-            "rows": table.to_dict(orient="records"),
-        },
-    )
-    return table

@@ -525,7 +525,7 @@ def ablation_bars(table, title: str | None = None) -> go.Figure:
 
     Parameters
     ----------
-    table : DataFrame from ``attnlab.probes.causal_test.causal_test`` (rows baseline / top_k / random; columns
+    table : DataFrame from ``attnlab.ablation.causal_test.causal_test`` (rows baseline / top_k / random; columns
         metric, ci_low, ci_high, drop, p_value, k, n_sets, heads). ``table.attrs`` may hold ``random_values``,
         ``metric`` (its name) and ``source``.
 

@@ -15,13 +15,13 @@ full-forward loop to float tolerance (``tests/test_ablation.py``).
 
 Two more savings leave the scores unchanged (CPU: the batched scorer's process time fell by ~40%):
 - z-replacing modes (zero, mean, resample) run on fused SDPA attention where the model's HF attention calls
-  ``transformers``' attention interface (``_sdpa_z_edits``: the bridge's eager attention wrappers are swapped
-  for the HF modules, as in the capture engine's fused path, and the edit is applied to the SDPA output, which
-  has ``hook_z``'s layout); no ``[rows, heads, seq, seq]`` pattern is built. The uniform mode edits patterns
-  and stays on the eager path.
-- metrics with known read positions (``AnswerTokens``, ``LogitDifference``): the last block's MLP and the
-  unembedding run only at those positions (``_only_positions``); the vocabulary projection alone costs about
-  one layer on small models.
+  ``transformers``' attention interface (``attnlab.fused``, the engine the capture engine's fused path uses: the
+  bridge's eager attention wrappers are swapped for the HF modules, and the edit, ``FusedForward.z_edits``, is
+  applied to the SDPA output, which has ``hook_z``'s layout); no ``[rows, heads, seq, seq]`` pattern is built.
+  The uniform mode edits patterns and stays on the eager path.
+- metrics that declare the positions they read (``read_positions``: ``AnswerTokens``, ``LogitDifference``): the
+  last block's MLP and the unembedding run only at those positions (``_only_positions``); the vocabulary
+  projection alone costs about one layer on small models.
 Two further exact savings on the fused path (``reuse_attention=True``, the default; ``_clean_attention_forward``):
 - the ablated layer's attention is not recomputed: with z replaced, layer L's attention output for a row is
   the clean one plus ``(z~ - z)[h] @ W_O[h]`` (the output projection is linear, the other heads unchanged, its
@@ -30,8 +30,8 @@ Two further exact savings on the fused path (``reuse_attention=True``, the defau
   layer's clean attention output is checked to be ``W_O``-linear in z (pre-norm Llama/Qwen2, GPT-2); BERT's
   post-norm ``BertAttention`` (``LayerNorm(dense(z) + x)``) and batches with ``pixel_values`` keep the path above.
 - the last layer's attention computes queries only at the metric's read positions (keys/values everywhere;
-  ``_last_attention_at``, ``_attention_at_queries``), which with the restricted MLP/unembedding makes the last
-  layer cost a few positions.
+  ``FusedForward.query_positions``, ``fused.attention_at_queries``, ``_query_projections``), which with the
+  restricted MLP/unembedding makes the last layer cost a few positions.
 The per-head loop (``loop_ablation_grid``) stays the plain reference: eager bridge, hook on ``hook_z``, one full
 forward per head, as TransformerLens' ``patching.get_act_patch_attn_head_out_all_pos`` does (its equality with
 that function is tested too).
@@ -50,52 +50,33 @@ import contextlib
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 
+from attnlab.ablation.head_ablation import MODES, HeadAblation
+from attnlab.ablation.metrics import as_metric
+from attnlab.capture import read_positions as logit_positions
+from attnlab.fused import (
+    FusedForward,
+    at_positions,
+    attention_slots,
+    fused_attention,
+    replaced_forwards,
+    supports_fused,
+    swapped_child,
+)
 from attnlab.heads.results import HeadScores
 from attnlab.hooks import attn_hook, block_hook
-from attnlab.interventions.ablation import MODES, HeadAblation
 from attnlab.models.loading import Batch
-from attnlab.probes.ablation_metrics import as_metric
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation of two arrays (NaN pairs dropped; NaN if fewer than 3 pairs or no spread)."""
-    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3:
-        return float("nan")
-    ra, rb = pd.Series(a[ok]).rank().to_numpy(), pd.Series(b[ok]).rank().to_numpy()
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+from attnlab.progress import bar as progress_bar
+from attnlab.stats import spearman
 
 
 def _repeat(batch: Batch, n: int) -> Batch:
     """The batch repeated n times (row i*P + p is prompt p)."""
     return Batch(batch.input_ids.repeat(n, 1), batch.attention_mask.repeat(n, 1), list(batch.prompt_indices) * n)
-
-
-@contextlib.contextmanager
-def _replaced_forwards(modules: list[torch.nn.Module], make_forward):
-    """Each module's forward is ``make_forward(module)`` inside the block, restored after it.
-
-    Set as an instance attribute in ``__dict__``: the bridge components' ``__setattr__`` forwards attributes.
-    """
-    saved = [m.__dict__.get("forward") for m in modules]
-    for m in modules:
-        m.__dict__["forward"] = make_forward(m)
-    try:
-        yield
-    finally:
-        for m, old in zip(modules, saved):
-            if old is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.__dict__["forward"] = old
 
 
 def _skip_blocks(bridge, upto: int, returns_tuple: bool):
@@ -105,40 +86,7 @@ def _skip_blocks(bridge, upto: int, returns_tuple: bool):
         x = args[0] if args else kwargs["hidden_states"]
         return (x,) if returns_tuple else x
 
-    return _replaced_forwards(list(bridge.blocks)[:upto], lambda block: passthrough)
-
-
-def _read_positions(metric, batch: Batch) -> torch.Tensor | None:
-    """Sequence positions whose logits the metric reads (union over prompts), or None when unknown (all).
-
-    Known for ``AnswerTokens`` (positions ``s-1 .. e-2`` of each answer span) and ``LogitDifference`` (each
-    prompt's last real token); any other metric reads all positions.
-    """
-    from attnlab.probes.ablation_metrics import AnswerTokens, LogitDifference
-
-    if isinstance(metric, AnswerTokens) and hasattr(metric, "spans_"):
-        pos = sorted(
-            {t for p in set(batch.prompt_indices) for t in range(metric.spans_[p][0] - 1, metric.spans_[p][1] - 1)}
-        )
-    elif isinstance(metric, LogitDifference):
-        pos = sorted(set((batch.first_real + batch.lengths - 1).tolist()))
-    else:
-        return None
-    return torch.tensor(pos, dtype=torch.long)
-
-
-def _at_positions(module, positions: torch.Tensor):
-    """A forward for a position-wise ``module`` that runs it only at ``positions`` (dim 1) and outputs 0 elsewhere."""
-    inner = type(module).forward.__get__(module)
-
-    def forward(x, *args, **kwargs):
-        pos = positions.to(x.device)
-        y = inner(x[:, pos], *args, **kwargs)
-        out = y.new_zeros(x.shape[:-1] + y.shape[-1:])
-        out[:, pos] = y
-        return out
-
-    return forward
+    return replaced_forwards(list(bridge.blocks)[:upto], lambda block: passthrough)
 
 
 @contextlib.contextmanager
@@ -157,90 +105,14 @@ def _only_positions(bridge, positions: torch.Tensor | None):
         for t in (getattr(bridge.blocks[len(bridge.blocks) - 1], "mlp", None), getattr(bridge, "unembed", None))
         if t is not None
     ]
-    with _replaced_forwards(targets, lambda t: _at_positions(t, positions)):
+    with replaced_forwards(targets, lambda t: at_positions(t, positions)):
         yield
-
-
-ABLATE_IMPL = "attnlab_ablate"
-_Z_EDITS: list[dict] = []  # stack of {id(HF attention submodule): fn(z) -> z} for the active ablation forwards
-_QUERY_POSITIONS: list[dict] = []  # stack of {id(HF attention submodule): query positions} (causal models only)
-
-
-def _ablate_attention_fn(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
-):
-    """``transformers`` attention function: fused SDPA, then the active z edit of this layer (if any).
-
-    Where ``_QUERY_POSITIONS`` names this module, only those query rows are computed (keys and values at all
-    positions, an explicit causal mask row per query); the other rows of the output are 0.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    pos = _QUERY_POSITIONS[-1].get(id(module)) if _QUERY_POSITIONS else None
-    if pos is not None:
-        out = _attention_at_queries(
-            module, query, key, value, attention_mask, pos.to(query.device), dropout=dropout, scaling=scaling, **kwargs
-        )
-    else:
-        out, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    edit = _Z_EDITS[-1].get(id(module)) if _Z_EDITS else None
-    return (out if edit is None else edit(out)), None  # out: [batch, seq, heads, d_head], the layout of hook_z
-
-
-def _attention_at_queries(module, query, key, value, attention_mask, pos: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Causal SDPA for the query rows ``pos`` only, scattered into zeros ``[batch, seq, heads, d_head]``.
-
-    The mask is made explicit (``sdpa_attention_forward`` would otherwise pass ``is_causal=True``, which aligns a
-    shorter query block top-left instead of at ``pos``): the model's mask rows at ``pos``, or ``key <= pos``.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    seq = query.shape[2]
-    if attention_mask is None:
-        mask = (torch.arange(key.shape[2], device=query.device)[None, :] <= pos[:, None])[None, None]
-    else:
-        mask = attention_mask[:, :, pos] if attention_mask.shape[2] == seq else attention_mask
-    bias = kwargs.get("position_bias")
-    if bias is not None and bias.shape[2] == seq:
-        kwargs["position_bias"] = bias[:, :, pos]
-    part, _ = sdpa_attention_forward(module, query[:, :, pos], key, value, mask, is_causal=False, **kwargs)
-    out = part.new_zeros(part.shape[0], seq, *part.shape[2:])
-    out[:, pos] = part
-    return out
 
 
 def sdpa_capable(model, mode: str) -> bool:
     """Whether z-replacing ablations of this model can run on fused SDPA attention instead of the bridge's eager
     path."""
-    from attnlab.capture import supports_fused
-
     return mode in ("zero", "mean", "resample") and supports_fused(model)
-
-
-@contextlib.contextmanager
-def _sdpa_z_edits(model, edits: dict[int, object]):
-    """Forwards inside run the HF attention modules with fused SDPA; ``edits[layer](z)`` replaces layer's z.
-
-    The bridge's attention wrappers (and their hook points) are swapped out for the original HF modules, as
-    the capture engine's fused path does, so no ``[rows, heads, seq, seq]`` pattern is ever built.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from attnlab.capture import hf_attention
-
-    AttentionInterface.register(ABLATE_IMPL, _ablate_attention_fn)
-    AttentionMaskInterface.register(ABLATE_IMPL, sdpa_mask)
-    with hf_attention(model, ABLATE_IMPL) as slots:
-        _Z_EDITS.append(
-            {id(sub): edits[layer] for _, _, orig, layer in slots if layer in edits for sub in orig.modules()}
-        )
-        try:
-            yield
-        finally:
-            _Z_EDITS.pop()
 
 
 _O_PROJ_NAMES = ("o_proj", "c_proj", "out_proj")  # Llama/Qwen2/Mistral, GPT-2 (Conv1D), OPT-style
@@ -268,9 +140,7 @@ def _attention_reuse_weights(model, z: list[torch.Tensor], out: list[torch.Tenso
     rank-one update of ``_clean_attention_forward`` against architectures whose attention module does more
     after the projection (post-norm blocks, gates); those keep the previous path.
     """
-    from attnlab.capture import _bridge_attention_slots
-
-    originals = {layer: orig for _, _, orig, layer in _bridge_attention_slots(model)}
+    originals = {slot.layer: slot.original for slot in attention_slots(model)}
     weights = []
     for layer in range(model.n_layers):
         if layer not in originals:
@@ -299,94 +169,93 @@ class _FixedAttention(torch.nn.Module):
         return self.output, None
 
 
-@contextlib.contextmanager
-def _swap_child(parent: torch.nn.Module, attr: str, module: torch.nn.Module):
-    saved = getattr(parent, attr)
-    setattr(parent, attr, module)
-    try:
-        yield
-    finally:
-        setattr(parent, attr, saved)
+def _query_projections(original: torch.nn.Module, positions: torch.Tensor | None):
+    """The last layer's query and output projections run only at ``positions`` (the metric's read positions).
 
-
-@contextlib.contextmanager
-def _last_attention_at(original: torch.nn.Module, positions: torch.Tensor | None):
-    """The last layer's attention computes queries only at ``positions`` (the metric's read positions).
-
-    Keys and values stay at all positions; the query projection (when separate: ``q_proj``), the SDPA rows
-    (``_attention_at_queries``) and the output projection run only at ``positions``; elsewhere the attention
+    With ``FusedForward.query_positions`` naming the same positions for that layer (``attention_at_queries``), the
+    last layer's attention computes queries only there (keys and values stay at all positions); elsewhere its
     output is 0. The last MLP and the unembedding are restricted too (``_only_positions``), so nothing at the
     other positions reaches the logits the metric reads.
     """
     if positions is None:
-        yield
-        return
+        return contextlib.nullcontext()
     w_o_name = next((n for n in _O_PROJ_NAMES if isinstance(getattr(original, n, None), torch.nn.Module)), None)
     targets = [
         getattr(original, n)
         for n in ("q_proj", w_o_name)
         if n is not None and isinstance(getattr(original, n, None), torch.nn.Module)
     ]
-    _QUERY_POSITIONS.append({id(sub): positions for sub in original.modules()})
-    try:
-        with _replaced_forwards(targets, lambda t: _at_positions(t, positions)):
-            yield
-    finally:
-        _QUERY_POSITIONS.pop()
+    return replaced_forwards(targets, lambda t: at_positions(t, positions))
+
+
+@dataclass
+class _CleanRun:
+    """What the clean pass leaves for the ablation forwards.
+
+    ``metric``: the clean metric per prompt; ``resid[l]``: the residual entering block l; ``returns_tuple``: the
+    blocks' output kind; ``attention`` (clean attention reuse only): every layer's clean z, attention-module
+    output and, once checked, ``W_O`` (``{"z": [...], "out": [...], "w_o": [...]}``), else None.
+    """
+
+    metric: torch.Tensor
+    resid: list[torch.Tensor]
+    returns_tuple: bool
+    attention: dict | None = None
+
+    def resid_for(self, rows: _AblationRows) -> torch.Tensor:
+        """The residual entering ``rows.layer``, repeated for the rows of ``rows.batch``."""
+        r = self.resid[rows.layer]
+        return r.repeat(rows.batch.size // r.shape[0], 1, 1)
+
+
+@dataclass
+class _AblationRows:
+    """One ablation forward: row r of ``batch`` (the prompts repeated) ablates head ``heads[r]`` of ``layer`` on
+    prompt ``prompts[r]``."""
+
+    layer: int
+    batch: Batch
+    heads: torch.Tensor
+    prompts: torch.Tensor
 
 
 def _clean_attention_forward(
-    model,
-    layer: int,
-    rep: Batch,
-    resid: list[torch.Tensor],
-    attn: dict,
-    abl: HeadAblation,
-    heads_of_rows: torch.Tensor,
-    prompt_of_rows: torch.Tensor,
-    positions: torch.Tensor | None,
-    returns_tuple: bool,
+    model, rows: _AblationRows, clean: _CleanRun, abl: HeadAblation, positions: torch.Tensor | None
 ) -> torch.Tensor:
-    """Logits of rows that each ablate head ``heads_of_rows[r]`` of ``layer``, reusing layer's clean attention.
+    """Logits of ``rows``, each ablating its head of ``rows.layer``, reusing that layer's clean attention.
 
-    With z replaced, layer's attention output is the clean one plus ``(z~ - z)[h] @ W_O[h]`` (the output
+    With z replaced, the layer's attention output is the clean one plus ``(z~ - z)[h] @ W_O[h]`` (the output
     projection is linear, the other heads are unchanged, its bias cancels), so the row starts from the clean
-    residual entering ``layer`` and its attention module is replaced by that output (``_FixedAttention``):
+    residual entering the layer and its attention module is replaced by that output (``_FixedAttention``):
     no q/k/v projections or attention for the ablated layer. The HF block adds it to its residual (pre-norm
     Llama/Qwen2 and GPT-2: ``resid_mid = resid_pre + attn_out``) and runs its MLP; later layers run in full on
     fused SDPA, the last one with queries only at ``positions`` (when the metric's positions are known).
     """
-    from attnlab.capture import _bridge_attention_slots
-
+    layer, attn = rows.layer, clean.attention
     z = attn["z"][layer]
-    hr, pr = heads_of_rows.to(z.device), prompt_of_rows.to(z.device)
+    hr, pr = rows.heads.to(z.device), rows.prompts.to(z.device)
     diff = abl.replacement(layer, hr, pr, z).to(z.dtype) - z[pr, :, hr]  # [rows, seq, d_head]
     output = attn["out"][layer][pr] + torch.bmm(diff, attn["w_o"][layer][hr].to(diff.dtype)).to(
         attn["out"][layer].dtype
     )
-    slots = {l: (parent, attr, orig) for parent, attr, orig, l in _bridge_attention_slots(model)}
-    parent, attr, _ = slots[layer]
+    slots = {slot.layer: slot for slot in attention_slots(model)}
     last = model.n_layers - 1
+    last_positions = positions if layer < last else None
+    forward = FusedForward(query_positions={} if last_positions is None else {last: last_positions})
     with (
-        _sdpa_z_edits(model, {}),
-        _swap_child(parent, attr, _FixedAttention(output)),
-        _last_attention_at(slots[last][2], positions if layer < last else None),
+        fused_attention(model, forward),
+        swapped_child(slots[layer].parent, slots[layer].attr, _FixedAttention(output)),
+        _query_projections(slots[last].original, last_positions),
         _only_positions(model.bridge, positions),
-        _skip_blocks(model.bridge, layer, returns_tuple),
+        _skip_blocks(model.bridge, layer, clean.returns_tuple),
     ):
-        return model.bridge(
-            resid[layer].repeat(rep.size // resid[layer].shape[0], 1, 1),
-            start_at_layer=layer,
-            attention_mask=rep.attention_mask,
-        )
+        return model.bridge(clean.resid_for(rows), start_at_layer=layer, attention_mask=rows.batch.attention_mask)
 
 
 @torch.no_grad()
-def _clean_pass(
-    model, batch: Batch, metric, *, attention: bool = False
-) -> tuple[torch.Tensor, list[torch.Tensor], bool, dict | None]:
-    """Metric per prompt on the clean run, the residual entering every block, the blocks' output kind, and
-    (``attention=True``) every layer's clean z and attention-module output (``{"z": [...], "out": [...]}``)."""
+def _clean_pass(model, batch: Batch, metric, *, attention: bool = False) -> _CleanRun:
+    """The clean run: metric per prompt, the residual entering every block, the blocks' output kind, and
+    (``attention=True``) every layer's clean z and attention-module output."""
     resid: dict[int, torch.Tensor] = {}
     zs: dict[int, torch.Tensor] = {}
     outs: dict[int, torch.Tensor] = {}
@@ -418,13 +287,13 @@ def _clean_pass(
     attn = None
     if attention and len(zs) == len(outs) == model.n_layers:
         attn = {"z": [zs[l] for l in range(model.n_layers)], "out": [outs[l] for l in range(model.n_layers)]}
-    return metric(logits, batch).float(), [resid[l] for l in range(model.n_layers)], bool(kinds and kinds[0]), attn
+    return _CleanRun(
+        metric(logits, batch).float(), [resid[l] for l in range(model.n_layers)], bool(kinds and kinds[0]), attn
+    )
 
 
 @torch.inference_mode()
-def _prefix_reuse_matches(
-    model, batch: Batch, metric, clean: torch.Tensor, resid: list[torch.Tensor], returns_tuple: bool, atol: float = 1e-4
-) -> bool:
+def _prefix_reuse_matches(model, batch: Batch, metric, clean: _CleanRun, atol: float = 1e-4) -> bool:
     """Whether the bridge, started at layer 1 from the cached residual, reproduces the clean metric.
 
     Prefix reuse relies on ``start_at_layer`` feeding the cached residual to block 1 exactly as the full forward
@@ -433,10 +302,10 @@ def _prefix_reuse_matches(
     One partial forward, checked once per grid."""
     if model.n_layers < 2:
         return True
-    with _skip_blocks(model.bridge, 1, returns_tuple):
-        logits = model.bridge(resid[1], start_at_layer=1, attention_mask=batch.attention_mask)
+    with _skip_blocks(model.bridge, 1, clean.returns_tuple):
+        logits = model.bridge(clean.resid[1], start_at_layer=1, attention_mask=batch.attention_mask)
     again = metric(logits, batch).float()
-    return bool(torch.allclose(again, clean, atol=atol, rtol=1e-4))
+    return bool(torch.allclose(again, clean.metric, atol=atol, rtol=1e-4))
 
 
 def _fit(model, mode: str, batch: Batch, reference, seed: int) -> HeadAblation:
@@ -452,34 +321,28 @@ def _fit(model, mode: str, batch: Batch, reference, seed: int) -> HeadAblation:
 
 def _hooked_forward(
     model,
-    layer: int,
-    rep: Batch,
-    resid: list[torch.Tensor],
+    rows: _AblationRows,
+    clean: _CleanRun,
     abl: HeadAblation,
-    heads_of_rows: torch.Tensor,
-    prompt_of_rows: torch.Tensor,
     positions: torch.Tensor | None,
-    returns_tuple: bool,
     *,
     fused: bool,
     prefix_reuse: bool,
 ) -> torch.Tensor:
-    """Logits of rows that each ablate head ``heads_of_rows[r]`` of ``layer`` by a hook on its z (or pattern),
-    recomputing layer's attention; from the residual entering ``layer`` when ``prefix_reuse`` (and layer > 0)."""
-    hooks = abl.row_hooks(layer, heads_of_rows, rep.attention_mask, prompt_of_rows)
+    """Logits of ``rows``, each ablating its head of ``rows.layer`` by a hook on its z (or pattern), recomputing
+    the layer's attention; from the residual entering the layer when ``prefix_reuse`` (and the layer is > 0)."""
+    ((name, fn),) = abl.row_hooks(rows.layer, rows.heads, rows.batch.attention_mask, rows.prompts)
     if fused:  # the z hook runs inside the SDPA attention function instead of on hook_z
-        ctx = _sdpa_z_edits(model, {layer: lambda z, fn=hooks[0][1]: fn(z)})
+        ctx = fused_attention(model, FusedForward(z_edits={rows.layer: fn}))
     else:
-        ctx = model.bridge.hooks(fwd_hooks=hooks)
+        ctx = model.bridge.hooks(fwd_hooks=[(name, fn)])
     with ctx, _only_positions(model.bridge, positions):
-        if prefix_reuse and layer > 0:
-            with _skip_blocks(model.bridge, layer, returns_tuple):
+        if prefix_reuse and rows.layer > 0:
+            with _skip_blocks(model.bridge, rows.layer, clean.returns_tuple):
                 return model.bridge(
-                    resid[layer].repeat(rep.size // resid[layer].shape[0], 1, 1),
-                    start_at_layer=layer,
-                    attention_mask=rep.attention_mask,
+                    clean.resid_for(rows), start_at_layer=rows.layer, attention_mask=rows.batch.attention_mask
                 )
-        return model.forward(rep)
+        return model.forward(rows.batch)
 
 
 @torch.inference_mode()
@@ -502,11 +365,11 @@ def exact_ablation_grid(
     """Mean metric over prompts with each single head ablated, ``(ablated [L, H], clean per prompt [P])``.
 
     Batched: ``max_batch`` rows per forward (heads x prompts). Layers not in ``layers`` stay NaN.
-    ``read_positions``: when the metric's read positions are known (``_read_positions``), the last MLP and the
-    unembedding of the ablation forwards run only there (``prefix_reuse`` and this are the two savings; both
-    leave the scores unchanged). ``attention``: ``"auto"`` runs z-replacing modes on fused SDPA attention where the
-    model supports it (``_sdpa_z_edits``; the uniform mode edits patterns and stays eager), ``"eager"`` always
-    uses the bridge's hooked eager path, ``"sdpa"`` requires the fused one.
+    ``read_positions``: when the metric declares the positions it reads (its ``read_positions``), the last MLP
+    and the unembedding of the ablation forwards run only there (``prefix_reuse`` and this are the two savings;
+    both leave the scores unchanged). ``attention``: ``"auto"`` runs z-replacing modes on fused SDPA attention
+    where the model supports it (``attnlab.fused``; the uniform mode edits patterns and stays eager),
+    ``"eager"`` always uses the bridge's hooked eager path, ``"sdpa"`` requires the fused one.
     ``reuse_attention`` (fused path with ``prefix_reuse``): rows ablating a head of layer L start from the clean
     residual entering L plus layer L's clean attention output corrected by ``(z~ - z)[h] @ W_O[h]``
     (``_clean_attention_forward``), and the last layer's attention computes only the read positions' queries.
@@ -522,58 +385,47 @@ def exact_ablation_grid(
     fused = attention == "sdpa" or (attention == "auto" and sdpa_capable(model, mode))
     if fused and not sdpa_capable(model, mode):
         raise ValueError(
-            "attention='sdpa' needs a z-replacing mode (zero, mean, resample) "
-            "and a model whose attention calls transformers' attention interface"
+            "attention='sdpa' needs a z-replacing mode (zero, mean, resample) and a model whose attention calls "
+            "transformers' attention interface"
         )
     reuse = fused and prefix_reuse and reuse_attention and getattr(batch, "pixel_values", None) is None
-    clean, resid, returns_tuple, attn = _clean_pass(model, batch, metric, attention=reuse)
-    if prefix_reuse and not _prefix_reuse_matches(model, batch, metric, clean, resid, returns_tuple):
+    clean = _clean_pass(model, batch, metric, attention=reuse)
+    if prefix_reuse and not _prefix_reuse_matches(model, batch, metric, clean):
         warnings.warn(
-            f"{model.name}: a forward started at layer 1 from the cached residual does not reproduce the clean run; "
-            "ablation scores use full forwards (slower)",
+            f"{model.name}: a forward started at layer 1 from the cached residual does not reproduce the clean "
+            "run; ablation scores use full forwards (slower)",
             stacklevel=2,
         )
-        prefix_reuse, attn = False, None
-    if attn is not None:
-        attn["w_o"] = _attention_reuse_weights(model, attn["z"], attn["out"])
-        attn = attn if attn["w_o"] is not None else None
-    positions = _read_positions(metric, batch) if read_positions else None
+        prefix_reuse, clean.attention = False, None
+    if clean.attention is not None:
+        clean.attention["w_o"] = _attention_reuse_weights(model, clean.attention["z"], clean.attention["out"])
+        if clean.attention["w_o"] is None:
+            clean.attention = None
+    reads = getattr(metric, "read_positions", lambda b: None)  # a metric that does not say reads every position
+    positions = logit_positions([reads], batch) if read_positions else None
     n_prompts, H = batch.size, model.n_heads
     per_fwd = max(1, max_batch // n_prompts)
     grid = np.full((model.n_layers, H), np.nan)
     todo = list(range(model.n_layers) if layers is None else layers)
-    from attnlab.progress import bar as progress_bar
-
     bar = progress_bar(total=len(todo) * H, desc="ablation", unit="head", disable=not progress)
     for layer in todo:
         for h0 in range(0, H, per_fwd):
             heads = torch.arange(h0, min(H, h0 + per_fwd))
-            rep = _repeat(batch, len(heads)).to(model.device)
-            heads_of_rows = heads.repeat_interleave(n_prompts)
-            prompt_of_rows = torch.arange(n_prompts).repeat(len(heads))
-            if attn is not None:
-                logits = _clean_attention_forward(
-                    model, layer, rep, resid, attn, abl, heads_of_rows, prompt_of_rows, positions, returns_tuple
-                )
+            rows = _AblationRows(
+                layer=layer,
+                batch=_repeat(batch, len(heads)).to(model.device),
+                heads=heads.repeat_interleave(n_prompts),
+                prompts=torch.arange(n_prompts).repeat(len(heads)),
+            )
+            if clean.attention is not None:
+                logits = _clean_attention_forward(model, rows, clean, abl, positions)
             else:
-                logits = _hooked_forward(
-                    model,
-                    layer,
-                    rep,
-                    resid,
-                    abl,
-                    heads_of_rows,
-                    prompt_of_rows,
-                    positions,
-                    returns_tuple,
-                    fused=fused,
-                    prefix_reuse=prefix_reuse,
-                )
-            values = metric(logits, rep).float().view(len(heads), n_prompts)
+                logits = _hooked_forward(model, rows, clean, abl, positions, fused=fused, prefix_reuse=prefix_reuse)
+            values = metric(logits, rows.batch).float().view(len(heads), n_prompts)
             grid[layer, heads.numpy()] = values.mean(1).cpu().numpy()
             bar.update(len(heads))
     bar.close()
-    return grid, clean.cpu().numpy()
+    return grid, clean.metric.cpu().numpy()
 
 
 @torch.no_grad()
@@ -691,7 +543,7 @@ def ablation_scores(
     ----------
     model : LoadedModel
     prompts : sequence of str
-    metric : metric object (``attnlab.probes.ablation_metrics``) or callable ``fn(logits, batch) -> Tensor[rows]``
+    metric : metric object (``attnlab.ablation.metrics``) or callable ``fn(logits, batch) -> Tensor[rows]``
     mode : {"zero", "mean", "uniform", "resample"}, default="zero"
     reference : sequence of str or Batch, optional
         Reference set of the mean (default: the prompts themselves) and resample (required) modes.

@@ -1,7 +1,8 @@
 """Scalar metrics for ablation scoring: each turns logits into one number per batch row.
 
 A metric has ``encode(model, prompts) -> Batch`` (how its prompts are tokenized, e.g. with the answer appended
-for teacher forcing) and ``__call__(logits, batch) -> Tensor[rows]``. Rows may repeat prompts (batched
+for teacher forcing), ``__call__(logits, batch) -> Tensor[rows]`` and ``read_positions(batch)``: the positions
+whose logits it reads (None: any), so that the ablation scorer unembeds only there. Rows may repeat prompts (batched
 ablation repeats each prompt once per ablated head): per-prompt targets are looked up through
 ``batch.prompt_indices``, so ``encode`` must be called first. See ``docs/methods/ablation_scoring.md`` §2 (Metrics).
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+
+from attnlab.models.answers import TeacherForced
 
 
 def _per_prompt(values, n: int, what: str) -> list[str]:
@@ -23,19 +26,23 @@ def _per_prompt(values, n: int, what: str) -> list[str]:
 
 
 class AnswerTokens:
-    """Teacher-forced answer tokens appended to each prompt: their summed log-prob, or exact match.
+    """Teacher-forced answer tokens after each prompt: their summed log-prob, or exact match.
+
+    The metric of "the answer's log-prob" (``attnlab.models.answers.TeacherForced`` computes it, for this metric,
+    the app's answer log-prob, ``attnlab ablate --prompts`` and SoftPAG decoding's search objective alike).
 
     Parameters
     ----------
-    answers : str or sequence of str
+    answers : str or sequence of str, optional
         Continuation of each prompt, tokenized without special tokens and appended to the prompt's ids
-        (include the leading space if the model writes one, e.g. ``" 417"``).
+        (include the leading space if the model writes one, e.g. ``" 417"``). None: the prompts ``encode`` gets
+        are ``(token ids, answer start)`` pairs whose tails are the answers.
     reduce : {"logprob", "exact_match"}, default="logprob"
         ``logprob``: sum over answer tokens of log p(token | prefix). ``exact_match``: 1.0 when every answer
         token is the argmax at its position, i.e. when greedy decoding would start with the answer.
     """
 
-    def __init__(self, answers: str | Sequence[str], *, reduce: str = "logprob"):
+    def __init__(self, answers: str | Sequence[str] | None = None, *, reduce: str = "logprob"):
         self.answers = answers
         self.reduce = reduce
 
@@ -43,33 +50,26 @@ class AnswerTokens:
     def name(self) -> str:
         return "answer_logprob" if self.reduce == "logprob" else "answer_exact_match"
 
-    def encode(self, model, prompts: Sequence[str]):
+    def encode(self, model, prompts: Sequence):
         if self.reduce not in ("logprob", "exact_match"):
             raise ValueError(f"reduce must be 'logprob' or 'exact_match', got {self.reduce!r}")
-        answers = _per_prompt(self.answers, len(prompts), "answers")
-        ids, spans = [], []
-        for i, (p, a) in enumerate(zip(prompts, answers)):
-            prompt_ids = model.token_ids(p, index=i)
-            answer_ids = list(model.tokenizer(a, add_special_tokens=False)["input_ids"])
-            if not answer_ids:
-                raise ValueError(f"answer {i} ({a!r}) has no tokens")
-            spans.append((len(prompt_ids), len(prompt_ids) + len(answer_ids)))
-            ids.append(prompt_ids + answer_ids)
-        self.targets_ = [torch.tensor(x[s:e]) for x, (s, e) in zip(ids, spans)]
-        self.spans_ = spans
-        return model.batch_from_ids(ids, list(range(len(prompts))))
+        if self.answers is None:
+            self.teacher_forced_ = TeacherForced.from_token_ids(prompts)
+        else:
+            answers = _per_prompt(self.answers, len(prompts), "answers")
+            self.teacher_forced_ = TeacherForced.from_answers(model, prompts, answers)
+        return self.teacher_forced_.batch(model)
+
+    def read_positions(self, batch) -> torch.Tensor | None:
+        """Positions ``s-1 .. e-2`` of each prompt's answer span ``[s, e)`` (union over the batch's prompts)."""
+        return self.teacher_forced_.read_positions(batch) if hasattr(self, "teacher_forced_") else None
 
     def __call__(self, logits: torch.Tensor, batch) -> torch.Tensor:
-        out = []
-        for row, p in enumerate(batch.prompt_indices):
-            s, e = self.spans_[p]
-            pred = logits[row, s - 1 : e - 1].float()  # position t predicts token t+1
-            tgt = self.targets_[p].to(pred.device)
-            if self.reduce == "logprob":
-                out.append(pred.log_softmax(-1).gather(-1, tgt[:, None]).sum())
-            else:
-                out.append((pred.argmax(-1) == tgt).all().to(pred.dtype))
-        return torch.stack(out)
+        answers = self.teacher_forced_
+        answer_logits = answers.answer_logits(logits, batch)
+        if self.reduce == "logprob":
+            return answers.logprob(answer_logits, batch)
+        return answers.exact_match(answer_logits, batch)
 
 
 class LogitDifference:
@@ -94,6 +94,10 @@ class LogitDifference:
         self.correct_ids_ = self._first_ids(model, _per_prompt(self.correct, len(prompts), "correct answers"))
         self.incorrect_ids_ = self._first_ids(model, _per_prompt(self.incorrect, len(prompts), "incorrect answers"))
         return model.encode(list(prompts))
+
+    def read_positions(self, batch) -> torch.Tensor:
+        """Each prompt's last real token."""
+        return torch.tensor(sorted(set((batch.first_real + batch.lengths - 1).tolist())), dtype=torch.long)
 
     def __call__(self, logits: torch.Tensor, batch) -> torch.Tensor:
         idx = torch.as_tensor(batch.prompt_indices)
@@ -135,31 +139,6 @@ class NextTokenLogprob:
         return torch.stack(out)
 
 
-class TailLogProb:
-    """Summed log-prob of the last tokens of token-id prompts (teacher forced): ``prompts`` are
-    ``(ids, answer_start)`` pairs and ``ids[answer_start:]`` is scored. What ``attnlab ablate --prompts`` and the
-    app's ablation view score on a user's own prompts (their answers, or each prompt's last token)."""
-
-    name = "answer_logprob"
-
-    def encode(self, model, prompts):
-        ids = [list(p[0]) for p in prompts]
-        self.spans_ = [(int(p[1]), len(p[0])) for p in prompts]
-        for i, (s, e) in enumerate(self.spans_):
-            if not 1 <= s < e:
-                raise ValueError(f"prompt {i} has no answer tokens to score")
-        self.targets_ = [torch.tensor(x[s:e]) for x, (s, e) in zip(ids, self.spans_)]
-        return model.batch_from_ids(ids, list(range(len(ids))))
-
-    def __call__(self, logits, batch):
-        out = []
-        for row, p in enumerate(batch.prompt_indices):
-            s, e = self.spans_[p]
-            pred = logits[row, s - 1 : e - 1].float().log_softmax(-1)
-            out.append(pred.gather(-1, self.targets_[p].to(pred.device)[:, None]).sum())
-        return torch.stack(out)
-
-
 class CallableMetric:
     """Any ``fn(logits, batch) -> Tensor[rows]``; prompts encoded with ``model.encode``."""
 
@@ -169,6 +148,10 @@ class CallableMetric:
 
     def encode(self, model, prompts: Sequence[str]):
         return model.encode(list(prompts))
+
+    def read_positions(self, batch) -> None:
+        """Unknown: any position."""
+        return None
 
     def __call__(self, logits: torch.Tensor, batch) -> torch.Tensor:
         return self.fn(logits, batch)

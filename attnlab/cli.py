@@ -181,6 +181,7 @@ SCAN_BYTES_PER_PROMPT_HEAD = 64
 def check_scan_fits(model, dataset: str, n_prompts: int, seed: int) -> None:
     """Refuse (one line) a dataset scan whose prompts and per-prompt statistics cannot fit in memory: measured on
     a sample of 4 of the dataset's prompts, scaled to ``n_prompts``."""
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
     from attnlab.datasets import DATASETS
     from attnlab.probes.scan import prompt_token_ids
 
@@ -204,13 +205,12 @@ def check_scan_fits(model, dataset: str, n_prompts: int, seed: int) -> None:
 def cmd_scan(args) -> int:
     # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
     from attnlab.datasets import DATASETS, PromptSet
+    from attnlab.heads.runs import Run, check_target
     from attnlab.models.loading import load
     from attnlab.probes.registry import expand
     from attnlab.probes.scan import scan
 
     if args.resume and args.probes is None:
-        from attnlab.heads.runs import Run
-
         pending = Run.open(args.out).pending
         if not pending:
             raise AttnlabError(f"run {args.out} is complete; nothing to resume")
@@ -226,8 +226,6 @@ def cmd_scan(args) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else None
     needles = prompts is not None and all(isinstance(p, dict) for p in prompts)
     if not (args.append or args.resume):
-        from attnlab.heads.runs import check_target
-
         check_target(args.out, None, None, append=False)  # an existing run is refused before loading anything
     model = load(args.model, device=args.device, dtype=args.dtype)
     if args.dataset:
@@ -630,7 +628,7 @@ def cmd_ablate(args) -> int:
 
 def check_k(scores, k: int) -> None:
     """``--k`` must leave room for both sets: at most the result's scored heads, and k other heads to draw from."""
-    import numpy as np
+    import numpy as np  # (start-up: see the module docstring)
 
     scored = int(np.isfinite(scores.scores).sum())
     total = scores.n_layers * scores.n_heads

@@ -150,7 +150,7 @@ def read_prompts(path: str) -> list:
     text = _prompt_file_text(path)
     try:
         if p.suffix == ".jsonl":
-            from attnlab.datasets.niah_set import is_needle_record
+            from attnlab.datasets.niah_set import is_needle_record  # (start-up: datasets import torch)
 
             lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
             records = [_jsonl_record(line, i, path) for i, line in lines]

@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Top to bottom (docs/architecture.md). A module may import modules of its own layer and of the layers below.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("cli", {"cli", "__main__"}),
+    ("cli", {"cli", "cli_args", "__main__"}),
     ("apps", {"apps"}),
-    ("ablation", {"ablation", "census"}),
+    ("census", {"census", "sweep"}),
+    ("ablation", {"ablation"}),
     ("interventions", {"interventions"}),
     ("probes", {"probes", "attention", "dla"}),
     ("capture", {"capture", "fused", "lse"}),

@@ -69,7 +69,7 @@ class RunCatalog:
         info = run.info
         return {
             "run": name,
-            "model": _model_label(info.get("model", {}).get("name", "?")),
+            "model": model_label(info.get("model", {}).get("name", "?")),
             "probes": ", ".join(p.get("name", "?") for p in info.get("probes", [])),
             "dataset": info.get("dataset", {}).get("name", "?"),
             "created": info.get("created", "?"),
@@ -106,7 +106,7 @@ FITTED_DIR = "intervention"  # what ``attnlab intervene --out`` writes (``Interv
 FITTED_REPORT = "report.json"  # written after intervention/: its presence says the intervene run finished
 
 
-def _model_label(name: Any) -> str:
+def model_label(name: Any) -> str:
     """A model name for the page: a local checkpoint path shows as its directory name only (no server paths)."""
     text = str(name)
     return Path(text.rstrip("/\\")).name if text.startswith(("/", "~")) or ":\\" in text else text

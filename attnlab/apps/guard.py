@@ -59,7 +59,7 @@ def allowed_hosts(serve_host: str, extra: Iterable[str] = ()) -> frozenset[str] 
 
 def install(server, *, hosts: frozenset[str] | None, token: str | None, max_body_bytes: int) -> None:
     """Check Host, token and body size on every request of a Flask ``server``."""
-    from flask import abort, request
+    from flask import abort, request  # (flask comes with dash: imported when a server is guarded)
 
     server.config["MAX_CONTENT_LENGTH"] = max_body_bytes
 

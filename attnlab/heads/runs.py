@@ -69,7 +69,7 @@ def inside(directory: Path, path: Path) -> Path:
 @contextlib.contextmanager
 def locked(directory: str | Path) -> Iterator[None]:
     """Exclusive lock on a run directory (``fcntl.flock`` on ``.run.lock``) for the duration of the block."""
-    import fcntl
+    import fcntl  # (POSIX only: imported where a lock is taken)
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from attnlab.errors import AttnlabError
 from attnlab.heads.results import HeadScores, TokenScores
 from attnlab.params import Parameterized
 
@@ -281,8 +282,6 @@ class PerPromptRatio:
 def require_images(probe: Probe, model) -> None:
     """Vision probes score image tokens: on a text model they are refused (one line) rather than run to all-NaN."""
     if getattr(model, "modality", None) == "text":
-        from attnlab.errors import AttnlabError
-
         raise AttnlabError(
             f"{probe.name}: not scored: text model ({model.name} has no image tokens); vision probes need a "
             "vision-language model and image prompts (e.g. --dataset shapes)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dash import Input, Output, State
 
 from attnlab.apps import ids
-from attnlab.apps.catalog import _model_label
+from attnlab.apps.catalog import model_label
 from attnlab.apps.run_inputs import TYPED, prompt_options
 from attnlab.apps.run_inputs import n_prompts as n_prompts_of
 from attnlab.apps.state import AppState, failure_message, no_paths
@@ -38,7 +38,7 @@ def run_selected(run_name, state: AppState, want: dict | None = None) -> tuple:
     n_prompts = n_prompts_of(run)
     shown = min(n_prompts, MAX_PROMPT_OPTIONS)
     prompts = prompt_options(run, MAX_PROMPT_OPTIONS)
-    line = f"{_model_label(model.get('name'))}: {model.get('n_layers')} layers x {model.get('n_heads')} heads"
+    line = f"{model_label(model.get('name'))}: {model.get('n_layers')} layers x {model.get('n_heads')} heads"
     if shown < n_prompts:
         line += f"; the prompt list shows the first {shown:,} of its {n_prompts:,} prompts"
     if len(run.results) > 2 * MAX_OPTIONS:

@@ -18,6 +18,7 @@ import torch
 import attnlab
 from attnlab.capture import Capture
 from attnlab.datasets.bigram_backcopy import BigramBackcopy, bigram_backcopy_prompts
+from attnlab.models import sink as sink_runtime
 from attnlab.models.training import sink
 
 BUNDLED = Path(sink.__file__).resolve().parents[1] / "bundled"
@@ -58,11 +59,11 @@ def test_smoke_training_writes_outputs_and_reloads(tmp_path):
     assert model.tokens_as_text(task.trigger_ids) == [f"T{i}" for i in range(len(task.triggers))]
     prompts = bigram_backcopy_prompts(model, 2, seed=0, seq_len=16)
     assert prompts.token_ids[0][0] == task.bos_id and prompts.meta[0]["domain_label"] == "trigger"
-    m = sink.evaluate(str(tmp_path), "backcopy", n=4)
+    m = sink_runtime.evaluate(str(tmp_path), "backcopy", n=4)
     assert set(m) >= {"copy_acc", "n_trigger_positions"}
     assert "python -m attnlab.models.train sink" in (tmp_path / "MODEL_CARD.md").read_text()
     with pytest.raises(ValueError, match="unknown task"):
-        sink.evaluate(str(tmp_path), "niah")
+        sink_runtime.evaluate(str(tmp_path), "niah")
 
 
 def previous_token_at_triggers(model, prompts) -> np.ndarray:
@@ -96,7 +97,7 @@ def adam():
 
 @shipped
 def test_shipped_model_learns_the_task():
-    big, copy = sink.evaluate(str(ADAM), "bigram", n=64), sink.evaluate(str(ADAM), "backcopy", n=64)
+    big, copy = sink_runtime.evaluate(str(ADAM), "bigram", n=64), sink_runtime.evaluate(str(ADAM), "backcopy", n=64)
     assert copy["copy_acc"] > 0.98
     assert big["bigram_excess_loss"] < 0.1  # within 0.1 nats of the chain's own entropy
     assert big["bigram_loss"] < 0.8 * big["uniform_loss"]
@@ -158,7 +159,7 @@ def test_sgd_control_learns_the_task_without_sink_or_peak():
     model = attnlab.load("organism-sink-sgd")
     prompts = bigram_backcopy_prompts(model, 32, seed=7)
     res = attnlab.scan(model, probes(), prompts, progress=False)
-    copy = sink.evaluate(str(SGD), "backcopy", n=64)
+    copy = sink_runtime.evaluate(str(SGD), "backcopy", n=64)
     assert copy["copy_acc"] > 0.9  # it learns the task ...
     off = res["domain_sink_not_trigger"].scores
     print(f"\nSGD BOS mass, ordinary rows:\n{off.round(3)}\nvalue drain:\n{res['value_drain'].scores.round(3)}")

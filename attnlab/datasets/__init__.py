@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from attnlab.datasets.arithmetic import build_eval_problems
 from attnlab.datasets.base import PromptSet, fingerprint
+from attnlab.datasets.bigram_backcopy import bigram_backcopy_prompts
 from attnlab.datasets.niah_set import niah_dataset
 from attnlab.datasets.prose import prose_paragraphs
 from attnlab.datasets.reasoning import reasoning_prompt_set
@@ -89,8 +90,6 @@ def _arithmetic(model, n_prompts: int, seed: int) -> PromptSet:
 
 def _bigram_backcopy(model, n_prompts: int, seed: int) -> PromptSet:
     """Bigram-Backcopy sequences of the model's own task (models trained on it: organism-sink, organism-sink-sgd)."""
-    from attnlab.datasets.bigram_backcopy import bigram_backcopy_prompts
-
     return bigram_backcopy_prompts(model, n_prompts, seed)
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from attnlab.datasets.base import PromptSet
+from attnlab.errors import AttnlabError
 from attnlab.heads.io import read_arrays, read_json, write_arrays, write_json
 
 TASK_JSON = "bigram_backcopy.json"
@@ -228,8 +229,6 @@ def make_task(
 
 def task_of(model) -> BigramBackcopy:
     """The BB task saved beside a loaded model (organism-sink); a one-line AttnlabError when it has none."""
-    from attnlab.errors import AttnlabError
-
     path = Path(getattr(model, "path", "") or "")
     if not (path / TASK_JSON).is_file():
         raise AttnlabError(

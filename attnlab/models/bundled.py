@@ -118,13 +118,13 @@ BUNDLED: dict[str, BundledModel] = {
             "organism-sink",
             "attnlab's tiny Llama trained with Adam on Bigram-Backcopy: an active-dormant head, BOS sink and drain",
             _organism("organism-sink"),
-            "attnlab.models.training.sink",
+            "attnlab.models.sink",
         ),
         BundledModel(
             "organism-sink-sgd",
             "organism-sink's control: the same task and model trained with SGD (no sink expected)",
             _organism("organism-sink-sgd"),
-            "attnlab.models.training.sink",
+            "attnlab.models.sink",
         ),
         BundledModel(
             "organism-dit",

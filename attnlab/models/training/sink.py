@@ -14,8 +14,9 @@ Commands (repository root)::
     attnlab eval organism-sink --task bigram      # loss at ordinary positions (vs the chain's own entropy)
     attnlab eval organism-sink --task backcopy    # copy accuracy at trigger positions
 
-The file reads top to bottom: presets, tokenizer, model config, evaluation (behaviour and the sink diagnostics
-logged during training), the training loop, the model card, the command line.
+The file reads top to bottom: presets, tokenizer, model config, the training loop, the model card, the command
+line. The evaluation (behaviour and the sink diagnostics logged during training, ``evaluate``) is the organism's
+run time, in ``attnlab.models.sink``.
 
 What the paper predicts (section 2) and what the model card reports: a head that is *active* at trigger
 positions (attends to the previous token and copies it) and *dormant* at ordinary positions (attends to BOS);
@@ -34,11 +35,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from attnlab.datasets.bigram_backcopy import BigramBackcopy, make_task
 from attnlab.heads.io import write_json, write_text
+from attnlab.models.sink import behaviour, eval_ids, extremes
 
-EVAL_TASKS = ("bigram", "backcopy")
 SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>")  # ids 0..3; the task's state 0 is token id 4
 
 # ---- presets: plain values, each with what it is ---------------------------------------------------------------
@@ -82,9 +85,6 @@ PRESETS["smoke"] = dict(
 
 def build_tokenizer(names: list[str]):
     """Word-level tokenizer over the task's state names (``t0 ..``, ``T0 ..``) after the specials; BOS prepended."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     table = {s: i for i, s in enumerate(SPECIALS)}
     table.update({name: len(SPECIALS) + i for i, name in enumerate(names)})
     tk = Tokenizer(models.WordLevel(table, unk_token="<|unk|>"))
@@ -104,8 +104,6 @@ def build_tokenizer(names: list[str]):
 
 
 def build_config(p: dict, tok):
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=p["d_model"],
@@ -127,112 +125,11 @@ def build_config(p: dict, tok):
     )
 
 
-# ---- evaluation: behaviour, then the extreme-token diagnostics ---------------------------------------------------
-
-
-def eval_ids(task: BigramBackcopy, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Held-out sequences (the training stream uses ``seed``; evaluation draws from ``seed + 10_000``)."""
-    return torch.from_numpy(task.sample(n, seq_len, np.random.default_rng(seed + 10_000)))
-
-
-@torch.no_grad()
-def behaviour(model, task: BigramBackcopy, ids: torch.Tensor) -> dict:
-    """Loss at bigram positions (with the chain's own entropy as the floor) and copy accuracy at trigger positions."""
-    logits = model(input_ids=ids.to(model.device)).logits.float().cpu()
-    lp = logits[:, :-1].log_softmax(-1)
-    tgt = ids[:, 1:]
-    nll = -lp.gather(-1, tgt[..., None])[..., 0].numpy()  # position t predicts token t + 1
-    hit = (lp.argmax(-1) == tgt).numpy()
-    bigram = task.bigram_mask(ids.numpy())[:, :-1]
-    trig = task.trigger_mask(ids.numpy())[:, :-1]
-    oracle = task.oracle_nll(ids.numpy())
-    return {
-        "bigram_loss": float(nll[bigram].mean()),
-        "bigram_oracle_loss": float(np.nanmean(oracle)),
-        "bigram_excess_loss": float(nll[bigram].mean() - np.nanmean(oracle)),
-        "bigram_acc": float(hit[bigram].mean()),
-        "copy_acc": float(hit[trig].mean()),
-        "copy_loss": float(nll[trig].mean()),
-        "n_bigram_positions": int(bigram.sum()),
-        "n_trigger_positions": int(trig.sum()),
-        "uniform_loss": math.log(task.vocab_size),
-    }
-
-
-@torch.no_grad()
-def extremes(model, task: BigramBackcopy, ids: torch.Tensor) -> dict:
-    """Per layer and head: mean attention on BOS at ordinary vs trigger positions, attention on the previous token
-    at trigger positions, BOS value norm / mean value norm; per layer: BOS residual norm / median token norm.
-
-    Computed straight from the Hugging Face model (eager attention weights, value projections, layer outputs) so
-    that the training log needs no attnlab machinery; the probes (``domain_sink``, ``value_drain``,
-    ``residual_norms``) measure the same quantities on the shipped model.
-    """
-    values: dict[int, torch.Tensor] = {}
-    resid: dict[int, torch.Tensor] = {}  # each decoder layer's output (HF's last hidden state is after the final norm)
-    handles = []
-    for l, layer in enumerate(model.model.layers):
-        handles.append(layer.self_attn.v_proj.register_forward_hook(lambda m, i, o, l=l: values.__setitem__(l, o)))
-        handles.append(
-            layer.register_forward_hook(lambda m, i, o, l=l: resid.__setitem__(l, o[0] if isinstance(o, tuple) else o))
-        )
-    try:
-        out = model(input_ids=ids.to(model.device), output_attentions=True)
-    finally:
-        for h in handles:
-            h.remove()
-    trig = torch.from_numpy(task.trigger_mask(ids.numpy()))
-    ordinary = ~trig
-    ordinary[:, 0] = False  # BOS's own row is trivially all on BOS
-    n_kv = model.config.num_key_value_heads
-    rows = []
-    for l, att in enumerate(out.attentions):
-        att = att.float().cpu()  # [b, h, q, k]
-        bos = att[..., 0]  # [b, h, q]
-        prev = torch.diagonal(att, offset=-1, dim1=-2, dim2=-1)  # [b, h, q-1]: query q attends to key q-1
-        v = values[l].float().cpu().view(ids.shape[0], ids.shape[1], n_kv, -1).norm(dim=-1)  # [b, s, kv]
-        drain = (v[:, 0] / v.mean(1)).mean(0)  # [kv]
-        for h in range(att.shape[1]):
-            rows.append(
-                {
-                    "layer": l,
-                    "head": h,
-                    "bos_ordinary": float(bos[:, h][ordinary].mean()),
-                    "bos_trigger": float(bos[:, h][trig].mean()),
-                    "prev_trigger": float(prev[:, h][trig[:, 1:]].mean()),
-                    "value_drain": float(drain[h * n_kv // att.shape[1]]),
-                }
-            )
-    peaks = []
-    for l in range(len(resid)):  # residual stream after each layer
-        norms = resid[l].float().cpu().norm(dim=-1)  # [b, s]
-        peaks.append(float((norms[:, 0] / norms[:, 1:].median(dim=1).values).mean()))
-    return {"heads": rows, "bos_residual_peak": peaks}
-
-
-def evaluate(model_dir: str, task: str, *, device: str = "cpu", n: int | None = None, seed: int = 0) -> dict:
-    """Load a saved organism-sink and run one of ``EVAL_TASKS``; metric name -> value (+ counts)."""
-    from transformers import LlamaForCausalLM
-
-    if task not in EVAL_TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(EVAL_TASKS)}")
-    bb = BigramBackcopy.load(model_dir)
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    seq_len = int(json.loads((Path(model_dir) / "metrics.json").read_text()).get("seq_len", 128))
-    m = behaviour(model, bb, eval_ids(bb, n or 256, seq_len, seed + 1))
-    keys = ("bigram_loss", "bigram_oracle_loss", "bigram_excess_loss", "bigram_acc", "n_bigram_positions")
-    if task == "backcopy":
-        keys = ("copy_acc", "copy_loss", "n_trigger_positions")
-    return {k: m[k] for k in keys} | {"n_sequences": n or 256, "seq_len": seq_len, "uniform_loss": m["uniform_loss"]}
-
-
 # ---- training ---------------------------------------------------------------------------------------------------
 
 
 def train(p: dict, out_dir: Path, command: str) -> dict:
     """Train, save (float32 safetensors + tokenizer + the task), evaluate, write train_log / metrics / MODEL_CARD."""
-    from transformers import LlamaForCausalLM
-
     t_start = time.perf_counter()
     torch.manual_seed(p["seed"])
     rng = np.random.default_rng(p["seed"])

@@ -269,6 +269,7 @@ def cmd_scan(args) -> int:
 def _resumed_params(out: str, probe_names: list[str], given: dict) -> dict:
     """The parameters a resumed scan runs its probes with: those the interrupted scan recorded for them (a
     finished run must not mix two settings of one probe), with ``--param`` allowed only to repeat them."""
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
     from attnlab.heads.runs import Run
     from attnlab.probes.registry import changed_params
 
@@ -297,6 +298,7 @@ def _resumed_params(out: str, probe_names: list[str], given: dict) -> dict:
 
 
 def _param_default(probe: str, key: str):
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
     from attnlab.probes.registry import param_defaults
 
     return param_defaults(probe).get(key)
@@ -305,6 +307,7 @@ def _param_default(probe: str, key: str):
 def params_line(probes: list) -> str:
     """``"massive_activations.ratio_threshold=10.0, ..."``: the probe parameters a run recorded that differ from
     the probes' defaults ("" when all are defaults)."""
+    # Imported here, not at the top: torch, transformers and pandas would slow every command's start-up.
     from attnlab.probes.registry import changed_params
 
     return ", ".join(

@@ -259,7 +259,7 @@ def probe_params(pairs: Sequence[str], probe_names: Sequence[str]) -> dict[str, 
     the default is an int; an int is widened to float where the default is a float). Lists, objects, null, nan and
     inf, an empty value and malformed JSON are refused; so is a parameter given twice. Values the probe itself
     refuses are refused when it is built or attached (``attnlab.probes.registry``)."""
-    from attnlab.probes.registry import PROBES, build, param_defaults
+    from attnlab.probes.registry import PROBES, build, param_defaults  # (start-up: the probes import torch)
 
     out: dict[str, dict[str, Any]] = {}
     for pair in pairs:

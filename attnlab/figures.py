@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from attnlab.params import changed_params
+
 
 def plain(text) -> str:
     """``text`` escaped for plotly, which reads labels and titles as a subset of HTML (``<b>``, ``<s>``, ``<br>``):
@@ -19,9 +21,7 @@ def param_note(result) -> str:
     params, probe = getattr(result, "params", None), getattr(result, "probe", None)
     if not isinstance(params, dict) or not params or not probe:
         return ""
-    from attnlab.probes.registry import changed_params
-
-    changed = changed_params(str(probe), params)
+    changed = changed_params("probe", str(probe), params)  # probes are known once imported (the app and CLI do)
     return f" ({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else ""
 
 

@@ -168,9 +168,28 @@ def validate_params(constraints: dict[str, Sequence[Any]], params: dict[str, Any
 
 
 class Parameterized:
-    """Base of objects configured by keyword parameters: ``get_params``, ``_validate_params``, a short repr."""
+    """Base of objects configured by keyword parameters: ``get_params``, ``_validate_params``, a short repr.
+
+    A subclass with a ``family`` (e.g. ``"probe"``) and its own ``name`` is known by that pair once its module is
+    imported (``param_defaults``, ``changed_params``), so lower layers (figure titles) can tell which recorded
+    parameters differ from a class's defaults without importing the layer that defines it.
+    """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {}
+    family: ClassVar[str] = ""
+    _by_name: ClassVar[dict[tuple[str, str], type]] = {}  # (family, name) -> class: a table of classes, not state
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if cls.family and isinstance(name, str) and name:
+            Parameterized._by_name[(cls.family, name)] = cls
+
+    @classmethod
+    def _param_defaults(cls) -> dict[str, Any]:
+        """The parameters and their defaults (``inspect.Parameter.empty`` where none)."""
+        sig = inspect.signature(cls.__init__)
+        return {name: sig.parameters[name].default for name in cls._param_names()}
 
     @classmethod
     def _param_names(cls) -> list[str]:
@@ -195,6 +214,21 @@ class Parameterized:
         return f"{type(self).__name__}({args})"
 
 
+def param_defaults(family: str, name: str) -> dict[str, Any] | None:
+    """Parameters -> defaults of the class of ``family`` called ``name``; None when no such class is imported."""
+    cls = Parameterized._by_name.get((family, name))
+    return None if cls is None else cls._param_defaults()
+
+
+def changed_params(family: str, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The entries of recorded ``params`` that differ from the defaults of ``family``/``name``, in order; none for
+    a class that is not known (e.g. an imported result's probe)."""
+    defaults = param_defaults(family, name)
+    if defaults is None:
+        return {}
+    return {k: v for k, v in params.items() if k in defaults and defaults[k] != v}
+
+
 __all__ = [
     "BOOLEAN",
     "CALLABLE",
@@ -206,5 +240,7 @@ __all__ = [
     "Interval",
     "Options",
     "Parameterized",
+    "changed_params",
+    "param_defaults",
     "validate_params",
 ]

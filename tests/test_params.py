@@ -61,12 +61,30 @@ def test_constraints_describe_what_they_allow():
         validate_params(constraints, {"p": 1.5}, "X")
     with pytest.raises(InvalidParameterError, match=r"p must be a finite number in \[0, 1\], got nan"):
         validate_params(constraints, {"p": float("nan")}, "X")  # NaN compares false with every bound
-    with pytest.raises(InvalidParameterError, match=r"mode must be one of 'a', 'b' or None, got 'c'"):
+    with pytest.raises(InvalidParameterError, match=r"mode must be 'a' or 'b' or None, got 'c'"):
         validate_params(constraints, {"mode": "c"}, "X")
-    with pytest.raises(InvalidParameterError, match=r"k must be an integer >= 1, got 2.0"):
+    with pytest.raises(InvalidParameterError, match=r"k must be >= 1 \(an integer\), got 2.0"):
         validate_params(constraints, {"k": 2.0}, "X")  # an integer parameter refuses a float
-    with pytest.raises(InvalidParameterError, match=r"k must be an integer >= 1, got True"):
+    with pytest.raises(InvalidParameterError, match=r"k must be >= 1 \(an integer\), got True"):
         validate_params(constraints, {"k": True}, "X")  # and a boolean
+
+    with pytest.raises(InvalidParameterError, match=r"m must be one of 'a', 'b', 'c', got 'd'"):
+        validate_params({"m": [Options(("a", "b", "c"))]}, {"m": "d"}, "X")
+
+
+def test_the_registry_refuses_a_probe_parameter_when_it_builds_it_in_the_probes_words():
+    """``probes.registry.build`` checks the constraints before any model is loaded; the message names the probe,
+    the parameter, what it allows and what it got."""
+    from attnlab.params import changed_params
+    from attnlab.probes.registry import build
+
+    with pytest.raises(AttnlabError, match=r"^act_sinks: threshold_mode must be 'fixed' or 'alpha_over_n', got 'x'$"):
+        build("act_sinks", {"threshold_mode": "x"})
+    with pytest.raises(AttnlabError, match=r"^first_token_sink: n_sink_tokens must be >= 1 \(an integer\), got 0$"):
+        build("first_token_sink", {"n_sink_tokens": 0})
+    ok = build("massive_activations", {"ratio_threshold": 10.0})
+    assert changed_params("probe", ok.name, ok.get_params()) == {"ratio_threshold": 10.0}
+    assert changed_params("probe", "no_such_probe", {"x": 1}) == {}
 
 
 def test_use_validates_before_touching_the_model_or_the_data():

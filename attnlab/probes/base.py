@@ -61,6 +61,7 @@ class Probe(Parameterized):
     """
 
     name: ClassVar[str] = ""
+    family: ClassVar[str] = "probe"
     needs_patterns: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
     _ratios: ClassVar[tuple[str, ...]] = ()  # PerPromptRatio attributes merged by the base

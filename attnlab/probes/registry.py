@@ -3,10 +3,10 @@ probe by name with parameters (``build("massive_activations", {"ratio_threshold"
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from attnlab import params as params_lib
 from attnlab.errors import AttnlabError, InvalidParameterError
 from attnlab.probes.act_sinks import ActSinks
 from attnlab.probes.domain_sink import DomainSink
@@ -71,12 +71,7 @@ def expand(names: str | list[str]) -> list[str]:
 def param_defaults(name: str) -> dict[str, Any]:
     """Probe ``name``'s constructor parameters -> their defaults (``inspect.Parameter.empty`` where none); the
     names ``build`` accepts."""
-    sig = inspect.signature(PROBES[name].__init__)
-    return {
-        k: p.default
-        for k, p in sig.parameters.items()
-        if k != "self" and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    }
+    return PROBES[name]._param_defaults()
 
 
 def build(name: str, params: Mapping[str, Any] | None = None):
@@ -112,5 +107,4 @@ def changed_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
     in order; none for a name this registry does not know (an imported result: its defaults are unknown)."""
     if name not in PROBES:
         return {}
-    defaults = param_defaults(name)
-    return {k: v for k, v in params.items() if k in defaults and defaults[k] != v}
+    return params_lib.changed_params("probe", name, params)

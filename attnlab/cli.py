@@ -548,7 +548,7 @@ def cmd_census(args) -> int:
 
 def _census_sweep(args, prompts, device_map) -> int:
     """``attnlab census --models ... [--workers N | --cluster ADDR] [--dry-run]``: attnlab.sweep."""
-    from attnlab import sweep as sw
+    from attnlab import sweep as sw  # (start-up: the sweep imports torch; Ray only on its own path)
 
     if args.headvis:
         raise AttnlabError("--headvis writes one model's HeadVis tree: run it with --model, without a sweep")

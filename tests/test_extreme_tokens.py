@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHORT_SENTENCES
+from fakes import FakeCapture
 
 import attnlab
 from attnlab.capture import Capture
@@ -24,15 +25,6 @@ from attnlab.probes.residual_norms import ResidualNorms
 from attnlab.probes.value_drain import ValueDrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class FakeCapture:
-    def __init__(self):
-        self.handlers = {}
-
-    def on(self, site, fn, **kw):
-        self.handlers.setdefault(site, []).append(fn)
-        return self
 
 
 def fake_model(n_heads=2, n_kv_heads=None):
@@ -54,12 +46,12 @@ def feed(probe, *, rows=None, v=None, resid=None, ids, mask=None, meta=None, mod
     cap = FakeCapture()
     probe.attach(cap, ctx)
     batch = Batch(ids, torch.ones(b, s, dtype=torch.long) if mask is None else mask, list(range(b)))
-    for fn in cap.handlers.get("attention", []):  # the eager view of the planted pattern
+    for fn in (h.fn for h in cap.of("attention")):  # the eager view of the planted pattern
         qk = torch.zeros(b, rows.shape[1], s, 1)
         fn(0, AttentionView(qk, qk, ScoreSpec(1.0, key_mask=batch.attention_mask), pattern=rows), batch)
-    for fn in cap.handlers.get("v", []):
+    for fn in (h.fn for h in cap.of("v")):
         fn(0, v, batch)
-    for fn in cap.handlers.get("resid_post", []):
+    for fn in (h.fn for h in cap.of("resid_post")):
         fn(0, resid, batch)
     return {r.name: r for r in probe.results(ctx)}
 
@@ -125,7 +117,7 @@ def test_domain_sink_gives_each_batch_its_own_domain():
     for p, rows in enumerate((rows_a, rows_b)):  # a fresh Batch object per forward, as the engine makes
         batch = Batch(torch.zeros(1, s, dtype=torch.long), torch.ones(1, s, dtype=torch.long), [p])
         qk = torch.zeros(1, 2, s, 1)
-        for fn in cap.handlers["attention"]:
+        for fn in (h.fn for h in cap.of("attention")):
             fn(0, AttentionView(qk, qk, ScoreSpec(1.0), pattern=rows), batch)
         del batch
     res = {r.name: r for r in probe.results(ctx)}

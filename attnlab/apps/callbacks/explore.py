@@ -11,7 +11,7 @@ import numpy as np
 from dash import Input, Output, State, no_update
 
 from attnlab.apps import ids
-from attnlab.apps.callbacks.pattern import _prompt
+from attnlab.apps.callbacks.pattern import chosen_prompt
 from attnlab.apps.live import RunPrompt
 from attnlab.apps.run_inputs import model_to_load
 from attnlab.apps.state import AppState, empty_figure, failure_message
@@ -50,7 +50,7 @@ def grid_figure(run_name, selected, choice, typed, layer_value, state: AppState)
         n_heads = int(run.info["model"]["n_heads"])
         layer = int(selected["layer"]) if layer_value in (None, "selected") else int(layer_value)
         heads = [(layer, h) for h in range(min(n_heads, MAX_GRID_HEADS))]
-        patterns = _patterns(state, run, _prompt(run, choice, typed, state), heads)
+        patterns = _patterns(state, run, chosen_prompt(run, choice, typed, state), heads)
         fig = patterns.plot(max_size=64)
         more = f"showing the first {MAX_GRID_HEADS} of {n_heads} heads" if n_heads > MAX_GRID_HEADS else ""
         return fig, more
@@ -70,7 +70,7 @@ def comparison_figure(n_clicks, run_name, selected, choice, typed, prompt_b, sco
         run = state.catalog.open(run_name)
         layer, head = int(selected["layer"]), int(selected["head"])
         heads = [(layer, h) for h in range(int(run.info["model"]["n_heads"]))] if scope == "layer" else [(layer, head)]
-        a = _patterns(state, run, _prompt(run, choice, typed, state), heads)
+        a = _patterns(state, run, chosen_prompt(run, choice, typed, state), heads)
         b = _patterns(state, run, str(prompt_b), heads)
         comparison = PatternComparison(a, b, labels=("A", "B"))
         note = "" if len(heads) <= 6 else f"the first 6 of {len(heads)} heads are drawn"
@@ -90,7 +90,7 @@ def dla_result(n_clicks, run_name, choice, typed, answer, contrast, state: AppSt
         if not answer or not str(answer).strip():
             raise AttnlabError("type the answer whose logit is attributed")
         run = state.catalog.open(run_name)
-        prompt = _prompt(run, choice, typed, state)
+        prompt = chosen_prompt(run, choice, typed, state)
         if isinstance(prompt, RunPrompt):
             if prompt.image is not None:
                 raise AttnlabError("head DLA runs on text prompts; this run prompt has an image")

@@ -20,7 +20,7 @@ from attnlab.errors import AttnlabError
 _ROW_LABEL = re.compile(r"^(\d{1,7})[:-]")
 
 
-def _prompt(run, choice, typed, state: AppState) -> str | RunPrompt:
+def chosen_prompt(run, choice, typed, state: AppState) -> str | RunPrompt:
     """The typed text, or one of the run's own prompts as the scan saw it (read from the run, never regenerated
     where the run kept its inputs)."""
     if choice == TYPED or choice is None:
@@ -55,7 +55,7 @@ def pattern_figure(
     try:
         run = state.catalog.open(run_name)
         layer, head = int(selected["layer"]), int(selected["head"])
-        prompt = _prompt(run, choice, typed, state)
+        prompt = chosen_prompt(run, choice, typed, state)
         data = state.live.pattern(model_to_load(run.info), prompt, layer, head)
         n = len(data.tokens)
         if mode == "row":

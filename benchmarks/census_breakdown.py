@@ -26,8 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import attnlab  # noqa: E402
-from attnlab.capture import Capture, hf_attention  # noqa: E402
+from attnlab.capture import Capture  # noqa: E402
 from attnlab.census import GROUPS, census  # noqa: E402
+from attnlab.fused import fused_attention  # noqa: E402
 
 
 def main() -> None:
@@ -63,7 +64,7 @@ def main() -> None:
         return time.perf_counter() - t
 
     def hf_plain():
-        with hf_attention(model, "sdpa"):
+        with fused_attention(model, implementation="sdpa"):
             plain_forward(model.hf_model, batches, dev)
 
     def bridge_plain():

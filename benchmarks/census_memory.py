@@ -28,8 +28,8 @@ def measure(path: str, mode: str, seq: int, device: str, statistics: str, thread
     from census_speed import random_prompts
 
     import attnlab
-    from attnlab.capture import hf_attention
     from attnlab.census import census
+    from attnlab.fused import fused_attention
 
     if threads:
         torch.set_num_threads(threads)
@@ -48,7 +48,7 @@ def measure(path: str, mode: str, seq: int, device: str, statistics: str, thread
     with torch.inference_mode():
         if mode == "plain":
             ids = torch.tensor(prompts.token_ids, device=device)
-            with hf_attention(model, "sdpa"):
+            with fused_attention(model, implementation="sdpa"):
                 model.hf_model(ids, logits_to_keep=1, use_cache=False)
         else:
             census(model, prompts, statistics=statistics, batch_size=1, progress=False)

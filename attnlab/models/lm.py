@@ -124,7 +124,8 @@ PROGRESS_EVERY_S = 10.0
 
 
 def _progress(what: str, done: int, total: int) -> None:
-    """One stderr line at most every ``PROGRESS_EVERY_S`` seconds (and at the end), for runs of more than a chunk."""
+    """One stderr line at most every ``PROGRESS_EVERY_S`` seconds (and at the end), for runs of more than a chunk
+    (off with ``--quiet``, as the progress bars)."""
     now = time.monotonic()
     if enabled() and total > EVAL_CHUNK and (now - _last_progress[0] >= PROGRESS_EVERY_S or done >= total):
         _last_progress[0] = now

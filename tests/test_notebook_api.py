@@ -152,7 +152,8 @@ def test_head_dla_refuses_what_it_cannot_decompose(loaded):
 
 
 def test_reprs_are_short_and_html_views_have_no_script(loaded):
-    from attnlab.interventions.evaluate import evaluate_intervention, load_data
+    from attnlab.datasets.specs import load_data
+    from attnlab.interventions.evaluate import evaluate_intervention
     from attnlab.interventions.zerotuning import ZeroTuning
 
     model = loaded("llama-gqa")

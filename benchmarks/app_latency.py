@@ -4,7 +4,9 @@ Goal (issue #6): under half a second for a 2,000-token prompt. Measured two ways
 - server: the callbacks a click runs (select head, head pattern from the cached q/k, figure) plus the JSON
   serialisation dash does, as plain function calls;
 - browser (when Debian's chromium + chromium-driver and selenium are installed): a real click in headless Chromium
-  until the pattern's title names the clicked head (network, serialisation, plotly drawing included).
+  until the pattern's title names the clicked head (network, serialisation, plotly drawing included), timed on the
+  page's own clock from the mousedown to the title's change; the webdriver wall time (with its polling round trips)
+  is reported beside it. Figures before 2026-12-04 (session 7) timed selenium's default 250 ms pointer travel too.
 The first pattern of a new prompt costs one forward pass (reported separately); later clicks reuse its q/k.
 
 organism-lm has a context of 1,024 tokens; for longer --tokens the benchmark raises the model's n_ctx for this
@@ -140,23 +142,44 @@ def browser_latency(app, model, prompt: str, heads) -> dict | None:
         drag = d.find_element("css selector", f"#{ids.HEAD_MAP} .nsewdrag")
         d.execute_script("arguments[0].scrollIntoView(true);", drag)
         w, h = drag.size["width"], drag.size["height"]
-        times = []
+        # In-page clock: the page stamps the pointer's mousedown and, through a MutationObserver on the pattern view,
+        # the moment its title first names the clicked head -- the latency a user sees, free of webdriver round trips.
+        # The pointer moves with duration 0: selenium's default (250 ms of simulated travel) is not the app's time.
+        d.execute_script(
+            """
+            const view = arguments[0];
+            window.__bench = {down: null, done: null, want: null};
+            document.addEventListener('mousedown', () => { window.__bench.down = performance.now(); }, true);
+            new MutationObserver(() => {
+              const b = window.__bench, t = document.querySelector('#' + view + ' .gtitle');
+              if (b.want && !b.done && t && t.textContent.startsWith(b.want)) b.done = performance.now();
+            }).observe(document.getElementById(view), {subtree: true, childList: true, characterData: true});
+            """,
+            ids.PATTERN,
+        )
+        times, page = [], []
         last = None
         for layer, head in heads:
             if (layer, head) == last:
                 continue
             dx = (head + 0.5) / model.n_heads * w - w / 2
             dy = (layer + 0.5) / model.n_layers * h - h / 2
+            d.execute_script("window.__bench = {down: null, done: null, want: arguments[0]};", f"L{layer}H{head} ")
             t0 = time.perf_counter()
-            ActionChains(d).move_to_element_with_offset(drag, int(dx), int(dy)).click().perform()
+            ActionChains(d, duration=0).move_to_element_with_offset(drag, int(dx), int(dy)).click().perform()
             wait(
                 lambda layer=layer, head=head: title().startswith(f"L{layer}H{head} ") and f"({n} tokens" in title(), 30
             )
             times.append(time.perf_counter() - t0)
+            wait(lambda: d.execute_script("return window.__bench.done !== null;"), 5)
+            down, done = d.execute_script("return [window.__bench.down, window.__bench.done];")
+            page.append((done - down) / 1000)
             last = (layer, head)
         return {
-            "click_median_s": round(statistics.median(times), 4),
-            "click_max_s": round(max(times), 4),
+            "click_to_pattern_median_s": round(statistics.median(page), 4),
+            "click_to_pattern_max_s": round(max(page), 4),
+            "webdriver_wall_median_s": round(statistics.median(times), 4),
+            "webdriver_wall_max_s": round(max(times), 4),
             "clicks": len(times),
         }
     finally:

@@ -19,6 +19,13 @@ the attended position       positions (``i - E[j]`` is the mean distance)
 Statistics that need whole rows (an argmax, a maximum logit, column sums) use ``score_rows`` in query chunks:
 memory ``chunk x T`` per head, compute ``T^2 d`` like attention itself.
 
+Short batches: when a layer's whole score block has at most ``DENSE_BUDGET`` entries (``b x heads x T x T``; 16M,
+64 MiB of float32 -- a quarter of one streamed chunk's ``ROW_BUDGET``), ``AttentionView`` scores it once, keeps its
+scores and weights, and answers every statistic from them (sums and gathers: no further products, kernel calls or
+exponentials). The formulas are then the eager ones, so the numbers agree with the row-free formulas to float
+rounding (a test runs the fused view both ways against the eager pattern). Where it pays: on CPU, at prompts of a
+few hundred tokens, many small products and exponentials cost more than one block. Long rows never take it.
+
 Shapes: ``q`` ``[batch, n_heads, Tq, d]``; ``k``, ``v`` ``[batch, n_kv_heads, Tk, d]`` (grouped-query attention:
 KV head ``g`` serves query heads ``g * group ... (g + 1) * group - 1``, consecutive, as in every HF model);
 ``key_mask`` ``[batch, Tk]`` (1 = real key). Queries sit at the last ``Tq`` key positions (``Tq == Tk`` for a
@@ -34,6 +41,7 @@ from dataclasses import dataclass, replace
 import torch
 
 ROW_BUDGET = 1 << 26  # score entries per chunk of rows (256 MiB of float32) before the chunk shrinks
+DENSE_BUDGET = 1 << 24  # a view keeps the whole weights block (scores + weights) when it has at most this many
 NEG = -1e30  # masked score: exp(NEG - lse) == 0 exactly in float32, and no inf - inf NaN
 
 
@@ -325,7 +333,7 @@ class AttentionView:
     q : ``[b, n_heads, T, d]`` rotated queries; k : ``[b, n_kv_heads, T, d]`` rotated keys
     spec : ScoreSpec (scale, causality, window, soft cap, key mask)
     pattern : ``[b, n_heads, T, T]`` post-softmax weights, or None (fused path)
-    chunk : int, query rows per chunk where whole rows are scored
+    chunk : int, query rows per chunk where whole rows are streamed (a block over ``DENSE_BUDGET``)
     """
 
     def __init__(self, q, k, spec: ScoreSpec, *, pattern=None, chunk: int = 256):
@@ -334,6 +342,8 @@ class AttentionView:
         self.chunk = min(int(chunk), max(16, ROW_BUDGET // max(1, b * h * t)))
         self._lse = None
         self._max = None
+        self._weights = self._scores = None  # the kept block of a short batch (fused path; see ``_block``)
+        self._dense = pattern is None and b * h * q.shape[2] * t <= DENSE_BUDGET
 
     @property
     def fused(self) -> bool:
@@ -365,36 +375,66 @@ class AttentionView:
             return None
         return out[1].float()
 
+    def _block(self) -> torch.Tensor | None:
+        """``[b, n_heads, Tq, Tk]`` float32 weights when the view has them whole: the eager pattern, or on the fused
+        path a short batch's single chunk, scored once (``_dense_pass``); None when rows must be streamed."""
+        if self.pattern is not None:
+            return self.pattern.float()
+        if not self._dense:
+            return None
+        if self._weights is None:
+            self._dense_pass()
+        return self._weights
+
+    def _dense_pass(self) -> None:
+        """Score every row once (a short batch: one chunk holds them all) and keep what every statistic reads: the
+        masked scores, the weights ``softmax(s)`` (exactly 0 on masked keys of any row with a visible key; a row
+        with none -- a left-padding query -- is uniform, as in the eager pattern) and each head's largest raw score.
+
+        ``torch.softmax`` rather than ``exp(s - lse)``: on CPU, ``torch.exp`` of the masked entries' huge negative
+        arguments runs 5-8x slower than softmax's own exponential (measured: benchmarks/census_speed.py)."""
+        t = self.q.shape[2]
+        s = score_rows(self.q, self.k, replace(self.spec, softcap=None), slice(0, t))  # raw; masked entries NEG
+        self._max = self._head_max(s.amax(dim=-1), slice(0, t))
+        if self.spec.softcap is not None:
+            s = torch.where(s > NEG / 2, self.spec.softcap * torch.tanh(s / self.spec.softcap), s)
+        self._scores, self._weights = s, torch.softmax(s, dim=-1)
+
+    def _head_max(self, row_max: torch.Tensor, q_pos: slice) -> torch.Tensor:
+        """``[b, h]`` largest of the rows' maxima ``row_max`` ``[b, h, c]`` over the real queries among ``q_pos``."""
+        if self.spec.key_mask is not None:  # padding queries are not rows of the prompt
+            real = self.spec.key_mask.to(self.q.device).bool()[:, -self.q.shape[2] :][:, q_pos]
+            row_max = row_max.masked_fill(~real[:, None], NEG)
+        return row_max.amax(dim=-1)
+
     def _scores_pass(self, colsum_queries: torch.Tensor | None = None) -> torch.Tensor | None:
-        """One chunked pass of score products for whatever is still missing: each row's log-sum-exp (when the
-        kernel cannot give it), each head's largest raw score, and (``colsum_queries`` ``[b, T]`` float) the
-        attention each key receives from those queries. Returns the column sums (or None)."""
+        """One chunked pass of score products for whatever is still missing: each row's log-sum-exp, each head's
+        largest raw score, and (``colsum_queries`` ``[b, T]`` float) the attention each key receives from those
+        queries. Returns the column sums (or None). The log-sum-exp alone comes from the flash kernel where it can
+        (``_kernel_lse``); with anything else to score, from the same pass: ``lse = max - log(top weight)``."""
         b, h, t = self.shape
-        if self._lse is None:
-            self._lse = self._kernel_lse()
-        if colsum_queries is not None and self._lse is None:  # the weights need every row's lse first
-            self._scores_pass()
+        if self._lse is None and self._max is not None and colsum_queries is None:
+            self._lse = self._kernel_lse()  # nothing else to score: the kernel's lse, when it has one, suffices
         need_lse, need_max = self._lse is None, self._max is None
         raw = replace(self.spec, softcap=None)
         cap = self.spec.softcap
-        real_q = self.spec.key_mask.to(self.q.device).bool() if self.spec.key_mask is not None else None
         lses, best = [], torch.full((b, h), NEG, device=self.q.device) if need_max else None
         colsum = None if colsum_queries is None else torch.zeros(b, h, t, device=self.q.device)
         for start in range(0, t, self.chunk):
             q_pos = slice(start, min(start + self.chunk, t))
             s = score_rows(self.q, self.k, raw, q_pos)  # raw scores, masked entries NEG
+            row_max = s.amax(dim=-1)  # [b, h, c]
             if need_max:
-                row_max = s.amax(dim=-1)  # [b, h, c]: padding queries excluded below
-                if real_q is not None:
-                    row_max = row_max.masked_fill(~real_q[:, None, q_pos], NEG)
-                best = torch.maximum(best, row_max.amax(dim=-1))
+                best = torch.maximum(best, self._head_max(row_max, q_pos))
             if cap is not None:
                 s = torch.where(s > NEG / 2, cap * torch.tanh(s / cap), s)
-            if need_lse:
-                lses.append(torch.logsumexp(s, dim=-1))
+                row_max = s.amax(dim=-1)
+            if need_lse or colsum is not None:
+                w = torch.softmax(s, dim=-1)  # whole rows: the weights themselves (see _dense_pass on exp)
+            if need_lse:  # the row's top weight is exp(max - lse): lse = max - log(top weight)
+                lses.append(row_max - torch.log(w.amax(dim=-1)))
             if colsum is not None:
-                w = torch.exp(s.sub_(self._lse[:, :, q_pos, None]))
-                colsum += torch.einsum("bhck,bc->bhk", w, colsum_queries[:, q_pos])
+                colsum += torch.matmul(colsum_queries[:, None, None, q_pos], w)[:, :, 0]
         if need_lse:
             self._lse = torch.cat(lses, dim=-1)
         if need_max:
@@ -405,21 +445,25 @@ class AttentionView:
         """``[b, n_heads, T]`` log-sum-exp of each row's masked scores (fused path; computed once per layer: from
         the flash kernel where it can, else in the chunked pass, which then gives the maximum logits too)."""
         if self._lse is None:
-            self._scores_pass()
+            if self._dense:  # the row's top weight is exp(max - lse)
+                self._block()
+                self._lse = self._scores.amax(dim=-1) - torch.log(self._weights.amax(dim=-1))
+            else:
+                self._scores_pass()
         return self._lse
 
     def max_logit(self) -> torch.Tensor:
         """``[b, n_heads]`` largest raw score ``q . k * scale`` over real queries and visible keys."""
         if self._max is None:
-            self._scores_pass()
+            self._dense_pass() if self._dense else self._scores_pass()
         return self._max
 
     def pairs(self, b_idx, q_idx, k_idx) -> torch.Tensor:
         """Weights ``[n_pairs, n_heads]`` of listed (prompt, query, key) pairs; masked pairs weigh 0."""
-        if self.pattern is not None:
-            dev = self.pattern.device
-            b_idx, q_idx, k_idx = (x.to(dev).long() for x in (b_idx, q_idx, k_idx))
-            return self.pattern[b_idx, :, q_idx, k_idx].float()
+        p = self._block()
+        if p is not None:
+            b_idx, q_idx, k_idx = (x.to(p.device).long() for x in (b_idx, q_idx, k_idx))
+            return p[b_idx, :, q_idx, k_idx]
         return pair_weights(self.q, self.k, self.lse(), self.spec, b_idx, q_idx, k_idx)
 
     def band(self, offsets: range) -> torch.Tensor:
@@ -431,8 +475,8 @@ class AttentionView:
         key = torch.arange(t, device=dev)[:, None] - offs[None, :]  # [T, r] absolute key of each band entry
         inside = (key >= 0) & (key < t)
         key_c = key.clamp(0, t - 1)
-        if self.pattern is not None:
-            p = self.pattern.float()
+        p = self._block()
+        if p is not None:
             w = p.gather(-1, key_c[None, None].expand(b, p.shape[1], t, len(offs)))
             return w * inside[None, None].to(w.dtype)
         n_kv = self.k.shape[1]
@@ -478,11 +522,12 @@ class AttentionView:
 
     def mass_on(self, keys: torch.Tensor) -> torch.Tensor:
         """``[b, n_heads, T]``: each row's mass on the key positions ``keys`` ``[b, m]`` (-1 entries ignored)."""
-        if self.pattern is not None:
-            keys = keys.to(self.pattern.device).long()
+        p = self._block()
+        if p is not None:
+            keys = keys.to(p.device).long()
             valid = (keys >= 0).float()
-            idx = keys.clamp(min=0)[:, None, None, :].expand(-1, self.pattern.shape[1], self.pattern.shape[2], -1)
-            return (self.pattern.float().gather(-1, idx) * valid[:, None, None, :]).sum(-1)
+            idx = keys.clamp(min=0)[:, None, None, :].expand(-1, p.shape[1], p.shape[2], -1)
+            return (p.gather(-1, idx) * valid[:, None, None, :]).sum(-1)
         return mass_on_columns(self.q, self.k, self.lse(), self.spec, keys)
 
     def band_mass(self, offsets: range) -> torch.Tensor:
@@ -491,15 +536,17 @@ class AttentionView:
 
     def entropy(self) -> torch.Tensor:
         """``[b, n_heads, T]`` row entropy (nats)."""
-        if self.pattern is not None:
-            p = self.pattern.float()
-            return -(p * torch.log(p.clamp_min(torch.finfo(torch.float32).tiny))).sum(-1)
+        p = self._block()
+        if p is not None and self._scores is not None:  # the kept block: H = lse - sum_j A s (no log of A)
+            return self.lse() - torch.einsum("bhqk,bhqk->bhq", p, self._scores)
+        if p is not None:
+            return -torch.xlogy(p, p).sum(-1)
         return entropy(self.q, self.k, self.lse(), self.spec)
 
     def distance_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row, the attention-weighted mean of ``|i - j|`` and of ``|i - j|^2``: two ``[b, n_heads, T]``."""
-        if self.pattern is not None:
-            p = self.pattern.float()
+        p = self._block()
+        if p is not None:
             t = p.shape[-1]
             pos = torch.arange(t, device=p.device, dtype=torch.float32)
             dist = (pos[:, None] - pos[None, :]).abs()
@@ -510,6 +557,7 @@ class AttentionView:
         """``[b, n_heads, T]``: attention each key receives, summed over the real queries ``[b, T]`` bool (fused
         path: in the same chunked pass as the maximum logits when those are still to come)."""
         rq = real_queries.to(self.q.device).float()
-        if self.pattern is not None:
-            return torch.einsum("bhqk,bq->bhk", self.pattern.float(), rq)
+        p = self._block()
+        if p is not None:  # a batched vector-matrix product (einsum's route here is ~10x slower on CPU)
+            return torch.matmul(rq[:, None, None, :], p)[:, :, 0]
         return self._scores_pass(rq)

@@ -1,12 +1,14 @@
-"""The "attention" capture site: every AttentionView statistic on the fused path (q, k and the row log-sum-exp, no
-seq x seq matrix) equals the same statistic on the eager path (the bridge's materialised pattern) to 1e-5, on every
-tiny architecture, with padding."""
+"""The "attention" capture site: every AttentionView statistic on the fused path equals the same statistic on the
+eager path (the bridge's materialised pattern) to 1e-5, on every tiny architecture, with padding -- both ways the
+fused view can answer: from q, k and the row log-sum-exp with no seq x seq matrix ("rows", forced by a zero dense
+budget), and from the one weights block it keeps for a short batch ("dense", the default at these lengths)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from attnlab import lse
 from attnlab.capture import Capture, supports_fused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -14,10 +16,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = ["The cat sat on the mat and the cat sat.", "Paris is the capital of France.", "One two three."]
 
 
-def collect(model, batch, attention: str) -> dict:
+def collect(model, batch, attention: str, dense: bool | None = None) -> dict:
     out: dict = {}
 
     def fn(layer, view, b):
+        if dense is not None:
+            assert view._dense == dense
         real = b.attention_mask.bool().to(view.q.device)
         first = b.first_real.to(view.q.device)
         keys = torch.stack([first, first + 1], 1)
@@ -53,7 +57,8 @@ def collect(model, batch, attention: str) -> dict:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "qwen2", "bert", "llava"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_fused_view_equals_eager_view(loaded, arch, padding_side):
+@pytest.mark.parametrize("block", ["rows", "dense"])
+def test_fused_view_equals_eager_view(loaded, arch, padding_side, block, monkeypatch):
     model = loaded(arch)
     if not supports_fused(model):
         pytest.skip(f"{arch} does not route attention through transformers' attention interface")
@@ -64,7 +69,9 @@ def test_fused_view_equals_eager_view(loaded, arch, padding_side):
         batch = model.encode(["<image>\nWhat is it?", "<image> blue"], images=ims, padding_side=padding_side)
     else:
         batch = model.encode(TEXTS, padding_side=padding_side)
-    eager, fused = collect(model, batch, "eager"), collect(model, batch, "fused")
+    if block == "rows":
+        monkeypatch.setattr(lse, "DENSE_BUDGET", 0)
+    eager, fused = collect(model, batch, "eager"), collect(model, batch, "fused", dense=block == "dense")
     assert sorted(eager) == list(range(model.n_layers))
     for layer in eager:
         for name, want in eager[layer].items():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import attnlab
+from attnlab import lse
 from attnlab.probes.max_attention_logit import MaxAttentionLogit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,10 +43,13 @@ def recorded_max_logits(hf, batch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "qwen2"])
-@pytest.mark.parametrize("attention", ["eager", "fused"])
-def test_max_logit_equals_the_models_own_scores(loaded, checkpoint_dir, arch, attention):
+@pytest.mark.parametrize("attention", ["eager", "fused", "fused-rows"])
+def test_max_logit_equals_the_models_own_scores(loaded, checkpoint_dir, arch, attention, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    if attention == "fused-rows":  # no kept block: rows streamed in chunks of 4
+        monkeypatch.setattr(lse, "DENSE_BUDGET", 0)
+        attention = "fused"
     model = loaded(arch)
     got = attnlab.scan(model, MaxAttentionLogit(), PROMPTS, progress=False, attention=attention, chunk_size=4)
     hf = AutoModelForCausalLM.from_pretrained(checkpoint_dir / arch).eval()

@@ -292,7 +292,8 @@ class Capture:
         v: torch.Tensor | None = None,
     ) -> None:
         view_fns = [h for h in self.handlers if h.site == "attention" and h.wants(layer)]
-        if view_fns:
+        view = None
+        if view_fns or any(h.site == "rows" and h.queries is None and h.wants(layer) for h in self.handlers):
             mask = batch.attention_mask.to(q.device)
             spec = ScoreSpec(scaling, causal, softcap, sliding_window, mask, right_padded=batch.right_padded)
             view = AttentionView(q, k, spec, chunk=self.chunk_size)
@@ -319,8 +320,14 @@ class Capture:
                         batch,
                     )
         if shared:
+            # a short batch's weights block, when the view keeps one, holds these rows already: the same softmax of
+            # the same masked scores (attention_rows knows no window or soft cap: those layers compute them here)
+            block = view._block() if view is not None and softcap is None and sliding_window is None else None
             for q_pos in _query_chunks(shared[0], batch, self.chunk_size, q.device):
-                rows = attention_rows(q, k, q_pos, scaling=scaling, key_mask=batch.attention_mask, causal=causal)
+                if block is not None:
+                    rows = _rows_of(block, q_pos, contiguous=True)
+                else:
+                    rows = attention_rows(q, k, q_pos, scaling=scaling, key_mask=batch.attention_mask, causal=causal)
                 for h in shared:
                     h.fn(layer, rows, q_pos, batch)
 

@@ -388,17 +388,20 @@ class AttentionView:
 
     def _dense_pass(self) -> None:
         """Score every row once (a short batch: one chunk holds them all) and keep what every statistic reads: the
-        masked scores, the weights ``softmax(s)`` (exactly 0 on masked keys of any row with a visible key; a row
-        with none -- a left-padding query -- is uniform, as in the eager pattern) and each head's largest raw score.
+        masked scores, the weights ``softmax(s)`` (exactly 0 on masked keys; a row with no visible key -- a
+        left-padding query -- is all 0, as ``capture.attention_rows`` gives it) and each head's largest raw score.
 
         ``torch.softmax`` rather than ``exp(s - lse)``: on CPU, ``torch.exp`` of the masked entries' huge negative
         arguments runs 5-8x slower than softmax's own exponential (measured: benchmarks/census_speed.py)."""
         t = self.q.shape[2]
         s = score_rows(self.q, self.k, replace(self.spec, softcap=None), slice(0, t))  # raw; masked entries NEG
-        self._max = self._head_max(s.amax(dim=-1), slice(0, t))
+        row_max = s.amax(dim=-1)
+        self._max = self._head_max(row_max, slice(0, t))
         if self.spec.softcap is not None:
             s = torch.where(s > NEG / 2, self.spec.softcap * torch.tanh(s / self.spec.softcap), s)
         self._scores, self._weights = s, torch.softmax(s, dim=-1)
+        if self.spec.key_mask is not None and self.spec.right_padded is not True:  # left padding: rows with no
+            self._weights.mul_((row_max > NEG / 2)[..., None])  # visible key (padding queries) weigh 0 everywhere
 
     def _head_max(self, row_max: torch.Tensor, q_pos: slice) -> torch.Tensor:
         """``[b, h]`` largest of the rows' maxima ``row_max`` ``[b, h, c]`` over the real queries among ``q_pos``."""
@@ -447,7 +450,8 @@ class AttentionView:
         if self._lse is None:
             if self._dense:  # the row's top weight is exp(max - lse)
                 self._block()
-                self._lse = self._scores.amax(dim=-1) - torch.log(self._weights.amax(dim=-1))
+                top = self._weights.amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)  # (0 on empty rows)
+                self._lse = self._scores.amax(dim=-1) - torch.log(top)
             else:
                 self._scores_pass()
         return self._lse
@@ -532,6 +536,12 @@ class AttentionView:
 
     def band_mass(self, offsets: range) -> torch.Tensor:
         """``[b, n_heads, T]``: each row's mass on the keys ``i - o`` for ``o`` in ``offsets`` (a window)."""
+        p = self._block()
+        if p is not None and len(offsets) > 4:  # a wide window: one product with the band's indicator
+            t = p.shape[-1]
+            off = torch.arange(t, device=p.device)[:, None] - torch.arange(t, device=p.device)[None, :]  # i - j
+            inside = (off >= offsets.start) & (off < offsets.stop) & ((off - offsets.start) % offsets.step == 0)
+            return torch.einsum("bhqk,qk->bhq", p, inside.to(p.dtype))  # masked keys weigh 0 in the block
         return self.band(offsets).sum(-1)
 
     def entropy(self) -> torch.Tensor:

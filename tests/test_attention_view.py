@@ -40,6 +40,7 @@ def collect(model, batch, attention: str, dense: bool | None = None) -> dict:
             "diag": view.diagonal(0),
             "prev": view.diagonal(1),
             "band": view.band_mass(range(0, 3)),
+            "window": view.band_mass(range(1, 9)),  # wide: the block's indicator product, else the key block
             "mass_on": view.mass_on(keys),
             "colsum": view.column_sums(real),
         }

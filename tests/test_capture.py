@@ -7,6 +7,7 @@ import torch
 from conftest import ALL_ARCHS, SHORT_SENTENCES
 
 import attnlab
+from attnlab import lse
 from attnlab.capture import Capture, KeptLogits, attention_rows
 
 
@@ -31,7 +32,11 @@ def _collect(m, batch, attention, chunk_size=4):
 
 
 @pytest.mark.parametrize("name", ALL_ARCHS)
-def test_fused_path_matches_eager(loaded, name):
+@pytest.mark.parametrize("block", ["dense", "rows"])
+def test_fused_path_matches_eager(loaded, name, block, monkeypatch):
+    """Fused rows both ways: from a short batch's kept weights block, and computed per chunk (no block)."""
+    if block == "rows":
+        monkeypatch.setattr(lse, "DENSE_BUDGET", 0)
     m = loaded(name)
     batch = _batch(m)
     mask = batch.attention_mask.bool()

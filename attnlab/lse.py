@@ -342,7 +342,7 @@ class AttentionView:
         self.chunk = min(int(chunk), max(16, ROW_BUDGET // max(1, b * h * t)))
         self._lse = None
         self._max = None
-        self._weights = self._scores = None  # the kept block of a short batch (fused path; see ``_block``)
+        self._weights = self._scores = self._row_max = None  # a short batch's kept block (see ``_block``)
         self._dense = pattern is None and b * h * q.shape[2] * t <= DENSE_BUDGET
 
     @property
@@ -399,7 +399,8 @@ class AttentionView:
         self._max = self._head_max(row_max, slice(0, t))
         if self.spec.softcap is not None:
             s = torch.where(s > NEG / 2, self.spec.softcap * torch.tanh(s / self.spec.softcap), s)
-        self._scores, self._weights = s, torch.softmax(s, dim=-1)
+            row_max = s.amax(dim=-1)
+        self._scores, self._weights, self._row_max = s, torch.softmax(s, dim=-1), row_max
         if self.spec.key_mask is not None and self.spec.right_padded is not True:  # left padding: rows with no
             self._weights.mul_((row_max > NEG / 2)[..., None])  # visible key (padding queries) weigh 0 everywhere
 
@@ -451,7 +452,7 @@ class AttentionView:
             if self._dense:  # the row's top weight is exp(max - lse)
                 self._block()
                 top = self._weights.amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)  # (0 on empty rows)
-                self._lse = self._scores.amax(dim=-1) - torch.log(top)
+                self._lse = self._row_max - torch.log(top)
             else:
                 self._scores_pass()
         return self._lse
@@ -560,7 +561,8 @@ class AttentionView:
             t = p.shape[-1]
             pos = torch.arange(t, device=p.device, dtype=torch.float32)
             dist = (pos[:, None] - pos[None, :]).abs()
-            return torch.einsum("bhqk,qk->bhq", p, dist), torch.einsum("bhqk,qk->bhq", p, dist.square())
+            m = torch.einsum("bhqk,qkn->bhqn", p, torch.stack([dist, dist.square()], -1))  # one product for both
+            return m[..., 0], m[..., 1]
         return distance_moments(self.q, self.k, self.spec)
 
     def column_sums(self, real_queries: torch.Tensor) -> torch.Tensor:

@@ -64,3 +64,18 @@ def test_massive_activations_equal_the_reference(loaded, checkpoint_dir, arch):
         ref = np.stack([x.abs().max(-1).values.numpy() for x in o])
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-6)
     assert sum(r["massive_positions"] for r in summary["layers"]) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("d", [7, 8, 384])
+def test_flags_median_is_torch_lower_median(dtype, d):
+    """``flags`` takes the CPU median by numpy's partition (float32/64) or torch (other dtypes): both give exactly
+    ``torch.median``'s lower median, ties and odd/even widths included, and the same massive mask."""
+    g = torch.Generator().manual_seed(d)
+    x = (torch.randn(3, 5, d, generator=g) * 10).round().to(dtype)  # rounded: many ties
+    x[0, 0, 0] = 5000.0  # one massive entry
+    top, med, massive = MassiveActivations(abs_threshold=100.0, ratio_threshold=10.0).flags(x)
+    want = x.abs().median(dim=-1).values.float()
+    assert torch.equal(med, want)
+    assert torch.equal(top, x.abs().amax(dim=-1).float())
+    assert massive[0, 0, 0] and int(massive.sum()) == 1

@@ -66,7 +66,12 @@ class MassiveActivations(Probe):
         |x|, its maximum and its median are exact in the model's own dtype (order statistics of its values); the
         comparisons promote to float32 element by element, with no float32 copy of the residual stream."""
         a = x.abs()
-        med = a.median(dim=-1).values.float()
+        if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
+            # the same order statistic (torch.median's lower median) by numpy's introselect: ~3x faster on CPU
+            k = (a.shape[-1] - 1) // 2
+            med = torch.from_numpy(np.partition(a.numpy(), k, axis=-1)[..., k]).float()
+        else:
+            med = a.median(dim=-1).values.float()
         floor = torch.full((1,), float(self.abs_threshold), device=a.device)  # a float32 tensor: float32 compare
         massive = (a > floor) & (a >= self.ratio_threshold * med[..., None])
         return a.amax(dim=-1).float(), med, massive

@@ -45,7 +45,7 @@ import torch
 
 from attnlab.fused import FusedForward, fused_attention, supports_fused
 from attnlab.hooks import attn_hook, block_hook
-from attnlab.lse import AttentionView, ScoreSpec
+from attnlab.lse import AttentionView, ScoreSpec, Workspace
 from attnlab.models.loading import Batch, LoadedModel
 from attnlab.progress import bar
 
@@ -94,6 +94,8 @@ class Capture:
     handlers: list[_Handler] = field(default_factory=list)
     last_path: str = ""
     _qk: dict = field(default_factory=dict, repr=False)  # eager path: this forward's q / k per layer for views
+    # fused path: buffers the layers' kept weight blocks reuse (lse.Workspace), emptied when a run ends
+    _workspace: Workspace = field(default_factory=Workspace, repr=False)
 
     def on(
         self,
@@ -123,9 +125,12 @@ class Capture:
     def run(self, batches: Iterable[Batch], *, total: int | None = None, desc: str = "capture") -> None:
         """Run every batch once; handlers see each layer as it passes."""
         it = bar(batches, total=total, desc=desc, unit="batch", disable=not self.progress)
-        with torch.inference_mode():
-            for batch in it:
-                self.run_batch(batch, logit_positions=None)
+        try:
+            with torch.inference_mode():
+                for batch in it:
+                    self.run_batch(batch, logit_positions=None)
+        finally:
+            self._workspace = Workspace()  # the buffers go with the run
 
     def run_batch(self, batch: Batch, *, logit_positions: torch.Tensor | str | None = ALL):
         """One forward pass of ``batch`` with all handlers attached; returns the logits.
@@ -296,7 +301,7 @@ class Capture:
         if view_fns or any(h.site == "rows" and h.queries is None and h.wants(layer) for h in self.handlers):
             mask = batch.attention_mask.to(q.device)
             spec = ScoreSpec(scaling, causal, softcap, sliding_window, mask, right_padded=batch.right_padded)
-            view = AttentionView(q, k, spec, chunk=self.chunk_size)
+            view = AttentionView(q, k, spec, chunk=self.chunk_size, workspace=self._workspace)
             for h in view_fns:
                 h.fn(layer, view, batch)
         shared = []  # "rows" handlers that read every query: each chunk's rows are computed once for all of them

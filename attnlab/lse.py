@@ -45,6 +45,35 @@ DENSE_BUDGET = 1 << 24  # a view keeps the whole weights block (scores + weights
 NEG = -1e30  # masked score: exp(NEG - lse) == 0 exactly in float32, and no inf - inf NaN
 
 
+class Workspace:
+    """Reused buffers for the blocks a capture scores layer after layer (``AttentionView``'s kept block).
+
+    A fresh tensor of tens of MB per layer pays its page faults every time: on CPU, a matrix product or a softmax
+    into a new buffer takes 1.7-1.9x as long as into a reused one. The buffers grow to the largest block seen and
+    live as long as the workspace (one capture run); whatever a view hands out of them is transient, like the
+    ``"rows"`` site's rows. Reuse only within one autograd mode (an inference-mode buffer cannot be written
+    outside inference mode)."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """A ``shape`` view of buffer ``name`` (contents undefined)."""
+        n = 1
+        for x in shape:
+            n *= int(x)
+        buf = self._bufs.get(name)
+        if (
+            buf is None
+            or buf.numel() < n
+            or buf.dtype != dtype
+            or buf.device != torch.device(device)
+            or buf.is_inference() != torch.is_inference_mode_enabled()
+        ):
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
 @dataclass(frozen=True)
 class ScoreSpec:
     """How one layer turns q, k into masked scores: the pieces a model's attention function was called with."""
@@ -95,21 +124,29 @@ def _row_positions(q_pos, device) -> torch.Tensor:
     return q_pos.to(device)
 
 
-def score_rows(q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, q_pos, *, dtype=torch.float32) -> torch.Tensor:
+def score_rows(
+    q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, q_pos, *, dtype=torch.float32, workspace=None
+) -> torch.Tensor:
     """Masked scores ``[b, n_heads, len(q_pos), Tk]`` of chosen query rows (masked entries ``NEG``).
 
     ``q_pos``: a tensor of row indices, or a ``slice`` of consecutive rows (read as a view, not gathered). The
     query heads of a KV group multiply its keys as one ``[group * rows, d] x [d, Tk]`` product: no copy of the
-    keys per query head."""
+    keys per query head. ``workspace``: a ``Workspace`` whose ``"scores"`` buffer receives the product."""
     b, n_heads, tq, d = q.shape
     n_kv, tk = k.shape[1], k.shape[2]
     mm = _mm_dtype(q, dtype)
     rows = q[:, :, q_pos] if isinstance(q_pos, slice) else q[:, :, q_pos.to(q.device)]
     c = rows.shape[2]
-    qc = rows.to(mm).reshape(b, n_kv, (n_heads // n_kv) * c, d)
-    s = torch.matmul(qc, k.to(mm).transpose(-1, -2)).reshape(b, n_heads, c, tk)
+    # full-precision products take the scale on the queries (a T x d pass, not a T x T one); half types after
+    prescale = mm in (torch.float32, torch.float64)
+    qc = rows.to(mm) * spec.scaling if prescale else rows.to(mm)
+    qc = qc.reshape(b, n_kv, (n_heads // n_kv) * c, d)
+    shape = (b, n_kv, (n_heads // n_kv) * c, tk)
+    out = workspace.take("scores", shape, mm, q.device) if workspace is not None else None
+    s = torch.matmul(qc, k.to(mm).transpose(-1, -2), out=out).reshape(b, n_heads, c, tk)
     s = s.to(dtype) if s.dtype != dtype else s
-    s.mul_(spec.scaling)
+    if not prescale:
+        s.mul_(spec.scaling)
     if spec.softcap is not None:
         s = spec.softcap * torch.tanh(s / spec.softcap)
     ok = _allowed(spec, _row_positions(q_pos, q.device), torch.arange(tk, device=q.device), b, tq, tk, q.device)
@@ -334,10 +371,12 @@ class AttentionView:
     spec : ScoreSpec (scale, causality, window, soft cap, key mask)
     pattern : ``[b, n_heads, T, T]`` post-softmax weights, or None (fused path)
     chunk : int, query rows per chunk where whole rows are streamed (a block over ``DENSE_BUDGET``)
+    workspace : Workspace, optional; buffers the kept block reuses (the capture's, across its layers)
     """
 
-    def __init__(self, q, k, spec: ScoreSpec, *, pattern=None, chunk: int = 256):
+    def __init__(self, q, k, spec: ScoreSpec, *, pattern=None, chunk: int = 256, workspace: Workspace | None = None):
         self.q, self.k, self.spec, self.pattern = q, k, spec, pattern
+        self.workspace = workspace
         b, h, t = q.shape[0], q.shape[1], k.shape[2]  # long rows get fewer per chunk: memory stays ~ROW_BUDGET
         self.chunk = min(int(chunk), max(16, ROW_BUDGET // max(1, b * h * t)))
         self._lse = None
@@ -394,13 +433,15 @@ class AttentionView:
         ``torch.softmax`` rather than ``exp(s - lse)``: on CPU, ``torch.exp`` of the masked entries' huge negative
         arguments runs 5-8x slower than softmax's own exponential (measured: benchmarks/census_speed.py)."""
         t = self.q.shape[2]
-        s = score_rows(self.q, self.k, replace(self.spec, softcap=None), slice(0, t))  # raw; masked entries NEG
+        ws = self.workspace
+        s = score_rows(self.q, self.k, replace(self.spec, softcap=None), slice(0, t), workspace=ws)  # masked: NEG
         row_max = s.amax(dim=-1)
         self._max = self._head_max(row_max, slice(0, t))
         if self.spec.softcap is not None:
             s = torch.where(s > NEG / 2, self.spec.softcap * torch.tanh(s / self.spec.softcap), s)
             row_max = s.amax(dim=-1)
-        self._scores, self._weights, self._row_max = s, torch.softmax(s, dim=-1), row_max
+        out = ws.take("weights", s.shape, s.dtype, s.device) if ws is not None else None
+        self._scores, self._weights, self._row_max = s, torch.softmax(s, dim=-1, out=out), row_max
         if self.spec.key_mask is not None and self.spec.right_padded is not True:  # left padding: rows with no
             self._weights.mul_((row_max > NEG / 2)[..., None])  # visible key (padding queries) weigh 0 everywhere
 

@@ -65,23 +65,41 @@ class MassiveActivations(Probe):
 
         |x|, its maximum and its median are exact in the model's own dtype (order statistics of its values); the
         comparisons promote to float32 element by element, with no float32 copy of the residual stream."""
+        a, med = self._abs_median(x)
+        top, massive = self._massive(a, med)
+        return top, med, massive if massive is not None else torch.zeros(a.shape, dtype=torch.bool)
+
+    @staticmethod
+    def _abs_median(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = x.abs()
         if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
             # the same order statistic (torch.median's lower median) by numpy's introselect: ~3x faster on CPU
             k = (a.shape[-1] - 1) // 2
-            med = torch.from_numpy(np.partition(a.numpy(), k, axis=-1)[..., k]).float()
-        else:
-            med = a.median(dim=-1).values.float()
+            return a, torch.from_numpy(np.partition(a.numpy(), k, axis=-1)[..., k]).float()
+        return a, a.median(dim=-1).values.float()
+
+    def _massive(self, a: torch.Tensor, med: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(max |x|, the massive mask), or (max |x|, None) on CPU when no entry is massive: an entry passes both
+        tests exactly when its position's maximum does, so a position-level check spares the element-level one
+        (on an accelerator the check would cost a sync per layer: there the mask is always built)."""
         floor = torch.full((1,), float(self.abs_threshold), device=a.device)  # a float32 tensor: float32 compare
-        massive = (a > floor) & (a >= self.ratio_threshold * med[..., None])
-        return a.amax(dim=-1).float(), med, massive
+        top = a.amax(dim=-1).float()
+        if a.device.type == "cpu" and not bool(((top > floor) & (top >= self.ratio_threshold * med)).any()):
+            return top, None
+        return top, (a > floor) & (a >= self.ratio_threshold * med[..., None])
 
     def _on_resid(self, layer, x, batch) -> None:
-        top, med, massive = self.flags(x)
-        massive &= batch.attention_mask.to(massive.device).bool()[..., None]  # real positions only
+        a, med = self._abs_median(x)
+        top, massive = self._massive(a, med)
+        if massive is None:  # nothing massive in this layer (CPU early out): the counts are zeros
+            any_ = torch.zeros(a.shape[:-1], dtype=torch.bool)
+            dims = torch.zeros(a.shape[0], a.shape[-1], dtype=torch.long)
+        else:
+            massive &= batch.attention_mask.to(massive.device).bool()[..., None]  # real positions only
+            any_, dims = massive.any(-1), massive.sum(-2)
         # kept on the device until the batch ends (no sync per layer): per position the maximum, the median and
         # whether any entry is massive; per prompt and dimension the number of massive entries
-        self._pending.append((layer, top, med, massive.any(-1), massive.sum(-2)))
+        self._pending.append((layer, top, med, any_, dims))
 
     def _on_batch_end(self, batch, logits) -> None:
         if not self._pending:

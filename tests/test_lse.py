@@ -107,3 +107,18 @@ def test_planted_rows():
     torch.testing.assert_close(d1[0, 0], torch.arange(t, dtype=torch.float32), atol=1e-5, rtol=0)
     torch.testing.assert_close(d1[0, 1], torch.arange(t, dtype=torch.float32) / 2, atol=1e-5, rtol=0)
     assert L.max_logit(q, k, spec)[0, 0] == pytest.approx(100.0)
+
+
+def test_workspace_reuses_its_buffer_and_grows_only_when_needed():
+    ws = L.Workspace()
+    with torch.inference_mode():
+        a = ws.take("scores", (2, 3, 4), torch.float32, "cpu")
+        b = ws.take("scores", (4, 5), torch.float32, "cpu")  # smaller: the same storage
+        assert b.data_ptr() == a.data_ptr() and b.shape == (4, 5)
+        c = ws.take("scores", (10, 10), torch.float32, "cpu")  # larger: a new buffer
+        assert c.numel() == 100 and c.is_inference()
+        d = ws.take("weights", (2, 2), torch.float32, "cpu")  # another name: its own buffer
+        assert d.data_ptr() != c.data_ptr()
+    e = ws.take("scores", (10, 10), torch.float32, "cpu")  # outside inference mode: not an inference buffer
+    assert not e.is_inference()
+    e.fill_(1.0)  # writable here

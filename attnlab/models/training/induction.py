@@ -35,7 +35,6 @@ Evaluation (``EVAL_TASKS``): ``copy`` — BOS + 50 random tokens + the same 50 a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -49,6 +48,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from attnlab.heads.io import write_text
 from attnlab.models.induction import SPECIALS, eval_copy
+from attnlab.models.training import preset_command_line
 
 PRESETS: dict[str, dict] = {
     "smoke": dict(
@@ -280,41 +280,16 @@ Evaluate: `python -c "from attnlab.models.induction import evaluate; print(evalu
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="attnlab.models.training.induction", description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--out", required=True, help="output directory (model, tokenizer, train_log.jsonl, metrics.json, MODEL_CARD.md)"
+    args, p = preset_command_line(
+        argv,
+        prog="attnlab.models.training.induction",
+        description=__doc__.split("\n")[0],
+        presets=PRESETS,
+        out_help="output directory (model, tokenizer, train_log.jsonl, metrics.json, MODEL_CARD.md)",
+        example="d_model=128",
     )
-    ap.add_argument("--preset", choices=tuple(PRESETS), default="cpu")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--max-minutes", dest="max_minutes", type=float, default=None, help="wall-clock cap for the training loop"
-    )
-    ap.add_argument("--max-steps", dest="max_steps", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override a preset value, e.g. --set d_model=128 (keys: {', '.join(PRESETS['cpu'])})",
-    )
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    p = dict(PRESETS[args.preset], preset=args.preset, device=args.device, seed=args.seed)
-    for key in ("max_minutes", "max_steps", "lr"):
-        if getattr(args, key) is not None:
-            p[key] = getattr(args, key)
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        if key not in PRESETS["cpu"]:
-            ap.error(f"unknown preset key {key!r}")
-        p[key] = type(PRESETS["cpu"][key])(value)
-    command = "PYTHONPATH=. python -m attnlab.models.train induction " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    given = sys.argv[1:] if argv is None else argv
+    command = "PYTHONPATH=. python -m attnlab.models.train induction " + " ".join(given)
     train(p, Path(args.out), command)
     return 0
 

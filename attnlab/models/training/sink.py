@@ -26,7 +26,6 @@ peak); with SGD instead of Adam the sink, drain and peak do not form.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -41,6 +40,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from attnlab.datasets.bigram_backcopy import BigramBackcopy, make_task
 from attnlab.heads.io import write_json, write_text
 from attnlab.models.sink import behaviour, eval_ids, extremes
+from attnlab.models.training import preset_command_line
 
 SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>")  # ids 0..3; the task's state 0 is token id 4
 
@@ -299,34 +299,14 @@ BOS residual norm / median token norm after each layer: {peaks}.
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="attnlab.models.training.sink", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output directory (model, tokenizer, task, logs, MODEL_CARD.md)")
-    ap.add_argument("--preset", choices=tuple(PRESETS), default="cpu")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-minutes", dest="max_minutes", type=float, default=None, help="wall-clock cap of the loop")
-    ap.add_argument("--max-steps", dest="max_steps", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override a preset value, e.g. --set n_layers=2 (keys: {', '.join(PRESETS['cpu'])})",
+    args, p = preset_command_line(
+        argv,
+        prog="attnlab.models.training.sink",
+        description=__doc__.split("\n")[0],
+        presets=PRESETS,
+        out_help="output directory (model, tokenizer, task, logs, MODEL_CARD.md)",
+        example="n_layers=2",
     )
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    p = dict(PRESETS[args.preset], preset=args.preset, device=args.device, seed=args.seed)
-    for key in ("max_minutes", "max_steps", "lr"):
-        if getattr(args, key) is not None:
-            p[key] = getattr(args, key)
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        if key not in PRESETS["cpu"]:
-            ap.error(f"unknown preset key {key!r}")
-        p[key] = type(PRESETS["cpu"][key])(value)
     command = "python -m attnlab.models.train sink " + " ".join(sys.argv[1:] if argv is None else argv)
     train(p, Path(args.out), command)
     return 0

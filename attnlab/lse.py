@@ -480,6 +480,7 @@ class AttentionView:
                 lses.append(row_max - torch.log(w.amax(dim=-1)))
             if colsum is not None:
                 colsum += torch.matmul(colsum_queries[:, None, None, q_pos], w)[:, :, 0]
+            s = w = None  # the chunk's blocks go before the next chunk's are made (else three are alive at once)
         if need_lse:
             self._lse = torch.cat(lses, dim=-1)
         if need_max:

@@ -455,11 +455,9 @@ class AttentionView:
     def _scores_pass(self, colsum_queries: torch.Tensor | None = None) -> torch.Tensor | None:
         """One chunked pass of score products for whatever is still missing: each row's log-sum-exp, each head's
         largest raw score, and (``colsum_queries`` ``[b, T]`` float) the attention each key receives from those
-        queries. Returns the column sums (or None). The log-sum-exp alone comes from the flash kernel where it can
-        (``_kernel_lse``); with anything else to score, from the same pass: ``lse = max - log(top weight)``."""
+        queries. Returns the column sums (or None). A log-sum-exp still missing comes from the same pass:
+        ``lse = max - log(top weight)`` (``lse()`` asks the flash kernel first)."""
         b, h, t = self.shape
-        if self._lse is None and self._max is not None and colsum_queries is None:
-            self._lse = self._kernel_lse()  # nothing else to score: the kernel's lse, when it has one, suffices
         need_lse, need_max = self._lse is None, self._max is None
         raw = replace(self.spec, softcap=None)
         cap = self.spec.softcap
@@ -495,8 +493,10 @@ class AttentionView:
                 self._block()
                 top = self._weights.amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)  # (0 on empty rows)
                 self._lse = self._row_max - torch.log(top)
-            else:
-                self._scores_pass()
+            else:  # the flash kernel's where it has one; maximum logits and column sums asked for later then
+                self._lse = self._kernel_lse()  # share one chunked pass
+                if self._lse is None:
+                    self._scores_pass()
         return self._lse
 
     def max_logit(self) -> torch.Tensor:

@@ -43,3 +43,29 @@ def preset_command_line(
             ap.error(f"unknown preset key {key!r}")
         p[key] = type(presets["cpu"][key])(value)
     return args, p
+
+
+def llama_config(tok, p: dict, *, n_kv_heads: int, max_positions: int, tied: bool):
+    """The small Llama every trainer builds: sizes from the parameters ``p`` (``d_model``, ``d_ff``, ``n_layers``,
+    ``n_heads``), special tokens from ``tok``, RoPE base 10,000, SiLU, no biases; the rest is the trainer's."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=p["d_model"],
+        intermediate_size=p["d_ff"],
+        num_hidden_layers=p["n_layers"],
+        num_attention_heads=p["n_heads"],
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        tie_word_embeddings=tied,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.02,
+        attention_bias=False,
+        mlp_bias=False,
+    )

@@ -44,11 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from attnlab.heads.io import write_text
 from attnlab.models.induction import SPECIALS, eval_copy
-from attnlab.models.training import preset_command_line
+from attnlab.models.training import llama_config, preset_command_line
 
 PRESETS: dict[str, dict] = {
     "smoke": dict(
@@ -150,25 +150,7 @@ def window(rng: np.random.Generator, p: dict) -> np.ndarray:
 
 
 def build_config(p: dict, tok):
-    return LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=p["d_model"],
-        intermediate_size=p["d_ff"],
-        num_hidden_layers=p["n_layers"],
-        num_attention_heads=p["n_heads"],
-        num_key_value_heads=p["n_heads"],
-        max_position_embeddings=max(256, p["seq_len"]),
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        hidden_act="silu",
-        tie_word_embeddings=p.get("tied", True),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=0.02,
-        attention_bias=False,
-        mlp_bias=False,
-    )
+    return llama_config(tok, p, n_kv_heads=p["n_heads"], max_positions=max(256, p["seq_len"]), tied=p.get("tied", True))
 
 
 def train(p: dict, out_dir: Path, command: str) -> dict:

@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from attnlab.datasets import arithmetic, classification, icl, niah, recall
 from attnlab.datasets.prose import load_prose
@@ -80,6 +80,7 @@ from attnlab.models.lm import (
     run_eval,
     set_attn_implementation,
 )
+from attnlab.models.training import llama_config
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 # GPT-2's pre-tokenisation regex with single digits (`` ?\p{N}``): numbers become one token per digit.
@@ -371,25 +372,7 @@ def make_loader(
 # Training
 # --------------------------------------------------------------------------------------------------
 def build_config(p: dict, tok):
-    return LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=p["d_model"],
-        intermediate_size=p["d_ff"],
-        num_hidden_layers=p["n_layers"],
-        num_attention_heads=p["n_heads"],
-        num_key_value_heads=p["n_kv_heads"],
-        max_position_embeddings=p["seq_len"],
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        hidden_act="silu",
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=0.02,
-        attention_bias=False,
-        mlp_bias=False,
-    )
+    return llama_config(tok, p, n_kv_heads=p["n_kv_heads"], max_positions=p["seq_len"], tied=True)
 
 
 def lr_at(progress: float, step: int, p: dict) -> float:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 import torch
 
 ROW_BUDGET = 1 << 26  # score entries per chunk of rows (256 MiB of float32) before the chunk shrinks
-DENSE_BUDGET = 1 << 24  # a view keeps the whole weights block (scores + weights) when it has at most this many
+DENSE_BUDGET = 1 << 24  # score entries (b x heads x T x T) up to which a view keeps the whole block (see above)
 NEG = -1e30  # masked score: exp(NEG - lse) == 0 exactly in float32, and no inf - inf NaN
 
 
@@ -466,12 +466,12 @@ class AttentionView:
         for start in range(0, t, self.chunk):
             q_pos = slice(start, min(start + self.chunk, t))
             s = score_rows(self.q, self.k, raw, q_pos)  # raw scores, masked entries NEG
-            row_max = s.amax(dim=-1)  # [b, h, c]
+            row_max = s.amax(dim=-1) if need_max or need_lse else None  # [b, h, c] (a column-sums pass needs none)
             if need_max:
                 best = torch.maximum(best, self._head_max(row_max, q_pos))
             if cap is not None:
                 s = torch.where(s > NEG / 2, cap * torch.tanh(s / cap), s)
-                row_max = s.amax(dim=-1)
+                row_max = s.amax(dim=-1) if need_lse else None
             if need_lse or colsum is not None:
                 w = torch.softmax(s, dim=-1)  # whole rows: the weights themselves (see _dense_pass on exp)
             if need_lse:  # the row's top weight is exp(max - lse): lse = max - log(top weight)
@@ -486,8 +486,9 @@ class AttentionView:
         return colsum
 
     def lse(self) -> torch.Tensor:
-        """``[b, n_heads, T]`` log-sum-exp of each row's masked scores (fused path; computed once per layer: from
-        the flash kernel where it can, else in the chunked pass, which then gives the maximum logits too)."""
+        """``[b, n_heads, T]`` log-sum-exp of each row's masked scores (fused path; computed once per layer: from a
+        short batch's kept block, else from the flash kernel where it can, else in the chunked pass, which then
+        gives the maximum logits too)."""
         if self._lse is None:
             if self._dense:  # the row's top weight is exp(max - lse)
                 self._block()

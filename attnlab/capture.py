@@ -295,7 +295,10 @@ class Capture:
         sliding_window: int | None = None,
         softcap: float | None = None,
         v: torch.Tensor | None = None,
-    ) -> None:
+        sdpa_mask=None,
+    ) -> torch.Tensor | None:
+        """Feed the layer's handlers; returns the layer's attention output when the view's kept weights block
+        gives it exactly (``AttentionView.attention_output``), else None (the SDPA call runs)."""
         view_fns = [h for h in self.handlers if h.site == "attention" and h.wants(layer)]
         view = None
         if view_fns or any(h.site == "rows" and h.queries is None and h.wants(layer) for h in self.handlers):
@@ -335,6 +338,9 @@ class Capture:
                     rows = attention_rows(q, k, q_pos, scaling=scaling, key_mask=batch.attention_mask, causal=causal)
                 for h in shared:
                     h.fn(layer, rows, q_pos, batch)
+        if view is None or v is None or isinstance(sdpa_mask, str):
+            return None
+        return view.attention_output(v, sdpa_mask)
 
     def _fused_z(self, layer: int, z: torch.Tensor, batch: Batch) -> None:
         for h in self.handlers:

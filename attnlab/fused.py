@@ -7,9 +7,14 @@ for its original Hugging Face module and the configs name ``FUSED_IMPL``, an att
 ``[batch, heads, seq, seq]`` pattern is ever built, and does what the ``FusedForward`` of that forward asks of
 each layer:
 
-- ``observe_qk(layer, q, k, scaling, causal, sliding_window=..., softcap=..., v=...)`` before the kernel (the
-  capture engine recomputes attention rows and builds attention views from the rotated q and k there, and passes
-  the value states to its ``"v"`` handlers), ``observe_z(layer, z)`` after it;
+- ``observe_qk(layer, q, k, scaling, causal, sliding_window=..., softcap=..., v=..., sdpa_mask=...)`` before the
+  kernel (the capture engine recomputes attention rows and builds attention views from the rotated q and k there,
+  and passes the value states to its ``"v"`` handlers), ``observe_z(layer, z)`` after it. ``observe_qk`` may
+  return the layer's output ``[batch, seq, heads, d_head]``, which then replaces the SDPA call: the capture does
+  when it scored the layer's whole weights block anyway (a short batch) and its mask is exactly ``sdpa_mask``,
+  the boolean mask SDPA is handed (None: SDPA's own causal / full mask). Where the call is more than plain SDPA
+  (dropout, a position bias, a cache, a soft cap, restricted query rows) ``sdpa_mask`` is the string
+  ``_NOT_PLAIN`` and the output must not be replaced;
 - ``z_edits[layer](z) -> z`` replaces the layer's per-head output (``[batch, seq, heads, d_head]``, the layout
   of ``hook_z``; the ablation scorer's head ablations);
 - ``query_positions[layer]``: only those query rows are computed (keys and values at all positions), the other
@@ -38,6 +43,7 @@ import torch
 # the capture engine and the CLI import this module, and transformers alone takes seconds to import.
 
 FUSED_IMPL = "attnlab_fused"
+_NOT_PLAIN = "not plain SDPA"  # observe_qk's sdpa_mask where the call does more than SDPA: no output to reuse
 _TAG = "_attnlab_fused"  # attribute on a tagged HF attention module: (FusedForward, layer)
 
 
@@ -61,17 +67,25 @@ def fused_attention_fn(module, query, key, value, attention_mask, dropout=0.0, s
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     forward, layer = tag
+    pos = forward.query_positions.get(layer)
+    out = None
     if forward.observe_qk is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
         window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
-        forward.observe_qk(layer, query, key, scale, causal, sliding_window=window, softcap=softcap, v=value)
-    pos = forward.query_positions.get(layer)
-    if pos is not None:
+        # plain SDPA: softmax(q k^T scale + mask) v and nothing else, which an observer holding the whole weights
+        # block may answer itself (see FusedForward)
+        extra = ("position_bias", "cache", "softcap")
+        plain = pos is None and not dropout and all(kwargs.get(x) is None for x in extra)
+        out = forward.observe_qk(
+            layer, query, key, scale, causal, sliding_window=window, softcap=softcap, v=value,
+            sdpa_mask=attention_mask if plain else _NOT_PLAIN,
+        )  # fmt: skip
+    if out is None and pos is not None:
         out = attention_at_queries(
             module, query, key, value, attention_mask, pos.to(query.device), dropout=dropout, scaling=scaling, **kwargs
         )
-    else:
+    elif out is None:
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )

@@ -56,6 +56,21 @@ class Workspace:
 
     def __init__(self):
         self._bufs: dict[str, torch.Tensor] = {}
+        self._memo: dict[tuple, tuple] = {}
+
+    def memo(self, key: tuple, make):
+        """``make()`` computed once while ``key`` holds: its tensors the same objects (a batch's masks, which every
+        layer of a forward is handed again), its other entries equal. A few entries are kept (layers of two kinds:
+        sliding-window and global)."""
+        ids = tuple(id(x) if isinstance(x, torch.Tensor) else x for x in key)
+        hit = self._memo.get(ids)
+        if hit is not None and all(a is b for a, b in zip(hit[0], key, strict=True) if isinstance(a, torch.Tensor)):
+            return hit[1]
+        if len(self._memo) >= 8:
+            self._memo.clear()
+        value = make()
+        self._memo[ids] = (key, value)
+        return value
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
         """A ``shape`` view of buffer ``name`` (contents undefined)."""
@@ -125,13 +140,16 @@ def _row_positions(q_pos, device) -> torch.Tensor:
 
 
 def score_rows(
-    q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, q_pos, *, dtype=torch.float32, workspace=None
+    q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, q_pos, *, dtype=torch.float32, workspace=None, bias=None
 ) -> torch.Tensor:
     """Masked scores ``[b, n_heads, len(q_pos), Tk]`` of chosen query rows (masked entries ``NEG``).
 
     ``q_pos``: a tensor of row indices, or a ``slice`` of consecutive rows (read as a view, not gathered). The
     query heads of a KV group multiply its keys as one ``[group * rows, d] x [d, Tk]`` product: no copy of the
-    keys per query head. ``workspace``: a ``Workspace`` whose ``"scores"`` buffer receives the product."""
+    keys per query head. ``workspace``: a ``Workspace`` whose ``"scores"`` buffer receives the product.
+    ``bias``: the rows' mask as an additive ``[b or 1, 1, rows, Tk]`` float32 tensor (0 or ``NEG``; ``mask_bias``),
+    added in place instead of building and filling a boolean mask (on CPU a masked fill of the block costs ~5x an
+    addition). ``s + NEG == NEG`` exactly in float32 for any score of ordinary size."""
     b, n_heads, tq, d = q.shape
     n_kv, tk = k.shape[1], k.shape[2]
     mm = _mm_dtype(q, dtype)
@@ -149,8 +167,34 @@ def score_rows(
         s.mul_(spec.scaling)
     if spec.softcap is not None:
         s = spec.softcap * torch.tanh(s / spec.softcap)
+    if bias is not None:
+        return s.add_(bias)
     ok = _allowed(spec, _row_positions(q_pos, q.device), torch.arange(tk, device=q.device), b, tq, tk, q.device)
     return s.masked_fill_(~ok, NEG)
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """A whole prefill block's mask in the forms the kept block uses (``mask_bias``)."""
+
+    allowed: torch.Tensor  # [b or 1, 1, T, T] bool
+    bias: torch.Tensor  # the same as 0 / NEG float32
+    every_row_sees_a_key: bool  # no query row is fully masked (no left-padding query)
+
+
+def mask_bias(spec: ScoreSpec, t: int, device, workspace: Workspace | None = None) -> BlockMask:
+    """The ``T x T`` prefill mask of ``spec`` (causality, window, key mask); made once per batch where a
+    ``workspace`` remembers it (every layer of a forward is handed the same key mask)."""
+
+    def make():
+        pos = torch.arange(t, device=device)
+        ok = _allowed(spec, pos, pos, 1, t, t, device)
+        bias = torch.zeros(ok.shape, device=device).masked_fill_(~ok, NEG)
+        return BlockMask(ok, bias, bool(ok.any(-1).all()))
+
+    if workspace is None:
+        return make()
+    return workspace.memo(("mask", spec.key_mask, spec.causal, spec.sliding_window, t, str(device)), make)
 
 
 def row_lse(q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, *, chunk: int = 256, dtype=torch.float32):
@@ -434,7 +478,9 @@ class AttentionView:
         arguments runs 5-8x slower than softmax's own exponential (measured: benchmarks/census_speed.py)."""
         t = self.q.shape[2]
         ws = self.workspace
-        s = score_rows(self.q, self.k, replace(self.spec, softcap=None), slice(0, t), workspace=ws)  # masked: NEG
+        raw = replace(self.spec, softcap=None)
+        bias = mask_bias(raw, t, self.q.device, ws).bias if self.k.shape[2] == t else None
+        s = score_rows(self.q, self.k, raw, slice(0, t), workspace=ws, bias=bias)  # masked: NEG
         row_max = s.amax(dim=-1)
         self._max = self._head_max(row_max, slice(0, t))
         if self.spec.softcap is not None:
@@ -444,6 +490,42 @@ class AttentionView:
         self._scores, self._weights, self._row_max = s, torch.softmax(s, dim=-1, out=out), row_max
         if self.spec.key_mask is not None and self.spec.right_padded is not True:  # left padding: rows with no
             self._weights.mul_((row_max > NEG / 2)[..., None])  # visible key (padding queries) weigh 0 everywhere
+
+    def attention_output(self, v: torch.Tensor, sdpa_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The layer's attention output ``A @ v`` ``[b, T, n_heads, d]`` (the layout SDPA's caller returns) from a
+        kept weights block -- one product instead of a second attention call -- or None where the view holds no
+        block or the block is not exactly what SDPA computes: ``sdpa_mask`` is the boolean mask SDPA is given (None:
+        its plain causal or full mask) and must equal the view's, with every query row seeing a key (a fully masked
+        row is left to SDPA's own convention), and no soft cap (SDPA has none)."""
+        if self._weights is None or self.pattern is not None or self.spec.softcap is not None:
+            return None
+        b, h, t = self.shape
+        if self.k.shape[2] != t or (sdpa_mask is not None and sdpa_mask.dtype != torch.bool):
+            return None
+        mask = mask_bias(replace(self.spec, softcap=None), t, self.q.device, self.workspace)
+
+        def same() -> bool:
+            if not mask.every_row_sees_a_key:
+                return False
+            if sdpa_mask is None:
+                pos = torch.arange(t, device=self.q.device)
+                theirs = (pos[None, :] <= pos[:, None]) if self.spec.causal else torch.ones(t, t, dtype=torch.bool)
+                theirs = theirs.to(self.q.device)[None, None]
+            else:
+                theirs = sdpa_mask.to(self.q.device)
+            try:
+                shape = torch.broadcast_shapes(theirs.shape, mask.allowed.shape)
+            except RuntimeError:
+                return False
+            return shape[-2:] == (t, t) and torch.equal(theirs.expand(shape), mask.allowed.expand(shape))
+
+        key = ("same", sdpa_mask, self.spec.key_mask, self.spec.causal, self.spec.sliding_window, t)
+        if not (self.workspace.memo(key, same) if self.workspace is not None else same()):
+            return None
+        n_kv = v.shape[1]
+        p = self._weights.reshape(b, n_kv, (h // n_kv) * t, t)
+        out = torch.matmul(p.to(v.dtype), v).reshape(b, h, t, v.shape[-1])
+        return out.transpose(1, 2).contiguous()
 
     def _head_max(self, row_max: torch.Tensor, q_pos: slice) -> torch.Tensor:
         """``[b, h]`` largest of the rows' maxima ``row_max`` ``[b, h, c]`` over the real queries among ``q_pos``."""

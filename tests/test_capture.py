@@ -156,3 +156,38 @@ def test_models_without_logits_to_keep_get_full_logits(loaded):
     with torch.no_grad():
         out = Capture(m, progress=False).run_batch(batch, logit_positions=torch.tensor([1]))
     assert torch.is_tensor(out) and out.shape[1] == batch.seq_len
+
+
+@pytest.mark.parametrize("name", ALL_ARCHS)
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_a_kept_weights_block_replaces_the_sdpa_call(loaded, name, padding_side, monkeypatch):
+    """A layer whose whole weights block the capture scored anyway takes its output from it (``A @ v``) instead of
+    a second attention call: the same per-head outputs and logits as SDPA's. Left padding gives causal models
+    query rows that see no key, where SDPA keeps its own convention: every layer then calls SDPA."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    m = loaded(name)
+    batch = _batch(m, padding_side)
+    real = batch.attention_mask.bool()
+    calls = []
+    original = sdpa.sdpa_attention_forward
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def run(keep_block: bool):
+        calls.clear()
+        zs = {}
+        c = Capture(m, attention="fused", progress=False)
+        c.on("z", lambda l, z, b: zs.__setitem__(l, z.clone()))
+        if keep_block:
+            c.on("attention", lambda l, view, b: view.entropy())
+        with torch.no_grad():
+            logits = c.run_batch(batch)
+        return logits, zs, len(calls)
+
+    logits_sdpa, z_sdpa, n_sdpa = run(False)
+    logits_kept, z_kept, n_kept = run(True)
+    reused = padding_side == "right" or name == "bert"  # bidirectional: every query row sees a key
+    assert n_sdpa - n_kept == (m.n_layers if reused else 0)
+    torch.testing.assert_close(logits_kept[real], logits_sdpa[real], atol=1e-5, rtol=1e-5)
+    for layer in range(m.n_layers):
+        torch.testing.assert_close(z_kept[layer][real], z_sdpa[layer][real], atol=1e-5, rtol=1e-5)

@@ -122,3 +122,46 @@ def test_workspace_reuses_its_buffer_and_grows_only_when_needed():
     e = ws.take("scores", (10, 10), torch.float32, "cpu")  # outside inference mode: not an inference buffer
     assert not e.is_inference()
     e.fill_(1.0)  # writable here
+
+
+def _sdpa_mask(spec, b, t, *, window=True):
+    """The boolean mask a model hands SDPA for ``spec`` (optionally forgetting the window)."""
+    pos = torch.arange(t)
+    ok = (pos[None, :] <= pos[:, None]) if spec.causal else torch.ones(t, t, dtype=torch.bool)
+    if window and spec.sliding_window is not None:
+        ok = ok & (pos[:, None] - pos[None, :] < spec.sliding_window)
+    ok = ok[None, None].expand(b, 1, t, t)
+    if spec.key_mask is not None:
+        ok = ok & spec.key_mask.bool()[:, None, None, :]
+    return ok
+
+
+@pytest.mark.parametrize("case", ["causal", "bidirectional", "sliding-window", "left-padded", "softcap"])
+def test_kept_block_gives_sdpa_output_only_where_its_mask_is_sdpas(case):
+    """``AttentionView.attention_output``: ``A @ v`` from the kept block equals SDPA's output under the same mask
+    (GQA, a window, a key mask); None where SDPA would see another mask, a fully masked query row or a soft cap."""
+    base = {"causal": "causal-gqa-padded", "left-padded": "causal-gqa-padded"}.get(case, case)
+    q, k, v, spec, mask = make(base if base in CASES else "causal-gqa-padded")
+    b, h, t = q.shape[0], q.shape[1], q.shape[2]
+    if case == "causal":  # no padding: the model hands SDPA no mask (its own causal one)
+        spec = L.ScoreSpec(spec.scaling, causal=True)
+    if case == "bidirectional":  # right padding: every query row sees a key
+        km = torch.ones(b, t, dtype=torch.long)
+        km[1, -3:] = 0
+        spec = L.ScoreSpec(spec.scaling, causal=False, key_mask=km, right_padded=True)
+    view = L.AttentionView(q, k, spec, workspace=L.Workspace())
+    view.entropy()  # a statistic that keeps the block
+    sdpa_mask = None if case == "causal" else _sdpa_mask(spec, b, t)
+    out = view.attention_output(v, sdpa_mask)
+    if case in ("left-padded", "softcap"):
+        assert out is None
+        return
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=sdpa_mask, is_causal=sdpa_mask is None, enable_gqa=True, scale=spec.scaling
+    ).transpose(1, 2)
+    assert out is not None and out.shape == (b, t, h, v.shape[-1])
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    if case == "sliding-window":  # a mask without the window is not the view's: no output
+        assert view.attention_output(v, _sdpa_mask(spec, b, t, window=False)) is None
+    # without a kept block there is nothing to reuse
+    assert L.AttentionView(q, k, spec).attention_output(v, sdpa_mask) is None

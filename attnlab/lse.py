@@ -42,6 +42,9 @@ import torch
 
 ROW_BUDGET = 1 << 26  # score entries per chunk of rows (256 MiB of float32) before the chunk shrinks
 DENSE_BUDGET = 1 << 24  # score entries (b x heads x T x T) up to which a view keeps the whole block (see above)
+# on a GPU: HeadVis's workload (16 sequences x 32 heads x 512^2) in one block, 512 MiB of float32 per kept tensor;
+# there the block turns a few dozen small kernels per statistic into a few (launches, not arithmetic, bound it)
+DENSE_BUDGET_CUDA = 1 << 27
 NEG = -1e30  # masked score: exp(NEG - lse) == 0 exactly in float32, and no inf - inf NaN
 
 
@@ -57,6 +60,11 @@ class Workspace:
     def __init__(self):
         self._bufs: dict[str, torch.Tensor] = {}
         self._memo: dict[tuple, tuple] = {}
+
+    def release(self) -> None:
+        """Drop the buffers (and remembered masks); the next ``take`` allocates afresh."""
+        self._bufs.clear()
+        self._memo.clear()
 
     def memo(self, key: tuple, make):
         """``make()`` computed once while ``key`` holds: its tensors the same objects (a batch's masks, which every
@@ -426,7 +434,8 @@ class AttentionView:
         self._lse = None
         self._max = None
         self._weights = self._scores = self._row_max = None  # a short batch's kept block (see ``_block``)
-        self._dense = pattern is None and b * h * q.shape[2] * t <= DENSE_BUDGET
+        budget = DENSE_BUDGET_CUDA if q.device.type == "cuda" else DENSE_BUDGET
+        self._dense = pattern is None and b * h * q.shape[2] * t <= budget
 
     @property
     def fused(self) -> bool:
@@ -466,7 +475,13 @@ class AttentionView:
         if not self._dense:
             return None
         if self._weights is None:
-            self._dense_pass()
+            try:
+                self._dense_pass()
+            except torch.OutOfMemoryError:  # no room for the block on this device: stream rows instead
+                self._dense, self._scores, self._weights, self._row_max, self._max = False, None, None, None, None
+                if self.workspace is not None:
+                    self.workspace.release()
+                return None
         return self._weights
 
     def _dense_pass(self) -> None:
@@ -572,8 +587,7 @@ class AttentionView:
         short batch's kept block, else from the flash kernel where it can, else in the chunked pass, which then
         gives the maximum logits too)."""
         if self._lse is None:
-            if self._dense:  # the row's top weight is exp(max - lse)
-                self._block()
+            if self._dense and self._block() is not None:  # the row's top weight is exp(max - lse)
                 top = self._weights.amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)  # (0 on empty rows)
                 self._lse = self._row_max - torch.log(top)
             else:  # the flash kernel's where it has one; maximum logits and column sums asked for later then
@@ -584,8 +598,8 @@ class AttentionView:
 
     def max_logit(self) -> torch.Tensor:
         """``[b, n_heads]`` largest raw score ``q . k * scale`` over real queries and visible keys."""
-        if self._max is None:
-            self._dense_pass() if self._dense else self._scores_pass()
+        if self._max is None and not (self._dense and self._block() is not None):  # (kept block: has it)
+            self._scores_pass()
         return self._max
 
     def pairs(self, b_idx, q_idx, k_idx) -> torch.Tensor:

@@ -58,8 +58,9 @@ def collect(model, batch, attention: str, dense: bool | None = None) -> dict:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "qwen2", "bert", "llava"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("block", ["rows", "dense"])
+@pytest.mark.parametrize("block", ["rows", "dense", "no-room"])
 def test_fused_view_equals_eager_view(loaded, arch, padding_side, block, monkeypatch):
+    """``no-room``: the block would fit the budget but its allocation fails (a full GPU): the view streams rows."""
     model = loaded(arch)
     if not supports_fused(model):
         pytest.skip(f"{arch} does not route attention through transformers' attention interface")
@@ -72,7 +73,14 @@ def test_fused_view_equals_eager_view(loaded, arch, padding_side, block, monkeyp
         batch = model.encode(TEXTS, padding_side=padding_side)
     if block == "rows":
         monkeypatch.setattr(lse, "DENSE_BUDGET", 0)
-    eager, fused = collect(model, batch, "eager"), collect(model, batch, "fused", dense=block == "dense")
+    if block == "no-room":
+
+        def no_room(self):
+            raise torch.OutOfMemoryError("planted: no room for the block")
+
+        monkeypatch.setattr(lse.AttentionView, "_dense_pass", no_room)
+    eager = collect(model, batch, "eager")
+    fused = collect(model, batch, "fused", dense={"rows": False, "dense": True}.get(block))
     assert sorted(eager) == list(range(model.n_layers))
     for layer in eager:
         for name, want in eager[layer].items():

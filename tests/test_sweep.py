@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import re
 import secrets
@@ -42,18 +43,31 @@ TEXTS = [
 ARGS = dict(batch_size=2, causal_prompts=2)  # shards of one batch: 3 shards, the last one short
 
 
+def same_json(x, y) -> bool:
+    """Equal JSON-like values, numbers to float32 rounding (rel 1e-6)."""
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(same_json(x[k], y[k]) for k in x)
+    if isinstance(x, list | tuple):
+        return isinstance(y, list | tuple) and len(x) == len(y) and all(map(same_json, x, y))
+    if isinstance(x, float) and isinstance(y, float):
+        return x == y or math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) or (math.isnan(x) and math.isnan(y))
+    return x == y
+
+
 def assert_same_census(a: Census, b: Census) -> None:
-    """Every statistic, reason, token result and provenance entry equal (grids to 1e-9); times aside."""
+    """Every statistic, reason, token result and provenance entry equal, times aside; grids to float32 rounding
+    (rtol 1e-6): a shard batches its prompts with other neighbours than the whole census does, and a kept weights
+    block's ``A @ v`` sums over the batch's padded length in another order."""
     assert list(a.scores) == list(b.scores)
     assert a.not_scored == b.not_scored
     for name, x in a.scores.items():
         y = b.scores[name]
-        np.testing.assert_allclose(x.scores, y.scores, rtol=0, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(x.scores, y.scores, rtol=1e-6, atol=1e-9, err_msg=name)
         assert set(x.extra) == set(y.extra), name
         for k in x.extra:
-            np.testing.assert_allclose(x.extra[k], y.extra[k], rtol=0, atol=1e-9, err_msg=f"{name} {k}")
-        untimed = lambda s: json.dumps({k: v for k, v in s.items() if not k.startswith("seconds")}, sort_keys=True)
-        assert untimed(x.summary) == untimed(y.summary), name
+            np.testing.assert_allclose(x.extra[k], y.extra[k], rtol=1e-6, atol=1e-9, err_msg=f"{name} {k}")
+        untimed = lambda s: json.loads(json.dumps({k: v for k, v in s.items() if not k.startswith("seconds")}))
+        assert same_json(untimed(x.summary), untimed(y.summary)), name
         assert (x.params, x.model, x.dataset, x.n_kv_heads, x.description) == (
             y.params,
             y.model,
@@ -65,8 +79,8 @@ def assert_same_census(a: Census, b: Census) -> None:
     for name, x in a.tokens.items():
         y = b.tokens[name]
         assert (x.tokens, x.marks, x.prompt_index) == (y.tokens, y.marks, y.prompt_index), name
-        np.testing.assert_array_equal(x.values, y.values)
-        assert json.dumps(x.summary, sort_keys=True) == json.dumps(y.summary, sort_keys=True), name
+        np.testing.assert_allclose(x.values, y.values, rtol=1e-6, atol=1e-9, err_msg=name)
+        assert same_json(json.loads(json.dumps(x.summary)), json.loads(json.dumps(y.summary))), name
 
     def info(c):
         out = {k: v for k, v in c.info.items() if not k.startswith("seconds") and k not in ("sweep", "causal")}

@@ -8,6 +8,7 @@ counts, GQA groups, BOS policy, modality, context length) and turns prompts into
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import inspect
 import logging
@@ -54,11 +55,13 @@ class Batch:
     pixel_values: Any = None
     image_mask: Any = None  # BoolTensor [batch, seq] or None
 
-    @property
+    # first_real / lengths are read by every probe at every layer: computed once per batch (the mask is never
+    # changed in place; ``to`` makes a new batch)
+    @functools.cached_property
     def first_real(self):
         return self.attention_mask.long().argmax(dim=1)
 
-    @property
+    @functools.cached_property
     def lengths(self):
         return self.attention_mask.long().sum(dim=1)
 
@@ -70,24 +73,22 @@ class Batch:
     def seq_len(self) -> int:
         return int(self.input_ids.shape[1])
 
-    def _host_mask(self):
-        """The attention mask on the host, copied once per batch (probes read positions from it without a device
-        sync per call)."""
-        mask = self.__dict__.get("_mask_on_host")
-        if mask is None:
-            mask = self.__dict__["_mask_on_host"] = self.attention_mask.long().cpu()
-        return mask
+    @functools.cached_property
+    def host_mask(self):
+        """The attention mask ``[batch, seq]`` (long) on the host, copied once per batch (probes read positions
+        from it without a device sync per call)."""
+        return self.attention_mask.long().cpu()
 
     def real_slice(self, b: int) -> slice:
         """Positions of prompt b's real tokens."""
-        row = self._host_mask()[b]
+        row = self.host_mask[b]
         start = int(row.argmax())
         return slice(start, start + int(row.sum()))
 
     @property
     def right_padded(self) -> bool:
         """Every row is real tokens, then padding (no left padding): plain causal kernels see the exact keys."""
-        m = self._host_mask()
+        m = self.host_mask
         return bool((m[:, 1:] <= m[:, :-1]).all())
 
     def to(self, device) -> Batch:

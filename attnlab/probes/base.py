@@ -211,17 +211,19 @@ class PerPromptRatio:
         """Move the pending partial sums to the host in one transfer and fold them into the per-prompt grids."""
         if not self._parts:
             return
-        nums = torch.cat([p[2] for p in self._parts]).double().cpu()
+        nums = torch.cat([p[2] for p in self._parts]).double().cpu()  # [rows, H]: a row per (part, prompt)
         dens = torch.cat([p[3] for p in self._parts]).double().cpu()
-        row = 0
-        for prompts, layer, _, _ in self._parts:
-            for p in prompts:
-                if p not in self.num:
-                    self.num[p] = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)
-                    self.den[p] = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)
-                self.num[p][layer] += nums[row]
-                self.den[p][layer] += dens[row]
-                row += 1
+        prompts = [p for part in self._parts for p in part[0]]
+        layers = torch.tensor([part[1] for part in self._parts for _ in part[0]], dtype=torch.long)
+        keys = list(dict.fromkeys([*self.num, *prompts]))
+        where = {p: i for i, p in enumerate(keys)}
+        rows = torch.tensor([where[p] for p in prompts], dtype=torch.long)
+        zeros = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)
+        grids = []
+        for sums, part_sums in ((self.num, nums), (self.den, dens)):  # one scatter-add for all rows
+            grid = torch.stack([sums.get(p, zeros) for p in keys])
+            grids.append(grid.index_put_((rows, layers), part_sums, accumulate=True))
+        self.num, self.den = (dict(zip(keys, g.unbind(0), strict=True)) for g in grids)
         self._parts.clear()
 
     def per_prompt(self) -> np.ndarray:

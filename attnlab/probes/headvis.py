@@ -107,50 +107,46 @@ class HeadVisMetrics(Probe):
     def __init__(self, *, induction_threshold: float = 0.01):
         self.induction_threshold = induction_threshold
 
+    _KEYS = ("self", "ent", "d1", "d2", "prev", "ind")  # the per-head sums, in the order of the accumulator
+
     def _attach(self, capture, ctx: ProbeContext) -> None:
         m = ctx.model
         self._shape = (m.n_layers, m.n_heads)
-        self._sums: dict[str, torch.Tensor] = {}  # on the rows' device, float64, moved to the CPU once at the end
+        self._acc: torch.Tensor | None = None  # [6, L, H] float64 sums on the rows' device, to the CPU at the end
         self._counts = {"rows": 0, "prev": 0, "ind": 0}
-        self._pairs: tuple | None = None  # the current batch's induction pairs
+        self._rows: tuple | None = None  # the current batch's row masks and induction pairs (the view is per layer)
         capture.on("attention", self._on_attention)
 
-    def _add(self, key: str, layer: int, value: torch.Tensor) -> None:
-        acc = self._sums.get(key)
-        if acc is None:
-            acc = self._sums[key] = torch.zeros(self._shape, dtype=torch.float64, device=value.device)
-        acc[layer] += value.double()
+    @property
+    def _sums(self) -> dict[str, torch.Tensor]:
+        return {} if self._acc is None else dict(zip(self._KEYS, self._acc.unbind(0), strict=True))
 
-    def _on_attention(self, layer: int, view, batch) -> None:
-        dev = view.q.device
-        first = batch.first_real.to(dev)
-        length = batch.lengths.to(dev)
-        t = view.shape[2]
-        rel = torch.arange(t, device=dev)[None, :] - first[:, None]  # [b, T] position within its sequence
+    def _batch_rows(self, batch, t: int, dev) -> tuple:
+        """Once per batch: the real query rows, those with a previous token, and the induction pairs."""
+        first, length = batch.first_real.to(dev), batch.lengths.to(dev)
+        rel = torch.arange(t, device=dev)[None, :] - first[:, None]  # [b, T] position in its sequence
         real_q = (rel >= 0) & (rel < length[:, None]) & (length >= 2)[:, None]
         has_prev = real_q & (rel >= 1)
+        pb, pq, pk, n_ind = batch_induction_pairs(batch.input_ids.to(dev), first, length)
+        self._counts["rows"] += int(real_q.sum())  # row counts are per sequence, not per layer
+        self._counts["prev"] += int(has_prev.sum())
+        self._counts["ind"] += int(n_ind.sum())
+        return batch, real_q, has_prev, pb, pq, pk
+
+    def _on_attention(self, layer: int, view, batch) -> None:
+        if self._rows is None or self._rows[0] is not batch:
+            self._rows = self._batch_rows(batch, view.shape[2], view.q.device)
+        _, real_q, has_prev, pb, pq, pk = self._rows
         d1, d2 = view.distance_moments()
-
-        def total(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [b, H, T] summed over the given rows
-            return torch.where(rows[:, None, :], x, torch.zeros_like(x)).sum((0, 2))
-
-        self._add("self", layer, total(view.diagonal(0), real_q))
-        self._add("prev", layer, total(view.diagonal(1), has_prev))
-        self._add("ent", layer, total(view.entropy(), real_q))
-        self._add("d1", layer, total(d1, real_q))
-        self._add("d2", layer, total(d2, real_q))
-        # induction: the batch's pairs, found once per batch (the view is per layer)
-        if self._pairs is None or self._pairs[0] is not batch:
-            self._pairs = (batch, *batch_induction_pairs(batch.input_ids.to(dev), first, length))
-            self._counts["ind"] += int(self._pairs[4].sum())
-        _, pb, pq, pk, _ = self._pairs
-        w = view.pairs(pb, pq, pk)  # [pairs, H]
+        rows = torch.stack([view.diagonal(0), view.entropy(), d1, d2])  # [4, b, H, T], summed over real rows
+        sums = torch.where(real_q[None, :, None, :], rows, 0.0).sum((1, 3))
+        prev = torch.where(has_prev[:, None, :], view.diagonal(1), 0.0).sum((0, 2))
+        w = view.pairs(pb, pq, pk)  # induction: [pairs, H]
         if self.induction_threshold > 0:
             w = w.masked_fill(w < self.induction_threshold, 0.0)
-        self._add("ind", layer, w.sum(0))
-        if layer == 0:  # row counts are per sequence, not per layer
-            self._counts["rows"] += int(real_q.sum())
-            self._counts["prev"] += int(has_prev.sum())
+        if self._acc is None:
+            self._acc = torch.zeros(len(self._KEYS), *self._shape, dtype=torch.float64, device=view.q.device)
+        self._acc[:, layer] += torch.cat([sums, prev[None], w.sum(0)[None]]).double()  # in _KEYS order
 
     def grids(self) -> dict[str, np.ndarray]:
         """The six metric grids ``[n_layers, n_heads]`` (NaN where the denominator is zero)."""
@@ -191,7 +187,11 @@ class HeadVisMetrics(Probe):
 
     def restore(self, ctx, partial):
         self.attach(NoCapture(), ctx)
-        self._sums = {k.removeprefix("sum."): torch.from_numpy(np.array(v)) for k, v in partial["arrays"].items()}
+        arrays = partial["arrays"]
+        zero = np.zeros(self._shape)
+        self._acc = torch.from_numpy(
+            np.stack([np.asarray(arrays.get(f"sum.{k}", zero), np.float64) for k in self._KEYS])
+        )
         self._counts = {k: int(v) for k, v in partial["meta"]["counts"].items()}
 
     def results(self, ctx: ProbeContext):

@@ -117,12 +117,23 @@ class MassiveActivations(Probe):
         )
         self._pending.clear()
         ids = batch.input_ids.cpu()
+        real = batch.host_mask.bool()  # [b, seq]
+        # per (layer, prompt), over the prompt's real positions, for all layers at once: the largest |x| and the
+        # lower median of the positions' medians (torch.median's: the ((n - 1) // 2)-th smallest)
+        top = tops.masked_fill(~real, -torch.inf).amax(-1)
+        n_real = real.sum(-1)
+        ranked = meds.masked_fill(~real, torch.inf).sort(-1).values
+        mid = ((n_real - 1).clamp(min=0) // 2)[None, :, None].expand(len(layers), -1, 1)
+        median = ranked.gather(-1, mid)[..., 0]
+        n_flagged = (flagged & real).sum(-1).tolist()  # [L][b]
         for i, layer in enumerate(layers):
+            self._layer_top[layer].extend(top[i].tolist())
+            self._layer_median[layer].extend(median[i].tolist())
             for b, p in enumerate(batch.prompt_indices):
+                if not n_flagged[i][b] and p >= self.n_examples:
+                    continue  # (the common case: nothing more to record)
                 sl = batch.real_slice(b)
-                t, m_ = tops[i, b, sl], meds[i, b, sl]
-                self._layer_top[layer].append(float(t.max()))
-                self._layer_median[layer].append(float(m_.median()))
+                t = tops[i, b, sl]
                 positions = torch.nonzero(flagged[i, b, sl]).flatten().tolist()
                 if positions:
                     self._layer_flagged[layer] += len(positions)

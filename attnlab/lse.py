@@ -678,11 +678,25 @@ class AttentionView:
         """``[b, n_heads, T]``: each row's mass on the keys ``i - o`` for ``o`` in ``offsets`` (a window)."""
         p = self._block()
         if p is not None and len(offsets) > 4:  # a wide window: one product with the band's indicator
-            t = p.shape[-1]
-            off = torch.arange(t, device=p.device)[:, None] - torch.arange(t, device=p.device)[None, :]  # i - j
-            inside = (off >= offsets.start) & (off < offsets.stop) & ((off - offsets.start) % offsets.step == 0)
-            return torch.einsum("bhqk,qk->bhq", p, inside.to(p.dtype))  # masked keys weigh 0 in the block
+
+            def indicator():
+                t = p.shape[-1]
+                off = torch.arange(t, device=p.device)[:, None] - torch.arange(t, device=p.device)[None, :]  # i - j
+                inside = (off >= offsets.start) & (off < offsets.stop) & ((off - offsets.start) % offsets.step == 0)
+                return inside.to(p.dtype)[..., None]
+
+            key = ("window", p.shape[-1], offsets.start, offsets.stop, offsets.step, str(p.device))
+            f = self.workspace.memo(key, indicator) if self.workspace is not None else indicator()
+            return self._row_products(p, f)[..., 0]  # masked keys weigh 0 in the block
         return self.band(offsets).sum(-1)
+
+    @staticmethod
+    def _row_products(p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """``[b, h, T, n]``: ``sum_j p[b, h, i, j] f[i, j, :]`` for a block ``p`` and a per-(query, key) table ``f``
+        ``[T, T, n]``: one batched product over the query rows (the block read in place, heads as rows)."""
+        b, h, t, _ = p.shape
+        out = torch.bmm(p.reshape(b * h, t, t).transpose(0, 1), f)  # [T, b h, n]
+        return out.permute(1, 0, 2).reshape(b, h, t, f.shape[-1])
 
     def entropy(self) -> torch.Tensor:
         """``[b, n_heads, T]`` row entropy (nats)."""
@@ -697,11 +711,15 @@ class AttentionView:
         """Per row, the attention-weighted mean of ``|i - j|`` and of ``|i - j|^2``: two ``[b, n_heads, T]``."""
         p = self._block()
         if p is not None:
-            t = p.shape[-1]
-            pos = torch.arange(t, device=p.device, dtype=torch.float32)
-            dist = (pos[:, None] - pos[None, :]).abs()
-            m = torch.einsum("bhqk,qkn->bhqn", p, torch.stack([dist, dist.square()], -1))  # one product for both
-            return m[..., 0], m[..., 1]
+
+            def table():
+                pos = torch.arange(p.shape[-1], device=p.device, dtype=torch.float32)
+                dist = (pos[:, None] - pos[None, :]).abs()
+                return torch.stack([dist, dist.square()], -1)
+
+            key = ("distance", p.shape[-1], str(p.device))
+            m = self._row_products(p, self.workspace.memo(key, table) if self.workspace is not None else table())
+            return m[..., 0], m[..., 1]  # one product for both
         return distance_moments(self.q, self.k, self.spec)
 
     def column_sums(self, real_queries: torch.Tensor) -> torch.Tensor:

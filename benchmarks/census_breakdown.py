@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--n-prompts", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=512, help="random token sequences of this length (0: prose)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--profile-rows", type=int, default=40)
@@ -50,7 +50,12 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     path = args.model or str(build_random_model(args.shape, Path(tmp.name) / "m", device=args.device, dtype=args.dtype))
     model = attnlab.load(path, device=args.device, dtype=args.dtype)
-    prompts = random_prompts(model, args.n_prompts, args.seq_len, 0)
+    if args.seq_len:
+        prompts = random_prompts(model, args.n_prompts, args.seq_len, 0)
+    else:
+        from attnlab.datasets import DATASETS
+
+        prompts = DATASETS["prose"](model, args.n_prompts, 0)
     from attnlab.probes.scan import prompt_batches
 
     batches = [b.to(model.device) for b in prompt_batches(model, prompts, args.batch_size, False)]

@@ -5,10 +5,11 @@ counts do not depend on it) so that it runs on a laptop CPU in a minute.
 
 Counted (torch.profiler, one census pass after a warm-up): leaf ``aten::`` operators that do work (views,
 reshapes and allocations left out) -- on a GPU each is a kernel launch -- and ``aten::_local_scalar_dense`` calls
-(a tensor read on the host: on a GPU each waits for the device). Per layer (the difference between a 2- and a
-4-layer model) and per batch (the rest).
+(a tensor read on the host: on a GPU each waits for the device when the tensor is there). Reported per layer and
+batch, and per batch apart from the layers, from 2- and 4-layer models run on 1 and 2 batches (what a census
+does once, at its end, drops out).
 
-python benchmarks/census_op_count.py            # --batch-size 16 --seq-len 512
+python benchmarks/census_op_count.py            # --batch-size 16 --seq-len 512 (~2 minutes)
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ def count(fn) -> dict:
     return {"operators": ops, "host_reads": syncs}
 
 
-def measure(layers: int, batch_size: int, seq_len: int) -> dict:
-    ablation_speed.SHAPES[f"headvis-narrow-{layers}"] = (layers, 32, 8, 512, 1024, 4096, 500000.0, 8192)
+def measure(layers: int, n_batches: int, batch_size: int, seq_len: int) -> dict:
+    shape = f"headvis-narrow-{layers}"
+    ablation_speed.SHAPES[shape] = (layers, 32, 8, 512, 1024, 4096, 500000.0, 8192)
     tmp = tempfile.TemporaryDirectory()
-    model = attnlab.load(str(build_random_model(f"headvis-narrow-{layers}", Path(tmp.name) / "m")))
-    prompts = random_prompts(model, batch_size, seq_len, 0)
+    model = attnlab.load(str(build_random_model(shape, Path(tmp.name) / "m")))
+    prompts = random_prompts(model, n_batches * batch_size, seq_len, 0)
     kw = dict(statistics="sinks,headvis,patterns", batch_size=batch_size, progress=False, attention="fused")
     batches = [b.to(model.device) for b in prompt_batches(model, prompts, batch_size, False)]
     out = {"plain HF SDPA forward": count(lambda: plain_forward(model.hf_model, batches, "cpu"))}
@@ -83,11 +85,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    a, b = measure(2, args.batch_size, args.seq_len), measure(4, args.batch_size, args.seq_len)
-    out = {"shape": "32 heads / 8 KV, d_head 16; 2 and 4 layers", "batch": [args.batch_size, args.seq_len]}
-    for name in a:  # per layer: the difference of the two depths; per batch: what does not grow with depth
-        per_layer = {k: (b[name][k] - a[name][k]) / 2 for k in a[name]}
-        out[name] = {"per layer": per_layer, "per batch, fixed": {k: a[name][k] - 2 * per_layer[k] for k in a[name]}}
+    c = {(l, n): measure(l, n, args.batch_size, args.seq_len) for l in (2, 4) for n in (1, 2)}
+    out = {
+        "shape": "32 heads / 8 KV, d_head 16; 2 and 4 layers, 1 and 2 batches",
+        "batch": [args.batch_size, args.seq_len],
+    }
+    for name in c[2, 1]:  # separate what grows with layers x batches, with batches alone, and neither
+        get = lambda l, n, k, name=name: c[l, n][name][k]  # noqa: E731
+        row = {}
+        for k in ("operators", "host_reads"):
+            per_layer_batch = ((get(4, 2, k) - get(2, 2, k)) - (get(4, 1, k) - get(2, 1, k))) / 2
+            per_batch = get(2, 2, k) - get(2, 1, k) - 2 * per_layer_batch
+            row[k] = {"per layer and batch": per_layer_batch, "per batch (not per layer)": per_batch}
+        out[name] = row
     print(json.dumps(out, indent=1))
 
 

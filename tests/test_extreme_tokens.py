@@ -53,6 +53,8 @@ def feed(probe, *, rows=None, v=None, resid=None, ids, mask=None, meta=None, mod
         fn(0, v, batch)
     for fn in (h.fn for h in cap.of("resid_post")):
         fn(0, resid, batch)
+    for fn in (h.fn for h in cap.of("batch_end")):
+        fn(batch, None)
     return {r.name: r for r in probe.results(ctx)}
 
 

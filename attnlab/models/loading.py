@@ -74,6 +74,12 @@ class Batch:
         return int(self.input_ids.shape[1])
 
     @functools.cached_property
+    def host_ids(self):
+        """The token ids ``[batch, seq]`` on the host, copied once per batch (per-prompt reads of a device tensor
+        would each wait for the device)."""
+        return self.input_ids.cpu()
+
+    @functools.cached_property
     def host_mask(self):
         """The attention mask ``[batch, seq]`` (long) on the host, copied once per batch (probes read positions
         from it without a device sync per call)."""
@@ -85,7 +91,7 @@ class Batch:
         start = int(row.argmax())
         return slice(start, start + int(row.sum()))
 
-    @property
+    @functools.cached_property
     def right_padded(self) -> bool:
         """Every row is real tokens, then padding (no left padding): plain causal kernels see the exact keys."""
         m = self.host_mask

@@ -129,10 +129,11 @@ class ActSinks(Probe):
         overall = n_flagging / stacked.shape[1] / stacked.shape[2]
         for b, p in enumerate(batch.prompt_indices):
             sl = batch.real_slice(b)
-            ids = batch.input_ids[b, sl].tolist()
-            toks = self._model.tokens_as_text(ids)
             hidden_pos = [int(j) for j in torch.nonzero(n_flagging[b, sl] >= self.min_heads).flatten() if j > 0]
             self._n_prompts += 1
+            if not hidden_pos and p >= self.n_examples:
+                continue  # nothing to tally or keep: the prompt's tokens are not needed
+            toks = self._model.tokens_as_text(batch.host_ids[b, sl].tolist())
             if hidden_pos:
                 self._prompts_with_hidden += 1
             for j in hidden_pos:  # tally how many heads flag each hidden-sink token

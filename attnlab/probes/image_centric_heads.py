@@ -230,7 +230,7 @@ class ImageCentricHeads(Probe):
         mask = torch.zeros(batch.size, batch.seq_len, dtype=torch.bool)
         for b in range(batch.size):
             sl = batch.real_slice(b)
-            toks = self._model.tokens_as_text(batch.input_ids[b, sl].tolist())
+            toks = self._model.tokens_as_text(batch.host_ids[b, sl].tolist())
             mask[b, sl.start] = True
             for j, t in enumerate(toks):
                 if is_delimiter(t):
@@ -299,7 +299,7 @@ class ImageCentricHeads(Probe):
             sl = batch.real_slice(b)
             has_image = bool(image[b].any())
             self._n_images += int(has_image)
-            toks = m.tokens_as_text(batch.input_ids[b, sl].tolist())
+            toks = m.tokens_as_text(batch.host_ids[b, sl].tolist())
             for l in sinks:
                 self._visual_counts[l] += int(visual[l][b].sum())
                 self._text_counts[l] += int((sinks[l][b] & ~image[b]).sum())

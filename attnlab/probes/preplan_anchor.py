@@ -423,7 +423,7 @@ class PreplanAnchor(Probe):
                 k=self.k,
             )
             gamma = gamma_weights(n_r, ident, strategy="coupled", gamma_amp=self.gamma_amp, alpha=self.alpha)
-            ids = batch.input_ids[b, start:end].tolist()
+            ids = batch.host_ids[b, start:end].tolist()
             self._prompts.append(
                 {
                     "prompt": p,

@@ -97,7 +97,7 @@ class RazorEchoInduction(Probe):
     def _period(self, batch, b: int):
         p = batch.prompt_indices[b]
         if p not in self._periods:
-            self._periods[p] = find_period(batch.input_ids[b, batch.real_slice(b)].tolist())
+            self._periods[p] = find_period(batch.host_ids[b, batch.real_slice(b)].tolist())
         return self._periods[p]
 
     def _on_attention(self, layer: int, view, batch) -> None:

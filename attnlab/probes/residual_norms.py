@@ -9,9 +9,10 @@ residual stream after layer l at position t (from the first real token):
 
     ratio(l, t) = ||x^(l)_t|| / median_u ||x^(l)_u||          (median over the prompt's real tokens)
 
-Reduced in flight per prompt and layer: the first token's ratio (summary ``layers``, averaged over prompts) and the
-positions whose ratio reaches ``peak_ratio`` (counted by token). The first ``n_examples`` prompts get a
-``TokenScores`` of their norms (rows: layers) with the peaks marked, for the app's tokens view.
+Reduced per prompt and layer (each layer's norms stay on the device until the batch ends, then move at once):
+the first token's ratio (summary ``layers``, averaged over prompts) and the positions whose ratio reaches
+``peak_ratio`` (counted by token). The first ``n_examples`` prompts get a ``TokenScores`` of their norms (rows:
+layers) with the peaks marked, for the app's tokens view.
 """
 
 from __future__ import annotations
@@ -53,26 +54,47 @@ class ResidualNorms(Probe):
         self._median: dict[int, list[float]] = defaultdict(list)
         self._peaks: dict[int, Counter] = defaultdict(Counter)
         self._examples: dict[int, dict] = {}
+        self._pending: list[tuple[int, torch.Tensor]] = []
         capture.on("resid_post", self._on_resid)
+        capture.on("batch_end", self._on_batch_end, logits=None)  # reads no logits
 
     def _on_resid(self, layer: int, x: torch.Tensor, batch) -> None:
-        norms = x.float().norm(dim=-1)  # [b, s]
-        for b, p in enumerate(batch.prompt_indices):
-            sl = batch.real_slice(b)
-            nb = norms[b, sl].cpu()
-            med = float(nb.median())
-            ratio = nb / max(med, 1e-30)
-            self._first_ratio[layer].append(float(ratio[0]))
-            self._first_norm[layer].append(float(nb[0]))
-            self._median[layer].append(med)
-            peaks = [int(i) for i in torch.nonzero(ratio >= self.peak_ratio).flatten()]
-            if peaks:
-                toks = self._model.tokens_as_text(batch.input_ids[b, sl][peaks].tolist())
-                self._peaks[layer].update(toks)
-            if p < self.n_examples:
-                ex = self._examples.setdefault(p, {"ids": batch.input_ids[b, sl].tolist(), "rows": {}, "peaks": set()})
-                ex["rows"][layer] = nb.numpy()
-                ex["peaks"].update(peaks)
+        self._pending.append((layer, x.float().norm(dim=-1)))  # [b, s], on the device until the batch ends
+
+    def _on_batch_end(self, batch, logits) -> None:
+        """Every layer's norms in one host transfer, then per (layer, prompt) over the prompt's real positions: the
+        lower median (torch.median's), the first token's ratio to it, and the positions that peak."""
+        if not self._pending:
+            return
+        layers = [l for l, _ in self._pending]
+        norms = torch.stack([n for _, n in self._pending]).cpu()  # [L, b, s]
+        self._pending.clear()
+        real = batch.host_mask.bool()
+        n_real = real.sum(-1)
+        ranked = norms.masked_fill(~real, torch.inf).sort(-1).values
+        mid = ((n_real - 1).clamp(min=0) // 2)[None, :, None].expand(len(layers), -1, 1)
+        med = ranked.gather(-1, mid)  # [L, b, 1]
+        ratio = norms / med.clamp_min(1e-30)
+        first = batch.host_mask.argmax(-1)[None, :, None].expand(len(layers), -1, 1)
+        first_ratio, first_norm = ratio.gather(-1, first)[..., 0], norms.gather(-1, first)[..., 0]
+        peaking = ((ratio >= self.peak_ratio) & real).any(-1).tolist()  # [L][b]
+        for i, layer in enumerate(layers):
+            self._first_ratio[layer].extend(first_ratio[i].tolist())
+            self._first_norm[layer].extend(first_norm[i].tolist())
+            self._median[layer].extend(med[i, :, 0].tolist())
+            for b, p in enumerate(batch.prompt_indices):
+                if not peaking[i][b] and p >= self.n_examples:
+                    continue
+                sl = batch.real_slice(b)
+                peaks = [int(j) for j in torch.nonzero(ratio[i, b, sl] >= self.peak_ratio).flatten()]
+                if peaks:
+                    self._peaks[layer].update(self._model.tokens_as_text(batch.host_ids[b, sl][peaks].tolist()))
+                if p < self.n_examples:
+                    ex = self._examples.setdefault(
+                        p, {"ids": batch.host_ids[b, sl].tolist(), "rows": {}, "peaks": set()}
+                    )
+                    ex["rows"][layer] = norms[i, b, sl].numpy()
+                    ex["peaks"].update(peaks)
 
     def results(self, ctx: ProbeContext):
         m = ctx.model

@@ -2,9 +2,11 @@
 (``figures.census_scatter``), the compared run's census beside it on the same statistics, and a clicked head's
 pattern on its top examples.
 
-Top examples: the census run's own prompts (its kept inputs, at most ``EXAMPLE_PROMPTS``), ranked by how focused
-the head is on each — the mean entropy of its attention rows, lowest first — and the ``N_EXAMPLES`` most focused
-drawn. Patterns come from the live cache of queries and keys, one forward pass per new prompt.
+Top examples: the census run's own prompts (its kept inputs, at most ``EXAMPLE_PROMPTS``), ranked by the head's
+activation on each as HeadVis defines it for its example sequences (``attnlab.probes.headvis_examples``): the
+largest attention weight with the first position left out as query and as key (the usual sink), highest first --
+the sequences HeadVis's top interval keeps. The ``N_EXAMPLES`` highest are drawn. Patterns come from the live
+cache of queries and keys, one forward pass per new prompt.
 """
 
 from __future__ import annotations
@@ -97,14 +99,15 @@ def _scatter(census, name: str, x, y, selected):
     return fig
 
 
-def mean_row_entropy(weights: np.ndarray) -> float:
-    """Mean over query rows of the entropy (nats) of the row's attention: low = a focused head."""
-    w = np.clip(np.asarray(weights, dtype=np.float64), 1e-12, None)
-    return float(np.mean(-(w * np.log(w)).sum(axis=1)))
+def max_activation(weights: np.ndarray) -> float:
+    """HeadVis's activation of a head on one sequence: ``max_{q >= 1, k >= 1} A[q, k]`` (positions from the
+    sequence's first token; NaN for a sequence of one token)."""
+    w = np.asarray(weights, dtype=np.float64)
+    return float(w[1:, 1:].max()) if min(w.shape) > 1 else float("nan")
 
 
 def examples_figure(run_name, selected, state: AppState):
-    """The selected head's pattern on its top examples among the census run's prompts (most focused first)."""
+    """The selected head's pattern on its top examples among the census run's prompts (highest activation first)."""
     if not selected or "layer" not in selected:
         return empty_figure("click a head in the scatter to see its pattern on its top examples")
     try:
@@ -116,11 +119,11 @@ def examples_figure(run_name, selected, state: AppState):
         found = []
         for i in range(min(EXAMPLE_PROMPTS, n_prompts(run))):
             data = state.live.pattern(model_name, run_prompt(state.live, run, i), layer, head)
-            found.append((mean_row_entropy(data.weights), i, data))
+            found.append((max_activation(data.weights), i, data))
         if not found:
             return empty_figure("the census kept no prompts to draw the head on")
-        found.sort(key=lambda t: t[0])
-        examples = [(d.weights, d.tokens, f"prompt {i} (entropy {h:.2f})") for h, i, d in found[:N_EXAMPLES]]
+        found.sort(key=lambda t: (np.isnan(t[0]), -np.nan_to_num(t[0]), t[1]))  # highest first, one-token last
+        examples = [(d.weights, d.tokens, f"prompt {i} (max {a:.3f})") for a, i, d in found[:N_EXAMPLES]]
         return figures.head_examples(examples, layer=layer, head=head, model=found[0][2].model)
     except Exception as e:
         return empty_figure(failure_message(e))

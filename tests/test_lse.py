@@ -165,3 +165,23 @@ def test_kept_block_gives_sdpa_output_only_where_its_mask_is_sdpas(case):
         assert view.attention_output(v, _sdpa_mask(spec, b, t, window=False)) is None
     # without a kept block there is nothing to reuse
     assert L.AttentionView(q, k, spec).attention_output(v, sdpa_mask) is None
+
+
+def test_workspace_memo_remembers_per_tensor_object_not_per_value():
+    ws = L.Workspace()
+    calls = []
+    mask = torch.ones(2, 5)
+
+    def make():
+        calls.append(1)
+        return len(calls)
+
+    assert ws.memo(("m", mask, 3), make) == 1
+    assert ws.memo(("m", mask, 3), make) == 1  # the same batch's mask again: remembered
+    assert ws.memo(("m", mask.clone(), 3), make) == 2  # an equal mask of another batch: made afresh
+    assert ws.memo(("m", mask, 4), make) == 3  # another setting
+    ws.release()
+    assert ws.memo(("m", mask, 3), make) == 4  # released: made afresh
+    for i in range(20):  # bounded: old entries go
+        ws.memo(("m", torch.ones(1), i), make)
+    assert len(ws._memo) <= 8

@@ -24,7 +24,10 @@ Short batches: when a layer's whole score block has at most ``DENSE_BUDGET`` ent
 scores and weights, and answers every statistic from them (sums and gathers: no further products, kernel calls or
 exponentials). The formulas are then the eager ones, so the numbers agree with the row-free formulas to float
 rounding (a test runs the fused view both ways against the eager pattern). Where it pays: on CPU, at prompts of a
-few hundred tokens, many small products and exponentials cost more than one block. Long rows never take it.
+few hundred tokens, many small products and exponentials cost more than one block; on a GPU, where streamed rows
+cost many small kernels, blocks of up to ``DENSE_BUDGET_CUDA`` entries are kept. Long rows never take it. A kept
+block also gives the layer's attention output (``AttentionView.attention_output``: ``A @ v``, where its mask is
+exactly the one SDPA is handed), so the model's own attention call is not made a second time.
 
 Shapes: ``q`` ``[batch, n_heads, Tq, d]``; ``k``, ``v`` ``[batch, n_kv_heads, Tk, d]`` (grouped-query attention:
 KV head ``g`` serves query heads ``g * group ... (g + 1) * group - 1``, consecutive, as in every HF model);

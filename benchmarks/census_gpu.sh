@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue #13's GPU figures in one device call, then issue #4's (benchmarks/gpu_figures.sh): census throughput on
 # HeadVis's workload shape (random-token sequences of 512 tokens, bf16) for random-weight Llama-3.2-1B- and
-# Llama-3.1-8B-shaped models, the all-heads exact ablation, and the projection to 16,384 sequences.
+# Llama-3.1-8B-shaped models, the all-heads exact ablation, the projection to 16,384 sequences, and (last) the kept
+# weights block against streamed rows on the GPU (benchmarks/census_paths_agree.py).
 #   usage (device tool, .whl carried): OUT=$OUT bash benchmarks/census_gpu.sh
 set -u
 : "${OUT:?set OUT to an output directory}"
@@ -32,3 +33,7 @@ echo "ablation rc=$? ($(( $(date +%s) - T0 )) s)"; cat "$OUT/ablation.json"; tai
 timeout 100 python3 benchmarks/retrieval_long_context.py --shape llama-1b --device cuda --dtype bfloat16 \
   --lengths 4096,16384,32768 --trials 1 > "$OUT/retrieval.json" 2> "$OUT/retrieval.log"
 echo "retrieval rc=$? ($(( $(date +%s) - T0 )) s)"; cat "$OUT/retrieval.json"; tail -2 "$OUT/retrieval.log"
+# the kept-block path (which also gives each layer's attention output) against streamed rows, on the GPU in bf16
+timeout 60 python3 benchmarks/census_paths_agree.py --shape llama-1b --device cuda --dtype bfloat16 --n-prompts 16 \
+  > "$OUT/paths_agree.json" 2> "$OUT/paths_agree.log"
+echo "paths_agree rc=$? ($(( $(date +%s) - T0 )) s)"; cat "$OUT/paths_agree.json"; tail -2 "$OUT/paths_agree.log"

@@ -1,0 +1,69 @@
+"""The census computed both ways the fused path can: from a kept weights block per layer (which also gives the
+layer's attention output) and from streamed rows (no block; the model's own SDPA call). Prints, per statistic, the
+largest difference between the two grids and its size relative to the grid's scale -- a check of the block path on
+a device the test suite does not run on (benchmarks/census_gpu.sh runs it on the GPU).
+
+python benchmarks/census_paths_agree.py --shape tiny                                       # CPU, float32
+python benchmarks/census_paths_agree.py --shape llama-1b --device cuda --dtype bfloat16    # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ablation_speed import build_random_model  # noqa: E402
+from census_speed import random_prompts  # noqa: E402
+
+import attnlab  # noqa: E402
+from attnlab import lse  # noqa: E402
+from attnlab.census import census  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--n-prompts", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    path = build_random_model(args.shape, Path(tmp.name) / "m", device=args.device, dtype=args.dtype)
+    model = attnlab.load(str(path), device=args.device, dtype=args.dtype)
+    prompts = random_prompts(model, args.n_prompts, args.seq_len, 0)
+    kw = dict(statistics="sinks,headvis,patterns", batch_size=args.batch_size, progress=False, attention="fused")
+    budgets = lse.DENSE_BUDGET, lse.DENSE_BUDGET_CUDA
+    runs = {}
+    for name, budget in (("kept block", 1 << 40), ("streamed rows", 0)):
+        lse.DENSE_BUDGET = lse.DENSE_BUDGET_CUDA = budget
+        try:
+            runs[name] = census(model, prompts, **kw)
+        finally:
+            lse.DENSE_BUDGET, lse.DENSE_BUDGET_CUDA = budgets
+    a, b = runs["kept block"], runs["streamed rows"]
+    out = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "prompts": [args.n_prompts, args.seq_len]}
+    stats = {}
+    for name in a.scores:
+        x, y = a.scores[name].scores, b.scores[name].scores
+        diff = float(np.nanmax(np.abs(x - y))) if np.isfinite(x).any() else float("nan")
+        scale = float(np.nanmax(np.abs(y))) if np.isfinite(y).any() else float("nan")
+        stats[name] = {"max_abs_diff": diff, "relative": diff / scale if scale else float("nan")}
+    out["statistics"] = stats
+    out["worst_relative"] = max((v["relative"] for v in stats.values() if np.isfinite(v["relative"])), default=0.0)
+    if torch.cuda.is_available():
+        out["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

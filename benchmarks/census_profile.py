@@ -9,7 +9,6 @@ import argparse
 import collections
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,27 +16,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import attnlab  # noqa: E402
+from census_speed import random_workload, workload_arguments  # noqa: E402
+
 from attnlab.capture import Capture  # noqa: E402
 from attnlab.census import census  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="tiny")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--n-prompts", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=16)
+    workload_arguments(ap, n_prompts=64)
     args = ap.parse_args()
-    from ablation_speed import build_random_model
-    from census_speed import random_prompts
-
-    tmp = tempfile.TemporaryDirectory()
-    path = build_random_model(args.shape, Path(tmp.name) / "m", device=args.device, dtype=args.dtype)
-    model = attnlab.load(str(path), device=args.device, dtype=args.dtype)
-    prompts = random_prompts(model, args.n_prompts, args.seq_len, 0)
+    tmp, model, prompts = random_workload(args)  # noqa: F841 (the checkpoint lives as long as tmp)
     spent = collections.Counter()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     original_on = Capture.on

@@ -61,6 +61,27 @@ def random_prompts(model, n: int, seq_len: int, seed: int) -> PromptSet:
     return PromptSet(name=f"random(n={n},len={seq_len})", token_ids=ids.tolist(), seed=seed)
 
 
+def workload_arguments(ap: argparse.ArgumentParser, *, n_prompts: int = 64, batch_size: int = 16) -> None:
+    """The arguments of a random-Llama census workload (``random_workload``)."""
+    ap.add_argument("--shape", default="tiny", help="ablation_speed.SHAPES name")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--n-prompts", type=int, default=n_prompts)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+
+
+def random_workload(args) -> tuple[tempfile.TemporaryDirectory, object, PromptSet]:
+    """(the checkpoint's temporary directory, the model, the prompts): a random Llama of ``args.shape`` built on
+    ``args.device`` in ``args.dtype``, and ``args.n_prompts`` random sequences of ``args.seq_len`` tokens."""
+    from ablation_speed import build_random_model
+
+    tmp = tempfile.TemporaryDirectory()
+    path = build_random_model(args.shape, Path(tmp.name) / "m", device=args.device, dtype=args.dtype)
+    model = attnlab.load(str(path), device=args.device, dtype=args.dtype)
+    return tmp, model, random_prompts(model, args.n_prompts, args.seq_len, 0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="bundled alias or checkpoint directory")

@@ -7,34 +7,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import attnlab  # noqa: E402
+from census_speed import random_workload, workload_arguments  # noqa: E402
+
 from attnlab.census import census  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="tiny")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--n-prompts", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=16)
+    workload_arguments(ap, n_prompts=32)
     ap.add_argument("--rows", type=int, default=30)
     args = ap.parse_args()
-    from ablation_speed import build_random_model
-    from census_speed import random_prompts
-
-    tmp = tempfile.TemporaryDirectory()
-    path = build_random_model(args.shape, Path(tmp.name) / "m", device=args.device, dtype=args.dtype)
-    model = attnlab.load(str(path), device=args.device, dtype=args.dtype)
-    prompts = random_prompts(model, args.n_prompts, args.seq_len, 0)
+    tmp, model, prompts = random_workload(args)  # noqa: F841 (the checkpoint lives as long as tmp)
     kw = dict(statistics="sinks,headvis,patterns", batch_size=args.batch_size, progress=False)
     census(model, prompts, **kw)
     acts = [torch.profiler.ProfilerActivity.CPU]

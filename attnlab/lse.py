@@ -102,6 +102,11 @@ class Workspace:
         return buf[:n].view(shape)
 
 
+def remembered(workspace: Workspace | None, key: tuple, make):
+    """``workspace.memo(key, make)``, or ``make()`` where there is no workspace to remember it in."""
+    return make() if workspace is None else workspace.memo(key, make)
+
+
 @dataclass(frozen=True)
 class ScoreSpec:
     """How one layer turns q, k into masked scores: the pieces a model's attention function was called with."""
@@ -205,9 +210,7 @@ def mask_bias(spec: ScoreSpec, t: int, device, workspace: Workspace | None = Non
         bias = torch.zeros(ok.shape, device=device).masked_fill_(~ok, NEG)
         return BlockMask(ok, bias, bool(ok.any(-1).all()))
 
-    if workspace is None:
-        return make()
-    return workspace.memo(("mask", spec.key_mask, spec.causal, spec.sliding_window, t, str(device)), make)
+    return remembered(workspace, ("mask", spec.key_mask, spec.causal, spec.sliding_window, t, str(device)), make)
 
 
 def row_lse(q: torch.Tensor, k: torch.Tensor, spec: ScoreSpec, *, chunk: int = 256, dtype=torch.float32):
@@ -517,7 +520,7 @@ class AttentionView:
         block or the block is not exactly what SDPA computes: ``sdpa_mask`` is the boolean mask SDPA is given (None:
         its plain causal or full mask) and must equal the view's, with every query row seeing a key (a fully masked
         row is left to SDPA's own convention), and no soft cap (SDPA has none)."""
-        if self._weights is None or self.pattern is not None or self.spec.softcap is not None:
+        if self._weights is None or self.spec.softcap is not None:  # (the eager path keeps no weights block)
             return None
         b, h, t = self.shape
         if self.k.shape[2] != t or (sdpa_mask is not None and sdpa_mask.dtype != torch.bool):
@@ -540,7 +543,7 @@ class AttentionView:
             return shape[-2:] == (t, t) and torch.equal(theirs.expand(shape), mask.allowed.expand(shape))
 
         key = ("same", sdpa_mask, self.spec.key_mask, self.spec.causal, self.spec.sliding_window, t)
-        if not (self.workspace.memo(key, same) if self.workspace is not None else same()):
+        if not remembered(self.workspace, key, same):
             return None
         n_kv = v.shape[1]
         p = self._weights.reshape(b, n_kv, (h // n_kv) * t, t)
@@ -691,8 +694,8 @@ class AttentionView:
                 return inside.to(p.dtype)[..., None]
 
             key = ("window", p.shape[-1], offsets.start, offsets.stop, offsets.step, str(p.device))
-            f = self.workspace.memo(key, indicator) if self.workspace is not None else indicator()
-            return self._row_products(p, f)[..., 0]  # masked keys weigh 0 in the block
+            # masked keys weigh 0 in the block
+            return self._row_products(p, remembered(self.workspace, key, indicator))[..., 0]
         return self.band(offsets).sum(-1)
 
     @staticmethod
@@ -723,7 +726,7 @@ class AttentionView:
                 return torch.stack([dist, dist.square()], -1)
 
             key = ("distance", p.shape[-1], str(p.device))
-            m = self._row_products(p, self.workspace.memo(key, table) if self.workspace is not None else table())
+            m = self._row_products(p, remembered(self.workspace, key, table))
             return m[..., 0], m[..., 1]  # one product for both
         return distance_moments(self.q, self.k, self.spec)
 

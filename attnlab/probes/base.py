@@ -297,3 +297,11 @@ def query_validity(batch, q_pos: torch.Tensor, *, skip_first: int = 0) -> torch.
     end = first + batch.lengths.to(q_pos.device)[:, None]
     q = q_pos[None, :]
     return (q >= first + skip_first) & (q < end)
+
+
+def lower_median(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[..., b, s]``'s lower median over each prompt's real positions (``real`` ``[b, s]`` bool): the
+    ``((n - 1) // 2)``-th smallest of its ``n`` real entries, as ``torch.median`` gives it. Shape ``[..., b]``."""
+    ranked = x.masked_fill(~real, torch.inf).sort(-1).values
+    mid = ((real.sum(-1) - 1).clamp(min=0) // 2)[:, None].expand(*ranked.shape[:-1], 1)
+    return ranked.gather(-1, mid)[..., 0]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from attnlab.params import Interval
-from attnlab.probes.base import NoCapture, Probe, ProbeContext, merged_counter, pairs
+from attnlab.probes.base import NoCapture, Probe, ProbeContext, lower_median, merged_counter, pairs
 
 
 class MassiveActivations(Probe):
@@ -116,15 +116,12 @@ class MassiveActivations(Probe):
             torch.stack([p[i] for p in self._pending]).cpu() for i in (1, 2, 3, 4)
         )
         self._pending.clear()
-        ids = batch.input_ids.cpu()
+        ids = batch.host_ids
         real = batch.host_mask.bool()  # [b, seq]
         # per (layer, prompt), over the prompt's real positions, for all layers at once: the largest |x| and the
-        # lower median of the positions' medians (torch.median's: the ((n - 1) // 2)-th smallest)
+        # lower median of the positions' medians
         top = tops.masked_fill(~real, -torch.inf).amax(-1)
-        n_real = real.sum(-1)
-        ranked = meds.masked_fill(~real, torch.inf).sort(-1).values
-        mid = ((n_real - 1).clamp(min=0) // 2)[None, :, None].expand(len(layers), -1, 1)
-        median = ranked.gather(-1, mid)[..., 0]
+        median = lower_median(meds, real)
         n_flagged = (flagged & real).sum(-1).tolist()  # [L][b]
         for i, layer in enumerate(layers):
             self._layer_top[layer].extend(top[i].tolist())

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from attnlab.params import Interval
-from attnlab.probes.base import Probe, ProbeContext
+from attnlab.probes.base import Probe, ProbeContext, lower_median
 
 
 class ResidualNorms(Probe):
@@ -70,10 +70,7 @@ class ResidualNorms(Probe):
         norms = torch.stack([n for _, n in self._pending]).cpu()  # [L, b, s]
         self._pending.clear()
         real = batch.host_mask.bool()
-        n_real = real.sum(-1)
-        ranked = norms.masked_fill(~real, torch.inf).sort(-1).values
-        mid = ((n_real - 1).clamp(min=0) // 2)[None, :, None].expand(len(layers), -1, 1)
-        med = ranked.gather(-1, mid)  # [L, b, 1]
+        med = lower_median(norms, real)[..., None]  # [L, b, 1]
         ratio = norms / med.clamp_min(1e-30)
         first = batch.host_mask.argmax(-1)[None, :, None].expand(len(layers), -1, 1)
         first_ratio, first_norm = ratio.gather(-1, first)[..., 0], norms.gather(-1, first)[..., 0]

@@ -26,8 +26,10 @@ exponentials). The formulas are then the eager ones, so the numbers agree with t
 rounding (a test runs the fused view both ways against the eager pattern). Where it pays: on CPU, at prompts of a
 few hundred tokens, many small products and exponentials cost more than one block; on a GPU, where streamed rows
 cost many small kernels, blocks of up to ``DENSE_BUDGET_CUDA`` entries are kept. Long rows never take it. A kept
-block also gives the layer's attention output (``AttentionView.attention_output``: ``A @ v``, where its mask is
-exactly the one SDPA is handed), so the model's own attention call is not made a second time.
+block also gives the layer's attention output on the CPU (``AttentionView.attention_output``: ``A @ v``, where its
+mask is exactly the one SDPA is handed), so the model's own attention call is not made a second time; on a GPU the
+flash kernel, which reads only q, k and v, moves a seventh of the bytes of reading the float32 block again
+(``OUTPUT_FROM_BLOCK``; ``benchmarks/census_traffic.py``).
 
 Shapes: ``q`` ``[batch, n_heads, Tq, d]``; ``k``, ``v`` ``[batch, n_kv_heads, Tk, d]`` (grouped-query attention:
 KV head ``g`` serves query heads ``g * group ... (g + 1) * group - 1``, consecutive, as in every HF model);
@@ -50,6 +52,10 @@ DENSE_BUDGET = 1 << 26
 # on a GPU: HeadVis's workload (16 sequences x 32 heads x 512^2) in one block, 512 MiB of float32 per kept tensor;
 # there the block turns a few dozen small kernels per statistic into a few (launches, not arithmetic, bound it)
 DENSE_BUDGET_CUDA = 1 << 27
+# device types on which a kept block's ``A @ v`` replaces the model's SDPA call (where one product beats a second
+# attention kernel: the CPU's flash kernel recomputes every score; a GPU's reads q, k, v, ~0.17 GB per 8B-shaped
+# layer of 16 x 512 tokens, against ~1.2 GB to convert and read the float32 block)
+OUTPUT_FROM_BLOCK = frozenset({"cpu"})
 NEG = -1e30  # masked score: exp(NEG - lse) == 0 exactly in float32, and no inf - inf NaN
 
 
@@ -180,6 +186,10 @@ def score_rows(
     shape = (b, n_kv, (n_heads // n_kv) * c, tk)
     out = workspace.take("scores", shape, mm, q.device) if workspace is not None else None
     s = torch.matmul(qc, k.to(mm).transpose(-1, -2), out=out).reshape(b, n_heads, c, tk)
+    if not prescale and spec.softcap is None and bias is not None and s.dtype != dtype:  # one pass, not three:
+        # bias + scale * s in ``dtype`` equals (s in dtype) * scale + bias exactly, the bias being 0 or NEG
+        wide = workspace.take("scores_wide", s.shape, dtype, q.device) if workspace is not None else None
+        return torch.add(bias, s, alpha=spec.scaling, out=wide)
     s = s.to(dtype) if s.dtype != dtype else s
     if not prescale:
         s.mul_(spec.scaling)
@@ -516,11 +526,14 @@ class AttentionView:
 
     def attention_output(self, v: torch.Tensor, sdpa_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The layer's attention output ``A @ v`` ``[b, T, n_heads, d]`` (the layout SDPA's caller returns) from a
-        kept weights block -- one product instead of a second attention call -- or None where the view holds no
-        block or the block is not exactly what SDPA computes: ``sdpa_mask`` is the boolean mask SDPA is given (None:
-        its plain causal or full mask) and must equal the view's, with every query row seeing a key (a fully masked
-        row is left to SDPA's own convention), and no soft cap (SDPA has none)."""
+        kept weights block -- one product instead of a second attention call -- or None on a device not in
+        ``OUTPUT_FROM_BLOCK``, where the view holds no block, or where the block is not exactly what SDPA computes:
+        ``sdpa_mask`` is the boolean mask SDPA is given (None: its plain causal or full mask) and must equal the
+        view's, with every query row seeing a key (a fully masked row is left to SDPA's own convention), and no soft
+        cap (SDPA has none)."""
         if self._weights is None or self.spec.softcap is not None:  # (the eager path keeps no weights block)
+            return None
+        if self.q.device.type not in OUTPUT_FROM_BLOCK:
             return None
         b, h, t = self.shape
         if self.k.shape[2] != t or (sdpa_mask is not None and sdpa_mask.dtype != torch.bool):

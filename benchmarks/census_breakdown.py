@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import attnlab  # noqa: E402
 from attnlab.capture import Capture  # noqa: E402
 from attnlab.census import GROUPS, census  # noqa: E402
-from attnlab.fused import fused_attention  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +44,7 @@ def main() -> None:
     ap.add_argument("--statistics", default="sinks,headvis,patterns")
     args = ap.parse_args()
     from ablation_speed import build_random_model
-    from census_speed import plain_forward, random_prompts, sync
+    from census_speed import random_prompts, sdpa_forward, sync
 
     tmp = tempfile.TemporaryDirectory()
     path = args.model or str(build_random_model(args.shape, Path(tmp.name) / "m", device=args.device, dtype=args.dtype))
@@ -69,8 +68,7 @@ def main() -> None:
         return time.perf_counter() - t
 
     def hf_plain():
-        with fused_attention(model, implementation="sdpa"):
-            plain_forward(model.hf_model, batches, dev)
+        sdpa_forward(model, batches, dev)
 
     def bridge_plain():
         with torch.inference_mode():

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import ablation_speed  # noqa: E402
 from ablation_speed import build_random_model  # noqa: E402
-from census_speed import plain_forward, random_prompts  # noqa: E402
+from census_speed import random_prompts, sdpa_forward  # noqa: E402
 
 import attnlab  # noqa: E402
 from attnlab import lse  # noqa: E402
@@ -67,14 +67,14 @@ def measure(layers: int, n_batches: int, batch_size: int, seq_len: int) -> dict:
     prompts = random_prompts(model, n_batches * batch_size, seq_len, 0)
     kw = dict(statistics="sinks,headvis,patterns", batch_size=batch_size, progress=False, attention="fused")
     batches = [b.to(model.device) for b in prompt_batches(model, prompts, batch_size, False)]
-    out = {"plain HF SDPA forward": count(lambda: plain_forward(model.hf_model, batches, "cpu"))}
-    budget = lse.DENSE_BUDGET
+    out = {"plain HF SDPA forward": count(lambda: sdpa_forward(model, batches, "cpu"))}
+    saved = lse.DENSE_BUDGET, lse.OUTPUT_FROM_BLOCK
     for name, b in (("census, streamed rows", 0), ("census, kept block", lse.DENSE_BUDGET_CUDA)):
-        lse.DENSE_BUDGET = b
+        lse.DENSE_BUDGET, lse.OUTPUT_FROM_BLOCK = b, frozenset()  # the GPU's path (its attention output: SDPA)
         try:
             out[name] = count(lambda: census(model, prompts, **kw))
         finally:
-            lse.DENSE_BUDGET = budget
+            lse.DENSE_BUDGET, lse.OUTPUT_FROM_BLOCK = saved
     return out
 
 

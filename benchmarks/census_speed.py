@@ -50,6 +50,14 @@ def plain_forward(hf, batches, device: str) -> float:
     return time.perf_counter() - t
 
 
+def sdpa_forward(model, batches, device: str) -> float:
+    """``plain_forward`` of the HF model with its own fastest attention, SDPA (the bridge loads it eager)."""
+    from attnlab.fused import fused_attention
+
+    with fused_attention(model, implementation="sdpa"):
+        return plain_forward(model.hf_model, batches, device)
+
+
 def random_prompts(model, n: int, seq_len: int, seed: int) -> PromptSet:
     """``n`` sequences of ``seq_len`` random token ids (BOS first), HeadVis's workload shape."""
     g = torch.Generator().manual_seed(seed)
@@ -118,8 +126,6 @@ def main() -> None:
     from attnlab.probes.scan import prompt_batches
 
     batches = [b.to(model.device) for b in prompt_batches(model, prompts, args.batch_size, False)]
-    hf = model.hf_model
-    saved = hf.config._attn_implementation
     n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
 
     def run_census():
@@ -137,23 +143,13 @@ def main() -> None:
         return time.perf_counter() - t, c
 
     def run_plain():
-        # the HF model's own fastest attention: SDPA, outside the bridge
-        for c in (hf.config, getattr(hf.config, "text_config", None)):
-            if c is not None:
-                c._attn_implementation = "sdpa"
-        from attnlab.fused import fused_attention
-
-        with fused_attention(model, implementation="sdpa"):
-            return plain_forward(hf, batches, args.device)
+        return sdpa_forward(model, batches, args.device)
 
     times: dict[str, list[float]] = {"plain_forward": [], "census": [], "separate_scans": []}
     probes = None
     run_plain()  # warm-up
     for _ in range(args.repeats):
         times["plain_forward"].append(run_plain())
-        for c in (hf.config, getattr(hf.config, "text_config", None)):
-            if c is not None:
-                c._attn_implementation = saved
         dt, c = run_census()
         times["census"].append(dt)
         probes = [p["name"] for p in c.info["probes"]]

@@ -137,7 +137,7 @@ def _sdpa_mask(spec, b, t, *, window=True):
 
 
 @pytest.mark.parametrize("case", ["causal", "bidirectional", "sliding-window", "left-padded", "softcap"])
-def test_kept_block_gives_sdpa_output_only_where_its_mask_is_sdpas(case):
+def test_kept_block_gives_sdpa_output_only_where_its_mask_is_sdpas(case, monkeypatch):
     """``AttentionView.attention_output``: ``A @ v`` from the kept block equals SDPA's output under the same mask
     (GQA, a window, a key mask); None where SDPA would see another mask, a fully masked query row or a soft cap."""
     base = {"causal": "causal-gqa-padded", "left-padded": "causal-gqa-padded"}.get(case, case)
@@ -165,6 +165,9 @@ def test_kept_block_gives_sdpa_output_only_where_its_mask_is_sdpas(case):
         assert view.attention_output(v, _sdpa_mask(spec, b, t, window=False)) is None
     # without a kept block there is nothing to reuse
     assert L.AttentionView(q, k, spec).attention_output(v, sdpa_mask) is None
+    # on a device whose attention kernel is cheaper than reading the block again (a GPU), SDPA is left to run
+    monkeypatch.setattr(L, "OUTPUT_FROM_BLOCK", frozenset())
+    assert view.attention_output(v, sdpa_mask) is None
 
 
 def test_workspace_memo_remembers_per_tensor_object_not_per_value():
@@ -185,3 +188,26 @@ def test_workspace_memo_remembers_per_tensor_object_not_per_value():
     for i in range(20):  # bounded: old entries go
         ws.memo(("m", torch.ones(1), i), make)
     assert len(ws._memo) <= 8
+
+
+@pytest.mark.parametrize("case", ["causal-gqa-padded", "bidirectional", "sliding-window"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_scores_scaled_and_masked_in_one_pass_equal_the_three_step_reference(case, dtype):
+    """Half-precision q, k (a bf16 / fp16 model): the product runs in the half type, and ``score_rows`` with the
+    block's additive mask widens, scales and masks it in one addition -- bit for bit the scores of widening, then
+    scaling, then filling the masked entries with NEG; with and without a workspace buffer."""
+    q, k, _, spec, _ = make(case, t=11)
+    q, k = q.to(dtype), k.to(dtype)
+    b, h, t = q.shape[0], q.shape[1], q.shape[2]
+    g = h // k.shape[1]
+    raw = torch.matmul(q.reshape(b, k.shape[1], g * t, -1), k.transpose(-1, -2)).reshape(b, h, t, t)
+    allowed = L.mask_bias(spec, t, "cpu").allowed
+    want = (raw.float() * spec.scaling).masked_fill(~allowed, L.NEG)
+    ws = L.Workspace()
+    for workspace in (None, ws, ws):  # (the second buffered call reuses the first's buffer)
+        bias = L.mask_bias(spec, t, "cpu", workspace).bias
+        got = L.score_rows(q, k, spec, slice(0, t), workspace=workspace, bias=bias)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, want)
+    # the streamed path (a boolean mask filled after the product) gives the same scores
+    assert torch.equal(L.score_rows(q, k, spec, slice(0, t)), want)

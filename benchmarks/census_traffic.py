@@ -5,8 +5,8 @@ Once no operator waits for the host (``census_op_count.py`` finds none inside a 
 operator in about ``max(bytes moved / bandwidth, flops / matmul throughput, launch floor)``. Those two quantities
 do not depend on the device, so they can be counted here exactly, on the real Llama-3.1-8B (``--shape llama-1b``:
 Llama-3.2-1B) layer shape in bfloat16 (16 sequences x 512 tokens, the GPU's path: the weights block kept, the
-attention output from the model's SDPA call), with a
-``TorchDispatchMode`` that sees every operator the census and a plain Hugging Face SDPA forward dispatch:
+attention output from the model's SDPA call), with a ``TorchDispatchMode`` that sees every operator the census and
+a plain Hugging Face SDPA forward dispatch:
 bytes = the sizes of the tensors an operator reads and writes (views free; gathers and scatters count the entries
 they move, not the whole source), flops = PyTorch's own ``flop_counter`` formulas (matrix products and attention
 kernels; causal flash attention counted at half its square). Per layer and batch = (2-layer model) - (1-layer).
@@ -16,7 +16,7 @@ efficiencies (``--bandwidth-efficiency``, ``--flops-efficiency``) and a floor pe
 checked against the one measured figure it can be: the plain forward's sequences/s on the lent H200 (61 for the
 8B shape, 302 for the 1B).
 
-python benchmarks/census_traffic.py          # ~3 minutes on 2 cores (bf16 on the CPU's matrix units)
+python benchmarks/census_traffic.py          # ~1 minute on 2 cores (bf16 on the CPU's matrix units)
 """
 
 from __future__ import annotations

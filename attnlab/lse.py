@@ -186,7 +186,7 @@ def score_rows(
     shape = (b, n_kv, (n_heads // n_kv) * c, tk)
     out = workspace.take("scores", shape, mm, q.device) if workspace is not None else None
     s = torch.matmul(qc, k.to(mm).transpose(-1, -2), out=out).reshape(b, n_heads, c, tk)
-    if not prescale and spec.softcap is None and bias is not None and s.dtype != dtype:  # one pass, not three:
+    if not prescale and spec.softcap is None and bias is not None:  # a half-type product: one pass, not three:
         # bias + scale * s in ``dtype`` equals (s in dtype) * scale + bias exactly, the bias being 0 or NEG
         wide = workspace.take("scores_wide", s.shape, dtype, q.device) if workspace is not None else None
         return torch.add(bias, s, alpha=spec.scaling, out=wide)
@@ -531,10 +531,8 @@ class AttentionView:
         ``sdpa_mask`` is the boolean mask SDPA is given (None: its plain causal or full mask) and must equal the
         view's, with every query row seeing a key (a fully masked row is left to SDPA's own convention), and no soft
         cap (SDPA has none)."""
-        if self._weights is None or self.spec.softcap is not None:  # (the eager path keeps no weights block)
-            return None
-        if self.q.device.type not in OUTPUT_FROM_BLOCK:
-            return None
+        if self._weights is None or self.spec.softcap is not None or self.q.device.type not in OUTPUT_FROM_BLOCK:
+            return None  # (the eager path keeps no weights block)
         b, h, t = self.shape
         if self.k.shape[2] != t or (sdpa_mask is not None and sdpa_mask.dtype != torch.bool):
             return None

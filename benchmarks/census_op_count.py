@@ -19,6 +19,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -68,13 +69,10 @@ def measure(layers: int, n_batches: int, batch_size: int, seq_len: int) -> dict:
     kw = dict(statistics="sinks,headvis,patterns", batch_size=batch_size, progress=False, attention="fused")
     batches = [b.to(model.device) for b in prompt_batches(model, prompts, batch_size, False)]
     out = {"plain HF SDPA forward": count(lambda: sdpa_forward(model, batches, "cpu"))}
-    saved = lse.DENSE_BUDGET, lse.OUTPUT_FROM_BLOCK
     for name, b in (("census, streamed rows", 0), ("census, kept block", lse.DENSE_BUDGET_CUDA)):
-        lse.DENSE_BUDGET, lse.OUTPUT_FROM_BLOCK = b, frozenset()  # the GPU's path (its attention output: SDPA)
-        try:
+        # the GPU's path (its attention output: SDPA)
+        with mock.patch.multiple(lse, DENSE_BUDGET=b, OUTPUT_FROM_BLOCK=frozenset()):
             out[name] = count(lambda: census(model, prompts, **kw))
-        finally:
-            lse.DENSE_BUDGET, lse.OUTPUT_FROM_BLOCK = saved
     return out
 
 

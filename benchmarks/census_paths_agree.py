@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -31,14 +32,10 @@ def main() -> None:
     args = ap.parse_args()
     tmp, model, prompts = random_workload(args)  # noqa: F841 (the checkpoint lives as long as tmp)
     kw = dict(statistics="sinks,headvis,patterns", batch_size=args.batch_size, progress=False, attention="fused")
-    budgets = lse.DENSE_BUDGET, lse.DENSE_BUDGET_CUDA
     runs = {}
     for name, budget in (("kept block", 1 << 40), ("streamed rows", 0)):
-        lse.DENSE_BUDGET = lse.DENSE_BUDGET_CUDA = budget
-        try:
+        with mock.patch.multiple(lse, DENSE_BUDGET=budget, DENSE_BUDGET_CUDA=budget):
             runs[name] = census(model, prompts, **kw)
-        finally:
-            lse.DENSE_BUDGET, lse.DENSE_BUDGET_CUDA = budgets
     a, b = runs["kept block"], runs["streamed rows"]
     out = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "prompts": [args.n_prompts, args.seq_len]}
     stats = {}

@@ -27,6 +27,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -113,12 +114,12 @@ class Traffic(TorchDispatchMode):
             return out
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if func.is_view and all(_storage(t) in {_storage(i) for i in ins} for t in outs):
+        if func.is_view and {_storage(t) for t in outs} <= {_storage(i) for i in ins}:
             return out  # a view (``to``, ``reshape``, ``contiguous`` may alias or copy: a copy counts)
         if func in GATHERS:  # the entries fetched (written out and read), plus the indices
             moved = 2 * sum(map(_nbytes, outs)) + sum(_nbytes(t) for t in ins[1:] if t.dtype == torch.long)
-        elif func in SCATTERS:  # the values written (read and written), plus the indices
-            moved = 2 * sum(_nbytes(t) for t in ins[1:])
+        elif func in SCATTERS:  # the values written (read and written), plus the indices (read)
+            moved = sum(_nbytes(t) * (1 if t.dtype == torch.long else 2) for t in ins[1:])
         else:
             out_ptrs = {(t.data_ptr(), t.shape) for t in outs}
             inplace = func._schema.name.endswith("_")  # an in-place operator reads its output too
@@ -149,15 +150,13 @@ def measure(base: str, layers: int, batch_size: int, seq_len: int, statistics: s
     prompts = random_prompts(model, batch_size, seq_len, 0)
     batches = [b.to(model.device) for b in prompt_batches(model, prompts, batch_size, False)]
     kw = dict(statistics=statistics, batch_size=batch_size, progress=False, attention="fused")
-    saved = lse.DENSE_BUDGET, getattr(lse, "OUTPUT_FROM_BLOCK", None)  # (a library before it: no such setting)
-    lse.DENSE_BUDGET, lse.OUTPUT_FROM_BLOCK = lse.DENSE_BUDGET_CUDA, frozenset()  # the GPU's path: the whole block
-    try:  # kept, the attention output from the model's SDPA call
+    # the GPU's path: the whole block kept, the attention output from the model's SDPA call (``create``: a library
+    # from before OUTPUT_FROM_BLOCK, measured for comparison, has no such setting)
+    with mock.patch.multiple(lse, DENSE_BUDGET=lse.DENSE_BUDGET_CUDA, OUTPUT_FROM_BLOCK=frozenset(), create=True):
         return {
             "plain HF SDPA forward": record(lambda: sdpa_forward(model, batches, "cpu")),
             "census": record(lambda: census(model, prompts, **kw)),
         }
-    finally:
-        lse.DENSE_BUDGET, lse.OUTPUT_FROM_BLOCK = saved
 
 
 def per_op(t: Traffic) -> dict[str, list[float]]:
